@@ -1,0 +1,314 @@
+"""Config defaults, their meaning, and validation of user configs.
+
+`SCHEMA` below is the one list of config keys: `default_config()` is built from it, and
+`validate()` checks a user's config against it before anything runs, naming the key of
+any unknown key (with the nearest known one), wrong type or bad value. A config file
+starts from `default_config()`, sets what it needs, builds its phases with `phase()`, and
+ends with `finish(config, arg)` so that every config accepts the `:smoke` argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Any, Callable, Sequence
+
+import ml_collections
+from ml_collections import config_dict
+
+from fineflax import data, freeze, models, optimizers
+from fineflax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+  """One config key: default, accepted types, meaning, and an optional value check."""
+
+  default: Any
+  types: tuple[type, ...]
+  help: str
+  optional: bool = False  # None allowed
+  check: Callable[[Any], str | None] | None = None  # returns an error text or None
+
+
+def _choices(options: Callable[[], Sequence[str]] | Sequence[str]):
+  def check(value):
+    allowed = options() if callable(options) else options
+    if value not in allowed:
+      return f'expected one of {sorted(allowed)}'
+    return None
+  return check
+
+
+def _at_least(low: float):
+  return lambda v: None if v >= low else f'must be >= {low}'
+
+
+def _positive(v):
+  return None if v > 0 else 'must be > 0'
+
+
+def _fraction(v):
+  return None if 0 <= v < 1 else 'must be in [0, 1)'
+
+
+def _freeze_spec(v):
+  try:
+    freeze.check_syntax(v)
+  except freeze.FreezeSpecError as e:
+    return str(e)
+  return None
+
+
+def _weights(v):
+  if v is None:
+    return None
+  return ('loading pretrained weights is not available in this version of fineflax; '
+          'set None (random initialisation)')
+
+
+def _hidden(v):
+  if not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in v):
+    return 'must be a tuple of positive ints (the widths of hidden Dense layers)'
+  return None
+
+
+_INT, _FLOAT, _STR, _BOOL, _SEQ = (int,), (float, int), (str,), (bool,), (tuple, list)
+
+SCHEMA: dict[str, Any] = {
+    'seed': Field(0, _INT, 'Seed of parameter init, data order and dropout.'),
+    'batch_size': Field(64, _INT, 'Global training batch size (all devices, all hosts).',
+                        check=_positive),
+    'eval_batch_size': Field(None, _INT, 'Evaluation batch size; None: batch_size.',
+                             optional=True, check=_positive),
+    'dtype': Field('auto', _STR, "Compute dtype; 'auto': bfloat16 on GPU/TPU, float32 on "
+                   'CPU. Parameters are float32 always.',
+                   check=_choices(('auto', 'float32', 'bfloat16'))),
+    'model': {
+        'backbone': Field('resnet50', _STR, 'Backbone name (fineflax.models.BACKBONES).',
+                          check=_choices(lambda: models.BACKBONES)),
+        'weights': Field(None, _STR, 'Pretrained weights; None: random init (from scratch).',
+                         optional=True, check=_weights),
+        'num_classes': Field(None, _INT, "Output units (1: binary, sigmoid); None: the "
+                             "dataset's number of classes.", optional=True, check=_positive),
+        'image_size': Field(None, _INT, 'Side the images are resized to on the device; '
+                            'None: the size the data comes in.', optional=True,
+                            check=_positive),
+        'preprocessing': Field('auto', _STR, "Input normalisation: 'caffe', 'tf' ([-1, 1]),"
+                               " 'torch' (mean/std); 'auto': the backbone's.",
+                               check=_choices(('auto', 'caffe', 'tf', 'torch'))),
+        'head': {
+            'pooling': Field('avg', _STR, "'avg', 'max' (global pooling) or 'flatten'.",
+                             check=_choices(('avg', 'max', 'flatten'))),
+            'hidden': Field((), _SEQ, 'Widths of hidden Dense+ReLU layers.', check=_hidden),
+            'dropout': Field(0.0, _FLOAT, 'Dropout rate before the classifier; 0: none.',
+                             check=_fraction),
+            'batchnorm': Field(False, _BOOL, 'BatchNormalization before the classifier.'),
+        },
+    },
+    'data': {
+        'source': Field('digits', _STR, "Data source, 'NAME' or 'NAME:ARG' "
+                        '(fineflax.data.SOURCES).',
+                        check=lambda v: _choices(lambda: data.SOURCES)(v.split(':')[0])),
+        'train_split': Field('train', _STR, 'Split to train on.'),
+        'val_split': Field('validation', _STR, 'Split evaluated after every epoch.'),
+        'test_split': Field('test', _STR, 'Split evaluated at the end; None: none.',
+                            optional=True),
+        'max_examples': Field(None, _INT, 'Keep the first N examples of each split (smoke '
+                              'runs); None: all.', optional=True, check=_positive),
+    },
+    'loss': {
+        'label_smoothing': Field(0.0, _FLOAT, 'Label smoothing of the softmax loss.',
+                                 check=_fraction),
+    },
+    'checkpoint': {
+        'keep': Field(3, _INT, 'How many of the latest checkpoints to keep.', check=_positive),
+    },
+}
+
+PHASE_SCHEMA: dict[str, Field] = {
+    'name': Field('', _STR, "Phase name in logs and metrics; '': 'phase<i>'."),
+    'freeze': Field('none', _STR, "What is frozen: 'none', 'backbone', 'layers[A:B]' "
+                    "(Keras layer slice) or 'regex:PATTERN' (parameter paths).",
+                    check=_freeze_spec),
+    'optimizer': Field('adam', _STR, 'Optimizer (fineflax.optimizers.OPTIMIZERS).',
+                       check=_choices(optimizers.OPTIMIZERS)),
+    'learning_rate': Field(1e-3, _FLOAT, 'Learning rate.', check=_positive),
+    'momentum': Field(0.0, _FLOAT, 'Momentum of sgd and rmsprop; 0: none.', check=_fraction),
+    'epochs': Field(1, _INT, 'Epochs of this phase.', check=_at_least(0)),
+    'batchnorm': Field('frozen', _STR, "'frozen': BN uses its moving statistics and never "
+                       "updates them (Keras training=False); 'train': BN layers with trainable "
+                       'scale/offset use batch statistics averaged over devices (from scratch).',
+                       check=_choices(('frozen', 'train'))),
+}
+
+
+def _build(schema: dict[str, Any]) -> ml_collections.ConfigDict:
+  out = ml_collections.ConfigDict()
+  for key, field in schema.items():
+    if isinstance(field, dict):
+      out[key] = _build(field)
+    elif field.default is None:
+      # A typed placeholder, so that `--config.key=value` can override it.
+      out[key] = config_dict.placeholder(field.types[0])
+    else:
+      out[key] = field.default
+  return out
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key with its default; `phases` holds one default phase."""
+  config = _build(SCHEMA)
+  config.phases = (phase(),)
+  return config
+
+
+def phase(**overrides: Any) -> ml_collections.ConfigDict:
+  """A phase with the defaults of `PHASE_SCHEMA` and the given overrides."""
+  unknown = set(overrides) - set(PHASE_SCHEMA)
+  if unknown:
+    key = sorted(unknown)[0]
+    raise ConfigError(f'unknown phase key {key!r}{_suggest(key, PHASE_SCHEMA)}')
+  out = _build(PHASE_SCHEMA)
+  for key, value in overrides.items():
+    out[key] = value
+  return out
+
+
+def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies a config file's argument: None (as written) or 'smoke'."""
+  if arg in (None, ''):
+    return config
+  if arg == 'smoke':
+    return smoke(config)
+  raise ConfigError(f"config argument {arg!r}: expected nothing or 'smoke'")
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The same workflow (backbone, head, phases, freeze specs), a few steps a phase.
+
+  One epoch of two batches of 16 per phase, at most 32x32 images: runs on a CPU.
+  """
+  config = config.copy_and_resolve_references()
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.data.max_examples = 32
+  if config.model.image_size is None or config.model.image_size > 32:
+    config.model.image_size = 32
+  config.phases = tuple(_with(p, epochs=min(p.epochs, 1)) for p in config.phases)
+  return config
+
+
+def _with(cfg: ml_collections.ConfigDict, **values: Any) -> ml_collections.ConfigDict:
+  cfg = cfg.copy_and_resolve_references()
+  for key, value in values.items():
+    cfg[key] = value
+  return cfg
+
+
+def _suggest(key: str, known) -> str:
+  close = difflib.get_close_matches(key, list(known), n=1)
+  return f' (did you mean {close[0]!r}?)' if close else f'; known keys: {sorted(known)}'
+
+
+def _check_value(path: str, field: Field, value: Any) -> None:
+  if value is None:
+    if field.optional:
+      return
+    raise ConfigError(f'{path}: None is not allowed ({field.help})')
+  ok_type = isinstance(value, field.types) and not (
+      isinstance(value, bool) and bool not in field.types)
+  if not ok_type:
+    names = ' or '.join(t.__name__ for t in field.types)
+    raise ConfigError(f'{path}={value!r}: expected {names}, got {type(value).__name__}')
+  if field.check is not None:
+    error = field.check(value)
+    if error:
+      raise ConfigError(f'{path}={value!r}: {error}')
+
+
+def _check_tree(path: str, schema: dict[str, Any], cfg: Any, extra: tuple[str, ...] = ()) -> None:
+  if not isinstance(cfg, (dict, ml_collections.ConfigDict)):
+    raise ConfigError(f'{path}: expected a config section, got {cfg!r}')
+  for key in cfg.keys():
+    if key not in schema and key not in extra:
+      raise ConfigError(f'unknown config key {path}.{key}{_suggest(key, schema)}')
+  for key, field in schema.items():
+    value = cfg[key] if key in cfg else (None if isinstance(field, dict) else field.default)
+    if isinstance(field, dict):
+      _check_tree(f'{path}.{key}', field, value if value is not None else {})
+    else:
+      _check_value(f'{path}.{key}', field, value)
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks every key and value; returns a complete, resolved copy with phase names set.
+
+  Raises:
+    ConfigError: naming the first offending key.
+  """
+  _check_tree('config', SCHEMA, config, extra=('phases',))
+  phases = config.get('phases')
+  if not isinstance(phases, (tuple, list)) or not phases:
+    raise ConfigError('config.phases: expected a non-empty tuple of phases (fineflax.config.'
+                      f'phase(...)), got {phases!r}')
+  for i, p in enumerate(phases):
+    _check_tree(f'config.phases[{i}]', PHASE_SCHEMA, p)
+  names = [p.get('name') or f'phase{i}' for i, p in enumerate(phases)]
+  if len(set(names)) != len(names):
+    raise ConfigError(f'config.phases: phase names must be unique, got {names}')
+
+  out = default_config()
+  out.update(config.copy_and_resolve_references()
+             if isinstance(config, ml_collections.ConfigDict)
+             else ml_collections.ConfigDict(config))
+  out.phases = tuple(_with(phase(**dict(p)), name=name) for p, name in zip(phases, names))
+  return out
+
+
+_OVERRIDE = re.compile(r'^--config\.([^=]+?)(=.*)?$')
+_PHASE_KEY = re.compile(r'^phases\[(\d+)\]\.(\w+)$')
+
+
+def check_override_flags(argv: Sequence[str]) -> None:
+  """Rejects `--config.KEY=...` flags whose KEY is unknown, before absl parses them.
+
+  (ml_collections would otherwise fail deep inside flag parsing with a bare KeyError.)
+  """
+  for arg in argv:
+    match = _OVERRIDE.match(arg)
+    if not match:
+      continue
+    key = match.group(1)
+    phase_key = _PHASE_KEY.match(key)
+    if phase_key:
+      if phase_key.group(2) not in PHASE_SCHEMA:
+        raise ConfigError(f'{arg}: unknown phase key {phase_key.group(2)!r}'
+                          f'{_suggest(phase_key.group(2), PHASE_SCHEMA)}')
+      continue
+    node: Any = SCHEMA
+    parts = key.split('.')
+    for i, part in enumerate(parts):
+      if not isinstance(node, dict) or part not in node:
+        known = node if isinstance(node, dict) else {}
+        where = '.'.join(['config'] + parts[:i + 1])
+        raise ConfigError(f'{arg}: unknown config key {where}{_suggest(part, known)}')
+      node = node[part]
+
+
+def reference_table() -> str:
+  """The config reference as a Markdown table (the README embeds it; a test compares)."""
+  rows = ['| key | type | default | meaning |', '|---|---|---|---|']
+
+  def add(prefix: str, schema: dict[str, Any]) -> None:
+    for key, field in schema.items():
+      if isinstance(field, dict):
+        add(f'{prefix}{key}.', field)
+        continue
+      kind = field.types[0].__name__ + (' or None' if field.optional else '')
+      rows.append(f'| `{prefix}{key}` | {kind} | `{field.default!r}` | {field.help} |')
+
+  add('', SCHEMA)
+  add('phases[i].', PHASE_SCHEMA)
+  return '\n'.join(rows)

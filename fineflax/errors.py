@@ -1,0 +1,5 @@
+"""The error users get for input fineflax refuses; the command-line tools print it plainly."""
+
+
+class ConfigError(ValueError):
+  """A config key or value, freeze spec or dataset that does not fit, found before training."""

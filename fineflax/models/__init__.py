@@ -1,0 +1,80 @@
+"""Backbones, heads and the classifier; `BACKBONES` is the registry config names refer to."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from fineflax.errors import ConfigError
+from fineflax.models import resnet
+from fineflax.models.classifier import Classifier
+from fineflax.models.graph import KerasGraph, Layer
+from fineflax.models.heads import head_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+  """A registered backbone: how to build it and the input normalisation it expects."""
+
+  build: Callable[..., KerasGraph]
+  preprocessing: str
+  description: str
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    'resnet50': BackboneSpec(resnet.ResNet50, 'caffe', 'Keras ResNet50 (v1), 23.6M params'),
+    'resnet101': BackboneSpec(resnet.ResNet101, 'caffe', 'Keras ResNet101 (v1), 42.7M params'),
+    'resnet152': BackboneSpec(resnet.ResNet152, 'caffe', 'Keras ResNet152 (v1), 58.4M params'),
+    'resnet_tiny': BackboneSpec(resnet.ResNetTiny, 'caffe',
+                                'Keras ResNet v1 layout, one block per stage, 1/4 width'),
+}
+
+
+def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
+                bn_axis_name: str | None = None) -> Classifier:
+  """The Classifier that `config.model` describes, with `num_classes` outputs."""
+  spec = BACKBONES[model_config.backbone]
+  head_cfg = model_config.head
+  head = KerasGraph(
+      layers=head_layers(num_classes, head_cfg.pooling, tuple(head_cfg.hidden),
+                         head_cfg.dropout, head_cfg.batchnorm),
+      dtype=dtype, bn_axis_name=bn_axis_name)
+  preprocessing = model_config.preprocessing
+  if preprocessing == 'auto':
+    preprocessing = spec.preprocessing
+  return Classifier(backbone=spec.build(dtype=dtype, bn_axis_name=bn_axis_name), head=head,
+                    image_size=model_config.image_size, preprocessing=preprocessing)
+
+
+def compute_dtype(dtype: str) -> Any:
+  """The jnp dtype of `config.dtype` ('auto': bfloat16 on GPU/TPU, float32 on CPU)."""
+  if dtype == 'auto':
+    return jnp.bfloat16 if jax.default_backend() in ('gpu', 'tpu') else jnp.float32
+  return jnp.dtype(dtype)
+
+
+def resolve_num_classes(model_config: Any, class_names: tuple[str, ...]) -> int:
+  """`config.model.num_classes` checked against the dataset (None: the dataset's count)."""
+  n, classes = model_config.num_classes, len(class_names)
+  if n is None:
+    return classes
+  if n == 1 and classes != 2:
+    raise ConfigError(f'config.model.num_classes=1 (a binary classifier) but the dataset has '
+                      f'{classes} classes')
+  if n != 1 and n < classes:
+    raise ConfigError(f'config.model.num_classes={n} but the dataset has {classes} classes: '
+                      f'{list(class_names)}')
+  return n
+
+
+def from_config(config: Any, class_names: tuple[str, ...]) -> Classifier:
+  """The classifier of a validated config for a dataset with `class_names`."""
+  return build_model(config.model, resolve_num_classes(config.model, class_names),
+                     compute_dtype(config.dtype), bn_axis_name='batch')
+
+
+__all__ = ['BACKBONES', 'BackboneSpec', 'Classifier', 'KerasGraph', 'Layer', 'build_model',
+           'compute_dtype', 'from_config', 'head_layers', 'resolve_num_classes']

@@ -1,0 +1,142 @@
+"""A network described as Keras describes it: an ordered list of named layers.
+
+Keras applications define their models as functional graphs, and what users index with
+`base_model.layers[:143]` is that graph's layer list. fineflax keeps the same list as the
+single source of truth: the Flax module below executes it (Keras' order is a topological
+order, so running the layers in list order is valid), the freeze plan indexes it, and the
+summary prints it. Parameter-tree keys are the Keras layer names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Keras defaults, so that a model built from scratch starts where Keras' `weights=None` does.
+KERNEL_INIT = nn.initializers.glorot_uniform()
+BN_MOMENTUM = 0.99
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+  """One Keras layer: its name, its Keras class and the names of the layers it reads."""
+
+  name: str
+  kind: str  # the Keras class name: 'Conv2D', 'BatchNormalization', 'Add', ...
+  inputs: tuple[str, ...] = ()
+  filters: int = 0  # output channels of Conv2D / units of Dense
+  kernel: int = 0
+  stride: int = 1
+  padding: Any = 'valid'  # 'valid' / 'same' for convolutions; an int for ZeroPadding2D
+  use_bias: bool = True
+  rate: float = 0.0  # Dropout
+  activation: str | None = None  # fused activation of Conv2D / Dense ('relu')
+  dtype: Any = None  # overrides the network's compute dtype (e.g. a float32 classifier)
+
+  @property
+  def has_params(self) -> bool:
+    return self.kind in ('Conv2D', 'Dense', 'BatchNormalization')
+
+
+def chain(layers: Sequence[Layer]) -> tuple[Layer, ...]:
+  """Fills in `inputs` of layers that read the previous layer (a Keras Sequential)."""
+  out = []
+  for layer in layers:
+    if not layer.inputs and out:
+      layer = dataclasses.replace(layer, inputs=(out[-1].name,))
+    out.append(layer)
+  return tuple(out)
+
+
+class KerasGraph(nn.Module):
+  """Runs a Keras layer list; the parameters of layer `name` live under `params[name]`.
+
+  Attributes:
+    layers: the layers in Keras order; the first one is the input.
+    dtype: compute dtype; parameters stay float32.
+    bn_epsilon: BatchNormalization epsilon (Keras ResNet uses 1.001e-5).
+    bn_axis_name: mesh axis to average batch statistics over in training-mode BN.
+  """
+
+  layers: tuple[Layer, ...]
+  dtype: Any = jnp.float32
+  bn_epsilon: float = 1e-3
+  bn_axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False,
+               bn_train: frozenset[str] = frozenset()) -> jax.Array:
+    """Applies the graph.
+
+    Args:
+      x: the input batch.
+      train: enables dropout.
+      bn_train: names of BatchNormalization layers that normalise with batch statistics
+        and update their moving averages; every other one runs in inference mode (the
+        Keras `training=False` rule for fine-tuning).
+    Returns:
+      The output of the last layer.
+    """
+    values: dict[str, jax.Array] = {}
+    for layer in self.layers:
+      inputs = [values[name] for name in layer.inputs] or [x]
+      y = self._apply_layer(layer, inputs, train, bn_train)
+      # Every layer's output in order (collected only when 'intermediates' is mutable).
+      self.sow('intermediates', 'layer_outputs', y)
+      values[layer.name] = y
+    return y
+
+  def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train: bool,
+                   bn_train: frozenset[str]) -> jax.Array:
+    x = inputs[0]
+    dtype = layer.dtype or self.dtype
+    kind = layer.kind
+    if kind == 'InputLayer':
+      return x.astype(dtype)
+    if kind == 'ZeroPadding2D':
+      p = layer.padding
+      return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    if kind == 'Conv2D':
+      y = nn.Conv(layer.filters, (layer.kernel, layer.kernel),
+                     strides=(layer.stride, layer.stride), padding=layer.padding.upper(),
+                     use_bias=layer.use_bias, dtype=dtype, kernel_init=KERNEL_INIT,
+                     name=layer.name)(x)
+      return _activate(y, layer.activation)
+    if kind == 'BatchNormalization':
+      training = layer.name in bn_train
+      return nn.BatchNorm(use_running_average=not training, momentum=BN_MOMENTUM,
+                          epsilon=self.bn_epsilon, dtype=dtype,
+                          axis_name=self.bn_axis_name if training else None,
+                          name=layer.name)(x)
+    if kind == 'Activation':
+      return _activate(x, layer.activation or 'relu')
+    if kind == 'MaxPooling2D':
+      window = (layer.kernel, layer.kernel)
+      return nn.max_pool(x, window, strides=(layer.stride, layer.stride), padding='VALID')
+    if kind == 'Add':
+      return sum(inputs[1:], inputs[0])
+    if kind == 'GlobalAveragePooling2D':
+      return jnp.mean(x, axis=(1, 2))
+    if kind == 'GlobalMaxPooling2D':
+      return jnp.max(x, axis=(1, 2))
+    if kind == 'Flatten':
+      return x.reshape(x.shape[0], -1)
+    if kind == 'Dropout':
+      return nn.Dropout(layer.rate, deterministic=not train, name=layer.name)(x)
+    if kind == 'Dense':
+      y = nn.Dense(layer.filters, dtype=dtype, kernel_init=KERNEL_INIT, name=layer.name)(
+          x.astype(dtype))
+      return _activate(y, layer.activation)
+    raise ValueError(f'layer {layer.name!r}: unsupported Keras layer kind {kind!r}')
+
+
+def _activate(x: jax.Array, activation: str | None) -> jax.Array:
+  if activation is None:
+    return x
+  if activation == 'relu':
+    return nn.relu(x)
+  raise ValueError(f'unsupported activation {activation!r}')

@@ -1,0 +1,42 @@
+"""Classification heads, built as Keras users build them on top of a base model.
+
+Layer order: pooling (or Flatten), hidden Dense+ReLU layers, Dropout, BatchNormalization,
+final Dense. That covers every seed: GAP-Dropout-BN-Dense(1) (seed 000),
+GAP-Dropout(0.2)-Dense(1) (seed 001), Flatten-Dense(256)-Dropout(0.5)-Dense(1)
+(seed 002) and avg-pool-Dense(10) (seed 004). Layer names are the ones Keras gives them.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+from fineflax.models.graph import Layer, chain
+
+POOLING_LAYERS = {
+    'avg': Layer('global_average_pooling2d', 'GlobalAveragePooling2D'),
+    'max': Layer('global_max_pooling2d', 'GlobalMaxPooling2D'),
+    'flatten': Layer('flatten', 'Flatten'),
+}
+
+
+def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = (),
+                dropout: float = 0.0, batchnorm: bool = False) -> tuple[Layer, ...]:
+  """The head's Keras layer list; one output unit means a binary (sigmoid) classifier."""
+  if pooling not in POOLING_LAYERS:
+    raise ValueError(f'head pooling {pooling!r}: expected one of {sorted(POOLING_LAYERS)}')
+  if num_classes < 1:
+    raise ValueError(f'num_classes must be >= 1, got {num_classes}')
+  dense_names = ['dense'] + [f'dense_{i}' for i in range(1, len(hidden) + 1)]
+  layers = [POOLING_LAYERS[pooling]]
+  layers += [Layer(name, 'Dense', filters=units, activation='relu')
+             for name, units in zip(dense_names, hidden)]
+  if dropout > 0:
+    layers.append(Layer('dropout', 'Dropout', rate=dropout))
+  if batchnorm:
+    layers.append(Layer('batch_normalization', 'BatchNormalization'))
+  # Logits in float32 whatever the compute dtype: the loss needs them exact, and one
+  # small matmul costs nothing.
+  layers.append(Layer(dense_names[-1], 'Dense', filters=num_classes, dtype=jnp.float32))
+  return chain(layers)

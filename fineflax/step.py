@@ -1,0 +1,131 @@
+"""The train and eval steps: written per device, mapped over the mesh with shard_map.
+
+Each step body is what a pmapped step would be: it sees its device's rows of the batch,
+names the mesh axis `batch` in its collectives, and returns replicated results. It is
+mapped over every device with `jax.shard_map` inside `jax.jit`, which is what `jax.pmap`
+itself has become (JAX >= 0.8).
+
+Losses are normalised by the global sum of example weights (padding rows weigh 0), so a
+psum of per-device sums is the exact global mean whatever the padding; with no padding it
+equals the pmean of per-device means.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fineflax import freeze
+from fineflax.parallel import AXIS
+from fineflax.state import TrainState
+
+Metrics = dict[str, jax.Array]  # sums over the examples of a step: loss, correct, count
+
+
+def per_example_loss(logits: jax.Array, labels: jax.Array,
+                     label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """Loss and correctness per example.
+
+  One logit column means a binary classifier (sigmoid cross-entropy on logits, accuracy
+  at logit 0); otherwise softmax cross-entropy with optional label smoothing.
+  """
+  logits = logits.astype(jnp.float32)
+  if logits.shape[-1] == 1:
+    logits = logits[:, 0]
+    targets = labels.astype(jnp.float32)
+    loss = optax.sigmoid_binary_cross_entropy(logits, targets)
+    correct = (logits > 0) == (labels > 0)
+  else:
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+      targets = optax.smooth_labels(targets, label_smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets)
+    correct = jnp.argmax(logits, -1) == labels
+  return loss, correct.astype(jnp.float32)
+
+
+def _sums(loss: jax.Array, correct: jax.Array, weight: jax.Array) -> Metrics:
+  return jax.lax.psum({'loss': jnp.sum(loss * weight), 'correct': jnp.sum(correct * weight),
+                       'count': jnp.sum(weight)}, AXIS)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: freeze.Labels,
+                    mesh: Mesh, *, bn_train: frozenset[str] = frozenset(), seed: int = 0,
+                    label_smoothing: float = 0.0) -> Callable[[TrainState, Any],
+                                                              tuple[TrainState, Metrics]]:
+  """A jitted, donating `(state, batch) -> (state, metric sums)` over the mesh.
+
+  Args:
+    model: the classifier; built with `bn_axis_name=AXIS` when `bn_train` is not empty.
+    tx: the phase's optimizer, made by `freeze.partition_optimizer(..., labels)`.
+    labels: the freeze label tree; only trainable leaves are differentiated and updated.
+    mesh: the device mesh (axis `batch`).
+    bn_train: BatchNormalization layers that run in training mode (empty: all frozen, and
+      `batch_stats` pass through untouched).
+    seed: dropout randomness is a function of (seed, step, device).
+  """
+
+  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    trainable = freeze.trainable_view(state.params, labels)
+    weight = batch['weight']
+    total = jax.lax.psum(jnp.sum(weight), AXIS)
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
+                             jax.lax.axis_index(AXIS))
+
+    def loss_fn(trainable_params):
+      variables = {'params': freeze.merge(labels, trainable_params, state.params),
+                   'batch_stats': state.batch_stats}
+      if bn_train:
+        logits, updated = model.apply(variables, batch['image'], train=True,
+                                      bn_train=bn_train, rngs={'dropout': rng},
+                                      mutable=['batch_stats'])
+        batch_stats = updated['batch_stats']
+      else:
+        logits = model.apply(variables, batch['image'], train=True, rngs={'dropout': rng})
+        batch_stats = state.batch_stats
+      loss, correct = per_example_loss(logits, batch['label'], label_smoothing)
+      return jnp.sum(loss * weight) / total, (batch_stats, loss, correct)
+
+    grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
+    grads = jax.lax.psum(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = freeze.merge(labels, optax.apply_updates(trainable, updates), state.params)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                              opt_state=opt_state)
+    return new_state, _sums(loss, correct, weight)
+
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+                         check_vma=False)
+  return jax.jit(mapped, donate_argnums=0)
+
+
+def make_eval_step(model: nn.Module, mesh: Mesh, *,
+                   label_smoothing: float = 0.0) -> Callable[[Any, Any], Metrics]:
+  """A jitted `(variables, batch) -> metric sums`; weight-0 rows (padding) count nothing.
+
+  It takes `state.variables` rather than the state, so one compilation serves every phase.
+  """
+
+  def step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> Metrics:
+    logits = model.apply(variables, batch['image'], train=False)
+    loss, correct = per_example_loss(logits, batch['label'], label_smoothing)
+    return _sums(loss, correct, batch['weight'])
+
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
+                         check_vma=False)
+  return jax.jit(mapped)
+
+
+def summarize(sums: list[Metrics]) -> dict[str, float]:
+  """Loss and accuracy over a list of step sums (one device->host transfer)."""
+  if not sums:
+    return {'loss': float('nan'), 'accuracy': float('nan'), 'count': 0}
+  total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *jax.device_get(sums))
+  count = max(total['count'], 1.0)
+  return {'loss': total['loss'] / count, 'accuracy': total['correct'] / count,
+          'count': int(round(total['count']))}

@@ -1,0 +1,109 @@
+"""Configs: defaults, validation errors that name the key, the :smoke argument."""
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from fineflax import config as config_lib, models, parallel
+from fineflax.errors import ConfigError
+
+
+def _config(**top):
+  cfg = config_lib.default_config()
+  for key, value in top.items():
+    cfg[key] = value
+  return cfg
+
+
+def test_defaults_validate_and_are_complete():
+  cfg = config_lib.validate(config_lib.default_config())
+  assert cfg.model.backbone == 'resnet50' and cfg.phases[0].name == 'phase0'
+  assert cfg.model.weights is None and cfg.phases[0].batchnorm == 'frozen'
+
+
+@pytest.mark.parametrize('mutate, message', [
+    (lambda c: setattr(c, 'batchsize', 3),
+     "unknown config key config.batchsize (did you mean 'batch_size'?)"),
+    (lambda c: setattr(c.model, 'hed', 1), "unknown config key config.model.hed (did you mean 'head'?)"),
+    (lambda c: setattr(c.model.head, 'pooling', 'mean'),
+     "config.model.head.pooling='mean': expected one of ['avg', 'flatten', 'max']"),
+    (lambda c: setattr(c.model, 'backbone', 'resnet51'), "config.model.backbone='resnet51'"),
+    (lambda c: setattr(c, 'batch_size', True), 'config.batch_size=True: expected int, got bool'),
+    (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0: must be > 0'),
+    (lambda c: setattr(c.model.head, 'dropout', 1.0), 'config.model.head.dropout=1.0: must be in'),
+    (lambda c: setattr(c.model.head, 'hidden', (256, -1)), 'config.model.head.hidden'),
+    (lambda c: setattr(c.model, 'weights', 'imagenet'),
+     "config.model.weights='imagenet': loading pretrained weights is not available"),
+    (lambda c: setattr(c.data, 'source', 'tfds:cifar10'), "config.data.source='tfds:cifar10'"),
+    (lambda c: setattr(c, 'phases', ()), 'config.phases: expected a non-empty tuple'),
+    (lambda c: setattr(c, 'phases', (config_lib.phase(name='a'), config_lib.phase(name='a'))),
+     'phase names must be unique'),
+    (lambda c: setattr(c, 'phases', (config_lib.phase(freeze='layers[143]'),)),
+     "config.phases[0].freeze='layers[143]'"),
+    (lambda c: setattr(c, 'phases', (config_lib.phase(), config_lib.phase(learning_rate=-1.0))),
+     'config.phases[1].learning_rate=-1.0: must be > 0'),
+    (lambda c: setattr(c, 'phases', (config_lib.phase(optimizer='adagrad'),)),
+     "config.phases[0].optimizer='adagrad'"),
+])
+def test_bad_configs_name_the_key(mutate, message):
+  cfg = config_lib.default_config()
+  mutate(cfg)
+  with pytest.raises(ConfigError) as error:
+    config_lib.validate(cfg)
+  assert message in str(error.value)
+
+
+def test_unknown_phase_key():
+  with pytest.raises(ConfigError, match="unknown phase key 'epoch' \\(did you mean 'epochs'"):
+    config_lib.phase(epoch=3)
+
+
+def test_override_flags_are_checked_before_parsing():
+  config_lib.check_override_flags(['--config=c.py', '--config.model.head.dropout=0.1',
+                                   '--config.phases[1].epochs=3', '--workdir=x'])
+  with pytest.raises(ConfigError, match=r"config\.model\.heads \(did you mean 'head'"):
+    config_lib.check_override_flags(['--config.model.heads.dropout=0.1'])
+  with pytest.raises(ConfigError, match="unknown phase key 'lr'"):
+    config_lib.check_override_flags(['--config.phases[0].lr=0.1'])
+
+
+def test_smoke_keeps_the_workflow_and_shrinks_it():
+  cfg = config_lib.default_config()
+  cfg.model.image_size = 224
+  cfg.model.head.batchnorm = True
+  cfg.phases = (config_lib.phase(name='head', freeze='backbone', epochs=10),
+                config_lib.phase(name='conv5', freeze='layers[:143]', epochs=50))
+  smoke = config_lib.validate(config_lib.finish(cfg, 'smoke'))
+  assert smoke.model.backbone == cfg.model.backbone and smoke.model.head.batchnorm
+  assert [(p.name, p.freeze, p.epochs) for p in smoke.phases] == [
+      ('head', 'backbone', 1), ('conv5', 'layers[:143]', 1)]
+  assert smoke.model.image_size == 32 and smoke.data.max_examples == 32
+  assert cfg.phases[1].epochs == 50  # the original is untouched
+  with pytest.raises(ConfigError, match="config argument 'fast'"):
+    config_lib.finish(cfg, 'fast')
+
+
+def test_num_classes_must_fit_the_dataset():
+  cfg = config_lib.default_config()
+  names = tuple('abc')
+  assert models.resolve_num_classes(cfg.model, names) == 3
+  cfg.model.num_classes = 2
+  with pytest.raises(ConfigError, match='num_classes=2 but the dataset has 3 classes'):
+    models.resolve_num_classes(cfg.model, names)
+  cfg.model.num_classes = 1
+  with pytest.raises(ConfigError, match='num_classes=1 .* dataset has 3 classes'):
+    models.resolve_num_classes(cfg.model, names)
+  assert models.resolve_num_classes(cfg.model, ('cat', 'dog')) == 1
+
+
+def test_batch_size_must_split_over_devices():
+  mesh = parallel.make_mesh(jax.devices()[:8])
+  parallel.check_batch_size(64, mesh)
+  with pytest.raises(ValueError, match='config.batch_size=12 does not split evenly over 8'):
+    parallel.check_batch_size(12, mesh)
+
+
+def test_readme_config_reference_is_current():
+  readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  assert config_lib.reference_table() in readme

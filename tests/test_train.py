@@ -1,0 +1,130 @@
+"""Whole runs: phases, metrics.jsonl, resume, the command line, the demo's accuracy."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from fineflax import checkpoints, config as config_lib, train
+from fineflax.reporting import MetricsLog
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _small_config():
+  cfg = config_lib.default_config()
+  cfg.batch_size = 16
+  cfg.data.max_examples = 40  # 3 train steps an epoch, the last one padded
+  cfg.model.backbone = 'resnet_tiny'
+  cfg.model.image_size = 16
+  cfg.model.preprocessing = 'tf'
+  cfg.model.head.dropout = 0.3
+  cfg.phases = (
+      config_lib.phase(name='scratch', batchnorm='train', learning_rate=3e-3, epochs=2),
+      config_lib.phase(name='conv5', freeze='regex:^backbone/conv[1-4]_', learning_rate=1e-3,
+                       epochs=2),
+  )
+  return cfg
+
+
+class Interrupt(Exception):
+  pass
+
+
+def _interrupt_after(monkeypatch, phase_index, phase_epochs_done):
+  """Makes the run die right after the checkpoint of the given epoch is written."""
+  original = checkpoints.Checkpoints.save
+
+  def save(self, state, meta):
+    original(self, state, meta)
+    if (meta['phase_index'], meta['phase_epochs_done']) == (phase_index, phase_epochs_done):
+      self.wait()
+      raise Interrupt
+
+  monkeypatch.setattr(checkpoints.Checkpoints, 'save', save)
+
+
+def _records(workdir):
+  return [{k: v for k, v in r.items() if k != 'images_per_sec'}
+          for r in MetricsLog(workdir).read()]
+
+
+def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monkeypatch):
+  devices = jax.devices()[:2]
+  full = train.train_and_evaluate(_small_config(), tmp_path / 'full', devices=devices)
+  expected = _records(tmp_path / 'full')
+  assert [(r['phase'], r['phase_epoch'], r['epoch'], r['step']) for r in expected] == [
+      ('scratch', 1, 1, 3), ('scratch', 2, 2, 6), ('conv5', 1, 3, 9), ('conv5', 2, 4, 12)]
+
+  workdir = tmp_path / 'interrupted'
+  for stop in [(0, 1), (0, 2)]:  # mid-phase, then at the end of phase 1
+    with monkeypatch.context() as patch:
+      _interrupt_after(patch, *stop)
+      with pytest.raises(Interrupt):
+        train.train_and_evaluate(_small_config(), workdir, devices=devices)
+  # A record written after the last checkpoint must not survive the resume.
+  MetricsLog(workdir).write({'step': 99, 'phase': 'stale'})
+  resumed = train.train_and_evaluate(_small_config(), workdir, devices=devices)
+
+  assert _records(workdir) == expected
+  assert resumed == full
+  assert set(os.listdir(workdir)) == {'checkpoints', 'metrics.jsonl', 'results.json'}
+  assert json.loads((workdir / 'results.json').read_text()) == full
+
+
+def _cli(*args, cwd=ROOT):
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=600)
+
+
+def test_cli_smoke_run_of_the_demo_config(tmp_path):
+  result = _cli('fineflax.train', '--config', 'configs/demo.py:smoke', '--workdir',
+                str(tmp_path / 'run'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = MetricsLog(tmp_path / 'run').read()
+  assert [r['phase'] for r in records] == ['scratch', 'finetune']
+  assert {'phase', 'epoch', 'step', 'loss', 'accuracy', 'val_loss', 'val_accuracy',
+          'learning_rate', 'images_per_sec'} <= set(records[0])
+  assert 'test_accuracy: ' in result.stdout
+
+
+def test_cli_rejects_bad_keys_before_running(tmp_path):
+  result = _cli('fineflax.train', '--config', 'configs/demo.py', '--workdir', str(tmp_path),
+                '--config.batchsize=8')
+  assert result.returncode != 0
+  assert "unknown config key config.batchsize (did you mean 'batch_size'?)" in result.stderr
+  bad_file = tmp_path / 'typo.py'
+  bad_file.write_text('from configs.demo import get_config as base\n'
+                      'def get_config(arg=None):\n'
+                      '  c = base(arg)\n  c.model.head.dropuot = 0.5\n  return c\n')
+  result = _cli('fineflax.train', '--config', str(bad_file), '--workdir', str(tmp_path / 'r'))
+  assert result.returncode != 0
+  assert "unknown config key config.model.head.dropuot (did you mean 'dropout'?)" in result.stderr
+  assert not (tmp_path / 'r').exists()
+
+
+def test_summary_cli(tmp_path):
+  from fineflax import summary  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  expected, _ = summary.summarize_config(demo.get_config(), phase=1)
+  result = _cli('fineflax.summary', '--config', 'configs/demo.py', '--phase', '1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f'Trainable params: {expected.trainable:,}' in result.stdout
+  assert f'Non-trainable params: {expected.non_trainable:,}' in result.stdout
+  assert 'conv5_block1_1_conv (Conv2D)' in result.stdout
+
+
+def test_demo_reaches_95_percent(tmp_path):
+  """The README's first command, on one CPU device as there: >= 95% test accuracy."""
+  sys.path.insert(0, str(ROOT))
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  results = train.train_and_evaluate(demo.get_config(), tmp_path, devices=jax.devices()[:1])
+  assert results['test_examples'] == 270
+  assert results['test_accuracy'] >= 0.95
