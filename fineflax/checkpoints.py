@@ -55,4 +55,5 @@ class Checkpoints:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for pending saves and releases the manager."""
     self._manager.close()

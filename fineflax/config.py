@@ -9,6 +9,7 @@ ends with `finish(config, arg)` so that every config accepts the `:smoke` argume
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -190,7 +191,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
   One epoch of two batches of 16 per phase, at most 32x32 images: runs on a CPU.
   """
-  config = config.copy_and_resolve_references()
+  config = copy.deepcopy(config)  # keeps typed placeholders overridable from the command line
   config.batch_size = 16
   config.eval_batch_size = 16
   config.data.max_examples = 32
@@ -201,7 +202,7 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def _with(cfg: ml_collections.ConfigDict, **values: Any) -> ml_collections.ConfigDict:
-  cfg = cfg.copy_and_resolve_references()
+  cfg = copy.deepcopy(cfg)
   for key, value in values.items():
     cfg[key] = value
   return cfg

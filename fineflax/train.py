@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -24,6 +24,7 @@ from absl import flags
 
 from fineflax import checkpoints, cli, config as config_lib, data, freeze, models, optimizers
 from fineflax import parallel, reporting, state as state_lib, step as step_lib
+from fineflax.errors import ConfigError
 from fineflax.evaluate import evaluate
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
@@ -42,53 +43,97 @@ def _compile_train_step(train_step, state, batch_size, image_shape, mesh):
   return compiled
 
 
+def dataset_splits(dataset: data.Dataset,
+                   data_config: ml_collections.ConfigDict) -> dict[str, data.Split | None]:
+  """The train / val / test splits named by `config.data` (test: None when not set)."""
+  out: dict[str, data.Split | None] = {}
+  for role in ('train', 'val', 'test'):
+    name = data_config[f'{role}_split']
+    if name is not None and name not in dataset.splits:
+      raise ConfigError(f'config.data.{role}_split={name!r}: the dataset has the splits '
+                        f'{sorted(dataset.splits)}')
+    out[role] = dataset.splits[name] if name is not None else None
+    if name is not None:
+      logger.info('%s split %r: %d examples', role, name, len(dataset.splits[name]))
+  return out
+
+
+def freeze_plans(model: models.Classifier, image_shape: tuple[int, int, int],
+                 phases: Sequence[ml_collections.ConfigDict]) -> list[freeze.Labels]:
+  """The label tree of every phase, computed on shapes only: a spec that does not fit
+  the model fails here, before any training."""
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.uint8)
+  params = jax.eval_shape(model.init, jax.random.key(0), images)['params']
+  plans = []
+  for i, phase in enumerate(phases):
+    try:
+      plans.append(freeze.freeze_labels(params, phase.freeze, model.backbone.layers))
+    except freeze.FreezeSpecError as e:
+      raise ConfigError(f'config.phases[{i}].freeze: {e}') from None
+  return plans
+
+
+def train_epoch(train_step: Callable[..., Any], state: state_lib.TrainState,
+                split: data.Split, batch_size: int, rng: np.random.Generator,
+                mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, dict[str, float]]:
+  """One pass over `split` in the order `rng` draws; returns the state and the metrics
+  (with `seconds`). Metrics stay on the device until the epoch ends: no per-step sync."""
+  start = time.perf_counter()
+  sums = []
+  for batch in data.train_batches(split, batch_size, rng):
+    state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+    sums.append(metrics)
+  metrics = step_lib.summarize(sums)
+  metrics['seconds'] = time.perf_counter() - start
+  return state, metrics
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Runs (or resumes) every phase of `config` in `workdir`; returns the test metrics.
 
   Args:
-    config: the experiment; validated before anything else happens.
+    config: the experiment; validated, with every phase's freeze spec, before anything
+      is written.
     workdir: the run directory; a checkpoint in it is resumed from.
     devices: devices to train on (default: every device of every process).
   """
   config = config_lib.validate(config)
-  workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   dataset = data.load_dataset(config.data)
-  train_split = dataset.split(config.data.train_split)
-  val_split = dataset.split(config.data.val_split)
-  test_split = dataset.split(config.data.test_split) if config.data.test_split else None
-  for name, split in [('train', train_split), ('val', val_split), ('test', test_split)]:
-    if split is not None:
-      logger.info('%s split: %d examples', name, len(split))
+  splits = dataset_splits(dataset, config.data)
   model = models.from_config(config, dataset.info.class_names)
   mesh = parallel.make_mesh(devices)
   eval_batch_size = config.eval_batch_size or config.batch_size
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(eval_batch_size, mesh, 'config.eval_batch_size')
+  plans = freeze_plans(model, dataset.info.image_shape, config.phases)
 
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoints.Checkpoints(workdir / 'checkpoints', config.checkpoint.keep)
   metrics_log = reporting.MetricsLog(workdir)
   resume = ckpts.latest_meta()
-  if resume is None:
-    metrics_log.truncate_after(-1)
-  else:
+  if resume is not None and resume['phase_index'] >= len(config.phases):
+    raise ConfigError(f'{workdir} holds a run at phase {resume["phase_index"]} '
+                      f'({resume["phase"]!r}) but the config has {len(config.phases)} phases')
+  if resume is not None:
     logger.info('resuming from step %d: phase %r, %d epoch(s) of it done', resume['step'],
-                 resume['phase'], resume['phase_epochs_done'])
-    metrics_log.truncate_after(resume['step'])
+                resume['phase'], resume['phase_epochs_done'])
+  # Records after the checkpoint resumed from belong to epochs that will be redone.
+  metrics_log.truncate_after(resume['step'] if resume else -1)
 
   variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
   eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing)
   state = None
   run_epoch = resume['epoch'] if resume else 0
-  for index, phase in enumerate(config.phases):
+  for index, (phase, labels) in enumerate(zip(config.phases, plans)):
     if resume and index < resume['phase_index']:
       continue
-    labels = freeze.freeze_labels(variables['params'], phase.freeze, model.backbone.layers)
+    # A new phase keeps parameters and statistics and starts a new optimizer.
     tx = freeze.partition_optimizer(optimizers.build_optimizer(phase), labels)
-    start_step = int(state.step) if state is not None else 0
     state = parallel.replicate(state_lib.create_train_state(
-        state.variables if state is not None else variables, tx, labels, start_step), mesh)
+        variables if state is None else state.variables, tx, labels,
+        0 if state is None else int(state.step)), mesh)
     phase_epochs_done = 0
     if resume and index == resume['phase_index']:
       state = ckpts.restore(resume['step'], state)
@@ -102,34 +147,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                                  label_smoothing=config.loss.label_smoothing),
         state, config.batch_size, dataset.info.image_shape, mesh)
     for epoch in range(phase_epochs_done, phase.epochs):
-      start = time.perf_counter()
+      # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
       rng = np.random.default_rng([config.seed, index, epoch])
-      sums = []
-      for batch in data.train_batches(train_split, config.batch_size, rng):
-        state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
-        sums.append(metrics)
-      train_metrics = step_lib.summarize(sums)
-      seconds = time.perf_counter() - start
-      val_metrics = evaluate(eval_step, state.variables, val_split, eval_batch_size, mesh)
+      state, train = train_epoch(train_step, state, splits['train'], config.batch_size, rng,
+                                 mesh)
+      val = evaluate(eval_step, state.variables, splits['val'], eval_batch_size, mesh)
       run_epoch += 1
       record = {'phase': phase.name, 'phase_index': index, 'phase_epoch': epoch + 1,
                 'epoch': run_epoch, 'step': int(state.step),
-                'loss': train_metrics['loss'], 'accuracy': train_metrics['accuracy'],
-                'val_loss': val_metrics['loss'], 'val_accuracy': val_metrics['accuracy'],
+                'loss': train['loss'], 'accuracy': train['accuracy'],
+                'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
                 'learning_rate': phase.learning_rate,
-                'images_per_sec': train_metrics['count'] / seconds}
+                'images_per_sec': train['count'] / train['seconds']}
       # The record first: one whose checkpoint never completed is dropped on resume,
       # while a checkpoint without its record would leave a hole in metrics.jsonl.
       metrics_log.write(record)
       logger.info(reporting.epoch_line(record, phase.epochs))
       ckpts.save(state, {'step': record['step'], 'phase_index': index, 'phase': phase.name,
                          'phase_epochs_done': epoch + 1, 'epoch': run_epoch})
-  ckpts.wait()
   ckpts.close()
 
   results: dict[str, Any] = {'step': int(state.step), 'epoch': run_epoch}
-  if test_split is not None:
-    test = evaluate(eval_step, state.variables, test_split, eval_batch_size, mesh)
+  if splits['test'] is not None:
+    test = evaluate(eval_step, state.variables, splits['test'], eval_batch_size, mesh)
     results.update(test_loss=test['loss'], test_accuracy=test['accuracy'],
                    test_examples=test['count'])
   reporting.write_json(workdir / 'results.json', results)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fineflax import checkpoints, config as config_lib, train
+from fineflax.errors import ConfigError
 from fineflax.reporting import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,12 @@ def test_cli_rejects_bad_keys_before_running(tmp_path):
                 '--config.batchsize=8')
   assert result.returncode != 0
   assert "unknown config key config.batchsize (did you mean 'batch_size'?)" in result.stderr
+  # A key whose default is None stays overridable after :smoke; its value is checked.
+  result = _cli('fineflax.train', '--config', 'configs/demo.py:smoke', '--workdir',
+                str(tmp_path), '--config.model.weights=imagenet')
+  assert result.returncode != 0
+  assert "config.model.weights='imagenet': loading pretrained weights is not available" in (
+      result.stderr)
   bad_file = tmp_path / 'typo.py'
   bad_file.write_text('from configs.demo import get_config as base\n'
                       'def get_config(arg=None):\n'
@@ -128,3 +135,19 @@ def test_demo_reaches_95_percent(tmp_path):
   results = train.train_and_evaluate(demo.get_config(), tmp_path, devices=jax.devices()[:1])
   assert results['test_examples'] == 270
   assert results['test_accuracy'] >= 0.95
+
+
+@pytest.mark.parametrize('mutate, message', [
+    (lambda c: setattr(c, 'phases', c.phases + (config_lib.phase(name='x', freeze='layers[:99]'),)),
+     "config.phases[2].freeze: freeze spec 'layers[:99]': index 99 is beyond the backbone"),
+    (lambda c: setattr(c.data, 'val_split', 'valid'),
+     "config.data.val_split='valid': the dataset has the splits ['test', 'train', 'validation']"),
+    (lambda c: setattr(c.model, 'num_classes', 5), 'num_classes=5 but the dataset has 10'),
+])
+def test_run_refuses_what_does_not_fit_before_writing_anything(tmp_path, mutate, message):
+  cfg = _small_config()
+  mutate(cfg)
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
+  assert message in str(error.value)
+  assert not (tmp_path / 'run').exists()

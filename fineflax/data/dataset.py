@@ -51,12 +51,6 @@ class Dataset:
   info: DatasetInfo
   splits: Mapping[str, Split]
 
-  def split(self, name: str) -> Split:
-    try:
-      return self.splits[name]
-    except KeyError:
-      raise KeyError(f'dataset has no split {name!r}; it has {sorted(self.splits)}') from None
-
 
 def num_batches(num_examples: int, batch_size: int) -> int:
   return -(-num_examples // batch_size)

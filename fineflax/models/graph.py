@@ -37,10 +37,6 @@ class Layer:
   activation: str | None = None  # fused activation of Conv2D / Dense ('relu')
   dtype: Any = None  # overrides the network's compute dtype (e.g. a float32 classifier)
 
-  @property
-  def has_params(self) -> bool:
-    return self.kind in ('Conv2D', 'Dense', 'BatchNormalization')
-
 
 def chain(layers: Sequence[Layer]) -> tuple[Layer, ...]:
   """Fills in `inputs` of layers that read the previous layer (a Keras Sequential)."""

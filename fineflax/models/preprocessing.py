@@ -13,14 +13,17 @@ TORCH_STD = (0.229, 0.224, 0.225)
 
 
 def caffe(x: jax.Array) -> jax.Array:
+  """Keras ResNet / VGG: BGR, ImageNet means subtracted, no scaling."""
   return x[..., ::-1] - jnp.asarray(CAFFE_MEAN_BGR, x.dtype)
 
 
 def tf(x: jax.Array) -> jax.Array:
+  """Keras Xception / Inception: scaled to [-1, 1]."""
   return x / 127.5 - 1.0
 
 
 def torch(x: jax.Array) -> jax.Array:
+  """torchvision / timm: [0, 1], then ImageNet mean / std."""
   return (x / 255.0 - jnp.asarray(TORCH_MEAN, x.dtype)) / jnp.asarray(TORCH_STD, x.dtype)
 
 
