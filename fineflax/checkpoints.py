@@ -14,7 +14,13 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from fineflax.errors import ConfigError
+from fineflax.freeze import path_str
 from fineflax.state import TrainState
+
+
+class CheckpointMismatchError(ConfigError):
+  """A checkpoint whose tree differs from the state the config builds."""
 
 
 class Checkpoints:
@@ -42,9 +48,12 @@ class Checkpoints:
     """The state saved at `step`, with the tree structure and shardings of `target`.
 
     `target` must be the state of the checkpoint's phase (its optimizer state covers
-    that phase's trainable leaves); a tree of another shape is an error, not a partial
-    restore.
+    that phase's trainable leaves). Orbax itself restores a tree of another shape
+    partially and silently; here any difference is a CheckpointMismatchError.
     """
+    saved = self._manager.item_metadata(step)['state']
+    _check_same_tree(_leaf_specs(getattr(saved, 'tree', saved)), _leaf_specs(target),
+                     f'{self._manager.directory}/{step}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract)))
@@ -57,3 +66,28 @@ class Checkpoints:
   def close(self) -> None:
     """Waits for pending saves and releases the manager."""
     self._manager.close()
+
+
+def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  return {path_str(path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_same_tree(saved: dict, expected: dict, where: str) -> None:
+  missing = sorted(set(expected) - set(saved))
+  unexpected = sorted(set(saved) - set(expected))
+  changed = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+  if not (missing or unexpected or changed):
+    return
+  problems = []
+  for what, keys in [('missing from the checkpoint', missing),
+                     ('in the checkpoint but not in this config\'s state', unexpected)]:
+    if keys:
+      problems.append(f'{len(keys)} leaves {what}, e.g. {keys[:3]}')
+  if changed:
+    k = changed[0]
+    problems.append(f'{len(changed)} leaves of another shape or dtype, e.g. {k}: '
+                    f'saved {saved[k]}, expected {expected[k]}')
+  raise CheckpointMismatchError(
+      f'{where} holds another train state than this config builds (was the run started '
+      f'with another config?): ' + '; '.join(problems))

@@ -40,8 +40,17 @@ class FreezeSpecError(ConfigError):
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """'backbone/conv1_conv/kernel' for a `jax.tree_util` key path."""
-  return '/'.join(str(getattr(k, 'key', k)) for k in path)
+  """'backbone/conv1_conv/kernel' for a `jax.tree_util` key path (dict keys, attribute
+  names and sequence indices alike)."""
+  parts = []
+  for k in path:
+    for attr in ('key', 'name', 'idx'):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return '/'.join(parts)
 
 
 def check_syntax(spec: str) -> None:
