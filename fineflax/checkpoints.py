@@ -28,8 +28,10 @@ class Checkpoints:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    # Handlers named up front: a manager that has not saved yet can read metadata.
+    handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                          item_names=('state', 'meta'))
+                                          item_handlers=handlers)
 
   def latest_meta(self) -> dict[str, Any] | None:
     """The `meta` of the newest complete checkpoint, or None when there is none."""

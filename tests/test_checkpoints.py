@@ -28,7 +28,8 @@ def states():
 def test_round_trip(tmp_path, states):
   ckpts = checkpoints.Checkpoints(tmp_path)
   ckpts.save(states['conv5'], {'step': 7, 'phase_index': 0})
-  ckpts.wait()
+  ckpts.close()
+  ckpts = checkpoints.Checkpoints(tmp_path)  # as a resumed run reads it
   assert ckpts.latest_meta() == {'step': 7, 'phase_index': 0}
   restored = ckpts.restore(7, states['conv5'])
   assert jax.tree.structure(restored) == jax.tree.structure(states['conv5'])
@@ -44,7 +45,8 @@ def test_round_trip(tmp_path, states):
 def test_another_tree_is_refused(tmp_path, states, saved, target, message):
   ckpts = checkpoints.Checkpoints(tmp_path)
   ckpts.save(states[saved], {'step': 7})
-  ckpts.wait()
+  ckpts.close()
+  ckpts = checkpoints.Checkpoints(tmp_path)
   with pytest.raises(checkpoints.CheckpointMismatchError) as error:
     ckpts.restore(7, states[target])
   assert message in str(error.value)
