@@ -13,10 +13,11 @@ from fineflax import config as config_lib, reporting
 from fineflax.errors import ConfigError
 
 
-def run(main: Callable[[ml_collections.ConfigDict], None],
-        required: Sequence[str] = ('config',)) -> None:
+def run(main: Callable[..., None], required: Sequence[str] = ('config',),
+        positional: str | None = None) -> None:
   """Defines `--config` (`path[:arg]`, overridable by `--config.key=value`), then runs
-  `main(config)` under absl; a ConfigError ends the program with its message alone.
+  `main(config)` under absl, or `main(config, args)` when the tool takes `positional`
+  arguments; a ConfigError ends the program with its message alone.
 
   Flags are defined here rather than at import, so that tools and tests can import
   each other's modules.
@@ -30,9 +31,14 @@ def run(main: Callable[[ml_collections.ConfigDict], None],
   flags.mark_flags_as_required(list(required))
 
   def absl_main(argv: list[str]) -> None:
+    reporting.setup_logging()
+    if positional:
+      if len(argv) < 2:
+        raise app.UsageError(f'expected one or more {positional}')
+      main(config.value, argv[1:])
+      return
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    reporting.setup_logging()
     main(config.value)
 
   try:

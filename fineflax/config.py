@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import ml_collections
 from ml_collections import config_dict
 
-from fineflax import data, freeze, models, optimizers
+from fineflax import data, freeze, models, optimizers, weights
 from fineflax.errors import ConfigError
 
 
@@ -62,13 +62,6 @@ def _freeze_spec(v):
   return None
 
 
-def _weights(v):
-  if v is None:
-    return None
-  return ('loading pretrained weights is not available in this version of fineflax; '
-          'set None (random initialisation)')
-
-
 def _hidden(v):
   if not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in v):
     return 'must be a tuple of positive ints (the widths of hidden Dense layers)'
@@ -89,8 +82,13 @@ SCHEMA: dict[str, Any] = {
     'model': {
         'backbone': Field('resnet50', _STR, 'Backbone name (fineflax.models.BACKBONES).',
                           check=_choices(lambda: models.BACKBONES)),
-        'weights': Field(None, _STR, 'Pretrained weights; None: random init (from scratch).',
-                         optional=True, check=_weights),
+        'weights': Field(None, _STR, "Pretrained weights: None (random init), 'imagenet' (the "
+                         "backbone's default), a source name ('keras:imagenet', "
+                         "'torchvision:IMAGENET1K_V2') or a .h5/.pth/.pt/.safetensors path.",
+                         optional=True),
+        'include_top': Field(False, _BOOL, "Keep Keras' ImageNet classifier (avg_pool + "
+                             'predictions; VGG16: flatten, fc1, fc2, predictions) as the head '
+                             'instead of config.model.head.'),
         'num_classes': Field(None, _INT, "Output units (1: binary, sigmoid); None: the "
                              "dataset's number of classes.", optional=True, check=_positive),
         'image_size': Field(None, _INT, 'Side the images are resized to on the device; '
@@ -256,6 +254,7 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f'phase(...)), got {phases!r}')
   for i, p in enumerate(phases):
     _check_tree(f'config.phases[{i}]', PHASE_SCHEMA, p)
+  weights.check_spec(config.model.get('weights'), config.model.backbone)
   names = [p.get('name') or f'phase{i}' for i, p in enumerate(phases)]
   if len(set(names)) != len(names):
     raise ConfigError(f'config.phases: phase names must be unique, got {names}')

@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 
 from fineflax import checkpoints, cli, config as config_lib, data, freeze, models, optimizers
-from fineflax import parallel, reporting, state as state_lib, step as step_lib
+from fineflax import parallel, reporting, state as state_lib, step as step_lib, weights
 from fineflax.errors import ConfigError
 from fineflax.evaluate import evaluate
 
@@ -107,8 +107,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(eval_batch_size, mesh, 'config.eval_batch_size')
   plans = freeze_plans(model, dataset.info.image_shape, config.phases)
-
   workdir = Path(workdir)
+  # The weight file is found (or downloaded) before the run writes anything; a run that
+  # will resume restores its own parameters and needs no file.
+  weights_path = None
+  if config.model.weights and not (workdir / 'checkpoints').exists():
+    weights_path = weights.resolve(config.model.weights, config.model.backbone,
+                                   config.model.include_top)
+
   workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoints.Checkpoints(workdir / 'checkpoints', config.checkpoint.keep)
   metrics_log = reporting.MetricsLog(workdir)
@@ -123,6 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   metrics_log.truncate_after(resume['step'] if resume else -1)
 
   variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
+  if weights_path is not None and resume is None:
+    variables, report = weights.load_pretrained(config.model, model, variables, weights_path)
+    logger.info(report.text())
   eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing)
   state = None
   run_epoch = resume['epoch'] if resume else 0

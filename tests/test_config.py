@@ -33,8 +33,11 @@ def test_defaults_validate_and_are_complete():
     (lambda c: setattr(c, 'batch_size', 0), 'config.batch_size=0: must be > 0'),
     (lambda c: setattr(c.model.head, 'dropout', 1.0), 'config.model.head.dropout=1.0: must be in'),
     (lambda c: setattr(c.model.head, 'hidden', (256, -1)), 'config.model.head.hidden'),
-    (lambda c: setattr(c.model, 'weights', 'imagenet'),
-     "config.model.weights='imagenet': loading pretrained weights is not available"),
+    (lambda c: setattr(c.model, 'weights', 'timm:resnet50'),
+     "config.model.weights='timm:resnet50': no such weights for backbone 'resnet50'"),
+    (lambda c: (setattr(c.model, 'backbone', 'resnet_tiny'), setattr(c.model, 'weights', 'imagenet')),
+     "config.model.weights='imagenet': no such weights for backbone 'resnet_tiny'; it has no "
+     'named weights'),
     (lambda c: setattr(c.data, 'source', 'tfds:cifar10'), "config.data.source='tfds:cifar10'"),
     (lambda c: setattr(c, 'phases', ()), 'config.phases: expected a non-empty tuple'),
     (lambda c: setattr(c, 'phases', (config_lib.phase(name='a'), config_lib.phase(name='a'))),

@@ -16,13 +16,13 @@ CONV5 = 'layers[:43]'  # resnet_tiny's conv1..conv4 (its conv5_block1_1_conv is 
 
 
 def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_rate=1e-2,
-           dropout=0.5, num_classes=4):
+           dropout=0.5, num_classes=4, image=IMAGE):
   cfg = config_lib.default_config()
   cfg.model.backbone = 'resnet_tiny'
   cfg.model.preprocessing = 'tf'
   cfg.model.head.update(dropout=dropout, batchnorm=True)
   model = models.build_model(cfg.model, num_classes, bn_axis_name=parallel.AXIS)
-  variables = state_lib.init_variables(model, IMAGE, seed=0)
+  variables = state_lib.init_variables(model, image, seed=0)
   labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
   phase = config_lib.phase(optimizer=optimizer, learning_rate=learning_rate, momentum=0.9)
   tx = freeze.partition_optimizer(optimizers.build_optimizer(phase), labels)
@@ -34,9 +34,9 @@ def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_ra
   return model, labels, mesh, state, train_step
 
 
-def _batches(n, num_classes=4, seed=0):
+def _batches(n, num_classes=4, seed=0, image=IMAGE):
   rng = np.random.default_rng(seed)
-  return [{'image': rng.integers(0, 256, (BATCH,) + IMAGE, dtype=np.uint8),
+  return [{'image': rng.integers(0, 256, (BATCH,) + image, dtype=np.uint8),
            'label': rng.integers(0, num_classes, BATCH).astype(np.int32),
            'weight': np.ones(BATCH, np.float32)} for _ in range(n)]
 
@@ -102,12 +102,16 @@ def test_training_mode_bn_updates_only_trainable_layers():
       assert np.array_equal(_bits(b), _bits(a)), path
 
 
-# Training-mode BN from scratch is one step: its batch statistics come from a
+# Training-mode BN from scratch: one step at 32x32. Its batch statistics come from a
 # cross-device sum of another order than on one device, and from-scratch training
 # amplifies that float32 rounding step after step (seen here: 2e-6 after one step, 2e-5
-# after three). One step checks what matters: pmean'd gradients and BN statistics.
-@pytest.mark.parametrize('spec, batchnorm, steps', [(CONV5, 'frozen', 3), ('none', 'train', 1)])
-def test_eight_devices_equal_one(spec, batchnorm, steps):
+# after three). At 16x16 conv4/conv5 are 1x1, so BN normalises 16 values per channel, of
+# which ReLU leaves some channels nearly constant: 1 / sqrt(var + eps) then blows the
+# rounding up to 1e-2 for one random draw of weights (2 and 4 devices agreed to 1e-6 there).
+# One step checks what matters: pmean'd gradients and BN statistics.
+@pytest.mark.parametrize('spec, batchnorm, steps, image', [
+    (CONV5, 'frozen', 3, IMAGE), ('none', 'train', 1, (32, 32, 3))])
+def test_eight_devices_equal_one(spec, batchnorm, steps, image):
   """Same losses and parameters on 1 and 8 devices (tolerance 1e-5).
 
   SGD, so that parameter differences show gradient differences directly (Adam's
@@ -118,8 +122,8 @@ def test_eight_devices_equal_one(spec, batchnorm, steps):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     _, _, mesh, state, train_step = _setup(spec, batchnorm, devices, optimizer='sgd',
-                                           learning_rate=0.05, dropout=0.0)
-    state, metrics = _run(state, train_step, mesh, _batches(steps))
+                                           learning_rate=0.05, dropout=0.0, image=image)
+    state, metrics = _run(state, train_step, mesh, _batches(steps, image=image))
     results.append((jax.device_get(state), metrics))
   (one, m1), (eight, m8) = results
   for a, b in zip(m1, m8):

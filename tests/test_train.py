@@ -104,8 +104,8 @@ def test_cli_rejects_bad_keys_before_running(tmp_path):
   result = _cli('fineflax.train', '--config', 'configs/demo.py:smoke', '--workdir',
                 str(tmp_path), '--config.model.weights=imagenet')
   assert result.returncode != 0
-  assert "config.model.weights='imagenet': loading pretrained weights is not available" in (
-      result.stderr)
+  assert ("config.model.weights='imagenet': no such weights for backbone 'resnet_tiny'"
+          in result.stderr)
   bad_file = tmp_path / 'typo.py'
   bad_file.write_text('from configs.demo import get_config as base\n'
                       'def get_config(arg=None):\n'

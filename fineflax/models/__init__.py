@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fineflax.errors import ConfigError
-from fineflax.models import resnet
+from fineflax.models import heads, resnet, vgg, xception
 from fineflax.models.classifier import Classifier
 from fineflax.models.graph import KerasGraph, Layer
 from fineflax.models.heads import head_layers
@@ -17,18 +17,29 @@ from fineflax.models.heads import head_layers
 
 @dataclasses.dataclass(frozen=True)
 class BackboneSpec:
-  """A registered backbone: how to build it and the input normalisation it expects."""
+  """A registered backbone: how to build it, its Keras top, its input normalisation."""
 
   build: Callable[..., KerasGraph]
+  top: Callable[[int], tuple[Layer, ...]]  # Keras' include_top classifier, for n classes
   preprocessing: str
+  input_size: int  # the side its ImageNet weights were trained at
   description: str
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    'resnet50': BackboneSpec(resnet.ResNet50, 'caffe', 'Keras ResNet50 (v1), 23.6M params'),
-    'resnet101': BackboneSpec(resnet.ResNet101, 'caffe', 'Keras ResNet101 (v1), 42.7M params'),
-    'resnet152': BackboneSpec(resnet.ResNet152, 'caffe', 'Keras ResNet152 (v1), 58.4M params'),
-    'resnet_tiny': BackboneSpec(resnet.ResNetTiny, 'caffe',
+    'resnet50': BackboneSpec(resnet.ResNet50, heads.avg_pool_top, 'caffe', 224,
+                             'Keras ResNet50 (v1), 23.6M params'),
+    'resnet101': BackboneSpec(resnet.ResNet101, heads.avg_pool_top, 'caffe', 224,
+                              'Keras ResNet101 (v1), 42.7M params'),
+    'resnet152': BackboneSpec(resnet.ResNet152, heads.avg_pool_top, 'caffe', 224,
+                              'Keras ResNet152 (v1), 58.4M params'),
+    'resnet50_torchvision': BackboneSpec(resnet.ResNet50Torchvision, heads.avg_pool_top,
+                                         'torch', 224,
+                                         'torchvision / timm ResNet50 (v1.5), 23.5M params'),
+    'vgg16': BackboneSpec(vgg.VGG16, vgg.vgg16_top, 'caffe', 224, 'Keras VGG16, 14.7M params'),
+    'xception': BackboneSpec(xception.Xception, heads.avg_pool_top, 'tf', 299,
+                             'Keras Xception, 20.9M params'),
+    'resnet_tiny': BackboneSpec(resnet.ResNetTiny, heads.avg_pool_top, 'caffe', 32,
                                 'Keras ResNet v1 layout, one block per stage, 1/4 width'),
 }
 
@@ -38,10 +49,12 @@ def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
   """The Classifier that `config.model` describes, with `num_classes` outputs."""
   spec = BACKBONES[model_config.backbone]
   head_cfg = model_config.head
-  head = KerasGraph(
-      layers=head_layers(num_classes, head_cfg.pooling, tuple(head_cfg.hidden),
-                         head_cfg.dropout, head_cfg.batchnorm),
-      dtype=dtype, bn_axis_name=bn_axis_name)
+  if model_config.get('include_top', False):
+    layers = spec.top(num_classes)
+  else:
+    layers = head_layers(num_classes, head_cfg.pooling, tuple(head_cfg.hidden),
+                         head_cfg.dropout, head_cfg.batchnorm)
+  head = KerasGraph(layers=layers, dtype=dtype, bn_axis_name=bn_axis_name)
   preprocessing = model_config.preprocessing
   if preprocessing == 'auto':
     preprocessing = spec.preprocessing
@@ -59,6 +72,8 @@ def compute_dtype(dtype: str) -> Any:
 def resolve_num_classes(model_config: Any, class_names: tuple[str, ...]) -> int:
   """`config.model.num_classes` checked against the dataset (None: the dataset's count)."""
   n, classes = model_config.num_classes, len(class_names)
+  if n is None and model_config.get('include_top', False):
+    return 1000  # Keras' top is the ImageNet-1k classifier
   if n is None:
     return classes
   if n == 1 and classes != 2:

@@ -31,7 +31,9 @@ class Layer:
   filters: int = 0  # output channels of Conv2D / units of Dense
   kernel: int = 0
   stride: int = 1
-  padding: Any = 'valid'  # 'valid' / 'same' for convolutions; an int for ZeroPadding2D
+  # 'valid' / 'same' for convolutions and pooling; an int: that many zeros on each side
+  # (ZeroPadding2D, and torchvision's symmetric convolution padding).
+  padding: Any = 'valid'
   use_bias: bool = True
   rate: float = 0.0  # Dropout
   activation: str | None = None  # fused activation of Conv2D / Dense ('relu')
@@ -98,9 +100,13 @@ class KerasGraph(nn.Module):
       return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     if kind == 'Conv2D':
       y = nn.Conv(layer.filters, (layer.kernel, layer.kernel),
-                     strides=(layer.stride, layer.stride), padding=layer.padding.upper(),
-                     use_bias=layer.use_bias, dtype=dtype, kernel_init=KERNEL_INIT,
-                     name=layer.name)(x)
+                  strides=(layer.stride, layer.stride), padding=_conv_padding(layer.padding),
+                  use_bias=layer.use_bias, dtype=dtype, kernel_init=KERNEL_INIT,
+                  name=layer.name)(x)
+      return _activate(y, layer.activation)
+    if kind == 'SeparableConv2D':
+      y = SeparableConv(layer.filters, layer.kernel, padding=_conv_padding(layer.padding),
+                        use_bias=layer.use_bias, dtype=dtype, name=layer.name)(x)
       return _activate(y, layer.activation)
     if kind == 'BatchNormalization':
       training = layer.name in bn_train
@@ -112,7 +118,9 @@ class KerasGraph(nn.Module):
       return _activate(x, layer.activation or 'relu')
     if kind == 'MaxPooling2D':
       window = (layer.kernel, layer.kernel)
-      return nn.max_pool(x, window, strides=(layer.stride, layer.stride), padding='VALID')
+      # 'same' pads with -inf, as Keras / TensorFlow pooling does.
+      return nn.max_pool(x, window, strides=(layer.stride, layer.stride),
+                         padding=layer.padding.upper())
     if kind == 'Add':
       return sum(inputs[1:], inputs[0])
     if kind == 'GlobalAveragePooling2D':
@@ -128,6 +136,44 @@ class KerasGraph(nn.Module):
           x.astype(dtype))
       return _activate(y, layer.activation)
     raise ValueError(f'layer {layer.name!r}: unsupported Keras layer kind {kind!r}')
+
+
+class SeparableConv(nn.Module):
+  """Keras SeparableConv2D: a depthwise convolution (depth multiplier 1), then a 1x1 one.
+
+  Parameters `depthwise_kernel` (k, k, 1, C) and `pointwise_kernel` (1, 1, C, filters),
+  plus `bias` when `use_bias`.
+  """
+
+  filters: int
+  kernel: int
+  padding: Any = 'SAME'
+  use_bias: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    depthwise = self.param('depthwise_kernel', KERNEL_INIT,
+                           (self.kernel, self.kernel, 1, channels), jnp.float32)
+    pointwise = self.param('pointwise_kernel', KERNEL_INIT, (1, 1, channels, self.filters),
+                           jnp.float32)
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    x = x.astype(self.dtype)
+    y = jax.lax.conv_general_dilated(x, depthwise.astype(self.dtype), (1, 1), self.padding,
+                                     dimension_numbers=dims, feature_group_count=channels)
+    y = jax.lax.conv_general_dilated(y, pointwise.astype(self.dtype), (1, 1), 'VALID',
+                                     dimension_numbers=dims)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros, (self.filters,), jnp.float32).astype(
+          self.dtype)
+    return y
+
+
+def _conv_padding(padding: Any) -> Any:
+  if isinstance(padding, int):
+    return [(padding, padding), (padding, padding)]
+  return padding.upper()
 
 
 def _activate(x: jax.Array, activation: str | None) -> jax.Array:

@@ -40,3 +40,9 @@ def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = 
   # small matmul costs nothing.
   layers.append(Layer(dense_names[-1], 'Dense', filters=num_classes, dtype=jnp.float32))
   return chain(layers)
+
+
+def avg_pool_top(num_classes: int = 1000) -> tuple[Layer, ...]:
+  """Keras' `include_top=True` classifier of ResNet and Xception: `avg_pool`, `predictions`."""
+  return chain([Layer('avg_pool', 'GlobalAveragePooling2D'),
+                Layer('predictions', 'Dense', filters=num_classes, dtype=jnp.float32)])

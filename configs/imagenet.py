@@ -1,0 +1,20 @@
+"""Zero-shot ImageNet-1k classification with a pretrained backbone and Keras' own top
+(seed 004's `ResNet50(include_top=True, weights='imagenet')` + `decode_predictions`).
+
+    python -m fineflax.predict --config configs/imagenet.py --top_k 3 elephant.jpg
+    python -m fineflax.predict --config configs/imagenet.py --config.model.backbone=xception \
+        elephant.jpg
+
+Needs the backbone's ImageNet file with the top: downloaded into $FINEFLAX_CACHE/weights
+on first use, or put there by hand offline (the error message says where).
+"""
+
+from fineflax import config as ffc
+
+
+def get_config(arg: str | None = None):
+  config = ffc.default_config()
+  config.model.backbone = 'resnet50'
+  config.model.weights = 'imagenet'
+  config.model.include_top = True
+  return ffc.finish(config, arg)

@@ -1,0 +1,66 @@
+"""Pretrained weights: named sources, the offline-first cache, and loading into a model.
+
+    variables, report = load_pretrained(config.model, model, variables)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fineflax.errors import ConfigError
+from fineflax.models import Classifier
+from fineflax.weights.assign import LoadReport, assign
+from fineflax.weights.download import (ChecksumError, WeightsUnavailableError, cache_dir,
+                                       fetch)
+from fineflax.weights.files import SUFFIXES, WeightFileError, read_weight_file
+from fineflax.weights.sources import SOURCES, Source, WeightFile, named_source, names_for
+
+
+def is_path(weights: str) -> bool:
+  """Whether `config.model.weights` names a file (or a converted checkpoint directory)
+  rather than a source."""
+  return weights.endswith(SUFFIXES) or '/' in weights or Path(weights).is_dir()
+
+
+def check_spec(weights: str | None, backbone: str) -> None:
+  """Raises ConfigError unless `weights` is None, a file path, or a source of `backbone`."""
+  if weights is None or is_path(weights):
+    return
+  if named_source(weights, backbone) is None:
+    known = names_for(backbone)
+    raise ConfigError(
+        f'config.model.weights={weights!r}: no such weights for backbone {backbone!r}; '
+        + (f'known: {known}' if known else 'it has no named weights')
+        + f', or the path of a {"/".join(SUFFIXES)} file')
+
+
+def resolve(weights: str, backbone: str, include_top: bool) -> Path:
+  """The local file of `config.model.weights`: the path itself, or a cached download."""
+  if is_path(weights):
+    path = Path(weights).expanduser()
+    if not path.exists():
+      raise WeightFileError(f'config.model.weights={weights!r}: no such file or directory')
+    return path
+  check_spec(weights, backbone)
+  return fetch(named_source(weights, backbone).file(include_top))
+
+
+def load_pretrained(model_config: Any, model: Classifier, variables: dict[str, Any],
+                    path: Path | None = None) -> tuple[dict[str, Any], LoadReport]:
+  """`variables` with `config.model.weights` loaded into them, and what was done.
+
+  Args:
+    path: the file, when the caller resolved it already (see `resolve`).
+  """
+  if path is None:
+    path = resolve(model_config.weights, model_config.backbone,
+                   bool(model_config.get('include_top', False)))
+  layers, unused, by_order = read_weight_file(path, model.layer_groups())
+  return assign(variables, model.layer_groups(), layers, by_order=by_order, source=str(path),
+                unused_keys=unused)
+
+
+__all__ = ['ChecksumError', 'LoadReport', 'SOURCES', 'Source', 'WeightFile', 'WeightFileError',
+           'WeightsUnavailableError', 'assign', 'cache_dir', 'check_spec', 'fetch',
+           'load_pretrained', 'named_source', 'names_for', 'read_weight_file', 'resolve']

@@ -1,0 +1,140 @@
+"""Putting a weight file's layers into the model's variables, with a report.
+
+The backbone must be loaded whole, shape for shape (a mismatch is an error naming the
+parameter); the head is loaded where the file has a matching layer (a 1000-class top into
+an `include_top` model) and initialised otherwise; file layers the model has no place
+for (the top, when the model has a new head) are skipped. Every load says which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from fineflax.models.graph import Layer
+from fineflax.weights.files import FileLayers, WeightFileError
+
+WEIGHTED_KINDS = ('Conv2D', 'SeparableConv2D', 'BatchNormalization', 'Dense')
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What a load did, layer by layer ('backbone/conv1_conv', ...)."""
+
+  source: str
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  initialised: list[str] = dataclasses.field(default_factory=list)
+  skipped: list[str] = dataclasses.field(default_factory=list)  # 'name: why'
+  num_loaded: int = 0  # parameters and statistics, counted as Keras counts them
+
+  def text(self) -> str:
+    """A few lines for the log."""
+    lines = [f'weights {self.source}: loaded {len(self.loaded)} layers '
+             f'({self.num_loaded:,} values)']
+    if self.initialised:
+      lines.append(f'  initialised (not in the file): {", ".join(self.initialised)}')
+    if self.skipped:
+      lines.append(f'  skipped (in the file, not loaded): {"; ".join(self.skipped)}')
+    return '\n'.join(lines)
+
+
+def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dict[str, Any]]:
+  """Keras' weights of one layer -> {'params': {...}, 'batch_stats': {...}} of fineflax."""
+  a = list(arrays)
+  if layer.kind == 'BatchNormalization':
+    if len(a) != 4:
+      raise WeightFileError(f'{layer.name}: expected gamma, beta, mean and variance, got '
+                            f'{len(a)} arrays')
+    return {'params': {'scale': a[0], 'bias': a[1]}, 'batch_stats': {'mean': a[2], 'var': a[3]}}
+  if layer.kind == 'SeparableConv2D':
+    # Keras' depthwise kernel is (k, k, C, 1); a grouped convolution wants (k, k, 1, C).
+    params = {'depthwise_kernel': a[0].transpose(0, 1, 3, 2), 'pointwise_kernel': a[1]}
+    rest = a[2:]
+  else:
+    params, rest = {'kernel': a[0]}, a[1:]
+  if rest:
+    params['bias'] = rest[0]
+  return {'params': params}
+
+
+def _pairs_by_order(weighted: Mapping[str, list[Layer]], file_layers: FileLayers,
+                    source: str, report: LoadReport):
+  backbone = weighted['backbone']
+  if len(file_layers) < len(backbone):
+    raise WeightFileError(f'{source} has {len(file_layers)} layers with weights but the '
+                          f'backbone has {len(backbone)}: it is not a file of this backbone')
+  pairs = [('backbone', layer, item) for layer, item in zip(backbone, file_layers)]
+  rest = file_layers[len(backbone):]
+  # The top's names (predictions, fc1, fc2) are Keras' fixed ones: the file's top goes
+  # into the model only if the model's head is that top.
+  if rest and [name for name, _ in rest] == [layer.name for layer in weighted['head']]:
+    pairs += [('head', layer, item) for layer, item in zip(weighted['head'], rest)]
+  else:
+    report.skipped += [f'{name}: the model has no such layer (a new head)' for name, _ in rest]
+  return pairs
+
+
+def _pairs_by_name(weighted: Mapping[str, list[Layer]], file_layers: FileLayers,
+                   source: str, report: LoadReport):
+  by_name = dict(file_layers)
+  missing = [layer.name for layer in weighted['backbone'] if layer.name not in by_name]
+  if missing:
+    raise WeightFileError(f'{source} lacks {len(missing)} backbone layers, e.g. {missing[:3]}: '
+                          'it is not a file of this backbone')
+  pairs = []
+  for group, layers in weighted.items():
+    pairs += [(group, layer, (layer.name, by_name.pop(layer.name))) for layer in layers
+              if layer.name in by_name]
+  report.skipped += [f'{name}: the model has no such layer (a new head)' for name in by_name]
+  return pairs
+
+
+def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]],
+           file_layers: FileLayers, *, by_order: bool, source: str,
+           unused_keys: Sequence[str] = ()) -> tuple[dict[str, Any], LoadReport]:
+  """Returns `variables` with the file's values in place, and the report.
+
+  Raises:
+    WeightFileError: the file does not hold this backbone, or a backbone parameter's
+      shape differs (named in the message).
+  """
+  report = LoadReport(source)
+  report.skipped += [f'{key}: not a parameter of this model' for key in unused_keys]
+  weighted = {g: [l for l in layers if l.kind in WEIGHTED_KINDS] for g, layers in layer_groups.items()}
+  pair_fn = _pairs_by_order if by_order else _pairs_by_name
+  pairs = pair_fn(weighted, file_layers, source, report)
+  out = {c: {g: dict(tree) for g, tree in groups.items()} for c, groups in variables.items()}
+  loaded = set()
+  for group, layer, (file_name, arrays) in pairs:
+    new = layer_variables(layer, arrays)
+    problem = _shape_problem(variables, group, layer.name, new)
+    if problem and group == 'backbone':
+      raise WeightFileError(f'{source}: {problem} (file layer {file_name!r})')
+    if problem:
+      report.skipped.append(f'{file_name}: {problem}')
+      continue
+    for collection, leaves in new.items():
+      current = variables[collection][group][layer.name]
+      out[collection][group][layer.name] = {
+          k: np.asarray(v, dtype=current[k].dtype) for k, v in leaves.items()}
+      report.num_loaded += sum(int(np.size(v)) for v in leaves.values())
+    loaded.add((group, layer.name))
+    report.loaded.append(f'{group}/{layer.name}')
+  report.initialised = [f'{g}/{l.name}' for g, layers in weighted.items() for l in layers
+                        if (g, l.name) not in loaded]
+  return out, report
+
+
+def _shape_problem(variables, group: str, name: str, new: dict[str, dict[str, Any]]) -> str | None:
+  for collection, leaves in new.items():
+    expected = variables.get(collection, {}).get(group, {}).get(name)
+    if expected is None or set(expected) != set(leaves):
+      have = sorted(expected or {})
+      return f'{group}/{name}: the file has {sorted(leaves)} for {collection}, the model {have}'
+    for key, value in leaves.items():
+      if tuple(np.shape(value)) != tuple(expected[key].shape):
+        return (f'{collection} {group}/{name}/{key}: the file has shape '
+                f'{tuple(np.shape(value))}, the model expects {tuple(expected[key].shape)}')
+  return None

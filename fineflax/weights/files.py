@@ -1,0 +1,189 @@
+"""Readers of weight files into one form: a list of (Keras layer name, arrays in Keras'
+weight order), e.g. ('conv1_bn', [gamma, beta, moving_mean, moving_variance]).
+
+fineflax: an Orbax checkpoint directory of the variables tree (scripts/convert_weights.py).
+Keras: the legacy weights-only HDF5 layout of `keras.applications` files (`layer_names`
+and `weight_names` attributes), with or without the top. torch: `.pth` / `.pt` state
+dicts (needs PyTorch) and `.safetensors` files (needs only `safetensors`) of the
+torchvision / timm ResNet50, whose names (`layer3.5.conv2.weight`) are mapped here onto
+the Keras layer names fineflax uses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from fineflax.errors import ConfigError
+from fineflax.models.graph import Layer
+
+FileLayers = list[tuple[str, list[np.ndarray]]]
+SUFFIXES = ('.h5', '.pth', '.pt', '.safetensors')
+
+
+class WeightFileError(ConfigError):
+  """A weight file that cannot be read or does not fit the model."""
+
+
+def _text(x) -> str:
+  return x.decode('utf8') if isinstance(x, bytes) else str(x)
+
+
+def read_keras_h5(path: str | os.PathLike) -> FileLayers:
+  """The layers with weights of a Keras legacy HDF5 weights file, in file order."""
+  import h5py  # pylint: disable=g-import-not-at-top
+  try:
+    f = h5py.File(path, 'r')
+  except OSError as e:
+    raise WeightFileError(f'{path}: not a readable HDF5 file ({e})') from None
+  with f:
+    group = f['model_weights'] if 'layer_names' not in f.attrs and 'model_weights' in f else f
+    if 'layer_names' not in group.attrs:
+      raise WeightFileError(
+          f"{path}: not a Keras legacy weights file (no 'layer_names' attribute); fineflax "
+          'reads the HDF5 layout of keras.applications files')
+    out = []
+    for name in (_text(n) for n in group.attrs['layer_names']):
+      layer = group[name]
+      weight_names = [_text(w) for w in layer.attrs.get('weight_names', [])]
+      if weight_names:
+        out.append((name, [np.asarray(layer[w]) for w in weight_names]))
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """A torch state dict as float32 numpy arrays (`.safetensors`, `.pth`, `.pt`)."""
+  path = Path(path)
+  if path.suffix == '.safetensors':
+    from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+    try:
+      tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own SafetensorError
+      raise WeightFileError(f'{path}: not a readable safetensors file ({e})') from None
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise WeightFileError(f'{path}: reading .pth / .pt files needs PyTorch (pip install torch); '
+                          'a .safetensors copy of the file needs only the safetensors '
+                          'package') from None
+  try:
+    state = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:  # torch raises pickle and zip errors alike
+    raise WeightFileError(f'{path}: not a readable torch file ({e})') from None
+  for key in ('state_dict', 'model'):  # training checkpoints wrap the state dict
+    if isinstance(state, dict) and isinstance(state.get(key), dict):
+      state = state[key]
+  return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, 'detach')}
+
+
+_TORCH_BLOCK = re.compile(r'^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.')
+_BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var')
+
+
+def torch_resnet_layers(state: dict[str, np.ndarray]) -> tuple[FileLayers, list[str]]:
+  """torchvision / timm ResNet names -> fineflax's Keras layer names and weight order.
+
+  Returns the layers (convolution kernels OIHW -> HWIO, `fc` -> `predictions`) and the
+  state-dict keys nothing was made of (besides BN's `num_batches_tracked`).
+  """
+  used: set[str] = set()
+
+  def take(prefix: str, keys: Sequence[str]) -> list[np.ndarray]:
+    names = [f'{prefix}.{k}' for k in keys]
+    used.update(names)
+    return [state[n] for n in names]
+
+  def torch_to_keras(module: str) -> str | None:
+    if module == 'conv1':
+      return 'conv1_conv'
+    if module == 'bn1':
+      return 'conv1_bn'
+    if module == 'fc':
+      return 'predictions'
+    m = _TORCH_BLOCK.match(module + '.')
+    if not m:
+      return None
+    stage, block, part = int(m.group(1)), int(m.group(2)), m.group(3)
+    name = f'conv{stage + 1}_block{block + 1}'
+    suffix = {'downsample.0': '0_conv', 'downsample.1': '0_bn'}.get(
+        part, f'{part[-1]}_{part[:-1]}')
+    return f'{name}_{suffix}'
+
+  modules = []
+  for key in state:
+    module = key.rsplit('.', 1)[0]
+    if module not in modules:
+      modules.append(module)
+  out: FileLayers = []
+  for module in modules:
+    name = torch_to_keras(module)
+    if name is None:
+      continue
+    if name.endswith('_bn'):
+      out.append((name, take(module, _BN_KEYS)))
+    elif name == 'predictions':
+      kernel, bias = take(module, ('weight', 'bias'))
+      out.append((name, [kernel.T, bias]))
+    else:
+      (kernel,) = take(module, ('weight',))
+      out.append((name, [kernel.transpose(2, 3, 1, 0)]))
+  unused = [k for k in state if k not in used and not k.endswith('num_batches_tracked')]
+  return out, unused
+
+
+def read_fineflax_checkpoint(path: str | os.PathLike,
+                             layer_groups: Mapping[str, Sequence[Layer]]) -> FileLayers:
+  """The layers of an Orbax checkpoint of fineflax variables (`scripts/convert_weights.py`:
+  {'params': {group: {layer: ...}}, 'batch_stats': ...}), in Keras weight order."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+  except Exception as e:  # Orbax raises a variety of errors for a foreign directory
+    raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
+  params, stats = tree.get('params', {}), tree.get('batch_stats', {})
+  out = []
+  for group, layers in layer_groups.items():
+    for layer in layers:
+      p = params.get(group, {}).get(layer.name)
+      if p is None:
+        continue
+      s = stats.get(group, {}).get(layer.name, {})
+      if layer.kind == 'BatchNormalization':
+        arrays = [p['scale'], p['bias'], s['mean'], s['var']]
+      elif layer.kind == 'SeparableConv2D':
+        arrays = [p['depthwise_kernel'].transpose(0, 1, 3, 2), p['pointwise_kernel']]
+        arrays += [p['bias']] if 'bias' in p else []
+      else:
+        arrays = [p['kernel']] + ([p['bias']] if 'bias' in p else [])
+      out.append((layer.name, [np.asarray(a) for a in arrays]))
+  return out
+
+
+def read_weight_file(path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
+                     ) -> tuple[FileLayers, list[str], bool]:
+  """(layers, keys that were not used, whether layers must be matched by order).
+
+  Keras files are matched by order, as Keras itself loads them (the names of Keras'
+  automatically named layers depend on the session that saved the file); torch files and
+  fineflax checkpoints by name.
+  """
+  path = Path(path)
+  if path.is_dir():
+    return read_fineflax_checkpoint(path, layer_groups), [], False
+  if not path.is_file():
+    raise WeightFileError(f'weight file {path} does not exist')
+  if path.suffix == '.h5':
+    return read_keras_h5(path), [], True
+  if path.suffix in ('.pth', '.pt', '.safetensors'):
+    layers, unused = torch_resnet_layers(read_state_dict(path))
+    if not layers:
+      raise WeightFileError(f'{path}: no torchvision / timm ResNet parameters in it '
+                            f'(keys such as {list(read_state_dict(path))[:3]})')
+    return layers, unused, False
+  raise WeightFileError(f'{path}: unknown weight file type {path.suffix!r}; expected one of '
+                        f'{list(SUFFIXES)}')

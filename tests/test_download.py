@@ -1,0 +1,109 @@
+"""The weight cache and downloads, against an HTTP server on 127.0.0.1."""
+
+import functools
+import hashlib
+import http.server
+import socket
+import threading
+import time
+
+import pytest
+
+from fineflax import weights
+from fineflax.weights import download
+
+
+@pytest.fixture
+def server(tmp_path):
+  """Serves tmp_path/'served' on 127.0.0.1; yields (base URL, served dir, request log)."""
+  served = tmp_path / 'served'
+  served.mkdir()
+  requests = []
+
+  class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+      requests.append(self.path)
+      super().do_GET()
+
+    def log_message(self, *args):
+      pass
+
+  httpd = http.server.ThreadingHTTPServer(
+      ('127.0.0.1', 0), functools.partial(Handler, directory=str(served)))
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield f'http://127.0.0.1:{httpd.server_address[1]}', served, requests
+  httpd.shutdown()
+  httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path, monkeypatch):
+  monkeypatch.setenv('FINEFLAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.delenv('FINEFLAX_WEIGHTS_MIRROR', raising=False)
+  return tmp_path / 'cache' / 'weights'
+
+
+def test_download_verifies_caches_and_is_not_repeated(server, cache, capfd):
+  base, served, requests = server
+  content = bytes(range(256)) * 5000
+  (served / 'w_notop.h5').write_bytes(content)
+  file = weights.WeightFile(f'{base}/w_notop.h5', md5=hashlib.md5(content).hexdigest())
+  path = download.fetch(file)
+  assert path == cache / 'w_notop.h5' and path.read_bytes() == content
+  assert '100.0%' in capfd.readouterr().err  # the progress bar
+  assert download.fetch(file) == path
+  assert requests == ['/w_notop.h5']  # the second call found it in the cache
+  assert [p.name for p in cache.iterdir()] == ['w_notop.h5']
+
+
+def test_sha256_is_accepted_too(server, cache):
+  base, served, _ = server
+  (served / 'w.pth').write_bytes(b'weights')
+  sha = hashlib.sha256(b'weights').hexdigest()
+  assert download.fetch(weights.WeightFile(f'{base}/w.pth', sha256=sha)).exists()
+  assert download.fetch(weights.WeightFile(f'{base}/w.pth', sha256_prefix=sha[:8])).exists()
+
+
+def test_wrong_checksum_is_refused_and_leaves_nothing(server, cache):
+  base, served, _ = server
+  (served / 'w.h5').write_bytes(b'not the weights')
+  file = weights.WeightFile(f'{base}/w.h5', md5='0' * 32)
+  with pytest.raises(weights.ChecksumError, match='checksum mismatch.*expected md5 0{32}'):
+    download.fetch(file)
+  assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_a_corrupt_cached_file_is_refused_not_loaded(cache):
+  cache.mkdir(parents=True)
+  (cache / 'w.h5').write_bytes(b'truncated')
+  file = weights.WeightFile('http://127.0.0.1:9/w.h5', md5='0' * 32)
+  with pytest.raises(weights.ChecksumError, match='is refused'):
+    download.fetch(file)
+
+
+def test_unreachable_server_fails_fast_naming_the_path(cache):
+  with socket.socket() as s:  # a port nothing listens on
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  file = weights.WeightFile(f'http://127.0.0.1:{port}/resnet50_notop.h5', md5='a' * 32)
+  start = time.perf_counter()
+  with pytest.raises(weights.WeightsUnavailableError) as error:
+    download.fetch(file)
+  assert time.perf_counter() - start < 10
+  message = str(error.value)
+  assert f'http://127.0.0.1:{port}/resnet50_notop.h5' in message
+  assert str(cache / 'resnet50_notop.h5') in message and 'md5 ' + 'a' * 32 in message
+  assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_named_source_through_a_mirror(server, cache, monkeypatch):
+  """'keras:imagenet' asks the mirror for Keras' file name, and refuses a file that is not
+  the published one."""
+  base, served, requests = server
+  monkeypatch.setenv('FINEFLAX_WEIGHTS_MIRROR', base)
+  name = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
+  (served / name).write_bytes(b'an impostor')
+  with pytest.raises(weights.ChecksumError, match='4d473c1dd8becc155b73f8504c6f6626'):
+    weights.resolve('keras:imagenet', 'resnet50', include_top=False)
+  assert requests == [f'/{name}']

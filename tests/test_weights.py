@@ -1,0 +1,242 @@
+"""Pretrained weights: parity with Keras 3 and torchvision on files they write themselves,
+head handling, wrong files, zero-shot prediction, conversion, training from a file."""
+
+import h5py
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fineflax import config as config_lib, models, predict, state as state_lib, train, weights
+from fineflax.weights import files
+
+# name: (Keras class, input side for the test, Keras preprocess module)
+KERAS = {
+    'resnet50': ('ResNet50', 64, 'resnet'),
+    'resnet101': ('ResNet101', 64, 'resnet'),
+    'resnet152': ('ResNet152', 64, 'resnet'),
+    'vgg16': ('VGG16', 32, 'vgg16'),
+    'xception': ('Xception', 71, 'xception'),
+}
+# Float32 parity bound: max |fineflax - reference| <= TOLERANCE x max |reference| (seen
+# here: 1e-7 to 1e-6).
+TOLERANCE = 1e-4
+
+
+def _randomise_bn(keras, model, seed=0):
+  """BN statistics away from identity, so that a mix-up of them shows."""
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+      c = layer.get_weights()[0].shape
+      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
+                         rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)])
+
+
+@pytest.fixture(scope='module')
+def keras_file(keras, tmp_path_factory):
+  """Builds (once) a Keras model with random weights and writes it in the legacy HDF5
+  layout of keras.applications files; returns (path, keras model)."""
+  from keras.src.legacy.saving import legacy_h5_format  # pylint: disable=g-import-not-at-top
+  made = {}
+
+  def make(name, include_top):
+    if (name, include_top) not in made:
+      cls, size, _ = KERAS[name]
+      keras.backend.clear_session()  # Keras' automatic layer names restart at conv2d, add
+      kwargs = {'classifier_activation': None} if include_top else {}
+      model = getattr(keras.applications, cls)(include_top=include_top, weights=None,
+                                               input_shape=(size, size, 3), **kwargs)
+      _randomise_bn(keras, model)
+      path = tmp_path_factory.mktemp('h5') / f'{name}{"" if include_top else "_notop"}.h5'
+      with h5py.File(path, 'w') as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+      made[name, include_top] = (path, model)
+    return made[name, include_top]
+
+  return make
+
+
+def _model_config(backbone, weights_spec, include_top=False, **kw):
+  cfg = config_lib.default_config()
+  cfg.model.update(backbone=backbone, weights=str(weights_spec), include_top=include_top, **kw)
+  return cfg
+
+
+def _load(cfg, size, num_classes=3):
+  model = models.build_model(cfg.model, 1000 if cfg.model.include_top else num_classes)
+  variables = state_lib.init_variables(model, (size, size, 3), seed=0)
+  variables, report = weights.load_pretrained(cfg.model, model, variables)
+  return model, variables, report
+
+
+def _features(model, variables, images):
+  """The backbone's output (the last layer of the Keras layer list)."""
+  apply = lambda v, x: model.apply(v, x, mutable=['intermediates'])[1]
+  return np.asarray(jax.jit(apply)(variables, images)['intermediates']['backbone'][
+      'layer_outputs'][-1])
+
+
+@pytest.mark.parametrize('include_top', [False, True])
+@pytest.mark.parametrize('name', sorted(KERAS))
+def test_keras_file_parity(keras, keras_file, name, include_top):
+  path, reference = keras_file(name, include_top)
+  _, size, module = KERAS[name]
+  model, variables, report = _load(_model_config(name, path, include_top), size)
+  assert report.num_loaded == reference.count_params()
+  assert report.skipped == []
+  assert report.initialised == ([] if include_top else ['head/dense'])
+  images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+  preprocess = getattr(keras.applications, module).preprocess_input
+  expected = np.asarray(reference(preprocess(images.astype(np.float32)), training=False))
+  got = (np.asarray(jax.jit(model.apply)(variables, images)) if include_top
+         else _features(model, variables, images))
+  assert got.shape == expected.shape
+  assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max()
+
+
+def test_full_file_into_a_new_head_skips_the_top(keras_file):
+  path, _ = keras_file('resnet50', True)
+  _, _, report = _load(_model_config('resnet50', path), 64)
+  assert report.skipped == ['predictions: the model has no such layer (a new head)']
+  assert report.initialised == ['head/dense']
+  assert 'loaded 106 layers' in report.text()
+
+
+def test_file_of_another_backbone_is_refused(keras_file):
+  resnet, _ = keras_file('resnet50', False)
+  vgg, _ = keras_file('vgg16', False)
+  with pytest.raises(weights.WeightFileError, match=r'backbone/block1_conv1/kernel: the file '
+                     r'has shape \(7, 7, 3, 64\), the model expects \(3, 3, 3, 64\)'):
+    _load(_model_config('vgg16', resnet), 32)
+  with pytest.raises(weights.WeightFileError, match='has 13 layers with weights but the '
+                     'backbone has 106'):
+    _load(_model_config('resnet50', vgg), 64)
+
+
+def _torchvision_files(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  import torchvision  # pylint: disable=g-import-not-at-top
+  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = torchvision.models.resnet50(weights=None).eval()
+  with torch.no_grad():
+    for module in model.modules():
+      if isinstance(module, torch.nn.BatchNorm2d):
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.normal_(0, 0.1)
+        module.running_mean.normal_(0, 0.1)
+        module.running_var.uniform_(0.5, 1.5)
+  torch.save(model.state_dict(), tmp_path / 'resnet50.pth')
+  save_file(model.state_dict(), str(tmp_path / 'resnet50.safetensors'))
+  return model
+
+
+def test_torchvision_parity_pth_and_safetensors(tmp_path):
+  import torch  # pylint: disable=g-import-not-at-top
+  reference = _torchvision_files(tmp_path)
+  images = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+  x = torch.tensor(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
+  with torch.no_grad():
+    expected = reference(x).numpy()
+  for suffix in ('.pth', '.safetensors'):
+    cfg = _model_config('resnet50_torchvision', tmp_path / f'resnet50{suffix}', True)
+    model, variables, report = _load(cfg, 64)
+    assert report.skipped == [] and report.initialised == []
+    got = np.asarray(jax.jit(model.apply)(variables, images))
+    assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max(), suffix
+  # A new head: the backbone loads, torch's fc is skipped.
+  _, _, report = _load(_model_config('resnet50_torchvision', tmp_path / 'resnet50.pth'), 64)
+  assert report.skipped == ['predictions: the model has no such layer (a new head)']
+
+
+def test_weight_names_are_checked_against_the_backbone():
+  config_lib.validate(_model_config('resnet50', 'keras:imagenet'))
+  config_lib.validate(_model_config('resnet50_torchvision', 'torchvision:IMAGENET1K_V1'))
+  config_lib.validate(_model_config('vgg16', '/data/vgg16_notop.h5'))
+  with pytest.raises(config_lib.ConfigError, match=r"config.model.weights='keras:imagenet': no "
+                     r"such weights for backbone 'resnet50_torchvision'; known: \['imagenet', "
+                     r"'torchvision:IMAGENET1K_V1', 'torchvision:IMAGENET1K_V2'\]"):
+    config_lib.validate(_model_config('resnet50_torchvision', 'keras:imagenet'))
+  with pytest.raises(weights.WeightFileError, match='no such file'):
+    weights.resolve('/nonexistent/w.h5', 'resnet50', False)
+
+
+def test_sources_are_complete():
+  for source in weights.SOURCES:
+    assert source.backbone in models.BACKBONES
+    assert source.full.checksums() and source.top1.endswith('%') and source.licence
+    assert source.full.url.startswith('https://')
+    assert weights.named_source('imagenet', source.backbone) is not None
+  assert weights.named_source('keras:imagenet', 'resnet50').file(False).filename == (
+      'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5')
+
+
+def test_readme_lists_every_source():
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+  assert weights.sources.markdown_table() in readme
+
+
+def test_imagenet_class_names():
+  classes = predict.imagenet_classes()
+  assert len(classes) == 1000 and len({w for w, _ in classes}) == 1000
+  assert classes[0] == ('n01440764', 'tench')
+  assert classes[101] == ('n01871265', 'tusker')
+  assert classes[386] == ('n02504458', 'African_elephant')
+
+
+def test_zero_shot_predict_matches_keras(keras, keras_file, tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  path, reference = keras_file('resnet50', True)
+  rng = np.random.default_rng(3)
+  paths = []
+  for i, size in enumerate([(80, 50), (64, 64)]):  # resized to 64x64 on the way in
+    paths.append(str(tmp_path / f'img{i}.png'))
+    Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(paths[-1])
+  cfg = _model_config('resnet50', path, include_top=True, image_size=64)
+  got = predict.predict_files(cfg, paths, k=3)
+  images = np.stack([predict.read_image(p, 64) for p in paths]).astype(np.float32)
+  logits = np.asarray(reference(keras.applications.resnet.preprocess_input(images)))
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  classes = predict.imagenet_classes()
+  for row, best in zip(probs, got):
+    top = np.argsort(-row)[:3]
+    assert [name for name, _ in best] == [f'{classes[i][1]} ({classes[i][0]})' for i in top]
+    np.testing.assert_allclose([p for _, p in best], row[top], rtol=1e-4)
+
+
+def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
+  import convert_weights  # pylint: disable=g-import-not-at-top
+  path, _ = keras_file('xception', False)
+  convert_weights.convert('xception', str(path), str(tmp_path / 'ckpt'))
+  _, direct, _ = _load(_model_config('xception', path), 71)
+  _, converted, report = _load(_model_config('xception', tmp_path / 'ckpt'), 71)
+  assert report.initialised == ['head/dense']
+  for collection in ('params', 'batch_stats'):
+    for a, b in zip(jax.tree.leaves(direct[collection]['backbone']),
+                    jax.tree.leaves(converted[collection]['backbone'])):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_training_from_a_keras_file_keeps_the_frozen_part_as_in_the_file(keras_file, tmp_path):
+  path, _ = keras_file('vgg16', False)
+  cfg = _model_config('vgg16', path, image_size=32)
+  cfg.batch_size = 16
+  cfg.data.max_examples = 32
+  cfg.phases = (config_lib.phase(name='block5', freeze='layers[:15]', learning_rate=1e-3),)
+  train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
+  step_dir = max((tmp_path / 'run' / 'checkpoints').iterdir(), key=lambda p: int(p.name))
+  state = ocp.StandardCheckpointer().restore(step_dir / 'state')
+  trained = state['params']['backbone']
+  layers = [l for l in models.BACKBONES['vgg16'].build().layers if l.kind == 'Conv2D']
+  for layer, (_, arrays) in zip(layers, files.read_keras_h5(path), strict=True):
+    frozen = not layer.name.startswith('block5')  # layers[:15] ends with block4_pool
+    for key, value in zip(('kernel', 'bias'), arrays):
+      same = np.asarray(trained[layer.name][key]).tobytes() == value.tobytes()
+      assert same == frozen, (layer.name, key)
