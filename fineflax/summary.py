@@ -102,7 +102,11 @@ def summarize_config(config: ml_collections.ConfigDict, phase: int = 0) -> tuple
   model = models.from_config(config, info.class_names)
   p = config.phases[phase]
   title = f'{config.model.backbone} + head, phase {p.name!r} (freeze {p.freeze!r})'
-  return summarize(model, info.image_shape, p.freeze), title
+  shape = info.image_shape
+  if config.model.include_top and config.model.image_size is None:
+    size = models.BACKBONES[config.model.backbone].input_size  # the top's ImageNet input
+    shape = (size, size, 3)
+  return summarize(model, shape, p.freeze), title
 
 
 def main(config: ml_collections.ConfigDict, phase: int) -> None:

@@ -133,3 +133,16 @@ def test_bn_train_layers_follow_trainability():
   bn = freeze.bn_train_layers(labels, model.layer_groups())
   assert 'backbone/conv5_block1_1_bn' in bn and 'head/batch_normalization' in bn
   assert 'backbone/conv4_block1_1_bn' not in bn
+
+
+def test_summary_of_the_imagenet_config_equals_seed004_keras_top():
+  """Seed 004 printed Keras' ResNet50(include_top=True) summary: these three lines."""
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  got, _ = summary.summarize_config(imagenet.get_config())
+  assert (got.total, got.trainable, got.non_trainable) == (25_636_712, 25_583_592, 53_120)
+  rows = {r.name: r for r in got.rows}
+  assert rows['predictions'].output_shape == (None, 1000)
+  assert rows['conv5_block3_out'].output_shape == (None, 7, 7, 2048)
