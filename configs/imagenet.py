@@ -9,10 +9,13 @@ Needs the backbone's ImageNet file with the top: downloaded into $FINEFLAX_CACHE
 on first use, or put there by hand offline (the error message says where).
 """
 
+import ml_collections
+
 from fineflax import config as ffc
 
 
-def get_config(arg: str | None = None):
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The zero-shot ImageNet config; `arg` 'smoke' shrinks it."""
   config = ffc.default_config()
   config.model.backbone = 'resnet50'
   config.model.weights = 'imagenet'

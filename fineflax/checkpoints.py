@@ -9,6 +9,7 @@ checkpoint that was being written when the process died is never picked up.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -21,6 +22,13 @@ from fineflax.state import TrainState
 
 class CheckpointMismatchError(ConfigError):
   """A checkpoint whose tree differs from the state the config builds."""
+
+
+def has_checkpoint(directory: str | os.PathLike) -> bool:
+  """Whether `directory` holds a complete checkpoint (a step folder; temporary folders of
+  interrupted saves do not count)."""
+  directory = Path(directory)
+  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 class Checkpoints:

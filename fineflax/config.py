@@ -19,6 +19,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from fineflax import data, freeze, models, optimizers, weights
+from fineflax.data.augment import FILL_MODES, FLIPS
 from fineflax.errors import ConfigError
 
 
@@ -59,6 +60,15 @@ def _freeze_spec(v):
     freeze.check_syntax(v)
   except freeze.FreezeSpecError as e:
     return str(e)
+  return None
+
+
+def _source(v):
+  name, _, arg = v.partition(':')
+  if name not in data.SOURCES:
+    return f'unknown source {name!r}; expected one of {sorted(data.SOURCES)}'
+  if name in ('tfds', 'folder') and not arg:
+    return f"expected '{name}:{'NAME' if name == 'tfds' else 'PATH'}'"
   return None
 
 
@@ -107,15 +117,48 @@ SCHEMA: dict[str, Any] = {
         },
     },
     'data': {
-        'source': Field('digits', _STR, "Data source, 'NAME' or 'NAME:ARG' "
-                        '(fineflax.data.SOURCES).',
-                        check=lambda v: _choices(lambda: data.SOURCES)(v.split(':')[0])),
+        'source': Field('digits', _STR, "'digits' (the demo's), 'tfds:NAME' "
+                        "(tensorflow-datasets) or 'folder:PATH' (a folder per class).",
+                        check=_source),
         'train_split': Field('train', _STR, 'Split to train on.'),
-        'val_split': Field('validation', _STR, 'Split evaluated after every epoch.'),
+        'val_split': Field('validation', _STR, 'Split evaluated after every epoch; None: '
+                           'none.', optional=True),
         'test_split': Field('test', _STR, 'Split evaluated at the end; None: none.',
                             optional=True),
         'max_examples': Field(None, _INT, 'Keep the first N examples of each split (smoke '
                               'runs); None: all.', optional=True, check=_positive),
+        'load_size': Field(None, _INT, 'Side images are resized to as they are read (photos '
+                           'of varying size); None: as stored.', optional=True,
+                           check=_positive),
+        'validation_split': Field(0.0, _FLOAT, 'folder: the fraction of the images carved '
+                                  'out as the validation split.', check=_fraction),
+        'split_seed': Field(1337, _INT, 'folder: seed of the shuffle before the carve.'),
+        'data_dir': Field(None, _STR, "tfds: where datasets are prepared; None: tfds' "
+                          'default (~/tensorflow_datasets).', optional=True),
+        'manual_dir': Field(None, _STR, 'tfds: where the files a dataset is built from are '
+                            'put by hand (offline).', optional=True),
+        'device_resident': Field(True, _BOOL, 'Place the splits on every device once when '
+                                 'they fit, and gather batches there.'),
+        'device_resident_max_mb': Field(4096, _INT, 'The size (all splits) up to which they '
+                                        'are placed on the devices.', check=_at_least(0)),
+        'augment': {
+            'flip': Field('none', _STR, "Keras RandomFlip: 'horizontal', 'vertical', "
+                          "'horizontal_and_vertical' or 'none'.", check=_choices(FLIPS)),
+            'rotation': Field(0.0, _FLOAT, 'Keras RandomRotation factor: a fraction of a full '
+                              'turn (0.1: up to 36 degrees either way).', check=_fraction),
+            'zoom': Field(0.0, _FLOAT, 'Keras RandomZoom factor: zoom in or out by up to this '
+                          'fraction.', check=_fraction),
+            'translate': Field(0.0, _FLOAT, 'Keras RandomTranslation factor: shift by up to '
+                               'this fraction of the side.', check=_fraction),
+            'crop': Field(None, _INT, 'Keras RandomCrop side, taken from the stored image before '
+                          'the resize (evaluation: centre crop).', optional=True,
+                          check=_positive),
+            'fill_mode': Field('reflect', _STR, 'What fills pixels from outside the image.',
+                               check=_choices(FILL_MODES)),
+            'fill_value': Field(0.0, _FLOAT, "The fill with fill_mode 'constant'."),
+            'mixup': Field(0.0, _FLOAT, 'Mixup alpha (Beta(alpha, alpha) weights); 0: off.',
+                           check=_at_least(0)),
+        },
     },
     'loss': {
         'label_smoothing': Field(0.0, _FLOAT, 'Label smoothing of the softmax loss.',
@@ -187,7 +230,8 @@ def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections
 def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The same workflow (backbone, head, phases, freeze specs), a few steps a phase.
 
-  One epoch of two batches of 16 per phase, at most 32x32 images: runs on a CPU.
+  One epoch of two batches of 16 per phase, images read and used at 32x32 at most: runs on
+  a CPU.
   """
   config = copy.deepcopy(config)  # keeps typed placeholders overridable from the command line
   config.batch_size = 16
@@ -195,6 +239,8 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   config.data.max_examples = 32
   if config.model.image_size is None or config.model.image_size > 32:
     config.model.image_size = 32
+  if config.data.load_size is not None:
+    config.data.load_size = min(config.data.load_size, 32)
   config.phases = tuple(_with(p, epochs=min(p.epochs, 1)) for p in config.phases)
   return config
 

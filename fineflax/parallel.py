@@ -2,7 +2,7 @@
 
 One mesh axis, `batch`, over every device of every process. Parameters and optimizer
 state are replicated; a batch is a global `jax.Array` sharded on its leading axis, each
-process contributing its own slice of it.
+process contributing its own rows.
 """
 
 from __future__ import annotations
@@ -35,17 +35,16 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'config.batch_size
                      f'use a multiple of {n}')
 
 
-def shard_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """A global batch (the same numpy arrays on every process) -> sharded global arrays.
+def shard_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a global batch -> global arrays sharded on the batch axis.
 
-  Each process transfers only the rows its own devices hold.
+  Every process passes its own rows (the same number on each); the global batch is their
+  concatenation in process order.
   """
   sharding = NamedSharding(mesh, P(AXIS))
-  count, index = jax.process_count(), jax.process_index()
+  count = jax.process_count()
 
   def place(x: np.ndarray) -> jax.Array:
-    rows = len(x) // count
-    local = x[index * rows:(index + 1) * rows]
-    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+    return jax.make_array_from_process_local_data(sharding, x, (len(x) * count,) + x.shape[1:])
 
-  return {k: place(v) for k, v in batch.items()}
+  return {k: place(v) for k, v in local.items()}

@@ -21,6 +21,7 @@ from absl import flags
 
 from fineflax import cli, config as config_lib, data, models, state as state_lib, weights
 from fineflax.data.images import read_image
+from fineflax.errors import ConfigError
 
 logger = logging.getLogger('fineflax.predict')
 
@@ -71,6 +72,11 @@ def predict_files(config: ml_collections.ConfigDict, paths: Sequence[str],
   else:
     variables, report = weights.load_pretrained(config.model, model, variables)
     logger.info(report.text())
+    initialised = [name for name in report.initialised if name.startswith('head/')]
+    if config.model.include_top and initialised:
+      raise ConfigError(f'{config.model.weights} holds no classifier for the ImageNet top '
+                        f'({", ".join(initialised)} would be random); use the file with the '
+                        'top, not the _notop one')
   probs = np.asarray(predict_fn(model)(variables, images))
   return top_k(probs, names, k)
 

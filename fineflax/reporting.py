@@ -62,10 +62,11 @@ class MetricsLog:
 
 def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
   """A one-line summary of an epoch record for the log."""
+  val = ('' if record['val_loss'] is None else
+         f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} | ")
   return (f"[{record['phase']}] epoch {record['phase_epoch']}/{epochs_in_phase} "
           f"(run epoch {record['epoch']}, step {record['step']}): "
-          f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} | "
-          f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} | "
+          f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} | {val}"
           f"{record['images_per_sec']:.0f} img/s")
 
 

@@ -21,6 +21,8 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fineflax import freeze
+from fineflax.data import augment as augmentation
+from fineflax.data.augment import Augment
 from fineflax.parallel import AXIS
 from fineflax.state import TrainState
 
@@ -54,11 +56,25 @@ def _sums(loss: jax.Array, correct: jax.Array, weight: jax.Array) -> Metrics:
                        'count': jnp.sum(weight)}, AXIS)
 
 
+def _inputs(batch: dict[str, jax.Array], data: dict[str, jax.Array]):
+  """Images and labels of a batch: given, or gathered from a device-resident split."""
+  if 'index' in batch:
+    return data['image'][batch['index']], data['label'][batch['index']]
+  return batch['image'], batch['label']
+
+
+def _example_keys(key: jax.Array, local_batch: int) -> jax.Array:
+  """One key per example, from its index in the global batch: augmentation does not
+  depend on how many devices share the batch."""
+  first = jax.lax.axis_index(AXIS) * local_batch
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(local_batch))
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: freeze.Labels,
                     mesh: Mesh, *, bn_train: frozenset[str] = frozenset(), seed: int = 0,
-                    label_smoothing: float = 0.0) -> Callable[[TrainState, Any],
-                                                              tuple[TrainState, Metrics]]:
-  """A jitted, donating `(state, batch) -> (state, metric sums)` over the mesh.
+                    label_smoothing: float = 0.0, augment: Augment = Augment()
+                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+  """A jitted, donating `(state, batch, data) -> (state, metric sums)` over the mesh.
 
   Args:
     model: the classifier; built with `bn_axis_name=AXIS` when `bn_train` is not empty.
@@ -67,28 +83,41 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     mesh: the device mesh (axis `batch`).
     bn_train: BatchNormalization layers that run in training mode (empty: all frozen, and
       `batch_stats` pass through untouched).
-    seed: dropout randomness is a function of (seed, step, device).
+    seed: augmentation, mixup and dropout are functions of (seed, step, example/device).
+    augment: the augmentations, applied on the device before the model.
+  The batch holds 'image', 'label', 'weight', or 'index' and 'weight' with `data` the
+  device-resident split ({'image', 'label'}; {} otherwise).
   """
 
-  def step(state: TrainState, batch: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+  def step(state: TrainState, batch: dict[str, jax.Array],
+           data: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
+    images, targets = _inputs(batch, data)
     trainable = freeze.trainable_view(state.params, labels)
     weight = batch['weight']
     total = jax.lax.psum(jnp.sum(weight), AXIS)
-    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
-                             jax.lax.axis_index(AXIS))
+    base = jax.random.fold_in(jax.random.key(seed), state.step)
+    device = jax.lax.axis_index(AXIS)
+    keys = _example_keys(jax.random.fold_in(base, 0), images.shape[0])
+    images = augmentation.prepare(images, keys, augment, model.image_size, train=True)
+    if augment.mixup > 0:
+      images, partner, lam = augmentation.mixup(
+          images, jax.random.fold_in(jax.random.fold_in(base, 1), device), augment.mixup)
+    dropout = jax.random.fold_in(jax.random.fold_in(base, 2), device)
 
     def loss_fn(trainable_params):
       variables = {'params': freeze.merge(labels, trainable_params, state.params),
                    'batch_stats': state.batch_stats}
       if bn_train:
-        logits, updated = model.apply(variables, batch['image'], train=True,
-                                      bn_train=bn_train, rngs={'dropout': rng},
-                                      mutable=['batch_stats'])
+        logits, updated = model.apply(variables, images, train=True, bn_train=bn_train,
+                                      rngs={'dropout': dropout}, mutable=['batch_stats'])
         batch_stats = updated['batch_stats']
       else:
-        logits = model.apply(variables, batch['image'], train=True, rngs={'dropout': rng})
+        logits = model.apply(variables, images, train=True, rngs={'dropout': dropout})
         batch_stats = state.batch_stats
-      loss, correct = per_example_loss(logits, batch['label'], label_smoothing)
+      loss, correct = per_example_loss(logits, targets, label_smoothing)
+      if augment.mixup > 0:
+        loss = lam * loss + (1 - lam) * per_example_loss(logits, targets[partner],
+                                                         label_smoothing)[0]
       return jnp.sum(loss * weight) / total, (batch_stats, loss, correct)
 
     grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
@@ -99,24 +128,28 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
                               opt_state=opt_state)
     return new_state, _sums(loss, correct, weight)
 
-  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()),
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()),
                          check_vma=False)
   return jax.jit(mapped, donate_argnums=0)
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, *,
-                   label_smoothing: float = 0.0) -> Callable[[Any, Any], Metrics]:
-  """A jitted `(variables, batch) -> metric sums`; weight-0 rows (padding) count nothing.
+def make_eval_step(model: nn.Module, mesh: Mesh, *, label_smoothing: float = 0.0,
+                   augment: Augment = Augment()) -> Callable[..., Metrics]:
+  """A jitted `(variables, batch, data) -> metric sums`; weight-0 rows count nothing.
 
   It takes `state.variables` rather than the state, so one compilation serves every phase.
+  No augmentation, except that a random crop becomes Keras' centre crop.
   """
 
-  def step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> Metrics:
-    logits = model.apply(variables, batch['image'], train=False)
-    loss, correct = per_example_loss(logits, batch['label'], label_smoothing)
+  def step(variables: dict[str, Any], batch: dict[str, jax.Array],
+           data: dict[str, jax.Array]) -> Metrics:
+    images, targets = _inputs(batch, data)
+    images = augmentation.prepare(images, None, augment, model.image_size, train=False)
+    logits = model.apply(variables, images, train=False)
+    loss, correct = per_example_loss(logits, targets, label_smoothing)
     return _sums(loss, correct, batch['weight'])
 
-  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(),
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(),
                          check_vma=False)
   return jax.jit(mapped)
 

@@ -24,21 +24,17 @@ from absl import flags
 
 from fineflax import checkpoints, cli, config as config_lib, data, freeze, models, optimizers
 from fineflax import parallel, reporting, state as state_lib, step as step_lib, weights
+from fineflax.data import feed, preview
 from fineflax.errors import ConfigError
 from fineflax.evaluate import evaluate
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
 
 
-def _compile_train_step(train_step, state, batch_size, image_shape, mesh):
+def _compile_train_step(train_step, state, batch, resident):
   """Compiles ahead of the first batch, so epoch timings exclude compilation."""
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(parallel.AXIS))
-  batch = {'image': jax.ShapeDtypeStruct((batch_size,) + tuple(image_shape), np.uint8,
-                                         sharding=sharding),
-           'label': jax.ShapeDtypeStruct((batch_size,), np.int32, sharding=sharding),
-           'weight': jax.ShapeDtypeStruct((batch_size,), np.float32, sharding=sharding)}
   start = time.perf_counter()
-  compiled = train_step.lower(state, batch).compile()
+  compiled = train_step.lower(state, batch, resident or {}).compile()
   logger.info('compiled the train step in %.1f s', time.perf_counter() - start)
   return compiled
 
@@ -75,13 +71,16 @@ def freeze_plans(model: models.Classifier, image_shape: tuple[int, int, int],
 
 def train_epoch(train_step: Callable[..., Any], state: state_lib.TrainState,
                 split: data.Split, batch_size: int, rng: np.random.Generator,
-                mesh: jax.sharding.Mesh) -> tuple[state_lib.TrainState, dict[str, float]]:
+                mesh: jax.sharding.Mesh, resident: dict[str, jax.Array] | None = None
+                ) -> tuple[state_lib.TrainState, dict[str, float]]:
   """One pass over `split` in the order `rng` draws; returns the state and the metrics
   (with `seconds`). Metrics stay on the device until the epoch ends: no per-step sync."""
   start = time.perf_counter()
   sums = []
-  for batch in data.train_batches(split, batch_size, rng):
-    state, metrics = train_step(state, parallel.shard_batch(batch, mesh))
+  batches = feed.device_batches(split, data.train_batches(split, batch_size, rng), mesh,
+                                resident)
+  for batch in batches:
+    state, metrics = train_step(state, batch, resident or {})
     sums.append(metrics)
   metrics = step_lib.summarize(sums)
   metrics['seconds'] = time.perf_counter() - start
@@ -111,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # The weight file is found (or downloaded) before the run writes anything; a run that
   # will resume restores its own parameters and needs no file.
   weights_path = None
-  if config.model.weights and not (workdir / 'checkpoints').exists():
+  if config.model.weights and not checkpoints.has_checkpoint(workdir / 'checkpoints'):
     weights_path = weights.resolve(config.model.weights, config.model.backbone,
                                    config.model.include_top)
 
@@ -128,11 +127,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   # Records after the checkpoint resumed from belong to epochs that will be redone.
   metrics_log.truncate_after(resume['step'] if resume else -1)
 
+  augment = data.augment_from_config(config.data)
+  resident = feed.place_splits(splits, mesh, config.data.device_resident,
+                               config.data.device_resident_max_mb)
+  samples = workdir / 'samples.png'
+  if jax.process_index() == 0 and not samples.exists():
+    preview.write_samples(samples, splits['train'], dataset.info.class_names, augment,
+                          model.image_size, config.seed)
   variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
-  if weights_path is not None and resume is None:
+  if config.model.weights and resume is None:
     variables, report = weights.load_pretrained(config.model, model, variables, weights_path)
     logger.info(report.text())
-  eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing)
+  eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing,
+                                      augment=augment)
   state = None
   run_epoch = resume['epoch'] if resume else 0
   for index, (phase, labels) in enumerate(zip(config.phases, plans)):
@@ -151,16 +158,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       continue
     bn_train = (freeze.bn_train_layers(labels, model.layer_groups())
                 if phase.batchnorm == 'train' else frozenset())
+    first = next(feed.device_batches(splits['train'], data.train_batches(
+        splits['train'], config.batch_size, np.random.default_rng(0)), mesh, resident['train']))
     train_step = _compile_train_step(
         step_lib.make_train_step(model, tx, labels, mesh, bn_train=bn_train, seed=config.seed,
-                                 label_smoothing=config.loss.label_smoothing),
-        state, config.batch_size, dataset.info.image_shape, mesh)
+                                 label_smoothing=config.loss.label_smoothing, augment=augment),
+        state, first, resident['train'])
     for epoch in range(phase_epochs_done, phase.epochs):
       # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
       rng = np.random.default_rng([config.seed, index, epoch])
       state, train = train_epoch(train_step, state, splits['train'], config.batch_size, rng,
-                                 mesh)
-      val = evaluate(eval_step, state.variables, splits['val'], eval_batch_size, mesh)
+                                 mesh, resident['train'])
+      val = {'loss': None, 'accuracy': None}
+      if splits['val'] is not None:
+        val = evaluate(eval_step, state.variables, splits['val'], eval_batch_size, mesh,
+                       resident['val'])
       run_epoch += 1
       record = {'phase': phase.name, 'phase_index': index, 'phase_epoch': epoch + 1,
                 'epoch': run_epoch, 'step': int(state.step),
@@ -178,7 +190,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
   results: dict[str, Any] = {'step': int(state.step), 'epoch': run_epoch}
   if splits['test'] is not None:
-    test = evaluate(eval_step, state.variables, splits['test'], eval_batch_size, mesh)
+    test = evaluate(eval_step, state.variables, splits['test'], eval_batch_size, mesh,
+                    resident['test'])
     results.update(test_loss=test['loss'], test_accuracy=test['accuracy'],
                    test_examples=test['count'])
   reporting.write_json(workdir / 'results.json', results)

@@ -28,7 +28,6 @@ def convert(backbone: str, weights_spec: str, out: str, include_top: bool = Fals
   """Writes the variables of `backbone` with `weights_spec` loaded to `out`."""
   model_config = config_lib.default_config().model
   model_config.update(backbone=backbone, weights=weights_spec, include_top=include_top)
-  weights.check_spec(weights_spec, backbone)
   model = models.build_model(model_config, 1000 if include_top else 1)
   size = models.BACKBONES[backbone].input_size
   variables = state_lib.init_variables(model, (size, size, 3), seed=0)
@@ -42,6 +41,7 @@ def convert(backbone: str, weights_spec: str, out: str, include_top: bool = Fals
 
 
 def main(argv: list[str]) -> None:
+  """Converts and prints what was loaded."""
   del argv
   reporting.setup_logging()
   report = convert(_BACKBONE.value, _WEIGHTS.value, _OUT.value, _INCLUDE_TOP.value)

@@ -38,7 +38,10 @@ def test_defaults_validate_and_are_complete():
     (lambda c: (setattr(c.model, 'backbone', 'resnet_tiny'), setattr(c.model, 'weights', 'imagenet')),
      "config.model.weights='imagenet': no such weights for backbone 'resnet_tiny'; it has no "
      'named weights'),
-    (lambda c: setattr(c.data, 'source', 'tfds:cifar10'), "config.data.source='tfds:cifar10'"),
+    (lambda c: setattr(c.data, 'source', 'tfds'), "config.data.source='tfds': expected "
+     "'tfds:NAME'"),
+    (lambda c: setattr(c.data, 'source', 'hub:x'), "config.data.source='hub:x': unknown source"),
+    (lambda c: setattr(c.data.augment, 'flip', 'both'), "config.data.augment.flip='both'"),
     (lambda c: setattr(c, 'phases', ()), 'config.phases: expected a non-empty tuple'),
     (lambda c: setattr(c, 'phases', (config_lib.phase(name='a'), config_lib.phase(name='a'))),
      'phase names must be unique'),

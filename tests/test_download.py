@@ -57,21 +57,48 @@ def test_download_verifies_caches_and_is_not_repeated(server, cache, capfd):
   assert [p.name for p in cache.iterdir()] == ['w_notop.h5']
 
 
-def test_sha256_is_accepted_too(server, cache):
+@pytest.mark.parametrize('kind', ['sha256', 'sha256_prefix'])
+def test_sha256_checksums_are_checked(server, cache, kind):
   base, served, _ = server
   (served / 'w.pth').write_bytes(b'weights')
   sha = hashlib.sha256(b'weights').hexdigest()
-  assert download.fetch(weights.WeightFile(f'{base}/w.pth', sha256=sha)).exists()
-  assert download.fetch(weights.WeightFile(f'{base}/w.pth', sha256_prefix=sha[:8])).exists()
+  good = sha if kind == 'sha256' else sha[:8]
+  bad = ('0' * 64) if kind == 'sha256' else '00000000'
+  with pytest.raises(weights.ChecksumError, match='checksum mismatch'):
+    download.fetch(weights.WeightFile(f'{base}/w.pth', **{kind: bad}))
+  assert not cache.exists() or list(cache.iterdir()) == []
+  path = download.fetch(weights.WeightFile(f'{base}/w.pth', **{kind: good}))
+  assert path.read_bytes() == b'weights'
 
 
 def test_wrong_checksum_is_refused_and_leaves_nothing(server, cache):
   base, served, _ = server
   (served / 'w.h5').write_bytes(b'not the weights')
   file = weights.WeightFile(f'{base}/w.h5', md5='0' * 32)
-  with pytest.raises(weights.ChecksumError, match='checksum mismatch.*expected md5 0{32}'):
+  with pytest.raises(weights.ChecksumError) as error:
     download.fetch(file)
+  message = str(error.value)
+  assert message.startswith(f'{cache / "w.h5"}: checksum mismatch')
+  assert 'expected md5 ' + '0' * 32 in message and f'{base}/w.h5' in message
   assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_a_file_without_checksum_is_not_a_source():
+  with pytest.raises(ValueError, match='needs a checksum'):
+    weights.WeightFile('https://example.org/w.h5')
+
+
+def test_a_mirror_that_is_no_url_and_an_unwritable_cache_are_clear_errors(tmp_path,
+                                                                        monkeypatch):
+  file = weights.WeightFile('https://example.org/w.h5', md5='a' * 32)
+  monkeypatch.setenv('FINEFLAX_WEIGHTS_MIRROR', str(tmp_path))  # a folder, not a URL
+  with pytest.raises(weights.WeightsUnavailableError, match='cannot download'):
+    download.fetch(file)
+  blocker = tmp_path / 'not-a-dir'
+  blocker.write_text('')
+  monkeypatch.setenv('FINEFLAX_CACHE', str(blocker))
+  with pytest.raises(weights.WeightFileError, match='set FINEFLAX_CACHE to a writable'):
+    download.fetch(file)
 
 
 def test_a_corrupt_cached_file_is_refused_not_loaded(cache):

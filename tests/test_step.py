@@ -9,6 +9,7 @@ import pytest
 
 from fineflax import config as config_lib, data, freeze, models, optimizers, parallel
 from fineflax import state as state_lib, step as step_lib
+from fineflax.data.augment import Augment
 
 IMAGE = (16, 16, 3)
 BATCH = 16
@@ -16,7 +17,7 @@ CONV5 = 'layers[:43]'  # resnet_tiny's conv1..conv4 (its conv5_block1_1_conv is 
 
 
 def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_rate=1e-2,
-           dropout=0.5, num_classes=4, image=IMAGE):
+           dropout=0.5, num_classes=4, image=IMAGE, augment=Augment()):
   cfg = config_lib.default_config()
   cfg.model.backbone = 'resnet_tiny'
   cfg.model.preprocessing = 'tf'
@@ -29,7 +30,8 @@ def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_ra
   mesh = parallel.make_mesh(devices)
   bn_train = freeze.bn_train_layers(labels, model.layer_groups()) if batchnorm == 'train' \
       else frozenset()
-  train_step = step_lib.make_train_step(model, tx, labels, mesh, bn_train=bn_train, seed=0)
+  train_step = step_lib.make_train_step(model, tx, labels, mesh, bn_train=bn_train, seed=0,
+                                        augment=augment)
   state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
   return model, labels, mesh, state, train_step
 
@@ -44,7 +46,7 @@ def _batches(n, num_classes=4, seed=0, image=IMAGE):
 def _run(state, train_step, mesh, batches):
   metrics = []
   for batch in batches:
-    state, m = train_step(state, parallel.shard_batch(batch, mesh))
+    state, m = train_step(state, parallel.shard_batch(batch, mesh), {})
     metrics.append(m)
   return state, jax.device_get(metrics)
 
@@ -109,9 +111,12 @@ def test_training_mode_bn_updates_only_trainable_layers():
 # which ReLU leaves some channels nearly constant: 1 / sqrt(var + eps) then blows the
 # rounding up to 1e-2 for one random draw of weights (2 and 4 devices agreed to 1e-6 there).
 # One step checks what matters: pmean'd gradients and BN statistics.
-@pytest.mark.parametrize('spec, batchnorm, steps, image', [
-    (CONV5, 'frozen', 3, IMAGE), ('none', 'train', 1, (32, 32, 3))])
-def test_eight_devices_equal_one(spec, batchnorm, steps, image):
+# With augmentation: each example's transform comes from its index in the global batch,
+# so it is the same on 1 and 8 devices.
+@pytest.mark.parametrize('spec, batchnorm, steps, image, augment', [
+    (CONV5, 'frozen', 3, IMAGE, Augment()), ('none', 'train', 1, (32, 32, 3), Augment()),
+    (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, zoom=0.2))])
+def test_eight_devices_equal_one(spec, batchnorm, steps, image, augment):
   """Same losses and parameters on 1 and 8 devices (tolerance 1e-5).
 
   SGD, so that parameter differences show gradient differences directly (Adam's
@@ -122,7 +127,8 @@ def test_eight_devices_equal_one(spec, batchnorm, steps, image):
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     _, _, mesh, state, train_step = _setup(spec, batchnorm, devices, optimizer='sgd',
-                                           learning_rate=0.05, dropout=0.0, image=image)
+                                           learning_rate=0.05, dropout=0.0, image=image,
+                                           augment=augment)
     state, metrics = _run(state, train_step, mesh, _batches(steps, image=image))
     results.append((jax.device_get(state), metrics))
   (one, m1), (eight, m8) = results
@@ -170,10 +176,12 @@ def test_losses():
 def test_train_batches_see_every_example_once_and_pad_with_weight_zero():
   n = 37
   split = data.Split(np.zeros((n,) + IMAGE, np.uint8), np.arange(n, dtype=np.int32))
-  batches = list(data.train_batches(split, BATCH, np.random.default_rng(0)))
+  batches = [data.gather(split, b) for b in
+             data.train_batches(split, BATCH, np.random.default_rng(0))]
   assert len(batches) == 3
   seen = np.concatenate([b['label'][b['weight'] > 0] for b in batches])
   assert sorted(seen) == list(range(n))
   assert batches[-1]['weight'].sum() == n - 2 * BATCH
-  again = list(data.train_batches(split, BATCH, np.random.default_rng(0)))
+  again = [data.gather(split, b) for b in
+           data.train_batches(split, BATCH, np.random.default_rng(0))]
   assert all(np.array_equal(a['label'], b['label']) for a, b in zip(batches, again))

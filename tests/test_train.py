@@ -74,7 +74,8 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
 
   assert _records(workdir) == expected
   assert resumed == full
-  assert set(os.listdir(workdir)) == {'checkpoints', 'metrics.jsonl', 'results.json'}
+  assert set(os.listdir(workdir)) == {'checkpoints', 'metrics.jsonl', 'results.json',
+                                      'samples.png'}
   assert json.loads((workdir / 'results.json').read_text()) == full
 
 

@@ -98,9 +98,29 @@ def test_keras_file_parity(keras, keras_file, name, include_top):
 def test_full_file_into_a_new_head_skips_the_top(keras_file):
   path, _ = keras_file('resnet50', True)
   _, _, report = _load(_model_config('resnet50', path), 64)
-  assert report.skipped == ['predictions: the model has no such layer (a new head)']
+  assert report.skipped == [
+      'predictions: the model has a new head (config.model.include_top is False)']
   assert report.initialised == ['head/dense']
   assert 'loaded 106 layers' in report.text()
+
+
+def test_an_old_keras_top_named_probs_loads_by_order(keras_file, tmp_path):
+  """keras_applications' ResNet files call their top `probs`, Keras 3 `predictions`."""
+  path, _ = keras_file('resnet50', True)
+  renamed = tmp_path / 'probs.h5'
+  renamed.write_bytes(path.read_bytes())
+  with h5py.File(renamed, 'r+') as f:
+    names = [n.decode() if isinstance(n, bytes) else n for n in f.attrs['layer_names']]
+    f.attrs['layer_names'] = [('probs' if n == 'predictions' else n).encode() for n in names]
+    f.move('predictions', 'probs')
+  _, _, report = _load(_model_config('resnet50', renamed, True), 64)
+  assert report.initialised == [] and 'head/predictions' in report.loaded
+
+
+def test_a_folder_named_like_a_source_is_not_a_path(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'imagenet').mkdir()
+  assert not weights.is_path('imagenet') and weights.is_path('./imagenet')
 
 
 def test_file_of_another_backbone_is_refused(keras_file):
@@ -114,32 +134,14 @@ def test_file_of_another_backbone_is_refused(keras_file):
     _load(_model_config('resnet50', vgg), 64)
 
 
-def _torchvision_files(tmp_path):
-  import torch  # pylint: disable=g-import-not-at-top
-  import torchvision  # pylint: disable=g-import-not-at-top
-  from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
-  torch.manual_seed(0)
-  model = torchvision.models.resnet50(weights=None).eval()
-  with torch.no_grad():
-    for module in model.modules():
-      if isinstance(module, torch.nn.BatchNorm2d):
-        module.weight.uniform_(0.5, 1.5)
-        module.bias.normal_(0, 0.1)
-        module.running_mean.normal_(0, 0.1)
-        module.running_var.uniform_(0.5, 1.5)
-  torch.save(model.state_dict(), tmp_path / 'resnet50.pth')
-  save_file(model.state_dict(), str(tmp_path / 'resnet50.safetensors'))
-  return model
-
-
 def test_torchvision_parity_pth_and_safetensors(tmp_path):
-  import torch  # pylint: disable=g-import-not-at-top
-  reference = _torchvision_files(tmp_path)
-  images = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
-  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-  x = torch.tensor(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
-  with torch.no_grad():
-    expected = reference(x).numpy()
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  root = Path(__file__).resolve().parents[1]
+  subprocess.run([sys.executable, '-m', 'tests.torchvision_reference', str(tmp_path)],
+                 cwd=root, check=True, timeout=300)
+  images, expected = np.load(tmp_path / 'images.npy'), np.load(tmp_path / 'logits.npy')
   for suffix in ('.pth', '.safetensors'):
     cfg = _model_config('resnet50_torchvision', tmp_path / f'resnet50{suffix}', True)
     model, variables, report = _load(cfg, 64)
@@ -148,7 +150,11 @@ def test_torchvision_parity_pth_and_safetensors(tmp_path):
     assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max(), suffix
   # A new head: the backbone loads, torch's fc is skipped.
   _, _, report = _load(_model_config('resnet50_torchvision', tmp_path / 'resnet50.pth'), 64)
-  assert report.skipped == ['predictions: the model has no such layer (a new head)']
+  assert report.skipped == [
+      'predictions: the model has a new head (config.model.include_top is False)']
+  # A ResNet101 file has every ResNet50 layer, and more: refused, not silently cut.
+  with pytest.raises(weights.WeightFileError, match='has 102 layers this backbone lacks'):
+    _load(_model_config('resnet50_torchvision', tmp_path / 'resnet101.safetensors'), 64)
 
 
 def test_weight_names_are_checked_against_the_backbone():
@@ -209,10 +215,12 @@ def test_zero_shot_predict_matches_keras(keras, keras_file, tmp_path):
 
 
 def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
-  import sys  # pylint: disable=g-import-not-at-top
+  import importlib.util  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'scripts'))
-  import convert_weights  # pylint: disable=g-import-not-at-top
+  script = Path(__file__).resolve().parents[1] / 'scripts' / 'convert_weights.py'
+  spec = importlib.util.spec_from_file_location('convert_weights', script)
+  convert_weights = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(convert_weights)
   path, _ = keras_file('xception', False)
   convert_weights.convert('xception', str(path), str(tmp_path / 'ckpt'))
   _, direct, _ = _load(_model_config('xception', path), 71)
@@ -220,7 +228,7 @@ def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
   assert report.initialised == ['head/dense']
   for collection in ('params', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(direct[collection]['backbone']),
-                    jax.tree.leaves(converted[collection]['backbone'])):
+                    jax.tree.leaves(converted[collection]['backbone']), strict=True):
       np.testing.assert_array_equal(a, b)
 
 
@@ -230,8 +238,12 @@ def test_training_from_a_keras_file_keeps_the_frozen_part_as_in_the_file(keras_f
   cfg.batch_size = 16
   cfg.data.max_examples = 32
   cfg.phases = (config_lib.phase(name='block5', freeze='layers[:15]', learning_rate=1e-3),)
+  # What an earlier run that died before its first checkpoint leaves behind: the weights
+  # must still be loaded, not skipped as if resuming.
+  (tmp_path / 'run' / 'checkpoints' / '7.orbax-checkpoint-tmp-1').mkdir(parents=True)
   train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
-  step_dir = max((tmp_path / 'run' / 'checkpoints').iterdir(), key=lambda p: int(p.name))
+  step_dir = max((p for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
   state = ocp.StandardCheckpointer().restore(step_dir / 'state')
   trained = state['params']['backbone']
   layers = [l for l in models.BACKBONES['vgg16'].build().layers if l.kind == 'Conv2D']

@@ -1,45 +1,69 @@
-"""Data sources. `config.data.source` is 'NAME' or 'NAME:ARGUMENT'; NAME keys `SOURCES`."""
+"""Data sources. `config.data.source` is 'NAME' or 'NAME:ARGUMENT'; NAME keys `SOURCES`.
+
+A source gives `info(spec, config.data)` (image shape, class names) without loading, and
+`load(spec, config.data)`: this process's share of each split, uint8 RGB images of one
+size (`config.data.load_size` for photos of varying sizes) with int32 labels.
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, NamedTuple
 
-from fineflax.data import digits
-from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, eval_batches,
-                                   num_batches, train_batches)
+import numpy as np
+
+from fineflax.data import digits, folder, tfds_source
+from fineflax.data.augment import Augment
+from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, eval_batches, gather,
+                                   num_batches, share, shared_split, train_batches)
+from fineflax.errors import ConfigError
+
+logger = logging.getLogger('fineflax.data')
 
 
 class Source(NamedTuple):
-  """A data source: `info(spec)` without loading, `load(spec)` the whole dataset."""
+  """A data source: `info(spec, data_config)` without loading, `load(spec, data_config)`."""
 
-  info: Callable[[str], DatasetInfo]
-  load: Callable[[str], Dataset]
+  info: Callable[[str, Any], DatasetInfo]
+  load: Callable[[str, Any], Dataset]
 
 
 SOURCES: dict[str, Source] = {
     'digits': Source(digits.info, digits.load),
+    'folder': Source(folder.info, folder.load),
+    'tfds': Source(tfds_source.info, tfds_source.load),
 }
 
 
 def _source(spec: str) -> Source:
   name = spec.split(':', 1)[0]
   if name not in SOURCES:
-    raise ValueError(f'config.data.source={spec!r}: unknown source {name!r}; '
-                     f'available: {sorted(SOURCES)}')
+    raise ConfigError(f'config.data.source={spec!r}: unknown source {name!r}; '
+                      f'available: {sorted(SOURCES)}')
   return SOURCES[name]
 
 
 def dataset_info(data_config: Any) -> DatasetInfo:
   """Image shape and class names of `config.data`'s dataset."""
-  return _source(data_config.source).info(data_config.source)
+  return _source(data_config.source).info(data_config.source, data_config)
 
 
 def load_dataset(data_config: Any) -> Dataset:
-  """Loads `config.data`'s dataset, keeping `max_examples` of each split when set."""
-  dataset = _source(data_config.source).load(data_config.source)
-  splits = {name: split.head(data_config.max_examples) for name, split in dataset.splits.items()}
-  return Dataset(dataset.info, splits)
+  """Loads this process's share of `config.data`'s splits and logs their class counts."""
+  dataset = _source(data_config.source).load(data_config.source, data_config)
+  for name, split in dataset.splits.items():
+    counts = np.bincount(split.labels, minlength=dataset.info.num_classes)
+    per_class = ', '.join(f'{c}: {n}' for c, n in zip(dataset.info.class_names, counts))
+    logger.info('split %r: %d examples (this process: %d; %s)', name, split.size, len(split),
+                per_class)
+  return dataset
 
 
-__all__ = ['Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'Source', 'Split', 'dataset_info',
-           'eval_batches', 'load_dataset', 'num_batches', 'train_batches']
+def augment_from_config(data_config: Any) -> Augment:
+  """The `Augment` of `config.data.augment`."""
+  return Augment(**dict(data_config.augment))
+
+
+__all__ = ['Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'Source', 'Split',
+           'augment_from_config', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
+           'num_batches', 'share', 'shared_split', 'train_batches']

@@ -1,13 +1,22 @@
-"""In-memory datasets of uint8 images and the host-side batches cut from them."""
+"""Datasets of uint8 images held in memory, and the batches cut from them.
+
+Every process holds a disjoint share of each split (`share`); a global batch is the
+concatenation of one local batch per process. Batches are drawn as indices into the
+share: the host gathers the images (`gather`), or the step gathers them on the device
+from a split placed there whole (`fineflax.data.resident`). Training sees every example
+once an epoch; evaluation visits every example exactly once, with weight-0 padding that
+every metric masks out.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Iterator, Mapping
 
+import jax
 import numpy as np
 
-Batch = dict[str, np.ndarray]  # 'image' uint8 (B, H, W, 3), 'label' int32, 'weight' float32
+Batch = dict[str, np.ndarray]  # 'index' int32 and 'weight' float32; gathered: 'image', 'label'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,10 +33,14 @@ class DatasetInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """One split: (N, H, W, 3) uint8 RGB images and (N,) int32 labels."""
+  """This process's share of a split: (n, H, W, 3) uint8 RGB images, (n,) int32 labels.
+
+  `size` is the number of examples of the whole split, over every process.
+  """
 
   images: np.ndarray
   labels: np.ndarray
+  size: int = -1
 
   def __post_init__(self):
     if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
@@ -35,13 +48,15 @@ class Split:
                        f'{self.images.dtype}')
     if self.labels.shape != (len(self.images),):
       raise ValueError(f'{len(self.images)} images but labels of shape {self.labels.shape}')
+    if self.size < 0:
+      object.__setattr__(self, 'size', len(self.labels))
 
   def __len__(self) -> int:
     return len(self.labels)
 
-  def head(self, n: int | None) -> 'Split':
-    """The first n examples (all of them for None)."""
-    return self if n is None else Split(self.images[:n], self.labels[:n])
+  @property
+  def nbytes(self) -> int:
+    return self.images.nbytes + self.labels.nbytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,38 +67,55 @@ class Dataset:
   splits: Mapping[str, Split]
 
 
-def num_batches(num_examples: int, batch_size: int) -> int:
-  return -(-num_examples // batch_size)
+def share(num_examples: int) -> np.ndarray:
+  """The indices of a split's examples that this process reads (every P-th one)."""
+  return np.arange(jax.process_index(), num_examples, jax.process_count())
 
 
-def train_batches(split: Split, batch_size: int, rng: np.random.Generator) -> Iterator[Batch]:
-  """One epoch in a random order; every example is seen once.
+def shared_split(images: np.ndarray, labels: np.ndarray) -> Split:
+  """This process's share of a split held whole on every process."""
+  idx = share(len(labels))
+  return Split(images[idx], labels.astype(np.int32)[idx], size=len(labels))
 
-  The last batch is filled up with other randomly chosen examples of weight 0: they take
-  no part in the loss or the metrics, and, unlike zero padding, they do not distort the
-  batch statistics of training-mode BatchNormalization.
+
+def num_batches(split: Split, global_batch: int) -> int:
+  """Batches an epoch takes, the same on every process (the largest share decides)."""
+  local_batch = global_batch // jax.process_count()
+  largest_share = -(-split.size // jax.process_count())
+  return -(-largest_share // local_batch)
+
+
+def _padded(index: np.ndarray, local_batch: int, filler: np.ndarray) -> Batch:
+  weight = np.zeros(local_batch, np.float32)
+  weight[:len(index)] = 1
+  index = np.concatenate([index, filler[:local_batch - len(index)]]).astype(np.int32)
+  return {'index': index, 'weight': weight}
+
+
+def train_batches(split: Split, global_batch: int, rng: np.random.Generator) -> Iterator[Batch]:
+  """One epoch of local index batches in a random order; every example is seen once.
+
+  The last batches are filled up with other randomly chosen examples of weight 0: they
+  take no part in the loss or the metrics, and, unlike zero padding, they do not distort
+  the batch statistics of training-mode BatchNormalization.
   """
-  n = len(split)
-  order = rng.permutation(n)
-  for start in range(0, n, batch_size):
-    idx = order[start:start + batch_size]
-    weight = np.ones(batch_size, np.float32)
-    if len(idx) < batch_size:
-      weight[len(idx):] = 0
-      idx = np.concatenate([idx, rng.choice(n, batch_size - len(idx))])
-    yield {'image': split.images[idx], 'label': split.labels[idx], 'weight': weight}
+  local_batch = global_batch // jax.process_count()
+  order = rng.permutation(len(split))
+  for i in range(num_batches(split, global_batch)):
+    index = order[i * local_batch:(i + 1) * local_batch]
+    yield _padded(index, local_batch, rng.integers(0, max(len(split), 1), local_batch))
 
 
-def eval_batches(split: Split, batch_size: int) -> Iterator[Batch]:
-  """The split in order; the last batch is padded with weight-0 zeros, nothing is dropped."""
-  n = len(split)
-  for start in range(0, n, batch_size):
-    images = split.images[start:start + batch_size]
-    labels = split.labels[start:start + batch_size]
-    weight = np.ones(batch_size, np.float32)
-    pad = batch_size - len(labels)
-    if pad:
-      weight[len(labels):] = 0
-      images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-      labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-    yield {'image': images, 'label': labels, 'weight': weight}
+def eval_batches(split: Split, global_batch: int) -> Iterator[Batch]:
+  """The split in order; padding rows (weight 0) repeat example 0, nothing is dropped."""
+  local_batch = global_batch // jax.process_count()
+  order = np.arange(len(split))
+  for i in range(num_batches(split, global_batch)):
+    yield _padded(order[i * local_batch:(i + 1) * local_batch], local_batch,
+                  np.zeros(local_batch, np.int64))
+
+
+def gather(split: Split, batch: Batch) -> Batch:
+  """The images and labels of an index batch, gathered on the host."""
+  return {'image': split.images[batch['index']], 'label': split.labels[batch['index']],
+          'weight': batch['weight']}

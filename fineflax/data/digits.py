@@ -7,23 +7,25 @@ every run is evaluated on the same test images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
-from fineflax.data.dataset import Dataset, DatasetInfo, Split
+from fineflax.data.dataset import Dataset, DatasetInfo, shared_split
 
 _SPLIT_SEED = 0
 _FRACTIONS = {'train': 0.70, 'validation': 0.15}
 INFO = DatasetInfo(image_shape=(8, 8, 3), class_names=tuple(str(d) for d in range(10)))
 
 
-def info(spec: str) -> DatasetInfo:
+def info(spec: str, data_config: Any) -> DatasetInfo:
   """The digits' image shape and class names (no loading needed)."""
-  del spec
+  del spec, data_config
   return INFO
 
 
-def load(spec: str) -> Dataset:
-  """Loads the digits and splits them into 'train', 'validation' and 'test'."""
+def load(spec: str, data_config: Any) -> Dataset:
+  """This process's share of 'train', 'validation' and 'test' (first `max_examples` each)."""
   del spec
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
@@ -42,6 +44,6 @@ def load(spec: str) -> Dataset:
     parts['test'].append(idx[n_train + n_val:])
   splits = {}
   for name, chunks in parts.items():
-    idx = rng.permutation(np.concatenate(chunks))
-    splits[name] = Split(images[idx], labels[idx])
+    idx = rng.permutation(np.concatenate(chunks))[:data_config.max_examples]
+    splits[name] = shared_split(images[idx], labels[idx])
   return Dataset(INFO, splits)

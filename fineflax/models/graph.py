@@ -16,7 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Keras defaults, so that a model built from scratch starts where Keras' `weights=None` does.
+# Keras defaults, so that `model.init` starts where Keras' `weights=None` does (runs draw
+# the same distributions on the host: `fineflax.state.init_variables`).
 KERNEL_INIT = nn.initializers.glorot_uniform()
 BN_MOMENTUM = 0.99
 

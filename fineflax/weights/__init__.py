@@ -18,9 +18,9 @@ from fineflax.weights.sources import SOURCES, Source, WeightFile, named_source, 
 
 
 def is_path(weights: str) -> bool:
-  """Whether `config.model.weights` names a file (or a converted checkpoint directory)
-  rather than a source."""
-  return weights.endswith(SUFFIXES) or '/' in weights or Path(weights).is_dir()
+  """Whether `config.model.weights` names a file or a converted checkpoint directory
+  (a weight-file suffix, or a '/' in it: './ckpt') rather than a source."""
+  return weights.endswith(SUFFIXES) or '/' in weights
 
 
 def check_spec(weights: str | None, backbone: str) -> None:
@@ -53,12 +53,13 @@ def load_pretrained(model_config: Any, model: Classifier, variables: dict[str, A
   Args:
     path: the file, when the caller resolved it already (see `resolve`).
   """
+  include_top = bool(model_config.get('include_top', False))
   if path is None:
-    path = resolve(model_config.weights, model_config.backbone,
-                   bool(model_config.get('include_top', False)))
-  layers, unused, by_order = read_weight_file(path, model.layer_groups())
-  return assign(variables, model.layer_groups(), layers, by_order=by_order, source=str(path),
-                unused_keys=unused)
+    path = resolve(model_config.weights, model_config.backbone, include_top)
+  groups = model.layer_groups()
+  layers, unused, by_order = read_weight_file(path, groups)
+  return assign(variables, groups, layers, by_order=by_order, source=str(path),
+                head_is_top=include_top, unused_keys=unused)
 
 
 __all__ = ['ChecksumError', 'LoadReport', 'SOURCES', 'Source', 'WeightFile', 'WeightFileError',

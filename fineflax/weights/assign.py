@@ -59,52 +59,69 @@ def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dic
   return {'params': params}
 
 
+_NEW_HEAD = 'the model has a new head (config.model.include_top is False)'
+
+
 def _pairs_by_order(weighted: Mapping[str, list[Layer]], file_layers: FileLayers,
-                    source: str, report: LoadReport):
+                    source: str, head_is_top: bool, report: LoadReport) -> list:
   backbone = weighted['backbone']
   if len(file_layers) < len(backbone):
     raise WeightFileError(f'{source} has {len(file_layers)} layers with weights but the '
                           f'backbone has {len(backbone)}: it is not a file of this backbone')
   pairs = [('backbone', layer, item) for layer, item in zip(backbone, file_layers)]
   rest = file_layers[len(backbone):]
-  # The top's names (predictions, fc1, fc2) are Keras' fixed ones: the file's top goes
-  # into the model only if the model's head is that top.
-  if rest and [name for name, _ in rest] == [layer.name for layer in weighted['head']]:
+  if rest and len(rest) != len(weighted['head']) and head_is_top:
+    raise WeightFileError(f'{source} has {len(rest)} layers with weights after the backbone '
+                          f'but Keras\' top has {len(weighted["head"])}: it is not a file of '
+                          'this backbone')
+  if head_is_top:
+    # By order, like the backbone: the tops of older Keras files have other names
+    # (keras_applications' ResNets call theirs `probs`).
     pairs += [('head', layer, item) for layer, item in zip(weighted['head'], rest)]
   else:
-    report.skipped += [f'{name}: the model has no such layer (a new head)' for name, _ in rest]
+    report.skipped += [f'{name}: {_NEW_HEAD}' for name, _ in rest]
   return pairs
 
 
 def _pairs_by_name(weighted: Mapping[str, list[Layer]], file_layers: FileLayers,
-                   source: str, report: LoadReport):
+                   source: str, head_is_top: bool, report: LoadReport) -> list:
   by_name = dict(file_layers)
   missing = [layer.name for layer in weighted['backbone'] if layer.name not in by_name]
   if missing:
     raise WeightFileError(f'{source} lacks {len(missing)} backbone layers, e.g. {missing[:3]}: '
                           'it is not a file of this backbone')
-  pairs = []
-  for group, layers in weighted.items():
-    pairs += [(group, layer, (layer.name, by_name.pop(layer.name))) for layer in layers
-              if layer.name in by_name]
-  report.skipped += [f'{name}: the model has no such layer (a new head)' for name in by_name]
+  pairs = [('backbone', layer, (layer.name, by_name.pop(layer.name)))
+           for layer in weighted['backbone']]
+  if head_is_top:
+    pairs += [('head', layer, (layer.name, by_name.pop(layer.name)))
+              for layer in weighted['head'] if layer.name in by_name]
+  top = {'predictions'}
+  extra = [name for name in by_name if name not in top]
+  if extra:
+    raise WeightFileError(f'{source} has {len(extra)} layers this backbone lacks, e.g. '
+                          f'{extra[:3]}: it is a file of another backbone')
+  report.skipped += [f'{name}: {_NEW_HEAD}' for name in by_name]
   return pairs
 
 
 def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]],
-           file_layers: FileLayers, *, by_order: bool, source: str,
+           file_layers: FileLayers, *, by_order: bool, source: str, head_is_top: bool,
            unused_keys: Sequence[str] = ()) -> tuple[dict[str, Any], LoadReport]:
   """Returns `variables` with the file's values in place, and the report.
 
+  Args:
+    head_is_top: the model's head is Keras' ImageNet top (`include_top`); a file's top
+      is loaded into it, and skipped otherwise.
   Raises:
-    WeightFileError: the file does not hold this backbone, or a backbone parameter's
-      shape differs (named in the message).
+    WeightFileError: the file does not hold this backbone (or holds a larger one), or a
+      backbone parameter's shape differs (named in the message).
   """
   report = LoadReport(source)
   report.skipped += [f'{key}: not a parameter of this model' for key in unused_keys]
-  weighted = {g: [l for l in layers if l.kind in WEIGHTED_KINDS] for g, layers in layer_groups.items()}
+  weighted = {g: [l for l in layers if l.kind in WEIGHTED_KINDS]
+              for g, layers in layer_groups.items()}
   pair_fn = _pairs_by_order if by_order else _pairs_by_name
-  pairs = pair_fn(weighted, file_layers, source, report)
+  pairs = pair_fn(weighted, file_layers, source, head_is_top, report)
   out = {c: {g: dict(tree) for g, tree in groups.items()} for c, groups in variables.items()}
   loaded = set()
   for group, layer, (file_name, arrays) in pairs:
@@ -127,7 +144,8 @@ def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]
   return out, report
 
 
-def _shape_problem(variables, group: str, name: str, new: dict[str, dict[str, Any]]) -> str | None:
+def _shape_problem(variables: dict[str, Any], group: str, name: str,
+                   new: dict[str, dict[str, Any]]) -> str | None:
   for collection, leaves in new.items():
     expected = variables.get(collection, {}).get(group, {}).get(name)
     if expected is None or set(expected) != set(leaves):

@@ -85,7 +85,8 @@ _TORCH_BLOCK = re.compile(r'^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.
 _BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var')
 
 
-def torch_resnet_layers(state: dict[str, np.ndarray]) -> tuple[FileLayers, list[str]]:
+def torch_resnet_layers(state: dict[str, np.ndarray],
+                        source: str | os.PathLike = 'state dict') -> tuple[FileLayers, list[str]]:
   """torchvision / timm ResNet names -> fineflax's Keras layer names and weight order.
 
   Returns the layers (convolution kernels OIHW -> HWIO, `fc` -> `predictions`) and the
@@ -95,6 +96,9 @@ def torch_resnet_layers(state: dict[str, np.ndarray]) -> tuple[FileLayers, list[
 
   def take(prefix: str, keys: Sequence[str]) -> list[np.ndarray]:
     names = [f'{prefix}.{k}' for k in keys]
+    missing = [n for n in names if n not in state]
+    if missing:
+      raise WeightFileError(f'{source}: {missing[0]} is missing')
     used.update(names)
     return [state[n] for n in names]
 
@@ -114,13 +118,8 @@ def torch_resnet_layers(state: dict[str, np.ndarray]) -> tuple[FileLayers, list[
         part, f'{part[-1]}_{part[:-1]}')
     return f'{name}_{suffix}'
 
-  modules = []
-  for key in state:
-    module = key.rsplit('.', 1)[0]
-    if module not in modules:
-      modules.append(module)
   out: FileLayers = []
-  for module in modules:
+  for module in dict.fromkeys(key.rsplit('.', 1)[0] for key in state):
     name = torch_to_keras(module)
     if name is None:
       continue
@@ -136,32 +135,45 @@ def torch_resnet_layers(state: dict[str, np.ndarray]) -> tuple[FileLayers, list[
   return out, unused
 
 
-def read_fineflax_checkpoint(path: str | os.PathLike,
-                             layer_groups: Mapping[str, Sequence[Layer]]) -> FileLayers:
+def read_fineflax_checkpoint(path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
+                             ) -> tuple[FileLayers, list[str]]:
   """The layers of an Orbax checkpoint of fineflax variables (`scripts/convert_weights.py`:
-  {'params': {group: {layer: ...}}, 'batch_stats': ...}), in Keras weight order."""
+  {'params': {group: {layer: ...}}, 'batch_stats': ...}) in Keras weight order, and the
+  head layers the model has no place for.
+
+  Backbone layers the model lacks come back with no arrays, so that loading them fails as
+  a file of another backbone.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
     tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
   except Exception as e:  # Orbax raises a variety of errors for a foreign directory
     raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
   params, stats = tree.get('params', {}), tree.get('batch_stats', {})
-  out = []
-  for group, layers in layer_groups.items():
-    for layer in layers:
-      p = params.get(group, {}).get(layer.name)
-      if p is None:
+  kinds = {(g, l.name): l.kind for g, layers in layer_groups.items() for l in layers}
+  out, unused = [], []
+  for group, layers in params.items():
+    for name, p in layers.items():
+      kind = kinds.get((group, name))
+      if kind is None:
+        if group == 'backbone':
+          out.append((name, []))
+        else:
+          unused.append(f'{group}/{name}')
         continue
-      s = stats.get(group, {}).get(layer.name, {})
-      if layer.kind == 'BatchNormalization':
-        arrays = [p['scale'], p['bias'], s['mean'], s['var']]
-      elif layer.kind == 'SeparableConv2D':
-        arrays = [p['depthwise_kernel'].transpose(0, 1, 3, 2), p['pointwise_kernel']]
-        arrays += [p['bias']] if 'bias' in p else []
-      else:
-        arrays = [p['kernel']] + ([p['bias']] if 'bias' in p else [])
-      out.append((layer.name, [np.asarray(a) for a in arrays]))
-  return out
+      try:
+        if kind == 'BatchNormalization':
+          s = stats[group][name]
+          arrays = [p['scale'], p['bias'], s['mean'], s['var']]
+        elif kind == 'SeparableConv2D':
+          arrays = [p['depthwise_kernel'].transpose(0, 1, 3, 2), p['pointwise_kernel']]
+        else:
+          arrays = [p['kernel']]
+      except KeyError as e:
+        raise WeightFileError(f'{path}: {group}/{name} lacks {e}') from None
+      arrays += [p['bias']] if 'bias' in p and kind != 'BatchNormalization' else []
+      out.append((name, [np.asarray(a) for a in arrays]))
+  return out, unused
 
 
 def read_weight_file(path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
@@ -174,16 +186,18 @@ def read_weight_file(path: str | os.PathLike, layer_groups: Mapping[str, Sequenc
   """
   path = Path(path)
   if path.is_dir():
-    return read_fineflax_checkpoint(path, layer_groups), [], False
+    layers, unused = read_fineflax_checkpoint(path, layer_groups)
+    return layers, unused, False
   if not path.is_file():
     raise WeightFileError(f'weight file {path} does not exist')
   if path.suffix == '.h5':
     return read_keras_h5(path), [], True
-  if path.suffix in ('.pth', '.pt', '.safetensors'):
-    layers, unused = torch_resnet_layers(read_state_dict(path))
+  if path.suffix in SUFFIXES:
+    state = read_state_dict(path)
+    layers, unused = torch_resnet_layers(state, path)
     if not layers:
       raise WeightFileError(f'{path}: no torchvision / timm ResNet parameters in it '
-                            f'(keys such as {list(read_state_dict(path))[:3]})')
+                            f'(keys such as {list(state)[:3]})')
     return layers, unused, False
   raise WeightFileError(f'{path}: unknown weight file type {path.suffix!r}; expected one of '
                         f'{list(SUFFIXES)}')

@@ -14,15 +14,21 @@ from urllib.parse import urlparse
 
 @dataclasses.dataclass(frozen=True)
 class WeightFile:
-  """One downloadable file and what its content must hash to (any one given suffices)."""
+  """One downloadable file and what its content must hash to (every checksum given must
+  match; at least one is required)."""
 
   url: str
   md5: str | None = None  # Keras publishes md5 for its files
   sha256: str | None = None
   sha256_prefix: str | None = None  # torch hub's check: the sha256 prefix in the file name
 
+  def __post_init__(self):
+    if not (self.md5 or self.sha256 or self.sha256_prefix):
+      raise ValueError(f'{self.url}: a weight file needs a checksum')
+
   @property
   def filename(self) -> str:
+    """The file's name: its name in the cache, and under a mirror."""
     return PurePosixPath(urlparse(self.url).path).name
 
   def checksums(self) -> str:

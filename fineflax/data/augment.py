@@ -1,0 +1,190 @@
+"""On-device augmentation and resize: one affine map per image, one bilinear gather.
+
+Each training image gets a 3x3 matrix that maps pixel coordinates of the model's input
+(size x size) to coordinates of the stored image. It composes, from the stored image
+outwards: a random crop (`crop`), the resize to the model's size, then flip, rotation,
+zoom and translation, each with Keras' meaning and parameters (`RandomFlip`,
+`RandomRotation(factor)`: a fraction of a full turn, `RandomZoom(factor)`,
+`RandomTranslation(factor)`), in that order. The image is then sampled once, bilinearly,
+with Keras' fill modes (`reflect` by default), as `keras.ops.image.affine_transform` does
+on the JAX backend. One sample instead of one per layer: no blur from repeated
+interpolation, and one gather per output pixel whatever the number of augmentations.
+
+Randomness is a function of (seed, step, example index in the global batch): the same
+images get the same augmentation on 1 or 8 devices, and on a resumed run. Evaluation
+applies no augmentation; a `crop` becomes a centre crop, as Keras' RandomCrop does at
+inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+FLIPS = ('none', 'horizontal', 'vertical', 'horizontal_and_vertical')
+FILL_MODES = ('reflect', 'wrap', 'constant', 'nearest')
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+  """The augmentations of `config.data.augment`; all off by default."""
+
+  flip: str = 'none'
+  rotation: float = 0.0  # angle uniform in [-rotation, rotation] x 360 degrees
+  zoom: float = 0.0  # zoom factor uniform in [1 - zoom, 1 + zoom]; > 1 zooms out
+  translate: float = 0.0  # shift uniform in [-translate, translate] x the image side
+  crop: int | None = None  # side of a random square crop of the stored image
+  fill_mode: str = 'reflect'
+  fill_value: float = 0.0
+  mixup: float = 0.0  # alpha of Beta(alpha, alpha); 0: no mixup
+
+  @property
+  def geometric(self) -> bool:
+    """Whether training images are transformed (beyond a resize)."""
+    return (self.flip != 'none' or self.rotation > 0 or self.zoom > 0 or self.translate > 0
+            or self.crop is not None)
+
+
+def _matrix(a0, a1, a2, b0, b1, b2) -> jax.Array:
+  """x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2, as a 3x3 matrix."""
+  zero, one = jnp.zeros_like(a0), jnp.ones_like(a0)
+  return jnp.stack([jnp.stack([a0, a1, a2]), jnp.stack([b0, b1, b2]),
+                    jnp.stack([zero, zero, one])])
+
+
+def _crop_and_resize(key, in_hw: tuple[int, int], size: int, aug: Augment, train: bool):
+  """Output pixel -> stored-image pixel for the crop (random, or centred) and the resize."""
+  h, w = in_hw
+  y0 = x0 = jnp.float32(0)
+  ch, cw = h, w
+  if aug.crop is not None:
+    if train:
+      ch = cw = aug.crop
+      ky, kx = jax.random.split(key)
+      y0 = jax.random.randint(ky, (), 0, h - ch + 1).astype(jnp.float32)
+      x0 = jax.random.randint(kx, (), 0, w - cw + 1).astype(jnp.float32)
+    else:  # Keras' inference crop: the largest centred window of the crop's aspect
+      ch, cw = max(min(h, w), 1), max(min(h, w), 1)
+      y0, x0 = jnp.float32((h - ch) // 2), jnp.float32((w - cw) // 2)
+  # Half-pixel centres, as jax.image.resize: x_in = (x_out + 0.5) * scale - 0.5.
+  sy, sx = ch / size, cw / size
+  zero = jnp.float32(0)
+  return _matrix(jnp.float32(sx), zero, x0 + 0.5 * sx - 0.5,
+                 zero, jnp.float32(sy), y0 + 0.5 * sy - 0.5)
+
+
+def augmentation_matrix(size: int, hflip=False, vflip=False, angle=0.0, zoom=1.0, dx=0.0,
+                        dy=0.0) -> jax.Array:
+  """Output pixel -> pre-augmentation pixel (both size x size), Keras' matrices composed
+  in layer order: flip, rotation by `angle` (radians), zoom, shift by (dx, dy) pixels."""
+  c = (size - 1) / 2.0
+  hs, vs = jnp.where(hflip, -1.0, 1.0), jnp.where(vflip, -1.0, 1.0)
+  cos, sin = jnp.cos(angle), jnp.sin(angle)
+  flip = _matrix(hs, 0.0, c - hs * c, 0.0, vs, c - vs * c)
+  rotate = _matrix(cos, -sin, c - c * cos + c * sin, sin, cos, c - c * sin - c * cos)
+  scale = _matrix(zoom, 0.0, c * (1 - zoom), 0.0, zoom, c * (1 - zoom))
+  shift = _matrix(1.0, 0.0, -dx, 0.0, 1.0, -dy)
+  return flip @ rotate @ scale @ shift
+
+
+def _random_augmentation(key, size: int, aug: Augment) -> jax.Array:
+  k_hflip, k_vflip, k_rot, k_zoom, k_tx, k_ty = jax.random.split(key, 6)
+  uniform = lambda k, r: jax.random.uniform(k, (), minval=-r, maxval=r)
+  horizontal = aug.flip in ('horizontal', 'horizontal_and_vertical')
+  vertical = aug.flip in ('vertical', 'horizontal_and_vertical')
+  return augmentation_matrix(
+      size,
+      hflip=horizontal and jax.random.bernoulli(k_hflip),
+      vflip=vertical and jax.random.bernoulli(k_vflip),
+      angle=uniform(k_rot, aug.rotation) * 2 * math.pi,
+      zoom=1 + uniform(k_zoom, aug.zoom),
+      dx=uniform(k_tx, aug.translate) * size,
+      dy=uniform(k_ty, aug.translate) * size)
+
+
+def _fix_index(index: jax.Array, n: int, mode: str) -> jax.Array:
+  """Out-of-range pixel indices, as `jax.scipy.ndimage.map_coordinates` treats them."""
+  if mode == 'nearest':
+    return jnp.clip(index, 0, n - 1)
+  if mode == 'wrap':
+    return index % n
+  if mode == 'reflect':  # d c b a | a b c d | d c b a
+    period = 2 * n
+    index = index % period
+    return jnp.where(index < n, index, period - 1 - index)
+  return index  # 'constant': masked below
+
+
+def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 'reflect',
+         fill_value: float = 0.0) -> jax.Array:
+  """(B, H, W, C) images sampled bilinearly on a size x size grid mapped by (B, 3, 3)."""
+  _, h, w, _ = images.shape
+  ys, xs = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
+                        jnp.arange(size, dtype=jnp.float32), indexing='ij')
+  grid = jnp.stack([xs, ys, jnp.ones_like(xs)], axis=-1)  # (S, S, 3): x, y, 1
+
+  def one(image, m):
+    coords = grid @ m.T
+    x, y = coords[..., 0], coords[..., 1]
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    wx, wy = x - x0, y - y0
+    out = 0.0
+    for dy, wy_ in ((0, 1 - wy), (1, wy)):
+      for dx, wx_ in ((0, 1 - wx), (1, wx)):
+        yi, xi = (y0 + dy).astype(jnp.int32), (x0 + dx).astype(jnp.int32)
+        pixel = image[_fix_index(yi, h, fill_mode).clip(0, h - 1),
+                      _fix_index(xi, w, fill_mode).clip(0, w - 1)]
+        if fill_mode == 'constant':
+          inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+          pixel = jnp.where(inside[..., None], pixel, fill_value)
+        out = out + (wy_ * wx_)[..., None] * pixel
+    return out
+
+  return jax.vmap(one)(images.astype(jnp.float32), matrices)
+
+
+def prepare(images: jax.Array, keys: jax.Array | None, aug: Augment, size: int | None,
+            train: bool) -> jax.Array:
+  """uint8 images as the model sees them: cropped, resized and (in training) augmented.
+
+  Args:
+    images: (B, H, W, C) stored images.
+    keys: (B,) per-example random keys; needed only when training with augmentation.
+    aug: the augmentations.
+    size: the model's input side; None keeps the stored size.
+    train: augment (otherwise only the centre crop and the resize).
+  Returns:
+    float32 images in [0, 255]; the input itself (as float32) when nothing applies.
+  """
+  _, h, w, _ = images.shape
+  size = size or h
+  augmenting = train and aug.geometric
+  if not augmenting and aug.crop is None and (h, w) == (size, size):
+    return images.astype(jnp.float32)
+  if augmenting:
+    def matrix(key):
+      k_crop, k_aug = jax.random.split(key)
+      return _crop_and_resize(k_crop, (h, w), size, aug, True) @ _random_augmentation(k_aug, size,
+                                                                              aug)
+    matrices = jax.vmap(matrix)(keys)
+  else:
+    m = _crop_and_resize(None, (h, w), size, aug, False)
+    matrices = jnp.broadcast_to(m, (images.shape[0], 3, 3))
+  return warp(images, matrices, size, aug.fill_mode, aug.fill_value)
+
+
+def mixup(images: jax.Array, key: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array,
+                                                                    jax.Array]:
+  """Mixes each image with another of the batch: (images, partner index, weight of own).
+
+  The loss is weight x loss(own label) + (1 - weight) x loss(partner's label), which is
+  the cross-entropy against the mixed one-hot label (Keras `MixUp`).
+  """
+  k_perm, k_lam = jax.random.split(key)
+  partner = jax.random.permutation(k_perm, images.shape[0])
+  lam = jax.random.beta(k_lam, alpha, alpha, (images.shape[0],))
+  mixed = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * images[partner]
+  return mixed, partner, lam

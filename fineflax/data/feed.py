@@ -1,0 +1,58 @@
+"""Getting batches onto the devices: whole splits placed once, or host batches prefetched.
+
+A split that fits (`config.data.device_resident`, under `device_resident_max_mb`) is copied
+to every device once; each step then receives only indices and weights and gathers its
+images on the device, so the accelerator never waits for the host. Otherwise the host
+gathers each batch and transfers it while the previous step still runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+from typing import Any, Iterable, Iterator, Mapping
+
+import jax
+from jax.sharding import Mesh
+
+from fineflax import parallel
+from fineflax.data.dataset import Batch, Split, gather
+
+logger = logging.getLogger('fineflax.data')
+
+
+def place(split: Split, mesh: Mesh) -> dict[str, jax.Array]:
+  """The split's images and labels, replicated on every device of the mesh."""
+  return parallel.replicate({'image': split.images, 'label': split.labels}, mesh)
+
+
+def place_splits(splits: Mapping[str, Split | None], mesh: Mesh, enabled: bool,
+                 max_mb: int) -> dict[str, dict[str, jax.Array] | None]:
+  """The splits placed on the devices, if enabled, with one process, and under `max_mb`
+  in all; {name: None} otherwise (the host then gathers every batch)."""
+  total = sum(s.nbytes for s in splits.values() if s is not None)
+  fits = enabled and jax.process_count() == 1 and total <= max_mb * 2**20
+  logger.info('data: %.1f MB in all, %s', total / 2**20,
+              'placed on the devices' if fits else 'batches gathered on the host')
+  return {name: place(s, mesh) if fits and s is not None else None
+          for name, s in splits.items()}
+
+
+def prefetch(iterator: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+  """Runs `depth` items ahead: device transfers overlap the steps that come before."""
+  queue: collections.deque = collections.deque()
+  iterator = iter(iterator)
+  for item in itertools.islice(iterator, depth):
+    queue.append(item)
+  while queue:
+    yield queue.popleft()
+    for item in itertools.islice(iterator, 1):
+      queue.append(item)
+
+
+def device_batches(split: Split, batches: Iterable[Batch], mesh: Mesh,
+                   resident: dict[str, jax.Array] | None) -> Iterator[dict[str, jax.Array]]:
+  """Sharded global batches: indices for a resident split, else host-gathered images."""
+  return prefetch(parallel.shard_batch(b if resident is not None else gather(split, b), mesh)
+                  for b in batches)

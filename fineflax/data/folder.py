@@ -1,0 +1,160 @@
+"""`folder:PATH`: the user's own images, one sub-folder per class (Keras'
+`image_dataset_from_directory`): class ids are the sorted folder names.
+
+Either PATH holds the class folders, and `config.data.validation_split` carves a
+validation split out of them (shuffled with `config.data.split_seed`, the last fraction
+taken, as Keras does); or PATH holds one folder per split (`train/`, `validation/`,
+`test/`, named as `config.data.*_split`), each with the class folders.
+
+JPEG, PNG, BMP and GIF files are read (grey and RGBA become RGB) and resized to
+`config.data.load_size` if set. Unreadable or truncated files are skipped with one warning
+that counts them and names the first few; other files are counted and ignored; a class
+folder without a readable image, or a PATH without class folders, is an error naming it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from fineflax.data.dataset import Dataset, DatasetInfo, Split, share
+from fineflax.data.images import read_image
+from fineflax.errors import ConfigError
+
+logger = logging.getLogger('fineflax.data')
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+_SPLITS = ('train_split', 'val_split', 'test_split')
+
+
+def _root(spec: str) -> Path:
+  root = Path(spec.split(':', 1)[1]).expanduser()
+  if not root.is_dir():
+    raise ConfigError(f'config.data.source={spec!r}: {root} is not a folder')
+  return root
+
+
+def _class_folders(folder: Path) -> list[Path]:
+  classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
+  if not classes:
+    raise ConfigError(f'{folder} has no class folders (one sub-folder per class expected)')
+  return classes
+
+
+def _split_layout(root: Path, data_config: Any) -> dict[str, Path] | None:
+  """{split key: folder} when PATH holds one folder per split, else None."""
+  names = {key: data_config[key] for key in _SPLITS if data_config[key]}
+  folders = {key: root / name for key, name in names.items() if (root / name).is_dir()}
+  return folders if 'train_split' in folders else None
+
+
+def _listing(classes: list[Path]) -> tuple[list[Path], list[int]]:
+  """Image files and their labels, class by class, in sorted order (as Keras lists them)."""
+  files, labels, ignored = [], [], []
+  for label, folder in enumerate(classes):
+    found = [p for p in sorted(folder.rglob('*')) if p.is_file()]
+    images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
+      raise ConfigError(f'class folder {folder} has no image file')
+    files += images
+    labels += [label] * len(images)
+    ignored += [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
+  if ignored:
+    logger.info('ignored %d files that are no images, e.g. %s', len(ignored),
+                [str(p) for p in ignored[:3]])
+  return files, labels
+
+
+def info(spec: str, data_config: Any) -> DatasetInfo:
+  """Class names from the folder names; the image shape from `load_size` or one image."""
+  root = _root(spec)
+  layout = _split_layout(root, data_config)
+  classes = _class_folders(layout['train_split'] if layout else root)
+  size = data_config.load_size
+  if size is None:
+    files, _ = _listing(classes)
+    if not files:
+      raise ConfigError(f'{root} holds no image files')
+    shape = read_image(files[0]).shape
+  else:
+    shape = (size, size, 3)
+  return DatasetInfo(tuple(shape), tuple(c.name for c in classes))
+
+
+def _read_all(files: list[Path], size: int | None) -> tuple[list[np.ndarray | None], list[str]]:
+  def read(path):
+    try:
+      return read_image(path, size), None
+    except ConfigError as e:
+      return None, str(e)
+  workers = min(32, (os.cpu_count() or 1) * 2)  # PIL decodes with the GIL released
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    results = list(pool.map(read, files))
+  return [r for r, _ in results], [e for _, e in results if e]
+
+
+def _load_split(name: str, files: list[Path], labels: list[int], classes: list[Path],
+                data_config: Any) -> Split:
+  """This process's share of a listed split, read; `size` counts the listed files."""
+  files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
+  idx = share(len(files))
+  images, errors = _read_all([files[i] for i in idx], data_config.load_size)
+  if errors:
+    logger.warning('config.data.%s: skipped %d unreadable image(s), e.g. %s', name,
+                   len(errors), errors[:3])
+  keep = [i for i, image in enumerate(images) if image is not None]
+  shapes = {images[i].shape for i in keep}
+  if len(shapes) > 1:
+    raise ConfigError(f'{classes[0].parent}: images of several sizes {sorted(shapes)[:3]}; '
+                      'set config.data.load_size to resize them as they are read')
+  read = np.asarray([labels[i] for i in idx], np.int32)[keep]
+  stacked = (np.stack([images[i] for i in keep]) if keep
+             else np.zeros((0, 1, 1, 3), np.uint8))
+  return Split(stacked, read, size=len(files))
+
+
+def load(spec: str, data_config: Any) -> Dataset:
+  """This process's share of the splits the config names (every P-th file)."""
+  root = _root(spec)
+  layout = _split_layout(root, data_config)
+  listings: dict[str, tuple[list[Path], list[int]]] = {}
+  if layout:
+    classes = _class_folders(layout['train_split'])
+    for key, folder in layout.items():
+      names = [p.name for p in _class_folders(folder)]
+      if names != [c.name for c in classes]:
+        raise ConfigError(f'{folder} has the classes {names}, {layout["train_split"]} has '
+                          f'{[c.name for c in classes]}')
+      listings[key] = _listing([folder / n for n in names])
+  else:
+    classes = _class_folders(root)
+    files, labels = _listing(classes)
+    if not files:
+      raise ConfigError(f'{root} holds no image files')
+    fraction = data_config.validation_split
+    rng = np.random.RandomState(data_config.split_seed)
+    order = rng.permutation(len(files))
+    n_val = int(fraction * len(files))
+    cut = len(files) - n_val
+    listings['train_split'] = ([files[i] for i in order[:cut]], [labels[i] for i in order[:cut]])
+    if n_val:
+      listings['val_split'] = ([files[i] for i in order[cut:]], [labels[i] for i in order[cut:]])
+  for key in _SPLITS:
+    if data_config[key] and key not in listings:
+      raise ConfigError(
+          f'config.data.{key}={data_config[key]!r}: {root} has no folder {data_config[key]!r}'
+          + (' and config.data.validation_split is 0' if key == 'val_split' else '')
+          + f'; set config.data.{key} = None to go without it')
+  splits = {data_config[key]: _load_split(key, *listings[key], classes, data_config)
+            for key in _SPLITS if data_config[key]}
+  if jax.process_count() == 1:  # with one process, the shares are the whole splits
+    readable = sum(np.bincount(s.labels, minlength=len(classes)) for s in splits.values())
+    for label in np.flatnonzero(readable == 0):
+      raise ConfigError(f'class folder {classes[label]} has no readable image')
+  return Dataset(DatasetInfo(splits[data_config.train_split].images.shape[1:],
+                             tuple(c.name for c in classes)), splits)

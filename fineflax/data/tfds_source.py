@@ -1,0 +1,153 @@
+"""`tfds:NAME`: any image-classification dataset of tensorflow-datasets.
+
+Split strings are passed as written (`'train[:40%]'`). Offline first: a dataset already
+prepared in `config.data.data_dir` is read; otherwise the files it is built from are
+taken from `config.data.manual_dir` when they are all there, and downloaded only when
+their hosts answer within seconds. If neither, the error names each file, its URL and
+checksum and where to put it, at once, instead of tfds' retry loop (over 200 s here).
+
+TensorFlow decodes (tf.data) and is kept off the accelerators. Each process reads its
+share of every split (`tfds.split_for_jax_process`); images of varying size are resized
+to `config.data.load_size` as they are read, and the split is held in memory as uint8.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import jax
+import numpy as np
+
+from fineflax.data.dataset import Dataset, DatasetInfo, Split
+from fineflax.errors import ConfigError
+
+_PROBE_TIMEOUT_S = 3
+_SPLITS = ('train_split', 'val_split', 'test_split')
+
+
+def _tfds():
+  """tensorflow_datasets, with TensorFlow kept off every GPU (JAX owns their memory)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tf, tfds
+
+
+def _builder(spec: str, data_config: Any):
+  name = spec.split(':', 1)[1]
+  _, tfds = _tfds()
+  try:
+    return tfds.builder(name, data_dir=data_config.data_dir)
+  except Exception as e:  # tfds raises DatasetNotFoundError and others
+    raise ConfigError(f'config.data.source={spec!r}: {e}') from None
+
+
+def info(spec: str, data_config: Any) -> DatasetInfo:
+  """Image shape (`load_size` for images of varying size) and class names, from tfds."""
+  builder = _builder(spec, data_config)
+  features = builder.info.features
+  for key in ('image', 'label'):
+    if key not in features:
+      raise ConfigError(f'config.data.source={spec!r}: not an image classification dataset '
+                        f'(features {list(features)})')
+  shape = tuple(features['image'].shape)
+  if data_config.load_size:
+    shape = (data_config.load_size, data_config.load_size, 3)
+  elif None in shape[:2]:
+    raise ConfigError(f'config.data.source={spec!r}: its images vary in size; set '
+                      'config.data.load_size to the side to resize them to as they are read')
+  return DatasetInfo((shape[0], shape[1], 3), tuple(features['label'].names))
+
+
+def _reachable(url: str) -> str | None:
+  """None if the URL's host accepts a connection within seconds, else why not."""
+  parsed = urlparse(url)
+  port = parsed.port or (443 if parsed.scheme == 'https' else 80)
+  try:
+    socket.create_connection((parsed.hostname, port), timeout=_PROBE_TIMEOUT_S).close()
+    return None
+  except OSError as e:
+    return f'{parsed.hostname}: {e}'
+
+
+def _prepare(builder, spec: str, data_config: Any) -> None:
+  """download_and_prepare, from `manual_dir` or the network, or a fast, complete error."""
+  _, tfds = _tfds()
+  manual_dir = data_config.manual_dir
+  infos = dict(builder.url_infos or {})
+  instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
+  local = manual_dir and all((Path(manual_dir) / i.filename).exists() for i in infos.values()
+                             if i.filename)
+  problems = [] if local or instructions else [p for p in map(_reachable, infos) if p]
+  if problems or (instructions and not manual_dir):
+    files = '\n'.join(f'  {i.filename or url}  from {url}  (sha256 {i.checksum}, '
+                      f'{i.size:,} bytes)' for url, i in infos.items())
+    raise ConfigError(
+        f'config.data.source={spec!r}: the dataset is not prepared in '
+        f'{builder.data_dir} and cannot be built here'
+        + (f' (no network: {problems[0]})' if problems else '') + '.\n'
+        + (f'Its manual download instructions: {instructions}\n' if instructions else '')
+        + (f'Put these files into config.data.manual_dir (now {manual_dir}):\n{files}\n'
+           if files else '')
+        + 'or build it where there is network (tfds.builder(...).download_and_prepare() '
+        'with the same data_dir) and copy the data_dir folder here.')
+  config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
+  builder.download_and_prepare(download_config=config)
+
+
+def _as_dataset(builder, split: str, spec: str, data_config: Any):
+  """The (image, label) tf.data.Dataset of a split, preparing the dataset if needed."""
+  kwargs = dict(split=split, as_supervised=True, shuffle_files=False)
+  try:
+    return builder.as_dataset(**kwargs)
+  except AssertionError:  # tfds' way of saying "not prepared"
+    _prepare(builder, spec, data_config)
+    return builder.as_dataset(**kwargs)
+  except ValueError as e:  # a malformed split string
+    raise ConfigError(f'config.data.source={spec!r}, split {split!r}: {e}') from None
+
+
+def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
+  tf, tfds = _tfds()
+  local = tfds.split_for_jax_process(split) if jax.process_count() > 1 else split
+  ds = _as_dataset(builder, local, spec, data_config)
+  if data_config.max_examples:
+    ds = ds.take(-(-data_config.max_examples // jax.process_count()))
+  size = data_config.load_size
+
+  def decode(image, label):
+    if size:
+      image = tf.cast(tf.round(tf.image.resize(image, (size, size))), tf.uint8)
+    if image.shape[-1] == 1:
+      image = tf.image.grayscale_to_rgb(image)
+    return image, tf.cast(label, tf.int32)
+
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+  images, labels = [], []
+  try:
+    for x, y in ds.batch(1024).prefetch(2).as_numpy_iterator():
+      images.append(x)
+      labels.append(y)
+  except tf.errors.InvalidArgumentError as e:  # images of several sizes cannot be batched
+    raise ConfigError(f'config.data.source={spec!r}, split {split!r}: images of several '
+                      f'sizes; set config.data.load_size ({str(e)[:200]})') from None
+  images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
+  labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
+  try:
+    total = builder.info.splits[split].num_examples
+  except (KeyError, ValueError):  # no split info (e.g. under tfds.testing.mock_data)
+    total = len(labels) * jax.process_count()
+  if data_config.max_examples:
+    total = min(total, data_config.max_examples)
+  return Split(images, labels, size=total)
+
+
+def load(spec: str, data_config: Any) -> Dataset:
+  """This process's share of each split the config names."""
+  builder = _builder(spec, data_config)
+  splits = {data_config[k]: _read_split(builder, data_config[k], spec, data_config)
+            for k in _SPLITS if data_config[k]}
+  return Dataset(info(spec, data_config), splits)

@@ -1,0 +1,82 @@
+"""Every config file: valid as written and as :smoke, Keras' counts, and a smoke run of
+each seed workflow end to end (random weights, tfds through mock_data, a made folder)."""
+
+import importlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from fineflax import config as config_lib, summary, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')
+
+
+def _config(name, arg=None):
+  return importlib.import_module(f'configs.{name}').get_config(arg)
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_validates_as_written_and_as_smoke(name):
+  full, smoke = config_lib.validate(_config(name)), config_lib.validate(_config(name, 'smoke'))
+  assert [(p.name, p.freeze, p.batchnorm) for p in smoke.phases] == [
+      (p.name, p.freeze, p.batchnorm) for p in full.phases]
+  assert smoke.model.backbone == full.model.backbone
+  assert smoke.model.head == full.model.head and smoke.model.weights == full.model.weights
+  assert smoke.data.max_examples == 32 and smoke.model.image_size <= 32
+
+
+@pytest.fixture
+def photos(tmp_path):
+  rng = np.random.default_rng(0)
+  for cls in ('damaged', 'undamaged'):
+    (tmp_path / cls).mkdir()
+    for i in range(20):
+      Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(
+          tmp_path / cls / f'{i}.jpg')
+  return tmp_path
+
+
+def test_folder_config_counts_equal_seed000_keras(photos):
+  cfg = _config('folder')
+  cfg.data.source = f'folder:{photos}'
+  got, _ = summary.summarize_config(cfg)
+  assert (got.trainable, got.non_trainable) == (14_982_145, 8_615_808)
+
+
+def test_cifar10_config_counts_equal_seed004_keras():
+  counts = [summary.summarize_config(_config('cifar10'), phase=i)[0] for i in (0, 1)]
+  assert [(c.trainable, c.non_trainable) for c in counts] == [
+      (20_490, 23_587_712), (14_996_490, 8_611_712)]
+
+
+def test_cats_vs_dogs_config_counts_equal_keras(keras):
+  base = keras.applications.Xception(include_top=False, weights=None, input_shape=(150, 150, 3))
+  count = lambda ws: sum(int(np.prod(w.shape)) for w in ws)
+  frozen, finetune = [summary.summarize_config(_config('cats_vs_dogs'), phase=i)[0]
+                      for i in (0, 1)]
+  assert (frozen.trainable, frozen.non_trainable) == (2049, base.count_params())
+  assert (finetune.trainable, finetune.non_trainable) == (
+      count(base.trainable_weights) + 2049, count(base.non_trainable_weights))
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'cats_vs_dogs'])
+def test_tfds_workflow_smoke_run(name, tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  cfg = _config(name, 'smoke')
+  cfg.model.weights = None  # no ImageNet file here; loading is tested in test_weights.py
+  with tfds.testing.mock_data(num_examples=32):
+    results = train.train_and_evaluate(cfg, tmp_path, devices=jax.devices()[:2])
+  assert results['test_examples'] == 32 and results['step'] == 2 * len(cfg.phases)
+  assert (tmp_path / 'samples.png').exists()
+
+
+def test_folder_workflow_smoke_run(photos, tmp_path):
+  cfg = _config('folder', 'smoke')
+  cfg.model.weights = None
+  cfg.data.source = f'folder:{photos}'
+  results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
+  assert results['step'] == 2 and 'test_accuracy' not in results
