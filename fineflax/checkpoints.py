@@ -1,14 +1,23 @@
-"""Orbax checkpoints of the whole train state, plus where the run stood (phase, epoch).
+"""Orbax checkpoints of the whole train state, plus where the run stood.
 
-`DIR/checkpoints/<step>/` holds two items: `state` (the TrainState pytree) and `meta`
-(JSON: step, phase index and name, epochs done in that phase, epochs done in the run).
-Orbax writes each step into a temporary directory and renames it when complete, so a
-checkpoint that was being written when the process died is never picked up.
+Two retention policies side by side, in folders of their own (an Orbax manager with a
+`best_fn` would delete the latest checkpoint, so they must not share one):
+
+  DIR/checkpoints/latest/<step>/  the last `keep` saves, for resuming; written after every
+                                  epoch, every `every_steps` steps and on SIGTERM
+  DIR/checkpoints/best/<step>/    the best save by `monitor` (e.g. val_loss, min)
+
+Each step folder holds `state` (the TrainState pytree) and `meta` (JSON: step, phase,
+epochs done, batches done in the current epoch, partial metric sums, early-stopping
+state). Orbax writes a step into a temporary folder and renames it when complete: a
+half-written step is never picked up (and is reported).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +27,8 @@ import orbax.checkpoint as ocp
 from fineflax.errors import ConfigError
 from fineflax.freeze import path_str
 from fineflax.state import TrainState
+
+logger = logging.getLogger('fineflax.checkpoints')
 
 
 class CheckpointMismatchError(ConfigError):
@@ -31,10 +42,26 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
+def latest_dir(workdir: str | os.PathLike) -> Path:
+  """Where a run's resumable checkpoints live."""
+  return Path(workdir) / 'checkpoints' / 'latest'
+
+
+def best_dir(workdir: str | os.PathLike) -> Path:
+  """Where a run's best checkpoint lives."""
+  return Path(workdir) / 'checkpoints' / 'best'
+
+
 class Checkpoints:
-  """The latest `keep` checkpoints of a run directory."""
+  """The latest `keep` checkpoints in one folder."""
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
+    directory = Path(directory)
+    if directory.is_dir():
+      partial = sorted(p.name for p in directory.iterdir() if not p.name.isdigit())
+      if partial:
+        logger.warning('%s: ignoring %s, left by saves that did not finish', directory,
+                       partial)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     # Handlers named up front: a manager that has not saved yet can read metadata.
     handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
@@ -50,9 +77,17 @@ class Checkpoints:
     return dict(restored['meta'])
 
   def save(self, state: TrainState, meta: dict[str, Any]) -> None:
-    """Saves `state` under step `meta['step']` (asynchronously; see `wait`)."""
-    self._manager.save(meta['step'], args=ocp.args.Composite(
+    """Saves `state` under step `meta['step']` (asynchronously; see `wait`).
+
+    Raises:
+      RuntimeError: the folder already holds that step or a later one (Orbax would skip
+        the save without a word).
+    """
+    saved = self._manager.save(meta['step'], args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    if not saved:
+      raise RuntimeError(f'{self._manager.directory}: step {meta["step"]} was not saved; the '
+                         f'folder already holds step {self._manager.latest_step()}')
 
   def restore(self, step: int, target: TrainState) -> TrainState:
     """The state saved at `step`, with the tree structure and shardings of `target`.
@@ -62,7 +97,7 @@ class Checkpoints:
     partially and silently; here any difference is a CheckpointMismatchError.
     """
     saved = self._manager.item_metadata(step)['state']
-    _check_same_tree(_leaf_specs(getattr(saved, 'tree', saved)), _leaf_specs(target),
+    check_same_tree(leaf_specs(getattr(saved, 'tree', saved)), leaf_specs(target),
                      f'{self._manager.directory}/{step}')
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = self._manager.restore(step, args=ocp.args.Composite(
@@ -78,12 +113,77 @@ class Checkpoints:
     self._manager.close()
 
 
-def _leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+def remove_steps_after(directory: str | os.PathLike, step: int) -> None:
+  """Deletes the step folders of `directory` after `step` (process 0; all when -1)."""
+  directory = Path(directory)
+  if jax.process_index() != 0 or not directory.is_dir():
+    return
+  for p in directory.iterdir():
+    if p.name.isdigit() and int(p.name) > step:
+      shutil.rmtree(p)
+
+
+def params_source(path: str | os.PathLike) -> Path:
+  """The folder of a parameter tree to start from (`config.init_from`): a run's best
+  checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint."""
+  path = Path(path).expanduser()
+  for folder in (best_dir(path), latest_dir(path)):
+    if has_checkpoint(folder):
+      path = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+      break
+  if (path / 'state').is_dir():
+    return path / 'state'
+  if not path.is_dir():
+    raise ConfigError(f'config.init_from={str(path)!r}: no such run, checkpoint or folder')
+  return path
+
+
+class RunCheckpoints:
+  """A run's latest/ and best/ checkpoints (see the module docstring)."""
+
+  def __init__(self, workdir: str | os.PathLike, keep: int, monitor: str, mode: str):
+    self.latest = Checkpoints(latest_dir(workdir), keep)
+    self.best = Checkpoints(best_dir(workdir), 1)
+    self.monitor, self.mode = monitor, mode
+    best = self.best.latest_meta()
+    self.best_value = best.get('value') if best else None
+
+  def improved(self, value: float | None) -> bool:
+    """Whether `value` of the monitored metric beats the best saved so far."""
+    if value is None:
+      return False
+    if self.best_value is None:
+      return True
+    return value < self.best_value if self.mode == 'min' else value > self.best_value
+
+  def save(self, state: TrainState, meta: dict[str, Any],
+           record: dict[str, Any] | None = None) -> bool:
+    """Saves to latest/; also to best/ when `record`'s monitored value improves on it.
+
+    Returns whether best/ was written.
+    """
+    self.latest.save(state, meta)
+    value = None if record is None else record.get(self.monitor)
+    if not self.improved(value):
+      return False
+    self.best_value = value
+    self.best.save(state, dict(meta, monitor=self.monitor, value=value))
+    return True
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the managers."""
+    self.latest.close()
+    self.best.close()
+
+
+def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+  """{'params/backbone/conv1_conv/kernel': (shape, dtype)} of every leaf of `tree`."""
   return {path_str(path): (tuple(leaf.shape), str(leaf.dtype))
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_same_tree(saved: dict, expected: dict, where: str) -> None:
+def check_same_tree(saved: dict, expected: dict, where: str) -> None:
+  """CheckpointMismatchError naming the leaves unless the two `leaf_specs` are equal."""
   missing = sorted(set(expected) - set(saved))
   unexpected = sorted(set(saved) - set(expected))
   changed = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])

@@ -72,6 +72,15 @@ def _source(v):
   return None
 
 
+def _class_weight(v):
+  if isinstance(v, str):
+    return None if v == 'balanced' else "expected 'balanced' or one weight per class"
+  if not v or not all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                      for w in v):
+    return 'must be a non-empty tuple of weights >= 0, one per class'
+  return None
+
+
 def _hidden(v):
   if not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in v):
     return 'must be a tuple of positive ints (the widths of hidden Dense layers)'
@@ -79,6 +88,7 @@ def _hidden(v):
 
 
 _INT, _FLOAT, _STR, _BOOL, _SEQ = (int,), (float, int), (str,), (bool,), (tuple, list)
+METRICS = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
 
 SCHEMA: dict[str, Any] = {
     'seed': Field(0, _INT, 'Seed of parameter init, data order and dropout.'),
@@ -110,7 +120,10 @@ SCHEMA: dict[str, Any] = {
         'head': {
             'pooling': Field('avg', _STR, "'avg', 'max' (global pooling) or 'flatten'.",
                              check=_choices(('avg', 'max', 'flatten'))),
-            'hidden': Field((), _SEQ, 'Widths of hidden Dense+ReLU layers.', check=_hidden),
+            'hidden': Field((), _SEQ, 'Widths of hidden Dense layers.', check=_hidden),
+            'activation': Field('relu', _STR, "Activation of the hidden Dense layers: 'relu' "
+                                "or 'linear' (seed 002's Dense(256) has none).",
+                                check=_choices(('relu', 'linear'))),
             'dropout': Field(0.0, _FLOAT, 'Dropout rate before the classifier; 0: none.',
                              check=_fraction),
             'batchnorm': Field(False, _BOOL, 'BatchNormalization before the classifier.'),
@@ -163,13 +176,45 @@ SCHEMA: dict[str, Any] = {
     'loss': {
         'label_smoothing': Field(0.0, _FLOAT, 'Label smoothing of the softmax loss.',
                                  check=_fraction),
+        'class_weight': Field(None, (str, tuple, list), "Keras class_weight: 'balanced' "
+                              '(n_examples / (n_classes * n_class) from the train split) or '
+                              'one weight per class; None: all 1.', optional=True,
+                              check=_class_weight),
+    },
+    'features': {
+        'cache': Field('auto', _STR, "Cached-feature mode for phases that train only the head "
+                       "without augmentation: 'auto' (in memory up to features.memory_mb, "
+                       "else on disk under DIR/features), 'memory', 'disk' or 'off'.",
+                       check=_choices(('auto', 'memory', 'disk', 'off'))),
+        'memory_mb': Field(2048, _INT, "'auto': the size up to which features are held in "
+                           'memory.', check=_at_least(0)),
+    },
+    'report': {
+        'progress': Field('auto', _STR, "Per-epoch progress: 'bar' (a terminal bar), 'lines' "
+                          "(plain lines), 'off'; 'auto': a bar on a TTY, lines otherwise.",
+                          check=_choices(('auto', 'bar', 'lines', 'off'))),
+        'tensorboard': Field(True, _BOOL, 'Write TensorBoard event files under DIR/tb.'),
+        'plot': Field(True, _BOOL, 'Redraw DIR/history.png after every epoch.'),
     },
     'checkpoint': {
-        'keep': Field(3, _INT, 'How many of the latest checkpoints to keep.', check=_positive),
+        'keep': Field(3, _INT, 'How many of the latest checkpoints to keep (latest/).',
+                      check=_positive),
+        'every_steps': Field(None, _INT, 'Also save every N steps (besides every epoch and '
+                             'on SIGTERM); None: per epoch only.', optional=True,
+                             check=_positive),
+        'monitor': Field('val_loss', _STR, 'The metric best/ keeps the best of.',
+                         check=_choices(METRICS)),
+        'mode': Field('auto', _STR, "'min' or 'max': which value of `monitor` is best; "
+                      "'auto': max for accuracies, min for losses.",
+                      check=_choices(('auto', 'min', 'max'))),
     },
+    'init_from': Field(None, _STR, "Start from another run's parameters: its workdir, a "
+                       'checkpoint step folder or a converted checkpoint; layers of '
+                       'another shape (a new head) are initialised and reported.',
+                       optional=True),
 }
 
-PHASE_SCHEMA: dict[str, Field] = {
+PHASE_SCHEMA: dict[str, Any] = {
     'name': Field('', _STR, "Phase name in logs and metrics; '': 'phase<i>'."),
     'freeze': Field('none', _STR, "What is frozen: 'none', 'backbone', 'layers[A:B]' "
                     "(Keras layer slice) or 'regex:PATTERN' (parameter paths).",
@@ -178,7 +223,40 @@ PHASE_SCHEMA: dict[str, Field] = {
                        check=_choices(optimizers.OPTIMIZERS)),
     'learning_rate': Field(1e-3, _FLOAT, 'Learning rate.', check=_positive),
     'momentum': Field(0.0, _FLOAT, 'Momentum of sgd and rmsprop; 0: none.', check=_fraction),
+    'nesterov': Field(False, _BOOL, 'Nesterov momentum (sgd).'),
+    'weight_decay': Field(None, _FLOAT, 'Decoupled weight decay (x learning rate, as Keras '
+                          'and optax.adamw apply it) of the trainable kernels and biases; '
+                          "None: 1e-4 for adamw, 0 otherwise.", optional=True,
+                          check=_at_least(0)),
+    'decay_batchnorm': Field(False, _BOOL, 'Also decay BatchNormalization scale/offset.'),
+    'schedule': Field('constant', _STR, "Learning rate schedule over the phase: 'constant', "
+                      "'cosine' (to 0), 'warmup_cosine' (linear warmup, then cosine), 'step' "
+                      '(x decay_factor at each of decay_epochs).',
+                      check=_choices(('constant', 'cosine', 'warmup_cosine', 'step'))),
+    'warmup_epochs': Field(0.0, _FLOAT, "'warmup_cosine': epochs of linear warmup from 0.",
+                           check=_at_least(0)),
+    'decay_epochs': Field((), _SEQ, "'step': the phase epochs at which the rate drops."),
+    'decay_factor': Field(0.1, _FLOAT, "'step': the factor of each drop.", check=_positive),
+    'clip_norm': Field(None, _FLOAT, 'Clip gradients to this global norm; None: no clipping.',
+                       optional=True, check=_positive),
+    'accumulate': Field(1, _INT, 'Accumulate the gradients of N batches per update '
+                        '(optax.MultiSteps): an effective batch of N x batch_size.',
+                        check=_positive),
     'epochs': Field(1, _INT, 'Epochs of this phase.', check=_at_least(0)),
+    'augment': Field(True, _BOOL, 'Apply config.data.augment in this phase; False: train on '
+                     'the plain images (a head-only phase can then use cached features).'),
+    'early_stopping': {
+        'patience': Field(0, _INT, 'Keras EarlyStopping: stop the phase after this many '
+                          'epochs without improvement; 0: off.', check=_at_least(0)),
+        'monitor': Field('val_loss', _STR, 'The metric early stopping watches.',
+                         check=_choices(METRICS)),
+        'mode': Field('auto', _STR, "'min', 'max' or 'auto' (max for accuracies, min for "
+                      'losses).', check=_choices(('auto', 'min', 'max'))),
+        'min_delta': Field(0.0, _FLOAT, 'The least change that counts as an improvement.',
+                           check=_at_least(0)),
+        'restore_best': Field(False, _BOOL, 'At the end of the phase, go back to the '
+                              'parameters of its best epoch.'),
+    },
     'batchnorm': Field('frozen', _STR, "'frozen': BN uses its moving statistics and never "
                        "updates them (Keras training=False); 'train': BN layers with trainable "
                        'scale/offset use batch statistics averaged over devices (from scratch).',
@@ -191,9 +269,11 @@ def _build(schema: dict[str, Any]) -> ml_collections.ConfigDict:
   for key, field in schema.items():
     if isinstance(field, dict):
       out[key] = _build(field)
-    elif field.default is None:
+    elif field.default is None and (len(field.types) == 1 or field.types == _FLOAT):
       # A typed placeholder, so that `--config.key=value` can override it.
       out[key] = config_dict.placeholder(field.types[0])
+    elif field.default is None:  # several types (a name or a tuple): set in a config file
+      out[key] = None
     else:
       out[key] = field.default
   return out
@@ -214,7 +294,14 @@ def phase(**overrides: Any) -> ml_collections.ConfigDict:
     raise ConfigError(f'unknown phase key {key!r}{_suggest(key, PHASE_SCHEMA)}')
   out = _build(PHASE_SCHEMA)
   for key, value in overrides.items():
-    out[key] = value
+    if isinstance(PHASE_SCHEMA[key], dict):  # a section: override its keys, keep the rest
+      unknown = set(value) - set(PHASE_SCHEMA[key])
+      if unknown:
+        name = sorted(unknown)[0]
+        raise ConfigError(f'unknown phase key {key}.{name}{_suggest(name, PHASE_SCHEMA[key])}')
+      out[key].update(dict(value))
+    else:
+      out[key] = value
   return out
 
 
@@ -241,8 +328,18 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.model.image_size = 32
   if config.data.load_size is not None:
     config.data.load_size = min(config.data.load_size, 32)
-  config.phases = tuple(_with(p, epochs=min(p.epochs, 1)) for p in config.phases)
+  config.phases = tuple(_smoke_phase(p) for p in config.phases)
   return config
+
+
+def _smoke_phase(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """One epoch at most; schedule keys that count epochs are fitted to it."""
+  values: dict[str, Any] = {'epochs': min(p.epochs, 1)}
+  if p.get('schedule') == 'step':
+    values.update(schedule='constant', decay_epochs=())
+  if p.get('warmup_epochs'):
+    values['warmup_epochs'] = 0.0
+  return _with(p, **values)
 
 
 def _with(cfg: ml_collections.ConfigDict, **values: Any) -> ml_collections.ConfigDict:
@@ -300,7 +397,13 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                       f'phase(...)), got {phases!r}')
   for i, p in enumerate(phases):
     _check_tree(f'config.phases[{i}]', PHASE_SCHEMA, p)
+    optimizers.check_phase(phase(**dict(p)), f'config.phases[{i}].')
   weights.check_spec(config.model.get('weights'), config.model.backbone)
+  for i, p in enumerate(phases):
+    if p.get('augment') is False and config.data.augment.get('crop') is not None:
+      raise ConfigError(f'config.phases[{i}].augment=False with config.data.augment.crop set: '
+                        'a phase without augmentation cannot take random crops; drop the crop '
+                        'or augment the phase')
   names = [p.get('name') or f'phase{i}' for i, p in enumerate(phases)]
   if len(set(names)) != len(names):
     raise ConfigError(f'config.phases: phase names must be unique, got {names}')
@@ -310,11 +413,41 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              if isinstance(config, ml_collections.ConfigDict)
              else ml_collections.ConfigDict(config))
   out.phases = tuple(_with(phase(**dict(p)), name=name) for p, name in zip(phases, names))
+  out.checkpoint.mode = resolve_mode(out.checkpoint.monitor, out.checkpoint.mode)
+  for p in out.phases:
+    p.early_stopping.mode = resolve_mode(p.early_stopping.monitor, p.early_stopping.mode)
   return out
 
 
+def resolve_mode(monitor: str, mode: str) -> str:
+  """'min' or 'max' for a monitored metric ('auto': max for accuracies, as Keras')."""
+  if mode != 'auto':
+    return mode
+  return 'max' if monitor.endswith('accuracy') else 'min'
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON-able values (what a run saves as DIR/config.json)."""
+  def plain(value):
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+      return [plain(v) for v in value]
+    return value
+  return plain(config)
+
+
+def from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The validated config of `to_dict`'s output (a run's DIR/config.json)."""
+  values = dict(values)
+  phases = tuple(ml_collections.ConfigDict(p) for p in values.pop('phases', ()))
+  config = ml_collections.ConfigDict(values)
+  config.phases = phases
+  return validate(config)
+
+
 _OVERRIDE = re.compile(r'^--config\.([^=]+?)(=.*)?$')
-_PHASE_KEY = re.compile(r'^phases\[(\d+)\]\.(\w+)$')
+_PHASE_KEY = re.compile(r'^phases\[(\d+)\]\.([\w.]+)$')
 
 
 def check_override_flags(argv: Sequence[str]) -> None:
@@ -328,17 +461,15 @@ def check_override_flags(argv: Sequence[str]) -> None:
       continue
     key = match.group(1)
     phase_key = _PHASE_KEY.match(key)
-    if phase_key:
-      if phase_key.group(2) not in PHASE_SCHEMA:
-        raise ConfigError(f'{arg}: unknown phase key {phase_key.group(2)!r}'
-                          f'{_suggest(phase_key.group(2), PHASE_SCHEMA)}')
-      continue
     node: Any = SCHEMA
-    parts = key.split('.')
+    prefix, parts = 'config', key.split('.')
+    if phase_key:
+      node, parts = PHASE_SCHEMA, phase_key.group(2).split('.')
+      prefix = f'config.phases[{phase_key.group(1)}]'
     for i, part in enumerate(parts):
       if not isinstance(node, dict) or part not in node:
         known = node if isinstance(node, dict) else {}
-        where = '.'.join(['config'] + parts[:i + 1])
+        where = '.'.join([prefix] + parts[:i + 1])
         raise ConfigError(f'{arg}: unknown config key {where}{_suggest(part, known)}')
       node = node[part]
 

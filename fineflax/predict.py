@@ -1,8 +1,11 @@
-"""Class probabilities for image files, and zero-shot ImageNet-1k classification.
+"""Class probabilities for image files: of a trained run, or zero-shot ImageNet-1k.
 
+    python -m fineflax.predict --workdir runs/demo [--checkpoint best] 3.png 7.png
     python -m fineflax.predict --config configs/imagenet.py --top_k 3 elephant.jpg
 
-prints, per image, the top-k classes with their probabilities: with Keras' ImageNet top
+print, per image, the top-k classes with their probabilities. `--workdir` uses a run's
+checkpoint and class names, the images prepared as the run's evaluation prepares them.
+`--config` uses the config's model and pretrained weights: with Keras' ImageNet top
 (`config.model.include_top`) the 1,000 ImageNet classes by WordNet id and name, as Keras'
 `decode_predictions` does (seed 004).
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import logging
+import os
 from typing import Any, Callable, Sequence
 
 import jax
@@ -19,7 +23,8 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from fineflax import cli, config as config_lib, data, models, state as state_lib, weights
+from fineflax import cli, config as config_lib, data, evaluate, models, parallel, restore
+from fineflax import state as state_lib, weights
 from fineflax.data.images import read_image
 from fineflax.errors import ConfigError
 
@@ -35,16 +40,21 @@ def imagenet_classes() -> tuple[tuple[str, str], ...]:
   return tuple((wnid, lemmas.split(',')[0].strip().replace(' ', '_')) for wnid, lemmas in rows)
 
 
+def probabilities(logits: jax.Array) -> jax.Array:
+  """Class probabilities of logits: softmax, or for one logit (binary) [1 - p, p] with p
+  the sigmoid."""
+  if logits.shape[-1] == 1:  # binary: probability of class 1
+    p = jax.nn.sigmoid(logits[:, 0])
+    return jax.numpy.stack([1 - p, p], axis=-1)
+  return jax.nn.softmax(logits)
+
+
 def predict_fn(model: models.Classifier) -> Callable[[Any, np.ndarray], jax.Array]:
   """A jitted `(variables, uint8 images) -> class probabilities`."""
 
   @jax.jit
   def predict(variables, images):
-    logits = model.apply(variables, images)
-    if logits.shape[-1] == 1:  # binary: probability of class 1
-      p = jax.nn.sigmoid(logits[:, 0])
-      return jax.numpy.stack([1 - p, p], axis=-1)
-    return jax.nn.softmax(logits)
+    return probabilities(model.apply(variables, images))
 
   return predict
 
@@ -81,12 +91,67 @@ def predict_files(config: ml_collections.ConfigDict, paths: Sequence[str],
   return top_k(probs, names, k)
 
 
-def main(config: ml_collections.ConfigDict, paths: Sequence[str], k: int) -> None:
-  """Prints the top-k classes of each image."""
-  for path, best in zip(paths, predict_files(config, paths, k)):
+def read_images(paths: Sequence[str], image_shape: Sequence[int]) -> np.ndarray:
+  """(n, H, W, 3) uint8: the image files resized (bilinear) to `image_shape`."""
+  height, width = image_shape[:2]
+  if height == width:
+    return np.stack([read_image(p, height) for p in paths])
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  return np.stack([np.asarray(Image.fromarray(read_image(p)).resize(
+      (width, height), Image.Resampling.BILINEAR)) for p in paths])
+
+
+def predict_run_files(workdir: str | os.PathLike, paths: Sequence[str], k: int = 5,
+                      checkpoint: str | int = 'best', *,
+                      devices: Sequence[jax.Device] | None = None
+                      ) -> list[list[tuple[str, float]]]:
+  """The top-k classes of each image file under a checkpoint of the run in `workdir`.
+
+  The images are resized to the shape the run's dataset stores, then prepared on the
+  device as the run's evaluation prepares them (resize, centre crop), on `devices`
+  (default: every device).
+  """
+  info = restore.read_dataset_info(workdir, restore.read_config(workdir))
+  images = read_images(paths, info.image_shape)  # a bad file fails before the checkpoint
+  run = restore.load_run(workdir, checkpoint)
+  mesh = parallel.make_mesh(devices)
+  count = mesh.devices.size
+  # One batch of the images when they fit in the run's eval batch; padding rows are dropped.
+  size = min(evaluate.eval_batch_size(None, run.config, count), -(-len(images) // count) * count)
+  logits_step = evaluate.make_logits_step(run.model, mesh,
+                                          augment=data.augment_from_config(run.config.data))
+  logits, _ = evaluate.split_logits(logits_step, parallel.replicate(run.variables, mesh),
+                                    data.Split(images, np.zeros(len(images), np.int32)),
+                                    size, mesh)
+  probs = np.asarray(probabilities(logits))
+  # Outputs beyond the dataset's classes (a config's num_classes may be larger) get a name.
+  names = list(run.class_names) + [f'output {i}' for i in range(len(run.class_names),
+                                                                probs.shape[-1])]
+  return top_k(probs, names, k)
+
+
+def main(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: int,
+         workdir: str | None = None, checkpoint: str = 'best') -> None:
+  """Prints the top-k classes of each image, of a run (`workdir`) or a `config`.
+
+  Raises:
+    ConfigError: neither or both of `config` and `workdir`.
+  """
+  if (config is None) == (workdir is None):
+    raise ConfigError('give exactly one of --config (a model with pretrained weights) and '
+                      '--workdir (a trained run)')
+  if workdir is not None:
+    results = predict_run_files(workdir, paths, k, checkpoint)
+  else:
+    results = predict_files(config, paths, k)
+  for path, best in zip(paths, results):
     print(f'{path}: ' + ', '.join(f'{name} {p:.4f}' for name, p in best))
 
 
 if __name__ == '__main__':
   _TOP_K = flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
-  cli.run(lambda config, argv: main(config, argv, _TOP_K.value), positional='images')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'A trained run (instead of --config).')
+  _CHECKPOINT = flags.DEFINE_string('checkpoint', 'best',
+                                    "With --workdir: 'best', 'latest' or a step.")
+  cli.run(lambda config, argv: main(config, argv, _TOP_K.value, _WORKDIR.value,
+                                    _CHECKPOINT.value), required=(), positional='images')

@@ -12,7 +12,7 @@ equals the pmean of per-device means.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -72,7 +72,8 @@ def _example_keys(key: jax.Array, local_batch: int) -> jax.Array:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: freeze.Labels,
                     mesh: Mesh, *, bn_train: frozenset[str] = frozenset(), seed: int = 0,
-                    label_smoothing: float = 0.0, augment: Augment = Augment()
+                    label_smoothing: float = 0.0, augment: Augment = Augment(),
+                    class_weights: Sequence[float] | None = None, on_features: bool = False
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
   """A jitted, donating `(state, batch, data) -> (state, metric sums)` over the mesh.
 
@@ -85,9 +86,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
       `batch_stats` pass through untouched).
     seed: augmentation, mixup and dropout are functions of (seed, step, example/device).
     augment: the augmentations, applied on the device before the model.
+    class_weights: Keras `class_weight`: each example's loss times its class's weight
+      (the mean is still over examples, as Keras does). The reported train loss is that
+      weighted loss, as Keras reports it; accuracy and evaluation are unweighted.
+    on_features: the batches hold cached features (`Classifier.features`), and the step
+      runs only the rest of the head (`Classifier.classify`); no augmentation.
   The batch holds 'image', 'label', 'weight', or 'index' and 'weight' with `data` the
   device-resident split ({'image', 'label'}; {} otherwise).
   """
+
+  if on_features and (augment.geometric or augment.crop is not None or augment.mixup > 0):
+    raise ValueError('cached features cannot be augmented')
+  method = 'classify' if on_features else None
+
+  def weigh(targets: jax.Array) -> jax.Array:
+    if class_weights is None:
+      return jnp.ones(targets.shape, jnp.float32)
+    return jnp.asarray(class_weights, jnp.float32)[targets.astype(jnp.int32)]
 
   def step(state: TrainState, batch: dict[str, jax.Array],
            data: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
@@ -98,7 +113,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     base = jax.random.fold_in(jax.random.key(seed), state.step)
     device = jax.lax.axis_index(AXIS)
     keys = _example_keys(jax.random.fold_in(base, 0), images.shape[0])
-    images = augmentation.prepare(images, keys, augment, model.image_size, train=True)
+    if not on_features:
+      images = augmentation.prepare(images, keys, augment, model.image_size, train=True)
     if augment.mixup > 0:
       images, partner, lam = augmentation.mixup(
           images, jax.random.fold_in(jax.random.fold_in(base, 1), device), augment.mixup)
@@ -109,15 +125,18 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
                    'batch_stats': state.batch_stats}
       if bn_train:
         logits, updated = model.apply(variables, images, train=True, bn_train=bn_train,
-                                      rngs={'dropout': dropout}, mutable=['batch_stats'])
+                                      rngs={'dropout': dropout}, mutable=['batch_stats'],
+                                      method=method)
         batch_stats = updated['batch_stats']
       else:
-        logits = model.apply(variables, images, train=True, rngs={'dropout': dropout})
+        logits = model.apply(variables, images, train=True, rngs={'dropout': dropout},
+                             method=method)
         batch_stats = state.batch_stats
       loss, correct = per_example_loss(logits, targets, label_smoothing)
+      loss = loss * weigh(targets)
       if augment.mixup > 0:
-        loss = lam * loss + (1 - lam) * per_example_loss(logits, targets[partner],
-                                                         label_smoothing)[0]
+        loss = lam * loss + (1 - lam) * per_example_loss(
+            logits, targets[partner], label_smoothing)[0] * weigh(targets[partner])
       return jnp.sum(loss * weight) / total, (batch_stats, loss, correct)
 
     grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
@@ -134,18 +153,23 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
 
 
 def make_eval_step(model: nn.Module, mesh: Mesh, *, label_smoothing: float = 0.0,
-                   augment: Augment = Augment()) -> Callable[..., Metrics]:
+                   augment: Augment = Augment(), on_features: bool = False
+                   ) -> Callable[..., Metrics]:
   """A jitted `(variables, batch, data) -> metric sums`; weight-0 rows count nothing.
 
   It takes `state.variables` rather than the state, so one compilation serves every phase.
-  No augmentation, except that a random crop becomes Keras' centre crop.
+  No augmentation, except that a random crop becomes Keras' centre crop. `on_features`:
+  the batches hold cached features (see make_train_step).
   """
 
   def step(variables: dict[str, Any], batch: dict[str, jax.Array],
            data: dict[str, jax.Array]) -> Metrics:
     images, targets = _inputs(batch, data)
-    images = augmentation.prepare(images, None, augment, model.image_size, train=False)
-    logits = model.apply(variables, images, train=False)
+    if on_features:
+      logits = model.apply(variables, images, train=False, method='classify')
+    else:
+      images = augmentation.prepare(images, None, augment, model.image_size, train=False)
+      logits = model.apply(variables, images, train=False)
     loss, correct = per_example_loss(logits, targets, label_smoothing)
     return _sums(loss, correct, batch['weight'])
 
@@ -154,11 +178,34 @@ def make_eval_step(model: nn.Module, mesh: Mesh, *, label_smoothing: float = 0.0
   return jax.jit(mapped)
 
 
-def summarize(sums: list[Metrics]) -> dict[str, float]:
-  """Loss and accuracy over a list of step sums (one device->host transfer)."""
+def make_features_step(model: nn.Module, mesh: Mesh, *, augment: Augment = Augment()
+                       ) -> Callable[..., jax.Array]:
+  """A jitted `(variables, batch, data) -> features` (`Classifier.features`), sharded over
+  the batch like the batch itself: what cached-feature mode stores."""
+
+  def step(variables: dict[str, Any], batch: dict[str, jax.Array],
+           data: dict[str, jax.Array]) -> jax.Array:
+    images, _ = _inputs(batch, data)
+    images = augmentation.prepare(images, None, augment, model.image_size, train=False)
+    return model.apply(variables, images, method='features')
+
+  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS),
+                         check_vma=False)
+  return jax.jit(mapped)
+
+
+def total(sums: list[Metrics | dict[str, float]]) -> dict[str, float]:
+  """The step sums added up on the host (one device->host transfer)."""
+  if not sums:
+    return {'loss': 0.0, 'correct': 0.0, 'count': 0.0}
+  return jax.tree.map(lambda *xs: sum(float(x) for x in xs), *jax.device_get(sums))
+
+
+def summarize(sums: list[Metrics | dict[str, float]]) -> dict[str, float]:
+  """Loss and accuracy over a list of step sums."""
   if not sums:
     return {'loss': float('nan'), 'accuracy': float('nan'), 'count': 0}
-  total = jax.tree.map(lambda *xs: sum(float(x) for x in xs), *jax.device_get(sums))
-  count = max(total['count'], 1.0)
-  return {'loss': total['loss'] / count, 'accuracy': total['correct'] / count,
-          'count': int(round(total['count']))}
+  total_ = total(sums)
+  count = max(total_['count'], 1.0)
+  return {'loss': total_['loss'] / count, 'accuracy': total_['correct'] / count,
+          'count': int(round(total_['count']))}

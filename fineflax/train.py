@@ -11,32 +11,29 @@ ends. At the end the test split is evaluated and written to `DIR/results.json`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import time
+import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 from absl import flags
 
-from fineflax import checkpoints, cli, config as config_lib, data, freeze, models, optimizers
-from fineflax import parallel, reporting, state as state_lib, step as step_lib, weights
+from fineflax import checkpoints, cli, config as config_lib, data, features, freeze, models
+from fineflax import optimizers, parallel, phases, reporting, state as state_lib
+from fineflax import step as step_lib, tensorboard, weights
 from fineflax.data import feed, preview
 from fineflax.errors import ConfigError
-from fineflax.evaluate import evaluate
+from fineflax.preemption import Preempted, sigterm_flag
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
-
-
-def _compile_train_step(train_step, state, batch, resident):
-  """Compiles ahead of the first batch, so epoch timings exclude compilation."""
-  start = time.perf_counter()
-  compiled = train_step.lower(state, batch, resident or {}).compile()
-  logger.info('compiled the train step in %.1f s', time.perf_counter() - start)
-  return compiled
+CONFIG_FILE = 'config.json'  # the resolved config of the run
+DATASET_FILE = 'dataset.json'  # class names, image shape, split sizes
 
 
 def dataset_splits(dataset: data.Dataset,
@@ -69,22 +66,102 @@ def freeze_plans(model: models.Classifier, image_shape: tuple[int, int, int],
   return plans
 
 
-def train_epoch(train_step: Callable[..., Any], state: state_lib.TrainState,
-                split: data.Split, batch_size: int, rng: np.random.Generator,
-                mesh: jax.sharding.Mesh, resident: dict[str, jax.Array] | None = None
-                ) -> tuple[state_lib.TrainState, dict[str, float]]:
-  """One pass over `split` in the order `rng` draws; returns the state and the metrics
-  (with `seconds`). Metrics stay on the device until the epoch ends: no per-step sync."""
-  start = time.perf_counter()
-  sums = []
-  batches = feed.device_batches(split, data.train_batches(split, batch_size, rng), mesh,
-                                resident)
-  for batch in batches:
-    state, metrics = train_step(state, batch, resident or {})
-    sums.append(metrics)
-  metrics = step_lib.summarize(sums)
-  metrics['seconds'] = time.perf_counter() - start
-  return state, metrics
+def check_monitors(config: ml_collections.ConfigDict,
+                   splits: dict[str, data.Split | None]) -> None:
+  """Early stopping that watches a validation metric needs a validation split; said
+  before the first epoch rather than after it."""
+  if splits['val'] is not None:
+    return
+  for i, p in enumerate(config.phases):
+    watched = p.early_stopping.patience or p.early_stopping.restore_best
+    if watched and p.early_stopping.monitor.startswith('val_'):
+      raise ConfigError(f'config.phases[{i}].early_stopping.monitor='
+                        f'{p.early_stopping.monitor!r} but config.data.val_split is None')
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+          devices: Sequence[jax.Device] | None, stop: threading.Event
+          ) -> tuple[phases.Run, dict[str, Any] | None, dict[str, Any]]:
+  """Validates and builds everything; returns the run, the checkpoint meta it resumes
+  from (None for a new run) and the initial variables."""
+  config = config_lib.validate(config)
+  dataset = data.load_dataset(config.data)
+  splits = dataset_splits(dataset, config.data)
+  model = models.from_config(config, dataset.info.class_names)
+  mesh = parallel.make_mesh(devices)
+  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.eval_batch_size or config.batch_size, mesh,
+                            'config.eval_batch_size')
+  plans = freeze_plans(model, dataset.info.image_shape, config.phases)
+  augment = data.augment_from_config(config.data)
+  features.check_forced(config.features.cache, plans,
+                        [augment if p.augment else data.Augment() for p in config.phases],
+                        [p.name for p in config.phases])
+  weighting = data.class_weights(config.loss.class_weight, splits['train'],
+                                 len(dataset.info.class_names))
+  workdir = Path(workdir)
+  # The weight file is found (or downloaded) before the run writes anything; a run that
+  # will resume restores its own parameters and needs no file.
+  fresh = not checkpoints.has_checkpoint(checkpoints.latest_dir(workdir))
+  if fresh and checkpoints.has_checkpoint(checkpoints.best_dir(workdir)):
+    raise ConfigError(f'{checkpoints.best_dir(workdir)} holds a checkpoint but '
+                      f'{checkpoints.latest_dir(workdir)} has none to resume from (was it '
+                      'deleted?); a new run would mix its best/ with the old one: move the '
+                      'folder away or use another workdir')
+  check_monitors(config, splits)
+  weights_path = None
+  if config.model.weights and fresh:
+    weights_path = weights.resolve(config.model.weights, config.model.backbone,
+                                   config.model.include_top)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  ckpts = checkpoints.RunCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.monitor,
+                                     config.checkpoint.mode)
+  resume = ckpts.latest.latest_meta()
+  if resume is not None and resume['phase_index'] >= len(config.phases):
+    raise ConfigError(f'{workdir} holds a run at phase {resume["phase_index"]} '
+                      f'({resume["phase"]!r}) but the config has {len(config.phases)} phases')
+  if resume is not None:
+    logger.info('resuming from step %d: phase %r, %d epoch(s) and %d batch(es) of it done',
+                resume['step'], resume['phase'], resume['phase_epochs_done'],
+                resume.get('batch', 0))
+  reporting.write_json(workdir / CONFIG_FILE, config_lib.to_dict(config))
+  reporting.write_json(workdir / DATASET_FILE, {
+      'class_names': list(dataset.info.class_names),
+      'image_shape': list(dataset.info.image_shape),
+      'splits': {role: {'name': config.data[f'{role}_split'], 'examples': split.size}
+                 for role, split in splits.items() if split is not None}})
+  metrics_log = reporting.MetricsLog(workdir)
+  # Records after the checkpoint resumed from belong to epochs that will be redone.
+  metrics_log.truncate_after(resume['step'] if resume else -1)
+
+  resident = feed.place_splits(splits, mesh, config.data.device_resident,
+                               config.data.device_resident_max_mb)
+  samples = workdir / 'samples.png'
+  if jax.process_index() == 0 and not samples.exists():
+    preview.write_samples(samples, splits['train'], dataset.info.class_names, augment,
+                          model.image_size, config.seed)
+  variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
+  if resume is None:
+    if config.model.weights:
+      variables, report = weights.load_pretrained(config.model, model, variables,
+                                                  weights_path)
+      logger.info(report.text())
+    if config.init_from:
+      variables, report = weights.load_run(config.init_from, model, variables)
+      logger.info(report.text())
+  eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing,
+                                      augment=augment)
+  tb = (tensorboard.SummaryWriter(workdir / 'tb')
+        if config.report.tensorboard and jax.process_index() == 0 else None)
+  run = phases.Run(config, workdir, dataset, phases.Feed(splits, resident, eval_step), model,
+                   mesh, plans, augment, ckpts, metrics_log, stop, weighting, tb)
+  return run, resume, variables
+
+
+def _batchnorm_layers(model: models.Classifier) -> frozenset[str]:
+  return frozenset(f'{group}/{layer.name}' for group, layers in model.layer_groups().items()
+                   for layer in layers if layer.kind == 'BatchNormalization')
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
@@ -94,107 +171,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   Args:
     config: the experiment; validated, with every phase's freeze spec, before anything
       is written.
-    workdir: the run directory; a checkpoint in it is resumed from.
+    workdir: the run directory; a checkpoint in it is resumed from, mid-epoch if it was
+      saved there.
     devices: devices to train on (default: every device of every process).
+  Raises:
+    Preempted: a SIGTERM arrived; the state was saved.
   """
-  config = config_lib.validate(config)
-  dataset = data.load_dataset(config.data)
-  splits = dataset_splits(dataset, config.data)
-  model = models.from_config(config, dataset.info.class_names)
-  mesh = parallel.make_mesh(devices)
-  eval_batch_size = config.eval_batch_size or config.batch_size
-  parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(eval_batch_size, mesh, 'config.eval_batch_size')
-  plans = freeze_plans(model, dataset.info.image_shape, config.phases)
-  workdir = Path(workdir)
-  # The weight file is found (or downloaded) before the run writes anything; a run that
-  # will resume restores its own parameters and needs no file.
-  weights_path = None
-  if config.model.weights and not checkpoints.has_checkpoint(workdir / 'checkpoints'):
-    weights_path = weights.resolve(config.model.weights, config.model.backbone,
-                                   config.model.include_top)
+  with sigterm_flag() as stop:
+    run, resume, variables = setup(config, workdir, devices, stop)
+    position = phases.Position.from_meta(resume) if resume else phases.Position()
+    steps_per_epoch = data.num_batches(run.images.splits['train'], run.config.batch_size)
+    state = None
+    try:
+      for index, phase in enumerate(run.config.phases):
+        if resume and index < resume['phase_index']:
+          continue
+        if index != position.phase_index:  # a new phase
+          position = phases.Position(phase_index=index, epoch=position.epoch)
+        optimizer = optimizers.build_optimizer(phase, steps_per_epoch,
+                                               _batchnorm_layers(run.model))
+        tx = freeze.partition_optimizer(optimizer.tx, run.plans[index])
+        state = phases.phase_state(run, index, state, variables, tx, resume)
+        state = phases.train_phase(run, index, state, position,
+                                   dataclasses.replace(optimizer, tx=tx))
+    finally:
+      run.ckpts.close()
+      if run.tb is not None:
+        run.tb.close()
 
-  workdir.mkdir(parents=True, exist_ok=True)
-  ckpts = checkpoints.Checkpoints(workdir / 'checkpoints', config.checkpoint.keep)
-  metrics_log = reporting.MetricsLog(workdir)
-  resume = ckpts.latest_meta()
-  if resume is not None and resume['phase_index'] >= len(config.phases):
-    raise ConfigError(f'{workdir} holds a run at phase {resume["phase_index"]} '
-                      f'({resume["phase"]!r}) but the config has {len(config.phases)} phases')
-  if resume is not None:
-    logger.info('resuming from step %d: phase %r, %d epoch(s) of it done', resume['step'],
-                resume['phase'], resume['phase_epochs_done'])
-  # Records after the checkpoint resumed from belong to epochs that will be redone.
-  metrics_log.truncate_after(resume['step'] if resume else -1)
-
-  augment = data.augment_from_config(config.data)
-  resident = feed.place_splits(splits, mesh, config.data.device_resident,
-                               config.data.device_resident_max_mb)
-  samples = workdir / 'samples.png'
-  if jax.process_index() == 0 and not samples.exists():
-    preview.write_samples(samples, splits['train'], dataset.info.class_names, augment,
-                          model.image_size, config.seed)
-  variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
-  if config.model.weights and resume is None:
-    variables, report = weights.load_pretrained(config.model, model, variables, weights_path)
-    logger.info(report.text())
-  eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing,
-                                      augment=augment)
-  state = None
-  run_epoch = resume['epoch'] if resume else 0
-  for index, (phase, labels) in enumerate(zip(config.phases, plans)):
-    if resume and index < resume['phase_index']:
-      continue
-    # A new phase keeps parameters and statistics and starts a new optimizer.
-    tx = freeze.partition_optimizer(optimizers.build_optimizer(phase), labels)
-    state = parallel.replicate(state_lib.create_train_state(
-        variables if state is None else state.variables, tx, labels,
-        0 if state is None else int(state.step)), mesh)
-    phase_epochs_done = 0
-    if resume and index == resume['phase_index']:
-      state = ckpts.restore(resume['step'], state)
-      phase_epochs_done = resume['phase_epochs_done']
-    if phase_epochs_done >= phase.epochs:
-      continue
-    bn_train = (freeze.bn_train_layers(labels, model.layer_groups())
-                if phase.batchnorm == 'train' else frozenset())
-    first = next(feed.device_batches(splits['train'], data.train_batches(
-        splits['train'], config.batch_size, np.random.default_rng(0)), mesh, resident['train']))
-    train_step = _compile_train_step(
-        step_lib.make_train_step(model, tx, labels, mesh, bn_train=bn_train, seed=config.seed,
-                                 label_smoothing=config.loss.label_smoothing, augment=augment),
-        state, first, resident['train'])
-    for epoch in range(phase_epochs_done, phase.epochs):
-      # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
-      rng = np.random.default_rng([config.seed, index, epoch])
-      state, train = train_epoch(train_step, state, splits['train'], config.batch_size, rng,
-                                 mesh, resident['train'])
-      val = {'loss': None, 'accuracy': None}
-      if splits['val'] is not None:
-        val = evaluate(eval_step, state.variables, splits['val'], eval_batch_size, mesh,
-                       resident['val'])
-      run_epoch += 1
-      record = {'phase': phase.name, 'phase_index': index, 'phase_epoch': epoch + 1,
-                'epoch': run_epoch, 'step': int(state.step),
-                'loss': train['loss'], 'accuracy': train['accuracy'],
-                'val_loss': val['loss'], 'val_accuracy': val['accuracy'],
-                'learning_rate': phase.learning_rate,
-                'images_per_sec': train['count'] / train['seconds']}
-      # The record first: one whose checkpoint never completed is dropped on resume,
-      # while a checkpoint without its record would leave a hole in metrics.jsonl.
-      metrics_log.write(record)
-      logger.info(reporting.epoch_line(record, phase.epochs))
-      ckpts.save(state, {'step': record['step'], 'phase_index': index, 'phase': phase.name,
-                         'phase_epochs_done': epoch + 1, 'epoch': run_epoch})
-  ckpts.close()
-
-  results: dict[str, Any] = {'step': int(state.step), 'epoch': run_epoch}
-  if splits['test'] is not None:
-    test = evaluate(eval_step, state.variables, splits['test'], eval_batch_size, mesh,
-                    resident['test'])
+  results: dict[str, Any] = {'step': int(state.step), 'epoch': position.epoch}
+  if run.images.splits['test'] is not None:
+    test = run.evaluate(state, 'test')
     results.update(test_loss=test['loss'], test_accuracy=test['accuracy'],
                    test_examples=test['count'])
-  reporting.write_json(workdir / 'results.json', results)
+  reporting.write_json(run.workdir / 'results.json', results)
   return results
 
 
@@ -203,7 +213,11 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   # Compiled steps are cached on disk: a resumed or repeated run skips most compilation.
   cache = Path(os.environ.get('FINEFLAX_CACHE', Path.home() / '.cache' / 'fineflax'))
   jax.config.update('jax_compilation_cache_dir', str(cache / 'xla'))
-  results = train_and_evaluate(config, workdir)
+  try:
+    results = train_and_evaluate(config, workdir)
+  except Preempted as e:
+    logger.warning('%s', e)
+    sys.exit(143)  # 128 + SIGTERM: stopped, not finished
   if 'test_accuracy' in results:
     print(f"test_accuracy: {results['test_accuracy']:.4f} "
           f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")

@@ -19,7 +19,7 @@ def states():
 
   def state_for(spec):
     labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
-    tx = freeze.partition_optimizer(optimizers.build_optimizer(config_lib.phase()), labels)
+    tx = freeze.partition_optimizer(optimizers.build_optimizer(config_lib.phase(), 1).tx, labels)
     return parallel.replicate(state_lib.create_train_state(variables, tx, labels, 7), mesh)
 
   return {'conv5': state_for('layers[:43]'), 'all': state_for('none')}
@@ -52,4 +52,32 @@ def test_another_tree_is_refused(tmp_path, states, saved, target, message):
   assert message in str(error.value)
   assert 'opt_state/inner_states/trainable/inner_state/0/mu/backbone/conv1' in str(error.value)
   assert str(tmp_path) in str(error.value)
+  ckpts.close()
+
+
+def test_best_and_latest_are_kept_side_by_side(tmp_path, states):
+  """val_loss going up and down: best/ keeps its minimum, latest/ the last saves."""
+  ckpts = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
+  for step, value in enumerate([3.0, 2.0, 2.5, 1.0, 1.5, 1.2], start=1):
+    wrote_best = ckpts.save(states['conv5'], {'step': step}, {'val_loss': value})
+    assert wrote_best == (value in (3.0, 2.0, 1.0))
+  ckpts.save(states['conv5'], {'step': 7})  # a mid-epoch save: no metrics, latest only
+  ckpts.close()
+  steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
+  assert steps(checkpoints.latest_dir(tmp_path)) == [6, 7]
+  assert steps(checkpoints.best_dir(tmp_path)) == [4]
+  again = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
+  assert again.best_value == 1.0 and not again.improved(1.1) and again.improved(0.9)
+  again.close()
+
+
+def test_a_half_written_step_is_ignored_with_a_warning(tmp_path, states, caplog):
+  ckpts = checkpoints.Checkpoints(tmp_path)
+  ckpts.save(states['conv5'], {'step': 3})
+  ckpts.close()
+  (tmp_path / '5.orbax-checkpoint-tmp-123').mkdir()  # what a killed save leaves
+  with caplog.at_level('WARNING', logger='fineflax.checkpoints'):
+    ckpts = checkpoints.Checkpoints(tmp_path)
+  assert "ignoring ['5.orbax-checkpoint-tmp-123']" in caplog.text
+  assert ckpts.latest_meta() == {'step': 3}
   ckpts.close()

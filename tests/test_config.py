@@ -70,8 +70,12 @@ def test_override_flags_are_checked_before_parsing():
                                    '--config.phases[1].epochs=3', '--workdir=x'])
   with pytest.raises(ConfigError, match=r"config\.model\.heads \(did you mean 'head'"):
     config_lib.check_override_flags(['--config.model.heads.dropout=0.1'])
-  with pytest.raises(ConfigError, match="unknown phase key 'lr'"):
+  with pytest.raises(ConfigError, match=r"unknown config key config.phases\[0\].lr"):
     config_lib.check_override_flags(['--config.phases[0].lr=0.1'])
+  config_lib.check_override_flags(['--config.phases[1].early_stopping.patience=5'])
+  with pytest.raises(ConfigError, match=r"config.phases\[1\].early_stopping.patiense \(did "
+                     "you mean 'patience'"):
+    config_lib.check_override_flags(['--config.phases[1].early_stopping.patiense=5'])
 
 
 def test_smoke_keeps_the_workflow_and_shrinks_it():
@@ -113,3 +117,42 @@ def test_batch_size_must_split_over_devices():
 def test_readme_config_reference_is_current():
   readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
   assert config_lib.reference_table() in readme
+
+
+def test_auto_mode_follows_the_monitored_metric():
+  cfg = config_lib.default_config()
+  cfg.checkpoint.monitor = 'val_accuracy'
+  cfg.phases = (config_lib.phase(early_stopping={'patience': 2}),
+                config_lib.phase(name='b', early_stopping={'monitor': 'accuracy'}),
+                config_lib.phase(name='c', early_stopping={'monitor': 'val_accuracy',
+                                                           'mode': 'min'}))
+  out = config_lib.validate(cfg)
+  assert out.checkpoint.mode == 'max'
+  assert [p.early_stopping.mode for p in out.phases] == ['min', 'max', 'min']
+
+
+def test_smoke_fits_epoch_counted_schedules_into_one_epoch():
+  cfg = config_lib.default_config()
+  cfg.phases = (config_lib.phase(optimizer='sgd', epochs=10, schedule='step',
+                                 decay_epochs=(3, 6)),
+                config_lib.phase(name='b', epochs=10, schedule='warmup_cosine',
+                                 warmup_epochs=2.0))
+  config_lib.validate(cfg)
+  smoke = config_lib.validate(config_lib.smoke(cfg))
+  assert [(p.epochs, p.schedule) for p in smoke.phases] == [(1, 'constant'),
+                                                            (1, 'warmup_cosine')]
+  assert smoke.phases[1].warmup_epochs == 0
+
+
+def test_config_json_round_trip():
+  import json  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.default_config()
+  cfg.model.head.hidden = (32, 16)
+  cfg.loss.class_weight = (1.0, 2.0)
+  cfg.phases = (config_lib.phase(name='a', early_stopping={'patience': 3}),
+                config_lib.phase(name='b', freeze='backbone', decay_epochs=()))
+  resolved = config_lib.validate(cfg)
+  back = config_lib.from_dict(json.loads(json.dumps(config_lib.to_dict(resolved))))
+  assert config_lib.to_dict(back) == config_lib.to_dict(resolved)
+  assert back.phases[0].early_stopping.patience == 3
+  assert list(back.model.head.hidden) == [32, 16]

@@ -63,7 +63,47 @@ def test_cats_vs_dogs_config_counts_equal_keras(keras):
       count(base.trainable_weights) + 2049, count(base.non_trainable_weights))
 
 
-@pytest.mark.parametrize('name', ['cifar10', 'cats_vs_dogs'])
+@pytest.fixture
+def cats_vs_dogs_small(tmp_path):
+  """Seed 002's folder layout: train/, validation/, test/, each with cat/ and dog/."""
+  rng = np.random.default_rng(0)
+  for split in ('train', 'validation', 'test'):
+    for cls in ('cat', 'dog'):
+      (tmp_path / 'data' / split / cls).mkdir(parents=True)
+      for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(
+            tmp_path / 'data' / split / cls / f'{cls}.{i}.jpg')
+  return tmp_path / 'data'
+
+
+def test_vgg16_features_config_counts_equal_seed002_keras(keras, cats_vs_dogs_small):
+  base = keras.applications.VGG16(include_top=False, weights=None, input_shape=(180, 180, 3))
+  count = lambda ws: sum(int(np.prod(w.shape)) for w in ws)
+  for layer in base.layers[:-4]:  # the seed's fine-tuning freeze
+    layer.trainable = False
+  head = 5 * 5 * 512 * 256 + 256 + 257  # Flatten, Dense(256), Dropout, Dense(1)
+  cfg = _config('vgg16_features')
+  cfg.data.source = f'folder:{cats_vs_dogs_small}'
+  features, augmented, block5 = [summary.summarize_config(cfg, phase=i)[0] for i in (0, 1, 2)]
+  assert (features.trainable, features.non_trainable) == (head, base.count_params())
+  assert augmented == features
+  assert (block5.trainable, block5.non_trainable) == (
+      count(base.trainable_weights) + head, count(base.non_trainable_weights))
+
+
+def test_vgg16_features_workflow_smoke_run(cats_vs_dogs_small, tmp_path, caplog):
+  cfg = _config('vgg16_features', 'smoke')
+  cfg.model.weights = None
+  cfg.data.source = f'folder:{cats_vs_dogs_small}'
+  with caplog.at_level('INFO', logger='fineflax'):
+    results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
+  assert results['test_examples'] == 12 and results['step'] == 3
+  assert '[features] trains the head on cached features' in caplog.text
+  assert '[augmented] trains on the images (no cached features: the training images are ' \
+      'augmented)' in caplog.text
+
+
+@pytest.mark.parametrize('name', ['cifar10', 'cats_vs_dogs', 'cifar10_32px'])
 def test_tfds_workflow_smoke_run(name, tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   cfg = _config(name, 'smoke')

@@ -25,8 +25,9 @@ def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_ra
   model = models.build_model(cfg.model, num_classes, bn_axis_name=parallel.AXIS)
   variables = state_lib.init_variables(model, image, seed=0)
   labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
-  phase = config_lib.phase(optimizer=optimizer, learning_rate=learning_rate, momentum=0.9)
-  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase), labels)
+  phase = config_lib.phase(optimizer=optimizer, learning_rate=learning_rate,
+                           momentum=0.0 if optimizer == 'adam' else 0.9)
+  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
   mesh = parallel.make_mesh(devices)
   bn_train = freeze.bn_train_layers(labels, model.layer_groups()) if batchnorm == 'train' \
       else frozenset()

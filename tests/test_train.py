@@ -2,16 +2,19 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from fineflax import checkpoints, config as config_lib, train
 from fineflax.errors import ConfigError
+from fineflax.preemption import sigterm_flag
 from fineflax.reporting import MetricsLog
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +78,8 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
   assert _records(workdir) == expected
   assert resumed == full
   assert set(os.listdir(workdir)) == {'checkpoints', 'metrics.jsonl', 'results.json',
-                                      'samples.png'}
+                                      'samples.png', 'config.json', 'dataset.json', 'tb',
+                                      'history.png'}
   assert json.loads((workdir / 'results.json').read_text()) == full
 
 
@@ -152,3 +156,114 @@ def test_run_refuses_what_does_not_fit_before_writing_anything(tmp_path, mutate,
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
   assert message in str(error.value)
   assert not (tmp_path / 'run').exists()
+
+
+def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
+  """min_delta so large that no epoch after the first improves: with patience 2 the phase
+  stops after epoch 3 and goes back to epoch 1, so it ends where a 1-epoch run ends."""
+  devices = jax.devices()[:2]
+  cfg = _small_config()
+  cfg.phases = (config_lib.phase(name='only', learning_rate=3e-3, epochs=10, early_stopping=dict(
+      patience=2, min_delta=1e9, restore_best=True)),)
+  cfg.checkpoint.every_steps = 2  # mid-epoch saves, and one at an epoch's last step
+  stopped = train.train_and_evaluate(cfg, tmp_path / 'stopped', devices=devices)
+  assert [r['phase_epoch'] for r in MetricsLog(tmp_path / 'stopped').read()] == [1, 2, 3]
+  # Only the parameters go back (Keras' restore_best_weights): the step goes on.
+  assert stopped['step'] == 9
+  latest = checkpoints.Checkpoints(checkpoints.latest_dir(tmp_path / 'stopped'))
+  assert latest.latest_meta()['phase_epochs_done'] == 3  # the epoch-end save, not step 8's
+  latest.close()
+  one = _small_config()
+  one.phases = (config_lib.phase(name='only', learning_rate=3e-3, epochs=1),)
+  reference = train.train_and_evaluate(one, tmp_path / 'one', devices=devices)
+  assert stopped['test_loss'] == reference['test_loss']
+  assert stopped['test_accuracy'] == reference['test_accuracy']
+
+
+def test_refuses_a_best_checkpoint_without_latest_and_unwatchable_early_stopping(tmp_path):
+  (checkpoints.best_dir(tmp_path / 'run') / '12').mkdir(parents=True)
+  with pytest.raises(ConfigError, match='holds a checkpoint but .*latest has none to resume'):
+    train.train_and_evaluate(_small_config(), tmp_path / 'run', devices=jax.devices()[:2])
+  cfg = _small_config()
+  cfg.data.val_split = None
+  cfg.phases = (config_lib.phase(name='only', epochs=3, early_stopping=dict(patience=1)),)
+  with pytest.raises(ConfigError, match=r"phases\[0\].early_stopping.monitor='val_loss' but "
+                     'config.data.val_split is None'):
+    train.train_and_evaluate(cfg, tmp_path / 'other', devices=jax.devices()[:2])
+  assert not (tmp_path / 'other').exists()
+
+
+def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
+  devices = jax.devices()[:2]
+  source = _small_config()
+  source.phases = source.phases[:1]
+  train.train_and_evaluate(source, tmp_path / 'source', devices=devices)
+  cfg = _small_config()
+  cfg.model.head.hidden = (32,)  # 'dense' is now a hidden layer of another shape
+  cfg.init_from = str(tmp_path / 'source')
+  with caplog.at_level('INFO', logger='fineflax.train'), sigterm_flag() as stop:
+    run, _, variables = train.setup(cfg, tmp_path / 'new', devices, stop)
+    run.ckpts.close()
+  assert 'initialised (not in the file): head/dense, head/dense_1' in caplog.text
+  assert 'dense: params head/dense/kernel: the file has shape (512, 10)' in caplog.text
+  saved = ocp.StandardCheckpointer().restore(
+      checkpoints.params_source(tmp_path / 'source'))
+  for collection in ('params', 'batch_stats'):
+    for a, b in zip(jax.tree.leaves(saved[collection]['backbone']),
+                    jax.tree.leaves(variables[collection]['backbone']), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+_SIGTERM_CONFIG = """
+from fineflax import config as ffc
+
+def get_config(arg=None):
+  config = ffc.default_config()
+  config.batch_size = 8
+  config.model.backbone = 'resnet_tiny'
+  config.model.image_size = 16
+  config.model.preprocessing = 'tf'
+  config.model.head.dropout = 0.3
+  config.data.augment.flip = 'horizontal'
+  config.data.augment.rotation = 0.05
+  config.phases = (ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
+                   ffc.phase(name='b', freeze='regex:^backbone/conv[1-4]_', epochs=1))
+  return ffc.finish(config, arg)
+"""
+
+
+def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
+  config = tmp_path / 'sigterm_config.py'
+  config.write_text(_SIGTERM_CONFIG)
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT),
+             FINEFLAX_CACHE=str(tmp_path / 'cache'))
+  command = lambda workdir: [sys.executable, '-m', 'fineflax.train', '--config', str(config),
+                             '--workdir', str(workdir)]
+  whole = subprocess.run(command(tmp_path / 'whole'), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+
+  proc = subprocess.Popen(command(tmp_path / 'cut'), cwd=ROOT, env=env, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  for line in proc.stdout:  # the second epoch runs when the first one is logged
+    if 'epoch 1/2 (run epoch' in line:  # the epoch's record, not its progress lines
+      proc.send_signal(signal.SIGTERM)
+      break
+  log = line + proc.stdout.read()
+  assert proc.wait(timeout=300) == 143, log[-3000:]
+  assert 'SIGTERM: saved step' in log
+  meta = checkpoints.Checkpoints(checkpoints.latest_dir(tmp_path / 'cut')).latest_meta()
+  assert meta['phase_index'] == 0 and meta['phase_epochs_done'] == 1 and meta['batch'] > 0
+  again = subprocess.run(command(tmp_path / 'cut'), cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert 'resuming from step' in again.stderr
+
+  final = lambda w: ocp.StandardCheckpointer().restore(
+      checkpoints.latest_dir(w) / str(json.loads((w / 'results.json').read_text())['step'])
+      / 'state')
+  a, b = final(tmp_path / 'whole'), final(tmp_path / 'cut')
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+  assert [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in
+          MetricsLog(tmp_path / 'cut').read()] == _records(tmp_path / 'whole')

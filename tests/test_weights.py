@@ -240,9 +240,10 @@ def test_training_from_a_keras_file_keeps_the_frozen_part_as_in_the_file(keras_f
   cfg.phases = (config_lib.phase(name='block5', freeze='layers[:15]', learning_rate=1e-3),)
   # What an earlier run that died before its first checkpoint leaves behind: the weights
   # must still be loaded, not skipped as if resuming.
-  (tmp_path / 'run' / 'checkpoints' / '7.orbax-checkpoint-tmp-1').mkdir(parents=True)
+  (tmp_path / 'run' / 'checkpoints' / 'latest' / '7.orbax-checkpoint-tmp-1').mkdir(parents=True)
   train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
-  step_dir = max((p for p in (tmp_path / 'run' / 'checkpoints').iterdir() if p.name.isdigit()),
+  step_dir = max((p for p in (tmp_path / 'run' / 'checkpoints' / 'latest').iterdir()
+                  if p.name.isdigit()),
                  key=lambda p: int(p.name))
   state = ocp.StandardCheckpointer().restore(step_dir / 'state')
   trained = state['params']['backbone']

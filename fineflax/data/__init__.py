@@ -14,8 +14,9 @@ import numpy as np
 
 from fineflax.data import digits, folder, tfds_source
 from fineflax.data.augment import Augment
-from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, eval_batches, gather,
-                                   num_batches, share, shared_split, train_batches)
+from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, class_weights,
+                                   eval_batches, gather, num_batches, share, shared_split,
+                                   train_batches)
 from fineflax.errors import ConfigError
 
 logger = logging.getLogger('fineflax.data')
@@ -65,5 +66,5 @@ def augment_from_config(data_config: Any) -> Augment:
 
 
 __all__ = ['Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'Source', 'Split',
-           'augment_from_config', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
+           'augment_from_config', 'class_weights', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
            'num_batches', 'share', 'shared_split', 'train_batches']

@@ -11,10 +11,12 @@ every metric masks out.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
+
+from fineflax.errors import ConfigError
 
 Batch = dict[str, np.ndarray]  # 'index' int32 and 'weight' float32; gathered: 'image', 'label'
 
@@ -35,7 +37,8 @@ class DatasetInfo:
 class Split:
   """This process's share of a split: (n, H, W, 3) uint8 RGB images, (n,) int32 labels.
 
-  `size` is the number of examples of the whole split, over every process.
+  `size` is the number of examples of the whole split, over every process. A split of
+  cached features (`fineflax.features`) holds (n, D) float vectors instead of images.
   """
 
   images: np.ndarray
@@ -43,9 +46,12 @@ class Split:
   size: int = -1
 
   def __post_init__(self):
-    if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
-      raise ValueError(f'images must be (N, H, W, 3) uint8, got {self.images.shape} '
-                       f'{self.images.dtype}')
+    is_image = self.images.dtype == np.uint8 and self.images.ndim == 4 and \
+        self.images.shape[-1] == 3
+    is_feature = self.images.dtype != np.uint8 and self.images.ndim == 2
+    if not (is_image or is_feature):
+      raise ValueError(f'images must be (N, H, W, 3) uint8 (or (N, D) features), got '
+                       f'{self.images.shape} {self.images.dtype}')
     if self.labels.shape != (len(self.images),):
       raise ValueError(f'{len(self.images)} images but labels of shape {self.labels.shape}')
     if self.size < 0:
@@ -119,3 +125,24 @@ def gather(split: Split, batch: Batch) -> Batch:
   """The images and labels of an index batch, gathered on the host."""
   return {'image': split.images[batch['index']], 'label': split.labels[batch['index']],
           'weight': batch['weight']}
+
+
+def class_weights(spec: Any, split: Split, num_classes: int) -> tuple[float, ...] | None:
+  """`config.loss.class_weight` as one weight per class ('balanced': Keras' and
+  scikit-learn's n_examples / (n_classes * n_examples_of_the_class), from the train split
+  over every process)."""
+  if spec is None:
+    return None
+  if spec != 'balanced':
+    if len(spec) != num_classes:
+      raise ConfigError(f'config.loss.class_weight has {len(spec)} weights but the dataset has '
+                        f'{num_classes} classes')
+    return tuple(float(w) for w in spec)
+  counts = np.bincount(split.labels, minlength=num_classes).astype(np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
+  if (counts == 0).any():
+    raise ConfigError("config.loss.class_weight='balanced': the train split has no example of "
+                      f'class {int(np.argmin(counts))}')
+  return tuple(float(w) for w in counts.sum() / (num_classes * counts))

@@ -53,7 +53,8 @@ def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
     layers = spec.top(num_classes)
   else:
     layers = head_layers(num_classes, head_cfg.pooling, tuple(head_cfg.hidden),
-                         head_cfg.dropout, head_cfg.batchnorm)
+                         head_cfg.dropout, head_cfg.batchnorm,
+                         head_cfg.get('activation', 'relu'))
   head = KerasGraph(layers=layers, dtype=dtype, bn_axis_name=bn_axis_name)
   preprocessing = model_config.preprocessing
   if preprocessing == 'auto':

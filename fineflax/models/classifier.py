@@ -8,6 +8,9 @@ import jax
 from fineflax.models import preprocessing
 from fineflax.models.graph import KerasGraph, Layer
 
+# Parameter-free layers that turn the backbone's maps into one vector per image.
+POOLING_KINDS = ('GlobalAveragePooling2D', 'GlobalMaxPooling2D', 'Flatten')
+
 
 class Classifier(nn.Module):
   """uint8 images -> resize -> normalisation -> backbone -> head -> float32 logits.
@@ -43,6 +46,25 @@ class Classifier(nn.Module):
                                  self.preprocessing)
     x = self.backbone(x, train=train, bn_train=_under(bn_train, 'backbone'))
     return self.head(x, train=train, bn_train=_under(bn_train, 'head'))
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """What cached-feature mode stores: the frozen part of the network, run in inference
+    mode up to and including the head's parameter-free pooling (or Flatten) layer."""
+    x = preprocessing.preprocess(preprocessing.resize(images, self.image_size),
+                                 self.preprocessing)
+    x = self.backbone(x)
+    return self.head(x, stop=self.feature_layers)
+
+  def classify(self, features: jax.Array, *, train: bool = False,
+               bn_train: frozenset[str] = frozenset()) -> jax.Array:
+    """Logits from `features(images)`: the rest of the head."""
+    return self.head(features, train=train, bn_train=_under(bn_train, 'head'),
+                     start=self.feature_layers)
+
+  @property
+  def feature_layers(self) -> int:
+    """How many of the head's first layers `features` includes (its pooling, if any)."""
+    return int(self.head.layers[0].kind in POOLING_KINDS)
 
   def layer_groups(self) -> dict[str, tuple[Layer, ...]]:
     """The Keras layer lists of the parameter groups, keyed by their top-level name."""

@@ -68,21 +68,24 @@ class KerasGraph(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
-               bn_train: frozenset[str] = frozenset()) -> jax.Array:
-    """Applies the graph.
+               bn_train: frozenset[str] = frozenset(), start: int = 0,
+               stop: int | None = None) -> jax.Array:
+    """Applies the graph, or the chain of layers `layers[start:stop]`.
 
     Args:
-      x: the input batch.
+      x: the input batch (with `start > 0`: the output of layer `start - 1`).
       train: enables dropout.
       bn_train: names of BatchNormalization layers that normalise with batch statistics
         and update their moving averages; every other one runs in inference mode (the
         Keras `training=False` rule for fine-tuning).
+      start, stop: run only these layers; a layer reading one before `start` reads `x`
+        (meant for sequential heads: cached features enter after the pooling layer).
     Returns:
-      The output of the last layer.
+      The output of the last layer run.
     """
     values: dict[str, jax.Array] = {}
-    for layer in self.layers:
-      inputs = [values[name] for name in layer.inputs] or [x]
+    for layer in self.layers[start:stop]:
+      inputs = [values.get(name, x) for name in layer.inputs] or [x]
       y = self._apply_layer(layer, inputs, train, bn_train)
       # Every layer's output in order (collected only when 'intermediates' is mutable).
       self.sow('intermediates', 'layer_outputs', y)

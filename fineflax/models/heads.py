@@ -22,15 +22,20 @@ POOLING_LAYERS = {
 
 
 def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = (),
-                dropout: float = 0.0, batchnorm: bool = False) -> tuple[Layer, ...]:
-  """The head's Keras layer list; one output unit means a binary (sigmoid) classifier."""
+                dropout: float = 0.0, batchnorm: bool = False,
+                activation: str = 'relu') -> tuple[Layer, ...]:
+  """The head's Keras layer list; one output unit means a binary (sigmoid) classifier.
+
+  `activation` of the hidden Dense layers: 'relu' or 'linear' (none).
+  """
   if pooling not in POOLING_LAYERS:
     raise ValueError(f'head pooling {pooling!r}: expected one of {sorted(POOLING_LAYERS)}')
   if num_classes < 1:
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   dense_names = ['dense'] + [f'dense_{i}' for i in range(1, len(hidden) + 1)]
   layers = [POOLING_LAYERS[pooling]]
-  layers += [Layer(name, 'Dense', filters=units, activation='relu')
+  layers += [Layer(name, 'Dense', filters=units,
+                   activation=None if activation == 'linear' else activation)
              for name, units in zip(dense_names, hidden)]
   if dropout > 0:
     layers.append(Layer('dropout', 'Dropout', rate=dropout))

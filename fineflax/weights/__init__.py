@@ -13,7 +13,8 @@ from fineflax.models import Classifier
 from fineflax.weights.assign import LoadReport, assign
 from fineflax.weights.download import (ChecksumError, WeightsUnavailableError, cache_dir,
                                        fetch)
-from fineflax.weights.files import SUFFIXES, WeightFileError, read_weight_file
+from fineflax.weights.files import (SUFFIXES, WeightFileError, read_fineflax_checkpoint,
+                                    read_weight_file)
 from fineflax.weights.sources import SOURCES, Source, WeightFile, named_source, names_for
 
 
@@ -62,6 +63,22 @@ def load_pretrained(model_config: Any, model: Classifier, variables: dict[str, A
                 head_is_top=include_top, unused_keys=unused)
 
 
+def load_run(path: str, model: Classifier,
+             variables: dict[str, Any]) -> tuple[dict[str, Any], LoadReport]:
+  """`variables` with the parameters of another run (`config.init_from`) in place.
+
+  Layers are matched by name; a head layer of another shape (a new number of classes) is
+  initialised and reported, a backbone of another kind is an error.
+  """
+  from fineflax import checkpoints  # pylint: disable=g-import-not-at-top
+  source = checkpoints.params_source(path)
+  groups = model.layer_groups()
+  layers, unused = read_fineflax_checkpoint(source, groups)
+  return assign(variables, groups, layers, by_order=False, source=f'init_from {source}',
+                head_is_top=True, unused_keys=unused)
+
+
 __all__ = ['ChecksumError', 'LoadReport', 'SOURCES', 'Source', 'WeightFile', 'WeightFileError',
            'WeightsUnavailableError', 'assign', 'cache_dir', 'check_spec', 'fetch',
-           'load_pretrained', 'named_source', 'names_for', 'read_weight_file', 'resolve']
+           'load_pretrained', 'load_run', 'named_source', 'names_for', 'read_weight_file',
+           'resolve']

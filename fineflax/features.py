@@ -1,0 +1,111 @@
+"""Cached-feature mode: run the frozen network once, then train the head on its output.
+
+A phase that trains only the head, on images that are not augmented, computes the same
+backbone output for an image in every epoch. Seed 002's "fast feature extraction" runs
+the base once over the splits and fits the head on the stored features; fineflax does
+the same automatically (`config.features.cache`). The stored features are the output of
+`Classifier.features` (the backbone in inference mode plus the head's parameter-free
+pooling or Flatten layer), kept in float32, which holds bfloat16 activations exactly, so
+the head sees the values the uncached step would give it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from fineflax import data, freeze, models
+from fineflax.data import feed
+from fineflax.errors import ConfigError
+
+logger = logging.getLogger('fineflax.features')
+
+FEATURES_DIR = 'features'
+
+
+def ineligible_reason(labels: freeze.Labels, augment: data.Augment) -> str | None:
+  """Why a phase cannot train on cached features, or None when it can."""
+  if any(label == freeze.TRAINABLE for label in jax.tree.leaves(labels['backbone'])):
+    return 'the phase trains backbone parameters'
+  if augment.geometric or augment.crop is not None or augment.mixup > 0:
+    return 'the training images are augmented'
+  if jax.process_count() > 1:
+    return 'cached features are single-process only'
+  return None
+
+
+def check_forced(mode: str, plans: list[freeze.Labels], augments: list[data.Augment],
+                 phase_names: list[str]) -> None:
+  """A forced mode ('memory', 'disk') must apply to some phase: otherwise the config
+  asks for something that cannot happen, and says so before anything runs."""
+  if mode not in ('memory', 'disk'):
+    return
+  reasons = [ineligible_reason(labels, aug) for labels, aug in zip(plans, augments)]
+  if all(reasons):
+    detail = '; '.join(f'{name}: {r}' for name, r in zip(phase_names, reasons))
+    raise ConfigError(f'config.features.cache={mode!r} but no phase can use cached features '
+                      f'({detail})')
+
+
+def feature_width(model: models.Classifier, image_shape: tuple[int, int, int]) -> int:
+  """The length of one image's feature vector (shapes only, no computation)."""
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  out = jax.eval_shape(lambda v, x: model.apply(v, x, method='features'), variables, images)
+  return math.prod(out.shape[1:])
+
+
+def extract(features_step: Callable[..., jax.Array], variables: dict[str, Any],
+            split: data.Split, batch_size: int, mesh: Mesh,
+            resident: dict[str, jax.Array] | None, out: np.ndarray) -> np.ndarray:
+  """Writes the features of every example of `split` into `out` (row i: example i)."""
+  batches = list(data.eval_batches(split, batch_size))
+  for host, batch in zip(batches, feed.device_batches(split, batches, mesh, resident)):
+    values = np.asarray(jax.device_get(features_step(variables, batch, resident or {})),
+                        np.float32).reshape(len(host['index']), -1)
+    real = host['weight'] > 0
+    out[host['index'][real]] = values[real]
+  return out
+
+
+def cache_splits(mode: str, memory_mb: int, workdir: Path,
+                 features_step: Callable[..., jax.Array], variables: dict[str, Any],
+                 splits: Mapping[str, data.Split | None], width: int, batch_size: int,
+                 mesh: Mesh, resident: Mapping[str, Any]
+                 ) -> tuple[dict[str, data.Split | None], bool]:
+  """The feature splits of `splits`, and whether they are held in memory.
+
+  'auto' keeps them in memory up to `memory_mb` in all, else memory-maps .npy files
+  under `workdir/features/` ('memory' and 'disk' choose).
+  """
+  rows = sum(len(s) for s in splits.values() if s is not None)
+  size_mb = rows * width * 4 / 2**20
+  in_memory = mode == 'memory' or (mode == 'auto' and size_mb <= memory_mb)
+  out: dict[str, data.Split | None] = {}
+  for role, split in splits.items():
+    if split is None:
+      out[role] = None
+      continue
+    if in_memory:
+      array = np.empty((len(split), width), np.float32)
+    else:
+      folder = workdir / FEATURES_DIR
+      folder.mkdir(parents=True, exist_ok=True)
+      # A file per role, rewritten by every cached phase: a phase's features depend on
+      # the backbone parameters it starts from.
+      array = np.lib.format.open_memmap(folder / f'{role}.npy', mode='w+', dtype=np.float32,
+                                        shape=(len(split), width))
+    extract(features_step, variables, split, batch_size, mesh, resident[role], array)
+    if not in_memory:
+      array.flush()
+    out[role] = data.Split(array, split.labels, split.size)
+  logger.info('cached features: %d examples x %d floats (%.1f MB), %s', rows, width, size_mb,
+              'in memory' if in_memory else f'memory-mapped from {workdir / FEATURES_DIR}')
+  return out, in_memory

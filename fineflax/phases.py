@@ -1,0 +1,295 @@
+"""Running one phase of a run: its epochs, evaluation, records, checkpoints, early stopping.
+
+`fineflax.train` sets a run up (`Run`) and calls `train_phase` for each phase. A phase
+trains on the images, or, when it trains only the head on images that are not augmented,
+on features cached once at its start (`fineflax.features`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
+
+from fineflax import checkpoints, data, features, freeze, models, optimizers, plots, progress
+from fineflax import parallel, reporting, state as state_lib, step as step_lib, summary, tensorboard
+from fineflax.data import feed
+from fineflax.early_stopping import EarlyStopping
+from fineflax.evaluate import evaluate
+from fineflax.preemption import Preempted
+
+logger = logging.getLogger('fineflax.train')
+
+
+@dataclasses.dataclass
+class Feed:
+  """What a phase trains and evaluates on: the image splits, or their cached features."""
+
+  splits: dict[str, data.Split | None]
+  resident: dict[str, Any]  # role -> the split placed on the devices, or None
+  eval_step: Callable[..., Any]
+  on_features: bool = False
+
+
+@dataclasses.dataclass
+class Position:
+  """Where a run stands: what a checkpoint's meta records besides the step."""
+
+  phase_index: int = 0
+  phase_epochs_done: int = 0
+  epoch: int = 0  # epochs done in the whole run
+  batch: int = 0  # batches done in the epoch under way (a mid-epoch save)
+  sums: dict[str, float] = dataclasses.field(default_factory=dict)  # their metric sums
+  early_stopping: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def meta(self, step: int, phase_name: str) -> dict[str, Any]:
+    """The checkpoint meta of this position at `step`."""
+    return dict(dataclasses.asdict(self), step=step, phase=phase_name)
+
+  @classmethod
+  def from_meta(cls, meta: dict[str, Any]) -> 'Position':
+    """The position a checkpoint's meta records."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in meta.items() if k in names})
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a run sets up before its first step."""
+
+  config: ml_collections.ConfigDict
+  workdir: Path
+  dataset: data.Dataset
+  images: Feed
+  model: models.Classifier
+  mesh: Mesh
+  plans: list[freeze.Labels]
+  augment: data.Augment
+  ckpts: checkpoints.RunCheckpoints
+  metrics_log: reporting.MetricsLog
+  stop: threading.Event
+  class_weights: tuple[float, ...] | None = None
+  tb: tensorboard.SummaryWriter | None = None
+
+  @property
+  def eval_batch_size(self) -> int:
+    return self.config.eval_batch_size or self.config.batch_size
+
+  def evaluate(self, state: state_lib.TrainState, role: str,
+               on: Feed | None = None) -> dict[str, float]:
+    """Loss, accuracy and count of `state` on a split (of the images, or of `on`)."""
+    on = on or self.images
+    return evaluate(on.eval_step, state.variables, on.splits[role], self.eval_batch_size,
+                    self.mesh, on.resident[role])
+
+
+def phase_augment(run: Run, index: int) -> data.Augment:
+  """The augmentations of a phase's training images (none with `augment=False`)."""
+  return run.augment if run.config.phases[index].augment else data.Augment()
+
+
+def phase_feed(run: Run, index: int, state: state_lib.TrainState) -> Feed:
+  """The images, or the features of the phase's starting parameters when it can use them."""
+  cfg = run.config
+  mode = cfg.features.cache
+  if mode == 'off':
+    return run.images
+  reason = features.ineligible_reason(run.plans[index], phase_augment(run, index))
+  if reason:
+    logger.info('[%s] trains on the images (no cached features: %s)',
+                cfg.phases[index].name, reason)
+    return run.images
+  start = time.perf_counter()
+  width = features.feature_width(run.model, run.dataset.info.image_shape)
+  extract = step_lib.make_features_step(run.model, run.mesh, augment=run.augment)
+  # The test split is evaluated once, at the end of the run, on the images.
+  roles = {role: run.images.splits[role] for role in ('train', 'val')}
+  splits, in_memory = features.cache_splits(
+      mode, cfg.features.memory_mb, run.workdir, extract, state.variables, roles,
+      width, run.eval_batch_size, run.mesh, run.images.resident)
+  logger.info('[%s] trains the head on cached features (%.1f s to compute them)',
+              cfg.phases[index].name, time.perf_counter() - start)
+  resident = feed.place_splits(splits, run.mesh, cfg.data.device_resident and in_memory,
+                               cfg.data.device_resident_max_mb)
+  eval_step = step_lib.make_eval_step(run.model, run.mesh, on_features=True,
+                                      label_smoothing=cfg.loss.label_smoothing)
+  return Feed(splits, resident, eval_step, on_features=True)
+
+
+def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
+                state: state_lib.TrainState, rng: np.random.Generator, position: Position,
+                phase_name: str, epochs_in_phase: int
+                ) -> tuple[state_lib.TrainState, dict[str, float]]:
+  """One pass over the train split in the order `rng` draws, from `position.batch` on.
+
+  Metrics stay on the device (the progress display fetches those already computed, so
+  no step waits for it). Saves every `checkpoint.every_steps` steps; after a SIGTERM it
+  saves and raises Preempted. Returns the state and the epoch's metrics (with `seconds`).
+  """
+  cfg = run.config
+  split, resident = on.splits['train'], on.resident['train']
+  start = time.perf_counter()
+  total = data.num_batches(split, cfg.batch_size)
+  shown = progress.Progress(
+      total, cfg.report.progress if jax.process_index() == 0 else 'off',
+      f'[{phase_name}] epoch {position.phase_epochs_done + 1}/{epochs_in_phase}',
+      batches_done=position.batch, start_sums=position.sums)
+  batches = itertools.islice(data.train_batches(split, cfg.batch_size, rng), position.batch,
+                             None)
+  sums = [dict(position.sums)] if position.sums else []
+  every = cfg.checkpoint.every_steps
+  # The step counted on the host: reading state.step would wait for every step.
+  step = int(state.step)
+  for batch in feed.device_batches(split, batches, run.mesh, resident):
+    state, metrics = train_step(state, batch, resident or {})
+    step += 1
+    sums.append(metrics)
+    shown.update(metrics)
+    position.batch += 1
+    # An epoch's last step is saved after its evaluation, with the epoch counted as done.
+    periodic = every and step % every == 0 and position.batch < total
+    if run.stop.is_set() or periodic:
+      position.sums = step_lib.total(sums)
+      run.ckpts.save(state, position.meta(step, phase_name))
+      if run.stop.is_set():
+        shown.close()
+        raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
+                        f'{position.batch} batches into an epoch); the same command resumes')
+  shown.close()
+  metrics = step_lib.summarize(sums)
+  metrics['seconds'] = time.perf_counter() - start
+  position.batch, position.sums = 0, {}
+  return state, metrics
+
+
+def phase_state(run: Run, index: int, previous: state_lib.TrainState | None,
+                variables: dict[str, Any], tx: Any,
+                resume: dict[str, Any] | None) -> state_lib.TrainState:
+  """The phase's starting state: a new optimizer over the parameters so far (what Keras'
+  re-`compile` does), or the checkpoint it resumes from."""
+  labels = run.plans[index]
+  start = variables if previous is None else previous.variables
+  step = 0 if previous is None else int(previous.step)
+  state = parallel.replicate(state_lib.create_train_state(start, tx, labels, step), run.mesh)
+  if resume and index == resume['phase_index']:
+    state = run.ckpts.latest.restore(resume['step'], state)
+  return state
+
+
+def _compile_train_step(run: Run, index: int, tx: Any, state: state_lib.TrainState,
+                        on: Feed):
+  """The phase's train step, compiled ahead of the first batch (epoch timings exclude
+  compilation)."""
+  cfg, phase, labels = run.config, run.config.phases[index], run.plans[index]
+  bn_train = (freeze.bn_train_layers(labels, run.model.layer_groups())
+              if phase.batchnorm == 'train' else frozenset())
+  train_step = step_lib.make_train_step(
+      run.model, tx, labels, run.mesh, bn_train=bn_train, seed=cfg.seed,
+      label_smoothing=cfg.loss.label_smoothing,
+      augment=data.Augment() if on.on_features else phase_augment(run, index),
+      class_weights=run.class_weights, on_features=on.on_features)
+  split = on.splits['train']
+  first = next(feed.device_batches(split, data.train_batches(
+      split, cfg.batch_size, np.random.default_rng(0)), run.mesh, on.resident['train']))
+  start = time.perf_counter()
+  compiled = train_step.lower(state, first, on.resident['train'] or {}).compile()
+  logger.info('compiled the train step in %.1f s', time.perf_counter() - start)
+  return compiled
+
+
+def _log_summary(run: Run, index: int) -> None:
+  phase = run.config.phases[index]
+  table = summary.format_summary(
+      summary.summarize(run.model, run.dataset.info.image_shape, phase.freeze),
+      f'{run.config.model.backbone} + head, phase {phase.name!r} (freeze {phase.freeze!r})')
+  logger.info('\n%s', table)
+
+
+def _report(run: Run, record: dict[str, Any]) -> None:
+  """The epoch's record everywhere it goes: metrics.jsonl, TensorBoard, history.png."""
+  run.metrics_log.write(record)
+  if run.tb is not None:
+    for prefix, keys in (('train/', ('loss', 'accuracy')), ('val/', ('val_loss', 'val_accuracy'))):
+      run.tb.scalars({k.removeprefix('val_'): record[k] for k in keys}, record['step'], prefix)
+    run.tb.scalars({'learning_rate': record['learning_rate'],
+                    'images_per_sec': record['images_per_sec']}, record['step'])
+    run.tb.flush()
+  if run.config.report.plot and jax.process_index() == 0:
+    plots.write_history(run.workdir / 'history.png', run.metrics_log.read())
+
+
+def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Position,
+                optimizer: optimizers.Optimizer) -> state_lib.TrainState:
+  """The phase's remaining epochs, with evaluation, records, checkpoints, early stopping.
+
+  With `early_stopping.restore_best` the phase ends on its best epoch's parameters (kept
+  in checkpoints/phase_best/, so a run resumed at the phase's end restores them too).
+  """
+  cfg, phase = run.config, run.config.phases[index]
+  watcher = EarlyStopping.from_config(phase.early_stopping, position.early_stopping)
+  phase_best = None
+  if phase.early_stopping.restore_best:
+    folder = run.workdir / 'checkpoints' / 'phase_best'
+    # Saves of epochs this run will redo (or of an earlier phase) would shadow new ones.
+    after = -1 if position.phase_epochs_done == 0 and position.batch == 0 else int(state.step)
+    checkpoints.remove_steps_after(folder, after)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices('phase_best cleared')
+    phase_best = checkpoints.Checkpoints(folder, 1)
+  train_step = None
+  while position.phase_epochs_done < phase.epochs and not watcher.should_stop:
+    if train_step is None:  # not before: a phase resumed at its end trains nothing
+      _log_summary(run, index)
+      on = phase_feed(run, index, state)
+      steps_per_epoch = data.num_batches(on.splits['train'], cfg.batch_size)
+      train_step = _compile_train_step(run, index, optimizer.tx, state, on)
+    epoch = position.phase_epochs_done
+    # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
+    rng = np.random.default_rng([cfg.seed, index, epoch])
+    state, train = train_epoch(run, on, train_step, state, rng, position, phase.name,
+                               phase.epochs)
+    val = run.evaluate(state, 'val', on) if on.splits['val'] is not None else {}
+    position.epoch += 1
+    position.phase_epochs_done += 1
+    record = {'phase': phase.name, 'phase_index': index, 'phase_epoch': epoch + 1,
+              'epoch': position.epoch, 'step': int(state.step),
+              'loss': train['loss'], 'accuracy': train['accuracy'],
+              'val_loss': val.get('loss'), 'val_accuracy': val.get('accuracy'),
+              # The rate of the epoch's last update, as Keras' history reports it.
+              'learning_rate': optimizer.learning_rate((epoch + 1) * steps_per_epoch - 1),
+              'images_per_sec': train['count'] / train['seconds']}
+    if phase.early_stopping.patience or phase_best:
+      if watcher.update(record, epoch + 1) and phase_best:
+        phase_best.save(state, {'step': record['step'], 'phase_index': index})
+      position.early_stopping = watcher.state()
+    # The record first: one whose checkpoint never completed is dropped on resume,
+    # while a checkpoint without its record would leave a hole in metrics.jsonl.
+    _report(run, record)
+    logger.info(reporting.epoch_line(record, phase.epochs))
+    if run.ckpts.save(state, position.meta(record['step'], phase.name), record):
+      logger.info('best %s so far: %.4f (checkpoints/best)', run.ckpts.monitor,
+                  record[run.ckpts.monitor])
+  if watcher.should_stop:
+    logger.info('[%s] early stopping: no %s improvement in %d epochs', phase.name,
+                watcher.monitor, watcher.patience)
+  if phase_best:
+    best = phase_best.latest_meta()
+    if best and best['phase_index'] == index:
+      # Its parameters only, as Keras' restore_best_weights: the step and the optimizer
+      # go on, so later saves still come after the ones already made.
+      saved = phase_best.restore(best['step'], state)
+      state = state.replace(params=saved.params, batch_stats=saved.batch_stats)
+      logger.info('[%s] restored the parameters of its best epoch (%d, %s %.4f)', phase.name,
+                  watcher.best_epoch, watcher.monitor, watcher.best)
+    phase_best.close()
+  return state

@@ -1,0 +1,144 @@
+"""Training-curve and confusion-matrix images (PNG).
+
+Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas
+directly, never through pyplot: pyplot keeps global state (the current figure, the
+backend) that a notebook or another library in the same process may rely on.
+Files are written atomically (a temporary file, then a rename), so a reader such as an
+image viewer refreshing during training never sees half a PNG. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_ANNOTATE_MAX_CLASSES = 20  # counts in the cells stay legible up to this many classes
+_TICK_LABEL_MAX_CLASSES = 30  # class names on the axes stay legible up to this many
+
+
+def _save_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+  """Renders `fig` to `path` as a PNG via a temporary file in the same directory."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  FigureCanvasAgg(fig)
+  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      fig.savefig(f, format='png', dpi=dpi)
+    os.replace(tmp, path)
+  except BaseException:
+    Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def _series(records: Sequence[dict[str, Any]], key: str) -> np.ndarray | None:
+  """The values of `key` as floats, NaN where missing; None when none is present.
+
+  NaN breaks the line, so an epoch without validation leaves a gap instead of a
+  misleading straight segment.
+  """
+  values = [r.get(key) for r in records]
+  if all(v is None for v in values):
+    return None
+  return np.array([np.nan if v is None else float(v) for v in values])
+
+
+def _phase_starts(records: Sequence[dict[str, Any]]) -> list[tuple[float, str]]:
+  """(epoch, phase name) of the first record of every phase, in run order."""
+  starts = []
+  for i, record in enumerate(records):
+    if i == 0 or record.get('phase_index') != records[i - 1].get('phase_index'):
+      starts.append((float(record['epoch']), str(record.get('phase', ''))))
+  return starts
+
+
+def write_history(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
+  """Accuracy and loss per run epoch, training vs validation, as seed 002 plots them,
+  with a vertical line where each phase after the first begins.
+
+  Args:
+    path: the PNG to write.
+    records: epoch records (keys epoch, phase, phase_index, loss, accuracy, val_loss,
+      val_accuracy) in run order. Validation values may be None. No records, no file.
+  """
+  if not records or jax.process_index() != 0:
+    return
+  epochs = np.array([float(r['epoch']) for r in records])
+  starts = _phase_starts(records)
+  fig = Figure(figsize=(11, 4.2), layout='constrained')
+  for ax, metric, title in zip(fig.subplots(1, 2), ('accuracy', 'loss'),
+                               ('Accuracy', 'Loss')):
+    # Markers, so that a run of one epoch still shows its point.
+    train = _series(records, metric)
+    if train is not None:
+      ax.plot(epochs, train, 'o-', markersize=3, label='Training')
+    val = _series(records, f'val_{metric}')
+    if val is not None:
+      ax.plot(epochs, val, 's-', markersize=3, label='Validation')
+    for i, (epoch, name) in enumerate(starts):
+      # The boundary lies between the last epoch of one phase and the first of the next.
+      x = epoch - 0.5 if i else epochs[0]
+      if i:
+        ax.axvline(x, color='grey', linestyle='--', linewidth=1)
+      ax.text(x, 1.0, f' {name}', transform=ax.get_xaxis_transform(), va='top',
+              ha='left', fontsize=8, color='dimgrey')
+    ax.set_title(title)
+    ax.set_xlabel('epoch')
+    ax.grid(alpha=0.3)
+    ax.legend(loc='best', fontsize=8)
+    if len(epochs) < 20:
+      ax.set_xticks(epochs)
+  _save_atomic(fig, path)
+
+
+def _cell_text(value: float) -> str:
+  return f'{value:.0f}' if float(value).is_integer() else f'{value:.2f}'
+
+
+def write_confusion(path: str | os.PathLike, matrix: np.ndarray, class_names: Sequence[str],
+                    title: str = '') -> None:
+  """A confusion matrix image: rows are true classes, columns predicted classes.
+
+  Cells hold their counts up to 20 classes; axes name the classes up to 30.
+
+  Args:
+    path: the PNG to write.
+    matrix: (classes, classes) counts (or fractions).
+    class_names: one name per row/column.
+    title: drawn above the matrix.
+  """
+  matrix = np.asarray(matrix)
+  n = len(class_names)
+  if matrix.shape != (n, n):
+    raise ValueError(f'confusion matrix of shape {matrix.shape} for {n} class names')
+  if jax.process_index() != 0:
+    return
+  side = float(np.clip(2.5 + 0.45 * n, 4.5, 16))
+  fig = Figure(figsize=(side + 1.2, side), layout='constrained')
+  ax = fig.subplots()
+  image = ax.imshow(matrix, cmap='Blues', interpolation='nearest', vmin=0)
+  fig.colorbar(image, ax=ax, shrink=0.8)
+  if n <= _TICK_LABEL_MAX_CLASSES:
+    ticks = np.arange(n)
+    ax.set_xticks(ticks, [str(c) for c in class_names], rotation=45, ha='right',
+                  rotation_mode='anchor', fontsize=8)
+    ax.set_yticks(ticks, [str(c) for c in class_names], fontsize=8)
+  if n <= _ANNOTATE_MAX_CLASSES:
+    # White text on dark cells, dark text on light ones.
+    threshold = matrix.max() / 2 if matrix.size else 0
+    for i in range(n):
+      for j in range(n):
+        ax.text(j, i, _cell_text(matrix[i, j]), ha='center', va='center', fontsize=8,
+                color='white' if matrix[i, j] > threshold else 'black')
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  if title:
+    ax.set_title(title)
+  _save_atomic(fig, path)

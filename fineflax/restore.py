@@ -1,0 +1,203 @@
+"""Opening a finished (or running) run: its model, config, classes and a checkpoint's
+parameters, for evaluation and prediction.
+
+    run = load_run('runs/demo')              # checkpoints/best, else checkpoints/latest
+    run = load_run('runs/demo', 'latest')
+    run = load_run('runs/demo', 12)          # step 12 of latest/ (or best/)
+
+Only `params` and `batch_stats` are read: the optimizer state's tree depends on the phase
+the checkpoint was saved in, and nothing here needs it. The arrays come back as float32
+arrays on this process's first device, whatever mesh the run was trained on, so a run
+trained on 8 GPUs opens on a laptop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from fineflax import checkpoints, config as config_lib, data, models
+from fineflax.errors import ConfigError
+
+logger = logging.getLogger('fineflax.restore')
+
+CONFIG_FILE = 'config.json'  # as fineflax.train writes them
+DATASET_FILE = 'dataset.json'
+KINDS = ('best', 'latest')
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredRun:
+  """A run's model with the variables of one of its checkpoints.
+
+  Attributes:
+    model: the classifier the run's config builds.
+    variables: {'params', 'batch_stats'} of the checkpoint.
+    config: the run's resolved config (DIR/config.json).
+    class_names: the dataset's class names (index = label).
+    image_shape: the shape the dataset's images are stored at (H, W, 3).
+    step: the checkpoint's train step.
+    checkpoint_dir: the checkpoint's step folder.
+    label: 'best', 'latest' or 'step<N>': which checkpoint was asked for (a 'best' that
+      fell back to latest/ says 'latest').
+    meta: the checkpoint's meta record (phase, epoch, ...).
+  """
+
+  model: nn.Module
+  variables: dict[str, Any]
+  config: ml_collections.ConfigDict
+  class_names: tuple[str, ...]
+  image_shape: tuple[int, int, int]
+  step: int
+  checkpoint_dir: Path
+  label: str
+  meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The validated config of the run in `workdir`.
+
+  Raises:
+    ConfigError: no such folder, or a folder that is not a fineflax run.
+  """
+  workdir = Path(workdir)
+  if not workdir.is_dir():
+    raise ConfigError(f'{workdir}: no such run directory')
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    raise ConfigError(f'{workdir} is not a fineflax run: it has no {CONFIG_FILE} '
+                      '(python -m fineflax.train writes one when a run starts)')
+  try:
+    values = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ConfigError(f'{path}: not valid JSON ({e})') from None
+  return config_lib.from_dict(values)
+
+
+def read_dataset_info(workdir: str | os.PathLike,
+                      config: ml_collections.ConfigDict) -> data.DatasetInfo:
+  """The class names and image shape the run was trained with (DIR/dataset.json; from
+  the data source itself when the run predates that file)."""
+  path = Path(workdir) / DATASET_FILE
+  if not path.is_file():
+    return data.dataset_info(config.data)
+  values = json.loads(path.read_text())
+  return data.DatasetInfo(image_shape=tuple(values['image_shape']),
+                          class_names=tuple(values['class_names']))
+
+
+def _steps(folder: Path) -> list[int]:
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
+                    ) -> tuple[Path, str]:
+  """The step folder of `checkpoint` in the run, and its label.
+
+  Args:
+    workdir: the run directory.
+    checkpoint: 'best' (falls back to 'latest', with a warning, when the run kept no best
+      checkpoint, e.g. one without a validation split), 'latest', or a step number (in
+      latest/, else best/), as int or digits.
+  Raises:
+    ConfigError: the run has no checkpoint, or not the step asked for.
+  """
+  workdir = Path(workdir)
+  folders = {'best': checkpoints.best_dir(workdir), 'latest': checkpoints.latest_dir(workdir)}
+  if isinstance(checkpoint, str) and checkpoint.isdigit():
+    checkpoint = int(checkpoint)
+  if isinstance(checkpoint, str) and checkpoint not in KINDS:
+    raise ConfigError(f"checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number")
+  if not any(_steps(f) for f in folders.values()):
+    raise ConfigError(f'{workdir / "checkpoints"}: no checkpoint (the run saved none yet)')
+  if isinstance(checkpoint, int):
+    for folder in (folders['latest'], folders['best']):
+      if checkpoint in _steps(folder):
+        return folder / str(checkpoint), f'step{checkpoint}'
+    available = {kind: _steps(f) for kind, f in folders.items() if _steps(f)}
+    raise ConfigError(f'{workdir / "checkpoints"} has no step {checkpoint}; available: '
+                      + ', '.join(f'{kind}/ {steps}' for kind, steps in available.items()))
+  if checkpoint == 'best' and not _steps(folders['best']):
+    logger.warning('%s has no best checkpoint (no validation split?); using the latest one',
+                   workdir)
+    checkpoint = 'latest'
+  return folders[checkpoint] / str(_steps(folders[checkpoint])[-1]), checkpoint
+
+
+def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of `model` as shapes and dtypes only (no compilation)."""
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.uint8)
+  tree = jax.eval_shape(model.init, jax.random.key(0), images)
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}
+
+
+def _check_fits(saved: Any, expected: Any, where: str) -> None:
+  """CheckpointMismatchError unless `saved` has exactly the leaves, shapes and dtypes of
+  `expected`; checkpoints.py's comparison, so that a resume and a restore word it alike."""
+  specs = checkpoints.leaf_specs
+  checkpoints.check_same_tree(specs(saved), specs(expected), where)
+
+
+def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
+                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """The params and batch_stats of a checkpoint step folder, and its meta record.
+
+  Args:
+    step_dir: a `checkpoints/{best,latest}/<step>` folder.
+    expected: the abstract {'params', 'batch_stats'} the checkpoint must hold.
+  Raises:
+    CheckpointMismatchError: the checkpoint holds other leaves or shapes (naming them).
+  """
+  step_dir = Path(step_dir).absolute()
+  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
+  saved = checkpointer.metadata(step_dir).item_metadata['state']
+  saved = getattr(saved, 'tree', saved)
+  # The optimizer state and step are left out on both sides: only these two are compared.
+  wanted = {k: v for k, v in expected.items() if v}
+  _check_fits({k: saved.get(k, {}) for k in wanted}, wanted, str(step_dir))
+  # A sharding of this process: the one saved names devices of the training mesh.
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                        wanted)
+  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(
+          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+          partial_restore=True),
+      meta=ocp.args.JsonRestore()))
+  variables = {k: restored['state'].get(k, {}) for k in expected}
+  return variables, dict(restored['meta'] or {})
+
+
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> RestoredRun:
+  """The model of the run in `workdir` with a checkpoint's params and batch_stats.
+
+  Args:
+    workdir: a directory `python -m fineflax.train` wrote.
+    checkpoint: 'best', 'latest' or a step number (see `find_checkpoint`).
+  Raises:
+    ConfigError: no such directory, not a run, no such checkpoint; its subclass
+      CheckpointMismatchError when the checkpoint does not fit the model of the config.
+  """
+  workdir = Path(workdir)
+  config = read_config(workdir)
+  step_dir, label = find_checkpoint(workdir, checkpoint)
+  info = read_dataset_info(workdir, config)
+  model = models.from_config(config, info.class_names)
+  variables, meta = read_variables(step_dir, abstract_variables(model, info.image_shape))
+  logger.info('restored %s (step %s, %s)', step_dir, step_dir.name, label)
+  return RestoredRun(model=model, variables=variables, config=config,
+                     class_names=info.class_names, image_shape=info.image_shape,
+                     step=int(step_dir.name), checkpoint_dir=step_dir, label=label, meta=meta)

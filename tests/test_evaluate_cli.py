@@ -1,0 +1,215 @@
+"""Opening a finished run: load_run, evaluate_run and the evaluate / predict commands.
+
+One demo smoke run (two phases of one epoch: checkpoints at steps 2 and 4, best/ by
+val_loss) is trained once for the module, on one device (it compiles faster than on
+eight); every test reads it, some on all eight devices.
+"""
+
+import importlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+from PIL import Image
+
+from fineflax import checkpoints, data, evaluate, predict, restore, train
+from fineflax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# Loss sums are float32 per device in training and float64 over examples here.
+LOSS_RTOL = 1e-5
+
+
+def _steps(folder):
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope='module')
+def run_dir(tmp_path_factory):
+  sys.path.insert(0, str(ROOT))
+  config = importlib.import_module('configs.demo').get_config('smoke')
+  assert config.data.val_split and config.data.test_split
+  workdir = tmp_path_factory.mktemp('demo_smoke')
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir
+
+
+def _copy_run(run_dir, dest, without=()):
+  shutil.copytree(run_dir, dest, ignore=lambda d, names: [n for n in names if n in without])
+  return dest
+
+
+def test_load_run_best_latest_and_a_step(run_dir):
+  best_steps = _steps(checkpoints.best_dir(run_dir))
+  assert _steps(checkpoints.latest_dir(run_dir)) == [2, 4] and len(best_steps) == 1
+
+  latest = restore.load_run(run_dir, 'latest')
+  assert (latest.step, latest.label, latest.meta['phase']) == (4, 'latest', 'finetune')
+  assert latest.checkpoint_dir == checkpoints.latest_dir(run_dir) / '4'
+  assert latest.class_names == tuple(str(d) for d in range(10))
+  assert latest.image_shape == (8, 8, 3)
+  expected = restore.abstract_variables(latest.model, latest.image_shape)
+  assert jax.tree.structure(latest.variables) == jax.tree.structure(expected)
+  assert {x.dtype for x in jax.tree.leaves(latest.variables)} == {np.dtype('float32')}
+
+  best = restore.load_run(run_dir)
+  assert (best.step, best.label) == (best_steps[0], 'best')
+  step2 = restore.load_run(run_dir, '2')
+  assert (step2.step, step2.label, step2.meta['phase']) == (2, 'step2', 'scratch')
+  # Phase 2 trained conv5 and the head: the two checkpoints differ there, not in conv1.
+  for name, same in [('conv1_conv', True), ('conv5_block1_1_conv', False)]:
+    a = step2.variables['params']['backbone'][name]['kernel']
+    b = latest.variables['params']['backbone'][name]['kernel']
+    assert np.array_equal(a, b) == same, name
+
+
+def test_best_falls_back_to_latest_with_a_warning(run_dir, tmp_path, caplog):
+  workdir = _copy_run(run_dir, tmp_path / 'run', without=('best',))
+  restore.logger.addHandler(caplog.handler)  # 'fineflax' may not propagate to the root
+  try:
+    run = restore.load_run(workdir)
+  finally:
+    restore.logger.removeHandler(caplog.handler)
+  assert (run.step, run.label) == (4, 'latest')
+  assert any(r.levelno == logging.WARNING and 'no best checkpoint' in r.getMessage()
+             for r in caplog.records)
+
+
+def test_clear_errors_for_what_is_not_a_run(run_dir, tmp_path):
+  with pytest.raises(ConfigError, match='no such run directory') as error:
+    restore.load_run(tmp_path / 'missing')
+  assert str(tmp_path / 'missing') in str(error.value)
+  with pytest.raises(ConfigError, match='is not a fineflax run: it has no config.json'):
+    restore.load_run(tmp_path)
+  with pytest.raises(ConfigError) as error:
+    restore.load_run(run_dir, 7)
+  assert str(error.value) == (f'{run_dir / "checkpoints"} has no step 7; available: '
+                              f'best/ {_steps(checkpoints.best_dir(run_dir))}, latest/ [2, 4]')
+  with pytest.raises(ConfigError, match="checkpoint 'newest': expected 'best', 'latest'"):
+    restore.load_run(run_dir, 'newest')
+  bare = _copy_run(run_dir, tmp_path / 'bare', without=('checkpoints',))
+  with pytest.raises(ConfigError, match='no checkpoint'):
+    restore.load_run(bare)
+
+
+def test_a_checkpoint_of_another_model_is_refused(run_dir, tmp_path):
+  workdir = _copy_run(run_dir, tmp_path / 'run')
+  config = json.loads((workdir / 'config.json').read_text())
+  config['model']['head']['hidden'] = [8]
+  (workdir / 'config.json').write_text(json.dumps(config))
+  with pytest.raises(checkpoints.CheckpointMismatchError) as error:
+    restore.load_run(workdir, 'latest')
+  message = str(error.value)
+  assert str(workdir / 'checkpoints' / 'latest' / '4') in message
+  assert "leaves missing from the checkpoint, e.g. ['params/head/dense_1/bias'" in message
+  assert "params/head/dense/bias: saved ((10,), 'float32'), expected ((8,), 'float32')" in message
+
+
+def test_evaluate_run_equals_the_run_s_own_test_results(run_dir):
+  """On the eight devices, where the run trained on one; 24 does not divide the 32 test
+  examples: the last batch is two thirds padding, spread over the devices."""
+  assert jax.device_count() == 8
+  results = json.loads((run_dir / 'results.json').read_text())
+  report = evaluate.evaluate_run(run_dir, 'test', 'latest', batch_size=24)
+  assert report['examples'] == results['test_examples'] == 32
+  assert report['loss'] == pytest.approx(results['test_loss'], rel=LOSS_RTOL)
+  assert report['accuracy'] == results['test_accuracy']
+  assert report['step'] == results['step'] == 4
+  per_class = report['per_class']
+  assert [r['class'] for r in per_class] == [str(d) for d in range(10)]
+  assert sum(r['examples'] for r in per_class) == 32
+  matrix = np.asarray(report['confusion_matrix'])
+  assert matrix.sum() == 32
+  np.testing.assert_array_equal(matrix.sum(axis=1), [r['examples'] for r in per_class])
+  np.testing.assert_array_equal(np.diag(matrix), [r['correct'] for r in per_class])
+  assert np.trace(matrix) == round(results['test_accuracy'] * 32)
+  assert report['accuracy'] <= report['top5_accuracy'] <= 1
+  assert json.loads(Path(report['files']['json']).read_text()) == report
+  assert report['files']['json'] == str(run_dir / 'eval' / 'test-latest.json')
+  png = run_dir / 'eval' / 'test-latest-confusion.png'
+  assert report['files']['confusion_png'] == str(png)
+  with Image.open(png) as image:
+    assert image.format == 'PNG' and min(image.size) > 100
+
+
+def test_evaluate_run_on_val_by_role_and_by_name_gives_the_best_val_loss(run_dir):
+  """best/'s meta holds the val_loss it was chosen by: the same number, recomputed."""
+  best = restore.load_run(run_dir, 'best')
+  one = jax.devices()[:1]
+  by_role = evaluate.evaluate_run(run_dir, 'val', devices=one)
+  by_name = evaluate.evaluate_run(run_dir, 'validation', best.step, devices=one)
+  assert by_role['split_name'] == by_name['split_name'] == 'validation'
+  assert by_role['loss'] == pytest.approx(best.meta['value'], rel=LOSS_RTOL)
+  assert by_role['loss'] == by_name['loss'] and by_role['accuracy'] == by_name['accuracy']
+  assert (run_dir / 'eval' / 'val-best.json').is_file()
+  assert (run_dir / 'eval' / f'validation-step{best.step}-confusion.png').is_file()
+  with pytest.raises(ConfigError, match=r"--split=holdout: the dataset has the splits \['test', "):
+    evaluate.resolve_split('holdout', best.config.data, ['train', 'validation', 'test'])
+
+
+def test_binary_metrics_threshold_at_logit_zero():
+  logits = np.array([[2.0], [-1.0], [0.5], [-3.0], [1.0]], np.float32)
+  labels = np.array([1, 1, 0, 0, 1], np.int32)
+  report = evaluate.classification_metrics(logits, labels, ('cat', 'dog'))
+  assert report['confusion_matrix'] == [[1, 1], [1, 2]]
+  assert report['accuracy'] == pytest.approx(3 / 5)
+  assert [(r['examples'], r['correct']) for r in report['per_class']] == [(2, 1), (3, 2)]
+  expected = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(np.float32))
+  assert report['loss'] == pytest.approx(float(np.mean(expected)), rel=1e-6)
+  assert 'top5_accuracy' not in report
+
+
+def _digit_pngs(run_dir, folder, count=3):
+  run = restore.load_run(run_dir, 'latest')
+  test = data.load_dataset(run.config.data).splits['test']
+  folder.mkdir()
+  paths = []
+  for i in range(count):
+    path = folder / f'{i}.png'
+    Image.fromarray(test.images[i]).save(path)
+    paths.append(str(path))
+  # One at another size: it is resized to the run's 8x8 as it is read.
+  Image.fromarray(test.images[count]).resize((16, 12)).save(folder / 'big.png')
+  return paths + [str(folder / 'big.png')]
+
+
+def test_predict_workdir_prints_the_run_s_classes(run_dir, tmp_path, capsys):
+  paths = _digit_pngs(run_dir, tmp_path / 'images')
+  every = predict.predict_run_files(run_dir, paths, k=10, checkpoint='latest',
+                                    devices=jax.devices()[:1])
+  assert len(every) == len(paths)
+  for ranked in every:
+    assert sorted(name for name, _ in ranked) == [str(d) for d in range(10)]
+    probs = [p for _, p in ranked]
+    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
+
+  predict.main(None, paths, 2, workdir=str(run_dir))
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split(':')[0] for line in lines] == paths
+  for line in lines:
+    (first, p1), (second, p2) = [part.split() for part in line.split(': ')[1].split(', ')]
+    assert {first, second} <= set(str(d) for d in range(10)) and first != second
+    assert float(p1) >= float(p2) > 0
+  with pytest.raises(ConfigError, match='exactly one of --config'):
+    predict.main(None, paths, 2)
+
+
+def test_evaluate_command_line(run_dir, tmp_path):
+  results = json.loads((run_dir / 'results.json').read_text())
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path))
+  command = [sys.executable, '-m', 'fineflax.evaluate', '--workdir', str(run_dir),
+             '--checkpoint', 'latest']
+  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert f"accuracy {results['test_accuracy']:.4f}" in done.stdout
+  assert "split 'test' (test), 32 examples" in done.stdout
+  assert (run_dir / 'eval' / 'test-latest.json').is_file()
