@@ -9,17 +9,24 @@ Two retention policies side by side, in folders of their own (an Orbax manager w
 
 Each step folder holds `state` (the TrainState pytree) and `meta` (JSON: step, phase,
 epochs done, batches done in the current epoch, partial metric sums, early-stopping
-state). Orbax writes a step into a temporary folder and renames it when complete: a
-half-written step is never picked up (and is reported).
+state). Orbax writes a step into `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`
+once everything (and `commit_success.txt`) is written, so a killed save leaves only a
+temporary folder: it is never picked up, and is deleted when the folder is next opened
+(process 0). Old steps are deleted only after a newer one is complete.
+
+A save that fails (a full disk, say) raises CheckpointSaveError from `save`, `wait` or
+`close`, naming the folder, the step, the cause and the step that is still there intact.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
@@ -31,8 +38,70 @@ from fineflax.state import TrainState
 logger = logging.getLogger('fineflax.checkpoints')
 
 
+# Orbax's mark of an unfinished folder (`7.orbax-checkpoint-tmp`, and inside it the items').
+TMP_MARK = '.orbax-checkpoint-tmp'
+# How tensorstore, which writes the arrays, reports an OS error: a ValueError whose text
+# ends in e.g. "No space left on device [os_error_code='28']".
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
+
+
 class CheckpointMismatchError(ConfigError):
   """A checkpoint whose tree differs from the state the config builds."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A save that could not be written (disk full, no permission, ...).
+
+  Attributes:
+    directory: the checkpoint folder.
+    step: the step whose save failed (nothing of it is kept).
+    kept: the newest complete step in the folder, untouched by the failure, or None.
+    errno: the OS error number of the cause when there is one (errno.ENOSPC, ...).
+  """
+
+  def __init__(self, directory: Path, step: int | None, cause: BaseException,
+               kept: int | None):
+    self.directory, self.step, self.kept = directory, step, kept
+    self.errno = os_errno(cause)
+    reason = os.strerror(self.errno) if self.errno else type(cause).__name__
+    detail = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ''
+    what = f'step {step}' if step is not None else 'a step'
+    kept_text = (f'step {kept} there is complete and is what the same command resumes from'
+                 if kept is not None else 'the folder holds no complete step yet')
+    hint = ('; free some space on that disk, then run the same command again'
+            if self.errno in (errno.ENOSPC, errno.EDQUOT) else '')
+    super().__init__(f'{directory}: could not save {what}: {reason} '
+                     f'({type(cause).__name__}: {detail}); {kept_text}{hint}')
+
+
+def os_errno(error: BaseException | None) -> int | None:
+  """The OS error number behind `error` (an OSError, or tensorstore's ValueError that
+  quotes one), looking through its causes; None when there is none."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno:
+      return error.errno
+    match = _OS_ERROR_CODE.search(str(error))
+    if match:
+      return int(match.group(1))
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def complete_steps(directory: str | os.PathLike) -> list[int]:
+  """The steps of `directory` that Orbax finished writing (renamed), in order."""
+  directory = Path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _remove(path: Path) -> None:
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    path.unlink(missing_ok=True)
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
@@ -56,16 +125,13 @@ class Checkpoints:
   """The latest `keep` checkpoints in one folder."""
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
-    directory = Path(directory)
-    if directory.is_dir():
-      partial = sorted(p.name for p in directory.iterdir() if not p.name.isdigit())
-      if partial:
-        logger.warning('%s: ignoring %s, left by saves that did not finish', directory,
-                       partial)
+    self.directory = Path(os.path.abspath(directory))
+    self._pending: int | None = None  # the step whose save may still be running
+    _clean_leftovers(self.directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     # Handlers named up front: a manager that has not saved yet can read metadata.
     handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           item_handlers=handlers)
 
   def latest_meta(self) -> dict[str, Any] | None:
@@ -80,14 +146,22 @@ class Checkpoints:
     """Saves `state` under step `meta['step']` (asynchronously; see `wait`).
 
     Raises:
+      CheckpointSaveError: this save, or the previous one still being written, failed;
+        the error names the step.
       RuntimeError: the folder already holds that step or a later one (Orbax would skip
         the save without a word).
     """
-    saved = self._manager.save(meta['step'], args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    self.wait()  # a failure of the previous save is reported as that step's
+    step = meta['step']
+    try:
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._failed(step, e)
     if not saved:
-      raise RuntimeError(f'{self._manager.directory}: step {meta["step"]} was not saved; the '
+      raise RuntimeError(f'{self.directory}: step {step} was not saved; the '
                          f'folder already holds step {self._manager.latest_step()}')
+    self._pending = step
 
   def restore(self, step: int, target: TrainState) -> TrainState:
     """The state saved at `step`, with the tree structure and shardings of `target`.
@@ -105,12 +179,60 @@ class Checkpoints:
     return restored['state']
 
   def wait(self) -> None:
-    """Blocks until every save has been written."""
-    self._manager.wait_until_finished()
+    """Blocks until every save has been written.
+
+    Raises:
+      CheckpointSaveError: the save being written failed (the steps before it are kept).
+    """
+    step, self._pending = self._pending, None
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-exception-caught
+      self._failed(step, e)
 
   def close(self) -> None:
-    """Waits for pending saves and releases the manager."""
-    self._manager.close()
+    """Waits for pending saves and releases the manager.
+
+    Raises:
+      CheckpointSaveError: the save being written failed (the manager is released).
+    """
+    try:
+      self.wait()
+    finally:
+      self._manager.close()
+
+  def _failed(self, step: int | None, error: Exception) -> NoReturn:
+    """Raises the CheckpointSaveError of `error`, with the manager ready for another save.
+
+    The failed step's temporary folder stays until the folder is next opened: Orbax
+    reports the first of the step's writes that failed, while others may go on.
+    """
+    # Orbax dropped the steps this save was to replace from its list before it failed;
+    # they are still on disk and must still count (and be deleted by a later save).
+    try:
+      self._manager.reload()
+    except Exception:  # pylint: disable=broad-exception-caught
+      logger.warning('%s: could not list the steps again after a failed save', self.directory,
+                     exc_info=True)
+    kept = [s for s in complete_steps(self.directory) if s != step]
+    raise CheckpointSaveError(self.directory, step, error, kept[-1] if kept else None) from error
+
+
+def _clean_leftovers(directory: Path) -> None:
+  """Deletes the temporary folders of saves that never finished (process 0; before a
+  manager opens the folder, so none of its saves is under way)."""
+  if not directory.is_dir():
+    return
+  others = sorted(p.name for p in directory.iterdir() if not p.name.isdigit())
+  partial = [name for name in others if TMP_MARK in name]
+  if partial and jax.process_index() == 0:
+    logger.warning('%s: ignoring %s, left by saves that did not finish; deleting them',
+                   directory, partial)
+    for name in partial:
+      _remove(directory / name)
+  if set(others) - set(partial):
+    logger.warning('%s: ignoring %s, which are not checkpoints', directory,
+                   sorted(set(others) - set(partial)))
 
 
 def remove_steps_after(directory: str | os.PathLike, step: int) -> None:
@@ -120,7 +242,12 @@ def remove_steps_after(directory: str | os.PathLike, step: int) -> None:
     return
   for p in directory.iterdir():
     if p.name.isdigit() and int(p.name) > step:
-      shutil.rmtree(p)
+      # Renamed first: a run killed while deleting must not leave a half-deleted folder
+      # that still looks like the newest complete step.
+      doomed = p.with_name(f'{p.name}{TMP_MARK}-removed')
+      _remove(doomed)  # left by such a kill
+      p.rename(doomed)
+      _remove(doomed)
 
 
 def params_source(path: str | os.PathLike) -> Path:
@@ -166,14 +293,20 @@ class RunCheckpoints:
     value = None if record is None else record.get(self.monitor)
     if not self.improved(value):
       return False
+    # latest/ complete first: a run killed with best/ ahead of it would find a best/
+    # checkpoint without one in latest/ to resume from (refused, and rightly so for a
+    # latest/ deleted by hand).
+    self.latest.wait()
     self.best_value = value
     self.best.save(state, dict(meta, monitor=self.monitor, value=value))
     return True
 
   def close(self) -> None:
     """Waits for pending saves and releases the managers."""
-    self.latest.close()
-    self.best.close()
+    try:
+      self.latest.close()
+    finally:
+      self.best.close()
 
 
 def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:

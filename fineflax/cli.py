@@ -1,16 +1,50 @@
-"""What the command-line tools share: `--config` parsing, logging, plain error messages."""
+"""What the command-line tools share: `--config` parsing, joining a multi-host job
+(`--coordinator`, `--num_processes`, `--process_id`), logging, plain error messages."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import Callable, Sequence
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from fineflax import config as config_lib, reporting
+from fineflax import config as config_lib, distributed, reporting
 from fineflax.errors import ConfigError
+
+logger = logging.getLogger('fineflax.cli')
+
+
+def define_distributed_flags() -> Callable[[], None]:
+  """Defines `--coordinator`, `--num_processes`, `--process_id` (fineflax.distributed).
+
+  Returns the function that joins the multi-host job with their values, logging where
+  this process stands in it; a tool calls it first in its absl main, before it logs or
+  touches a device.
+  """
+  holders = {
+      'coordinator': flags.DEFINE_string(
+          'coordinator', None, 'Multi-host runs: HOST:PORT of process 0 (default: '
+          f'${distributed.ENV_COORDINATOR}, or detected on TPU pods, SLURM, Open MPI).'),
+      'num_processes': flags.DEFINE_integer(
+          'num_processes', None, 'Multi-host runs: number of processes (default: '
+          f'${distributed.ENV_NUM_PROCESSES}, or detected; 1: run alone).'),
+      'process_id': flags.DEFINE_integer(
+          'process_id', None, 'Multi-host runs: index of this process, 0 to num_processes-1 '
+          f'(default: ${distributed.ENV_PROCESS_ID}, or detected).'),
+  }
+
+  def join() -> None:
+    distributed.initialize(**{name: holder.value for name, holder in holders.items()})
+    # After joining: logging asks for jax.process_index(), which starts JAX's backends.
+    reporting.setup_logging()
+    if jax.process_count() > 1:
+      logger.info('multi-host run, %s', distributed.describe())
+
+  return join
 
 
 def run(main: Callable[..., None], required: Sequence[str] = ('config',),
@@ -20,7 +54,8 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
   arguments; a ConfigError ends the program with its message alone.
 
   Flags are defined here rather than at import, so that tools and tests can import
-  each other's modules.
+  each other's modules. Before `main` runs (and before anything touches a device) the
+  process joins its multi-host job, if it is in one (`fineflax.distributed`).
   """
   try:
     config_lib.check_override_flags(sys.argv[1:])
@@ -29,9 +64,10 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
   config = config_flags.DEFINE_config_file('config', None,
                                            'Experiment config file, path[:smoke].')
   flags.mark_flags_as_required(list(required))
+  join = define_distributed_flags()
 
   def absl_main(argv: list[str]) -> None:
-    reporting.setup_logging()
+    join()
     if positional:
       if len(argv) < 2:
         raise app.UsageError(f'expected one or more {positional}')

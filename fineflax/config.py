@@ -67,8 +67,9 @@ def _source(v):
   name, _, arg = v.partition(':')
   if name not in data.SOURCES:
     return f'unknown source {name!r}; expected one of {sorted(data.SOURCES)}'
-  if name in ('tfds', 'folder') and not arg:
-    return f"expected '{name}:{'NAME' if name == 'tfds' else 'PATH'}'"
+  argument = {'tfds': 'NAME', 'folder': 'PATH', 'synthetic': 'N:SIDE'}
+  if name in argument and not arg:
+    return f"expected '{name}:{argument[name]}'"
   return None
 
 
@@ -131,7 +132,8 @@ SCHEMA: dict[str, Any] = {
     },
     'data': {
         'source': Field('digits', _STR, "'digits' (the demo's), 'tfds:NAME' "
-                        "(tensorflow-datasets) or 'folder:PATH' (a folder per class).",
+                        "(tensorflow-datasets), 'folder:PATH' (a folder per class) or "
+                        "'synthetic:N:SIDE' (random images, for benchmarks).",
                         check=_source),
         'train_split': Field('train', _STR, 'Split to train on.'),
         'val_split': Field('validation', _STR, 'Split evaluated after every epoch; None: '
@@ -208,6 +210,9 @@ SCHEMA: dict[str, Any] = {
                       "'auto': max for accuracies, min for losses.",
                       check=_choices(('auto', 'min', 'max'))),
     },
+    'allow_config_change': Field(False, _BOOL, 'Resume a workdir whose config.json differs '
+                                 'in more than epochs, appended phases, reporting and '
+                                 'checkpoint cadence (refused otherwise).'),
     'init_from': Field(None, _STR, "Start from another run's parameters: its workdir, a "
                        'checkpoint step folder or a converted checkpoint; layers of '
                        'another shape (a new head) are initialised and reported.',
@@ -444,6 +449,43 @@ def from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict(values)
   config.phases = phases
   return validate(config)
+
+
+# What may change when a run is resumed: how long phases last, what is reported, how
+# often it saves, where the data lives.
+_RESUMABLE_CHANGES = re.compile(
+    r'^(report\.|features\.|checkpoint\.(keep|every_steps)$|data\.(data_dir|manual_dir)$|'
+    r'phases\[\d+\]\.epochs$|eval_batch_size$|allow_config_change$)')
+
+
+def _flatten(values: Any, prefix: str = '') -> dict[str, Any]:
+  if isinstance(values, dict):
+    out = {}
+    for key, value in values.items():
+      out.update(_flatten(value, f'{prefix}.{key}' if prefix else key))
+    return out
+  if prefix == 'phases':
+    out = {}
+    for i, p in enumerate(values):
+      out.update(_flatten(p, f'phases[{i}]'))
+    return out
+  return {prefix: values}
+
+
+def changes_on_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
+  """The keys in which `config` differs from a run's saved config.json that a resume must
+  not change silently, as 'key: saved -> now' (phases appended at the end are fine)."""
+  old, new = _flatten(saved), _flatten(to_dict(config))
+  appended = len(config.phases) > len(saved.get('phases', ()))
+  out = []
+  for key in sorted(set(old) | set(new)):
+    if old.get(key) == new.get(key) or _RESUMABLE_CHANGES.match(key):
+      continue
+    phase = re.match(r'^phases\[(\d+)\]', key)
+    if appended and key not in old and phase and int(phase.group(1)) >= len(saved['phases']):
+      continue
+    out.append(f'{key}: {old.get(key, "(absent)")!r} -> {new.get(key, "(absent)")!r}')
+  return out
 
 
 _OVERRIDE = re.compile(r'^--config\.([^=]+?)(=.*)?$')

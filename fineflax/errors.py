@@ -3,3 +3,7 @@
 
 class ConfigError(ValueError):
   """A config key or value, freeze spec or dataset that does not fit, found before training."""
+
+
+class TrainingDivergedError(RuntimeError):
+  """The training loss became NaN or infinite; the state was not saved."""

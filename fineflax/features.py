@@ -28,12 +28,13 @@ from fineflax.errors import ConfigError
 logger = logging.getLogger('fineflax.features')
 
 FEATURES_DIR = 'features'
+TRAINS_BACKBONE = 'the phase trains backbone parameters'
 
 
 def ineligible_reason(labels: freeze.Labels, augment: data.Augment) -> str | None:
   """Why a phase cannot train on cached features, or None when it can."""
   if any(label == freeze.TRAINABLE for label in jax.tree.leaves(labels['backbone'])):
-    return 'the phase trains backbone parameters'
+    return TRAINS_BACKBONE
   if augment.geometric or augment.crop is not None or augment.mixup > 0:
     return 'the training images are augmented'
   if jax.process_count() > 1:

@@ -26,6 +26,7 @@ from fineflax import parallel, reporting, state as state_lib, step as step_lib, 
 from fineflax.data import feed
 from fineflax.early_stopping import EarlyStopping
 from fineflax.evaluate import evaluate
+from fineflax.errors import TrainingDivergedError
 from fineflax.preemption import Preempted
 
 logger = logging.getLogger('fineflax.train')
@@ -106,8 +107,10 @@ def phase_feed(run: Run, index: int, state: state_lib.TrainState) -> Feed:
     return run.images
   reason = features.ineligible_reason(run.plans[index], phase_augment(run, index))
   if reason:
-    logger.info('[%s] trains on the images (no cached features: %s)',
-                cfg.phases[index].name, reason)
+    # Said at INFO only where the head alone trains: there the reason is news.
+    level = logging.DEBUG if reason == features.TRAINS_BACKBONE else logging.INFO
+    logger.log(level, '[%s] trains on the images (no cached features: %s)',
+               cfg.phases[index].name, reason)
     return run.images
   start = time.perf_counter()
   width = features.feature_width(run.model, run.dataset.info.image_shape)
@@ -149,7 +152,7 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
   sums = [dict(position.sums)] if position.sums else []
   every = cfg.checkpoint.every_steps
   # The step counted on the host: reading state.step would wait for every step.
-  step = int(state.step)
+  first = step = int(state.step)
   for batch in feed.device_batches(split, batches, run.mesh, resident):
     state, metrics = train_step(state, batch, resident or {})
     step += 1
@@ -160,16 +163,37 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
     periodic = every and step % every == 0 and position.batch < total
     if run.stop.is_set() or periodic:
       position.sums = step_lib.total(sums)
+      _check_finite(run, position.sums, sums[len(sums) - (step - first):], first, phase_name)
       run.ckpts.save(state, position.meta(step, phase_name))
       if run.stop.is_set():
         shown.close()
         raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
                         f'{position.batch} batches into an epoch); the same command resumes')
   shown.close()
+  _check_finite(run, step_lib.total(sums), sums[len(sums) - (step - first):], first,
+                phase_name)
   metrics = step_lib.summarize(sums)
   metrics['seconds'] = time.perf_counter() - start
   position.batch, position.sums = 0, {}
   return state, metrics
+
+
+def _check_finite(run: Run, totals: dict[str, float], steps: list[Any], first: int,
+                  phase_name: str) -> None:
+  """Raises TrainingDivergedError, naming the first bad step, when the loss summed over
+  the epoch so far is not finite. Checked where the sums reach the host anyway (before a
+  save, at the epoch's end), so a diverged state is never saved and no step waits."""
+  if np.isfinite(totals['loss']):
+    return
+  losses = [float(m['loss']) for m in jax.device_get(steps)]
+  bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), 0)
+  good = run.ckpts.latest.latest_meta()
+  kept = (f"the last checkpoint, step {good['step']}, is kept in "
+          f'{checkpoints.latest_dir(run.workdir)}' if good else 'no checkpoint was saved yet')
+  raise TrainingDivergedError(
+      f'[{phase_name}] the training loss is {losses[bad]} at step {first + bad + 1}; the run '
+      f'stopped without saving that state ({kept}). Lower the learning rate, clip gradients '
+      '(phases[i].clip_norm) or check the data, then run the same command again.')
 
 
 def phase_state(run: Run, index: int, previous: state_lib.TrainState | None,
@@ -271,6 +295,7 @@ def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Pos
     if phase.early_stopping.patience or phase_best:
       if watcher.update(record, epoch + 1) and phase_best:
         phase_best.save(state, {'step': record['step'], 'phase_index': index})
+        phase_best.wait()  # before latest/ records this epoch as the phase's best
       position.early_stopping = watcher.state()
     # The record first: one whose checkpoint never completed is dropped on resume,
     # while a checkpoint without its record would leave a hole in metrics.jsonl.

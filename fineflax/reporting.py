@@ -16,6 +16,7 @@ import jax
 from absl import logging as absl_logging
 
 METRICS_FILE = 'metrics.jsonl'
+logger = logging.getLogger('fineflax.reporting')
 
 
 def setup_logging() -> None:
@@ -41,8 +42,18 @@ class MetricsLog:
     """Every record written so far."""
     if not self.path.exists():
       return []
+    records = []
     with self.path.open() as f:
-      return [json.loads(line) for line in f if line.strip()]
+      for line in f:
+        if not line.strip():
+          continue
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError:
+          # Only the last line can be cut short (a full disk during the append); the
+          # epoch it recorded is redone after the resume.
+          logger.warning('%s: ignoring a damaged record: %r', self.path, line[:80])
+    return records
 
   def truncate_after(self, step: int) -> None:
     """Drops records of steps after `step`: the epochs a resumed run will redo."""

@@ -12,6 +12,7 @@ ends. At the end the test split is evaluated and written to `DIR/results.json`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -28,7 +29,7 @@ from fineflax import checkpoints, cli, config as config_lib, data, features, fre
 from fineflax import optimizers, parallel, phases, reporting, state as state_lib
 from fineflax import step as step_lib, tensorboard, weights
 from fineflax.data import feed, preview
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, TrainingDivergedError
 from fineflax.preemption import Preempted, sigterm_flag
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
@@ -100,8 +101,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   weighting = data.class_weights(config.loss.class_weight, splits['train'],
                                  len(dataset.info.class_names))
   workdir = Path(workdir)
-  # The weight file is found (or downloaded) before the run writes anything; a run that
-  # will resume restores its own parameters and needs no file.
   fresh = not checkpoints.has_checkpoint(checkpoints.latest_dir(workdir))
   if fresh and checkpoints.has_checkpoint(checkpoints.best_dir(workdir)):
     raise ConfigError(f'{checkpoints.best_dir(workdir)} holds a checkpoint but '
@@ -109,10 +108,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                       'deleted?); a new run would mix its best/ with the old one: move the '
                       'folder away or use another workdir')
   check_monitors(config, splits)
-  weights_path = None
-  if config.model.weights and fresh:
-    weights_path = weights.resolve(config.model.weights, config.model.backbone,
-                                   config.model.include_top)
+  # Initial parameters, with the weight file or the run they come from, before the run
+  # writes anything: a missing or foreign file fails here. A run that will resume
+  # restores its own parameters instead.
+  variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
+  if fresh and config.model.weights:
+    variables, report = weights.load_pretrained(
+        config.model, model, variables,
+        weights.resolve(config.model.weights, config.model.backbone, config.model.include_top))
+    logger.info(report.text())
+  if fresh and config.init_from:
+    variables, report = weights.load_run(config.init_from, model, variables)
+    logger.info(report.text())
 
   workdir.mkdir(parents=True, exist_ok=True)
   ckpts = checkpoints.RunCheckpoints(workdir, config.checkpoint.keep, config.checkpoint.monitor,
@@ -125,7 +132,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     logger.info('resuming from step %d: phase %r, %d epoch(s) and %d batch(es) of it done',
                 resume['step'], resume['phase'], resume['phase_epochs_done'],
                 resume.get('batch', 0))
-  reporting.write_json(workdir / CONFIG_FILE, config_lib.to_dict(config))
+  saved = workdir / CONFIG_FILE
+  if resume is not None and saved.exists() and not config.allow_config_change:
+    changes = config_lib.changes_on_resume(json.loads(saved.read_text()), config)
+    if changes:
+      raise ConfigError(f'{workdir} holds a run of another config; resuming it with this one '
+                        f'would mix the two ({"; ".join(changes[:5])}'
+                        f'{f"; and {len(changes) - 5} more" if len(changes) > 5 else ""}). '
+                        'Use another workdir, or set config.allow_config_change=True')
+  reporting.write_json(saved, config_lib.to_dict(config))
   reporting.write_json(workdir / DATASET_FILE, {
       'class_names': list(dataset.info.class_names),
       'image_shape': list(dataset.info.image_shape),
@@ -141,15 +156,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   if jax.process_index() == 0 and not samples.exists():
     preview.write_samples(samples, splits['train'], dataset.info.class_names, augment,
                           model.image_size, config.seed)
-  variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
-  if resume is None:
-    if config.model.weights:
-      variables, report = weights.load_pretrained(config.model, model, variables,
-                                                  weights_path)
-      logger.info(report.text())
-    if config.init_from:
-      variables, report = weights.load_run(config.init_from, model, variables)
-      logger.info(report.text())
   eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing,
                                       augment=augment)
   tb = (tensorboard.SummaryWriter(workdir / 'tb')
@@ -218,6 +224,8 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   except Preempted as e:
     logger.warning('%s', e)
     sys.exit(143)  # 128 + SIGTERM: stopped, not finished
+  except (TrainingDivergedError, checkpoints.CheckpointSaveError) as e:
+    sys.exit(f'error: {e}')
   if 'test_accuracy' in results:
     print(f"test_accuracy: {results['test_accuracy']:.4f} "
           f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")

@@ -35,7 +35,7 @@ def _metrics(workdir):
 
 def test_cached_features_train_the_head_as_the_images_do(tmp_path, caplog):
   devices = jax.devices()[:2]
-  with caplog.at_level(logging.INFO, logger='fineflax'):
+  with caplog.at_level(logging.DEBUG, logger='fineflax'):
     cached = train.train_and_evaluate(_head_config('memory'), tmp_path / 'memory',
                                       devices=devices)
   assert '[head] trains the head on cached features' in caplog.text

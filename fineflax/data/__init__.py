@@ -12,7 +12,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from fineflax.data import digits, folder, tfds_source
+from fineflax.data import digits, folder, synthetic, tfds_source
 from fineflax.data.augment import Augment
 from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, class_weights,
                                    eval_batches, gather, num_batches, share, shared_split,
@@ -32,6 +32,7 @@ class Source(NamedTuple):
 SOURCES: dict[str, Source] = {
     'digits': Source(digits.info, digits.load),
     'folder': Source(folder.info, folder.load),
+    'synthetic': Source(synthetic.info, synthetic.load),
     'tfds': Source(tfds_source.info, tfds_source.load),
 }
 

@@ -1,0 +1,129 @@
+"""What users really feed fineflax, and the clear, early message each gets, with nothing
+that was saved before lost.
+
+Covered elsewhere and not repeated here: unreadable image files and empty class folders
+(test_data.py), weight files of another backbone or with a parameter of another shape
+(test_weights.py), checkpoints of another train state (test_checkpoints.py), a batch size
+that does not split over the devices (test_config.py).
+"""
+
+import json
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fineflax import checkpoints, config as config_lib, train
+from fineflax.errors import ConfigError, TrainingDivergedError
+from fineflax.reporting import MetricsLog
+from tests.test_train import _small_config as small_config
+
+DEVICES = jax.devices()[:2]
+
+
+def _set(path, value):
+  def mutate(cfg):
+    node = cfg
+    for key in path[:-1]:
+      node = node[key]
+    node[path[-1]] = value
+  return mutate
+
+
+def _phase(**values):
+  return lambda cfg: setattr(cfg, 'phases', (config_lib.phase(**values),))
+
+
+@pytest.mark.parametrize('mutate, message', [
+    (lambda cfg: cfg.__setattr__('batchsize', 8),
+     "unknown config key config.batchsize (did you mean 'batch_size'?)"),
+    (_set(('model', 'head', 'dropuot'), 0.5),
+     "unknown config key config.model.head.dropuot (did you mean 'dropout'?)"),
+    (_set(('eval_batch_size',), 0), 'config.eval_batch_size=0: must be > 0'),
+    (_set(('data', 'augment', 'rotation'), 2.0), 'config.data.augment.rotation=2.0: must be in'),
+    (_phase(freeze='regex:^backbone/no_such_layer'),
+     "freeze spec 'regex:^backbone/no_such_layer' matches no parameter"),
+    (_phase(freeze='layers[:999]'), 'index 999 is beyond the backbone, which has'),
+    (_phase(freeze='backbone', optimizer='sgd', nesterov=True),
+     "config.phases[0].nesterov=True needs optimizer 'sgd' with momentum > 0"),
+    (_set(('model', 'num_classes'), 3), 'num_classes'),
+    (_set(('data', 'train_split'), 'training'), "config.data.train_split='training'"),
+    (_set(('loss', 'class_weight'), (1.0, 2.0)), 'class_weight has 2 weights but the dataset '
+     'has 10 classes'),
+    (_set(('init_from',), '/no/such/run'), "config.init_from='/no/such/run': no such run"),
+])
+def test_refused_before_anything_is_written(tmp_path, mutate, message):
+  cfg = small_config()
+  mutate(cfg)
+  with pytest.raises(ConfigError) as error:
+    train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
+  assert message in str(error.value)
+  assert not (tmp_path / 'run').exists()
+
+
+def test_corrupt_or_foreign_init_from_is_refused_before_anything_is_written(tmp_path):
+  corrupt = tmp_path / 'corrupt'
+  corrupt.mkdir()
+  (corrupt / 'checkpoint').write_bytes(b'\x00not an orbax checkpoint')
+  foreign = tmp_path / 'foreign'  # an Orbax tree of another network
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(foreign, {'params': {'backbone': {'block9_conv': {
+        'kernel': np.zeros((3, 3, 3, 8), np.float32)}}}})
+  for source, message in ((corrupt, 'not a readable Orbax checkpoint'),
+                          (foreign, 'lacks 34 backbone layers')):
+    cfg = small_config()
+    cfg.init_from = str(source)
+    with pytest.raises(ConfigError) as error:
+      train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
+    assert message in str(error.value) and str(source) in str(error.value)
+    assert not (tmp_path / 'run').exists()
+
+
+def _one_epoch(cfg):
+  cfg.phases = (config_lib.phase(name='first', learning_rate=3e-3, epochs=1),)
+  return cfg
+
+
+def test_a_workdir_of_another_config_is_not_resumed_into(tmp_path):
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(_one_epoch(small_config()), workdir, devices=DEVICES)
+  before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+
+  other = _one_epoch(small_config())
+  other.model.head.dropout = 0.5
+  other.phases[0].learning_rate = 1e-2
+  other.phases = other.phases + (config_lib.phase(name='more', freeze='backbone'),)
+  with pytest.raises(ConfigError, match=r'holds a run of another config; .*'
+                     r"model.head.dropout: 0.3 -> 0.5; phases\[0\].learning_rate: 0.003 -> "
+                     r'0.01\). Use another workdir, or set config.allow_config_change=True'):
+    train.train_and_evaluate(other, workdir, devices=DEVICES)
+  after = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
+  assert after == before  # nothing written, nothing lost
+
+  # Longer phases, an appended phase and other reporting are a continuation, not another run.
+  longer = _one_epoch(small_config())
+  longer.phases[0].epochs = 2
+  longer.phases = longer.phases + (config_lib.phase(name='more', freeze='backbone'),)
+  longer.report.plot = False
+  results = train.train_and_evaluate(longer, workdir, devices=DEVICES)
+  assert results['epoch'] == 3
+  assert json.loads((workdir / 'config.json').read_text())['phases'][0]['epochs'] == 2
+
+
+def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg = small_config()
+  cfg.phases = (config_lib.phase(name='good', learning_rate=3e-3, epochs=1),
+                config_lib.phase(name='bad', optimizer='sgd', learning_rate=1e30, epochs=2))
+  with pytest.raises(TrainingDivergedError, match=r'\[bad\] the training loss is (nan|inf) at '
+                     r'step [4-6]; the run stopped without saving that state \(the last '
+                     r'checkpoint, step 3, is kept'):
+    train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
+  assert [r['phase'] for r in MetricsLog(tmp_path / 'run').read()] == ['good']
+  latest = checkpoints.Checkpoints(checkpoints.latest_dir(tmp_path / 'run'))
+  meta = latest.latest_meta()
+  assert meta['step'] == 3 and meta['phase'] == 'good'
+  latest.close()
+  saved = ocp.StandardCheckpointer().restore(
+      checkpoints.latest_dir(tmp_path / 'run') / '3' / 'state')
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
