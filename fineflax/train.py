@@ -226,7 +226,7 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
     sys.exit(143)  # 128 + SIGTERM: stopped, not finished
   except (TrainingDivergedError, checkpoints.CheckpointSaveError) as e:
     sys.exit(f'error: {e}')
-  if 'test_accuracy' in results:
+  if 'test_accuracy' in results and jax.process_index() == 0:  # one line per job
     print(f"test_accuracy: {results['test_accuracy']:.4f} "
           f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")
 
