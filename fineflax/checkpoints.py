@@ -128,7 +128,12 @@ class Checkpoints:
     self.directory = Path(os.path.abspath(directory))
     self._pending: int | None = None  # the step whose save may still be running
     _clean_leftovers(self.directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    # latest/ and best/ (and phase_best/) may save the same step: across processes their
+    # barriers would share Orbax's keys unless each folder names its own.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=self.directory.name))
     # Handlers named up front: a manager that has not saved yet can read metadata.
     handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
     self._manager = ocp.CheckpointManager(self.directory, options=options,

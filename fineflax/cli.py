@@ -68,16 +68,63 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
 
   def absl_main(argv: list[str]) -> None:
     join()
+    value = _loaded(config)
     if positional:
       if len(argv) < 2:
         raise app.UsageError(f'expected one or more {positional}')
-      main(config.value, argv[1:])
+      main(value, argv[1:])
       return
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    main(config.value)
+    main(value)
 
   try:
-    app.run(absl_main)
+    app.run(absl_main, flags_parser=parse_flags)
   except ConfigError as e:
     sys.exit(f'error: {e}')
+
+
+def _loaded(holder: flags.FlagHolder) -> ml_collections.ConfigDict | None:
+  """The config `--config` loaded (None without the flag), or a ConfigError saying why it
+  could not be loaded: ml_collections defers that error to the config's first use."""
+  value = holder.value
+  if value is None or isinstance(value, ml_collections.ConfigDict):
+    if value is None and flags.FLAGS['config'].present:
+      raise ConfigError(f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}: '
+                        'its get_config() returned None (a missing return?)')
+    return value
+  try:
+    value.keys()  # ml_collections' placeholder raises the loading error on any use
+  except OSError as e:
+    reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
+    raise ConfigError(f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}: '
+                      f'cannot load it: {reason}') from None
+  raise ConfigError(f'--config: get_config() returned a {type(value).__name__}, not a '
+                    'ConfigDict')
+
+
+def _config_error(error: BaseException | None) -> ConfigError | None:
+  """The first fineflax ConfigError in an error's chain, if any (ml_collections raises a
+  copy whose message is the traceback of the original)."""
+  found = None
+  while error is not None:
+    found = error if isinstance(error, ConfigError) else found
+    error = error.__cause__ or error.__context__
+  return found
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, except that a ConfigError raised while the config file loads
+  (in its `get_config`) ends the program with its message alone, not inside a traceback,
+  and so does an override of a phase the config does not have."""
+  try:
+    return flags.FLAGS(argv)
+  except IndexError:
+    phases = [a for a in argv if a.startswith('--config.phases[')]
+    sys.exit(f'error: {" ".join(phases)}: the config has no such phase (phases are '
+             'numbered from 0)')
+  except flags.Error as e:
+    if (error := _config_error(e)) is not None:
+      sys.exit(f'error: {error}')
+    sys.exit(f'FATAL Flags parsing error: {e}\n'  # absl's words for its own errors
+             'Pass --helpshort or --helpfull to see help on flags.')

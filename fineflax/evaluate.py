@@ -5,8 +5,9 @@ and reports more on one split: top-5 accuracy, per-class accuracy, the confusion
 
     python -m fineflax.evaluate --workdir runs/demo [--split test] [--checkpoint best]
 
-prints a table and writes `DIR/eval/<split>-<checkpoint>.json` and the confusion matrix
-as `DIR/eval/<split>-<checkpoint>-confusion.png`.
+prints a table and writes `DIR/eval/<split>-<checkpoint>.json`, the confusion matrix as
+`DIR/eval/<split>-<checkpoint>-confusion.png`, and each example's logits, probabilities
+and predicted class as `DIR/eval/<split>-<checkpoint>-predictions.npz`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fineflax import data, parallel, reporting, restore, step
+from fineflax import cli, data, parallel, reporting, restore, step
 from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
 from fineflax.errors import ConfigError
@@ -86,6 +87,15 @@ def split_logits(logits_step: Callable[..., dict[str, jax.Array]], variables: di
   rows = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
   keep = rows['weight'] > 0
   return rows['logits'][keep], rows['label'][keep].astype(np.int32)
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+  """Class probabilities of logits: softmax, or for one logit (binary) [1 - p, p] with p
+  the sigmoid."""
+  if logits.shape[-1] == 1:  # binary: probability of class 1
+    p = jax.nn.sigmoid(logits[:, 0])
+    return jnp.stack([1 - p, p], axis=-1)
+  return jax.nn.softmax(logits)
 
 
 def predicted_classes(logits: np.ndarray) -> np.ndarray:
@@ -203,10 +213,15 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
   report.update(classification_metrics(logits, labels, run.class_names,
                                        run.config.loss.label_smoothing))
   stem = workdir / 'eval' / _file_stem(split, run.label)
-  report['files'] = {'json': str(stem) + '.json', 'confusion_png': str(stem) + '-confusion.png'}
+  report['files'] = {'json': str(stem) + '.json', 'confusion_png': str(stem) + '-confusion.png',
+                     'predictions': str(stem) + '-predictions.npz'}
   if jax.process_index() == 0:
-    from fineflax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    # Rows in the order the batches came (on one process: the split's order).
+    np.savez(report['files']['predictions'], logits=logits, labels=labels,
+             probabilities=np.asarray(probabilities(jnp.asarray(logits))),
+             predicted=predicted_classes(logits))
+    from fineflax import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
     plots.write_confusion(report['files']['confusion_png'],
                           np.asarray(report['confusion_matrix']), list(run.class_names),
                           title=f"{split} split, checkpoint {run.label} (step {run.step}): "
@@ -237,7 +252,8 @@ def format_report(report: dict[str, Any], max_matrix_classes: int = 20) -> str:
               ' ' * width + ''.join(f'  {n:>{cell}}' for n in names)]
     lines += [f'{name:<{width}}' + ''.join(f'  {v:>{cell}}' for v in r)
               for name, r in zip(names, matrix)]
-  lines += ['', f"wrote {report['files']['json']} and {report['files']['confusion_png']}"]
+  files = report['files']
+  lines += ['', f"wrote {files['json']}, {files['confusion_png']} and {files['predictions']}"]
   return '\n'.join(lines)
 
 
@@ -245,7 +261,9 @@ def main(workdir: str, split: str, checkpoint: str, batch_size: int | None) -> N
   """Evaluates the run in `workdir` and prints the report."""
   cache = Path(os.environ.get('FINEFLAX_CACHE', Path.home() / '.cache' / 'fineflax'))
   jax.config.update('jax_compilation_cache_dir', str(cache / 'xla'))
-  print(format_report(evaluate_run(workdir, split, checkpoint, batch_size)))
+  report = evaluate_run(workdir, split, checkpoint, batch_size)
+  if jax.process_index() == 0:
+    print(format_report(report))
 
 
 if __name__ == '__main__':
@@ -256,11 +274,12 @@ if __name__ == '__main__':
   _BATCH_SIZE = flags.DEFINE_integer('batch_size', None, 'Global batch size; default: the '
                                      "run's eval batch size.")
   flags.mark_flag_as_required('workdir')
+  _JOIN = cli.define_distributed_flags()  # every process of a job evaluates its share
 
   def _absl_main(argv: list[str]) -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    reporting.setup_logging()
+    _JOIN()
     main(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value, _BATCH_SIZE.value)
 
   try:

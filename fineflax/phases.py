@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -27,7 +26,7 @@ from fineflax.data import feed
 from fineflax.early_stopping import EarlyStopping
 from fineflax.evaluate import evaluate
 from fineflax.errors import TrainingDivergedError
-from fineflax.preemption import Preempted
+from fineflax.preemption import Preempted, StopRequest
 
 logger = logging.getLogger('fineflax.train')
 
@@ -78,7 +77,7 @@ class Run:
   augment: data.Augment
   ckpts: checkpoints.RunCheckpoints
   metrics_log: reporting.MetricsLog
-  stop: threading.Event
+  stop: StopRequest
   class_weights: tuple[float, ...] | None = None
   tb: tensorboard.SummaryWriter | None = None
 
@@ -132,12 +131,13 @@ def phase_feed(run: Run, index: int, state: state_lib.TrainState) -> Feed:
 def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
                 state: state_lib.TrainState, rng: np.random.Generator, position: Position,
                 phase_name: str, epochs_in_phase: int
-                ) -> tuple[state_lib.TrainState, dict[str, float]]:
+                ) -> tuple[state_lib.TrainState, dict[str, float], bool]:
   """One pass over the train split in the order `rng` draws, from `position.batch` on.
 
   Metrics stay on the device (the progress display fetches those already computed, so
   no step waits for it). Saves every `checkpoint.every_steps` steps; after a SIGTERM it
-  saves and raises Preempted. Returns the state and the epoch's metrics (with `seconds`).
+  saves and raises Preempted. Returns the state, the epoch's metrics (with `seconds`) and
+  whether a SIGTERM asks to stop once the epoch's end is saved.
   """
   cfg = run.config
   split, resident = on.splits['train'], on.resident['train']
@@ -153,6 +153,7 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
   every = cfg.checkpoint.every_steps
   # The step counted on the host: reading state.step would wait for every step.
   first = step = int(state.step)
+  stop_at_end = False
   for batch in feed.device_batches(split, batches, run.mesh, resident):
     state, metrics = train_step(state, batch, resident or {})
     step += 1
@@ -160,12 +161,16 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
     shown.update(metrics)
     position.batch += 1
     # An epoch's last step is saved after its evaluation, with the epoch counted as done.
-    periodic = every and step % every == 0 and position.batch < total
-    if run.stop.is_set() or periodic:
+    stop, at_end = run.stop.at(step), position.batch == total
+    if stop and at_end:
+      # Saved at the epoch's end, after its evaluation, as every epoch: a step saved
+      # here as well would be saved twice once resumed.
+      stop_at_end = True
+    elif stop or (every and step % every == 0 and not at_end):
       position.sums = step_lib.total(sums)
       _check_finite(run, position.sums, sums[len(sums) - (step - first):], first, phase_name)
       run.ckpts.save(state, position.meta(step, phase_name))
-      if run.stop.is_set():
+      if stop:
         shown.close()
         raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
                         f'{position.batch} batches into an epoch); the same command resumes')
@@ -175,7 +180,7 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
   metrics = step_lib.summarize(sums)
   metrics['seconds'] = time.perf_counter() - start
   position.batch, position.sums = 0, {}
-  return state, metrics
+  return state, metrics, stop_at_end
 
 
 def _check_finite(run: Run, totals: dict[str, float], steps: list[Any], first: int,
@@ -280,8 +285,8 @@ def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Pos
     epoch = position.phase_epochs_done
     # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
     rng = np.random.default_rng([cfg.seed, index, epoch])
-    state, train = train_epoch(run, on, train_step, state, rng, position, phase.name,
-                               phase.epochs)
+    state, train, stop = train_epoch(run, on, train_step, state, rng, position, phase.name,
+                                     phase.epochs)
     val = run.evaluate(state, 'val', on) if on.splits['val'] is not None else {}
     position.epoch += 1
     position.phase_epochs_done += 1
@@ -304,6 +309,9 @@ def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Pos
     if run.ckpts.save(state, position.meta(record['step'], phase.name), record):
       logger.info('best %s so far: %.4f (checkpoints/best)', run.ckpts.monitor,
                   record[run.ckpts.monitor])
+    if stop:
+      raise Preempted(f'SIGTERM: saved step {record["step"]} (phase {phase.name!r}, the end '
+                      f'of epoch {epoch + 1}); the same command resumes')
   if watcher.should_stop:
     logger.info('[%s] early stopping: no %s improvement in %d epochs', phase.name,
                 watcher.monitor, watcher.patience)

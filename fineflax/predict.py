@@ -19,14 +19,17 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import flags
 
 from fineflax import cli, config as config_lib, data, evaluate, models, parallel, restore
 from fineflax import state as state_lib, weights
+from fineflax.data import augment as augmentation
 from fineflax.data.images import read_image
 from fineflax.errors import ConfigError
+from fineflax.evaluate import probabilities
 
 logger = logging.getLogger('fineflax.predict')
 
@@ -40,23 +43,64 @@ def imagenet_classes() -> tuple[tuple[str, str], ...]:
   return tuple((wnid, lemmas.split(',')[0].strip().replace(' ', '_')) for wnid, lemmas in rows)
 
 
-def probabilities(logits: jax.Array) -> jax.Array:
-  """Class probabilities of logits: softmax, or for one logit (binary) [1 - p, p] with p
-  the sigmoid."""
-  if logits.shape[-1] == 1:  # binary: probability of class 1
-    p = jax.nn.sigmoid(logits[:, 0])
-    return jax.numpy.stack([1 - p, p], axis=-1)
-  return jax.nn.softmax(logits)
-
-
-def predict_fn(model: models.Classifier) -> Callable[[Any, np.ndarray], jax.Array]:
-  """A jitted `(variables, uint8 images) -> class probabilities`."""
+def _model_probabilities(model: models.Classifier) -> Callable[[Any, np.ndarray], jax.Array]:
+  """A jitted `(variables, uint8 images at the model's size) -> class probabilities`."""
 
   @jax.jit
   def predict(variables, images):
     return probabilities(model.apply(variables, images))
 
   return predict
+
+
+def resize_uint8(images: jax.Array, height: int, width: int) -> jax.Array:
+  """(n, h, w, 3) uint8 resized to (n, height, width, 3) uint8: bilinear, antialiased when
+  shrinking (as PIL resizes the files a run stores), rounded to the nearest level."""
+  if images.shape[1:3] == (height, width):
+    return images
+  resized = jax.image.resize(images.astype(jnp.float32),
+                             (images.shape[0], height, width, images.shape[3]),
+                             method='linear', antialias=True)
+  return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+
+
+def predict_fn(run: restore.RestoredRun) -> Callable[[np.ndarray], jax.Array]:
+  """A function, compiled with jax.jit, from uint8 images to the run's class probabilities.
+
+  The function takes (n, H, W, 3) or (H, W, 3) uint8 images of any size and returns
+  (n, classes) (or (classes,)) float32 probabilities, on this process's first device. The
+  images are first resized to the shape the run's dataset stores (`run.image_shape`), then
+  prepared as the run's evaluation prepares them (centre crop, resize to the model's
+  input, the model's normalisation), so images of the stored shape get what
+  `fineflax.evaluate` computes for them (to float32 rounding: its batches differ). Each
+  new image size compiles once.
+
+      run = fineflax.load_run('runs/demo')
+      probs = fineflax.predict_fn(run)(images)
+  """
+  height, width = run.image_shape[:2]
+  augment = data.augment_from_config(run.config.data)
+  model = run.model
+
+  @jax.jit
+  def predict(variables: dict[str, Any], images: jax.Array) -> jax.Array:
+    images = augmentation.prepare(resize_uint8(images, height, width), None, augment,
+                                  model.image_size, train=False)
+    return probabilities(model.apply(variables, images, train=False).astype(jnp.float32))
+
+  variables = jax.device_put(run.variables, jax.local_devices()[0])
+
+  def call(images: np.ndarray) -> jax.Array:
+    images = np.asarray(images)
+    single = images.ndim == 3
+    batch = images[None] if single else images
+    if batch.ndim != 4 or batch.shape[-1] != 3 or batch.dtype != np.uint8:
+      raise ValueError(f'images of shape {images.shape} and dtype {images.dtype}: expected '
+                       'uint8 RGB images, (n, H, W, 3) or one (H, W, 3)')
+    probs = predict(variables, batch)
+    return probs[0] if single else probs
+
+  return call
 
 
 def top_k(probs: np.ndarray, class_names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
@@ -87,7 +131,7 @@ def predict_files(config: ml_collections.ConfigDict, paths: Sequence[str],
       raise ConfigError(f'{config.model.weights} holds no classifier for the ImageNet top '
                         f'({", ".join(initialised)} would be random); use the file with the '
                         'top, not the _notop one')
-  probs = np.asarray(predict_fn(model)(variables, images))
+  probs = np.asarray(_model_probabilities(model)(variables, images))
   return top_k(probs, names, k)
 
 

@@ -9,6 +9,12 @@ Only `params` and `batch_stats` are read: the optimizer state's tree depends on 
 the checkpoint was saved in, and nothing here needs it. The arrays come back as float32
 arrays on this process's first device, whatever mesh the run was trained on, so a run
 trained on 8 GPUs opens on a laptop.
+
+Run layouts read (docs/checkpoints.md):
+  2 (since 61d99c6): checkpoints/latest/<step>/ and checkpoints/best/<step>/, with the
+    resolved config in DIR/config.json and the classes in DIR/dataset.json.
+  1 (38cfa14 and before): checkpoints/<step>/ only, no config.json: pass the run's config
+    (`config=`); 'best' means the newest step, as those runs kept no best checkpoint.
 """
 
 from __future__ import annotations
@@ -64,16 +70,30 @@ class RestoredRun:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-  """The validated config of the run in `workdir`.
+def _v1_steps(workdir: Path) -> list[int]:
+  """The step folders of a layout-1 run (directly under checkpoints/)."""
+  return _steps(workdir / 'checkpoints')
+
+
+def read_config(workdir: str | os.PathLike,
+                config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """The validated config of the run in `workdir`: its DIR/config.json, else `config`
+  (needed for layout-1 runs, which wrote none).
 
   Raises:
-    ConfigError: no such folder, or a folder that is not a fineflax run.
+    ConfigError: no such folder, a folder that is not a fineflax run, or a layout-1 run
+      without `config`.
   """
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise ConfigError(f'{workdir}: no such run directory')
   path = workdir / CONFIG_FILE
+  if not path.is_file() and config is not None:
+    return config_lib.validate(config)
+  if not path.is_file() and _v1_steps(workdir):
+    raise ConfigError(f'{workdir} is a run of fineflax 38cfa14 or before (checkpoints/<step>/, '
+                      f'no {CONFIG_FILE}): pass the config it was trained with, e.g. '
+                      "load_run(workdir, config=configs.demo.get_config('smoke'))")
   if not path.is_file():
     raise ConfigError(f'{workdir} is not a fineflax run: it has no {CONFIG_FILE} '
                       '(python -m fineflax.train writes one when a run starts)')
@@ -120,6 +140,11 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
     checkpoint = int(checkpoint)
   if isinstance(checkpoint, str) and checkpoint not in KINDS:
     raise ConfigError(f"checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number")
+  if not any(_steps(f) for f in folders.values()) and _v1_steps(workdir):
+    folders = {'best': workdir / 'checkpoints', 'latest': workdir / 'checkpoints'}
+    if checkpoint == 'best':
+      logger.warning('%s is a layout-1 run (no best checkpoint): using the newest step', workdir)
+      checkpoint = 'latest'
   if not any(_steps(f) for f in folders.values()):
     raise ConfigError(f'{workdir / "checkpoints"}: no checkpoint (the run saved none yet)')
   if isinstance(checkpoint, int):
@@ -181,18 +206,22 @@ def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
   return variables, dict(restored['meta'] or {})
 
 
-def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> RestoredRun:
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best', *,
+             config: ml_collections.ConfigDict | None = None) -> RestoredRun:
   """The model of the run in `workdir` with a checkpoint's params and batch_stats.
 
   Args:
     workdir: a directory `python -m fineflax.train` wrote.
     checkpoint: 'best', 'latest' or a step number (see `find_checkpoint`).
+    config: the run's config, for a layout-1 run (no DIR/config.json); ignored otherwise.
   Raises:
     ConfigError: no such directory, not a run, no such checkpoint; its subclass
       CheckpointMismatchError when the checkpoint does not fit the model of the config.
   """
   workdir = Path(workdir)
-  config = read_config(workdir)
+  if (workdir / CONFIG_FILE).is_file():
+    config = None  # the run's own config wins
+  config = read_config(workdir, config)
   step_dir, label = find_checkpoint(workdir, checkpoint)
   info = read_dataset_info(workdir, config)
   model = models.from_config(config, info.class_names)

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,7 +29,7 @@ from fineflax import optimizers, parallel, phases, reporting, state as state_lib
 from fineflax import step as step_lib, tensorboard, weights
 from fineflax.data import feed, preview
 from fineflax.errors import ConfigError, TrainingDivergedError
-from fineflax.preemption import Preempted, sigterm_flag
+from fineflax.preemption import Preempted, StopRequest, sigterm_flag
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
 CONFIG_FILE = 'config.json'  # the resolved config of the run
@@ -81,7 +80,7 @@ def check_monitors(config: ml_collections.ConfigDict,
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          devices: Sequence[jax.Device] | None, stop: threading.Event
+          devices: Sequence[jax.Device] | None, stop: StopRequest
           ) -> tuple[phases.Run, dict[str, Any] | None, dict[str, Any]]:
   """Validates and builds everything; returns the run, the checkpoint meta it resumes
   from (None for a new run) and the initial variables."""

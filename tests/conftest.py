@@ -1,8 +1,11 @@
 """Test setup: 8 virtual CPU devices for the data-parallel tests, Keras on JAX, and an
 on-disk compilation cache so that steps compiled by several tests compile once."""
 
+import importlib
 import os
+import sys
 import tempfile
+from pathlib import Path
 
 # Both must be set before jax (or keras) is imported anywhere.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -22,3 +25,17 @@ def keras():
   import keras as keras_module  # pylint: disable=g-import-not-at-top
   assert keras_module.backend.backend() == 'jax'
   return keras_module
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+  """A finished run of the demo smoke config (two phases of one epoch; checkpoints at
+  steps 2 and 4 in latest/, one in best/ by val_loss), trained once for the session on
+  one device (it compiles faster than on eight). Tests read it; to change it, copy it."""
+  from fineflax import train  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  config = importlib.import_module('configs.demo').get_config('smoke')
+  assert config.data.val_split and config.data.test_split
+  workdir = tmp_path_factory.mktemp('demo_smoke')
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  return workdir

@@ -8,6 +8,10 @@ that does not split over the devices (test_config.py).
 """
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -20,6 +24,7 @@ from fineflax.reporting import MetricsLog
 from tests.test_train import _small_config as small_config
 
 DEVICES = jax.devices()[:2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _set(path, value):
@@ -127,3 +132,24 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
   saved = ocp.StandardCheckpointer().restore(
       checkpoints.latest_dir(tmp_path / 'run') / '3' / 'state')
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
+
+
+ONE_LINE_ERRORS = [
+    (['--config', 'configs/no_such.py'], "error: --config configs/no_such.py: cannot load "
+     "it: [Errno 2] No such file or directory: 'configs/no_such.py'"),
+    # A ConfigError of the config file's get_config: its message, not a traceback.
+    (['--config', 'configs/demo.py:fast'],
+     "error: config argument 'fast': expected nothing or 'smoke'"),
+    (['--config', 'configs/demo.py:smoke', '--config.phases[2].epochs=3'],
+     'error: --config.phases[2].epochs=3: the config has no such phase (phases are numbered '
+     'from 0)'),
+]
+
+
+@pytest.mark.parametrize('args, message', ONE_LINE_ERRORS)
+def test_a_config_that_cannot_be_loaded_is_said_in_one_line(args, message):
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  result = subprocess.run([sys.executable, '-m', 'fineflax.summary', *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip() == message

@@ -1,8 +1,7 @@
 """Opening a finished run: load_run, evaluate_run and the evaluate / predict commands.
 
-One demo smoke run (two phases of one epoch: checkpoints at steps 2 and 4, best/ by
-val_loss) is trained once for the module, on one device (it compiles faster than on
-eight); every test reads it, some on all eight devices.
+Every test reads conftest's `demo_run` (the demo smoke config, two phases of one epoch:
+checkpoints at steps 2 and 4, best/ by val_loss), some on all eight devices.
 """
 
 import importlib
@@ -33,13 +32,8 @@ def _steps(folder):
 
 
 @pytest.fixture(scope='module')
-def run_dir(tmp_path_factory):
-  sys.path.insert(0, str(ROOT))
-  config = importlib.import_module('configs.demo').get_config('smoke')
-  assert config.data.val_split and config.data.test_split
-  workdir = tmp_path_factory.mktemp('demo_smoke')
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
-  return workdir
+def run_dir(demo_run):
+  return demo_run
 
 
 def _copy_run(run_dir, dest, without=()):

@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fineflax import checkpoints, config as config_lib, train
+from fineflax import checkpoints, config as config_lib, preemption, train
 from fineflax.errors import ConfigError
 from fineflax.preemption import sigterm_flag
 from fineflax.reporting import MetricsLog
@@ -71,6 +71,11 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
       _interrupt_after(patch, *stop)
       with pytest.raises(Interrupt):
         train.train_and_evaluate(_small_config(), workdir, devices=devices)
+  with monkeypatch.context() as patch:  # a SIGTERM noted at an epoch's last step
+    patch.setattr(preemption.StopRequest, 'at', lambda self, step: step == 9)
+    with pytest.raises(preemption.Preempted,
+                       match=r"saved step 9 \(phase 'conv5', the end of epoch 1\)"):
+      train.train_and_evaluate(_small_config(), workdir, devices=devices)
   # A record written after the last checkpoint must not survive the resume.
   MetricsLog(workdir).write({'step': 99, 'phase': 'stale'})
   resumed = train.train_and_evaluate(_small_config(), workdir, devices=devices)

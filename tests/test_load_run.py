@@ -1,0 +1,119 @@
+"""A run from Python: fineflax.load_run and fineflax.predict_fn, in a fresh process, on
+runs of both checkpoint layouts (docs/checkpoints.md)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+import fineflax
+from fineflax import data, evaluate, predict
+from fineflax.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+# A run written by fineflax 38cfa14 (layout 1: checkpoints/<step>/, no config.json) with
+# `python -m fineflax.train --config configs/demo.py:smoke`; only its last step is kept.
+RUN_V1 = ROOT / 'tests' / 'data' / 'run_v1'
+# The same rows through other batch sizes and device counts: float32 rounding only.
+PROB_ATOL = 1e-6
+
+_FRESH_PROCESS = """
+import json, sys
+import numpy as np
+import fineflax
+from fineflax import data
+run = fineflax.load_run(sys.argv[1])
+split = data.load_dataset(run.config.data).splits[run.config.data.test_split]
+probs = fineflax.predict_fn(run)(split.images)
+np.savez(sys.argv[2], probabilities=np.asarray(probs), labels=split.labels)
+print(json.dumps({'step': run.step, 'label': run.label, 'classes': list(run.class_names),
+                  'device': str(probs.device.platform)}))
+"""
+
+
+@pytest.fixture(scope='module')
+def run_copy(demo_run, tmp_path_factory):
+  return Path(shutil.copytree(demo_run, tmp_path_factory.mktemp('load_run') / 'run'))
+
+
+def test_load_run_in_a_fresh_process_predicts_what_evaluate_computed(run_copy, tmp_path):
+  report = evaluate.evaluate_run(run_copy, 'test', devices=jax.devices()[:2])
+  evaluated = np.load(report['files']['predictions'])
+  out = tmp_path / 'fresh.npz'
+  # One CPU device and nothing inherited: as in a notebook on a laptop.
+  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  result = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(run_copy), str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  opened = json.loads(result.stdout.strip().splitlines()[-1])
+  assert opened == {'step': report['step'], 'label': 'best',
+                    'classes': [str(d) for d in range(10)], 'device': 'cpu'}
+  fresh = np.load(out)
+  np.testing.assert_array_equal(fresh['labels'], evaluated['labels'])
+  np.testing.assert_allclose(fresh['probabilities'], evaluated['probabilities'], rtol=0,
+                             atol=PROB_ATOL)
+  np.testing.assert_array_equal(fresh['probabilities'].argmax(-1), evaluated['predicted'])
+  assert len(fresh['labels']) == report['examples']
+
+
+def test_predict_fn_takes_one_image_and_any_size(run_copy, tmp_path):
+  run = fineflax.load_run(run_copy)
+  predict_probs = fineflax.predict_fn(run)
+  split = data.load_dataset(run.config.data).splits[run.config.data.test_split]
+  images = split.images[:6]
+  batch = np.asarray(predict_probs(images))
+  assert batch.shape == (6, 10) and np.allclose(batch.sum(-1), 1, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(predict_probs(images[2])), batch[2], atol=PROB_ATOL)
+
+  # Larger images are resized to the stored 8x8 on the device (bilinear, antialiased);
+  # the command line resizes the files with PIL: up to uint8 rounding, the same input
+  # (probabilities within 1e-4 of each other when measured; 1e-3 allowed).
+  big = [np.asarray(Image.fromarray(im).resize((20, 20), Image.Resampling.NEAREST))
+         for im in images]
+  paths = []
+  for i, im in enumerate(big):
+    paths.append(tmp_path / f'{i}.png')
+    Image.fromarray(im).save(paths[-1])
+  on_device = np.asarray(predict_probs(np.stack(big)))
+  from_files = predict.predict_run_files(run_copy, [str(p) for p in paths], k=10,
+                                         devices=jax.devices()[:1])
+  for row, top in zip(on_device, from_files):
+    expected = np.zeros(10)
+    for name, p in top:
+      expected[int(name)] = p
+    np.testing.assert_allclose(row, expected, atol=1e-3)
+
+  with pytest.raises(ValueError, match=r'shape \(8, 8\) and dtype uint8: expected uint8 RGB'):
+    predict_probs(images[0, :, :, 0])
+  with pytest.raises(ValueError, match='dtype float32'):
+    predict_probs(images.astype(np.float32))
+
+
+def test_a_run_of_the_first_layout_opens_with_its_config():
+  sys.path.insert(0, str(ROOT))
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r'run_v1 is a run of fineflax 38cfa14 or before'):
+    fineflax.load_run(RUN_V1)
+  run = fineflax.load_run(RUN_V1, 'latest', config=demo.get_config('smoke'))
+  assert (run.step, run.label, run.meta['phase']) == (4, 'latest', 'finetune')
+  assert fineflax.load_run(RUN_V1, config=demo.get_config('smoke')).step == 4  # 'best'
+  # The arrays are those the old version saved.
+  saved = ocp.StandardCheckpointer().restore(RUN_V1 / 'checkpoints' / '4' / 'state')
+  for name in ('params', 'batch_stats'):
+    restored, written = jax.tree.leaves(run.variables[name]), jax.tree.leaves(saved[name])
+    assert len(restored) == len(written) > 0
+    for a, b in zip(restored, written):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  split = data.load_dataset(run.config.data).splits[run.config.data.test_split]
+  probs = np.asarray(fineflax.predict_fn(run)(split.images))
+  # The old run's own record: test accuracy 0.0625 on 32 examples (2 of them right).
+  assert probs.shape == (32, 10)
+  assert int(np.sum(probs.argmax(-1) == split.labels)) == 2
