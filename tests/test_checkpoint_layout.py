@@ -202,7 +202,7 @@ print('devices', len(jax.devices()))
 '''
 
 
-def _moved_run(demo_run: Path, best_dir: Path, folder: Path) -> Path:
+def moved_run(demo_run: Path, best_dir: Path, folder: Path) -> Path:
   """A copy of the best checkpoint as if trained on other devices: its whole state
   (restored as NumPy, as the page says) replicated on the upper half of this process's
   devices and saved by fineflax; returns the step folder."""
@@ -228,7 +228,7 @@ def test_plain_orbax_recipe_restores_without_fineflax(demo_run, best_run, tmp_pa
   demo_run = Path(demo_run)
   (code,) = code_blocks(section(RECIPE_HEADING), 'python')[:1]
   assert len(STEP_DIR_LINE.findall(code)) == 1, 'the recipe sets step_dir once'
-  moved = _moved_run(demo_run, best_run.checkpoint_dir, tmp_path)
+  moved = moved_run(demo_run, best_run.checkpoint_dir, tmp_path)
   jobs = [[STEP_DIR_LINE.sub(f'step_dir = Path({str(step_dir)!r})', code),
            str(tmp_path / f'{name}.npz')]
           for name, step_dir in (('best', best_run.checkpoint_dir), ('moved', moved))]

@@ -17,6 +17,7 @@ from PIL import Image
 import fineflax
 from fineflax import data, evaluate, predict
 from fineflax.errors import ConfigError
+from tests.test_checkpoint_layout import moved_run
 
 ROOT = Path(__file__).resolve().parents[1]
 # A run written by fineflax 38cfa14 (layout 1: checkpoints/<step>/, no config.json) with
@@ -27,6 +28,7 @@ PROB_ATOL = 1e-6
 
 _FRESH_PROCESS = """
 import json, sys
+import jax
 import numpy as np
 import fineflax
 from fineflax import data
@@ -34,8 +36,13 @@ run = fineflax.load_run(sys.argv[1])
 split = data.load_dataset(run.config.data).splits[run.config.data.test_split]
 probs = fineflax.predict_fn(run)(split.images)
 np.savez(sys.argv[2], probabilities=np.asarray(probs), labels=split.labels)
+# The same checkpoint as saved from devices 4-7, which this process does not have.
+moved = fineflax.load_run(sys.argv[3])
+same = all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in
+           zip(jax.tree.leaves(run.variables), jax.tree.leaves(moved.variables), strict=True))
 print(json.dumps({'step': run.step, 'label': run.label, 'classes': list(run.class_names),
-                  'device': str(probs.device.platform)}))
+                  'device': str(probs.device.platform), 'devices': jax.device_count(),
+                  'moved_run_equal': same}))
 """
 
 
@@ -48,14 +55,19 @@ def test_load_run_in_a_fresh_process_predicts_what_evaluate_computed(run_copy, t
   report = evaluate.evaluate_run(run_copy, 'test', devices=jax.devices()[:2])
   evaluated = np.load(report['files']['predictions'])
   out = tmp_path / 'fresh.npz'
+  best = fineflax.load_run(run_copy).checkpoint_dir
+  (tmp_path / 'moved').mkdir()
+  moved_run(run_copy, best, tmp_path / 'moved')  # as if trained on another machine
   # One CPU device and nothing inherited: as in a notebook on a laptop.
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', XLA_FLAGS='')
-  result = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(run_copy), str(out)],
+  result = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(run_copy), str(out),
+                           str(tmp_path / 'moved')],
                           env=env, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   opened = json.loads(result.stdout.strip().splitlines()[-1])
   assert opened == {'step': report['step'], 'label': 'best',
-                    'classes': [str(d) for d in range(10)], 'device': 'cpu'}
+                    'classes': [str(d) for d in range(10)], 'device': 'cpu', 'devices': 1,
+                    'moved_run_equal': True}
   fresh = np.load(out)
   np.testing.assert_array_equal(fresh['labels'], evaluated['labels'])
   np.testing.assert_allclose(fresh['probabilities'], evaluated['probabilities'], rtol=0,
