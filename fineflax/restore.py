@@ -72,7 +72,7 @@ class RestoredRun:
 
 def _v1_steps(workdir: Path) -> list[int]:
   """The step folders of a layout-1 run (directly under checkpoints/)."""
-  return _steps(workdir / 'checkpoints')
+  return checkpoints.complete_steps(workdir / 'checkpoints')
 
 
 def read_config(workdir: str | os.PathLike,
@@ -116,12 +116,6 @@ def read_dataset_info(workdir: str | os.PathLike,
                           class_names=tuple(values['class_names']))
 
 
-def _steps(folder: Path) -> list[int]:
-  if not folder.is_dir():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-
-
 def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
                     ) -> tuple[Path, str]:
   """The step folder of `checkpoint` in the run, and its label.
@@ -140,25 +134,26 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
     checkpoint = int(checkpoint)
   if isinstance(checkpoint, str) and checkpoint not in KINDS:
     raise ConfigError(f"checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number")
-  if not any(_steps(f) for f in folders.values()) and _v1_steps(workdir):
+  steps = {kind: checkpoints.complete_steps(f) for kind, f in folders.items()}
+  if not any(steps.values()) and _v1_steps(workdir):
     folders = {'best': workdir / 'checkpoints', 'latest': workdir / 'checkpoints'}
+    steps = {kind: _v1_steps(workdir) for kind in folders}
     if checkpoint == 'best':
       logger.warning('%s is a layout-1 run (no best checkpoint): using the newest step', workdir)
       checkpoint = 'latest'
-  if not any(_steps(f) for f in folders.values()):
+  if not any(steps.values()):
     raise ConfigError(f'{workdir / "checkpoints"}: no checkpoint (the run saved none yet)')
   if isinstance(checkpoint, int):
-    for folder in (folders['latest'], folders['best']):
-      if checkpoint in _steps(folder):
-        return folder / str(checkpoint), f'step{checkpoint}'
-    available = {kind: _steps(f) for kind, f in folders.items() if _steps(f)}
+    for kind in ('latest', 'best'):
+      if checkpoint in steps[kind]:
+        return folders[kind] / str(checkpoint), f'step{checkpoint}'
     raise ConfigError(f'{workdir / "checkpoints"} has no step {checkpoint}; available: '
-                      + ', '.join(f'{kind}/ {steps}' for kind, steps in available.items()))
-  if checkpoint == 'best' and not _steps(folders['best']):
+                      + ', '.join(f'{kind}/ {found}' for kind, found in steps.items() if found))
+  if checkpoint == 'best' and not steps['best']:
     logger.warning('%s has no best checkpoint (no validation split?); using the latest one',
                    workdir)
     checkpoint = 'latest'
-  return folders[checkpoint] / str(_steps(folders[checkpoint])[-1]), checkpoint
+  return folders[checkpoint] / str(steps[checkpoint][-1]), checkpoint
 
 
 def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
@@ -219,8 +214,6 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best', *,
       CheckpointMismatchError when the checkpoint does not fit the model of the config.
   """
   workdir = Path(workdir)
-  if (workdir / CONFIG_FILE).is_file():
-    config = None  # the run's own config wins
   config = read_config(workdir, config)
   step_dir, label = find_checkpoint(workdir, checkpoint)
   info = read_dataset_info(workdir, config)
