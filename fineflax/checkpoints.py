@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import re
 import shutil
@@ -282,7 +283,7 @@ class RunCheckpoints:
 
   def improved(self, value: float | None) -> bool:
     """Whether `value` of the monitored metric beats the best saved so far."""
-    if value is None:
+    if value is None or not math.isfinite(value):
       return False
     if self.best_value is None:
       return True

@@ -11,6 +11,7 @@ the head sees the values the uncached step would give it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -106,7 +107,7 @@ def cache_splits(mode: str, memory_mb: int, workdir: Path,
     extract(features_step, variables, split, batch_size, mesh, resident[role], array)
     if not in_memory:
       array.flush()
-    out[role] = data.Split(array, split.labels, split.size)
+    out[role] = dataclasses.replace(split, images=array)
   logger.info('cached features: %d examples x %d floats (%.1f MB), %s', rows, width, size_mb,
               'in memory' if in_memory else f'memory-mapped from {workdir / FEATURES_DIR}')
   return out, in_memory

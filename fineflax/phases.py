@@ -168,14 +168,15 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
       stop_at_end = True
     elif stop or (every and step % every == 0 and not at_end):
       position.sums = step_lib.total(sums)
-      _check_finite(run, position.sums, sums[len(sums) - (step - first):], first, phase_name)
+      _check_finite(run, state, position.sums, sums[len(sums) - (step - first):], first,
+                    phase_name)
       run.ckpts.save(state, position.meta(step, phase_name))
       if stop:
         shown.close()
         raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
                         f'{position.batch} batches into an epoch); the same command resumes')
   shown.close()
-  _check_finite(run, step_lib.total(sums), sums[len(sums) - (step - first):], first,
+  _check_finite(run, state, step_lib.total(sums), sums[len(sums) - (step - first):], first,
                 phase_name)
   metrics = step_lib.summarize(sums)
   metrics['seconds'] = time.perf_counter() - start
@@ -183,22 +184,28 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
   return state, metrics, stop_at_end
 
 
-def _check_finite(run: Run, totals: dict[str, float], steps: list[Any], first: int,
-                  phase_name: str) -> None:
+def _check_finite(run: Run, state: state_lib.TrainState, totals: dict[str, float],
+                  steps: list[Any], first: int, phase_name: str) -> None:
   """Raises TrainingDivergedError, naming the first bad step, when the loss summed over
-  the epoch so far is not finite. Checked where the sums reach the host anyway (before a
-  save, at the epoch's end), so a diverged state is never saved and no step waits."""
-  if np.isfinite(totals['loss']):
+  the epoch so far, or any parameter, is not finite. Checked where the sums reach the host
+  anyway (before a save, at the epoch's end), so a diverged state is never saved or
+  evaluated and no step waits."""
+  finite_loss = np.isfinite(totals['loss'])
+  if finite_loss and state_lib.is_finite(state):
     return
-  losses = [float(m['loss']) for m in jax.device_get(steps)]
-  bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), 0)
+  if finite_loss:
+    what = f'the parameters hold NaN or inf after step {first + len(steps)}'
+  else:
+    losses = [float(m['loss']) for m in jax.device_get(steps)]
+    bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), 0)
+    what = f'the training loss is {losses[bad]} at step {first + bad + 1}'
   good = run.ckpts.latest.latest_meta()
   kept = (f"the last checkpoint, step {good['step']}, is kept in "
           f'{checkpoints.latest_dir(run.workdir)}' if good else 'no checkpoint was saved yet')
   raise TrainingDivergedError(
-      f'[{phase_name}] the training loss is {losses[bad]} at step {first + bad + 1}; the run '
-      f'stopped without saving that state ({kept}). Lower the learning rate, clip gradients '
-      '(phases[i].clip_norm) or check the data, then run the same command again.')
+      f'[{phase_name}] {what}; the run stopped without saving that state ({kept}). Lower '
+      'the learning rate, clip gradients (phases[i].clip_norm) or check the data, then run '
+      'the same command again.')
 
 
 def phase_state(run: Run, index: int, previous: state_lib.TrainState | None,

@@ -80,3 +80,13 @@ def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformati
   opt_state = tx.init(freeze.trainable_view(params, labels))
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
                     batch_stats=variables['batch_stats'], opt_state=opt_state)
+
+
+@jax.jit
+def _all_finite(variables: dict[str, Any]) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(variables)]))
+
+
+def is_finite(state: TrainState) -> bool:
+  """Whether every parameter and BatchNorm statistic of `state` is finite (no NaN/inf)."""
+  return bool(_all_finite(state.variables))

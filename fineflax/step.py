@@ -7,7 +7,8 @@ itself has become (JAX >= 0.8).
 
 Losses are normalised by the global sum of example weights (padding rows weigh 0), so a
 psum of per-device sums is the exact global mean whatever the padding; with no padding it
-equals the pmean of per-device means.
+equals the pmean of per-device means. A batch whose weights sum to 0 leaves the state as
+it was, but for the step count.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     trainable = freeze.trainable_view(state.params, labels)
     weight = batch['weight']
     total = jax.lax.psum(jnp.sum(weight), AXIS)
+    has_examples = total > 0
     base = jax.random.fold_in(jax.random.key(seed), state.step)
     device = jax.lax.axis_index(AXIS)
     keys = _example_keys(jax.random.fold_in(base, 0), images.shape[0])
@@ -142,7 +144,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
     grads = jax.lax.psum(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, trainable)
-    params = freeze.merge(labels, optax.apply_updates(trainable, updates), state.params)
+    # A batch of padding only (weights summing to 0: uneven shares, skipped files) takes
+    # no step: its gradients are 0/0, and even a zero gradient would move Adam's moments.
+    unchanged_if_empty = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(has_examples, n, o), new, old)
+    trainable = unchanged_if_empty(optax.apply_updates(trainable, updates), trainable)
+    opt_state = unchanged_if_empty(opt_state, state.opt_state)
+    if bn_train:
+      batch_stats = unchanged_if_empty(batch_stats, state.batch_stats)
+    params = freeze.merge(labels, trainable, state.params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, _sums(loss, correct, weight)

@@ -143,7 +143,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   reporting.write_json(workdir / DATASET_FILE, {
       'class_names': list(dataset.info.class_names),
       'image_shape': list(dataset.info.image_shape),
-      'splits': {role: {'name': config.data[f'{role}_split'], 'examples': split.size}
+      'splits': {role: {'name': config.data[f'{role}_split'], 'examples': split.size,
+                        'skipped_files': split.skipped}
                  for role, split in splits.items() if split is not None}})
   metrics_log = reporting.MetricsLog(workdir)
   # Records after the checkpoint resumed from belong to epochs that will be redone.

@@ -134,6 +134,25 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
 
 
+
+def test_parameters_that_overflow_while_the_loss_is_still_finite_are_never_saved(tmp_path):
+  """An update that overflows leaves its own step's loss finite (it was computed before
+  the update): the saved state itself is checked, so no checkpoint holds it."""
+  cfg = small_config()
+  cfg.checkpoint.every_steps = 1
+  cfg.phases = (config_lib.phase(name='good', learning_rate=3e-3, epochs=1),
+                config_lib.phase(name='bad', optimizer='sgd', learning_rate=float('inf'),
+                                 epochs=1))
+  with pytest.raises(TrainingDivergedError, match=r'\[bad\] the parameters hold NaN or inf '
+                     r'after step 4; the run stopped without saving that state \(the last '
+                     r'checkpoint, step 3, is kept'):
+    train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
+  for folder in (checkpoints.latest_dir(tmp_path / 'run'), checkpoints.best_dir(tmp_path / 'run')):
+    for step in checkpoints.complete_steps(folder):
+      saved = ocp.StandardCheckpointer().restore(folder / str(step) / 'state')
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params'])), folder / str(step)
+
+
 ONE_LINE_ERRORS = [
     (['--config', 'configs/no_such.py'], "error: --config configs/no_such.py: cannot load "
      "it: [Errno 2] No such file or directory: 'configs/no_such.py'"),

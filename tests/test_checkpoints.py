@@ -81,3 +81,16 @@ def test_a_half_written_step_is_ignored_with_a_warning(tmp_path, states, caplog)
   assert "ignoring ['5.orbax-checkpoint-tmp-123']" in caplog.text
   assert ckpts.latest_meta() == {'step': 3}
   ckpts.close()
+
+
+def test_a_non_finite_monitored_value_never_becomes_the_best(tmp_path):
+  ckpts = checkpoints.RunCheckpoints(tmp_path, keep=1, monitor='val_loss', mode='min')
+  try:
+    assert not ckpts.improved(float('nan')) and not ckpts.improved(float('inf'))
+    assert ckpts.improved(2.5)  # nothing saved yet: any finite value is the best so far
+    ckpts.best_value = 2.5
+    assert not ckpts.improved(float('nan')) and ckpts.improved(1.0) and not ckpts.improved(3.0)
+    ckpts.mode = 'max'
+    assert not ckpts.improved(float('inf')) and ckpts.improved(3.0)
+  finally:
+    ckpts.close()

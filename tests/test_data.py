@@ -58,9 +58,12 @@ def test_folder_source(photo_folder, caplog):
     dataset = data.load_dataset(cfg)
   train, val = dataset.splits['train'], dataset.splits['validation']
   assert train.images.shape[1:] == (16, 16, 3) and train.images.dtype == np.uint8
-  # 13 image files listed, the truncated one skipped with a warning naming it.
-  assert len(train) + len(val) == 12 and train.size + val.size == 13
+  # 13 image files listed, the truncated one skipped with a warning naming it; the sizes
+  # count the 12 read, the skipped file apart.
+  assert len(train) + len(val) == 12 and train.size + val.size == 12
+  assert train.skipped + val.skipped == 1
   assert 'skipped 1 unreadable image' in caplog.text and 'broken.jpg' in caplog.text
+  assert '1 unreadable file(s) skipped' in caplog.text
   assert 'ignored 1 files that are no images' in caplog.text and 'notes.txt' in caplog.text
   assert "split 'train'" in caplog.text and 'damaged: ' in caplog.text
   again = data.load_dataset(cfg).splits['validation']

@@ -186,3 +186,23 @@ def test_train_batches_see_every_example_once_and_pad_with_weight_zero():
   again = [data.gather(split, b) for b in
            data.train_batches(split, BATCH, np.random.default_rng(0))]
   assert all(np.array_equal(a['label'], b['label']) for a, b in zip(batches, again))
+
+
+def test_a_batch_of_padding_only_leaves_the_state_as_it_was():
+  """Weights summing to 0 (a process's share ran out, files were skipped): no NaN, and no
+  update of parameters, Adam's moments or training-mode BN statistics, on any device."""
+  model, labels, mesh, state, train_step = _setup('none', batchnorm='train',
+                                                  devices=jax.devices()[:2])
+  state, _ = _run(state, train_step, mesh, _batches(1))  # Adam's moments are not zero
+  before = jax.device_get(state)
+  empty = dict(_batches(1, seed=1)[0], weight=np.zeros(BATCH, np.float32))
+  state, metrics = _run(state, train_step, mesh, [empty])
+  after = jax.device_get(state)
+  assert int(after.step) == 2
+  assert metrics[0]['count'] == 0 and metrics[0]['loss'] == 0 and metrics[0]['correct'] == 0
+  for path, b, a, _ in _pairs(before.params, after.params) + \
+      _pairs(before.batch_stats, after.batch_stats) + _pairs(before.opt_state, after.opt_state):
+    np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=path)
+  state, metrics = _run(state, train_step, mesh, _batches(1, seed=2))  # and then trains on
+  assert np.isfinite(metrics[0]['loss']) and metrics[0]['count'] == BATCH
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))

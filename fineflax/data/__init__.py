@@ -15,8 +15,8 @@ import numpy as np
 from fineflax.data import digits, folder, synthetic, tfds_source
 from fineflax.data.augment import Augment
 from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, class_weights,
-                                   eval_batches, gather, num_batches, share, shared_split,
-                                   train_batches)
+                                   eval_batches, gather, num_batches, read_split, share,
+                                   shared_split, train_batches)
 from fineflax.errors import ConfigError
 
 logger = logging.getLogger('fineflax.data')
@@ -56,8 +56,9 @@ def load_dataset(data_config: Any) -> Dataset:
   for name, split in dataset.splits.items():
     counts = np.bincount(split.labels, minlength=dataset.info.num_classes)
     per_class = ', '.join(f'{c}: {n}' for c, n in zip(dataset.info.class_names, counts))
-    logger.info('split %r: %d examples (this process: %d; %s)', name, split.size, len(split),
-                per_class)
+    skipped = f', {split.skipped} unreadable file(s) skipped' if split.skipped else ''
+    logger.info('split %r: %d examples%s (this process: %d; %s)', name, split.size, skipped,
+                len(split), per_class)
   return dataset
 
 
@@ -68,4 +69,4 @@ def augment_from_config(data_config: Any) -> Augment:
 
 __all__ = ['Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'Source', 'Split',
            'augment_from_config', 'class_weights', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
-           'num_batches', 'share', 'shared_split', 'train_batches']
+           'num_batches', 'read_split', 'share', 'shared_split', 'train_batches']

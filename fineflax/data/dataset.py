@@ -37,13 +37,18 @@ class DatasetInfo:
 class Split:
   """This process's share of a split: (n, H, W, 3) uint8 RGB images, (n,) int32 labels.
 
-  `size` is the number of examples of the whole split, over every process. A split of
-  cached features (`fineflax.features`) holds (n, D) float vectors instead of images.
+  The counts are over every process and count the examples that were read: `size` the
+  whole split, `largest_share` the largest process's share (what sizes an epoch, so that
+  no process runs out of batches before the others), `skipped` the files of the split that
+  could not be read. With one process they default to the share's own. A split of cached
+  features (`fineflax.features`) holds (n, D) float vectors instead of images.
   """
 
   images: np.ndarray
   labels: np.ndarray
   size: int = -1
+  largest_share: int = -1
+  skipped: int = 0
 
   def __post_init__(self):
     is_image = self.images.dtype == np.uint8 and self.images.ndim == 4 and \
@@ -56,6 +61,9 @@ class Split:
       raise ValueError(f'{len(self.images)} images but labels of shape {self.labels.shape}')
     if self.size < 0:
       object.__setattr__(self, 'size', len(self.labels))
+    if self.largest_share < 0:
+      object.__setattr__(self, 'largest_share',
+                         max(len(self.labels), -(-self.size // jax.process_count())))
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -81,14 +89,30 @@ def share(num_examples: int) -> np.ndarray:
 def shared_split(images: np.ndarray, labels: np.ndarray) -> Split:
   """This process's share of a split held whole on every process."""
   idx = share(len(labels))
-  return Split(images[idx], labels.astype(np.int32)[idx], size=len(labels))
+  return Split(images[idx], labels.astype(np.int32)[idx], size=len(labels),
+               largest_share=-(-len(labels) // jax.process_count()))
+
+
+def read_split(images: np.ndarray, labels: np.ndarray, skipped: int = 0) -> Split:
+  """The Split of the share this process read, its counts summed over every process.
+
+  Every process must call it, in the same order: with several processes it gathers each
+  one's number of examples read and of files skipped.
+  """
+  counts = np.asarray([len(labels), skipped], np.int64)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2)
+  else:
+    counts = counts[None]
+  return Split(images, labels.astype(np.int32), size=int(counts[:, 0].sum()),
+               largest_share=int(counts[:, 0].max()), skipped=int(counts[:, 1].sum()))
 
 
 def num_batches(split: Split, global_batch: int) -> int:
   """Batches an epoch takes, the same on every process (the largest share decides)."""
   local_batch = global_batch // jax.process_count()
-  largest_share = -(-split.size // jax.process_count())
-  return -(-largest_share // local_batch)
+  return -(-split.largest_share // local_batch)
 
 
 def _padded(index: np.ndarray, local_batch: int, filler: np.ndarray) -> Batch:

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from fineflax.data.dataset import Dataset, DatasetInfo, Split, share
+from fineflax.data.dataset import Dataset, DatasetInfo, Split, read_split, share
 from fineflax.data.images import read_image
 from fineflax.errors import ConfigError
 
@@ -100,7 +100,7 @@ def _read_all(files: list[Path], size: int | None) -> tuple[list[np.ndarray | No
 
 def _load_split(name: str, files: list[Path], labels: list[int], classes: list[Path],
                 data_config: Any) -> Split:
-  """This process's share of a listed split, read; `size` counts the listed files."""
+  """This process's share of a listed split, read; its counts are of the files read."""
   files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
   idx = share(len(files))
   images, errors = _read_all([files[i] for i in idx], data_config.load_size)
@@ -115,7 +115,7 @@ def _load_split(name: str, files: list[Path], labels: list[int], classes: list[P
   read = np.asarray([labels[i] for i in idx], np.int32)[keep]
   stacked = (np.stack([images[i] for i in keep]) if keep
              else np.zeros((0, 1, 1, 3), np.uint8))
-  return Split(stacked, read, size=len(files))
+  return read_split(stacked, read, skipped=len(errors))
 
 
 def load(spec: str, data_config: Any) -> Dataset:

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import jax
 import numpy as np
 
-from fineflax.data.dataset import Dataset, DatasetInfo, Split
+from fineflax.data.dataset import Dataset, DatasetInfo, Split, read_split
 from fineflax.errors import ConfigError
 
 _PROBE_TIMEOUT_S = 3
@@ -115,7 +115,9 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   local = tfds.split_for_jax_process(split) if jax.process_count() > 1 else split
   ds = _as_dataset(builder, local, spec, data_config)
   if data_config.max_examples:
-    ds = ds.take(-(-data_config.max_examples // jax.process_count()))
+    # Shares that add up to max_examples (the first processes take one more).
+    quotient, remainder = divmod(data_config.max_examples, jax.process_count())
+    ds = ds.take(quotient + (jax.process_index() < remainder))
   size = data_config.load_size
 
   def decode(image, label):
@@ -136,13 +138,7 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
                       f'sizes; set config.data.load_size ({str(e)[:200]})') from None
   images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
   labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
-  try:
-    total = builder.info.splits[split].num_examples
-  except (KeyError, ValueError):  # no split info (e.g. under tfds.testing.mock_data)
-    total = len(labels) * jax.process_count()
-  if data_config.max_examples:
-    total = min(total, data_config.max_examples)
-  return Split(images, labels, size=total)
+  return read_split(images, labels)
 
 
 def load(spec: str, data_config: Any) -> Dataset:
