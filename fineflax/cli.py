@@ -1,5 +1,6 @@
 """What the command-line tools share: `--config` parsing, joining a multi-host job
-(`--coordinator`, `--num_processes`, `--process_id`), logging, plain error messages."""
+(`--coordinator`, `--num_processes`, `--process_id`), logging, the device check and the
+compilation cache (`fineflax.runtime`), plain error messages."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from fineflax import config as config_lib, distributed, reporting
+from fineflax import config as config_lib, distributed, reporting, runtime
 from fineflax.errors import ConfigError
 
 logger = logging.getLogger('fineflax.cli')
 
 
-def define_distributed_flags() -> Callable[[], None]:
+def define_distributed_flags(uses_devices: bool = True) -> Callable[[], None]:
   """Defines `--coordinator`, `--num_processes`, `--process_id` (fineflax.distributed).
 
   Returns the function that joins the multi-host job with their values, logging where
-  this process stands in it; a tool calls it first in its absl main, before it logs or
+  this process stands in it, then (for a tool that `uses_devices`) logs the devices,
+  stops if JAX misses the machine's accelerator and sets up the compilation cache
+  (`fineflax.runtime.start`); a tool calls it first in its absl main, before it logs or
   touches a device.
   """
   holders = {
@@ -43,19 +46,22 @@ def define_distributed_flags() -> Callable[[], None]:
     reporting.setup_logging()
     if jax.process_count() > 1:
       logger.info('multi-host run, %s', distributed.describe())
+    runtime.start(uses_devices)
 
   return join
 
 
 def run(main: Callable[..., None], required: Sequence[str] = ('config',),
-        positional: str | None = None) -> None:
+        positional: str | None = None, uses_devices: bool = True) -> None:
   """Defines `--config` (`path[:arg]`, overridable by `--config.key=value`), then runs
   `main(config)` under absl, or `main(config, args)` when the tool takes `positional`
   arguments; a ConfigError ends the program with its message alone.
 
   Flags are defined here rather than at import, so that tools and tests can import
   each other's modules. Before `main` runs (and before anything touches a device) the
-  process joins its multi-host job, if it is in one (`fineflax.distributed`).
+  process joins its multi-host job, if it is in one (`fineflax.distributed`), and, unless
+  the tool computes nothing on the devices (`uses_devices=False`), checks that JAX uses
+  the machine's accelerator (`fineflax.runtime`).
   """
   try:
     config_lib.check_override_flags(sys.argv[1:])
@@ -64,7 +70,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
   config = config_flags.DEFINE_config_file('config', None,
                                            'Experiment config file, path[:smoke].')
   flags.mark_flags_as_required(list(required))
-  join = define_distributed_flags()
+  join = define_distributed_flags(uses_devices)
 
   def absl_main(argv: list[str]) -> None:
     join()

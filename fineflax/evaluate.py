@@ -259,8 +259,6 @@ def format_report(report: dict[str, Any], max_matrix_classes: int = 20) -> str:
 
 def main(workdir: str, split: str, checkpoint: str, batch_size: int | None) -> None:
   """Evaluates the run in `workdir` and prints the report."""
-  cache = Path(os.environ.get('FINEFLAX_CACHE', Path.home() / '.cache' / 'fineflax'))
-  jax.config.update('jax_compilation_cache_dir', str(cache / 'xla'))
   report = evaluate_run(workdir, split, checkpoint, batch_size)
   if jax.process_index() == 0:
     print(format_report(report))

@@ -117,4 +117,4 @@ def main(config: ml_collections.ConfigDict, phase: int) -> None:
 
 if __name__ == '__main__':
   _PHASE = flags.DEFINE_integer('phase', 0, 'Index of the phase whose freeze spec to show.')
-  cli.run(lambda config: main(config, _PHASE.value))
+  cli.run(lambda config: main(config, _PHASE.value), uses_devices=False)

@@ -216,9 +216,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Trains `config` in `workdir` and prints the test accuracy."""
-  # Compiled steps are cached on disk: a resumed or repeated run skips most compilation.
-  cache = Path(os.environ.get('FINEFLAX_CACHE', Path.home() / '.cache' / 'fineflax'))
-  jax.config.update('jax_compilation_cache_dir', str(cache / 'xla'))
   try:
     results = train_and_evaluate(config, workdir)
   except Preempted as e:

@@ -1,5 +1,7 @@
-"""Test setup: 8 virtual CPU devices for the data-parallel tests, Keras on JAX, and an
-on-disk compilation cache so that steps compiled by several tests compile once."""
+"""Test setup: 8 virtual CPU devices for the data-parallel tests, Keras on JAX, an
+on-disk compilation cache so that steps compiled by several tests compile once, and a
+temporary $FINEFLAX_CACHE for every test and the programs they start: no test writes into
+the user's cache."""
 
 import importlib
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['KERAS_BACKEND'] = 'jax'
+os.environ['FINEFLAX_CACHE'] = tempfile.mkdtemp(prefix='fineflax-cache-')
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

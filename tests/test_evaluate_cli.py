@@ -198,12 +198,18 @@ def test_predict_workdir_prints_the_run_s_classes(run_dir, tmp_path, capsys):
 
 def test_evaluate_command_line(run_dir, tmp_path):
   results = json.loads((run_dir / 'results.json').read_text())
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path))
+  # A compilation cache the user set up for JAX gets the compiled steps, not fineflax's.
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'users-cache'),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   command = [sys.executable, '-m', 'fineflax.evaluate', '--workdir', str(run_dir),
              '--checkpoint', 'latest']
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert any((tmp_path / 'users-cache').iterdir()) and not (tmp_path / 'xla').exists()
+  assert f'compilation cache: {tmp_path / "users-cache"} (set for JAX)' in done.stderr
+  assert 'devices: backend cpu: 1 x cpu' in done.stderr
   assert f"accuracy {results['test_accuracy']:.4f}" in done.stdout
   assert "split 'test' (test), 32 examples" in done.stdout
   assert (run_dir / 'eval' / 'test-latest.json').is_file()

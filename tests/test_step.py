@@ -17,12 +17,12 @@ CONV5 = 'layers[:43]'  # resnet_tiny's conv1..conv4 (its conv5_block1_1_conv is 
 
 
 def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_rate=1e-2,
-           dropout=0.5, num_classes=4, image=IMAGE, augment=Augment()):
+           dropout=0.5, num_classes=4, image=IMAGE, augment=Augment(), dtype=jnp.float32):
   cfg = config_lib.default_config()
   cfg.model.backbone = 'resnet_tiny'
   cfg.model.preprocessing = 'tf'
   cfg.model.head.update(dropout=dropout, batchnorm=True)
-  model = models.build_model(cfg.model, num_classes, bn_axis_name=parallel.AXIS)
+  model = models.build_model(cfg.model, num_classes, bn_axis_name=parallel.AXIS, dtype=dtype)
   variables = state_lib.init_variables(model, image, seed=0)
   labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
   phase = config_lib.phase(optimizer=optimizer, learning_rate=learning_rate,
@@ -64,16 +64,25 @@ def _pairs(before, after, labels=None):
   return [(freeze.path_str(p), b, a, l) for (p, b), a, l in zip(flat_b, flat_a, flat_l)]
 
 
-def test_frozen_leaves_and_batch_stats_are_bit_identical():
-  model, labels, mesh, state, train_step = _setup(CONV5)
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_frozen_leaves_and_batch_stats_are_bit_identical(dtype):
+  """In float32 and in bfloat16 compute; in both the state stays float32 (bf16 is only
+  what the layers compute in) and the reported loss is float32."""
+  model, labels, mesh, state, train_step = _setup(CONV5, dtype=dtype)
   # -0.0 in a frozen leaf: adding a zero update would turn it into +0.0.
   params = state.params
   params['backbone']['conv1_conv']['bias'] = -jnp.zeros_like(params['backbone']['conv1_conv']['bias'])
   state = parallel.replicate(state.replace(params=params), mesh)
   before = jax.device_get(state)
-  state, _ = _run(state, train_step, mesh, _batches(3))
+  state, metrics = _run(state, train_step, mesh, _batches(3))
   after = jax.device_get(state)
   assert int(after.step) == 3
+  images = _batches(1)[0]['image'][:2]
+  assert model.apply(after.variables, images, method='features').dtype == dtype  # computed in
+  assert model.apply(after.variables, images).dtype == jnp.float32  # logits
+  floats = jax.tree.leaves((after.params, after.batch_stats, after.opt_state))
+  assert {str(x.dtype) for x in floats} == {'float32', 'int32'}  # int32: Adam's counts
+  assert all(m['loss'].dtype == np.float32 and np.isfinite(m['loss']) for m in metrics)
   n_frozen = n_trainable = 0
   for path, b, a, label in _pairs(before.params, after.params, labels):
     if label == freeze.FROZEN:

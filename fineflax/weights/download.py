@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
+from fineflax import runtime
 from fineflax.weights.files import WeightFileError
 from fineflax.weights.sources import WeightFile
 
@@ -36,8 +37,7 @@ class ChecksumError(WeightFileError):
 
 def cache_dir() -> Path:
   """Where weight files are kept: `$FINEFLAX_CACHE/weights`."""
-  root = os.environ.get('FINEFLAX_CACHE') or Path.home() / '.cache' / 'fineflax'
-  return Path(root) / 'weights'
+  return runtime.cache_root() / 'weights'
 
 
 def download_url(file: WeightFile) -> str:
