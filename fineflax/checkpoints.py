@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 import jax
 import orbax.checkpoint as ocp
 
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, FineflaxError
 from fineflax.freeze import path_str
 from fineflax.state import TrainState
 
@@ -50,7 +50,7 @@ class CheckpointMismatchError(ConfigError):
   """A checkpoint whose tree differs from the state the config builds."""
 
 
-class CheckpointSaveError(RuntimeError):
+class CheckpointSaveError(FineflaxError, RuntimeError):
   """A save that could not be written (disk full, no permission, ...).
 
   Attributes:

@@ -14,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from fineflax import config as config_lib, distributed, reporting, runtime
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, FineflaxError
 
 logger = logging.getLogger('fineflax.cli')
 
@@ -55,8 +55,9 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
         positional: str | None = None, uses_devices: bool = True) -> None:
   """Defines `--config` (`path[:arg]`, overridable by `--config.key=value`), then runs
   `main(config)` under absl, or `main(config, args)` when the tool takes `positional`
-  arguments; a ConfigError ends the program with its message alone.
+  arguments; a FineflaxError ends the program with its message alone.
 
+  `--config.KEY=None` sets KEY to None (ml_collections alone would set the string 'None').
   Flags are defined here rather than at import, so that tools and tests can import
   each other's modules. Before `main` runs (and before anything touches a device) the
   process joins its multi-host job, if it is in one (`fineflax.distributed`), and, unless
@@ -67,6 +68,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
     config_lib.check_override_flags(sys.argv[1:])
   except ConfigError as e:
     sys.exit(f'error: {e}')
+  argv, none_keys = config_lib.split_none_overrides(sys.argv)
   config = config_flags.DEFINE_config_file('config', None,
                                            'Experiment config file, path[:smoke].')
   flags.mark_flags_as_required(list(required))
@@ -75,6 +77,8 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
   def absl_main(argv: list[str]) -> None:
     join()
     value = _loaded(config)
+    if value is not None:
+      config_lib.set_none(value, none_keys)
     if positional:
       if len(argv) < 2:
         raise app.UsageError(f'expected one or more {positional}')
@@ -85,8 +89,8 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
     main(value)
 
   try:
-    app.run(absl_main, flags_parser=parse_flags)
-  except ConfigError as e:
+    app.run(absl_main, argv=argv, flags_parser=parse_flags)
+  except FineflaxError as e:
     sys.exit(f'error: {e}')
 
 

@@ -489,6 +489,40 @@ def changes_on_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) 
 
 
 _OVERRIDE = re.compile(r'^--config\.([^=]+?)(=.*)?$')
+_NONE_OVERRIDE = re.compile(r'^--config\.([^=]+)=None$')
+_PATH_PART = re.compile(r'^(\w+)(?:\[(\d+)\])?$')
+
+
+def split_none_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """`argv` without its `--config.KEY=None` flags, and their KEYs (`set_none` applies
+  them): ml_collections would set the string 'None', or refuse a key whose value is None."""
+  rest, keys = [], []
+  for arg in argv:
+    match = _NONE_OVERRIDE.match(arg)
+    if match:
+      keys.append(match.group(1))
+    else:
+      rest.append(arg)
+  return rest, keys
+
+
+def set_none(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
+  """Sets each of `keys` ('data.test_split', 'phases[1].clip_norm') to None in `config`;
+  `validate` then refuses it where the key does not accept None."""
+  for key in keys:
+    node: Any = config
+    parts = key.split('.')
+    for i, part in enumerate(parts):
+      name, index = _PATH_PART.match(part).groups()
+      last = i == len(parts) - 1
+      if index is not None:
+        node = node[name][int(index)]
+        if last:
+          raise ConfigError(f'--config.{key}=None: a phase cannot be None')
+      elif last:
+        node[name] = None
+      else:
+        node = node[name]
 _PHASE_KEY = re.compile(r'^phases\[(\d+)\]\.([\w.]+)$')
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import jax
 
-from fineflax.errors import ConfigError
+from fineflax.errors import FineflaxError
 
 logger = logging.getLogger('fineflax.distributed')
 
@@ -43,7 +43,7 @@ SHUTDOWN_TIMEOUT_S = 30
 AUTO_DETECTED = ('ompi', 'slurm', 'gketpu', 'gcetpu')
 
 
-class DistributedError(ConfigError):
+class DistributedError(FineflaxError, RuntimeError):
   """The multi-process settings do not fit, or the job could not be joined."""
 
 

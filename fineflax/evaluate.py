@@ -29,7 +29,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 from fineflax import cli, data, parallel, reporting, restore, step
 from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, FineflaxError
 
 logger = logging.getLogger('fineflax.evaluate')  # not __name__: '__main__' under -m
 ROLES = ('train', 'val', 'test')
@@ -282,5 +282,5 @@ if __name__ == '__main__':
 
   try:
     app.run(_absl_main)
-  except ConfigError as e:
+  except FineflaxError as e:
     sys.exit(f'error: {e}')

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import jax
 
-from fineflax.errors import ConfigError
+from fineflax.errors import FineflaxError
 
 logger = logging.getLogger('fineflax.runtime')
 ENV_ALLOW_CPU = 'FINEFLAX_ALLOW_CPU'
@@ -32,7 +32,7 @@ INSTALL = {
 }
 
 
-class AcceleratorUnusedError(ConfigError):
+class AcceleratorUnusedError(FineflaxError, RuntimeError):
   """The machine has a GPU or TPU, but JAX runs on the CPU."""
 
 

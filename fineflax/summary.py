@@ -98,15 +98,29 @@ def summarize_config(config: ml_collections.ConfigDict, phase: int = 0) -> tuple
   config = config_lib.validate(config)
   if not -len(config.phases) <= phase < len(config.phases):
     raise ConfigError(f'--phase {phase}: the config has {len(config.phases)} phases')
-  info = data.dataset_info(config.data)
-  model = models.from_config(config, info.class_names)
+  class_names, shape = _model_inputs(config)
+  model = models.from_config(config, class_names)
   p = config.phases[phase]
   title = f'{config.model.backbone} + head, phase {p.name!r} (freeze {p.freeze!r})'
-  shape = info.image_shape
-  if config.model.include_top and config.model.image_size is None:
-    size = models.BACKBONES[config.model.backbone].input_size  # the top's ImageNet input
-    shape = (size, size, 3)
   return summarize(model, shape, p.freeze), title
+
+
+def _model_inputs(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...],
+                                                               tuple[int, int, int]]:
+  """Class names and the input image shape the model is built for: from the config when
+  it sets both the class count and the image size (no dataset needed: the photo folder
+  or tfds dataset may not be on this machine yet), else from the dataset."""
+  model = config.model
+  size = model.image_size
+  if model.include_top and size is None:
+    size = models.BACKBONES[model.backbone].input_size  # the top's ImageNet input
+  count = model.num_classes if model.num_classes is not None else (
+      1000 if model.include_top else None)
+  if count is not None and size is not None:
+    names = tuple(f'class{i}' for i in range(2 if count == 1 else count))  # 1: binary
+    return names, (size, size, 3)
+  info = data.dataset_info(config.data)
+  return info.class_names, (size, size, 3) if model.include_top else info.image_shape
 
 
 def main(config: ml_collections.ConfigDict, phase: int) -> None:

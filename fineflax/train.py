@@ -28,7 +28,7 @@ from fineflax import checkpoints, cli, config as config_lib, data, features, fre
 from fineflax import optimizers, parallel, phases, reporting, state as state_lib
 from fineflax import step as step_lib, tensorboard, weights
 from fineflax.data import feed, preview
-from fineflax.errors import ConfigError, TrainingDivergedError
+from fineflax.errors import ConfigError
 from fineflax.preemption import Preempted, StopRequest, sigterm_flag
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
@@ -221,8 +221,6 @@ def main(config: ml_collections.ConfigDict, workdir: str) -> None:
   except Preempted as e:
     logger.warning('%s', e)
     sys.exit(143)  # 128 + SIGTERM: stopped, not finished
-  except (TrainingDivergedError, checkpoints.CheckpointSaveError) as e:
-    sys.exit(f'error: {e}')
   if 'test_accuracy' in results and jax.process_index() == 0:  # one line per job
     print(f"test_accuracy: {results['test_accuracy']:.4f} "
           f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")

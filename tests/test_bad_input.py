@@ -19,7 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fineflax import checkpoints, config as config_lib, train
-from fineflax.errors import ConfigError, TrainingDivergedError
+from fineflax.errors import ConfigError, DataError, TrainingDivergedError
 from fineflax.reporting import MetricsLog
 from tests.test_train import _small_config as small_config
 
@@ -79,7 +79,7 @@ def test_corrupt_or_foreign_init_from_is_refused_before_anything_is_written(tmp_
                           (foreign, 'lacks 34 backbone layers')):
     cfg = small_config()
     cfg.init_from = str(source)
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(DataError) as error:
       train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
     assert message in str(error.value) and str(source) in str(error.value)
     assert not (tmp_path / 'run').exists()
@@ -162,6 +162,13 @@ ONE_LINE_ERRORS = [
     (['--config', 'configs/demo.py:smoke', '--config.phases[2].epochs=3'],
      'error: --config.phases[2].epochs=3: the config has no such phase (phases are numbered '
      'from 0)'),
+    # None is None, not the string 'None', and refused where a key does not take it.
+    (['--config', 'configs/demo.py', '--config.batch_size=None'],
+     'error: config.batch_size: None is not allowed (Global training batch size (all devices, '
+     'all hosts).)'),
+    (['--config', 'configs/demo.py', '--config.phases[0].freeze=None'],
+     "error: config.phases[0].freeze: None is not allowed (What is frozen: 'none', "
+     "'backbone', 'layers[A:B]' (Keras layer slice) or 'regex:PATTERN' (parameter paths).)"),
 ]
 
 
@@ -172,3 +179,18 @@ def test_a_config_that_cannot_be_loaded_is_said_in_one_line(args, message):
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
   assert result.stderr.strip() == message
+
+
+def test_data_that_cannot_be_used_is_said_in_one_line(tmp_path):
+  """A DataError (here a folder without class folders) ends the program as a ConfigError
+  does: its message alone."""
+  (tmp_path / 'photos').mkdir()
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  result = subprocess.run([sys.executable, '-m', 'fineflax.train', '--config',
+                           'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
+                           f'--config.data.source=folder:{tmp_path / "photos"}'], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == (
+      f'error: {tmp_path / "photos"} has no class folders (one sub-folder per class expected)')
+  assert not (tmp_path / 'run').exists()

@@ -11,7 +11,7 @@ from PIL import Image
 from fineflax import config as config_lib, data, models, parallel, state as state_lib
 from fineflax import step as step_lib
 from fineflax.data import feed
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, DataError
 from fineflax.evaluate import evaluate
 
 
@@ -76,7 +76,9 @@ def test_folder_source(photo_folder, caplog):
 
 
 def test_folder_errors(photo_folder, tmp_path):
-  with pytest.raises(ConfigError, match='images of several sizes'):
+  # Data that cannot be used as it is: DataError; a config key naming what is absent:
+  # ConfigError.
+  with pytest.raises(DataError, match='images of several sizes'):
     data.load_dataset(_data_config(f'folder:{photo_folder}', test_split=None,
                                    val_split=None))
   with pytest.raises(ConfigError, match="config.data.val_split='validation': .* has no folder "
@@ -87,11 +89,11 @@ def test_folder_errors(photo_folder, tmp_path):
     data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8,
                                    validation_split=0.2))
   (photo_folder / 'empty').mkdir()
-  with pytest.raises(ConfigError, match=f'class folder {photo_folder / "empty"} has no image'):
+  with pytest.raises(DataError, match=f'class folder {photo_folder / "empty"} has no image'):
     data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8, test_split=None,
                                    val_split=None))
   (tmp_path / 'nothing').mkdir()
-  with pytest.raises(ConfigError, match='has no class folders'):
+  with pytest.raises(DataError, match='has no class folders'):
     data.dataset_info(_data_config(f'folder:{tmp_path / "nothing"}'))
 
 
@@ -130,7 +132,7 @@ def test_unprepared_tfds_dataset_fails_fast_naming_the_files(tmp_path):
   cfg = _data_config('tfds:cifar10', data_dir=str(tmp_path / 'tfds'),
                      manual_dir=str(tmp_path / 'manual'))
   start = time.perf_counter()
-  with pytest.raises(ConfigError) as error:
+  with pytest.raises(DataError) as error:
     data.load_dataset(cfg)
   assert time.perf_counter() - start < 10
   message = str(error.value)

@@ -138,6 +138,31 @@ def test_summary_cli(tmp_path):
   assert 'conv5_block1_1_conv (Conv2D)' in result.stdout
 
 
+def test_summary_needs_no_dataset_when_the_config_knows_the_classes_and_size(tmp_path):
+  """configs/folder.py names a photo folder that is not here; its class count (1: binary)
+  and image size are in the config, so the table is printed (with Keras' own counts), and
+  `--config.KEY=None` sets None (here: no weights to look up)."""
+  result = _cli('fineflax.summary', '--config', 'configs/folder.py',
+                '--config.model.weights=None', cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Trainable params: 14,982,145' in result.stdout
+  assert 'Non-trainable params: 8,615,808' in result.stdout
+
+
+def test_none_on_the_command_line_is_none(tmp_path):
+  from fineflax import config as config_module  # pylint: disable=g-import-not-at-top
+  argv, keys = config_module.split_none_overrides(
+      ['prog', '--config.data.test_split=None', '--config.seed=3',
+       '--config.phases[1].clip_norm=None', '--config.model.weights=Nonesuch'])
+  assert argv == ['prog', '--config.seed=3', '--config.model.weights=Nonesuch']
+  assert keys == ['data.test_split', 'phases[1].clip_norm']
+  cfg = _demo_config()
+  cfg.phases[1].clip_norm = 1.0
+  config_module.set_none(cfg, keys)
+  assert cfg.data.test_split is None and cfg.phases[1].clip_norm is None
+  assert config_lib.validate(cfg).data.test_split is None
+
+
 def _demo_config(dtype: str = 'auto'):
   sys.path.insert(0, str(ROOT))
   from configs import demo  # pylint: disable=g-import-not-at-top

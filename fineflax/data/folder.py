@@ -25,7 +25,7 @@ import numpy as np
 
 from fineflax.data.dataset import Dataset, DatasetInfo, Split, read_split, share
 from fineflax.data.images import read_image
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, DataError
 
 logger = logging.getLogger('fineflax.data')
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
@@ -42,7 +42,7 @@ def _root(spec: str) -> Path:
 def _class_folders(folder: Path) -> list[Path]:
   classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
   if not classes:
-    raise ConfigError(f'{folder} has no class folders (one sub-folder per class expected)')
+    raise DataError(f'{folder} has no class folders (one sub-folder per class expected)')
   return classes
 
 
@@ -60,7 +60,7 @@ def _listing(classes: list[Path]) -> tuple[list[Path], list[int]]:
     found = [p for p in sorted(folder.rglob('*')) if p.is_file()]
     images = [p for p in found if p.suffix.lower() in IMAGE_SUFFIXES]
     if not images:
-      raise ConfigError(f'class folder {folder} has no image file')
+      raise DataError(f'class folder {folder} has no image file')
     files += images
     labels += [label] * len(images)
     ignored += [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
@@ -79,7 +79,7 @@ def info(spec: str, data_config: Any) -> DatasetInfo:
   if size is None:
     files, _ = _listing(classes)
     if not files:
-      raise ConfigError(f'{root} holds no image files')
+      raise DataError(f'{root} holds no image files')
     shape = read_image(files[0]).shape
   else:
     shape = (size, size, 3)
@@ -90,7 +90,7 @@ def _read_all(files: list[Path], size: int | None) -> tuple[list[np.ndarray | No
   def read(path):
     try:
       return read_image(path, size), None
-    except ConfigError as e:
+    except DataError as e:
       return None, str(e)
   workers = min(32, (os.cpu_count() or 1) * 2)  # PIL decodes with the GIL released
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -110,7 +110,7 @@ def _load_split(name: str, files: list[Path], labels: list[int], classes: list[P
   keep = [i for i, image in enumerate(images) if image is not None]
   shapes = {images[i].shape for i in keep}
   if len(shapes) > 1:
-    raise ConfigError(f'{classes[0].parent}: images of several sizes {sorted(shapes)[:3]}; '
+    raise DataError(f'{classes[0].parent}: images of several sizes {sorted(shapes)[:3]}; '
                       'set config.data.load_size to resize them as they are read')
   read = np.asarray([labels[i] for i in idx], np.int32)[keep]
   stacked = (np.stack([images[i] for i in keep]) if keep
@@ -128,14 +128,14 @@ def load(spec: str, data_config: Any) -> Dataset:
     for key, folder in layout.items():
       names = [p.name for p in _class_folders(folder)]
       if names != [c.name for c in classes]:
-        raise ConfigError(f'{folder} has the classes {names}, {layout["train_split"]} has '
+        raise DataError(f'{folder} has the classes {names}, {layout["train_split"]} has '
                           f'{[c.name for c in classes]}')
       listings[key] = _listing([folder / n for n in names])
   else:
     classes = _class_folders(root)
     files, labels = _listing(classes)
     if not files:
-      raise ConfigError(f'{root} holds no image files')
+      raise DataError(f'{root} holds no image files')
     fraction = data_config.validation_split
     rng = np.random.RandomState(data_config.split_seed)
     order = rng.permutation(len(files))
@@ -155,6 +155,6 @@ def load(spec: str, data_config: Any) -> Dataset:
   if jax.process_count() == 1:  # with one process, the shares are the whole splits
     readable = sum(np.bincount(s.labels, minlength=len(classes)) for s in splits.values())
     for label in np.flatnonzero(readable == 0):
-      raise ConfigError(f'class folder {classes[label]} has no readable image')
+      raise DataError(f'class folder {classes[label]} has no readable image')
   return Dataset(DatasetInfo(splits[data_config.train_split].images.shape[1:],
                              tuple(c.name for c in classes)), splits)

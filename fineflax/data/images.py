@@ -6,14 +6,14 @@ import os
 
 import numpy as np
 
-from fineflax.errors import ConfigError
+from fineflax.errors import DataError
 
 
 def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
   """(H, W, 3) uint8 RGB; resized to size x size (bilinear) when `size` is given.
 
   Raises:
-    ConfigError: the file is missing or not a readable image (named in the message).
+    DataError: the file is missing or not a readable image (named in the message).
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
   try:
@@ -23,4 +23,4 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
         image = image.resize((size, size), Image.Resampling.BILINEAR)
       return np.asarray(image, np.uint8)
   except (OSError, UnidentifiedImageError) as e:
-    raise ConfigError(f'{path}: not a readable image ({e})') from None
+    raise DataError(f'{path}: not a readable image ({e})') from None

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from fineflax.data.dataset import Dataset, DatasetInfo, Split, read_split
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, DataError
 
 _PROBE_TIMEOUT_S = 3
 _SPLITS = ('train_split', 'val_split', 'test_split')
@@ -85,7 +85,7 @@ def _prepare(builder, spec: str, data_config: Any) -> None:
   if problems or (instructions and not manual_dir):
     files = '\n'.join(f'  {i.filename or url}  from {url}  (sha256 {i.checksum}, '
                       f'{i.size:,} bytes)' for url, i in infos.items())
-    raise ConfigError(
+    raise DataError(
         f'config.data.source={spec!r}: the dataset is not prepared in '
         f'{builder.data_dir} and cannot be built here'
         + (f' (no network: {problems[0]})' if problems else '') + '.\n'
@@ -134,7 +134,7 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
       images.append(x)
       labels.append(y)
   except tf.errors.InvalidArgumentError as e:  # images of several sizes cannot be batched
-    raise ConfigError(f'config.data.source={spec!r}, split {split!r}: images of several '
+    raise DataError(f'config.data.source={spec!r}, split {split!r}: images of several '
                       f'sizes; set config.data.load_size ({str(e)[:200]})') from None
   images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
   labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)

@@ -18,14 +18,14 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from fineflax.errors import ConfigError
+from fineflax.errors import DataError
 from fineflax.models.graph import Layer
 
 FileLayers = list[tuple[str, list[np.ndarray]]]
 SUFFIXES = ('.h5', '.pth', '.pt', '.safetensors')
 
 
-class WeightFileError(ConfigError):
+class WeightFileError(DataError):
   """A weight file that cannot be read or does not fit the model."""
 
 
