@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 
 from fineflax.errors import ConfigError, FineflaxError
 from fineflax.freeze import path_str
+from fineflax.run import RunDir
 from fineflax.state import TrainState
 
 logger = logging.getLogger('fineflax.checkpoints')
@@ -110,16 +111,6 @@ def has_checkpoint(directory: str | os.PathLike) -> bool:
   interrupted saves do not count)."""
   directory = Path(directory)
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
-
-
-def latest_dir(workdir: str | os.PathLike) -> Path:
-  """Where a run's resumable checkpoints live."""
-  return Path(workdir) / 'checkpoints' / 'latest'
-
-
-def best_dir(workdir: str | os.PathLike) -> Path:
-  """Where a run's best checkpoint lives."""
-  return Path(workdir) / 'checkpoints' / 'best'
 
 
 class Checkpoints:
@@ -260,7 +251,7 @@ def params_source(path: str | os.PathLike) -> Path:
   """The folder of a parameter tree to start from (`config.init_from`): a run's best
   checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint."""
   path = Path(path).expanduser()
-  for folder in (best_dir(path), latest_dir(path)):
+  for folder in (RunDir(path).best, RunDir(path).latest):
     if has_checkpoint(folder):
       path = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
       break
@@ -275,8 +266,8 @@ class RunCheckpoints:
   """A run's latest/ and best/ checkpoints (see the module docstring)."""
 
   def __init__(self, workdir: str | os.PathLike, keep: int, monitor: str, mode: str):
-    self.latest = Checkpoints(latest_dir(workdir), keep)
-    self.best = Checkpoints(best_dir(workdir), 1)
+    self.latest = Checkpoints(RunDir(workdir).latest, keep)
+    self.best = Checkpoints(RunDir(workdir).best, 1)
     self.monitor, self.mode = monitor, mode
     best = self.best.latest_meta()
     self.best_value = best.get('value') if best else None

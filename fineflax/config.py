@@ -551,7 +551,8 @@ def check_override_flags(argv: Sequence[str]) -> None:
 
 
 def reference_table() -> str:
-  """The config reference as a Markdown table (the README embeds it; a test compares)."""
+  """The config reference as a Markdown table (docs/config_reference.md embeds it; a test
+  compares)."""
   rows = ['| key | type | default | meaning |', '|---|---|---|---|']
 
   def add(prefix: str, schema: dict[str, Any]) -> None:

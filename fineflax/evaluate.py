@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -30,6 +29,7 @@ from fineflax import cli, data, parallel, reporting, restore, step
 from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
 from fineflax.errors import ConfigError, FineflaxError
+from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.evaluate')  # not __name__: '__main__' under -m
 ROLES = ('train', 'val', 'test')
@@ -172,11 +172,6 @@ def eval_batch_size(requested: int | None, config: ml_collections.ConfigDict,
   return -(-size // devices) * devices
 
 
-def _file_stem(split: str, label: str) -> str:
-  # Split names such as tfds' 'train[:40%]' would make awkward file names.
-  return re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_') + f'-{label}'
-
-
 def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: str | int = 'best',
                  batch_size: int | None = None, *,
                  devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
@@ -212,7 +207,7 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
             'checkpoint_dir': str(run.checkpoint_dir), 'class_names': list(run.class_names)}
   report.update(classification_metrics(logits, labels, run.class_names,
                                        run.config.loss.label_smoothing))
-  stem = workdir / 'eval' / _file_stem(split, run.label)
+  stem = RunDir(workdir).eval_stem(split, run.label)
   report['files'] = {'json': str(stem) + '.json', 'confusion_png': str(stem) + '-confusion.png',
                      'predictions': str(stem) + '-predictions.npz'}
   if jax.process_index() == 0:

@@ -25,10 +25,10 @@ from jax.sharding import Mesh
 from fineflax import data, freeze, models
 from fineflax.data import feed
 from fineflax.errors import ConfigError
+from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.features')
 
-FEATURES_DIR = 'features'
 TRAINS_BACKBONE = 'the phase trains backbone parameters'
 
 
@@ -98,7 +98,7 @@ def cache_splits(mode: str, memory_mb: int, workdir: Path,
     if in_memory:
       array = np.empty((len(split), width), np.float32)
     else:
-      folder = workdir / FEATURES_DIR
+      folder = RunDir(workdir).features
       folder.mkdir(parents=True, exist_ok=True)
       # A file per role, rewritten by every cached phase: a phase's features depend on
       # the backbone parameters it starts from.
@@ -109,5 +109,5 @@ def cache_splits(mode: str, memory_mb: int, workdir: Path,
       array.flush()
     out[role] = dataclasses.replace(split, images=array)
   logger.info('cached features: %d examples x %d floats (%.1f MB), %s', rows, width, size_mb,
-              'in memory' if in_memory else f'memory-mapped from {workdir / FEATURES_DIR}')
+              'in memory' if in_memory else f'memory-mapped from {RunDir(workdir).features}')
   return out, in_memory

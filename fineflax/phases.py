@@ -27,6 +27,7 @@ from fineflax.early_stopping import EarlyStopping
 from fineflax.evaluate import evaluate
 from fineflax.errors import TrainingDivergedError
 from fineflax.preemption import Preempted, StopRequest
+from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.train')
 
@@ -201,7 +202,7 @@ def _check_finite(run: Run, state: state_lib.TrainState, totals: dict[str, float
     what = f'the training loss is {losses[bad]} at step {first + bad + 1}'
   good = run.ckpts.latest.latest_meta()
   kept = (f"the last checkpoint, step {good['step']}, is kept in "
-          f'{checkpoints.latest_dir(run.workdir)}' if good else 'no checkpoint was saved yet')
+          f'{RunDir(run.workdir).latest}' if good else 'no checkpoint was saved yet')
   raise TrainingDivergedError(
       f'[{phase_name}] {what}; the run stopped without saving that state ({kept}). Lower '
       'the learning rate, clip gradients (phases[i].clip_norm) or check the data, then run '
@@ -261,7 +262,7 @@ def _report(run: Run, record: dict[str, Any]) -> None:
                     'images_per_sec': record['images_per_sec']}, record['step'])
     run.tb.flush()
   if run.config.report.plot and jax.process_index() == 0:
-    plots.write_history(run.workdir / 'history.png', run.metrics_log.read())
+    plots.write_history(RunDir(run.workdir).history_png, run.metrics_log.read())
 
 
 def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Position,
@@ -275,7 +276,7 @@ def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Pos
   watcher = EarlyStopping.from_config(phase.early_stopping, position.early_stopping)
   phase_best = None
   if phase.early_stopping.restore_best:
-    folder = run.workdir / 'checkpoints' / 'phase_best'
+    folder = RunDir(run.workdir).phase_best
     # Saves of epochs this run will redo (or of an earlier phase) would shadow new ones.
     after = -1 if position.phase_epochs_done == 0 and position.batch == 0 else int(state.step)
     checkpoints.remove_steps_after(folder, after)

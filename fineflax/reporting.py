@@ -15,7 +15,8 @@ from typing import Any
 import jax
 from absl import logging as absl_logging
 
-METRICS_FILE = 'metrics.jsonl'
+from fineflax.run import RunDir
+
 logger = logging.getLogger('fineflax.reporting')
 
 
@@ -36,7 +37,7 @@ class MetricsLog:
   """Appends epoch records to `DIR/metrics.jsonl`."""
 
   def __init__(self, workdir: str | os.PathLike):
-    self.path = Path(workdir) / METRICS_FILE
+    self.path = RunDir(workdir).metrics_jsonl
 
   def read(self) -> list[dict[str, Any]]:
     """Every record written so far."""

@@ -34,11 +34,10 @@ import orbax.checkpoint as ocp
 
 from fineflax import checkpoints, config as config_lib, data, models
 from fineflax.errors import ConfigError
+from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.restore')
 
-CONFIG_FILE = 'config.json'  # as fineflax.train writes them
-DATASET_FILE = 'dataset.json'
 KINDS = ('best', 'latest')
 
 
@@ -72,7 +71,7 @@ class RestoredRun:
 
 def _v1_steps(workdir: Path) -> list[int]:
   """The step folders of a layout-1 run (directly under checkpoints/)."""
-  return checkpoints.complete_steps(workdir / 'checkpoints')
+  return checkpoints.complete_steps(RunDir(workdir).checkpoints)
 
 
 def read_config(workdir: str | os.PathLike,
@@ -87,15 +86,15 @@ def read_config(workdir: str | os.PathLike,
   workdir = Path(workdir)
   if not workdir.is_dir():
     raise ConfigError(f'{workdir}: no such run directory')
-  path = workdir / CONFIG_FILE
+  path = RunDir(workdir).config_json
   if not path.is_file() and config is not None:
     return config_lib.validate(config)
   if not path.is_file() and _v1_steps(workdir):
     raise ConfigError(f'{workdir} is a run of fineflax 38cfa14 or before (checkpoints/<step>/, '
-                      f'no {CONFIG_FILE}): pass the config it was trained with, e.g. '
+                      f'no {path.name}): pass the config it was trained with, e.g. '
                       "load_run(workdir, config=configs.demo.get_config('smoke'))")
   if not path.is_file():
-    raise ConfigError(f'{workdir} is not a fineflax run: it has no {CONFIG_FILE} '
+    raise ConfigError(f'{workdir} is not a fineflax run: it has no {path.name} '
                       '(python -m fineflax.train writes one when a run starts)')
   try:
     values = json.loads(path.read_text())
@@ -108,7 +107,7 @@ def read_dataset_info(workdir: str | os.PathLike,
                       config: ml_collections.ConfigDict) -> data.DatasetInfo:
   """The class names and image shape the run was trained with (DIR/dataset.json; from
   the data source itself when the run predates that file)."""
-  path = Path(workdir) / DATASET_FILE
+  path = RunDir(workdir).dataset_json
   if not path.is_file():
     return data.dataset_info(config.data)
   values = json.loads(path.read_text())
@@ -129,25 +128,26 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
     ConfigError: the run has no checkpoint, or not the step asked for.
   """
   workdir = Path(workdir)
-  folders = {'best': checkpoints.best_dir(workdir), 'latest': checkpoints.latest_dir(workdir)}
+  run_dir = RunDir(workdir)
+  folders = {'best': run_dir.best, 'latest': run_dir.latest}
   if isinstance(checkpoint, str) and checkpoint.isdigit():
     checkpoint = int(checkpoint)
   if isinstance(checkpoint, str) and checkpoint not in KINDS:
     raise ConfigError(f"checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number")
   steps = {kind: checkpoints.complete_steps(f) for kind, f in folders.items()}
   if not any(steps.values()) and _v1_steps(workdir):
-    folders = {'best': workdir / 'checkpoints', 'latest': workdir / 'checkpoints'}
+    folders = {'best': run_dir.checkpoints, 'latest': run_dir.checkpoints}
     steps = {kind: _v1_steps(workdir) for kind in folders}
     if checkpoint == 'best':
       logger.warning('%s is a layout-1 run (no best checkpoint): using the newest step', workdir)
       checkpoint = 'latest'
   if not any(steps.values()):
-    raise ConfigError(f'{workdir / "checkpoints"}: no checkpoint (the run saved none yet)')
+    raise ConfigError(f'{run_dir.checkpoints}: no checkpoint (the run saved none yet)')
   if isinstance(checkpoint, int):
     for kind in ('latest', 'best'):
       if checkpoint in steps[kind]:
         return folders[kind] / str(checkpoint), f'step{checkpoint}'
-    raise ConfigError(f'{workdir / "checkpoints"} has no step {checkpoint}; available: '
+    raise ConfigError(f'{run_dir.checkpoints} has no step {checkpoint}; available: '
                       + ', '.join(f'{kind}/ {found}' for kind, found in steps.items() if found))
   if checkpoint == 'best' and not steps['best']:
     logger.warning('%s has no best checkpoint (no validation split?); using the latest one',

@@ -30,10 +30,9 @@ from fineflax import step as step_lib, tensorboard, weights
 from fineflax.data import feed, preview
 from fineflax.errors import ConfigError
 from fineflax.preemption import Preempted, StopRequest, sigterm_flag
+from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
-CONFIG_FILE = 'config.json'  # the resolved config of the run
-DATASET_FILE = 'dataset.json'  # class names, image shape, split sizes
 
 
 def dataset_splits(dataset: data.Dataset,
@@ -100,10 +99,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   weighting = data.class_weights(config.loss.class_weight, splits['train'],
                                  len(dataset.info.class_names))
   workdir = Path(workdir)
-  fresh = not checkpoints.has_checkpoint(checkpoints.latest_dir(workdir))
-  if fresh and checkpoints.has_checkpoint(checkpoints.best_dir(workdir)):
-    raise ConfigError(f'{checkpoints.best_dir(workdir)} holds a checkpoint but '
-                      f'{checkpoints.latest_dir(workdir)} has none to resume from (was it '
+  folder = RunDir(workdir)
+  fresh = not checkpoints.has_checkpoint(folder.latest)
+  if fresh and checkpoints.has_checkpoint(folder.best):
+    raise ConfigError(f'{folder.best} holds a checkpoint but '
+                      f'{folder.latest} has none to resume from (was it '
                       'deleted?); a new run would mix its best/ with the old one: move the '
                       'folder away or use another workdir')
   check_monitors(config, splits)
@@ -131,7 +131,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
     logger.info('resuming from step %d: phase %r, %d epoch(s) and %d batch(es) of it done',
                 resume['step'], resume['phase'], resume['phase_epochs_done'],
                 resume.get('batch', 0))
-  saved = workdir / CONFIG_FILE
+  saved = folder.config_json
   if resume is not None and saved.exists() and not config.allow_config_change:
     changes = config_lib.changes_on_resume(json.loads(saved.read_text()), config)
     if changes:
@@ -140,7 +140,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                         f'{f"; and {len(changes) - 5} more" if len(changes) > 5 else ""}). '
                         'Use another workdir, or set config.allow_config_change=True')
   reporting.write_json(saved, config_lib.to_dict(config))
-  reporting.write_json(workdir / DATASET_FILE, {
+  reporting.write_json(folder.dataset_json, {
       'class_names': list(dataset.info.class_names),
       'image_shape': list(dataset.info.image_shape),
       'splits': {role: {'name': config.data[f'{role}_split'], 'examples': split.size,
@@ -152,13 +152,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
 
   resident = feed.place_splits(splits, mesh, config.data.device_resident,
                                config.data.device_resident_max_mb)
-  samples = workdir / 'samples.png'
+  samples = folder.samples_png
   if jax.process_index() == 0 and not samples.exists():
     preview.write_samples(samples, splits['train'], dataset.info.class_names, augment,
                           model.image_size, config.seed)
   eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing,
                                       augment=augment)
-  tb = (tensorboard.SummaryWriter(workdir / 'tb')
+  tb = (tensorboard.SummaryWriter(folder.tensorboard)
         if config.report.tensorboard and jax.process_index() == 0 else None)
   run = phases.Run(config, workdir, dataset, phases.Feed(splits, resident, eval_step), model,
                    mesh, plans, augment, ckpts, metrics_log, stop, weighting, tb)
@@ -210,7 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     test = run.evaluate(state, 'test')
     results.update(test_loss=test['loss'], test_accuracy=test['accuracy'],
                    test_examples=test['count'])
-  reporting.write_json(run.workdir / 'results.json', results)
+  reporting.write_json(RunDir(run.workdir).results_json, results)
   return results
 
 

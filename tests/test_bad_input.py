@@ -21,6 +21,7 @@ import pytest
 from fineflax import checkpoints, config as config_lib, train
 from fineflax.errors import ConfigError, DataError, TrainingDivergedError
 from fineflax.reporting import MetricsLog
+from fineflax.run import RunDir
 from tests.test_train import _small_config as small_config
 
 DEVICES = jax.devices()[:2]
@@ -125,12 +126,12 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
                      r'checkpoint, step 3, is kept'):
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
   assert [r['phase'] for r in MetricsLog(tmp_path / 'run').read()] == ['good']
-  latest = checkpoints.Checkpoints(checkpoints.latest_dir(tmp_path / 'run'))
+  latest = checkpoints.Checkpoints(RunDir(tmp_path / 'run').latest)
   meta = latest.latest_meta()
   assert meta['step'] == 3 and meta['phase'] == 'good'
   latest.close()
   saved = ocp.StandardCheckpointer().restore(
-      checkpoints.latest_dir(tmp_path / 'run') / '3' / 'state')
+      RunDir(tmp_path / 'run').latest / '3' / 'state')
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
 
 
@@ -147,7 +148,7 @@ def test_parameters_that_overflow_while_the_loss_is_still_finite_are_never_saved
                      r'after step 4; the run stopped without saving that state \(the last '
                      r'checkpoint, step 3, is kept'):
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
-  for folder in (checkpoints.latest_dir(tmp_path / 'run'), checkpoints.best_dir(tmp_path / 'run')):
+  for folder in (RunDir(tmp_path / 'run').latest, RunDir(tmp_path / 'run').best):
     for step in checkpoints.complete_steps(folder):
       saved = ocp.StandardCheckpointer().restore(folder / str(step) / 'state')
       assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params'])), folder / str(step)

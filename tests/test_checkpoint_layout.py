@@ -18,6 +18,7 @@ import pytest
 
 from fineflax import checkpoints, config as config_lib, models, restore, state as state_lib
 from fineflax.freeze import path_str
+from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs' / 'checkpoints.md'
@@ -218,10 +219,10 @@ def moved_run(demo_run: Path, best_dir: Path, folder: Path) -> Path:
   assert isinstance(state.step, jax.Array) and state.step.sharding == replicated
   for name in ('config.json', 'dataset.json'):
     shutil.copy(demo_run / name, folder / name)
-  saver = checkpoints.Checkpoints(checkpoints.best_dir(folder), 1)
+  saver = checkpoints.Checkpoints(RunDir(folder).best, 1)
   saver.save(state, json.loads((best_dir / 'meta' / 'metadata').read_text()))
   saver.close()
-  return checkpoints.best_dir(folder) / best_dir.name
+  return RunDir(folder).best / best_dir.name
 
 
 def test_plain_orbax_recipe_restores_without_fineflax(demo_run, best_run, tmp_path):

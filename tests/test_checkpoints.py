@@ -7,6 +7,7 @@ import pytest
 
 from fineflax import checkpoints, config as config_lib, freeze, models, optimizers, parallel
 from fineflax import state as state_lib
+from fineflax.run import RunDir
 
 
 @pytest.fixture(scope='module')
@@ -64,8 +65,8 @@ def test_best_and_latest_are_kept_side_by_side(tmp_path, states):
   ckpts.save(states['conv5'], {'step': 7})  # a mid-epoch save: no metrics, latest only
   ckpts.close()
   steps = lambda d: sorted(int(p.name) for p in d.iterdir() if p.name.isdigit())
-  assert steps(checkpoints.latest_dir(tmp_path)) == [6, 7]
-  assert steps(checkpoints.best_dir(tmp_path)) == [4]
+  assert steps(RunDir(tmp_path).latest) == [6, 7]
+  assert steps(RunDir(tmp_path).best) == [4]
   again = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
   assert again.best_value == 1.0 and not again.improved(1.1) and again.improved(0.9)
   again.close()

@@ -114,9 +114,10 @@ def test_batch_size_must_split_over_devices():
     parallel.check_batch_size(12, mesh)
 
 
-def test_readme_config_reference_is_current():
-  readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
-  assert config_lib.reference_table() in readme
+def test_docs_config_reference_is_current():
+  page = (Path(__file__).resolve().parents[1] / 'docs' / 'config_reference.md').read_text()
+  assert config_lib.reference_table() in page, (
+      'docs/config_reference.md is stale: paste fineflax.config.reference_table() into it')
 
 
 def test_auto_mode_follows_the_monitored_metric():

@@ -4,7 +4,6 @@ Every test reads conftest's `demo_run` (the demo smoke config, two phases of one
 checkpoints at steps 2 and 4, best/ by val_loss), some on all eight devices.
 """
 
-import importlib
 import json
 import logging
 import os
@@ -19,8 +18,9 @@ import optax
 import pytest
 from PIL import Image
 
-from fineflax import checkpoints, data, evaluate, predict, restore, train
+from fineflax import checkpoints, data, evaluate, predict, restore
 from fineflax.errors import ConfigError
+from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 # Loss sums are float32 per device in training and float64 over examples here.
@@ -42,12 +42,12 @@ def _copy_run(run_dir, dest, without=()):
 
 
 def test_load_run_best_latest_and_a_step(run_dir):
-  best_steps = _steps(checkpoints.best_dir(run_dir))
-  assert _steps(checkpoints.latest_dir(run_dir)) == [2, 4] and len(best_steps) == 1
+  best_steps = _steps(RunDir(run_dir).best)
+  assert _steps(RunDir(run_dir).latest) == [2, 4] and len(best_steps) == 1
 
   latest = restore.load_run(run_dir, 'latest')
   assert (latest.step, latest.label, latest.meta['phase']) == (4, 'latest', 'finetune')
-  assert latest.checkpoint_dir == checkpoints.latest_dir(run_dir) / '4'
+  assert latest.checkpoint_dir == RunDir(run_dir).latest / '4'
   assert latest.class_names == tuple(str(d) for d in range(10))
   assert latest.image_shape == (8, 8, 3)
   expected = restore.abstract_variables(latest.model, latest.image_shape)
@@ -86,7 +86,7 @@ def test_clear_errors_for_what_is_not_a_run(run_dir, tmp_path):
   with pytest.raises(ConfigError) as error:
     restore.load_run(run_dir, 7)
   assert str(error.value) == (f'{run_dir / "checkpoints"} has no step 7; available: '
-                              f'best/ {_steps(checkpoints.best_dir(run_dir))}, latest/ [2, 4]')
+                              f'best/ {_steps(RunDir(run_dir).best)}, latest/ [2, 4]')
   with pytest.raises(ConfigError, match="checkpoint 'newest': expected 'best', 'latest'"):
     restore.load_run(run_dir, 'newest')
   bare = _copy_run(run_dir, tmp_path / 'bare', without=('checkpoints',))

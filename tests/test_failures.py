@@ -26,6 +26,7 @@ from etils import epath
 from fineflax import checkpoints, config as config_lib, freeze, models, optimizers, parallel
 from fineflax import state as state_lib
 from fineflax.reporting import MetricsLog
+from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP = checkpoints.TMP_MARK
@@ -243,7 +244,7 @@ def _resumed_from(log):
 
 def _final_state(workdir):
   step = json.loads((workdir / 'results.json').read_text())['step']
-  return ocp.StandardCheckpointer().restore(checkpoints.latest_dir(workdir) / str(step) / 'state')
+  return ocp.StandardCheckpointer().restore(RunDir(workdir).latest / str(step) / 'state')
 
 
 def _records(workdir):
@@ -259,7 +260,7 @@ def test_sigkill_during_saves_then_the_same_command_resumes_bitwise(tmp_path):
   whole = _new_workdir(tmp_path / 'whole')
   _run(whole, cache)
   cut = _new_workdir(tmp_path / 'cut')
-  latest = checkpoints.latest_dir(cut)
+  latest = RunDir(cut).latest
 
   _run_and_kill(cut, cache, 'write:3')
   assert sorted(os.listdir(latest)) == ['1', '2', f'3{TMP}']
@@ -278,7 +279,7 @@ def test_sigkill_during_saves_then_the_same_command_resumes_bitwise(tmp_path):
   assert sorted(os.listdir(latest)) == ['6', '7', '8']
   # best/ holds the epoch of the lowest val_loss (which one depends on the CPU's arithmetic).
   best = min(_records(whole), key=lambda r: r['val_loss'])['step']
-  assert os.listdir(checkpoints.best_dir(cut)) == os.listdir(checkpoints.best_dir(whole)) == [
+  assert os.listdir(RunDir(cut).best) == os.listdir(RunDir(whole).best) == [
       str(best)]
   _assert_same(_final_state(cut), _final_state(whole))
   assert _records(cut) == _records(whole)

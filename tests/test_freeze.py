@@ -2,13 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from fineflax import config as config_lib, freeze, models, summary
-from fineflax.models import resnet
 
 
 def _keras_counts(model):

@@ -19,6 +19,7 @@ import pytest
 
 from fineflax import checkpoints, distributed, restore
 from fineflax.reporting import MetricsLog
+from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = 'configs/demo.py:smoke'  # two phases of one epoch, 2 steps each
@@ -251,7 +252,7 @@ def _wait_until(job: Job, done: Callable[[], bool], what: str) -> None:
 
 def _first_checkpoint(job: Job, workdir: Path) -> None:
   """Waits until the run's first checkpoint (the end of its first phase) is complete."""
-  first = checkpoints.latest_dir(workdir) / '2'
+  first = RunDir(workdir).latest / '2'
   _wait_until(job, first.is_dir, f'saved {first}')
 
 

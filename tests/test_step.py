@@ -4,7 +4,6 @@ independent, evaluation counts every example once."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fineflax import config as config_lib, data, freeze, models, optimizers, parallel

@@ -16,6 +16,7 @@ from fineflax import checkpoints, config as config_lib, preemption, train
 from fineflax.errors import ConfigError
 from fineflax.preemption import sigterm_flag
 from fineflax.reporting import MetricsLog
+from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,7 +186,7 @@ def test_demo_reaches_95_percent(demo_results):
 
 def _final_state(workdir: Path):
   step = json.loads((workdir / 'results.json').read_text())['step']
-  return ocp.StandardCheckpointer().restore(checkpoints.latest_dir(workdir) / str(step) / 'state')
+  return ocp.StandardCheckpointer().restore(RunDir(workdir).latest / str(step) / 'state')
 
 
 def test_demo_in_bfloat16_resumes_bitwise_and_matches_float32(tmp_path, monkeypatch,
@@ -242,7 +243,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
   assert [r['phase_epoch'] for r in MetricsLog(tmp_path / 'stopped').read()] == [1, 2, 3]
   # Only the parameters go back (Keras' restore_best_weights): the step goes on.
   assert stopped['step'] == 9
-  latest = checkpoints.Checkpoints(checkpoints.latest_dir(tmp_path / 'stopped'))
+  latest = checkpoints.Checkpoints(RunDir(tmp_path / 'stopped').latest)
   assert latest.latest_meta()['phase_epochs_done'] == 3  # the epoch-end save, not step 8's
   latest.close()
   one = _small_config()
@@ -253,7 +254,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path):
 
 
 def test_refuses_a_best_checkpoint_without_latest_and_unwatchable_early_stopping(tmp_path):
-  (checkpoints.best_dir(tmp_path / 'run') / '12').mkdir(parents=True)
+  (RunDir(tmp_path / 'run').best / '12').mkdir(parents=True)
   with pytest.raises(ConfigError, match='holds a checkpoint but .*latest has none to resume'):
     train.train_and_evaluate(_small_config(), tmp_path / 'run', devices=jax.devices()[:2])
   cfg = _small_config()
@@ -324,7 +325,7 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
   log = line + proc.stdout.read()
   assert proc.wait(timeout=300) == 143, log[-3000:]
   assert 'SIGTERM: saved step' in log
-  meta = checkpoints.Checkpoints(checkpoints.latest_dir(tmp_path / 'cut')).latest_meta()
+  meta = checkpoints.Checkpoints(RunDir(tmp_path / 'cut').latest).latest_meta()
   assert meta['phase_index'] == 0 and meta['phase_epochs_done'] == 1 and meta['batch'] > 0
   again = subprocess.run(command(tmp_path / 'cut'), cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600)
@@ -332,7 +333,7 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
   assert 'resuming from step' in again.stderr
 
   final = lambda w: ocp.StandardCheckpointer().restore(
-      checkpoints.latest_dir(w) / str(json.loads((w / 'results.json').read_text())['step'])
+      RunDir(w).latest / str(json.loads((w / 'results.json').read_text())['step'])
       / 'state')
   a, b = final(tmp_path / 'whole'), final(tmp_path / 'cut')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):

@@ -108,7 +108,8 @@ def names_for(backbone: str) -> list[str]:
 
 
 def markdown_table() -> str:
-  """The named weights as a Markdown table (the README embeds it; a test compares)."""
+  """The named weights as a Markdown table (docs/models_and_weights.md embeds it; a test
+  compares)."""
   rows = ['| weights | backbone | file(s) | checksum | ImageNet top-1 (publisher) | licence |',
           '|---|---|---|---|---|---|']
   for src in SOURCES:
