@@ -1,9 +1,12 @@
-"""Images per second of fineflax's train step, or of its whole training loop.
+"""Images per second of fineflax's train step, or of its whole training loop; or what the
+compiled step costs (FLOPs, memory) and how large a batch fits, without running it.
 
     python scripts/benchmark.py --backbone resnet50 --batch 256 --image 224
     python scripts/benchmark.py --backbone resnet50 --batch 512 --image 32 --modes head,conv5
     python scripts/benchmark.py --loop --backbone resnet50 --batch 256 --image 224 \
         --data synthetic:50000:32
+    python scripts/benchmark.py --cost --backbone resnet50 --batch 8 --image 224
+    python scripts/benchmark.py --max-batch 80 --backbone resnet50 --batch 8 --image 224
 
 Step mode times the step `fineflax.train` runs (`step.make_train_step` with the freeze
 plan's `optax.multi_transform` optimizer; `step.make_features_step` for `forward`) on a
@@ -15,28 +18,46 @@ steps after a warm-up window. `--loop` runs `fineflax.train.train_and_evaluate` 
 on uint8 images of `--data` through the real input pipeline (resized on the device to
 `--image`), and reports the last epoch's images/s from its metrics.jsonl.
 
+`--cost` compiles the same steps at `--batch` (default 256, as for timing; `--batch 8` is
+plenty on a CPU) and runs nothing: per mode, XLA's cost analysis (GFLOP per image of one
+device's program over its share of the batch; `x_forward`, the mode's FLOPs over the
+forward step's, which is always compiled as the reference) and memory analysis (argument,
+output, temporary, aliased MB per device). Per-image FLOPs hardly depend on the batch,
+except that the optimizer's per-step update (~24 FLOPs a trainable parameter) is
+shared by fewer images in a small per-device batch. `--max-batch GIB` (alone or with
+`--cost`) adds, per mode, the largest global batch whose compiled step (arguments +
+outputs + temporaries - donated aliases) fits in GIB GiB per device, from a few compiles'
+memory analyses; it is the backend's own analysis, so a CPU compile's answer is not a GPU's.
+
 One JSON line per configuration, then a table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import math
 import statistics
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from fineflax import config as config_lib, freeze, models, optimizers, parallel
+from fineflax import config as config_lib, freeze, models, optimizers, parallel, runtime
 from fineflax import state as state_lib, step as step_lib
+from fineflax.errors import FineflaxError
 from fineflax.reporting import MetricsLog
 
 MODES = ('forward', 'head', 'conv5', 'full')
 # The first layer that trains in 'conv5' mode, per backbone family (Keras names).
 _CONV5_PREFIXES = ('conv5_', 'block5_')
+MB = 2**20
+logger = logging.getLogger('fineflax.benchmark')
 
 
 def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
@@ -49,6 +70,66 @@ def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
     if layer.name.startswith(_CONV5_PREFIXES):
       return f'layers[:{i}]'
   raise ValueError('mode conv5: the backbone has no conv5/block5 layer')
+
+
+@dataclasses.dataclass
+class BuiltStep:
+  """A mode's jitted step and its arguments `(state or variables, batch, data)`."""
+
+  step: Any  # jax.jit-wrapped; the train step donates its first argument
+  args: tuple[Any, ...]
+  mesh: Mesh
+  compute: Any  # the compute dtype
+  trainable_leaves: int  # 0 for forward
+
+  def compile(self, batch: int | None = None) -> Any:
+    """The compiled step, lowered on the arguments' shapes and shardings only (nothing is
+    read or donated), with the batch resized to `batch` rows when given."""
+    spec = lambda x, shape=None: jax.ShapeDtypeStruct(shape or x.shape, x.dtype,
+                                                      sharding=x.sharding)
+    first, data, extra = self.args
+    first, extra = jax.tree.map(spec, first), jax.tree.map(spec, extra)
+    data = jax.tree.map(lambda x: spec(x, (batch or x.shape[0],) + x.shape[1:]), data)
+    return self.step.lower(first, data, extra).compile()
+
+
+def build_step(backbone: str, mode: str, batch: int, image: int, dtype: str,
+               num_classes: int = 10, devices: Sequence[jax.Device] | None = None
+               ) -> BuiltStep:
+  """The step of one mode, as `fineflax.train` builds it, on a random uint8 batch, over
+  `devices` (default: all)."""
+  cfg = config_lib.default_config()
+  cfg.model.backbone = backbone
+  compute = models.compute_dtype(dtype)
+  model = models.build_model(cfg.model, num_classes, dtype=compute)
+  variables = state_lib.init_variables(model, (image, image, 3), seed=0)
+  mesh = parallel.make_mesh(devices)
+  parallel.check_batch_size(batch, mesh, '--batch')
+  rng = np.random.default_rng(0)
+  local = batch // jax.process_count()
+  host = {'image': rng.integers(0, 256, (local, image, image, 3), dtype=np.uint8),
+          'label': rng.integers(0, num_classes, local).astype(np.int32),
+          'weight': np.ones(local, np.float32)}
+  data = parallel.shard_batch(host, mesh)
+  spec = freeze_spec(mode, model.backbone.layers)
+  labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
+  if mode == 'forward':
+    return BuiltStep(step_lib.make_features_step(model, mesh),
+                     (parallel.replicate(variables, mesh), data, {}), mesh, compute, 0)
+  phase = config_lib.phase(freeze=spec)
+  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
+  state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
+  trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(labels))
+  return BuiltStep(step_lib.make_train_step(model, tx, labels, mesh), (state, data, {}),
+                   mesh, compute, trainable)
+
+
+def _header(what: str, backbone: str, mode: str, batch: int, image: int,
+            built: BuiltStep) -> dict[str, Any]:
+  device = built.mesh.devices.flat[0]
+  return {'what': what, 'backbone': backbone, 'mode': mode, 'batch': batch, 'image': image,
+          'dtype': str(np.dtype(built.compute)), 'devices': built.mesh.devices.size,
+          'platform': device.platform, 'device_kind': device.device_kind}
 
 
 def _windows(run: Callable[[int], Any], windows: int, steps: int) -> list[float]:
@@ -65,57 +146,131 @@ def _windows(run: Callable[[int], Any], windows: int, steps: int) -> list[float]
 def bench_step(backbone: str, mode: str, batch: int, image: int, dtype: str, windows: int,
                steps: int, num_classes: int = 10) -> dict[str, Any]:
   """Times the train (or features) step of one mode; returns the JSON record."""
-  cfg = config_lib.default_config()
-  cfg.model.backbone = backbone
-  compute = models.compute_dtype(dtype)
-  model = models.build_model(cfg.model, num_classes, dtype=compute)
-  variables = state_lib.init_variables(model, (image, image, 3), seed=0)
-  mesh = parallel.make_mesh()
-  parallel.check_batch_size(batch, mesh, '--batch')
-  rng = np.random.default_rng(0)
-  local = batch // jax.process_count()
-  host = {'image': rng.integers(0, 256, (local, image, image, 3), dtype=np.uint8),
-          'label': rng.integers(0, num_classes, local).astype(np.int32),
-          'weight': np.ones(local, np.float32)}
-  data = parallel.shard_batch(host, mesh)
-  labels = freeze.freeze_labels(variables['params'], freeze_spec(mode, model.backbone.layers),
-                                model.backbone.layers)
-  if mode == 'forward':
-    step = step_lib.make_features_step(model, mesh)
-    variables = parallel.replicate(variables, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(variables, data, {}).compile()
-    compile_s = time.perf_counter() - start
+  built = build_step(backbone, mode, batch, image, dtype, num_classes)
+  start = time.perf_counter()
+  compiled = built.compile()
+  compile_s = time.perf_counter() - start
+  first, data, extra = built.args
+  holder = {'first': first}
 
-    def run(n):
-      out = None
-      for _ in range(n):
-        out = compiled(variables, data, {})
-      return out
-  else:
-    phase = config_lib.phase(freeze=freeze_spec(mode, model.backbone.layers))
-    tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
-    state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
-    step = step_lib.make_train_step(model, tx, labels, mesh)
-    start = time.perf_counter()
-    compiled = step.lower(state, data, {}).compile()
-    compile_s = time.perf_counter() - start
-    holder = {'state': state}
+  def run(n):
+    out = None
+    for _ in range(n):
+      out = compiled(holder['first'], data, extra)
+      if mode != 'forward':  # the train step donated the state: carry the new one
+        holder['first'], out = out
+    return out
 
-    def run(n):
-      metrics = None
-      for _ in range(n):
-        holder['state'], metrics = compiled(holder['state'], data, {})
-      return metrics
   seconds = _windows(run, windows, steps)
   rates = [batch * steps / s for s in seconds]
-  trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(labels))
-  return {'what': 'step', 'backbone': backbone, 'mode': mode, 'batch': batch, 'image': image,
-          'dtype': str(np.dtype(compute)), 'devices': mesh.devices.size,
-          'platform': jax.devices()[0].platform, 'device_kind': jax.devices()[0].device_kind,
+  return {**_header('step', backbone, mode, batch, image, built),
           'compile_s': round(compile_s, 2), 'img_per_s': round(statistics.median(rates), 1),
           'window_img_per_s': [round(r, 1) for r in rates], 'steps_per_window': steps,
-          'trainable_leaves': 0 if mode == 'forward' else trainable}
+          'trainable_leaves': built.trainable_leaves}
+
+
+def flops(compiled: Any) -> float:
+  """XLA's FLOP count of a compiled program (one device's share under SPMD)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
+    return float(sum(a.get('flops', 0.0) for a in analysis))
+  return float(analysis['flops'])
+
+
+def step_bytes(compiled: Any) -> int:
+  """Device memory a compiled step needs: arguments + outputs + temporaries, less the
+  outputs that reuse donated arguments' buffers."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+          m.alias_size_in_bytes)
+
+
+def max_batch(memory_at: Callable[[int], int], budget: float, known: dict[int, int],
+              quantum: int = 1, max_compiles: int = 10) -> int:
+  """The largest multiple of `quantum` whose step needs at most `budget` bytes (0: none).
+
+  `memory_at(b)` compiles at batch b and returns `step_bytes`; `known` holds sizes already
+  measured (it is updated). Compiling every batch size is out of the question (ResNet50's
+  full step takes 5-13 s to compile on a 2-core CPU), and even a bisection up to 10^5
+  needs ~17 compiles. A step's memory is close to a line in the batch (a constant for the
+  parameters and optimizer state, a slope for the batch and its activations), so a line
+  through two measured sizes predicts the answer, and a compile at the prediction and one
+  at its neighbour confirm it. The line is only roughly right (XLA reuses buffers, so
+  small batches cost almost nothing extra), hence a secant search through the last two
+  compiles, kept inside the bracket [fits, does not fit], which shrinks at every compile;
+  when one end keeps moving it bisects, so it always ends.
+  """
+  def fits(b: int) -> bool:
+    if b not in known:
+      known[b] = memory_at(b)
+    return known[b] <= budget
+
+  lo, hi = 0, math.inf  # the largest batch known to fit, the smallest known not to
+  for b in list(known):
+    lo, hi = (max(lo, b), hi) if fits(b) else (lo, min(hi, b))
+  moved = []  # which end each compile moved
+  for _ in range(max_compiles):
+    if hi - lo <= quantum:
+      return lo
+    # Creeping up (or down) on a bend of the curve: every 4th compile at worst bisects.
+    stuck = len(moved) >= 4 and len(set(moved[-4:])) == 1
+    b = _next_guess(known, budget, lo, hi, quantum, bisect=stuck)
+    lo, hi, side = (b, hi, 'lo') if fits(b) else (lo, b, 'hi')
+    moved.append(side)
+  if hi - lo > quantum:
+    logger.warning('max batch: %d fits, %s does not (stopped after %d compiles)', lo, hi,
+                   max_compiles)
+  return lo
+
+
+def _next_guess(known: dict[int, int], budget: float, lo: int, hi: float, quantum: int,
+                bisect: bool) -> int:
+  """A batch strictly inside (lo, hi): on the line through the last two compiles, else
+  doubling (no upper end yet) or bisection."""
+  guess = 2 * max(lo, quantum) if hi == math.inf else (lo + hi) / 2
+  if len(known) > 1 and not bisect:
+    (b1, m1), (b2, m2) = list(known.items())[-2:]
+    if (m2 - m1) * (b2 - b1) > 0:
+      guess = b1 + (budget - m1) * (b2 - b1) / (m2 - m1)
+  b = int(min(guess, 2**40)) // quantum * quantum
+  return int(min(max(b, lo + quantum), hi - quantum))
+
+
+def cost_records(backbone: str, modes: list[str], batch: int, image: int, dtype: str,
+                 max_batch_gib: float | None = None, num_classes: int = 10,
+                 devices: Sequence[jax.Device] | None = None) -> Iterator[dict[str, Any]]:
+  """Compiles each mode's step at `batch` (and forward's, the reference) without running
+  it; yields one 'cost' record per mode, with `max_batch` when `max_batch_gib` is given."""
+  forward_flops = None
+  for mode in ['forward'] + [m for m in modes if m != 'forward']:
+    built = build_step(backbone, mode, batch, image, dtype, num_classes, devices)
+    start = time.perf_counter()
+    compiled = built.compile()
+    compile_s = time.perf_counter() - start
+    mode_flops = flops(compiled)
+    forward_flops = forward_flops or mode_flops
+    m = compiled.memory_analysis()
+    # Under SPMD the analyses describe one device's program, which sees its share of rows.
+    per_device = batch // built.mesh.devices.size
+    record = {**_header('cost', backbone, mode, batch, image, built),
+              'compile_s': round(compile_s, 2),
+              'gflop_per_image': round(mode_flops / per_device / 1e9, 4),
+              'x_forward': round(mode_flops / forward_flops, 4),
+              'temp_mb': round(m.temp_size_in_bytes / MB, 2),
+              'argument_mb': round(m.argument_size_in_bytes / MB, 2),
+              'output_mb': round(m.output_size_in_bytes / MB, 2),
+              'alias_mb': round(m.alias_size_in_bytes / MB, 2),
+              'step_mb': round(step_bytes(compiled) / MB, 2),
+              'trainable_leaves': built.trainable_leaves}
+    if max_batch_gib is not None and mode in modes:
+      known = {batch: step_bytes(compiled)}
+      record['max_batch'] = max_batch(lambda b: step_bytes(built.compile(b)),
+                                      max_batch_gib * 2**30, known,
+                                      quantum=built.mesh.devices.size)
+      record['max_batch_gib'] = max_batch_gib
+      record['max_batch_compiles'] = len(known)
+    if mode in modes:
+      yield record
 
 
 def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, source: str,
@@ -147,13 +302,30 @@ def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, sou
 
 
 def table(records: list[dict[str, Any]]) -> str:
-  """The records as a Markdown table."""
+  """The records as a Markdown table (cost records: FLOPs and memory, others: speed)."""
+  if records and records[0]['what'] == 'cost':
+    return _cost_table(records)
   rows = ['| what | backbone | mode | batch | image | dtype | devices | compile s | img/s |',
           '|---|---|---|---|---|---|---|---|---|']
   for r in records:
     rows.append(f"| {r['what']} | {r['backbone']} | {r['mode']} | {r['batch']} | "
                 f"{r['image']} | {r['dtype']} | {r['devices']} {r['device_kind']} | "
                 f"{r.get('compile_s', '')} | {r['img_per_s']:,.0f} |")
+  return '\n'.join(rows)
+
+
+def _cost_table(records: list[dict[str, Any]]) -> str:
+  budget = records[0].get('max_batch_gib')
+  extra = f' max batch ({budget:g} GiB) |' if budget is not None else ''
+  rows = ['| backbone | mode | batch | image | dtype | devices | GFLOP/image | x forward | '
+          'temp MB | argument MB | output MB | alias MB | compile s |' + extra,
+          '|---|---|---|---|---|---|---|---|---|---|---|---|---|' + ('---|' if extra else '')]
+  for r in records:
+    rows.append(f"| {r['backbone']} | {r['mode']} | {r['batch']} | {r['image']} | "
+                f"{r['dtype']} | {r['devices']} {r['device_kind']} | "
+                f"{r['gflop_per_image']:.4f} | {r['x_forward']:.3f} | {r['temp_mb']:,.1f} | "
+                f"{r['argument_mb']:,.1f} | {r['output_mb']:,.1f} | {r['alias_mb']:,.1f} | "
+                f"{r['compile_s']} |" + (f" {r['max_batch']:,} |" if extra else ''))
   return '\n'.join(rows)
 
 
@@ -171,20 +343,40 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument('--loop', action='store_true', help='time the whole training loop')
   parser.add_argument('--data', default='synthetic:50000:32', help='--loop: data source')
   parser.add_argument('--epochs', type=int, default=2, help='--loop: epochs (last reported)')
+  parser.add_argument('--cost', action='store_true',
+                      help='compile only: XLA FLOPs and memory per mode (--batch 8 is '
+                      'plenty on a CPU)')
+  parser.add_argument('--max-batch', type=float, default=None, metavar='GIB',
+                      help='compile only: the largest global batch per mode whose step '
+                      'fits in GIB GiB of device memory (implies --cost)')
   args = parser.parse_args(argv)
+  # INFO on stderr: stdout carries only the JSON lines and the table.
+  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  try:
+    runtime.check_backend()
+  except FineflaxError as e:  # ConfigError, or runtime's AcceleratorUnusedError
+    parser.exit(2, f'error: {e}\n')
+  cost = args.cost or args.max_batch is not None
+  if args.loop and cost:
+    parser.error('--loop times training; --cost/--max-batch compile only')
+  if args.max_batch is not None and args.max_batch <= 0:
+    parser.error('--max-batch takes a positive number of GiB')
   default = ','.join(MODES[1:] if args.loop else MODES)
   modes = [m for m in (args.modes or default).split(',') if m]
   unknown = sorted(set(modes) - set(MODES))
   if unknown:
     parser.error(f'unknown modes {unknown}; expected some of {list(MODES)}')
+  if cost:
+    runs = cost_records(args.backbone, modes, args.batch, args.image, args.dtype,
+                        args.max_batch)
+  elif args.loop:
+    runs = (bench_loop(args.backbone, mode, args.batch, args.image, args.dtype, args.data,
+                       args.epochs) for mode in modes)
+  else:
+    runs = (bench_step(args.backbone, mode, args.batch, args.image, args.dtype,
+                       args.windows, args.steps) for mode in modes)
   records = []
-  for mode in modes:
-    if args.loop:
-      record = bench_loop(args.backbone, mode, args.batch, args.image, args.dtype, args.data,
-                          args.epochs)
-    else:
-      record = bench_step(args.backbone, mode, args.batch, args.image, args.dtype,
-                          args.windows, args.steps)
+  for record in runs:
     print(json.dumps(record), flush=True)
     records.append(record)
   print(table(records))

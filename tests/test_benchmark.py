@@ -1,10 +1,14 @@
 """scripts/benchmark.py runs; the head-mode step leaves frozen leaves out of the update;
-bfloat16 compute stays close to float32. No test here asserts a speed."""
+the compiled steps cost what freezing promises (XLA's FLOP and memory analyses of
+ResNet50 at 224 px); --max-batch finds the largest batch that fits; the benchmark needs
+none of TensorFlow, scikit-learn, PIL or matplotlib. No test here asserts a speed."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import jax
@@ -16,6 +20,19 @@ from fineflax import config as config_lib, freeze, models, optimizers, parallel
 from fineflax import state as state_lib, step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_script():
+  """scripts/benchmark.py as a module (scripts/ is not a package)."""
+  spec = importlib.util.spec_from_file_location('fineflax_benchmark_script',
+                                                ROOT / 'scripts' / 'benchmark.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+  spec.loader.exec_module(module)
+  return module
+
+
+benchmark = _load_script()
 
 
 def _benchmark(*args):
@@ -97,20 +114,136 @@ def test_frozen_leaves_pass_through_the_step_untouched(spec):
   assert len(adam_moments) == 2 * trainable
 
 
-def test_bfloat16_loss_stays_close_to_float32():
+@pytest.fixture(scope='module')
+def resnet50_costs():
+  """The four modes of ResNet50 at 224 px, batch 8, float32, compiled once on one device
+  (the conftest's 8 virtual devices would give each device one image, where the
+  optimizer's per-step FLOPs no longer vanish next to the per-image ones)."""
+  records = benchmark.cost_records('resnet50', list(benchmark.MODES), 8, 224, 'float32',
+                                   devices=jax.devices()[:1])
+  return {r['mode']: r for r in records}
+
+
+def _conv5_stage_gflop_per_image(batch=8, image=224):
+  """XLA's FLOPs of ResNet50's conv5 stage alone (layers from conv5_block1_1_conv on,
+  inference-mode BatchNorm), on conv4_block6_out's shape, per image."""
   cfg = config_lib.default_config()
-  cfg.model.backbone = 'resnet_tiny'
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8)
-  targets = rng.integers(0, 4, 16).astype(np.int32)
-  losses = {}
-  for dtype in (jnp.float32, jnp.bfloat16):
-    model = models.build_model(cfg.model, 4, dtype=dtype)
-    variables = state_lib.init_variables(model, (32, 32, 3), seed=0)
-    logits = model.apply(variables, images)
-    assert logits.dtype == jnp.float32  # the classifier computes in float32 always
-    losses[dtype] = float(np.mean(step_lib.per_example_loss(logits, targets)[0]))
-  # bfloat16 keeps 8 bits of mantissa (a relative step of 2^-8 = 0.4%); through a dozen
-  # layers the rounding errors add up to a few of those steps, so 2% bounds them.
-  assert losses[jnp.bfloat16] != losses[jnp.float32]  # the bf16 path is really taken
-  assert losses[jnp.bfloat16] == pytest.approx(losses[jnp.float32], rel=2e-2)
+  cfg.model.backbone = 'resnet50'
+  backbone = models.build_model(cfg.model, 10).backbone
+  names = [layer.name for layer in backbone.layers]
+  start = names.index('conv5_block1_1_conv')
+  assert names[start - 1] == 'conv4_block6_out' and names[-1] == 'conv5_block3_out'
+  x = jax.ShapeDtypeStruct((batch, image, image, 3), jnp.float32)
+  variables = jax.eval_shape(backbone.init, jax.random.key(0), x)
+  conv4 = jax.eval_shape(lambda v, x: backbone.apply(v, x, stop=start), variables, x)
+  assert conv4.shape == (batch, image // 16, image // 16, 1024)
+  stage = jax.jit(lambda v, x: backbone.apply(v, x, start=start))
+  out = jax.eval_shape(lambda v, x: backbone.apply(v, x, start=start), variables, conv4)
+  assert out.shape == (batch, image // 32, image // 32, 2048)
+  return benchmark.flops(stage.lower(variables, conv4).compile()) / batch / 1e9
+
+
+def test_cost_records_describe_every_mode(resnet50_costs):
+  assert list(resnet50_costs) == list(benchmark.MODES)
+  for r in resnet50_costs.values():
+    assert r['what'] == 'cost' and r['batch'] == 8 and r['image'] == 224
+    assert r['dtype'] == 'float32' and r['devices'] == 1 and r['platform'] == 'cpu'
+    assert r['gflop_per_image'] > 0 and r['temp_mb'] > 0 and r['argument_mb'] > 0
+  assert resnet50_costs['forward']['x_forward'] == 1.0
+  # Keras' ResNet50 is ~3.9 G multiply-adds at 224 px: ~7.7 GFLOP.
+  assert 7.0 < resnet50_costs['forward']['gflop_per_image'] < 8.5
+
+
+def test_head_mode_costs_the_flops_of_the_forward_pass(resnet50_costs):
+  # The frozen backbone is not differentiated: only the head's tiny backward remains.
+  assert resnet50_costs['head']['x_forward'] <= 1.02
+
+
+def test_head_mode_needs_the_temporary_memory_of_the_forward_pass(resnet50_costs):
+  # No backbone activation is kept for a backward pass.
+  assert resnet50_costs['head']['temp_mb'] <= 1.05 * resnet50_costs['forward']['temp_mb']
+
+
+def test_full_mode_costs_three_forward_passes(resnet50_costs):
+  # The backward pass is two forwards' worth: gradients for the inputs and the weights.
+  assert 2.9 <= resnet50_costs['full']['x_forward'] <= 3.1
+
+
+def test_conv5_mode_differentiates_only_the_conv5_stage(resnet50_costs):
+  forward = resnet50_costs['forward']['gflop_per_image']
+  conv5 = resnet50_costs['conv5']['gflop_per_image']
+  stage = _conv5_stage_gflop_per_image()
+  assert 0.1 * forward < stage < 0.25 * forward  # the stage is ~1/6 of ResNet50
+  # It trains: the stage's weight gradients alone cost its forward pass again; its input
+  # gradients (all but the first layer's) nearly as much; nothing before it is touched.
+  assert forward + stage <= conv5 <= forward + 2 * stage + 0.02 * forward
+
+
+def test_max_batch_fits_and_freezing_buys_batch():
+  budget_gib = 0.05
+  one = jax.devices()[:1]
+  records = {r['mode']: r for r in benchmark.cost_records(
+      'resnet_tiny', ['head', 'full'], 8, 16, 'float32', max_batch_gib=budget_gib,
+      devices=one)}
+  head, full = records['head']['max_batch'], records['full']['max_batch']
+  assert head >= full > 8
+  built = benchmark.build_step('resnet_tiny', 'full', 8, 16, 'float32', devices=one)
+
+  def needs(batch):  # what XLA says the step needs, recomputed here independently
+    m = built.compile(batch).memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
+            m.alias_size_in_bytes)
+
+  budget = budget_gib * 2**30
+  assert needs(full) <= budget < needs(full + 1)
+  assert needs(int(full * 1.25)) > budget
+
+
+_BLOCKED = ('tensorflow', 'tensorflow_datasets', 'sklearn', 'PIL', 'matplotlib')
+_RUN_BLOCKED = textwrap.dedent(f"""
+    import runpy, sys
+
+    class Blocked:
+      def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {_BLOCKED!r}:
+          raise ImportError(f'{{name}} is not installed on a bare accelerator machine')
+        return None
+
+    sys.meta_path.insert(0, Blocked())
+    sys.argv = ['scripts/benchmark.py'] + sys.argv[1:]
+    runpy.run_path('scripts/benchmark.py', run_name='__main__')
+    loaded = sorted(m for m in sys.modules if m.split('.')[0] in {_BLOCKED!r})
+    assert not loaded, loaded
+""")
+
+
+def test_cost_and_max_batch_run_without_tensorflow_sklearn_pil_or_matplotlib(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
+             FINEFLAX_CACHE=str(tmp_path / 'cache'), HOME=str(tmp_path / 'home'),
+             XDG_CACHE_HOME=str(tmp_path / 'xdg'))
+  result = subprocess.run(
+      [sys.executable, '-c', _RUN_BLOCKED, '--cost', '--backbone', 'resnet_tiny', '--image',
+       '16', '--batch', '8', '--max-batch', '0.05', '--modes', 'head'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
+  assert [r['mode'] for r in records] == ['head']
+  assert records[0]['what'] == 'cost' and records[0]['max_batch'] > 8
+  assert '| resnet_tiny | head | 8 | 16 | float32 | 1 cpu |' in result.stdout
+  assert 'devices: backend cpu' in result.stderr  # runtime.check_backend's log line
+
+
+@pytest.mark.parametrize('error', ['ConfigError', 'AcceleratorUnusedError'])
+def test_a_failed_backend_check_exits_with_its_message(monkeypatch, capsys, error):
+  from fineflax import errors, runtime  # pylint: disable=g-import-not-at-top
+  kind = getattr(errors, error, None) or getattr(runtime, error)
+
+  def check_backend():
+    raise kind('this machine has a GPU but JAX runs on the CPU')
+
+  monkeypatch.setattr(benchmark.runtime, 'check_backend', check_backend)
+  with pytest.raises(SystemExit) as exit_info:
+    benchmark.main(['--cost', '--backbone', 'resnet_tiny'])
+  assert exit_info.value.code == 2
+  assert capsys.readouterr().err.endswith(
+      'error: this machine has a GPU but JAX runs on the CPU\n')
