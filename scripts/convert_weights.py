@@ -15,7 +15,9 @@ import os
 import orbax.checkpoint as ocp
 from absl import app, flags
 
-from fineflax import config as config_lib, models, reporting, state as state_lib, weights
+from fineflax import config as config_lib, models, weights
+from fineflax.run import reporting
+from fineflax.train import state as state_lib
 
 _BACKBONE = flags.DEFINE_enum('backbone', None, sorted(models.BACKBONES), 'Backbone name.')
 _WEIGHTS = flags.DEFINE_string('weights', None, 'A file path or a weights name (imagenet, ...).')

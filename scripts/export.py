@@ -25,8 +25,8 @@ import numpy as np
 
 from fineflax import config as config_lib
 from fineflax.errors import ConfigError
-from fineflax.freeze import path_str
-from fineflax.restore import RestoredRun, load_run
+from fineflax.pytree import path_str
+from fineflax.run.restore import RestoredRun, load_run
 
 FORMATS = ('.npz', '.safetensors')
 NPZ_METADATA_KEY = '__metadata__'

@@ -56,7 +56,8 @@ def main(config_arg: str, workdir: str, port: int) -> None:
   jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=1,
                              process_id=0, coordinator_bind_address=f'127.0.0.1:{port}')
   # pylint: disable=g-import-not-at-top
-  from fineflax import data, reporting, train
+  from fineflax import data, train
+  from fineflax.run import reporting
   from fineflax.data import dataset
   # pylint: enable=g-import-not-at-top
   reporting.setup_logging()

@@ -5,9 +5,12 @@ import hashlib
 import jax
 import ml_collections
 
-from fineflax import config as config_lib, data, models, parallel, state as state_lib
-from fineflax import step as step_lib, train
-from fineflax.evaluate import evaluate
+from fineflax import config as config_lib, data, models
+from fineflax.distributed import parallel
+from fineflax.train import state as state_lib
+from fineflax import train
+from fineflax.train import step as step_lib
+from fineflax.train.step import evaluate
 
 
 def run() -> dict:

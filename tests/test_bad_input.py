@@ -18,9 +18,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fineflax import checkpoints, config as config_lib, train
+from fineflax import config as config_lib, train
+from fineflax.run import checkpoints
 from fineflax.errors import ConfigError, DataError, TrainingDivergedError
-from fineflax.reporting import MetricsLog
+from fineflax.run.reporting import MetricsLog
 from fineflax.run import RunDir
 from tests.test_train import _small_config as small_config
 

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fineflax import config as config_lib, freeze, models, optimizers, parallel
-from fineflax import state as state_lib, step as step_lib
+from fineflax import config as config_lib, models
+from fineflax.distributed import parallel
+from fineflax import pytree
+from fineflax.train import freeze, optimizers
+from fineflax.train import state as state_lib, step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,8 +103,8 @@ def test_frozen_leaves_pass_through_the_step_untouched(spec):
   train_step = step_lib.make_train_step(model, tx, labels, mesh)
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   through = _passed_through(jax.make_jaxpr(train_step)(state, batch, {}), len(leaves))
-  passed = {freeze.path_str(leaves[i][0]) for i in through}
-  params = {'params/' + freeze.path_str(p): label
+  passed = {pytree.path_str(leaves[i][0]) for i in through}
+  params = {'params/' + pytree.path_str(p): label
             for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
   frozen = {p for p, label in params.items() if label == freeze.FROZEN}
   assert frozen and frozen <= passed
@@ -235,7 +238,8 @@ def test_cost_and_max_batch_run_without_tensorflow_sklearn_pil_or_matplotlib(tmp
 
 @pytest.mark.parametrize('error', ['ConfigError', 'AcceleratorUnusedError'])
 def test_a_failed_backend_check_exits_with_its_message(monkeypatch, capsys, error):
-  from fineflax import errors, runtime  # pylint: disable=g-import-not-at-top
+  from fineflax import errors  # pylint: disable=g-import-not-at-top
+  from fineflax.distributed import runtime
   kind = getattr(errors, error, None) or getattr(runtime, error)
 
   def check_backend():

@@ -16,8 +16,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fineflax import checkpoints, config as config_lib, models, restore, state as state_lib
-from fineflax.freeze import path_str
+from fineflax import config as config_lib, models
+from fineflax.run import checkpoints, restore
+from fineflax.train import state as state_lib
+from fineflax.pytree import path_str
 from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

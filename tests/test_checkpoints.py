@@ -5,8 +5,11 @@ import jax
 import numpy as np
 import pytest
 
-from fineflax import checkpoints, config as config_lib, freeze, models, optimizers, parallel
-from fineflax import state as state_lib
+from fineflax import config as config_lib, models
+from fineflax.distributed import parallel
+from fineflax.run import checkpoints
+from fineflax.train import freeze, optimizers
+from fineflax.train import state as state_lib
 from fineflax.run import RunDir
 
 

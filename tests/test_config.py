@@ -5,7 +5,8 @@ from pathlib import Path
 import jax
 import pytest
 
-from fineflax import config as config_lib, models, parallel
+from fineflax import config as config_lib, models
+from fineflax.distributed import parallel
 from fineflax.errors import ConfigError
 
 

@@ -2,7 +2,9 @@
 now, its keys are exactly the config's keys, its errors are what validation raises, and the
 example config files and command-line overrides it shows work as it says."""
 
+import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import ml_collections
@@ -10,11 +12,24 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from fineflax import config as config_lib, config_docs
+from fineflax import config as config_lib
 from fineflax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs' / 'configs.md'
+
+
+def _load_script():
+  """scripts/config_docs.py as a module (scripts/ is not a package)."""
+  spec = importlib.util.spec_from_file_location('fineflax_config_docs_script',
+                                                ROOT / 'scripts' / 'config_docs.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+config_docs = _load_script()
 DEMO = str(ROOT / 'configs' / 'demo.py')
 
 # ml_collections loads config files with importlib's load_module (its business, not ours).
@@ -26,7 +41,7 @@ def _doc() -> str:
 
 
 def _load(*argv: str) -> ml_collections.ConfigDict:
-  """`--config` and its overrides parsed as `fineflax.cli.run` parses them: unknown keys
+  """`--config` and its overrides parsed as `fineflax.cli.common.run` parses them: unknown keys
   refused first, then ml_collections' config flag on the same arguments."""
   argv = ['prog', *argv]
   config_lib.check_override_flags(argv[1:])
@@ -64,7 +79,7 @@ def _python_examples(text):
 
 def test_generated_part_is_current():
   assert config_docs.generated() in _doc(), (
-      'docs/configs.md is stale: run python -m fineflax.config_docs --write')
+      'docs/configs.md is stale: run python scripts/config_docs.py --write')
 
 
 def test_write_replaces_only_the_generated_part(tmp_path):

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fineflax import config as config_lib, summary, train
+from fineflax import config as config_lib, train
+from fineflax.train import summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fineflax import config as config_lib, data, models, parallel, state as state_lib
-from fineflax import step as step_lib
+from fineflax import config as config_lib, data, models
+from fineflax.distributed import parallel
+from fineflax.train import state as state_lib
+from fineflax.train import step as step_lib
 from fineflax.data import feed
 from fineflax.errors import ConfigError, DataError
-from fineflax.evaluate import evaluate
+from fineflax.train.step import evaluate
 
 
 def _data_config(source, **kw):

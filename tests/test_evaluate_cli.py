@@ -18,7 +18,10 @@ import optax
 import pytest
 from PIL import Image
 
-from fineflax import checkpoints, data, evaluate, predict, restore
+from fineflax import data, models
+from fineflax.cli import predict as cli_predict
+from fineflax.inference import evaluate, predict
+from fineflax.run import checkpoints, restore
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
 
@@ -50,7 +53,7 @@ def test_load_run_best_latest_and_a_step(run_dir):
   assert latest.checkpoint_dir == RunDir(run_dir).latest / '4'
   assert latest.class_names == tuple(str(d) for d in range(10))
   assert latest.image_shape == (8, 8, 3)
-  expected = restore.abstract_variables(latest.model, latest.image_shape)
+  expected = models.abstract_variables(latest.model, latest.image_shape)
   assert jax.tree.structure(latest.variables) == jax.tree.structure(expected)
   assert {x.dtype for x in jax.tree.leaves(latest.variables)} == {np.dtype('float32')}
 
@@ -185,7 +188,7 @@ def test_predict_workdir_prints_the_run_s_classes(run_dir, tmp_path, capsys):
     probs = [p for _, p in ranked]
     assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
 
-  predict.main(None, paths, 2, workdir=str(run_dir))
+  cli_predict.predict(None, paths, 2, workdir=str(run_dir))
   lines = capsys.readouterr().out.splitlines()
   assert [line.split(':')[0] for line in lines] == paths
   for line in lines:
@@ -193,7 +196,7 @@ def test_predict_workdir_prints_the_run_s_classes(run_dir, tmp_path, capsys):
     assert {first, second} <= set(str(d) for d in range(10)) and first != second
     assert float(p1) >= float(p2) > 0
   with pytest.raises(ConfigError, match='exactly one of --config'):
-    predict.main(None, paths, 2)
+    cli_predict.predict(None, paths, 2)
 
 
 def test_evaluate_command_line(run_dir, tmp_path):

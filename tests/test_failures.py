@@ -23,9 +23,12 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from fineflax import checkpoints, config as config_lib, freeze, models, optimizers, parallel
-from fineflax import state as state_lib
-from fineflax.reporting import MetricsLog
+from fineflax import config as config_lib, models
+from fineflax.distributed import parallel
+from fineflax.run import checkpoints
+from fineflax.train import freeze, optimizers
+from fineflax.train import state as state_lib
+from fineflax.run.reporting import MetricsLog
 from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

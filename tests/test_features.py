@@ -8,7 +8,7 @@ import pytest
 
 from fineflax import config as config_lib, data, train
 from fineflax.errors import ConfigError
-from fineflax.reporting import MetricsLog
+from fineflax.run.reporting import MetricsLog
 from tests.test_train import _small_config as small_config
 
 
@@ -103,7 +103,8 @@ def test_class_weights_balanced_and_explicit():
 def test_class_weights_scale_each_examples_loss():
   """Keras' class_weight: loss_i x w[label_i], averaged over the examples (not over the
   weights); accuracy unweighted."""
-  from fineflax import freeze, optimizers, parallel, step as step_lib  # pylint: disable=g-import-not-at-top
+  from fineflax.distributed import parallel  # pylint: disable=g-import-not-at-top
+  from fineflax.train import freeze, optimizers, step as step_lib
   from tests import test_step  # pylint: disable=g-import-not-at-top
   model, labels, mesh, state, _ = test_step._setup('backbone', dropout=0.0)
   tx = freeze.partition_optimizer(

@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from fineflax import config as config_lib, freeze, models, summary
+from fineflax import config as config_lib, models
+from fineflax.train import freeze, summary
 
 
 def _keras_counts(model):

@@ -15,12 +15,13 @@ import pytest
 from PIL import Image
 
 import fineflax
-from fineflax import data, evaluate, predict
+from fineflax import data
+from fineflax.inference import evaluate, predict
 from fineflax.errors import ConfigError
 from tests.test_checkpoint_layout import moved_run
 
 ROOT = Path(__file__).resolve().parents[1]
-# A run written by fineflax 38cfa14 (layout 1: checkpoints/<step>/, no config.json) with
+# A run written by an early fineflax (layout 1: checkpoints/<step>/, no config.json) with
 # `python -m fineflax.train --config configs/demo.py:smoke`; only its last step is kept.
 RUN_V1 = ROOT / 'tests' / 'data' / 'run_v1'
 # The same rows through other batch sizes and device counts: float32 rounding only.
@@ -112,7 +113,7 @@ def test_predict_fn_takes_one_image_and_any_size(run_copy, tmp_path):
 def test_a_run_of_the_first_layout_opens_with_its_config():
   sys.path.insert(0, str(ROOT))
   from configs import demo  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ConfigError, match=r'run_v1 is a run of fineflax 38cfa14 or before'):
+  with pytest.raises(ConfigError, match=r'run_v1 is a layout-1 run of an early fineflax'):
     fineflax.load_run(RUN_V1)
   run = fineflax.load_run(RUN_V1, 'latest', config=demo.get_config('smoke'))
   assert (run.step, run.label, run.meta['phase']) == (4, 'latest', 'finetune')

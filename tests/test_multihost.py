@@ -17,8 +17,9 @@ import jax
 import numpy as np
 import pytest
 
-from fineflax import checkpoints, distributed, restore
-from fineflax.reporting import MetricsLog
+from fineflax import distributed
+from fineflax.run import checkpoints, restore
+from fineflax.run.reporting import MetricsLog
 from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]

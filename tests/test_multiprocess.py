@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fineflax.reporting import MetricsLog
+from fineflax.run.reporting import MetricsLog
 from tests import multiprocess_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from fineflax import config as config_lib, freeze, optimizers
+from fineflax import config as config_lib
+from fineflax.train import freeze, optimizers
 from fineflax.errors import ConfigError
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fineflax import plots, progress, tensorboard
+from fineflax.run import plots, progress, tensorboard
 
 
 # --- TensorBoard -------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def test_second_writer_opens_a_new_file(tmp_path):
 
 
 def test_importing_tensorboard_module_does_not_import_tensorflow():
-  code = ('import sys, fineflax.tensorboard; '
+  code = ('import sys, fineflax.run.tensorboard; '
           "print(sorted(m for m in sys.modules if m.split('.')[0] in "
           "('tensorflow', 'tensorboard')))")
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,

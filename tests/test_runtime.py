@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import pytest
 
-from fineflax import runtime
+from fineflax.distributed import runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fineflax import config as config_lib, data, freeze, models, optimizers, parallel
-from fineflax import state as state_lib, step as step_lib
+from fineflax import config as config_lib, data, models
+from fineflax.distributed import parallel
+from fineflax import pytree
+from fineflax.train import freeze, optimizers
+from fineflax.train import state as state_lib, step as step_lib
 from fineflax.data.augment import Augment
 
 IMAGE = (16, 16, 3)
@@ -60,7 +63,7 @@ def _pairs(before, after, labels=None):
   flat_b = jax.tree_util.tree_flatten_with_path(before)[0]
   flat_a = jax.tree.leaves(after)
   flat_l = jax.tree.leaves(labels) if labels is not None else [None] * len(flat_a)
-  return [(freeze.path_str(p), b, a, l) for (p, b), a, l in zip(flat_b, flat_a, flat_l)]
+  return [(pytree.path_str(p), b, a, l) for (p, b), a, l in zip(flat_b, flat_a, flat_l)]
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -157,7 +160,7 @@ def test_eval_counts_every_example_once():
   n = 37  # two full batches of 16 and one of 5 padded to 16
   split = data.Split(rng.integers(0, 256, (n,) + IMAGE, dtype=np.uint8),
                      rng.integers(0, 4, n).astype(np.int32))
-  from fineflax.evaluate import evaluate  # pylint: disable=g-import-not-at-top
+  from fineflax.train.step import evaluate  # pylint: disable=g-import-not-at-top
   got = evaluate(eval_step, state.variables, split, BATCH, mesh)
   assert got['count'] == n
   logits = model.apply(jax.device_get(state.variables), split.images)

@@ -12,10 +12,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fineflax import checkpoints, config as config_lib, preemption, train
+from fineflax import config as config_lib, train
+from fineflax.distributed import preemption
+from fineflax.run import checkpoints
 from fineflax.errors import ConfigError
-from fineflax.preemption import sigterm_flag
-from fineflax.reporting import MetricsLog
+from fineflax.distributed.preemption import sigterm_flag
+from fineflax.run.reporting import MetricsLog
 from fineflax.run import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +130,7 @@ def test_cli_rejects_bad_keys_before_running(tmp_path):
 
 
 def test_summary_cli(tmp_path):
-  from fineflax import summary  # pylint: disable=g-import-not-at-top
+  from fineflax.train import summary  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, str(ROOT))
   from configs import demo  # pylint: disable=g-import-not-at-top
   expected, _ = summary.summarize_config(demo.get_config(), phase=1)
@@ -279,8 +281,8 @@ def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
     run.ckpts.close()
   assert 'initialised (not in the file): head/dense, head/dense_1' in caplog.text
   assert 'dense: params head/dense/kernel: the file has shape (512, 10)' in caplog.text
-  saved = ocp.StandardCheckpointer().restore(
-      checkpoints.params_source(tmp_path / 'source'))
+  [best] = (RunDir(tmp_path / 'source').best).iterdir()  # init_from takes the best step
+  saved = ocp.StandardCheckpointer().restore(best / 'state')
   for collection in ('params', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(saved[collection]['backbone']),
                     jax.tree.leaves(variables[collection]['backbone']), strict=True):

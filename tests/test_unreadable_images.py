@@ -19,8 +19,8 @@ import pytest
 from PIL import Image
 
 from fineflax import config as config_lib, train
-from fineflax.evaluate import evaluate_run
-from fineflax.reporting import MetricsLog
+from fineflax.inference.evaluate import evaluate_run
+from fineflax.run.reporting import MetricsLog
 
 CLASSES = ('a', 'b', 'c')
 BATCH = 8

@@ -7,7 +7,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from fineflax import config as config_lib, models, predict, state as state_lib, train, weights
+from fineflax import config as config_lib, models, train, weights
+from fineflax.inference import predict
+from fineflax.train import state as state_lib
 from fineflax.weights import files
 
 # name: (Keras class, input side for the test, Keras preprocess module)

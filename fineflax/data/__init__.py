@@ -13,10 +13,11 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from fineflax.data import digits, folder, synthetic, tfds_source
-from fineflax.data.augment import Augment
+from fineflax.data.augment import FILL_MODES, FLIPS, Augment
 from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, class_weights,
                                    eval_batches, gather, num_batches, read_split, share,
                                    shared_split, train_batches)
+from fineflax.config import registry
 from fineflax.errors import ConfigError
 
 logger = logging.getLogger('fineflax.data')
@@ -36,6 +37,21 @@ SOURCES: dict[str, Source] = {
     'tfds': Source(tfds_source.info, tfds_source.load),
 }
 
+
+
+def _check_source(spec: str) -> str | None:
+  name, _, arg = spec.partition(':')
+  if name not in SOURCES:
+    return f'unknown source {name!r}; expected one of {sorted(SOURCES)}'
+  argument = {'tfds': 'NAME', 'folder': 'PATH', 'synthetic': 'N:SIDE'}
+  if name in argument and not arg:
+    return f"expected '{name}:{argument[name]}'"
+  return None
+
+
+registry.register_check('data.source', _check_source)
+registry.register_choices('data.augment.flip', FLIPS)
+registry.register_choices('data.augment.fill_mode', FILL_MODES)
 
 def _source(spec: str) -> Source:
   name = spec.split(':', 1)[0]

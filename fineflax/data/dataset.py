@@ -41,7 +41,7 @@ class Split:
   whole split, `largest_share` the largest process's share (what sizes an epoch, so that
   no process runs out of batches before the others), `skipped` the files of the split that
   could not be read. With one process they default to the share's own. A split of cached
-  features (`fineflax.features`) holds (n, D) float vectors instead of images.
+  features (`fineflax.train.features`) holds (n, D) float vectors instead of images.
   """
 
   images: np.ndarray

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 from jax.sharding import Mesh
 
-from fineflax import parallel
+from fineflax.distributed import parallel
 from fineflax.data.dataset import Batch, Split, gather
 
 logger = logging.getLogger('fineflax.data')

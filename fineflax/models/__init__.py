@@ -8,9 +8,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from fineflax.config import registry
 from fineflax.errors import ConfigError
 from fineflax.models import heads, resnet, vgg, xception
-from fineflax.models.classifier import Classifier
+from fineflax.models.classifier import Classifier, abstract_variables
 from fineflax.models.graph import KerasGraph, Layer
 from fineflax.models.heads import head_layers
 
@@ -43,6 +44,7 @@ BACKBONES: dict[str, BackboneSpec] = {
                                 'Keras ResNet v1 layout, one block per stage, 1/4 width'),
 }
 
+registry.register_choices('model.backbone', lambda: BACKBONES)
 
 def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
                 bn_axis_name: str | None = None) -> Classifier:
@@ -92,5 +94,6 @@ def from_config(config: Any, class_names: tuple[str, ...]) -> Classifier:
                      compute_dtype(config.dtype), bn_axis_name='batch')
 
 
-__all__ = ['BACKBONES', 'BackboneSpec', 'Classifier', 'KerasGraph', 'Layer', 'build_model',
+__all__ = ['BACKBONES', 'BackboneSpec', 'Classifier', 'KerasGraph', 'Layer', 'abstract_variables',
+           'build_model',
            'compute_dtype', 'from_config', 'head_layers', 'resolve_num_classes']

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from fineflax.models import preprocessing
 from fineflax.models.graph import KerasGraph, Layer
@@ -74,3 +77,11 @@ class Classifier(nn.Module):
 def _under(paths: frozenset[str], group: str) -> frozenset[str]:
   prefix = group + '/'
   return frozenset(p[len(prefix):] for p in paths if p.startswith(prefix))
+
+
+def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of `model` for uint8 images of `image_shape`, as shapes and
+  dtypes only: a trace of `model.init`, no compilation, no FLOPs."""
+  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
+  tree = jax.eval_shape(model.init, jax.random.key(0), images)
+  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 # Keras defaults, so that `model.init` starts where Keras' `weights=None` does (runs draw
-# the same distributions on the host: `fineflax.state.init_variables`).
+# the same distributions on the host: `fineflax.train.state.init_variables`).
 KERNEL_INIT = nn.initializers.glorot_uniform()
 BN_MOMENTUM = 0.99
 

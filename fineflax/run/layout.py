@@ -9,7 +9,7 @@
     DIR/checkpoints/latest/<step>/   the last saves, for resuming
     DIR/checkpoints/best/<step>/     the best save by config.checkpoint.monitor
     DIR/checkpoints/phase_best/<step>/  the best epoch of a restore_best phase
-    DIR/checkpoints/<step>/          runs of fineflax 38cfa14 and before (read only)
+    DIR/checkpoints/<step>/          layout-1 runs of an early fineflax (read only)
     DIR/features/<role>.npy          cached features memory-mapped from disk
     DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
 """

@@ -8,13 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from fineflax.config import registry
 from fineflax.errors import ConfigError
 from fineflax.models import Classifier
 from fineflax.weights.assign import LoadReport, assign
 from fineflax.weights.download import (ChecksumError, WeightsUnavailableError, cache_dir,
                                        fetch)
-from fineflax.weights.files import (SUFFIXES, WeightFileError, read_fineflax_checkpoint,
-                                    read_weight_file)
+from fineflax.weights.files import (SUFFIXES, WeightFileError, read_variable_tree,
+                                    read_weight_file, variable_tree_layers)
 from fineflax.weights.sources import SOURCES, Source, WeightFile, named_source, names_for
 
 
@@ -63,22 +64,25 @@ def load_pretrained(model_config: Any, model: Classifier, variables: dict[str, A
                 head_is_top=include_top, unused_keys=unused)
 
 
-def load_run(path: str, model: Classifier,
-             variables: dict[str, Any]) -> tuple[dict[str, Any], LoadReport]:
-  """`variables` with the parameters of another run (`config.init_from`) in place.
+def load_variables(tree: dict[str, Any], model: Classifier, variables: dict[str, Any],
+                   source: str) -> tuple[dict[str, Any], LoadReport]:
+  """`variables` with the layers of a tree of fineflax variables (`read_variable_tree`:
+  another run's, for `config.init_from`) in place, and what was done.
 
   Layers are matched by name; a head layer of another shape (a new number of classes) is
   initialised and reported, a backbone of another kind is an error.
   """
-  from fineflax import checkpoints  # pylint: disable=g-import-not-at-top
-  source = checkpoints.params_source(path)
   groups = model.layer_groups()
-  layers, unused = read_fineflax_checkpoint(source, groups)
-  return assign(variables, groups, layers, by_order=False, source=f'init_from {source}',
-                head_is_top=True, unused_keys=unused)
+  layers, unused = variable_tree_layers(tree, groups, source)
+  return assign(variables, groups, layers, by_order=False, source=source, head_is_top=True,
+                unused_keys=unused)
 
+
+
+registry.register_config_check(
+    'weights', lambda config: check_spec(config.model.get('weights'), config.model.backbone))
 
 __all__ = ['ChecksumError', 'LoadReport', 'SOURCES', 'Source', 'WeightFile', 'WeightFileError',
            'WeightsUnavailableError', 'assign', 'cache_dir', 'check_spec', 'fetch',
-           'load_pretrained', 'load_run', 'named_source', 'names_for', 'read_weight_file',
-           'resolve']
+           'load_pretrained', 'load_variables', 'named_source', 'names_for',
+           'read_variable_tree', 'read_weight_file', 'resolve']

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 from typing import BinaryIO
 
-from fineflax import runtime
+from fineflax.distributed import runtime
 from fineflax.weights.files import WeightFileError
 from fineflax.weights.sources import WeightFile
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -135,20 +135,43 @@ def torch_resnet_layers(state: dict[str, np.ndarray],
   return out, unused
 
 
-def read_fineflax_checkpoint(path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
-                             ) -> tuple[FileLayers, list[str]]:
-  """The layers of an Orbax checkpoint of fineflax variables (`scripts/convert_weights.py`:
-  {'params': {group: {layer: ...}}, 'batch_stats': ...}) in Keras weight order, and the
-  head layers the model has no place for.
+def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of an Orbax PyTree folder of fineflax variables: a
+  checkpoint's `<step>/state`, or what `scripts/convert_weights.py` writes. The arrays come
+  to this process's first device whatever mesh they were saved from; an optimizer state
+  and step saved beside them are not read. The one reader of saved variables: `load_run`,
+  `init_from` and `config.model.weights` all read through it.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  path = Path(path).absolute()  # through a relative path Orbax finds no tree metadata
+  checkpointer = ocp.PyTreeCheckpointer()
+  try:
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = getattr(tree, 'tree', tree)
+    wanted = {k: tree[k] for k in ('params', 'batch_stats') if tree.get(k)}
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          wanted)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+  except Exception as e:  # Orbax raises a variety of errors for a foreign directory
+    raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
+  return {k: restored.get(k, {}) for k in ('params', 'batch_stats')}
+
+
+def variable_tree_layers(tree: Mapping[str, Any], layer_groups: Mapping[str, Sequence[Layer]],
+                         source: str) -> tuple[FileLayers, list[str]]:
+  """The layers of a tree of fineflax variables ({'params': {group: {layer: ...}},
+  'batch_stats': ...}) in Keras weight order, and the head layers the model has no place
+  for.
 
   Backbone layers the model lacks come back with no arrays, so that loading them fails as
   a file of another backbone.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  try:
-    tree = ocp.StandardCheckpointer().restore(os.path.abspath(path))
-  except Exception as e:  # Orbax raises a variety of errors for a foreign directory
-    raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
+  path = source
   params, stats = tree.get('params', {}), tree.get('batch_stats', {})
   kinds = {(g, l.name): l.kind for g, layers in layer_groups.items() for l in layers}
   out, unused = [], []
@@ -186,7 +209,7 @@ def read_weight_file(path: str | os.PathLike, layer_groups: Mapping[str, Sequenc
   """
   path = Path(path)
   if path.is_dir():
-    layers, unused = read_fineflax_checkpoint(path, layer_groups)
+    layers, unused = variable_tree_layers(read_variable_tree(path), layer_groups, str(path))
     return layers, unused, False
   if not path.is_file():
     raise WeightFileError(f'weight file {path} does not exist')

@@ -2,7 +2,7 @@
 
 `fineflax.train` sets a run up (`Run`) and calls `train_phase` for each phase. A phase
 trains on the images, or, when it trains only the head on images that are not augmented,
-on features cached once at its start (`fineflax.features`).
+on features cached once at its start (`fineflax.train.features`).
 """
 
 from __future__ import annotations
@@ -20,13 +20,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from fineflax import checkpoints, data, features, freeze, models, optimizers, plots, progress
-from fineflax import parallel, reporting, state as state_lib, step as step_lib, summary, tensorboard
+from fineflax import data, models
+from fineflax.run import checkpoints, plots, progress
+from fineflax.train import features
+from fineflax.distributed import parallel
+from fineflax.run import reporting, tensorboard
+from fineflax.train import state as state_lib, step as step_lib, summary
 from fineflax.data import feed
-from fineflax.early_stopping import EarlyStopping
-from fineflax.evaluate import evaluate
+from fineflax.train.early_stopping import EarlyStopping
+from fineflax.train.plan import PhasePlan
+from fineflax.train.step import evaluate
 from fineflax.errors import TrainingDivergedError
-from fineflax.preemption import Preempted, StopRequest
+from fineflax.distributed.preemption import Preempted, StopRequest
 from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.train')
@@ -74,7 +79,7 @@ class Run:
   images: Feed
   model: models.Classifier
   mesh: Mesh
-  plans: list[freeze.Labels]
+  plans: list[PhasePlan]
   augment: data.Augment
   ckpts: checkpoints.RunCheckpoints
   metrics_log: reporting.MetricsLog
@@ -94,23 +99,18 @@ class Run:
                     self.mesh, on.resident[role])
 
 
-def phase_augment(run: Run, index: int) -> data.Augment:
-  """The augmentations of a phase's training images (none with `augment=False`)."""
-  return run.augment if run.config.phases[index].augment else data.Augment()
-
-
-def phase_feed(run: Run, index: int, state: state_lib.TrainState) -> Feed:
+def phase_feed(run: Run, phase: PhasePlan, state: state_lib.TrainState) -> Feed:
   """The images, or the features of the phase's starting parameters when it can use them."""
   cfg = run.config
   mode = cfg.features.cache
   if mode == 'off':
     return run.images
-  reason = features.ineligible_reason(run.plans[index], phase_augment(run, index))
+  reason = features.ineligible_reason(phase.labels, phase.augment)
   if reason:
     # Said at INFO only where the head alone trains: there the reason is news.
     level = logging.DEBUG if reason == features.TRAINS_BACKBONE else logging.INFO
-    logger.log(level, '[%s] trains on the images (no cached features: %s)',
-               cfg.phases[index].name, reason)
+    logger.log(level, '[%s] trains on the images (no cached features: %s)', phase.name,
+               reason)
     return run.images
   start = time.perf_counter()
   width = features.feature_width(run.model, run.dataset.info.image_shape)
@@ -121,7 +121,7 @@ def phase_feed(run: Run, index: int, state: state_lib.TrainState) -> Feed:
       mode, cfg.features.memory_mb, run.workdir, extract, state.variables, roles,
       width, run.eval_batch_size, run.mesh, run.images.resident)
   logger.info('[%s] trains the head on cached features (%.1f s to compute them)',
-              cfg.phases[index].name, time.perf_counter() - start)
+              phase.name, time.perf_counter() - start)
   resident = feed.place_splits(splits, run.mesh, cfg.data.device_resident and in_memory,
                                cfg.data.device_resident_max_mb)
   eval_step = step_lib.make_eval_step(run.model, run.mesh, on_features=True,
@@ -209,31 +209,28 @@ def _check_finite(run: Run, state: state_lib.TrainState, totals: dict[str, float
       'the same command again.')
 
 
-def phase_state(run: Run, index: int, previous: state_lib.TrainState | None,
-                variables: dict[str, Any], tx: Any,
-                resume: dict[str, Any] | None) -> state_lib.TrainState:
+def start_state(run: Run, phase: PhasePlan, previous: state_lib.TrainState | None,
+                variables: dict[str, Any], resume: dict[str, Any] | None
+                ) -> state_lib.TrainState:
   """The phase's starting state: a new optimizer over the parameters so far (what Keras'
-  re-`compile` does), or the checkpoint it resumes from."""
-  labels = run.plans[index]
+  re-`compile` does), or, for the phase a run resumes in, its checkpoint."""
   start = variables if previous is None else previous.variables
   step = 0 if previous is None else int(previous.step)
-  state = parallel.replicate(state_lib.create_train_state(start, tx, labels, step), run.mesh)
-  if resume and index == resume['phase_index']:
+  state = parallel.replicate(state_lib.create_train_state(start, phase.tx, phase.labels, step),
+                             run.mesh)
+  if resume and phase.index == resume['phase_index']:
     state = run.ckpts.latest.restore(resume['step'], state)
   return state
 
 
-def _compile_train_step(run: Run, index: int, tx: Any, state: state_lib.TrainState,
-                        on: Feed):
+def _compile_train_step(run: Run, phase: PhasePlan, state: state_lib.TrainState, on: Feed):
   """The phase's train step, compiled ahead of the first batch (epoch timings exclude
   compilation)."""
-  cfg, phase, labels = run.config, run.config.phases[index], run.plans[index]
-  bn_train = (freeze.bn_train_layers(labels, run.model.layer_groups())
-              if phase.batchnorm == 'train' else frozenset())
+  cfg = run.config
   train_step = step_lib.make_train_step(
-      run.model, tx, labels, run.mesh, bn_train=bn_train, seed=cfg.seed,
+      run.model, phase.tx, phase.labels, run.mesh, bn_train=phase.bn_train, seed=cfg.seed,
       label_smoothing=cfg.loss.label_smoothing,
-      augment=data.Augment() if on.on_features else phase_augment(run, index),
+      augment=data.Augment() if on.on_features else phase.augment,
       class_weights=run.class_weights, on_features=on.on_features)
   split = on.splits['train']
   first = next(feed.device_batches(split, data.train_batches(
@@ -244,11 +241,11 @@ def _compile_train_step(run: Run, index: int, tx: Any, state: state_lib.TrainSta
   return compiled
 
 
-def _log_summary(run: Run, index: int) -> None:
-  phase = run.config.phases[index]
+def _log_summary(run: Run, phase: PhasePlan) -> None:
+  spec = phase.config.freeze
   table = summary.format_summary(
-      summary.summarize(run.model, run.dataset.info.image_shape, phase.freeze),
-      f'{run.config.model.backbone} + head, phase {phase.name!r} (freeze {phase.freeze!r})')
+      summary.summarize(run.model, run.dataset.info.image_shape, spec),
+      f'{run.config.model.backbone} + head, phase {phase.name!r} (freeze {spec!r})')
   logger.info('\n%s', table)
 
 
@@ -265,14 +262,14 @@ def _report(run: Run, record: dict[str, Any]) -> None:
     plots.write_history(RunDir(run.workdir).history_png, run.metrics_log.read())
 
 
-def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Position,
-                optimizer: optimizers.Optimizer) -> state_lib.TrainState:
+def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
+                position: Position) -> state_lib.TrainState:
   """The phase's remaining epochs, with evaluation, records, checkpoints, early stopping.
 
   With `early_stopping.restore_best` the phase ends on its best epoch's parameters (kept
   in checkpoints/phase_best/, so a run resumed at the phase's end restores them too).
   """
-  cfg, phase = run.config, run.config.phases[index]
+  cfg, phase, index = run.config, plan.config, plan.index
   watcher = EarlyStopping.from_config(phase.early_stopping, position.early_stopping)
   phase_best = None
   if phase.early_stopping.restore_best:
@@ -286,10 +283,10 @@ def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Pos
   train_step = None
   while position.phase_epochs_done < phase.epochs and not watcher.should_stop:
     if train_step is None:  # not before: a phase resumed at its end trains nothing
-      _log_summary(run, index)
-      on = phase_feed(run, index, state)
+      _log_summary(run, plan)
+      on = phase_feed(run, plan, state)
       steps_per_epoch = data.num_batches(on.splits['train'], cfg.batch_size)
-      train_step = _compile_train_step(run, index, optimizer.tx, state, on)
+      train_step = _compile_train_step(run, plan, state, on)
     epoch = position.phase_epochs_done
     # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
     rng = np.random.default_rng([cfg.seed, index, epoch])
@@ -303,7 +300,7 @@ def train_phase(run: Run, index: int, state: state_lib.TrainState, position: Pos
               'loss': train['loss'], 'accuracy': train['accuracy'],
               'val_loss': val.get('loss'), 'val_accuracy': val.get('accuracy'),
               # The rate of the epoch's last update, as Keras' history reports it.
-              'learning_rate': optimizer.learning_rate((epoch + 1) * steps_per_epoch - 1),
+              'learning_rate': plan.learning_rate((epoch + 1) * steps_per_epoch - 1),
               'images_per_sec': train['count'] / train['seconds']}
     if phase.early_stopping.patience or phase_best:
       if watcher.update(record, epoch + 1) and phase_best:

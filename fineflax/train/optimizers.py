@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fineflax import config as config_lib
+from fineflax.config import registry
 from fineflax.errors import ConfigError
-from fineflax.freeze import path_str
+from fineflax.pytree import path_str
 
 # Keras' epsilon for Adam and RMSprop (optax defaults to 1e-8).
 KERAS_EPSILON = 1e-7
@@ -244,3 +246,12 @@ def check_phase(phase: Phase, prefix: str = '') -> None:
            f'[1, {epochs - 1}] (epochs={epochs})')
     if len(set(decay_epochs)) != len(decay_epochs):
       fail(f'decay_epochs={decay_epochs}: an epoch appears twice')
+
+
+def _check_phases(config: Any) -> None:
+  for i, p in enumerate(config.phases):
+    check_phase(config_lib.phase(**dict(p)), f'config.phases[{i}].')
+
+
+registry.register_choices('phases.optimizer', OPTIMIZERS)
+registry.register_config_check('optimizers', _check_phases)

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from fineflax import data, freeze, models
+from fineflax import data, models
+from fineflax.train import freeze
 from fineflax.data import feed
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
@@ -59,7 +60,7 @@ def check_forced(mode: str, plans: list[freeze.Labels], augments: list[data.Augm
 def feature_width(model: models.Classifier, image_shape: tuple[int, int, int]) -> int:
   """The length of one image's feature vector (shapes only, no computation)."""
   images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
-  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  variables = models.abstract_variables(model, image_shape)
   out = jax.eval_shape(lambda v, x: model.apply(v, x, method='features'), variables, images)
   return math.prod(out.shape[1:])
 

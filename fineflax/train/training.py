@@ -1,4 +1,5 @@
-"""Fine-tuning runs: `python -m fineflax.train --config configs/demo.py --workdir DIR`.
+"""Fine-tuning runs (`python -m fineflax.train --config configs/demo.py --workdir DIR`
+runs `train_and_evaluate`; the program is fineflax/cli/train.py).
 
 A run is the list of phases in `config.phases`. Each phase builds its freeze plan and
 optimizer and trains for its epochs, keeping the parameters of the phase before. After
@@ -11,25 +12,27 @@ ends. At the end the test split is evaluated and written to `DIR/results.json`.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import ml_collections
-import numpy as np
-from absl import flags
 
-from fineflax import checkpoints, cli, config as config_lib, data, features, freeze, models
-from fineflax import optimizers, parallel, phases, reporting, state as state_lib
-from fineflax import step as step_lib, tensorboard, weights
+from fineflax import config as config_lib, data, models
+from fineflax.run import checkpoints, restore
+from fineflax.train import features, plan
+from fineflax.distributed import parallel
+from fineflax.run import reporting
+from fineflax.train import loop as phases, state as state_lib
+from fineflax import weights
+from fineflax.run import tensorboard
+from fineflax.train import step as step_lib
 from fineflax.data import feed, preview
 from fineflax.errors import ConfigError
-from fineflax.preemption import Preempted, StopRequest, sigterm_flag
+from fineflax.distributed.preemption import StopRequest, sigterm_flag
 from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
@@ -48,21 +51,6 @@ def dataset_splits(dataset: data.Dataset,
     if name is not None:
       logger.info('%s split %r: %d examples', role, name, len(dataset.splits[name]))
   return out
-
-
-def freeze_plans(model: models.Classifier, image_shape: tuple[int, int, int],
-                 phases: Sequence[ml_collections.ConfigDict]) -> list[freeze.Labels]:
-  """The label tree of every phase, computed on shapes only: a spec that does not fit
-  the model fails here, before any training."""
-  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.uint8)
-  params = jax.eval_shape(model.init, jax.random.key(0), images)['params']
-  plans = []
-  for i, phase in enumerate(phases):
-    try:
-      plans.append(freeze.freeze_labels(params, phase.freeze, model.backbone.layers))
-    except freeze.FreezeSpecError as e:
-      raise ConfigError(f'config.phases[{i}].freeze: {e}') from None
-  return plans
 
 
 def check_monitors(config: ml_collections.ConfigDict,
@@ -91,11 +79,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   parallel.check_batch_size(config.batch_size, mesh)
   parallel.check_batch_size(config.eval_batch_size or config.batch_size, mesh,
                             'config.eval_batch_size')
-  plans = freeze_plans(model, dataset.info.image_shape, config.phases)
   augment = data.augment_from_config(config.data)
-  features.check_forced(config.features.cache, plans,
-                        [augment if p.augment else data.Augment() for p in config.phases],
-                        [p.name for p in config.phases])
+  plans = plan.plan_phases(config, model, dataset.info.image_shape, augment,
+                           data.num_batches(splits['train'], config.batch_size))
+  features.check_forced(config.features.cache, [p.labels for p in plans],
+                        [p.augment for p in plans], [p.name for p in plans])
   weighting = data.class_weights(config.loss.class_weight, splits['train'],
                                  len(dataset.info.class_names))
   workdir = Path(workdir)
@@ -117,7 +105,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
         weights.resolve(config.model.weights, config.model.backbone, config.model.include_top))
     logger.info(report.text())
   if fresh and config.init_from:
-    variables, report = weights.load_run(config.init_from, model, variables)
+    source = restore.init_from_folder(config.init_from)
+    variables, report = weights.load_variables(weights.read_variable_tree(source), model,
+                                               variables, f'init_from {source}')
     logger.info(report.text())
 
   workdir.mkdir(parents=True, exist_ok=True)
@@ -165,11 +155,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   return run, resume, variables
 
 
-def _batchnorm_layers(model: models.Classifier) -> frozenset[str]:
-  return frozenset(f'{group}/{layer.name}' for group, layers in model.layer_groups().items()
-                   for layer in layers if layer.kind == 'BatchNormalization')
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Runs (or resumes) every phase of `config` in `workdir`; returns the test metrics.
@@ -186,20 +171,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   with sigterm_flag() as stop:
     run, resume, variables = setup(config, workdir, devices, stop)
     position = phases.Position.from_meta(resume) if resume else phases.Position()
-    steps_per_epoch = data.num_batches(run.images.splits['train'], run.config.batch_size)
     state = None
     try:
-      for index, phase in enumerate(run.config.phases):
-        if resume and index < resume['phase_index']:
-          continue
-        if index != position.phase_index:  # a new phase
-          position = phases.Position(phase_index=index, epoch=position.epoch)
-        optimizer = optimizers.build_optimizer(phase, steps_per_epoch,
-                                               _batchnorm_layers(run.model))
-        tx = freeze.partition_optimizer(optimizer.tx, run.plans[index])
-        state = phases.phase_state(run, index, state, variables, tx, resume)
-        state = phases.train_phase(run, index, state, position,
-                                   dataclasses.replace(optimizer, tx=tx))
+      for phase in run.plans[position.phase_index:]:
+        if phase.index != position.phase_index:  # a new phase
+          position = phases.Position(phase_index=phase.index, epoch=position.epoch)
+        state = phases.start_state(run, phase, state, variables, resume)
+        state = phases.train_phase(run, phase, state, position)
     finally:
       run.ckpts.close()
       if run.tb is not None:
@@ -212,20 +190,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                    test_examples=test['count'])
   reporting.write_json(RunDir(run.workdir).results_json, results)
   return results
-
-
-def main(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Trains `config` in `workdir` and prints the test accuracy."""
-  try:
-    results = train_and_evaluate(config, workdir)
-  except Preempted as e:
-    logger.warning('%s', e)
-    sys.exit(143)  # 128 + SIGTERM: stopped, not finished
-  if 'test_accuracy' in results and jax.process_index() == 0:  # one line per job
-    print(f"test_accuracy: {results['test_accuracy']:.4f} "
-          f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")
-
-
-if __name__ == '__main__':
-  _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of the run (checkpoints, metrics).')
-  cli.run(lambda config: main(config, _WORKDIR.value), required=('config', 'workdir'))

@@ -21,11 +21,13 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fineflax import freeze
+from fineflax.train import freeze
 from fineflax.data import augment as augmentation
+from fineflax.data import feed
 from fineflax.data.augment import Augment
-from fineflax.parallel import AXIS
-from fineflax.state import TrainState
+from fineflax.data.dataset import Split, eval_batches
+from fineflax.distributed.parallel import AXIS
+from fineflax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]  # sums over the examples of a step: loss, correct, count
 
@@ -219,3 +221,15 @@ def summarize(sums: list[Metrics | dict[str, float]]) -> dict[str, float]:
   count = max(total_['count'], 1.0)
   return {'loss': total_['loss'] / count, 'accuracy': total_['correct'] / count,
           'count': int(round(total_['count']))}
+
+
+def evaluate(eval_step: Callable[..., Metrics], variables: dict[str, Any],
+             split: Split, batch_size: int, mesh: Mesh,
+             resident: dict[str, jax.Array] | None = None) -> dict[str, float]:
+  """Loss, accuracy and example count of `variables` on `split`.
+
+  The last batch is padded with weight-0 rows, so no example is dropped or counted twice,
+  whatever the batch size and the number of devices and processes.
+  """
+  batches = feed.device_batches(split, eval_batches(split, batch_size), mesh, resident)
+  return summarize([eval_step(variables, b, resident or {}) for b in batches])

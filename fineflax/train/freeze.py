@@ -24,7 +24,9 @@ from typing import Any, Mapping, Sequence
 import jax
 import optax
 
+from fineflax.config import registry
 from fineflax.errors import ConfigError
+from fineflax.pytree import path_str
 from fineflax.models.graph import Layer
 
 TRAINABLE = 'trainable'
@@ -37,20 +39,6 @@ Labels = Any  # the same nesting, with TRAINABLE / FROZEN leaves
 
 class FreezeSpecError(ConfigError):
   """A freeze spec that is malformed or does not fit the model."""
-
-
-def path_str(path: Sequence[Any]) -> str:
-  """'backbone/conv1_conv/kernel' for a `jax.tree_util` key path (dict keys, attribute
-  names and sequence indices alike)."""
-  parts = []
-  for k in path:
-    for attr in ('key', 'name', 'idx'):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return '/'.join(parts)
 
 
 def check_syntax(spec: str) -> None:
@@ -68,6 +56,17 @@ def check_syntax(spec: str) -> None:
   raise FreezeSpecError(
       f"freeze spec {spec!r}: expected 'none', 'backbone', 'layers[A:B]' or 'regex:PATTERN'")
 
+
+
+def _syntax_error(spec: str) -> str | None:
+  try:
+    check_syntax(spec)
+  except FreezeSpecError as e:
+    return str(e)
+  return None
+
+
+registry.register_check('phases.freeze', _syntax_error)
 
 def _frozen_predicate(spec: str, backbone_layers: Sequence[Layer]):
   """A function of a parameter path that says whether `spec` freezes it."""

@@ -11,9 +11,9 @@ arrays on this process's first device, whatever mesh the run was trained on, so 
 trained on 8 GPUs opens on a laptop.
 
 Run layouts read (docs/checkpoints.md):
-  2 (since 61d99c6): checkpoints/latest/<step>/ and checkpoints/best/<step>/, with the
+  2 (current): checkpoints/latest/<step>/ and checkpoints/best/<step>/, with the
     resolved config in DIR/config.json and the classes in DIR/dataset.json.
-  1 (38cfa14 and before): checkpoints/<step>/ only, no config.json: pass the run's config
+  1 (the earliest runs): checkpoints/<step>/ only, no config.json: pass the run's config
     (`config=`); 'best' means the newest step, as those runs kept no best checkpoint.
 """
 
@@ -27,16 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
-from fineflax import checkpoints, config as config_lib, data, models
+from fineflax import config as config_lib, data, models
+from fineflax import weights
+from fineflax.run import checkpoints
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
 
-logger = logging.getLogger('fineflax.restore')
+logger = logging.getLogger('fineflax.run.restore')
 
 KINDS = ('best', 'latest')
 
@@ -90,7 +90,7 @@ def read_config(workdir: str | os.PathLike,
   if not path.is_file() and config is not None:
     return config_lib.validate(config)
   if not path.is_file() and _v1_steps(workdir):
-    raise ConfigError(f'{workdir} is a run of fineflax 38cfa14 or before (checkpoints/<step>/, '
+    raise ConfigError(f'{workdir} is a layout-1 run of an early fineflax (checkpoints/<step>/, '
                       f'no {path.name}): pass the config it was trained with, e.g. '
                       "load_run(workdir, config=configs.demo.get_config('smoke'))")
   if not path.is_file():
@@ -156,13 +156,6 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
   return folders[checkpoint] / str(steps[checkpoint][-1]), checkpoint
 
 
-def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:
-  """{'params', 'batch_stats'} of `model` as shapes and dtypes only (no compilation)."""
-  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), np.uint8)
-  tree = jax.eval_shape(model.init, jax.random.key(0), images)
-  return {'params': tree['params'], 'batch_stats': tree.get('batch_stats', {})}
-
-
 def _check_fits(saved: Any, expected: Any, where: str) -> None:
   """CheckpointMismatchError unless `saved` has exactly the leaves, shapes and dtypes of
   `expected`; checkpoints.py's comparison, so that a resume and a restore word it alike."""
@@ -180,25 +173,31 @@ def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
   Raises:
     CheckpointMismatchError: the checkpoint holds other leaves or shapes (naming them).
   """
-  step_dir = Path(step_dir).absolute()
-  checkpointer = ocp.Checkpointer(ocp.CompositeCheckpointHandler(
-      state=ocp.PyTreeCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
-  saved = checkpointer.metadata(step_dir).item_metadata['state']
+  step_dir = Path(step_dir).absolute()  # through a relative path Orbax finds no metadata
+  saved = ocp.PyTreeCheckpointer().metadata(step_dir / 'state')
+  saved = getattr(saved, 'item_metadata', saved)
   saved = getattr(saved, 'tree', saved)
   # The optimizer state and step are left out on both sides: only these two are compared.
   wanted = {k: v for k, v in expected.items() if v}
   _check_fits({k: saved.get(k, {}) for k in wanted}, wanted, str(step_dir))
-  # A sharding of this process: the one saved names devices of the training mesh.
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                        wanted)
-  restored = checkpointer.restore(step_dir, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(
-          item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-          partial_restore=True),
-      meta=ocp.args.JsonRestore()))
-  variables = {k: restored['state'].get(k, {}) for k in expected}
-  return variables, dict(restored['meta'] or {})
+  variables = weights.read_variable_tree(step_dir / 'state')
+  meta = step_dir / 'meta' / 'metadata'
+  return variables, json.loads(meta.read_text()) if meta.is_file() else {}
+
+
+def init_from_folder(path: str | os.PathLike) -> Path:
+  """The folder of a parameter tree to start from (`config.init_from`): a run's best
+  checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint."""
+  path = Path(path).expanduser()
+  for folder in (RunDir(path).best, RunDir(path).latest):
+    if checkpoints.has_checkpoint(folder):
+      path = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+      break
+  if (path / 'state').is_dir():
+    return path / 'state'
+  if not path.is_dir():
+    raise ConfigError(f'config.init_from={str(path)!r}: no such run, checkpoint or folder')
+  return path
 
 
 def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best', *,
@@ -218,7 +217,7 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best', *,
   step_dir, label = find_checkpoint(workdir, checkpoint)
   info = read_dataset_info(workdir, config)
   model = models.from_config(config, info.class_names)
-  variables, meta = read_variables(step_dir, abstract_variables(model, info.image_shape))
+  variables, meta = read_variables(step_dir, models.abstract_variables(model, info.image_shape))
   logger.info('restored %s (step %s, %s)', step_dir, step_dir.name, label)
   return RestoredRun(model=model, variables=variables, config=config,
                      class_names=info.class_names, image_shape=info.image_shape,

@@ -33,9 +33,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from fineflax.errors import ConfigError, FineflaxError
-from fineflax.freeze import path_str
+from fineflax.pytree import path_str
 from fineflax.run import RunDir
-from fineflax.state import TrainState
 
 logger = logging.getLogger('fineflax.checkpoints')
 
@@ -139,7 +138,7 @@ class Checkpoints:
     restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return dict(restored['meta'])
 
-  def save(self, state: TrainState, meta: dict[str, Any]) -> None:
+  def save(self, state: Any, meta: dict[str, Any]) -> None:
     """Saves `state` under step `meta['step']` (asynchronously; see `wait`).
 
     Raises:
@@ -160,7 +159,7 @@ class Checkpoints:
                          f'folder already holds step {self._manager.latest_step()}')
     self._pending = step
 
-  def restore(self, step: int, target: TrainState) -> TrainState:
+  def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, with the tree structure and shardings of `target`.
 
     `target` must be the state of the checkpoint's phase (its optimizer state covers
@@ -247,21 +246,6 @@ def remove_steps_after(directory: str | os.PathLike, step: int) -> None:
       _remove(doomed)
 
 
-def params_source(path: str | os.PathLike) -> Path:
-  """The folder of a parameter tree to start from (`config.init_from`): a run's best
-  checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint."""
-  path = Path(path).expanduser()
-  for folder in (RunDir(path).best, RunDir(path).latest):
-    if has_checkpoint(folder):
-      path = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
-      break
-  if (path / 'state').is_dir():
-    return path / 'state'
-  if not path.is_dir():
-    raise ConfigError(f'config.init_from={str(path)!r}: no such run, checkpoint or folder')
-  return path
-
-
 class RunCheckpoints:
   """A run's latest/ and best/ checkpoints (see the module docstring)."""
 
@@ -280,7 +264,7 @@ class RunCheckpoints:
       return True
     return value < self.best_value if self.mode == 'min' else value > self.best_value
 
-  def save(self, state: TrainState, meta: dict[str, Any],
+  def save(self, state: Any, meta: dict[str, Any],
            record: dict[str, Any] | None = None) -> bool:
     """Saves to latest/; also to best/ when `record`'s monitored value improves on it.
 

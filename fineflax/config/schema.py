@@ -1,25 +1,21 @@
-"""Config defaults, their meaning, and validation of user configs.
+"""Every config key: its default, accepted types, meaning and value check (`SCHEMA`, and
+`PHASE_SCHEMA` for each of `config.phases`), and the configs built from them.
 
-`SCHEMA` below is the one list of config keys: `default_config()` is built from it, and
-`validate()` checks a user's config against it before anything runs, naming the key of
-any unknown key (with the nearest known one), wrong type or bad value. A config file
-starts from `default_config()`, sets what it needs, builds its phases with `phase()`, and
-ends with `finish(config, arg)` so that every config accepts the `:smoke` argument.
+A config file starts from `default_config()`, sets what it needs, builds its phases with
+`phase()`, and ends with `finish(config, arg)` (fineflax.config.smoke) so that every
+config accepts the `:smoke` argument.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import difflib
-import re
 from typing import Any, Callable, Sequence
 
 import ml_collections
 from ml_collections import config_dict
 
-from fineflax import data, freeze, models, optimizers, weights
-from fineflax.data.augment import FILL_MODES, FLIPS
+from fineflax.config.registry import value_check
 from fineflax.errors import ConfigError
 
 
@@ -55,24 +51,6 @@ def _fraction(v):
   return None if 0 <= v < 1 else 'must be in [0, 1)'
 
 
-def _freeze_spec(v):
-  try:
-    freeze.check_syntax(v)
-  except freeze.FreezeSpecError as e:
-    return str(e)
-  return None
-
-
-def _source(v):
-  name, _, arg = v.partition(':')
-  if name not in data.SOURCES:
-    return f'unknown source {name!r}; expected one of {sorted(data.SOURCES)}'
-  argument = {'tfds': 'NAME', 'folder': 'PATH', 'synthetic': 'N:SIDE'}
-  if name in argument and not arg:
-    return f"expected '{name}:{argument[name]}'"
-  return None
-
-
 def _class_weight(v):
   if isinstance(v, str):
     return None if v == 'balanced' else "expected 'balanced' or one weight per class"
@@ -91,6 +69,7 @@ def _hidden(v):
 _INT, _FLOAT, _STR, _BOOL, _SEQ = (int,), (float, int), (str,), (bool,), (tuple, list)
 METRICS = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
 
+
 SCHEMA: dict[str, Any] = {
     'seed': Field(0, _INT, 'Seed of parameter init, data order and dropout.'),
     'batch_size': Field(64, _INT, 'Global training batch size (all devices, all hosts).',
@@ -102,7 +81,7 @@ SCHEMA: dict[str, Any] = {
                    check=_choices(('auto', 'float32', 'bfloat16'))),
     'model': {
         'backbone': Field('resnet50', _STR, 'Backbone name (fineflax.models.BACKBONES).',
-                          check=_choices(lambda: models.BACKBONES)),
+                          check=value_check('model.backbone')),
         'weights': Field(None, _STR, "Pretrained weights: None (random init), 'imagenet' (the "
                          "backbone's default), a source name ('keras:imagenet', "
                          "'torchvision:IMAGENET1K_V2') or a .h5/.pth/.pt/.safetensors path.",
@@ -134,7 +113,7 @@ SCHEMA: dict[str, Any] = {
         'source': Field('digits', _STR, "'digits' (the demo's), 'tfds:NAME' "
                         "(tensorflow-datasets), 'folder:PATH' (a folder per class) or "
                         "'synthetic:N:SIDE' (random images, for benchmarks).",
-                        check=_source),
+                        check=value_check('data.source')),
         'train_split': Field('train', _STR, 'Split to train on.'),
         'val_split': Field('validation', _STR, 'Split evaluated after every epoch; None: '
                            'none.', optional=True),
@@ -158,7 +137,7 @@ SCHEMA: dict[str, Any] = {
                                         'are placed on the devices.', check=_at_least(0)),
         'augment': {
             'flip': Field('none', _STR, "Keras RandomFlip: 'horizontal', 'vertical', "
-                          "'horizontal_and_vertical' or 'none'.", check=_choices(FLIPS)),
+                          "'horizontal_and_vertical' or 'none'.", check=value_check('data.augment.flip')),
             'rotation': Field(0.0, _FLOAT, 'Keras RandomRotation factor: a fraction of a full '
                               'turn (0.1: up to 36 degrees either way).', check=_fraction),
             'zoom': Field(0.0, _FLOAT, 'Keras RandomZoom factor: zoom in or out by up to this '
@@ -169,7 +148,7 @@ SCHEMA: dict[str, Any] = {
                           'the resize (evaluation: centre crop).', optional=True,
                           check=_positive),
             'fill_mode': Field('reflect', _STR, 'What fills pixels from outside the image.',
-                               check=_choices(FILL_MODES)),
+                               check=value_check('data.augment.fill_mode')),
             'fill_value': Field(0.0, _FLOAT, "The fill with fill_mode 'constant'."),
             'mixup': Field(0.0, _FLOAT, 'Mixup alpha (Beta(alpha, alpha) weights); 0: off.',
                            check=_at_least(0)),
@@ -223,9 +202,9 @@ PHASE_SCHEMA: dict[str, Any] = {
     'name': Field('', _STR, "Phase name in logs and metrics; '': 'phase<i>'."),
     'freeze': Field('none', _STR, "What is frozen: 'none', 'backbone', 'layers[A:B]' "
                     "(Keras layer slice) or 'regex:PATTERN' (parameter paths).",
-                    check=_freeze_spec),
-    'optimizer': Field('adam', _STR, 'Optimizer (fineflax.optimizers.OPTIMIZERS).',
-                       check=_choices(optimizers.OPTIMIZERS)),
+                    check=value_check('phases.freeze')),
+    'optimizer': Field('adam', _STR, 'Optimizer (fineflax.train.optimizers.OPTIMIZERS).',
+                       check=value_check('phases.optimizer')),
     'learning_rate': Field(1e-3, _FLOAT, 'Learning rate.', check=_positive),
     'momentum': Field(0.0, _FLOAT, 'Momentum of sgd and rmsprop; 0: none.', check=_fraction),
     'nesterov': Field(False, _BOOL, 'Nesterov momentum (sgd).'),
@@ -296,273 +275,20 @@ def phase(**overrides: Any) -> ml_collections.ConfigDict:
   unknown = set(overrides) - set(PHASE_SCHEMA)
   if unknown:
     key = sorted(unknown)[0]
-    raise ConfigError(f'unknown phase key {key!r}{_suggest(key, PHASE_SCHEMA)}')
+    raise ConfigError(f'unknown phase key {key!r}{suggest(key, PHASE_SCHEMA)}')
   out = _build(PHASE_SCHEMA)
   for key, value in overrides.items():
     if isinstance(PHASE_SCHEMA[key], dict):  # a section: override its keys, keep the rest
       unknown = set(value) - set(PHASE_SCHEMA[key])
       if unknown:
         name = sorted(unknown)[0]
-        raise ConfigError(f'unknown phase key {key}.{name}{_suggest(name, PHASE_SCHEMA[key])}')
+        raise ConfigError(f'unknown phase key {key}.{name}{suggest(name, PHASE_SCHEMA[key])}')
       out[key].update(dict(value))
     else:
       out[key] = value
   return out
 
 
-def finish(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies a config file's argument: None (as written) or 'smoke'."""
-  if arg in (None, ''):
-    return config
-  if arg == 'smoke':
-    return smoke(config)
-  raise ConfigError(f"config argument {arg!r}: expected nothing or 'smoke'")
-
-
-def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The same workflow (backbone, head, phases, freeze specs), a few steps a phase.
-
-  One epoch of two batches of 16 per phase, images read and used at 32x32 at most: runs on
-  a CPU.
-  """
-  config = copy.deepcopy(config)  # keeps typed placeholders overridable from the command line
-  config.batch_size = 16
-  config.eval_batch_size = 16
-  config.data.max_examples = 32
-  if config.model.image_size is None or config.model.image_size > 32:
-    config.model.image_size = 32
-  if config.data.load_size is not None:
-    config.data.load_size = min(config.data.load_size, 32)
-  config.phases = tuple(_smoke_phase(p) for p in config.phases)
-  return config
-
-
-def _smoke_phase(p: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """One epoch at most; schedule keys that count epochs are fitted to it."""
-  values: dict[str, Any] = {'epochs': min(p.epochs, 1)}
-  if p.get('schedule') == 'step':
-    values.update(schedule='constant', decay_epochs=())
-  if p.get('warmup_epochs'):
-    values['warmup_epochs'] = 0.0
-  return _with(p, **values)
-
-
-def _with(cfg: ml_collections.ConfigDict, **values: Any) -> ml_collections.ConfigDict:
-  cfg = copy.deepcopy(cfg)
-  for key, value in values.items():
-    cfg[key] = value
-  return cfg
-
-
-def _suggest(key: str, known) -> str:
+def suggest(key: str, known) -> str:
   close = difflib.get_close_matches(key, list(known), n=1)
   return f' (did you mean {close[0]!r}?)' if close else f'; known keys: {sorted(known)}'
-
-
-def _check_value(path: str, field: Field, value: Any) -> None:
-  if value is None:
-    if field.optional:
-      return
-    raise ConfigError(f'{path}: None is not allowed ({field.help})')
-  ok_type = isinstance(value, field.types) and not (
-      isinstance(value, bool) and bool not in field.types)
-  if not ok_type:
-    names = ' or '.join(t.__name__ for t in field.types)
-    raise ConfigError(f'{path}={value!r}: expected {names}, got {type(value).__name__}')
-  if field.check is not None:
-    error = field.check(value)
-    if error:
-      raise ConfigError(f'{path}={value!r}: {error}')
-
-
-def _check_tree(path: str, schema: dict[str, Any], cfg: Any, extra: tuple[str, ...] = ()) -> None:
-  if not isinstance(cfg, (dict, ml_collections.ConfigDict)):
-    raise ConfigError(f'{path}: expected a config section, got {cfg!r}')
-  for key in cfg.keys():
-    if key not in schema and key not in extra:
-      raise ConfigError(f'unknown config key {path}.{key}{_suggest(key, schema)}')
-  for key, field in schema.items():
-    value = cfg[key] if key in cfg else (None if isinstance(field, dict) else field.default)
-    if isinstance(field, dict):
-      _check_tree(f'{path}.{key}', field, value if value is not None else {})
-    else:
-      _check_value(f'{path}.{key}', field, value)
-
-
-def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks every key and value; returns a complete, resolved copy with phase names set.
-
-  Raises:
-    ConfigError: naming the first offending key.
-  """
-  _check_tree('config', SCHEMA, config, extra=('phases',))
-  phases = config.get('phases')
-  if not isinstance(phases, (tuple, list)) or not phases:
-    raise ConfigError('config.phases: expected a non-empty tuple of phases (fineflax.config.'
-                      f'phase(...)), got {phases!r}')
-  for i, p in enumerate(phases):
-    _check_tree(f'config.phases[{i}]', PHASE_SCHEMA, p)
-    optimizers.check_phase(phase(**dict(p)), f'config.phases[{i}].')
-  weights.check_spec(config.model.get('weights'), config.model.backbone)
-  for i, p in enumerate(phases):
-    if p.get('augment') is False and config.data.augment.get('crop') is not None:
-      raise ConfigError(f'config.phases[{i}].augment=False with config.data.augment.crop set: '
-                        'a phase without augmentation cannot take random crops; drop the crop '
-                        'or augment the phase')
-  names = [p.get('name') or f'phase{i}' for i, p in enumerate(phases)]
-  if len(set(names)) != len(names):
-    raise ConfigError(f'config.phases: phase names must be unique, got {names}')
-
-  out = default_config()
-  out.update(config.copy_and_resolve_references()
-             if isinstance(config, ml_collections.ConfigDict)
-             else ml_collections.ConfigDict(config))
-  out.phases = tuple(_with(phase(**dict(p)), name=name) for p, name in zip(phases, names))
-  out.checkpoint.mode = resolve_mode(out.checkpoint.monitor, out.checkpoint.mode)
-  for p in out.phases:
-    p.early_stopping.mode = resolve_mode(p.early_stopping.monitor, p.early_stopping.mode)
-  return out
-
-
-def resolve_mode(monitor: str, mode: str) -> str:
-  """'min' or 'max' for a monitored metric ('auto': max for accuracies, as Keras')."""
-  if mode != 'auto':
-    return mode
-  return 'max' if monitor.endswith('accuracy') else 'min'
-
-
-def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The config as plain JSON-able values (what a run saves as DIR/config.json)."""
-  def plain(value):
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-      return [plain(v) for v in value]
-    return value
-  return plain(config)
-
-
-def from_dict(values: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The validated config of `to_dict`'s output (a run's DIR/config.json)."""
-  values = dict(values)
-  phases = tuple(ml_collections.ConfigDict(p) for p in values.pop('phases', ()))
-  config = ml_collections.ConfigDict(values)
-  config.phases = phases
-  return validate(config)
-
-
-# What may change when a run is resumed: how long phases last, what is reported, how
-# often it saves, where the data lives.
-_RESUMABLE_CHANGES = re.compile(
-    r'^(report\.|features\.|checkpoint\.(keep|every_steps)$|data\.(data_dir|manual_dir)$|'
-    r'phases\[\d+\]\.epochs$|eval_batch_size$|allow_config_change$)')
-
-
-def _flatten(values: Any, prefix: str = '') -> dict[str, Any]:
-  if isinstance(values, dict):
-    out = {}
-    for key, value in values.items():
-      out.update(_flatten(value, f'{prefix}.{key}' if prefix else key))
-    return out
-  if prefix == 'phases':
-    out = {}
-    for i, p in enumerate(values):
-      out.update(_flatten(p, f'phases[{i}]'))
-    return out
-  return {prefix: values}
-
-
-def changes_on_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
-  """The keys in which `config` differs from a run's saved config.json that a resume must
-  not change silently, as 'key: saved -> now' (phases appended at the end are fine)."""
-  old, new = _flatten(saved), _flatten(to_dict(config))
-  appended = len(config.phases) > len(saved.get('phases', ()))
-  out = []
-  for key in sorted(set(old) | set(new)):
-    if old.get(key) == new.get(key) or _RESUMABLE_CHANGES.match(key):
-      continue
-    phase = re.match(r'^phases\[(\d+)\]', key)
-    if appended and key not in old and phase and int(phase.group(1)) >= len(saved['phases']):
-      continue
-    out.append(f'{key}: {old.get(key, "(absent)")!r} -> {new.get(key, "(absent)")!r}')
-  return out
-
-
-_OVERRIDE = re.compile(r'^--config\.([^=]+?)(=.*)?$')
-_NONE_OVERRIDE = re.compile(r'^--config\.([^=]+)=None$')
-_PATH_PART = re.compile(r'^(\w+)(?:\[(\d+)\])?$')
-
-
-def split_none_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-  """`argv` without its `--config.KEY=None` flags, and their KEYs (`set_none` applies
-  them): ml_collections would set the string 'None', or refuse a key whose value is None."""
-  rest, keys = [], []
-  for arg in argv:
-    match = _NONE_OVERRIDE.match(arg)
-    if match:
-      keys.append(match.group(1))
-    else:
-      rest.append(arg)
-  return rest, keys
-
-
-def set_none(config: ml_collections.ConfigDict, keys: Sequence[str]) -> None:
-  """Sets each of `keys` ('data.test_split', 'phases[1].clip_norm') to None in `config`;
-  `validate` then refuses it where the key does not accept None."""
-  for key in keys:
-    node: Any = config
-    parts = key.split('.')
-    for i, part in enumerate(parts):
-      name, index = _PATH_PART.match(part).groups()
-      last = i == len(parts) - 1
-      if index is not None:
-        node = node[name][int(index)]
-        if last:
-          raise ConfigError(f'--config.{key}=None: a phase cannot be None')
-      elif last:
-        node[name] = None
-      else:
-        node = node[name]
-_PHASE_KEY = re.compile(r'^phases\[(\d+)\]\.([\w.]+)$')
-
-
-def check_override_flags(argv: Sequence[str]) -> None:
-  """Rejects `--config.KEY=...` flags whose KEY is unknown, before absl parses them.
-
-  (ml_collections would otherwise fail deep inside flag parsing with a bare KeyError.)
-  """
-  for arg in argv:
-    match = _OVERRIDE.match(arg)
-    if not match:
-      continue
-    key = match.group(1)
-    phase_key = _PHASE_KEY.match(key)
-    node: Any = SCHEMA
-    prefix, parts = 'config', key.split('.')
-    if phase_key:
-      node, parts = PHASE_SCHEMA, phase_key.group(2).split('.')
-      prefix = f'config.phases[{phase_key.group(1)}]'
-    for i, part in enumerate(parts):
-      if not isinstance(node, dict) or part not in node:
-        known = node if isinstance(node, dict) else {}
-        where = '.'.join([prefix] + parts[:i + 1])
-        raise ConfigError(f'{arg}: unknown config key {where}{_suggest(part, known)}')
-      node = node[part]
-
-
-def reference_table() -> str:
-  """The config reference as a Markdown table (docs/config_reference.md embeds it; a test
-  compares)."""
-  rows = ['| key | type | default | meaning |', '|---|---|---|---|']
-
-  def add(prefix: str, schema: dict[str, Any]) -> None:
-    for key, field in schema.items():
-      if isinstance(field, dict):
-        add(f'{prefix}{key}.', field)
-        continue
-      kind = field.types[0].__name__ + (' or None' if field.optional else '')
-      rows.append(f'| `{prefix}{key}` | {kind} | `{field.default!r}` | {field.help} |')
-
-  add('', SCHEMA)
-  add('phases[i].', PHASE_SCHEMA)
-  return '\n'.join(rows)

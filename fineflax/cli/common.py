@@ -1,6 +1,6 @@
 """What the command-line tools share: `--config` parsing, joining a multi-host job
 (`--coordinator`, `--num_processes`, `--process_id`), logging, the device check and the
-compilation cache (`fineflax.runtime`), plain error messages."""
+compilation cache (`fineflax.distributed.runtime`), plain error messages."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from fineflax import config as config_lib, distributed, reporting, runtime
+from fineflax import config as config_lib, distributed
+from fineflax.distributed import runtime
+from fineflax.run import reporting
 from fineflax.errors import ConfigError, FineflaxError
 
 logger = logging.getLogger('fineflax.cli')
@@ -25,7 +27,7 @@ def define_distributed_flags(uses_devices: bool = True) -> Callable[[], None]:
   Returns the function that joins the multi-host job with their values, logging where
   this process stands in it, then (for a tool that `uses_devices`) logs the devices,
   stops if JAX misses the machine's accelerator and sets up the compilation cache
-  (`fineflax.runtime.start`); a tool calls it first in its absl main, before it logs or
+  (`fineflax.distributed.runtime.start`); a tool calls it first in its absl main, before it logs or
   touches a device.
   """
   holders = {
@@ -62,7 +64,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
   each other's modules. Before `main` runs (and before anything touches a device) the
   process joins its multi-host job, if it is in one (`fineflax.distributed`), and, unless
   the tool computes nothing on the devices (`uses_devices=False`), checks that JAX uses
-  the machine's accelerator (`fineflax.runtime`).
+  the machine's accelerator (`fineflax.distributed.runtime`).
   """
   try:
     config_lib.check_override_flags(sys.argv[1:])

@@ -16,17 +16,23 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 _ANNOTATE_MAX_CLASSES = 20  # counts in the cells stay legible up to this many classes
 _TICK_LABEL_MAX_CLASSES = 30  # class names on the axes stay legible up to this many
 
 
-def _save_atomic(fig: Figure, path: str | os.PathLike, dpi: int = 100) -> None:
+def _figure(**kwargs: Any) -> Any:
+  # matplotlib is imported when a plot is drawn, not with the package: it takes a second
+  # and is not on every accelerator machine (scripts/benchmark.py runs without it).
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  return Figure(**kwargs)
+
+
+def _save_atomic(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
   """Renders `fig` to `path` as a PNG via a temporary file in the same directory."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   FigureCanvasAgg(fig)
   fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
   try:
@@ -72,7 +78,7 @@ def write_history(path: str | os.PathLike, records: Sequence[dict[str, Any]]) ->
     return
   epochs = np.array([float(r['epoch']) for r in records])
   starts = _phase_starts(records)
-  fig = Figure(figsize=(11, 4.2), layout='constrained')
+  fig = _figure(figsize=(11, 4.2), layout='constrained')
   for ax, metric, title in zip(fig.subplots(1, 2), ('accuracy', 'loss'),
                                ('Accuracy', 'Loss')):
     # Markers, so that a run of one epoch still shows its point.
@@ -121,7 +127,7 @@ def write_confusion(path: str | os.PathLike, matrix: np.ndarray, class_names: Se
   if jax.process_index() != 0:
     return
   side = float(np.clip(2.5 + 0.45 * n, 4.5, 16))
-  fig = Figure(figsize=(side + 1.2, side), layout='constrained')
+  fig = _figure(figsize=(side + 1.2, side), layout='constrained')
   ax = fig.subplots()
   image = ax.imshow(matrix, cmap='Blues', interpolation='nearest', vmin=0)
   fig.colorbar(image, ax=ax, shrink=0.8)

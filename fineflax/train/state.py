@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fineflax import freeze
+from fineflax.models import abstract_variables
+from fineflax.train import freeze
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -50,8 +51,7 @@ def init_variables(model: nn.Module, image_shape: tuple[int, int, int],
   with Keras' initialisers. Compiling `jit(model.init)` instead costs 8-12 s of XLA time
   on a CPU, even for a small model.
   """
-  images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
-  abstract = jax.eval_shape(model.init, jax.random.key(0), images)
+  abstract = abstract_variables(model, image_shape)
   rng = np.random.default_rng(seed)
 
   def init(path, leaf):
@@ -64,8 +64,7 @@ def init_variables(model: nn.Module, image_shape: tuple[int, int, int],
       return rng.uniform(-limit, limit, leaf.shape).astype(leaf.dtype)
     return (np.zeros if rule == 'zeros' else np.ones)(leaf.shape, leaf.dtype)
 
-  variables = jax.tree_util.tree_map_with_path(init, dict(abstract))
-  return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
+  return jax.tree_util.tree_map_with_path(init, abstract)
 
 
 def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,

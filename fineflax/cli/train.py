@@ -1,0 +1,40 @@
+"""`python -m fineflax.train --config CONFIG --workdir DIR`: trains (or resumes) a run and
+prints its test accuracy; `fineflax.train.train_and_evaluate` does the work."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import jax
+import ml_collections
+from absl import flags
+
+from fineflax.cli import common
+from fineflax.distributed.preemption import Preempted
+from fineflax.train import training
+
+logger = logging.getLogger('fineflax.train')
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Trains `config` in `workdir` and prints the test accuracy; exit status 143 after a
+  SIGTERM (saved: the same command resumes)."""
+  try:
+    results = training.train_and_evaluate(config, workdir)
+  except Preempted as e:
+    logger.warning('%s', e)
+    sys.exit(143)  # 128 + SIGTERM: stopped, not finished
+  if 'test_accuracy' in results and jax.process_index() == 0:  # one line per job
+    print(f"test_accuracy: {results['test_accuracy']:.4f} "
+          f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")
+
+
+def main() -> None:
+  """The program (also the `fineflax-train` command)."""
+  workdir = flags.DEFINE_string('workdir', None, 'Directory of the run (checkpoints, metrics).')
+  common.run(lambda config: train(config, workdir.value), required=('config', 'workdir'))
+
+
+if __name__ == '__main__':
+  main()

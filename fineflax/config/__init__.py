@@ -1,0 +1,18 @@
+"""The config layer: the schema and defaults of every key (`schema`), validation
+(`validation`), `:smoke` (`smoke`), the resume policy (`resume`), command-line overrides
+(`overrides`), the reference table (`reference`), and the checks other layers register
+(`registry`). It imports nothing of fineflax but `errors`."""
+
+from fineflax.config.overrides import check_override_flags, set_none, split_none_overrides
+from fineflax.config.reference import reference_table
+from fineflax.config.resume import changes_on_resume
+from fineflax.config.schema import (METRICS, PHASE_SCHEMA, SCHEMA, Field, default_config,
+                                    phase)
+from fineflax.config.smoke import finish, smoke
+from fineflax.config.validation import from_dict, resolve_mode, to_dict, validate
+from fineflax.errors import ConfigError
+
+__all__ = ['ConfigError', 'Field', 'METRICS', 'PHASE_SCHEMA', 'SCHEMA', 'changes_on_resume',
+           'check_override_flags', 'default_config', 'finish', 'from_dict', 'phase',
+           'reference_table', 'resolve_mode', 'set_none', 'smoke', 'split_none_overrides',
+           'to_dict', 'validate']

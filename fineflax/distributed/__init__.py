@@ -1,0 +1,12 @@
+"""Devices and hosts: the device mesh (`parallel`), joining a multi-host job (`join`,
+whose API is re-exported here), preemption, and the device check and compilation cache
+of a program's start (`runtime`)."""
+
+from fineflax.distributed.join import (AUTO_DETECTED, ENV_COORDINATOR, ENV_NUM_PROCESSES,
+                                       ENV_PROCESS_ID, HEARTBEAT_TIMEOUT_S, INIT_TIMEOUT_S,
+                                       SHUTDOWN_TIMEOUT_S, DistributedError, describe,
+                                       detected_cluster, initialize)
+
+__all__ = ['AUTO_DETECTED', 'DistributedError', 'ENV_COORDINATOR', 'ENV_NUM_PROCESSES',
+           'ENV_PROCESS_ID', 'HEARTBEAT_TIMEOUT_S', 'INIT_TIMEOUT_S', 'SHUTDOWN_TIMEOUT_S',
+           'describe', 'detected_cluster', 'initialize']

@@ -1,0 +1,215 @@
+"""Evaluation over a whole split: every example counted exactly once.
+
+`evaluate` gives a training run its loss and accuracy. `evaluate_run` opens a finished run
+and reports more on one split: top-5 accuracy, per-class accuracy, the confusion matrix:
+
+    python -m fineflax.evaluate --workdir runs/demo [--split test] [--checkpoint best]
+
+prints a table and writes `DIR/eval/<split>-<checkpoint>.json`, the confusion matrix as
+`DIR/eval/<split>-<checkpoint>-confusion.png`, and each example's logits, probabilities
+and predicted class as `DIR/eval/<split>-<checkpoint>-predictions.npz`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, PartitionSpec as P
+
+from fineflax import data
+from fineflax.distributed import parallel
+from fineflax.run import reporting, restore
+from fineflax.train import step
+from fineflax.data import augment as augmentation, feed
+from fineflax.data.augment import Augment
+from fineflax.errors import ConfigError
+from fineflax.run import RunDir
+
+logger = logging.getLogger('fineflax.evaluate')  # not __name__: '__main__' under -m
+ROLES = ('train', 'val', 'test')
+TOP_K = 5
+
+
+def make_logits_step(model: Any, mesh: Mesh, *, augment: Augment = Augment()
+                     ) -> Callable[..., dict[str, jax.Array]]:
+  """A jitted `(variables, batch) -> {'logits', 'label', 'weight'}` over the mesh.
+
+  The images are prepared as `step.make_eval_step` prepares them (no augmentation; a
+  random crop becomes the centre crop). The outputs stay sharded on the batch axis, row
+  for row with the batch, labels and weights passed through so that the rows can be
+  matched without knowing how the processes split the batch.
+  """
+
+  def logits_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    images = augmentation.prepare(batch['image'], None, augment, model.image_size, train=False)
+    logits = model.apply(variables, images, train=False).astype(jnp.float32)
+    return {'logits': logits, 'label': batch['label'], 'weight': batch['weight']}
+
+  mapped = jax.shard_map(logits_step, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
+                         out_specs=P(parallel.AXIS), check_vma=False)
+  return jax.jit(mapped)
+
+
+def _to_host(tree: Any) -> Any:
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def split_logits(logits_step: Callable[..., dict[str, jax.Array]], variables: dict[str, Any],
+                 split: data.Split, batch_size: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+  """(logits (n, outputs), labels (n,)) of every example of `split` (of every process),
+  each exactly once: the weight-0 padding rows are dropped."""
+  # Host-gathered batches: one pass gains nothing from placing the split on the devices.
+  batches = feed.device_batches(split, data.eval_batches(split, batch_size), mesh, None)
+  # Transferred once at the end, so the host never stalls the devices between batches.
+  outputs = _to_host([logits_step(variables, b) for b in batches])
+  if not outputs:
+    return np.zeros((0, 0), np.float32), np.zeros((0,), np.int32)
+  rows = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  keep = rows['weight'] > 0
+  return rows['logits'][keep], rows['label'][keep].astype(np.int32)
+
+
+def probabilities(logits: jax.Array) -> jax.Array:
+  """Class probabilities of logits: softmax, or for one logit (binary) [1 - p, p] with p
+  the sigmoid."""
+  if logits.shape[-1] == 1:  # binary: probability of class 1
+    p = jax.nn.sigmoid(logits[:, 0])
+    return jnp.stack([1 - p, p], axis=-1)
+  return jax.nn.softmax(logits)
+
+
+def predicted_classes(logits: np.ndarray) -> np.ndarray:
+  """The class each row predicts: argmax, or for one logit (binary) class 1 above logit 0,
+  as `step.per_example_loss` decides."""
+  if logits.shape[-1] == 1:
+    return (logits[:, 0] > 0).astype(np.int64)
+  return np.argmax(logits, axis=-1)
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                           label_smoothing: float = 0.0) -> dict[str, Any]:
+  """Loss, accuracy, top-5 accuracy (more than 5 outputs), per-class accuracy and counts,
+  and the confusion matrix (rows: true class, columns: predicted) of one split.
+
+  Loss and accuracy are `step.per_example_loss`'s, as in training and `evaluate`.
+  """
+  n, count = len(class_names), len(labels)
+  loss, correct = (np.asarray(x, np.float64) for x in step.per_example_loss(
+      jnp.asarray(logits), jnp.asarray(labels), label_smoothing))
+  predicted = predicted_classes(logits)
+  # An output beyond the dataset's classes (e.g. Keras' 1000-class top) fits no column.
+  inside = predicted < n
+  confusion = np.zeros((n, n), np.int64)
+  np.add.at(confusion, (labels[inside], predicted[inside]), 1)
+  examples = np.bincount(labels, minlength=n)
+  hits = np.bincount(labels, weights=correct, minlength=n)
+  report: dict[str, Any] = {
+      'examples': count,
+      'loss': float(loss.sum() / max(count, 1)),
+      'accuracy': float(correct.sum() / max(count, 1)),
+  }
+  if logits.shape[-1] > TOP_K:
+    true_logit = logits[np.arange(count), labels]
+    rank = np.sum(logits > true_logit[:, None], axis=-1)
+    report[f'top{TOP_K}_accuracy'] = float(np.mean(rank < TOP_K)) if count else float('nan')
+  report['per_class'] = [
+      {'class': name, 'examples': int(examples[i]), 'correct': int(round(hits[i])),
+       'accuracy': float(hits[i] / examples[i]) if examples[i] else None}
+      for i, name in enumerate(class_names)]
+  report['confusion_matrix'] = confusion.tolist()
+  if not inside.all():
+    report['predicted_outside_classes'] = int(np.sum(~inside))
+  return report
+
+
+def resolve_split(split: str, data_config: ml_collections.ConfigDict,
+                  available: Sequence[str]) -> str:
+  """The dataset split name of `split`: a role (train/val/test, through
+  `config.data.<role>_split`) or a split name of the dataset."""
+  name = split
+  if split in ROLES:
+    name = data_config[f'{split}_split']
+    if name is None:
+      raise ConfigError(f'--split={split}: the run has no {split} split '
+                        f'(config.data.{split}_split is None); the dataset has the splits '
+                        f'{sorted(available)}')
+  if name not in available:
+    raise ConfigError(f'--split={split}: the dataset has the splits {sorted(available)} '
+                      f'(or a role: {", ".join(ROLES)})')
+  return name
+
+
+def eval_batch_size(requested: int | None, config: ml_collections.ConfigDict,
+                    devices: int) -> int:
+  """`requested`, checked; else the run's eval batch size rounded up to a multiple of the
+  devices at hand (which need not be those the run trained on)."""
+  if requested is not None:
+    if requested <= 0 or requested % devices:
+      raise ConfigError(f'--batch_size={requested}: must be a positive multiple of the '
+                        f'{devices} devices')
+    return requested
+  size = config.eval_batch_size or config.batch_size
+  return -(-size // devices) * devices
+
+
+def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: str | int = 'best',
+                 batch_size: int | None = None, *,
+                 devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Evaluates a checkpoint of the run in `workdir` on one split and writes the report.
+
+  Args:
+    workdir: a directory `python -m fineflax.train` wrote.
+    split: a role ('train', 'val', 'test') or a split name of the run's dataset.
+    checkpoint: 'best' (else latest), 'latest' or a step number.
+    batch_size: global batch size (default: the run's eval batch size).
+    devices: devices to evaluate on (default: every device of every process).
+  Returns:
+    `classification_metrics` plus where it comes from (workdir, split, split_name,
+    checkpoint, step, checkpoint_dir, class_names) and the files written (files).
+  Raises:
+    ConfigError: no such run, checkpoint or split, or a dataset whose classes changed.
+  """
+  workdir = Path(workdir)
+  run = restore.load_run(workdir, checkpoint)
+  dataset = data.load_dataset(run.config.data)
+  if tuple(dataset.info.class_names) != tuple(run.class_names):
+    raise ConfigError(f'{workdir}: the run was trained on the classes {list(run.class_names)} '
+                      f'but its dataset now has {list(dataset.info.class_names)}')
+  name = resolve_split(split, run.config.data, list(dataset.splits))
+  mesh = parallel.make_mesh(devices)
+  size = eval_batch_size(batch_size, run.config, mesh.devices.size)
+  logits_step = make_logits_step(run.model, mesh,
+                                 augment=data.augment_from_config(run.config.data))
+  logits, labels = split_logits(logits_step, parallel.replicate(run.variables, mesh),
+                                dataset.splits[name], size, mesh)
+  report = {'workdir': str(workdir), 'split': split, 'split_name': name,
+            'checkpoint': run.label, 'step': run.step,
+            'checkpoint_dir': str(run.checkpoint_dir), 'class_names': list(run.class_names)}
+  report.update(classification_metrics(logits, labels, run.class_names,
+                                       run.config.loss.label_smoothing))
+  stem = RunDir(workdir).eval_stem(split, run.label)
+  report['files'] = {'json': str(stem) + '.json', 'confusion_png': str(stem) + '-confusion.png',
+                     'predictions': str(stem) + '-predictions.npz'}
+  if jax.process_index() == 0:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    # Rows in the order the batches came (on one process: the split's order).
+    np.savez(report['files']['predictions'], logits=logits, labels=labels,
+             probabilities=np.asarray(probabilities(jnp.asarray(logits))),
+             predicted=predicted_classes(logits))
+    from fineflax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+    plots.write_confusion(report['files']['confusion_png'],
+                          np.asarray(report['confusion_matrix']), list(run.class_names),
+                          title=f"{split} split, checkpoint {run.label} (step {run.step}): "
+                                f"accuracy {report['accuracy']:.4f}")
+  reporting.write_json(report['files']['json'], report)
+  return report

@@ -1,0 +1,5 @@
+"""`python -m fineflax.train`: the training program (fineflax/cli/train.py)."""
+
+from fineflax.cli import train
+
+train.main()
