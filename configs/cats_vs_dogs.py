@@ -1,4 +1,4 @@
-"""Xception on cats_vs_dogs: the Keras transfer-learning guide of seed 001.
+"""Xception on cats_vs_dogs: the Keras transfer-learning guide.
 
     python -m fineflax.train --config configs/cats_vs_dogs.py --workdir runs/cats_vs_dogs
     python -m fineflax.train --config configs/cats_vs_dogs.py:smoke --workdir /tmp/cvd-smoke
@@ -11,7 +11,7 @@ trains the head on the frozen base with Adam; phase 2 unfreezes the whole base a
 
 Needs, offline: the Xception `_notop` file in ~/.cache/fineflax/weights/ and cats_vs_dogs
 prepared by tensorflow-datasets (or its zip in config.data.manual_dir).
-Expected: the seed's Keras run reached 94.1% test accuracy; this config has not been run
+Expected: the guide's Keras run reached 94.1% test accuracy; this config has not been run
 on the real data in this repository yet, so no figure is claimed for it.
 """
 

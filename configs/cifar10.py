@@ -1,4 +1,5 @@
-"""ResNet50 on CIFAR-10, the workflow of seed 004 done the fineflax way.
+"""ResNet50 on CIFAR-10, the Keras workflow (frozen base, then
+conv5 fine-tuned) done the fineflax way.
 
     python -m fineflax.train --config configs/cifar10.py --workdir runs/cifar10
     python -m fineflax.train --config configs/cifar10.py:smoke --workdir /tmp/cifar10-smoke
@@ -10,7 +11,7 @@ Keras ImageNet weights; the 32x32 images are resized to 224 on the device (the h
 Needs, offline: the ResNet50 `_notop` file in ~/.cache/fineflax/weights/ and cifar10
 prepared by tensorflow-datasets (or `cifar-10-binary.tar.gz` in config.data.manual_dir);
 the error messages say where each goes.
-Expected: the seed's Keras run (32x32, conv5 fine-tuned) reached 72.5% validation
+Expected: the Keras run (32x32, conv5 fine-tuned) reached 72.5% validation
 accuracy; this config has not been run on the real data in this repository yet (no
 dataset, weights or accelerator where it is developed), so no figure is claimed for it.
 """

@@ -1,5 +1,5 @@
 """Zero-shot ImageNet-1k classification with a pretrained backbone and Keras' own top
-(seed 004's `ResNet50(include_top=True, weights='imagenet')` + `decode_predictions`).
+(Keras' `ResNet50(include_top=True, weights='imagenet')` + `decode_predictions`).
 
     python -m fineflax.predict --config configs/imagenet.py --top_k 3 elephant.jpg
     python -m fineflax.predict --config configs/imagenet.py --config.model.backbone=xception \

@@ -1,4 +1,5 @@
-"""ResNet50 trained from scratch on CIFAR-10 at 32x32: seed 004's `weights=None` run.
+"""ResNet50 trained from scratch on CIFAR-10 at 32x32: the `weights=None` run of the
+ResNet50-on-CIFAR-10 Keras workflow.
 
     python -m fineflax.train --config configs/scratch.py --workdir runs/scratch
     python -m fineflax.train --config configs/scratch.py:smoke --workdir /tmp/scratch-smoke
@@ -10,7 +11,7 @@ seed kept `training=False` for BatchNorm even here, so BN stays frozen at its in
 statistics; `--config.phases[0].batchnorm=train` trains it the usual way instead.
 
 Needs, offline: cifar10 prepared by tensorflow-datasets (no weight file).
-Expected: the seed's Keras run reached 70.2% val accuracy after 12 epochs; this config has
+Expected: that Keras run reached 70.2% val accuracy after 12 epochs; this config has
 not been run on the real data in this repository, so no figure is claimed for it.
 """
 

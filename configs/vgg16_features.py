@@ -1,13 +1,14 @@
-"""VGG16 on the small cats-vs-dogs set: seed 002's three steps as three phases.
+"""VGG16 on the small cats-vs-dogs set: Deep Learning with Python's
+three steps (feature extraction, augmentation, fine-tuning) as three phases.
 
     python -m fineflax.train --config configs/vgg16_features.py --workdir runs/vgg16 \
         --config.data.source=folder:/data/cats_vs_dogs_small
     python -m fineflax.train --config configs/vgg16_features.py:smoke --workdir /tmp/vgg-smoke \
         --config.data.source=folder:/data/cats_vs_dogs_small
 
-The data is the seed's `cats_vs_dogs_small` folder (train/ 1,000 cats + 1,000 dogs,
+The data is the book's `cats_vs_dogs_small` folder (train/ 1,000 cats + 1,000 dogs,
 validation/ 500 + 500, test/ 1,000 + 1,000, made from Kaggle's dogs-vs-cats train.zip),
-read at 180x180. Keras VGG16 ImageNet weights, caffe preprocessing, and the seed's head:
+read at 180x180. Keras VGG16 ImageNet weights, caffe preprocessing, and the book's head:
 Flatten, Dense(256) (no activation, as written there), Dropout(0.5), Dense(1) (sigmoid).
 1. `features`: the frozen base runs once over the three splits and the head trains on the
    stored 5x5x512 features (cached-feature mode, chosen automatically: no augmentation,
@@ -15,11 +16,11 @@ Flatten, Dense(256) (no activation, as written there), Dropout(0.5), Dense(1) (s
 2. `augmented`: the base stays frozen, the images are augmented on the device
    (RandomFlip('horizontal'), RandomRotation(0.1), RandomZoom(0.2)), RMSprop 1e-3, 50 epochs.
 3. `block5`: `conv_base.layers[:-4]` frozen (block5's three convolutions train), RMSprop
-   1e-5, 30 epochs. checkpoints/best keeps the lowest val_loss, as the seed's
+   1e-5, 30 epochs. checkpoints/best keeps the lowest val_loss, as the book's
    `ModelCheckpoint(save_best_only=True, monitor='val_loss')`; evaluate it with
    `python -m fineflax.evaluate --workdir runs/vgg16 --checkpoint best`.
 
-Expected: the seed's Keras runs reached 97.3% (features), 97.7% (augmented) and 97.7%
+Expected: the book's Keras runs reached 97.3% (features), 97.7% (augmented) and 97.7%
 (fine-tuned) test accuracy; this config has not been run on the real photos in this
 repository (none here), so no figure is claimed for it.
 """
@@ -30,7 +31,7 @@ from fineflax import config as ffc
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  """The seed 002 config; `arg` 'smoke' shrinks it."""
+  """The VGG16 three-step config; `arg` 'smoke' shrinks it."""
   config = ffc.default_config()
   config.batch_size = 32
   config.model.backbone = 'vgg16'

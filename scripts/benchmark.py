@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       'fits in GIB GiB of device memory (implies --cost)')
   args = parser.parse_args(argv)
   # INFO on stderr: stdout carries only the JSON lines and the table.
-  logging.basicConfig(level=logging.INFO, format='%(message)s')
+  # force: importing fineflax (absl) has already given the root logger a handler.
+  logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
   try:
     runtime.check_backend()
   except FineflaxError as e:  # ConfigError, or runtime's AcceleratorUnusedError

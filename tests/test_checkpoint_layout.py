@@ -25,7 +25,7 @@ from fineflax.run import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs' / 'checkpoints.md'
 RECIPE_HEADING = '## Restore with plain Orbax (no fineflax import)'
-STEP_DIR_LINE = re.compile(r"^step_dir = Path\('[^']*'\)", re.M)
+STEP_DIR_LINE = re.compile(r"^step_dir = Path\('runs/demo/checkpoints/best/(\d+)'\)", re.M)
 
 
 # --- reading the page ---------------------------------------------------------------
@@ -168,7 +168,7 @@ def test_backbone_example_keys_exist():
 # Runs the page's recipe once per job in a process where importing fineflax raises, saves
 # what it restored, and tries Orbax's restore without restore_args on the last job.
 HARNESS = r'''
-import importlib.abc, json, sys
+import importlib.abc, json, os, sys
 
 class NoFineflax(importlib.abc.MetaPathFinder):
   def find_spec(self, name, path=None, target=None):
@@ -188,7 +188,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 jobs = json.loads(sys.argv[1])
-for code, out in jobs:
+for code, out, cwd in jobs:
+  os.chdir(cwd)  # the recipe's step_dir is relative to the folder runs/ is in
   scope = {'__name__': '__recipe__'}
   exec(compile(code, 'docs/checkpoints.md', 'exec'), scope)
   tree = {'params': scope['params'], 'batch_stats': scope['batch_stats']}
@@ -228,13 +229,19 @@ def moved_run(demo_run: Path, best_dir: Path, folder: Path) -> Path:
 
 
 def test_plain_orbax_recipe_restores_without_fineflax(demo_run, best_run, tmp_path):
+  """The recipe as printed, run where its relative `runs/demo/...` path is right (only the
+  step number is the demo run's), on the run and on a copy saved from other devices."""
   demo_run = Path(demo_run)
   (code,) = code_blocks(section(RECIPE_HEADING), 'python')[:1]
   assert len(STEP_DIR_LINE.findall(code)) == 1, 'the recipe sets step_dir once'
-  moved = moved_run(demo_run, best_run.checkpoint_dir, tmp_path)
-  jobs = [[STEP_DIR_LINE.sub(f'step_dir = Path({str(step_dir)!r})', code),
-           str(tmp_path / f'{name}.npz')]
-          for name, step_dir in (('best', best_run.checkpoint_dir), ('moved', moved))]
+  step = best_run.checkpoint_dir.name
+  code = code.replace(f"best/{STEP_DIR_LINE.search(code).group(1)}')", f"best/{step}')")
+  shutil.copytree(demo_run, tmp_path / 'as_trained' / 'runs' / 'demo')
+  (tmp_path / 'moved' / 'runs' / 'demo').mkdir(parents=True)
+  moved = moved_run(demo_run, best_run.checkpoint_dir, tmp_path / 'moved' / 'runs' / 'demo')
+  assert moved.name == step
+  jobs = [[code, str(tmp_path / f'{name}.npz'), str(tmp_path / name)]
+          for name in ('as_trained', 'moved')]
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
   env['JAX_PLATFORMS'] = 'cpu'  # one CPU device, id 0: not those `moved` was saved on
   done = subprocess.run([sys.executable, '-c', HARNESS, json.dumps(jobs)], cwd=tmp_path,
@@ -249,7 +256,7 @@ def test_plain_orbax_recipe_restores_without_fineflax(demo_run, best_run, tmp_pa
       in done.stdout, done.stdout
   expected = flat(best_run.variables)
   assert len(expected) == 104
-  for name in ('best', 'moved'):
+  for name in ('as_trained', 'moved'):
     with np.load(tmp_path / f'{name}.npz') as restored:
       assert_same_arrays({k: restored[k] for k in restored.files}, expected)
 

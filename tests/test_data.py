@@ -86,10 +86,10 @@ def test_folder_errors(photo_folder, tmp_path):
   with pytest.raises(ConfigError, match="config.data.val_split='validation': .* has no folder "
                      "'validation' and config.data.validation_split is 0"):
     data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8))
-  with pytest.raises(ConfigError, match="config.data.test_split='test': .* has no folder "
-                     "'test'; set config.data.test_split = None"):
-    data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8,
-                                   validation_split=0.2))
+  # A test folder is used when there is one: without, the dataset says it is absent.
+  carved = data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8,
+                                          validation_split=0.2))
+  assert sorted(carved.splits) == ['train', 'validation'] and carved.absent == ('test',)
   (photo_folder / 'empty').mkdir()
   with pytest.raises(DataError, match=f'class folder {photo_folder / "empty"} has no image'):
     data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8, test_split=None,

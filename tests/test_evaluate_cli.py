@@ -1,4 +1,5 @@
-"""Opening a finished run: load_run, evaluate_run and the evaluate / predict commands.
+"""Opening a finished run: load_run, evaluate_run and the evaluate command (predict:
+tests/test_predict.py).
 
 Every test reads conftest's `demo_run` (the demo smoke config, two phases of one epoch:
 checkpoints at steps 2 and 4, best/ by val_loss), some on all eight devices.
@@ -18,9 +19,8 @@ import optax
 import pytest
 from PIL import Image
 
-from fineflax import data, models
-from fineflax.cli import predict as cli_predict
-from fineflax.inference import evaluate, predict
+from fineflax import models
+from fineflax.inference import evaluate
 from fineflax.run import checkpoints, restore
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
@@ -162,41 +162,6 @@ def test_binary_metrics_threshold_at_logit_zero():
   expected = optax.sigmoid_binary_cross_entropy(logits[:, 0], labels.astype(np.float32))
   assert report['loss'] == pytest.approx(float(np.mean(expected)), rel=1e-6)
   assert 'top5_accuracy' not in report
-
-
-def _digit_pngs(run_dir, folder, count=3):
-  run = restore.load_run(run_dir, 'latest')
-  test = data.load_dataset(run.config.data).splits['test']
-  folder.mkdir()
-  paths = []
-  for i in range(count):
-    path = folder / f'{i}.png'
-    Image.fromarray(test.images[i]).save(path)
-    paths.append(str(path))
-  # One at another size: it is resized to the run's 8x8 as it is read.
-  Image.fromarray(test.images[count]).resize((16, 12)).save(folder / 'big.png')
-  return paths + [str(folder / 'big.png')]
-
-
-def test_predict_workdir_prints_the_run_s_classes(run_dir, tmp_path, capsys):
-  paths = _digit_pngs(run_dir, tmp_path / 'images')
-  every = predict.predict_run_files(run_dir, paths, k=10, checkpoint='latest',
-                                    devices=jax.devices()[:1])
-  assert len(every) == len(paths)
-  for ranked in every:
-    assert sorted(name for name, _ in ranked) == [str(d) for d in range(10)]
-    probs = [p for _, p in ranked]
-    assert probs == sorted(probs, reverse=True) and sum(probs) == pytest.approx(1, abs=1e-5)
-
-  cli_predict.predict(None, paths, 2, workdir=str(run_dir))
-  lines = capsys.readouterr().out.splitlines()
-  assert [line.split(':')[0] for line in lines] == paths
-  for line in lines:
-    (first, p1), (second, p2) = [part.split() for part in line.split(': ')[1].split(', ')]
-    assert {first, second} <= set(str(d) for d in range(10)) and first != second
-    assert float(p1) >= float(p2) > 0
-  with pytest.raises(ConfigError, match='exactly one of --config'):
-    cli_predict.predict(None, paths, 2)
 
 
 def test_evaluate_command_line(run_dir, tmp_path):

@@ -133,7 +133,7 @@ def test_the_programs_stop_at_once_when_jax_misses_the_gpu(tmp_path):
 
 
 def test_the_compilation_cache_is_the_users_when_set(tmp_path):
-  script = 'from fineflax import runtime; print(runtime.use_compilation_cache())'
+  script = 'from fineflax.distributed import runtime; print(runtime.use_compilation_cache())'
   ours = subprocess.run([sys.executable, '-c', script], cwd=ROOT, env=_env(tmp_path),
                         capture_output=True, text=True, timeout=120, check=True)
   assert ours.stdout.strip() == str(tmp_path / 'cache' / 'xla')

@@ -154,16 +154,37 @@ def test_summary_needs_no_dataset_when_the_config_knows_the_classes_and_size(tmp
 
 def test_none_on_the_command_line_is_none(tmp_path):
   from fineflax import config as config_module  # pylint: disable=g-import-not-at-top
-  argv, keys = config_module.split_none_overrides(
+  argv, pairs = config_module.split_overrides(
       ['prog', '--config.data.test_split=None', '--config.seed=3',
        '--config.phases[1].clip_norm=None', '--config.model.weights=Nonesuch'])
-  assert argv == ['prog', '--config.seed=3', '--config.model.weights=Nonesuch']
-  assert keys == ['data.test_split', 'phases[1].clip_norm']
+  # seed is never None: left to ml_collections; weights may be None: typed here.
+  assert argv == ['prog', '--config.seed=3']
+  assert pairs == [('data.test_split', None), ('phases[1].clip_norm', None),
+                   ('model.weights', 'Nonesuch')]
   cfg = _demo_config()
   cfg.phases[1].clip_norm = 1.0
-  config_module.set_none(cfg, keys)
+  config_module.apply_overrides(cfg, pairs[:2])
   assert cfg.data.test_split is None and cfg.phases[1].clip_norm is None
   assert config_lib.validate(cfg).data.test_split is None
+
+
+def test_a_key_the_config_file_left_at_none_takes_a_value(tmp_path):
+  """configs/folder.py sets test_split = None; ml_collections alone refused
+  `--config.data.test_split=test` ("Type NoneType ... is not supported for overriding")."""
+  from fineflax import config as config_module  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
+  from configs import folder  # pylint: disable=g-import-not-at-top
+  cfg = folder.get_config()
+  cfg.data.test_split = None
+  cfg.loss.class_weight = 'balanced'
+  _, pairs = config_module.split_overrides(
+      ['prog', '--config.data.test_split=test', '--config.phases[0].clip_norm=0.5',
+       '--config.loss.class_weight=(1, 2.5)', '--config.eval_batch_size=8'])
+  config_module.apply_overrides(cfg, pairs)
+  assert (cfg.data.test_split, cfg.phases[0].clip_norm, cfg.loss.class_weight,
+          cfg.eval_batch_size) == ('test', 0.5, (1, 2.5), 8)
+  with pytest.raises(ConfigError, match=r'--config.eval_batch_size=eight: expected int'):
+    config_module.split_overrides(['prog', '--config.eval_batch_size=eight'])
 
 
 def _demo_config(dtype: str = 'auto'):

@@ -53,13 +53,23 @@ def define_distributed_flags(uses_devices: bool = True) -> Callable[[], None]:
   return join
 
 
+def show_in_help() -> None:
+  """Makes the flags fineflax defines (--config, a program's own, the multi-host ones)
+  those `--help` lists: absl lists only the flags of the file it was started from."""
+  for module, defined in flags.FLAGS.flags_by_module_dict().items():
+    if 'fineflax' in module or 'config_flags' in module:
+      for flag in defined:
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+
+
 def run(main: Callable[..., None], required: Sequence[str] = ('config',),
         positional: str | None = None, uses_devices: bool = True) -> None:
   """Defines `--config` (`path[:arg]`, overridable by `--config.key=value`), then runs
   `main(config)` under absl, or `main(config, args)` when the tool takes `positional`
   arguments; a FineflaxError ends the program with its message alone.
 
-  `--config.KEY=None` sets KEY to None (ml_collections alone would set the string 'None').
+  `--config.KEY=None` sets KEY to None, and a key that may be None takes a value even
+  where the config file left it at None (`fineflax.config.overrides`).
   Flags are defined here rather than at import, so that tools and tests can import
   each other's modules. Before `main` runs (and before anything touches a device) the
   process joins its multi-host job, if it is in one (`fineflax.distributed`), and, unless
@@ -70,7 +80,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
     config_lib.check_override_flags(sys.argv[1:])
   except ConfigError as e:
     sys.exit(f'error: {e}')
-  argv, none_keys = config_lib.split_none_overrides(sys.argv)
+  argv, overrides = config_lib.split_overrides(sys.argv)
   config = config_flags.DEFINE_config_file('config', None,
                                            'Experiment config file, path[:smoke].')
   flags.mark_flags_as_required(list(required))
@@ -80,7 +90,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
     join()
     value = _loaded(config)
     if value is not None:
-      config_lib.set_none(value, none_keys)
+      config_lib.apply_overrides(value, overrides)
     if positional:
       if len(argv) < 2:
         raise app.UsageError(f'expected one or more {positional}')
@@ -90,6 +100,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     main(value)
 
+  show_in_help()
   try:
     app.run(absl_main, argv=argv, flags_parser=parse_flags)
   except FineflaxError as e:

@@ -65,6 +65,7 @@ def main() -> None:
     join()
     evaluate(workdir.value, split.value, checkpoint.value, batch_size.value)
 
+  common.show_in_help()
   try:
     app.run(absl_main)
   except FineflaxError as e:

@@ -1,34 +1,70 @@
-"""`python -m fineflax.predict (--config CONFIG | --workdir DIR) IMAGE...`: prints each
-image's top-k classes (`fineflax.inference.predict`)."""
+"""`python -m fineflax.predict (--config CONFIG | --workdir DIR) [--output F.csv|F.json]
+IMAGE_OR_FOLDER...`: prints each image's top-k classes (`fineflax.inference.predict`).
+
+The first line on stdout names what predicted: `runs/demo: checkpoint best (step 12)`, or
+`zero-shot: resnet50 with weights imagenet`; then one line per image, `PATH: class p, ...`.
+A folder stands for the image files directly in it (.jpg, .jpeg, .png, .bmp, .gif, as
+the folder data source reads; sorted; not its sub-folders). A file that cannot be read
+gets one line on stderr, `PATH: not a readable image (...)`, and the other images are
+still predicted; the program then ends with `error: N of M images could not be read: ...`
+and exit status 1 (0 when every file was read). The errors go to stderr so that stdout
+holds predictions only; `--output` keeps every file, in the order given, with its error.
+When no file could be read, nothing is predicted (no checkpoint or weights are loaded).
+"""
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 import ml_collections
 from absl import flags
 
 from fineflax.cli import common
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, DataError
 from fineflax.inference import predict as prediction
 
 
 def predict(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: int,
-         workdir: str | None = None, checkpoint: str = 'best') -> None:
-  """Prints the top-k classes of each image, of a run (`workdir`) or a `config`.
+            workdir: str | None = None, checkpoint: str = 'best',
+            output: str | None = None) -> None:
+  """Prints the top-k classes of each image (a folder: its images), of a run (`workdir`)
+  or a `config`, and writes them to `output` (.csv or .json) if given.
 
   Raises:
-    ConfigError: neither or both of `config` and `workdir`.
+    ConfigError: neither or both of `config` and `workdir`; `output` of another suffix.
+    DataError: a file could not be read (after the others were printed and written).
   """
   if (config is None) == (workdir is None):
     raise ConfigError('give exactly one of --config (a model with pretrained weights) and '
                       '--workdir (a trained run)')
+  if output is not None:
+    try:  # before any work: a typo in the name should not cost a model load
+      prediction.check_output_path(output)
+    except ConfigError as e:
+      raise ConfigError(f'--output {e}') from None
+  paths = prediction.image_paths(paths)
   if workdir is not None:
-    results = prediction.predict_run_files(workdir, paths, k, checkpoint)
+    results = prediction.predict_run_paths(workdir, paths, k, checkpoint)
   else:
-    results = prediction.predict_files(config, paths, k)
-  for path, best in zip(paths, results):
-    print(f'{path}: ' + ', '.join(f'{name} {p:.4f}' for name, p in best))
+    results = prediction.predict_config_paths(config, paths, k)
+  failed = results.failed
+  if len(failed) < len(paths):
+    print(results.source())
+    for path, best in zip(results.paths, results.top):
+      if best is not None:
+        print(f'{path}: ' + ', '.join(f'{name} {p:.4f}' for name, p in best))
+    sys.stdout.flush()  # the predictions before the errors, on a terminal too
+    if output is not None:
+      prediction.write_predictions(results, output)
+  for error in results.errors:
+    if error is not None:
+      print(error, file=sys.stderr)
+  if len(failed) == len(paths):
+    raise DataError(f'none of the {len(paths)} images could be read')
+  if failed:
+    shown = ', '.join(failed[:5]) + (f', ... ({len(failed) - 5} more)' if len(failed) > 5 else '')
+    raise DataError(f'{len(failed)} of {len(paths)} images could not be read: {shown}')
 
 
 def main() -> None:
@@ -37,8 +73,13 @@ def main() -> None:
   workdir = flags.DEFINE_string('workdir', None, 'A trained run (instead of --config).')
   checkpoint = flags.DEFINE_string('checkpoint', 'best',
                                    "With --workdir: 'best', 'latest' or a step.")
+  output = flags.DEFINE_string('output', None,
+                               'Also write every image (its path, the checkpoint used, the '
+                               'top-k classes and probabilities, or its error) to this .csv '
+                               'or .json file.')
   common.run(lambda config, argv: predict(config, argv, top.value, workdir.value,
-                                          checkpoint.value), required=(), positional='images')
+                                          checkpoint.value, output.value),
+             required=(), positional='images')
 
 
 if __name__ == '__main__':

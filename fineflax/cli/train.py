@@ -25,9 +25,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
   except Preempted as e:
     logger.warning('%s', e)
     sys.exit(143)  # 128 + SIGTERM: stopped, not finished
-  if 'test_accuracy' in results and jax.process_index() == 0:  # one line per job
-    print(f"test_accuracy: {results['test_accuracy']:.4f} "
-          f"({results['test_examples']} examples, test_loss {results['test_loss']:.4f})")
+  if jax.process_index() != 0:  # one set of lines per job
+    return
+  for record in (results['final'], results.get('best')):
+    if record and 'test_accuracy' in record:
+      print(f"test_accuracy: {record['test_accuracy']:.4f} ({record['checkpoint']}, step "
+            f"{record['step']}; {record['test_examples']} examples, test_loss "
+            f"{record['test_loss']:.4f})")
 
 
 def main() -> None:

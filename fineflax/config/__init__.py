@@ -3,7 +3,7 @@
 (`overrides`), the reference table (`reference`), and the checks other layers register
 (`registry`). It imports nothing of fineflax but `errors`."""
 
-from fineflax.config.overrides import check_override_flags, set_none, split_none_overrides
+from fineflax.config.overrides import apply_overrides, check_override_flags, split_overrides
 from fineflax.config.reference import reference_table
 from fineflax.config.resume import changes_on_resume
 from fineflax.config.schema import (METRICS, PHASE_SCHEMA, SCHEMA, Field, default_config,
@@ -12,7 +12,7 @@ from fineflax.config.smoke import finish, smoke
 from fineflax.config.validation import from_dict, resolve_mode, to_dict, validate
 from fineflax.errors import ConfigError
 
-__all__ = ['ConfigError', 'Field', 'METRICS', 'PHASE_SCHEMA', 'SCHEMA', 'changes_on_resume',
-           'check_override_flags', 'default_config', 'finish', 'from_dict', 'phase',
-           'reference_table', 'resolve_mode', 'set_none', 'smoke', 'split_none_overrides',
+__all__ = ['ConfigError', 'Field', 'METRICS', 'PHASE_SCHEMA', 'SCHEMA', 'apply_overrides',
+           'changes_on_resume', 'check_override_flags', 'default_config', 'finish',
+           'from_dict', 'phase', 'reference_table', 'resolve_mode', 'smoke', 'split_overrides',
            'to_dict', 'validate']

@@ -102,7 +102,7 @@ SCHEMA: dict[str, Any] = {
                              check=_choices(('avg', 'max', 'flatten'))),
             'hidden': Field((), _SEQ, 'Widths of hidden Dense layers.', check=_hidden),
             'activation': Field('relu', _STR, "Activation of the hidden Dense layers: 'relu' "
-                                "or 'linear' (seed 002's Dense(256) has none).",
+                                "or 'linear' (Deep Learning with Python's Dense(256) has none).",
                                 check=_choices(('relu', 'linear'))),
             'dropout': Field(0.0, _FLOAT, 'Dropout rate before the classifier; 0: none.',
                              check=_fraction),

@@ -8,7 +8,7 @@ size (`config.data.load_size` for photos of varying sizes) with int32 labels.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -24,10 +24,15 @@ logger = logging.getLogger('fineflax.data')
 
 
 class Source(NamedTuple):
-  """A data source: `info(spec, data_config)` without loading, `load(spec, data_config)`."""
+  """A data source: `info(spec, data_config)` without loading, and
+  `load(spec, data_config, keys)`: the splits of the config keys `keys` ('train_split',
+  'val_split', 'test_split') that the config names."""
 
   info: Callable[[str, Any], DatasetInfo]
-  load: Callable[[str, Any], Dataset]
+  load: Callable[[str, Any, Sequence[str]], Dataset]
+
+
+SPLIT_KEYS = ('train_split', 'val_split', 'test_split')
 
 
 SOURCES: dict[str, Source] = {
@@ -66,9 +71,10 @@ def dataset_info(data_config: Any) -> DatasetInfo:
   return _source(data_config.source).info(data_config.source, data_config)
 
 
-def load_dataset(data_config: Any) -> Dataset:
-  """Loads this process's share of `config.data`'s splits and logs their class counts."""
-  dataset = _source(data_config.source).load(data_config.source, data_config)
+def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS) -> Dataset:
+  """Loads this process's share of `config.data`'s splits (those of `keys` only, e.g.
+  ('test_split',): the others are not decoded) and logs their class counts."""
+  dataset = _source(data_config.source).load(data_config.source, data_config, tuple(keys))
   for name, split in dataset.splits.items():
     counts = np.bincount(split.labels, minlength=dataset.info.num_classes)
     per_class = ', '.join(f'{c}: {n}' for c, n in zip(dataset.info.class_names, counts))
@@ -83,6 +89,6 @@ def augment_from_config(data_config: Any) -> Augment:
   return Augment(**dict(data_config.augment))
 
 
-__all__ = ['Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'Source', 'Split',
+__all__ = ['Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'SPLIT_KEYS', 'Source', 'Split',
            'augment_from_config', 'class_weights', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
            'num_batches', 'read_split', 'share', 'shared_split', 'train_batches']

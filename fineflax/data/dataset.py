@@ -75,10 +75,12 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """Named splits plus the class names (index = label)."""
+  """Named splits plus the class names (index = label); `absent`: split names the config
+  gives that the source looked for and may do without (a photo folder without test/)."""
 
   info: DatasetInfo
   splits: Mapping[str, Split]
+  absent: tuple[str, ...] = ()
 
 
 def share(num_examples: int) -> np.ndarray:

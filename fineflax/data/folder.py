@@ -18,7 +18,7 @@ import concurrent.futures
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -118,8 +118,13 @@ def _load_split(name: str, files: list[Path], labels: list[int], classes: list[P
   return read_split(stacked, read, skipped=len(errors))
 
 
-def load(spec: str, data_config: Any) -> Dataset:
-  """This process's share of the splits the config names (every P-th file)."""
+def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
+  """This process's share of the splits of `keys` the config names (every P-th file).
+
+  All are listed (a carved validation split depends on the whole listing); only those of
+  `keys` are decoded. A test split whose folder does not exist is left out, with a log
+  line: configs name one, and a photo folder may or may not have it.
+  """
   root = _root(spec)
   layout = _split_layout(root, data_config)
   listings: dict[str, tuple[list[Path], list[int]]] = {}
@@ -144,17 +149,24 @@ def load(spec: str, data_config: Any) -> Dataset:
     listings['train_split'] = ([files[i] for i in order[:cut]], [labels[i] for i in order[:cut]])
     if n_val:
       listings['val_split'] = ([files[i] for i in order[cut:]], [labels[i] for i in order[cut:]])
+  absent = []
   for key in _SPLITS:
-    if data_config[key] and key not in listings:
+    if data_config[key] and key not in listings and key == 'test_split':
+      absent.append(data_config[key])
+      logger.info('config.data.test_split=%r: %s has no such folder; no test split',
+                  data_config[key], root)
+    elif data_config[key] and key not in listings:
       raise ConfigError(
           f'config.data.{key}={data_config[key]!r}: {root} has no folder {data_config[key]!r}'
           + (' and config.data.validation_split is 0' if key == 'val_split' else '')
           + f'; set config.data.{key} = None to go without it')
   splits = {data_config[key]: _load_split(key, *listings[key], classes, data_config)
-            for key in _SPLITS if data_config[key]}
-  if jax.process_count() == 1:  # with one process, the shares are the whole splits
+            for key in _SPLITS if data_config[key] and key in listings and key in keys}
+  if jax.process_count() == 1 and set(keys) >= set(_SPLITS):
+    # With one process and every split read, a class without a readable image is sure.
     readable = sum(np.bincount(s.labels, minlength=len(classes)) for s in splits.values())
     for label in np.flatnonzero(readable == 0):
       raise DataError(f'class folder {classes[label]} has no readable image')
-  return Dataset(DatasetInfo(splits[data_config.train_split].images.shape[1:],
-                             tuple(c.name for c in classes)), splits)
+  shape = (next(iter(splits.values())).images.shape[1:] if splits
+           else info(spec, data_config).image_shape)
+  return Dataset(DatasetInfo(shape, tuple(c.name for c in classes)), splits, tuple(absent))

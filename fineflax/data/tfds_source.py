@@ -13,9 +13,10 @@ to `config.data.load_size` as they are read, and the split is held in memory as 
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 from urllib.parse import urlparse
 
 import jax
@@ -30,6 +31,10 @@ _SPLITS = ('train_split', 'val_split', 'test_split')
 
 def _tfds():
   """tensorflow_datasets, with TensorFlow kept off every GPU (JAX owns their memory)."""
+  # TensorFlow only decodes here: its C++ start-up lines (CPU features, oneDNN, a failed
+  # cuInit on a machine without CUDA) say nothing about the run. A value set by the user
+  # is kept.
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -141,9 +146,9 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   return read_split(images, labels)
 
 
-def load(spec: str, data_config: Any) -> Dataset:
-  """This process's share of each split the config names."""
+def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
+  """This process's share of each split of `keys` the config names."""
   builder = _builder(spec, data_config)
   splits = {data_config[k]: _read_split(builder, data_config[k], spec, data_config)
-            for k in _SPLITS if data_config[k]}
+            for k in _SPLITS if data_config[k] and k in keys}
   return Dataset(info(spec, data_config), splits)

@@ -181,7 +181,10 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
   """
   workdir = Path(workdir)
   run = restore.load_run(workdir, checkpoint)
-  dataset = data.load_dataset(run.config.data)
+  # Only the split asked for is decoded when it is one the config names.
+  keys = [k for k in data.SPLIT_KEYS
+          if split == k.removesuffix('_split') or split == run.config.data[k]]
+  dataset = data.load_dataset(run.config.data, keys[:1] or data.SPLIT_KEYS)
   if tuple(dataset.info.class_names) != tuple(run.class_names):
     raise ConfigError(f'{workdir}: the run was trained on the classes {list(run.class_names)} '
                       f'but its dataset now has {list(dataset.info.class_names)}')

@@ -81,10 +81,13 @@ def resolve_num_classes(model_config: Any, class_names: tuple[str, ...]) -> int:
     return classes
   if n == 1 and classes != 2:
     raise ConfigError(f'config.model.num_classes=1 (a binary classifier) but the dataset has '
-                      f'{classes} classes')
+                      f'{classes} classes {list(class_names)[:5]}; for {classes} classes set '
+                      f'config.model.num_classes=None (the dataset\'s count; on the command '
+                      f'line --config.model.num_classes=None) or {classes}')
   if n != 1 and n < classes:
     raise ConfigError(f'config.model.num_classes={n} but the dataset has {classes} classes: '
-                      f'{list(class_names)}')
+                      f'{list(class_names)}; set config.model.num_classes=None (the '
+                      f'dataset\'s count) or {classes}')
   return n
 
 

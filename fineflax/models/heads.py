@@ -1,9 +1,10 @@
 """Classification heads, built as Keras users build them on top of a base model.
 
 Layer order: pooling (or Flatten), hidden Dense+ReLU layers, Dropout, BatchNormalization,
-final Dense. That covers every seed: GAP-Dropout-BN-Dense(1) (seed 000),
-GAP-Dropout(0.2)-Dense(1) (seed 001), Flatten-Dense(256)-Dropout(0.5)-Dense(1)
-(seed 002) and avg-pool-Dense(10) (seed 004). Layer names are the ones Keras gives them.
+final Dense. That covers every workflow of docs/seeds.md: GAP-Dropout-BN-Dense(1) (the
+damage classifier), GAP-Dropout(0.2)-Dense(1) (the Keras guide),
+Flatten-Dense(256)-Dropout(0.5)-Dense(1) (Deep Learning with Python) and
+avg-pool-Dense(10) (ResNet50 on CIFAR-10). Layer names are the ones Keras gives them.
 """
 
 from __future__ import annotations

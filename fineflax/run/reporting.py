@@ -82,6 +82,31 @@ def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
           f"{record['images_per_sec']:.0f} img/s")
 
 
+def run_summary(folder: RunDir, results: dict[str, Any], records: list[dict[str, Any]]) -> str:
+  """The lines a run ends with: where it stopped, its final and best validation figures
+  and test figures, each with its step and checkpoint, and the commands that reuse it."""
+  lines = [f"run finished at step {results['step']} (epoch {results['epoch']}); "
+           f'results in {folder.results_json}']
+  validated = [r for r in records if r.get('val_loss') is not None]
+  if validated:
+    last = validated[-1]
+    lines.append(f"  final parameters, step {last['step']}: val_loss {last['val_loss']:.4f} "
+                 f"val_accuracy {last['val_accuracy']:.4f} ({folder.latest})")
+  best = results.get('best')
+  if best:
+    lines.append(f"  best checkpoint, step {best['step']}: {best['monitor']} "
+                 f"{best['value']:.4f} ({best['dir']})")
+  for label, record in (('final parameters', results['final']), ('best checkpoint', best)):
+    if record and 'test_accuracy' in record:
+      lines.append(f"  test split, {label} (step {record['step']}): accuracy "
+                   f"{record['test_accuracy']:.4f}, loss {record['test_loss']:.4f} "
+                   f"({record['test_examples']} examples)")
+  lines += [f'  evaluate: python -m fineflax.evaluate --workdir {folder.root} '
+            '[--split train|val|test] [--checkpoint best|latest|STEP]',
+            f'  predict:  python -m fineflax.predict --workdir {folder.root} IMAGE...']
+  return '\n'.join(lines)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes `obj` as JSON atomically (process 0 only)."""
   if jax.process_index() != 0:

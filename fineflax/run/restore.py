@@ -174,8 +174,11 @@ def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
     CheckpointMismatchError: the checkpoint holds other leaves or shapes (naming them).
   """
   step_dir = Path(step_dir).absolute()  # through a relative path Orbax finds no metadata
-  saved = ocp.PyTreeCheckpointer().metadata(step_dir / 'state')
-  saved = getattr(saved, 'item_metadata', saved)
+  handler = ocp.PyTreeCheckpointHandler()  # (a Checkpointer would warn: see weights.files)
+  try:
+    saved = handler.metadata(step_dir / 'state')
+  finally:
+    handler.close()
   saved = getattr(saved, 'tree', saved)
   # The optimizer state and step are left out on both sides: only these two are compared.
   wanted = {k: v for k, v in expected.items() if v}

@@ -1,7 +1,7 @@
 """Cached-feature mode: run the frozen network once, then train the head on its output.
 
 A phase that trains only the head, on images that are not augmented, computes the same
-backbone output for an image in every epoch. Seed 002's "fast feature extraction" runs
+backbone output for an image in every epoch. Deep Learning with Python's "fast feature extraction" runs
 the base once over the splits and fits the head on the stored features; fineflax does
 the same automatically (`config.features.cache`). The stored features are the output of
 `Classifier.features` (the backbone in inference mode plus the head's parameter-free

@@ -40,16 +40,15 @@ logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -
 
 def dataset_splits(dataset: data.Dataset,
                    data_config: ml_collections.ConfigDict) -> dict[str, data.Split | None]:
-  """The train / val / test splits named by `config.data` (test: None when not set)."""
+  """The train / val / test splits named by `config.data` (None: not set, or a test split
+  the source may do without and did not find)."""
   out: dict[str, data.Split | None] = {}
   for role in ('train', 'val', 'test'):
     name = data_config[f'{role}_split']
-    if name is not None and name not in dataset.splits:
+    if name is not None and name not in dataset.splits and name not in dataset.absent:
       raise ConfigError(f'config.data.{role}_split={name!r}: the dataset has the splits '
                         f'{sorted(dataset.splits)}')
-    out[role] = dataset.splits[name] if name is not None else None
-    if name is not None:
-      logger.info('%s split %r: %d examples', role, name, len(dataset.splits[name]))
+    out[role] = dataset.splits.get(name) if name is not None else None
   return out
 
 
@@ -72,6 +71,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """Validates and builds everything; returns the run, the checkpoint meta it resumes
   from (None for a new run) and the initial variables."""
   config = config_lib.validate(config)
+  workdir = Path(workdir)
+  folder = RunDir(workdir)
+  fresh = not checkpoints.has_checkpoint(folder.latest)
+  # The weight file is looked up before the photos are decoded: a missing one is said at
+  # once, not after minutes of decoding.
+  weight_file = (weights.resolve(config.model.weights, config.model.backbone,
+                                 config.model.include_top)
+                 if fresh and config.model.weights else None)
   dataset = data.load_dataset(config.data)
   splits = dataset_splits(dataset, config.data)
   model = models.from_config(config, dataset.info.class_names)
@@ -86,9 +93,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                         [p.augment for p in plans], [p.name for p in plans])
   weighting = data.class_weights(config.loss.class_weight, splits['train'],
                                  len(dataset.info.class_names))
-  workdir = Path(workdir)
-  folder = RunDir(workdir)
-  fresh = not checkpoints.has_checkpoint(folder.latest)
   if fresh and checkpoints.has_checkpoint(folder.best):
     raise ConfigError(f'{folder.best} holds a checkpoint but '
                       f'{folder.latest} has none to resume from (was it '
@@ -99,10 +103,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   # writes anything: a missing or foreign file fails here. A run that will resume
   # restores its own parameters instead.
   variables = state_lib.init_variables(model, dataset.info.image_shape, config.seed)
-  if fresh and config.model.weights:
-    variables, report = weights.load_pretrained(
-        config.model, model, variables,
-        weights.resolve(config.model.weights, config.model.backbone, config.model.include_top))
+  if weight_file is not None:
+    variables, report = weights.load_pretrained(config.model, model, variables, weight_file)
     logger.info(report.text())
   if fresh and config.init_from:
     source = restore.init_from_folder(config.init_from)
@@ -178,15 +180,50 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
           position = phases.Position(phase_index=phase.index, epoch=position.epoch)
         state = phases.start_state(run, phase, state, variables, resume)
         state = phases.train_phase(run, phase, state, position)
+      best = run.ckpts.best.latest_meta()
     finally:
       run.ckpts.close()
       if run.tb is not None:
         run.tb.close()
+  return finish(run, state, position, best)
 
-  results: dict[str, Any] = {'step': int(state.step), 'epoch': position.epoch}
-  if run.images.splits['test'] is not None:
-    test = run.evaluate(state, 'test')
-    results.update(test_loss=test['loss'], test_accuracy=test['accuracy'],
-                   test_examples=test['count'])
-  reporting.write_json(RunDir(run.workdir).results_json, results)
+
+def _test_metrics(run: phases.Run, variables: dict[str, Any]) -> dict[str, Any]:
+  test = step_lib.evaluate(run.images.eval_step, variables, run.images.splits['test'],
+                         run.eval_batch_size, run.mesh, run.images.resident['test'])
+  return {'test_loss': test['loss'], 'test_accuracy': test['accuracy'],
+          'test_examples': test['count']}
+
+
+def finish(run: phases.Run, state: state_lib.TrainState, position: phases.Position,
+           best: dict[str, Any] | None) -> dict[str, Any]:
+  """The end of a run: the test split evaluated with the final parameters and, when it is
+  another step, with the best checkpoint (each labelled), results.json, and a summary.
+
+  results.json: {'step', 'epoch', 'test_loss', 'test_accuracy', 'test_examples'} of the
+  final parameters (without a test split: no test keys), and 'final' and 'best' records
+  ({'checkpoint', 'step', 'dir', test metrics...}) naming what each figure measured.
+  """
+  folder = RunDir(run.workdir)
+  step = int(state.step)
+  results: dict[str, Any] = {'step': step, 'epoch': position.epoch}
+  final = {'checkpoint': 'final parameters', 'step': step}
+  has_test = run.images.splits['test'] is not None
+  if has_test:
+    final.update(_test_metrics(run, state.variables))
+    results.update({k: final[k] for k in ('test_loss', 'test_accuracy', 'test_examples')})
+  results['final'] = final
+  if best is not None:
+    record = {'checkpoint': 'best', 'step': best['step'],
+              'dir': str(folder.best / str(best['step'])), 'monitor': best['monitor'],
+              'value': best['value']}
+    if has_test and best['step'] != step:
+      variables, _ = restore.read_variables(
+          folder.best / str(best['step']),
+          models.abstract_variables(run.model, run.dataset.info.image_shape))
+      record.update(_test_metrics(run, parallel.replicate(variables, run.mesh)))
+    results['best'] = record
+  reporting.write_json(folder.results_json, results)
+  if jax.process_index() == 0:
+    logger.info(reporting.run_summary(folder, results, run.metrics_log.read()))
   return results

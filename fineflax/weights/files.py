@@ -145,20 +145,23 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   path = Path(path).absolute()  # through a relative path Orbax finds no tree metadata
-  checkpointer = ocp.PyTreeCheckpointer()
+  # The item's handler, not a Checkpointer: that one also looks for the step's metadata
+  # file in this item folder and logs a warning that it is not there.
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    metadata = checkpointer.metadata(path)
-    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = handler.metadata(path)
     tree = getattr(tree, 'tree', tree)
     wanted = {k: tree[k] for k in ('params', 'batch_stats') if tree.get(k)}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           wanted)
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
   except Exception as e:  # Orbax raises a variety of errors for a foreign directory
     raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
+  finally:
+    handler.close()
   return {k: restored.get(k, {}) for k in ('params', 'batch_stats')}
 
 

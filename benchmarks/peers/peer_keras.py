@@ -1,0 +1,69 @@
+"""Peer baseline: Keras 3 (the API of the workflows in docs/seeds.md) on the JAX backend, on a GPU.
+
+ResNet50(weights=None, include_top=False, pooling='avg') + Dense(10); base called
+with training=False (BN frozen). Modes: head / conv5 (layers[:143] frozen) / full.
+"""
+import json, os, sys, time
+os.environ.setdefault("KERAS_BACKEND", "jax")
+import numpy as np
+import keras
+
+B = int(sys.argv[1]) if len(sys.argv) > 1 else 256
+RES = int(sys.argv[2]) if len(sys.argv) > 2 else 224
+STEPS = 30
+keras.mixed_precision.set_global_policy("mixed_bfloat16")
+
+
+def build(mode):
+    base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg",
+                                       input_shape=(RES, RES, 3))
+    if mode == "head":
+        base.trainable = False
+    elif mode == "conv5":
+        for layer in base.layers[:143]:
+            layer.trainable = False
+    inputs = keras.Input((RES, RES, 3))
+    x = base(inputs, training=False)
+    outputs = keras.layers.Dense(10, dtype="float32")(x)
+    m = keras.Model(inputs, outputs)
+    m.compile(optimizer=keras.optimizers.Adam(1e-4),
+              loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return m
+
+
+def run(mode):
+    m = build(mode)
+    x = np.random.rand(B, RES, RES, 3).astype("float32")
+    y = np.random.randint(0, 10, (B,))
+    t0 = time.time()
+    for _ in range(3):
+        m.train_on_batch(x, y)
+    warm = time.time() - t0
+    t0 = time.time()
+    for _ in range(STEPS):
+        loss = m.train_on_batch(x, y)
+    float(np.asarray(loss))
+    dt = (time.time() - t0) / STEPS
+    tr = sum(int(np.prod(w.shape)) for w in m.trainable_weights)
+    print(json.dumps(dict(peer="keras-jax", mode=mode, batch=B, res=RES, trainable=tr,
+                          img_s=round(B / dt, 1), step_ms=round(dt * 1e3, 2), warmup_s=round(warm, 1))), flush=True)
+
+
+def run_forward():
+    m = build("head")
+    x = np.random.rand(B, RES, RES, 3).astype("float32")
+    for _ in range(3):
+        m.predict_on_batch(x)
+    t0 = time.time()
+    for _ in range(STEPS):
+        out = m.predict_on_batch(x)
+    np.asarray(out)
+    dt = (time.time() - t0) / STEPS
+    print(json.dumps(dict(peer="keras-jax", mode="forward", batch=B, res=RES,
+                          img_s=round(B / dt, 1), step_ms=round(dt * 1e3, 2))), flush=True)
+
+
+if __name__ == "__main__":
+    run_forward()
+    for mode in ("head", "conv5", "full"):
+        run(mode)

@@ -1,0 +1,156 @@
+"""The newcomer's walkthrough, replayed as they ran it: a folder of their own photos with
+configs/folder.py, from the summary to evaluate, on the command line.
+
+Each step failed or misled before: the test/ folder was ignored and `evaluate` (default
+--split test) refused the run; three classes gave "num_classes=1 ... but the dataset has 3
+classes" with no fix named; the final results and the best checkpoint differed without a
+label; a run without a test split ended on "best val_loss so far"; `--help` listed only
+--workdir; `evaluate --split validation` decoded every split; a missing weight file was
+reported only after every photo was decoded.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ('cracked', 'dented', 'intact')
+# configs/folder.py at :smoke on a small random network: the walkthrough's flow, not its
+# ResNet50 (whose ImageNet weights are not on this machine).
+SMALL = ('--config.model.weights=None', '--config.model.backbone=resnet_tiny',
+         '--config.phases[0].freeze=none')
+
+
+def _photos(root: Path, splits: dict[str, int]) -> Path:
+  rng = np.random.default_rng(0)
+  for split, count in splits.items():
+    for c, name in enumerate(CLASSES):
+      folder = root / split / name if split else root / name
+      folder.mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(0, 90, (18, 20, 3)) + 80 * c
+        Image.fromarray(pixels.astype(np.uint8)).save(folder / f'{i:02d}.jpg')
+  return root
+
+
+def _run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+  environ = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), **env)
+  return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=environ,
+                        capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope='module')
+def walkthrough(tmp_path_factory):
+  """A trained folder run with train/, validation/ and test/ folders of three classes."""
+  tmp = tmp_path_factory.mktemp('walkthrough')
+  photos = _photos(tmp / 'photos', {'train': 8, 'validation': 4, 'test': 3})
+  workdir = tmp / 'runs' / 'photos'
+  train = ['fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir', str(workdir),
+           f'--config.data.source=folder:{photos}', *SMALL]
+  refused = _run(*train)
+  refused_wrote = workdir.exists()
+  done = _run(*train, '--config.model.num_classes=None')
+  return {'tmp': tmp, 'photos': photos, 'workdir': workdir, 'refused': refused, 'done': done,
+          'refused_wrote': refused_wrote}
+
+
+def test_three_classes_are_refused_with_the_fix_named(walkthrough):
+  refused = walkthrough['refused']
+  assert refused.returncode == 1
+  last = refused.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: config.model.num_classes=1 (a binary classifier) but the '
+                         "dataset has 3 classes ['cracked', 'dented', 'intact']"), last
+  assert '--config.model.num_classes=None' in last
+  assert not walkthrough['refused_wrote']
+
+
+def test_the_test_folder_is_used_and_both_results_are_labelled(walkthrough):
+  done, workdir = walkthrough['done'], walkthrough['workdir']
+  assert done.returncode == 0, done.stderr[-3000:]
+  splits = json.loads((workdir / 'dataset.json').read_text())['splits']
+  assert splits['test'] == {'name': 'test', 'examples': 9, 'skipped_files': 0}
+  results = json.loads((workdir / 'results.json').read_text())
+  final, best = results['final'], results['best']
+  assert final['checkpoint'] == 'final parameters' and final['step'] == results['step']
+  assert final['test_examples'] == results['test_examples'] == 9
+  assert best['checkpoint'] == 'best' and best['monitor'] == 'val_loss'
+  assert Path(best['dir']) == workdir / 'checkpoints' / 'best' / str(best['step'])
+  lines = [l for l in done.stdout.splitlines() if l.startswith('test_accuracy: ')]
+  assert lines[0].startswith(f"test_accuracy: {final['test_accuracy']:.4f} (final parameters, "
+                             f"step {final['step']}; 9 examples")
+  if best['step'] != final['step']:  # the best checkpoint evaluated too, and labelled
+    assert best['test_examples'] == 9
+    assert lines[1].startswith(f"test_accuracy: {best['test_accuracy']:.4f} (best, step "
+                               f"{best['step']}; 9 examples")
+  else:
+    assert len(lines) == 1
+
+
+def test_the_run_ends_with_a_summary_and_the_commands_that_reuse_it(walkthrough):
+  done, workdir = walkthrough['done'], walkthrough['workdir']
+  tail = done.stderr[done.stderr.index('run finished at step'):]
+  assert f'python -m fineflax.evaluate --workdir {workdir}' in tail
+  assert f'python -m fineflax.predict --workdir {workdir} IMAGE...' in tail
+  assert 'best checkpoint, step ' in tail and 'final parameters, step ' in tail
+  # One line for each split's size (it used to be logged twice, with two numbers).
+  assert done.stderr.count("split 'train': 24 examples") == 1
+
+
+def test_evaluate_takes_the_test_folder_and_decodes_only_the_split_asked_for(walkthrough):
+  workdir = walkthrough['workdir']
+  test = _run('fineflax.evaluate', '--workdir', str(workdir))  # --split test by default
+  assert test.returncode == 0, test.stderr[-3000:]
+  step = json.loads((workdir / 'results.json').read_text())['best']['step']
+  assert test.stdout.startswith(f"{workdir}: checkpoint best (step {step}), split 'test' "
+                                '(test), 9 examples'), test.stdout[:300]
+  validation = _run('fineflax.evaluate', '--workdir', str(workdir), '--split', 'validation')
+  assert validation.returncode == 0, validation.stderr[-3000:]
+  assert "split 'validation': 12 examples" in validation.stderr
+  assert "split 'train'" not in validation.stderr and "split 'test'" not in validation.stderr
+
+
+def test_a_run_without_a_test_split_ends_with_its_validation_figures(tmp_path):
+  photos = _photos(tmp_path / 'photos', {'': 10})  # one folder per class: 20% carved out
+  workdir = tmp_path / 'run'
+  done = _run('fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir',
+              str(workdir), f'--config.data.source=folder:{photos}', *SMALL,
+              '--config.model.num_classes=None', '--config.data.validation_split=0.2')
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'test_accuracy' not in done.stdout
+  assert "no folder; no test split" in done.stderr or 'no such folder; no test split' in done.stderr
+  results = json.loads((workdir / 'results.json').read_text())
+  assert 'test_accuracy' not in results and results['best']['monitor'] == 'val_loss'
+  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  tail = done.stderr[done.stderr.index('run finished at step'):]
+  assert (f"final parameters, step {records[-1]['step']}: val_loss "
+          f"{records[-1]['val_loss']:.4f}") in tail
+  assert f"best checkpoint, step {results['best']['step']}: val_loss" in tail
+
+
+def test_help_lists_the_config_flags_and_the_multi_host_flags():
+  for program in ('fineflax.train', 'fineflax.evaluate', 'fineflax.summary',
+                  'fineflax.predict'):
+    shown = _run(program, '--help')  # absl ends --help with exit status 1
+    text = shown.stdout
+    assert 'Try --helpfull' in text, shown.stderr[-2000:]
+    for flag in ('--coordinator', '--num_processes', '--process_id'):
+      assert flag in text, (program, flag)
+    if program != 'fineflax.evaluate':
+      assert '--config' in text and '--config.KEY=VALUE' in text and ':smoke' in text, program
+  assert '--workdir' in _run('fineflax.train', '--help').stdout
+
+
+def test_a_missing_weight_file_is_said_before_the_photos_are_decoded(tmp_path):
+  photos = _photos(tmp_path / 'photos', {'train': 4, 'validation': 2})
+  done = _run('fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir',
+              str(tmp_path / 'run'), f'--config.data.source=folder:{photos}',
+              FINEFLAX_CACHE=str(tmp_path / 'empty-cache'), FINEFLAX_WEIGHTS_MIRROR='')
+  assert done.returncode == 1
+  assert 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' in done.stderr
+  assert "split 'train'" not in done.stderr  # nothing was decoded first
