@@ -42,3 +42,20 @@ def demo_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('demo_smoke')
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
+
+
+# The fast tier (`pytest -m "not slow"`, under 2 minutes on two workers) leaves out the
+# files that train runs, start programs or compare with Keras and torch; the full suite
+# (the README's command) runs everything.
+SLOW_FILES = frozenset({
+    'test_bad_input', 'test_benchmark', 'test_checkpoint_layout', 'test_evaluate_cli',
+    'test_failures', 'test_features', 'test_load_run', 'test_models', 'test_multihost',
+    'test_multiprocess', 'test_optimizers', 'test_predict', 'test_researcher_path',
+    'test_runtime', 'test_step', 'test_train', 'test_unreadable_images', 'test_weights'})
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if item.module.__name__.rpartition('.')[2] in SLOW_FILES:
+      item.add_marker(pytest.mark.slow)

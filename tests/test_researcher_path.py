@@ -80,7 +80,7 @@ def test_the_test_folder_is_used_and_both_results_are_labelled(walkthrough):
   assert final['checkpoint'] == 'final parameters' and final['step'] == results['step']
   assert final['test_examples'] == results['test_examples'] == 9
   assert best['checkpoint'] == 'best' and best['monitor'] == 'val_loss'
-  assert Path(best['dir']) == workdir / 'checkpoints' / 'best' / str(best['step'])
+  assert workdir / best['dir'] == workdir / 'checkpoints' / 'best' / str(best['step'])
   lines = [l for l in done.stdout.splitlines() if l.startswith('test_accuracy: ')]
   assert lines[0].startswith(f"test_accuracy: {final['test_accuracy']:.4f} (final parameters, "
                              f"step {final['step']}; 9 examples")

@@ -176,15 +176,20 @@ def prepare(images: jax.Array, keys: jax.Array | None, aug: Augment, size: int |
   return warp(images, matrices, size, aug.fill_mode, aug.fill_value)
 
 
-def mixup(images: jax.Array, key: jax.Array, alpha: float) -> tuple[jax.Array, jax.Array,
-                                                                    jax.Array]:
-  """Mixes each image with another of the batch: (images, partner index, weight of own).
-
+def mixup_draws(key: jax.Array, alpha: float, global_batch: int, ids: jax.Array
+                ) -> tuple[jax.Array, jax.Array]:
+  """(partner, weight of own) of the examples at global indices `ids`: partners are a
+  permutation of the whole global batch and weights Beta(alpha, alpha) draws keyed by the
+  example's global index, so the draws do not depend on how many devices share the batch.
   The loss is weight x loss(own label) + (1 - weight) x loss(partner's label), which is
-  the cross-entropy against the mixed one-hot label (Keras `MixUp`).
-  """
+  the cross-entropy against the mixed one-hot label (Keras `MixUp`)."""
   k_perm, k_lam = jax.random.split(key)
-  partner = jax.random.permutation(k_perm, images.shape[0])
-  lam = jax.random.beta(k_lam, alpha, alpha, (images.shape[0],))
-  mixed = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * images[partner]
-  return mixed, partner, lam
+  partner = jax.random.permutation(k_perm, global_batch)[ids]
+  lam = jax.vmap(lambda i: jax.random.beta(jax.random.fold_in(k_lam, i), alpha, alpha))(ids)
+  return partner, lam
+
+
+def mix(images: jax.Array, partners: jax.Array, lam: jax.Array) -> jax.Array:
+  """Each image blended with its partner image by its own weight."""
+  lam = lam[:, None, None, None]
+  return lam * images + (1 - lam) * partners

@@ -35,7 +35,8 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
-               bn_train: frozenset[str] = frozenset()) -> jax.Array:
+               bn_train: frozenset[str] = frozenset(),
+               example_keys: jax.Array | None = None) -> jax.Array:
     """Logits for a batch of [0, 255] RGB images.
 
     Args:
@@ -44,11 +45,15 @@ class Classifier(nn.Module):
       bn_train: paths ('backbone/conv1_bn', 'head/batch_normalization') of the
         BatchNormalization layers that run in training mode; all others use their
         moving statistics.
+      example_keys: one key per image, for dropout masks that do not depend on the
+        device count (`KerasGraph`).
     """
     x = preprocessing.preprocess(preprocessing.resize(images, self.image_size),
                                  self.preprocessing)
-    x = self.backbone(x, train=train, bn_train=_under(bn_train, 'backbone'))
-    return self.head(x, train=train, bn_train=_under(bn_train, 'head'))
+    x = self.backbone(x, train=train, bn_train=_under(bn_train, 'backbone'),
+                      example_keys=example_keys)
+    return self.head(x, train=train, bn_train=_under(bn_train, 'head'),
+                     example_keys=example_keys)
 
   def features(self, images: jax.Array) -> jax.Array:
     """What cached-feature mode stores: the frozen part of the network, run in inference
@@ -59,10 +64,11 @@ class Classifier(nn.Module):
     return self.head(x, stop=self.feature_layers)
 
   def classify(self, features: jax.Array, *, train: bool = False,
-               bn_train: frozenset[str] = frozenset()) -> jax.Array:
+               bn_train: frozenset[str] = frozenset(),
+               example_keys: jax.Array | None = None) -> jax.Array:
     """Logits from `features(images)`: the rest of the head."""
     return self.head(features, train=train, bn_train=_under(bn_train, 'head'),
-                     start=self.feature_layers)
+                     start=self.feature_layers, example_keys=example_keys)
 
   @property
   def feature_layers(self) -> int:

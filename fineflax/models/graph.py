@@ -69,7 +69,7 @@ class KerasGraph(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False,
                bn_train: frozenset[str] = frozenset(), start: int = 0,
-               stop: int | None = None) -> jax.Array:
+               stop: int | None = None, example_keys: jax.Array | None = None) -> jax.Array:
     """Applies the graph, or the chain of layers `layers[start:stop]`.
 
     Args:
@@ -80,20 +80,23 @@ class KerasGraph(nn.Module):
         Keras `training=False` rule for fine-tuning).
       start, stop: run only these layers; a layer reading one before `start` reads `x`
         (meant for sequential heads: cached features enter after the pooling layer).
+      example_keys: one random key per row of `x` (from its index in the global batch):
+        dropout masks are drawn per example from them, so they do not depend on how many
+        devices share the batch. Without them dropout draws from the 'dropout' rng.
     Returns:
       The output of the last layer run.
     """
     values: dict[str, jax.Array] = {}
     for layer in self.layers[start:stop]:
       inputs = [values.get(name, x) for name in layer.inputs] or [x]
-      y = self._apply_layer(layer, inputs, train, bn_train)
+      y = self._apply_layer(layer, inputs, train, bn_train, example_keys)
       # Every layer's output in order (collected only when 'intermediates' is mutable).
       self.sow('intermediates', 'layer_outputs', y)
       values[layer.name] = y
     return y
 
   def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train: bool,
-                   bn_train: frozenset[str]) -> jax.Array:
+                   bn_train: frozenset[str], example_keys: jax.Array | None) -> jax.Array:
     x = inputs[0]
     dtype = layer.dtype or self.dtype
     kind = layer.kind
@@ -134,12 +137,23 @@ class KerasGraph(nn.Module):
     if kind == 'Flatten':
       return x.reshape(x.shape[0], -1)
     if kind == 'Dropout':
+      if train and layer.rate > 0 and example_keys is not None:
+        return _example_dropout(x, example_keys, layer.rate, self.layers.index(layer))
       return nn.Dropout(layer.rate, deterministic=not train, name=layer.name)(x)
     if kind == 'Dense':
       y = nn.Dense(layer.filters, dtype=dtype, kernel_init=KERNEL_INIT, name=layer.name)(
           x.astype(dtype))
       return _activate(y, layer.activation)
     raise ValueError(f'layer {layer.name!r}: unsupported Keras layer kind {kind!r}')
+
+
+def _example_dropout(x: jax.Array, example_keys: jax.Array, rate: float,
+                     layer_index: int) -> jax.Array:
+  """Inverted dropout (as nn.Dropout) with each row's mask drawn from its own key."""
+  keep = 1.0 - rate
+  keys = jax.vmap(lambda k: jax.random.fold_in(k, layer_index))(example_keys)
+  mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, x.shape[1:]))(keys)
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
 
 
 class SeparableConv(nn.Module):

@@ -282,6 +282,19 @@ class RunCheckpoints:
     self.best.save(state, dict(meta, monitor=self.monitor, value=value))
     return True
 
+  def catch_up_best(self, state: Any, meta: dict[str, Any],
+                    records: list[dict[str, Any]]) -> bool:
+    """On resume: saves the state resumed from to best/ when its epoch's record beats
+    best/ (a run stopped between the two saves of that epoch left best/ behind).
+    Returns whether best/ was written."""
+    record = next((r for r in reversed(records) if r.get('step') == meta['step']), None)
+    value = None if record is None else record.get(self.monitor)
+    if not self.improved(value):
+      return False
+    self.best_value = value
+    self.best.save(state, dict(meta, monitor=self.monitor, value=value))
+    return True
+
   def close(self) -> None:
     """Waits for pending saves and releases the managers."""
     try:

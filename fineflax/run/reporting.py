@@ -95,7 +95,7 @@ def run_summary(folder: RunDir, results: dict[str, Any], records: list[dict[str,
   best = results.get('best')
   if best:
     lines.append(f"  best checkpoint, step {best['step']}: {best['monitor']} "
-                 f"{best['value']:.4f} ({best['dir']})")
+                 f"{best['value']:.4f} ({folder.root / best['dir']})")
   for label, record in (('final parameters', results['final']), ('best checkpoint', best)):
     if record and 'test_accuracy' in record:
       lines.append(f"  test split, {label} (step {record['step']}): accuracy "

@@ -220,6 +220,9 @@ def start_state(run: Run, phase: PhasePlan, previous: state_lib.TrainState | Non
                              run.mesh)
   if resume and phase.index == resume['phase_index']:
     state = run.ckpts.latest.restore(resume['step'], state)
+    if run.ckpts.catch_up_best(state, resume, run.metrics_log.read()):
+      logger.info('best %s so far: %.4f (checkpoints/best, caught up on resume)',
+                  run.ckpts.monitor, run.ckpts.best_value)
   return state
 
 

@@ -66,11 +66,15 @@ def _inputs(batch: dict[str, jax.Array], data: dict[str, jax.Array]):
   return batch['image'], batch['label']
 
 
-def _example_keys(key: jax.Array, local_batch: int) -> jax.Array:
-  """One key per example, from its index in the global batch: augmentation does not
-  depend on how many devices share the batch."""
-  first = jax.lax.axis_index(AXIS) * local_batch
-  return jax.vmap(lambda i: jax.random.fold_in(key, i))(first + jnp.arange(local_batch))
+def _global_ids(local_batch: int) -> jax.Array:
+  """The indices in the global batch of this device's rows."""
+  return jax.lax.axis_index(AXIS) * local_batch + jnp.arange(local_batch)
+
+
+def _example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
+  """One key per example, from its index in the global batch: augmentation and dropout do
+  not depend on how many devices share the batch."""
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: freeze.Labels,
@@ -87,7 +91,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     mesh: the device mesh (axis `batch`).
     bn_train: BatchNormalization layers that run in training mode (empty: all frozen, and
       `batch_stats` pass through untouched).
-    seed: augmentation, mixup and dropout are functions of (seed, step, example/device).
+    seed: augmentation, mixup and dropout are functions of (seed, step, global example
+      index): the same on any number of devices.
     augment: the augmentations, applied on the device before the model.
     class_weights: Keras `class_weight`: each example's loss times its class's weight
       (the mean is still over examples, as Keras does). The reported train loss is that
@@ -115,32 +120,39 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     total = jax.lax.psum(jnp.sum(weight), AXIS)
     has_examples = total > 0
     base = jax.random.fold_in(jax.random.key(seed), state.step)
-    device = jax.lax.axis_index(AXIS)
-    keys = _example_keys(jax.random.fold_in(base, 0), images.shape[0])
-    if not on_features:
-      images = augmentation.prepare(images, keys, augment, model.image_size, train=True)
+    local_batch = images.shape[0]
+    ids = _global_ids(local_batch)
+    augment_key = jax.random.fold_in(base, 0)
+    prepare = lambda x, rows: x if on_features else augmentation.prepare(
+        x, _example_keys(augment_key, rows), augment, model.image_size, train=True)
+    raw, images = images, prepare(images, ids)
     if augment.mixup > 0:
-      images, partner, lam = augmentation.mixup(
-          images, jax.random.fold_in(jax.random.fold_in(base, 1), device), augment.mixup)
-    dropout = jax.random.fold_in(jax.random.fold_in(base, 2), device)
+      # Partners come from the whole global batch: their stored images and labels are
+      # gathered from every device and prepared here with their own keys.
+      partner, lam = augmentation.mixup_draws(jax.random.fold_in(base, 1), augment.mixup,
+                                              local_batch * mesh.devices.size, ids)
+      everyone = jax.lax.all_gather(raw, AXIS, tiled=True)
+      images = augmentation.mix(images, prepare(everyone[partner], partner), lam)
+      partner_targets = jax.lax.all_gather(targets, AXIS, tiled=True)[partner]
+    dropout_keys = _example_keys(jax.random.fold_in(base, 2), ids)
 
     def loss_fn(trainable_params):
       variables = {'params': freeze.merge(labels, trainable_params, state.params),
                    'batch_stats': state.batch_stats}
       if bn_train:
         logits, updated = model.apply(variables, images, train=True, bn_train=bn_train,
-                                      rngs={'dropout': dropout}, mutable=['batch_stats'],
+                                      example_keys=dropout_keys, mutable=['batch_stats'],
                                       method=method)
         batch_stats = updated['batch_stats']
       else:
-        logits = model.apply(variables, images, train=True, rngs={'dropout': dropout},
+        logits = model.apply(variables, images, train=True, example_keys=dropout_keys,
                              method=method)
         batch_stats = state.batch_stats
       loss, correct = per_example_loss(logits, targets, label_smoothing)
       loss = loss * weigh(targets)
       if augment.mixup > 0:
         loss = lam * loss + (1 - lam) * per_example_loss(
-            logits, targets[partner], label_smoothing)[0] * weigh(targets[partner])
+            logits, partner_targets, label_smoothing)[0] * weigh(partner_targets)
       return jnp.sum(loss * weight) / total, (batch_stats, loss, correct)
 
     grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)

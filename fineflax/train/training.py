@@ -202,7 +202,8 @@ def finish(run: phases.Run, state: state_lib.TrainState, position: phases.Positi
 
   results.json: {'step', 'epoch', 'test_loss', 'test_accuracy', 'test_examples'} of the
   final parameters (without a test split: no test keys), and 'final' and 'best' records
-  ({'checkpoint', 'step', 'dir', test metrics...}) naming what each figure measured.
+  ({'checkpoint', 'step', 'dir' (relative to the run folder), test metrics...}) naming what
+  each figure measured.
   """
   folder = RunDir(run.workdir)
   step = int(state.step)
@@ -214,14 +215,17 @@ def finish(run: phases.Run, state: state_lib.TrainState, position: phases.Positi
     results.update({k: final[k] for k in ('test_loss', 'test_accuracy', 'test_examples')})
   results['final'] = final
   if best is not None:
+    # The folder relative to the run folder: results.json moves with it.
     record = {'checkpoint': 'best', 'step': best['step'],
-              'dir': str(folder.best / str(best['step'])), 'monitor': best['monitor'],
-              'value': best['value']}
+              'dir': str((folder.best / str(best['step'])).relative_to(folder.root)),
+              'monitor': best['monitor'], 'value': best['value']}
     if has_test and best['step'] != step:
       variables, _ = restore.read_variables(
           folder.best / str(best['step']),
           models.abstract_variables(run.model, run.dataset.info.image_shape))
-      record.update(_test_metrics(run, parallel.replicate(variables, run.mesh)))
+      # From the host: arrays on this process's device cannot be sent to other hosts'.
+      record.update(_test_metrics(run, parallel.replicate(jax.device_get(variables),
+                                                          run.mesh)))
     results['best'] = record
   reporting.write_json(folder.results_json, results)
   if jax.process_index() == 0:
