@@ -85,10 +85,37 @@ def test_random_crop_takes_a_window_and_evaluation_the_centre(images):
   np.testing.assert_allclose(centre, images, atol=1e-3)  # square input: the whole image
 
 
-def test_mixup_mixes_pairs():
+def test_mixup_draws_do_not_depend_on_how_the_batch_is_split():
+  """Partners permute the whole global batch; each example's weight comes from its global
+  index: one device's draws for rows 0-7 are eight devices' draws put together."""
+  key = jax.random.key(3)
+  partner, lam = A.mixup_draws(key, 0.4, 8, jnp.arange(8))
+  assert sorted(np.asarray(partner)) == list(range(8))  # a permutation: each once
+  pieces = [A.mixup_draws(key, 0.4, 8, jnp.arange(i, i + 1)) for i in range(8)]
+  np.testing.assert_array_equal(np.concatenate([p for p, _ in pieces]), partner)
+  np.testing.assert_array_equal(np.concatenate([l for _, l in pieces]), lam)
+  assert len(set(np.asarray(lam).tolist())) == 8  # one draw per example, not one per batch
   x = jnp.arange(4, dtype=jnp.float32)[:, None, None, None] * jnp.ones((4, 2, 2, 1))
-  mixed, partner, lam = A.mixup(x, jax.random.key(0), 0.4)
-  assert sorted(np.asarray(partner)) == [0, 1, 2, 3]
-  assert np.all((lam >= 0) & (lam <= 1))
-  expected = lam * jnp.arange(4) + (1 - lam) * jnp.arange(4)[partner]
-  np.testing.assert_allclose(mixed[:, 0, 0, 0], expected, rtol=1e-6)
+  weights = jnp.array([0.0, 0.25, 0.5, 1.0])
+  mixed = A.mix(x, x[::-1], weights)
+  np.testing.assert_allclose(mixed[:, 0, 0, 0], [3.0, 1.75, 1.5, 3.0], rtol=1e-6)  # w*own+(1-w)*partner
+
+
+@pytest.mark.parametrize('alpha', [0.4, 2.0])
+def test_mixup_partners_and_weights_follow_their_distributions(alpha):
+  """Over a global batch of 4000: the partners are a random permutation (each example
+  once; not the identity, which mixes nothing, nor a shift or reversal: about one fixed
+  point and no correlation with the index, as for a uniform permutation) and the weights
+  are Beta(alpha, alpha) draws (Kolmogorov-Smirnov against scipy's Beta; uniform draws,
+  or Beta of another alpha, are rejected at this size)."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  n = 4000
+  partner, lam = A.mixup_draws(jax.random.key(int(alpha * 10)), alpha, n, jnp.arange(n))
+  partner, lam = np.asarray(partner), np.asarray(lam, np.float64)
+  assert sorted(partner.tolist()) == list(range(n))
+  assert np.sum(partner == np.arange(n)) <= 5  # P(more) < 1e-3 for a uniform permutation
+  assert abs(np.corrcoef(partner, np.arange(n))[0, 1]) < 0.1  # sd 1 / sqrt(n) = 0.016
+  assert stats.kstest(lam, stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+  other = 2.0 if alpha < 1 else 0.4
+  for wrong in (stats.uniform().cdf, stats.beta(other, other).cdf):
+    assert stats.kstest(lam, wrong).pvalue < 1e-6

@@ -98,3 +98,26 @@ def test_a_non_finite_monitored_value_never_becomes_the_best(tmp_path):
     assert not ckpts.improved(float('inf')) and ckpts.improved(3.0)
   finally:
     ckpts.close()
+
+
+def test_leaves_of_another_shape_are_refused(tmp_path, states):
+  """The same leaf paths with another shape or dtype (a head for another class count, a
+  bfloat16 copy): Orbax alone would restore into them; this names the first such leaf."""
+  state = states['conv5']
+  ckpts = checkpoints.Checkpoints(tmp_path)
+  ckpts.save(state, {'step': 3})
+  ckpts.close()
+  kernel = state.params['head']['dense']['kernel']
+  wider = jax.tree_util.tree_map_with_path(
+      lambda path, x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
+      if x is kernel else x, state)
+  halved = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16) if x is kernel else x, state)
+  for target, what in ((wider, 'params/head/dense/kernel: saved ((512, 10), '),
+                       (halved, "params/head/dense/kernel: saved ((512, 10), 'float32'), "
+                                "expected ((512, 10), 'bfloat16')")):
+    ckpts = checkpoints.Checkpoints(tmp_path)
+    with pytest.raises(checkpoints.CheckpointMismatchError,
+                       match='leaves of another shape or dtype') as error:
+      ckpts.restore(3, target)
+    assert what in str(error.value), str(error.value)
+    ckpts.close()

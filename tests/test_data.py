@@ -1,7 +1,7 @@
 """Data sources (image folders, tensorflow-datasets via mock_data, digits), exact
 evaluation on any number of devices, device-resident splits."""
 
-import time
+import socket
 
 import jax
 import numpy as np
@@ -12,7 +12,7 @@ from fineflax import config as config_lib, data, models
 from fineflax.distributed import parallel
 from fineflax.train import state as state_lib
 from fineflax.train import step as step_lib
-from fineflax.data import feed
+from fineflax.data import feed, tfds_source
 from fineflax.errors import ConfigError, DataError
 from fineflax.train.step import evaluate
 
@@ -130,48 +130,114 @@ def test_tfds_cifar10_and_cats_vs_dogs_through_mock_data():
     assert dataset.splits['train[50%:60%]'].images.shape == (12, 20, 20, 3)
 
 
-def test_unprepared_tfds_dataset_fails_fast_naming_the_files(tmp_path):
+def _probe(monkeypatch, answer):
+  """Replaces the data source's network probe: every URL gets `answer` (None: the host
+  answers; a string: why not); returns the URLs asked about."""
+  asked = []
+
+  def reachable(url):
+    asked.append(url)
+    return answer
+
+  monkeypatch.setattr(tfds_source, '_reachable', reachable)
+  return asked
+
+
+def test_unprepared_tfds_dataset_offline_fails_naming_the_files(tmp_path, monkeypatch):
+  """Whether this machine has network or not: the probe says the host is unreachable."""
+  asked = _probe(monkeypatch, 'www.cs.toronto.edu: [Errno 101] Network is unreachable')
   cfg = _data_config('tfds:cifar10', data_dir=str(tmp_path / 'tfds'),
                      manual_dir=str(tmp_path / 'manual'))
-  start = time.perf_counter()
   with pytest.raises(DataError) as error:
     data.load_dataset(cfg)
-  assert time.perf_counter() - start < 10
+  url = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
+  assert asked == [url]
   message = str(error.value)
-  assert 'not prepared in' in message and 'cifar-10-binary.tar.gz' in message
-  assert 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz' in message
+  assert f"config.data.source='tfds:cifar10': the dataset is not prepared in {tmp_path / 'tfds'}" \
+      in message
+  assert '(no network: www.cs.toronto.edu: [Errno 101] Network is unreachable)' in message
+  assert f'  cifar-10-binary.tar.gz  from {url}  (sha256 ' in message
   assert f'config.data.manual_dir (now {tmp_path / "manual"})' in message
+  assert 'manual download instructions' not in message
+
+
+@pytest.mark.parametrize('manual_dir', [None, 'empty'])
+def test_a_manual_tfds_dataset_needs_its_files_even_when_the_network_answers(
+    tmp_path, monkeypatch, manual_dir):
+  """imagenet2012 cannot be downloaded by tfds (MANUAL_DOWNLOAD_INSTRUCTIONS): with the
+  hosts reachable, and without its files in manual_dir (none set, or an empty folder), the
+  error gives tfds' instructions and names the files, and no download starts."""
+  asked = _probe(monkeypatch, None)
+  if manual_dir:
+    manual_dir = tmp_path / manual_dir
+    manual_dir.mkdir()
+  cfg = _data_config('tfds:imagenet2012', data_dir=str(tmp_path / 'tfds'), load_size=32,
+                     manual_dir=manual_dir and str(manual_dir), val_split='validation',
+                     test_split=None)
+  with pytest.raises(DataError) as error:
+    data.load_dataset(cfg)
+  message = str(error.value)
+  assert "config.data.source='tfds:imagenet2012': the dataset is not prepared in" in message
+  assert 'no network' not in message
+  assert 'Its manual download instructions:' in message
+  assert 'https://image-net.org/download-images' in message
+  for name in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'):
+    assert name in message
+  assert f'config.data.manual_dir (now {manual_dir})' in message
+  assert not (tmp_path / 'tfds' / 'downloads').exists()
+  assert asked == []  # reachability does not matter for a manual dataset
+
+
+def test_the_reachability_probe_on_local_sockets():
+  with socket.socket() as listening:
+    listening.bind(('127.0.0.1', 0))
+    listening.listen(1)
+    port = listening.getsockname()[1]
+    assert tfds_source._reachable(f'http://127.0.0.1:{port}/a.tar.gz') is None
+  why = tfds_source._reachable(f'https://127.0.0.1:{port}/a.tar.gz')  # closed now
+  assert why.startswith('127.0.0.1: ') and 'refused' in why
 
 
 def _eval_setup(devices, n=37):
   cfg = config_lib.default_config()
   cfg.model.backbone = 'resnet_tiny'
   cfg.model.preprocessing = 'tf'
+  cfg.model.head.update(dropout=0.5, batchnorm=True)  # both in inference mode to evaluate
   model = models.build_model(cfg.model, 3, bn_axis_name=parallel.AXIS)
   variables = state_lib.init_variables(model, (16, 16, 3), seed=0)
   rng = np.random.default_rng(5)
-  split = data.Split(rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8),
-                     rng.integers(0, 3, n).astype(np.int32))
+  images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  labels = rng.integers(0, 3, n).astype(np.int32)
+  # Padding rows repeat example 0: labelled as the model predicts it, a padding row that
+  # counted would add to the correct ones as well as to the loss.
+  labels[0] = int(np.argmax(model.apply(variables, images[:1])))
+  split = data.Split(images, labels)
   mesh = parallel.make_mesh(devices)
   return model, parallel.replicate(variables, mesh), split, mesh
 
 
 @pytest.mark.parametrize('resident', [False, True])
 def test_evaluation_is_exact_on_one_and_eight_devices(resident):
+  """37 examples in batches of 16: two full ones and one of 5 padded to 16 (on eight
+  devices, 2 rows each: the padding spreads over devices). Each example counts once: the
+  loss and accuracy are the mean softmax cross-entropy and argmax accuracy of the 37,
+  computed here with NumPy from the model's inference-mode logits."""
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     model, variables, split, mesh = _eval_setup(devices)
     placed = feed.place(split, mesh) if resident else None
     eval_step = step_lib.make_eval_step(model, mesh)
     results.append(evaluate(eval_step, variables, split, 16, mesh, placed))
-  one, eight = results
-  assert one['count'] == eight['count'] == 37
-  np.testing.assert_allclose(one['loss'], eight['loss'], rtol=1e-6)
-  assert one['accuracy'] == eight['accuracy']
-  logits = model.apply(jax.device_get(variables), split.images)
-  loss, correct = step_lib.per_example_loss(logits, split.labels)
-  np.testing.assert_allclose(one['loss'], np.mean(loss), rtol=1e-5)
-  np.testing.assert_allclose(one['accuracy'], np.mean(correct), rtol=1e-6)
+  logits = np.asarray(model.apply(jax.device_get(variables), split.images), np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  loss = -log_p[np.arange(37), split.labels]
+  correct = logits.argmax(-1) == split.labels
+  assert 0 < correct.sum() < 37  # an accuracy that a miscount would move
+  for got in results:
+    assert got['count'] == 37
+    np.testing.assert_allclose(got['loss'], loss.mean(), rtol=1e-5)
+    assert got['accuracy'] == pytest.approx(correct.sum() / 37, rel=1e-9)
 
 
 def test_resident_splits_respect_the_limit():

@@ -124,6 +124,46 @@ def test_unreachable_server_fails_fast_naming_the_path(cache):
   assert not cache.exists() or list(cache.iterdir()) == []
 
 
+def test_a_host_that_accepts_but_never_answers_gives_up_within_the_timeout(cache,
+                                                                          monkeypatch):
+  """The slow offline case (a firewall that drops packets, a proxy that hangs): a socket
+  that accepts the connection (the kernel does, from its backlog) and never sends a
+  byte. The download gives up after the module's per-operation timeout, not later, with
+  the one-line error naming the URL and where to put the file."""
+  monkeypatch.setattr(download, 'TIMEOUT_S', 1.0)  # the real 10 s would slow the suite
+  silent = socket.socket()
+  silent.bind(('127.0.0.1', 0))
+  silent.listen(8)  # never accept()ed, never answered
+  port = silent.getsockname()[1]
+  file = weights.WeightFile(f'http://127.0.0.1:{port}/xception_notop.h5', md5='b' * 32)
+  outcome = {}
+
+  def attempt():
+    try:
+      download.fetch(file)
+    except Exception as e:  # pylint: disable=broad-except
+      outcome['error'] = e
+    outcome['seconds'] = time.perf_counter() - start
+
+  start = time.perf_counter()
+  worker = threading.Thread(target=attempt, daemon=True)
+  worker.start()
+  worker.join(download.TIMEOUT_S + 5)  # margin for a loaded machine
+  hung = worker.is_alive()
+  silent.close()  # lets a download that hangs end (a reset), so the thread ends too
+  worker.join(5)
+  assert not hung, f'still waiting after {download.TIMEOUT_S + 5} s'
+  assert outcome['seconds'] >= download.TIMEOUT_S * 0.9  # it did wait for the host
+  error = outcome['error']
+  assert isinstance(error, weights.WeightsUnavailableError), repr(error)
+  message = str(error)
+  assert '\n' not in message
+  assert message.startswith(f'cannot download http://127.0.0.1:{port}/xception_notop.h5 (')
+  assert 'timed out' in message
+  assert str(cache / 'xception_notop.h5') in message and 'md5 ' + 'b' * 32 in message
+  assert not cache.exists() or list(cache.iterdir()) == []
+
+
 def test_named_source_through_a_mirror(server, cache, monkeypatch):
   """'keras:imagenet' asks the mirror for Keras' file name, and refuses a file that is not
   the published one."""

@@ -2,7 +2,8 @@
 tests/test_predict.py).
 
 Every test reads conftest's `demo_run` (the demo smoke config, two phases of one epoch:
-checkpoints at steps 2 and 4, best/ by val_loss), some on all eight devices.
+checkpoints at steps 2 and 4, best/ by val_loss), some on all eight devices. A test that
+writes (an evaluation writes DIR/eval/) works on a copy of it in its tmp_path.
 """
 
 import json
@@ -110,12 +111,14 @@ def test_a_checkpoint_of_another_model_is_refused(run_dir, tmp_path):
   assert "params/head/dense/bias: saved ((10,), 'float32'), expected ((8,), 'float32')" in message
 
 
-def test_evaluate_run_equals_the_run_s_own_test_results(run_dir):
+def test_evaluate_run_equals_the_run_s_own_test_results(run_dir, tmp_path):
   """On the eight devices, where the run trained on one; 24 does not divide the 32 test
   examples: the last batch is two thirds padding, spread over the devices."""
+  from sklearn.metrics import top_k_accuracy_score  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8
-  results = json.loads((run_dir / 'results.json').read_text())
-  report = evaluate.evaluate_run(run_dir, 'test', 'latest', batch_size=24)
+  workdir = _copy_run(run_dir, tmp_path / 'run', without=('eval',))
+  results = json.loads((workdir / 'results.json').read_text())
+  report = evaluate.evaluate_run(workdir, 'test', 'latest', batch_size=24)
   assert report['examples'] == results['test_examples'] == 32
   assert report['loss'] == pytest.approx(results['test_loss'], rel=LOSS_RTOL)
   assert report['accuracy'] == results['test_accuracy']
@@ -128,26 +131,34 @@ def test_evaluate_run_equals_the_run_s_own_test_results(run_dir):
   np.testing.assert_array_equal(matrix.sum(axis=1), [r['examples'] for r in per_class])
   np.testing.assert_array_equal(np.diag(matrix), [r['correct'] for r in per_class])
   assert np.trace(matrix) == round(results['test_accuracy'] * 32)
-  assert report['accuracy'] <= report['top5_accuracy'] <= 1
+  saved = np.load(report['files']['predictions'])
+  assert report['files']['predictions'] == str(workdir / 'eval' / 'test-latest-predictions.npz')
+  np.testing.assert_array_equal(saved['logits'].argmax(-1), saved['predicted'])
+  assert np.mean(saved['predicted'] == saved['labels']) == report['accuracy']
+  # Top-5 by scikit-learn from the saved logits (whose loss and accuracy match the run's).
+  top5 = top_k_accuracy_score(saved['labels'], saved['logits'], k=5, labels=np.arange(10))
+  assert report['top5_accuracy'] == pytest.approx(top5, abs=1e-12)
+  assert report['top5_accuracy'] != report['accuracy']  # so the two cannot be mixed up
   assert json.loads(Path(report['files']['json']).read_text()) == report
-  assert report['files']['json'] == str(run_dir / 'eval' / 'test-latest.json')
-  png = run_dir / 'eval' / 'test-latest-confusion.png'
+  assert report['files']['json'] == str(workdir / 'eval' / 'test-latest.json')
+  png = workdir / 'eval' / 'test-latest-confusion.png'
   assert report['files']['confusion_png'] == str(png)
   with Image.open(png) as image:
     assert image.format == 'PNG' and min(image.size) > 100
 
 
-def test_evaluate_run_on_val_by_role_and_by_name_gives_the_best_val_loss(run_dir):
+def test_evaluate_run_on_val_by_role_and_by_name_gives_the_best_val_loss(run_dir, tmp_path):
   """best/'s meta holds the val_loss it was chosen by: the same number, recomputed."""
-  best = restore.load_run(run_dir, 'best')
+  workdir = _copy_run(run_dir, tmp_path / 'run', without=('eval',))
+  best = restore.load_run(workdir, 'best')
   one = jax.devices()[:1]
-  by_role = evaluate.evaluate_run(run_dir, 'val', devices=one)
-  by_name = evaluate.evaluate_run(run_dir, 'validation', best.step, devices=one)
+  by_role = evaluate.evaluate_run(workdir, 'val', devices=one)
+  by_name = evaluate.evaluate_run(workdir, 'validation', best.step, devices=one)
   assert by_role['split_name'] == by_name['split_name'] == 'validation'
   assert by_role['loss'] == pytest.approx(best.meta['value'], rel=LOSS_RTOL)
   assert by_role['loss'] == by_name['loss'] and by_role['accuracy'] == by_name['accuracy']
-  assert (run_dir / 'eval' / 'val-best.json').is_file()
-  assert (run_dir / 'eval' / f'validation-step{best.step}-confusion.png').is_file()
+  assert json.loads((workdir / 'eval' / 'val-best.json').read_text())['loss'] == by_role['loss']
+  assert (workdir / 'eval' / f'validation-step{best.step}-confusion.png').is_file()
   with pytest.raises(ConfigError, match=r"--split=holdout: the dataset has the splits \['test', "):
     evaluate.resolve_split('holdout', best.config.data, ['train', 'validation', 'test'])
 
@@ -165,12 +176,14 @@ def test_binary_metrics_threshold_at_logit_zero():
 
 
 def test_evaluate_command_line(run_dir, tmp_path):
-  results = json.loads((run_dir / 'results.json').read_text())
+  workdir = _copy_run(run_dir, tmp_path / 'run', without=('eval',))
+  assert not (workdir / 'eval').exists()
+  results = json.loads((workdir / 'results.json').read_text())
   # A compilation cache the user set up for JAX gets the compiled steps, not fineflax's.
   env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path),
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'users-cache'),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  command = [sys.executable, '-m', 'fineflax.evaluate', '--workdir', str(run_dir),
+  command = [sys.executable, '-m', 'fineflax.evaluate', '--workdir', str(workdir),
              '--checkpoint', 'latest']
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=300, check=False)
@@ -180,4 +193,7 @@ def test_evaluate_command_line(run_dir, tmp_path):
   assert 'devices: backend cpu: 1 x cpu' in done.stderr
   assert f"accuracy {results['test_accuracy']:.4f}" in done.stdout
   assert "split 'test' (test), 32 examples" in done.stdout
-  assert (run_dir / 'eval' / 'test-latest.json').is_file()
+  written = json.loads((workdir / 'eval' / 'test-latest.json').read_text())
+  assert (written['examples'], written['step']) == (32, 4)
+  assert written['accuracy'] == results['test_accuracy']
+  assert written['loss'] == pytest.approx(results['test_loss'], rel=LOSS_RTOL)

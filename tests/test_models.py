@@ -8,7 +8,10 @@ import pytest
 from fineflax import models
 from fineflax.models import graph, heads, resnet
 
-KERAS_RESNETS = {'resnet50': 'ResNet50', 'resnet101': 'ResNet101', 'resnet152': 'ResNet152'}
+# name: (Keras application, the smallest input side it builds at that is quick here)
+KERAS_BACKBONES = {'resnet50': ('ResNet50', 32), 'resnet101': ('ResNet101', 32),
+                   'resnet152': ('ResNet152', 32), 'vgg16': ('VGG16', 32),
+                   'xception': ('Xception', 71)}  # Xception refuses inputs under 71
 
 
 def _param_counts(variables):
@@ -19,16 +22,20 @@ def _param_counts(variables):
   return out
 
 
-@pytest.mark.parametrize('name', sorted(KERAS_RESNETS))
-def test_resnet_layers_and_params_equal_keras(keras, name):
-  """Same layer names, kinds and order as Keras, and the same parameter count per layer."""
-  reference = getattr(keras.applications, KERAS_RESNETS[name])(
-      include_top=False, weights=None, input_shape=(32, 32, 3))
+@pytest.mark.parametrize('name', sorted(KERAS_BACKBONES))
+def test_backbone_layers_and_params_equal_keras(keras, name):
+  """Same layer names, kinds and order as Keras (so that a freeze spec `layers[:N]` means
+  the layers it means in Keras), and the same parameter count per layer."""
+  cls, side = KERAS_BACKBONES[name]
+  keras.backend.clear_session()  # automatic names (input_layer, add, ...) start afresh
+  reference = getattr(keras.applications, cls)(include_top=False, weights=None,
+                                               input_shape=(side, side, 3))
   backbone = models.BACKBONES[name].build()
   assert [(l.name, l.kind) for l in backbone.layers[1:]] == [
       (l.name, type(l).__name__) for l in reference.layers[1:]]
   assert backbone.layers[0].kind == type(reference.layers[0]).__name__ == 'InputLayer'
-  variables = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+  assert len(backbone.layers) == len(reference.layers)
+  variables = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
   counts = _param_counts(variables)
   for layer in reference.layers:
     assert counts.get(layer.name, 0) == layer.count_params(), layer.name

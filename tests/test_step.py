@@ -1,5 +1,6 @@
 """The train and eval steps: frozen means bit-for-bit, data parallel means device-count
-independent, evaluation counts every example once."""
+independent. (Evaluation counting every example once, on 1 and 8 devices:
+tests/test_data.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -123,23 +124,25 @@ def test_training_mode_bn_updates_only_trainable_layers():
 # which ReLU leaves some channels nearly constant: 1 / sqrt(var + eps) then blows the
 # rounding up to 1e-2 for one random draw of weights (2 and 4 devices agreed to 1e-6 there).
 # One step checks what matters: pmean'd gradients and BN statistics.
-# With augmentation: each example's transform comes from its index in the global batch,
-# so it is the same on 1 and 8 devices.
-@pytest.mark.parametrize('spec, batchnorm, steps, image, augment', [
-    (CONV5, 'frozen', 3, IMAGE, Augment()), ('none', 'train', 1, (32, 32, 3), Augment()),
-    (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, zoom=0.2))])
-def test_eight_devices_equal_one(spec, batchnorm, steps, image, augment):
+# With augmentation, dropout and mixup: each example's transform, dropout mask, mixup
+# weight and partner (from the whole global batch) come from its index in the global
+# batch, so they are the same on 1 and 8 devices.
+@pytest.mark.parametrize('spec, batchnorm, steps, image, augment, dropout', [
+    (CONV5, 'frozen', 3, IMAGE, Augment(), 0.0),
+    ('none', 'train', 1, (32, 32, 3), Augment(), 0.0),
+    (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, zoom=0.2), 0.0),
+    (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, mixup=0.4), 0.5)])
+def test_eight_devices_equal_one(spec, batchnorm, steps, image, augment, dropout):
   """Same losses and parameters on 1 and 8 devices (tolerance 1e-5).
 
   SGD, so that parameter differences show gradient differences directly (Adam's
-  normalisation would amplify rounding noise in near-zero gradients); no dropout, whose
-  masks depend on the device.
+  normalisation would amplify rounding noise in near-zero gradients).
   """
   assert len(jax.devices()) == 8
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
     _, _, mesh, state, train_step = _setup(spec, batchnorm, devices, optimizer='sgd',
-                                           learning_rate=0.05, dropout=0.0, image=image,
+                                           learning_rate=0.05, dropout=dropout, image=image,
                                            augment=augment)
     state, metrics = _run(state, train_step, mesh, _batches(steps, image=image))
     results.append((jax.device_get(state), metrics))
@@ -151,22 +154,6 @@ def test_eight_devices_equal_one(spec, batchnorm, steps, image, augment):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=path)
   for path, a, b, _ in _pairs(one.batch_stats, eight.batch_stats):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=path)
-
-
-def test_eval_counts_every_example_once():
-  model, _, mesh, state, _ = _setup(CONV5)
-  eval_step = step_lib.make_eval_step(model, mesh)
-  rng = np.random.default_rng(1)
-  n = 37  # two full batches of 16 and one of 5 padded to 16
-  split = data.Split(rng.integers(0, 256, (n,) + IMAGE, dtype=np.uint8),
-                     rng.integers(0, 4, n).astype(np.int32))
-  from fineflax.train.step import evaluate  # pylint: disable=g-import-not-at-top
-  got = evaluate(eval_step, state.variables, split, BATCH, mesh)
-  assert got['count'] == n
-  logits = model.apply(jax.device_get(state.variables), split.images)
-  loss, correct = step_lib.per_example_loss(logits, split.labels)
-  np.testing.assert_allclose(got['loss'], np.mean(loss), rtol=1e-5)
-  np.testing.assert_allclose(got['accuracy'], np.mean(correct), rtol=1e-6)
 
 
 def test_losses():

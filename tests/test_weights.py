@@ -174,11 +174,78 @@ def test_weight_names_are_checked_against_the_backbone():
 def test_sources_are_complete():
   for source in weights.SOURCES:
     assert source.backbone in models.BACKBONES
-    assert source.full.checksums() and source.top1.endswith('%') and source.licence
+    # (Checksums and URLs: against Keras and torchvision, in the two tests below.)
+    assert source.top1.endswith('%') and source.licence
     assert source.full.url.startswith('https://')
     assert weights.named_source('imagenet', source.backbone) is not None
   assert weights.named_source('keras:imagenet', 'resnet50').file(False).filename == (
       'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5')
+
+
+# The torchvision side, in a process of its own (torchvision after TensorFlow crashes; see
+# tests/torchvision_reference.py): each ResNet50 weight enum's URL, the sha256 prefix torch
+# hub checks (its HASH_REGEX on the file name), top-1 and the default.
+_TORCHVISION_WEIGHTS = """
+import json
+import torch.hub
+from torchvision.models import ResNet50_Weights
+out = {w.name: {'url': w.url, 'acc1': w.meta['_metrics']['ImageNet-1K']['acc@1'],
+                'prefix': torch.hub.HASH_REGEX.search(w.url.rsplit('/', 1)[1]).group(1)}
+       for w in ResNet50_Weights}
+print(json.dumps({'weights': out, 'default': ResNet50_Weights.DEFAULT.name}))
+"""
+
+
+def test_keras_checksums_and_urls_are_those_of_the_installed_keras():
+  """Each `keras:imagenet` file against keras.applications' own code (no network): the
+  URL it downloads and the md5 `file_hash` it checks, with and without the top."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import inspect  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  published = {}  # url -> md5, as Keras downloads and checks it
+  resnet = importlib.import_module('keras.src.applications.resnet')
+  assert ('f"{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"'
+          in inspect.getsource(resnet))
+  for name, (full, notop) in resnet.WEIGHTS_HASHES.items():
+    stem = f'{resnet.BASE_WEIGHTS_PATH}{name}_weights_tf_dim_ordering_tf_kernels'
+    published[f'{stem}.h5'], published[f'{stem}_notop.h5'] = full, notop
+  for module_name in ('vgg16', 'xception'):
+    module = importlib.import_module(f'keras.src.applications.{module_name}')
+    calls = re.findall(r'get_file\(\s*"([^"]+)",\s*(WEIGHTS_PATH(?:_NO_TOP)?),\s*'
+                       r'cache_subdir="models",\s*file_hash="([0-9a-f]{32})"',
+                       inspect.getsource(module))
+    assert len(calls) == 2, module_name  # the file with the top and the one without
+    for filename, constant, md5 in calls:
+      url = getattr(module, constant)
+      assert url.endswith('/' + filename)
+      published[url] = md5
+  keras_sources = [s for s in weights.SOURCES if s.name == 'keras:imagenet']
+  assert sorted(s.backbone for s in keras_sources) == [
+      'resnet101', 'resnet152', 'resnet50', 'vgg16', 'xception']
+  for source in keras_sources:
+    for file in (source.full, source.notop):
+      assert file.url in published, file.url
+      assert (file.md5, file.sha256, file.sha256_prefix) == (published[file.url], None, None)
+
+
+def test_torchvision_checksums_and_urls_are_those_of_the_installed_torchvision():
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  done = subprocess.run([sys.executable, '-c', _TORCHVISION_WEIGHTS], capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  published = json.loads(done.stdout.strip().splitlines()[-1])
+  ours = {s.name: s for s in weights.SOURCES if s.backbone == 'resnet50_torchvision'}
+  assert sorted(ours) == sorted(f'torchvision:{n}' for n in published['weights'])
+  for name, tv in published['weights'].items():
+    source = ours[f'torchvision:{name}']
+    assert source.notop is None
+    assert (source.full.url, source.full.sha256_prefix) == (tv['url'], tv['prefix'])
+    assert source.full.md5 is None and source.full.sha256 is None
+    assert source.top1 == f"{tv['acc1']:.2f}%"
+  assert weights.sources.DEFAULTS['resnet50_torchvision'] == (
+      f"torchvision:{published['default']}")
 
 
 def test_docs_list_every_source():

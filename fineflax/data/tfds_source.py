@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 from urllib.parse import urlparse
 
@@ -84,11 +84,12 @@ def _prepare(builder, spec: str, data_config: Any) -> None:
   manual_dir = data_config.manual_dir
   infos = dict(builder.url_infos or {})
   instructions = getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None)
-  local = manual_dir and all((Path(manual_dir) / i.filename).exists() for i in infos.values()
-                             if i.filename)
+  # A file without a name in tfds' record goes by the last part of its URL.
+  names = {url: i.filename or PurePosixPath(urlparse(url).path).name for url, i in infos.items()}
+  local = bool(manual_dir) and all((Path(manual_dir) / n).exists() for n in names.values())
   problems = [] if local or instructions else [p for p in map(_reachable, infos) if p]
-  if problems or (instructions and not manual_dir):
-    files = '\n'.join(f'  {i.filename or url}  from {url}  (sha256 {i.checksum}, '
+  if problems or (instructions and not local):
+    files = '\n'.join(f'  {names[url]}  from {url}  (sha256 {i.checksum}, '
                       f'{i.size:,} bytes)' for url, i in infos.items())
     raise DataError(
         f'config.data.source={spec!r}: the dataset is not prepared in '

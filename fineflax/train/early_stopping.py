@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from fineflax.config import resolve_mode
+
 
 @dataclasses.dataclass
 class EarlyStopping:
@@ -23,6 +25,9 @@ class EarlyStopping:
   best: float | None = None
   best_epoch: int = 0
   wait: int = 0
+
+  def __post_init__(self):
+    self.mode = resolve_mode(self.monitor, self.mode)  # 'auto' as Keras reads it
 
   @classmethod
   def from_config(cls, cfg: Any, saved: dict[str, Any] | None = None) -> 'EarlyStopping':
