@@ -52,7 +52,7 @@ SLOW_FILES = frozenset({
     'test_failures', 'test_features', 'test_load_run', 'test_models', 'test_multihost',
     'test_multiprocess', 'test_optimizers', 'test_predict', 'test_researcher_path',
     'test_runtime', 'test_step', 'test_train', 'test_unreadable_images', 'test_weights',
-    'test_data_order'})
+    'test_data_order', 'test_configs'})
 
 
 def pytest_collection_modifyitems(config, items):

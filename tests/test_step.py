@@ -204,3 +204,35 @@ def test_a_batch_of_padding_only_leaves_the_state_as_it_was():
   state, metrics = _run(state, train_step, mesh, _batches(1, seed=2))  # and then trains on
   assert np.isfinite(metrics[0]['loss']) and metrics[0]['count'] == BATCH
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+
+
+def _smoothed_cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float,
+                            num_classes: int) -> np.ndarray:
+  """Per-example softmax cross-entropy against (1 - s) one-hot + s / classes, in NumPy."""
+  logits = np.asarray(logits, np.float64)
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+  targets = np.full(logits.shape, smoothing / num_classes)
+  targets[np.arange(len(labels)), labels] += 1 - smoothing
+  return -(targets * log_p).sum(-1)
+
+
+def test_label_smoothing_is_the_loss_of_training_and_of_evaluation():
+  """With label_smoothing 0.3 the train step (learning rate 0: the parameters the loss
+  was computed with stay) and the eval step report the smoothed cross-entropy."""
+  model, labels, mesh, state, _ = _setup(CONV5, dropout=0.0, devices=jax.devices()[:1])
+  phase = config_lib.phase(optimizer='sgd', learning_rate=1e-30)
+  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
+  state = parallel.replicate(state_lib.create_train_state(
+      jax.device_get(state.variables), tx, labels), mesh)
+  train_step = step_lib.make_train_step(model, tx, labels, mesh, label_smoothing=0.3)
+  eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=0.3)
+  batch = _batches(1)[0]
+  logits = np.asarray(model.apply(jax.device_get(state.variables), batch['image']))
+  expected = _smoothed_cross_entropy(logits, batch['label'], 0.3, 4).sum()
+  unsmoothed = _smoothed_cross_entropy(logits, batch['label'], 0.0, 4).sum()
+  assert abs(expected - unsmoothed) > 0.1  # the smoothing is visible at this size
+  got_eval = eval_step(state.variables, parallel.shard_batch(batch, mesh), {})
+  np.testing.assert_allclose(float(got_eval['loss']), expected, rtol=1e-5)
+  _, got_train = train_step(state, parallel.shard_batch(batch, mesh), {})
+  np.testing.assert_allclose(float(got_train['loss']), expected, rtol=1e-5)
