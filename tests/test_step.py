@@ -12,6 +12,7 @@ from fineflax.distributed import parallel
 from fineflax import pytree
 from fineflax.train import freeze, optimizers
 from fineflax.train import state as state_lib, step as step_lib
+from fineflax.data import augment as augmentation
 from fineflax.data.augment import Augment
 
 IMAGE = (16, 16, 3)
@@ -236,3 +237,25 @@ def test_label_smoothing_is_the_loss_of_training_and_of_evaluation():
   np.testing.assert_allclose(float(got_eval['loss']), expected, rtol=1e-5)
   _, got_train = train_step(state, parallel.shard_batch(batch, mesh), {})
   np.testing.assert_allclose(float(got_train['loss']), expected, rtol=1e-5)
+
+
+def test_mixup_loss_weighs_own_and_partner_labels_by_each_examples_weight():
+  """The reported loss of a mixup step is sum(w * CE(own) + (1 - w) * CE(partner)) over the
+  logits of the mixed images, with each example's weight and partner drawn as documented
+  (fineflax.data.augment.mixup_draws with the step's key)."""
+  model, labels, mesh, state, train_step = _setup(
+      CONV5, dropout=0.0, devices=jax.devices()[:1], augment=Augment(mixup=0.4))
+  batch = _batches(1)[0]
+  key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), 1)  # seed 0, step 0
+  partner, lam = augmentation.mixup_draws(key, 0.4, BATCH, jnp.arange(BATCH))
+  partner, lam = np.asarray(partner), np.asarray(lam, np.float64)
+  images = batch['image'].astype(np.float32)
+  mixed = lam[:, None, None, None] * images + (1 - lam[:, None, None, None]) * images[partner]
+  logits = np.asarray(model.apply(jax.device_get(state.variables), mixed.astype(np.float32)))
+  own = _smoothed_cross_entropy(logits, batch['label'], 0.0, 4)
+  other = _smoothed_cross_entropy(logits, batch['label'][partner], 0.0, 4)
+  expected = float(np.sum(lam * own + (1 - lam) * other))
+  halves = float(np.sum(0.5 * own + 0.5 * other))
+  assert abs(expected - halves) > 1e-3  # the weights matter at this size
+  _, metrics = train_step(state, parallel.shard_batch(batch, mesh), {})
+  np.testing.assert_allclose(float(metrics['loss']), expected, rtol=1e-4)
