@@ -50,10 +50,9 @@ from jax.sharding import Mesh
 
 from fineflax import config as config_lib, models
 from fineflax.distributed import parallel, runtime
-from fineflax.train import freeze, optimizers
-from fineflax.train import state as state_lib, step as step_lib
 from fineflax.errors import FineflaxError
 from fineflax.run.reporting import MetricsLog
+from fineflax.train import freeze, optimizers, state as state_lib, step as step_lib
 
 MODES = ('forward', 'head', 'conv5', 'full')
 # The first layer that trains in 'conv5' mode, per backbone family (Keras names).

@@ -15,8 +15,8 @@ from ml_collections import config_flags
 
 from fineflax import config as config_lib, distributed
 from fineflax.distributed import runtime
-from fineflax.run import reporting
 from fineflax.errors import ConfigError, FineflaxError
+from fineflax.run import reporting
 
 logger = logging.getLogger('fineflax.cli')
 

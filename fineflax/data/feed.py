@@ -16,8 +16,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 from jax.sharding import Mesh
 
-from fineflax.distributed import parallel
 from fineflax.data.dataset import Batch, Split, gather
+from fineflax.distributed import parallel
 
 logger = logging.getLogger('fineflax.data')
 

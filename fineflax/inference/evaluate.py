@@ -25,13 +25,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fineflax import data
-from fineflax.distributed import parallel
-from fineflax.run import reporting, restore
-from fineflax.train import step
 from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
+from fineflax.distributed import parallel
 from fineflax.errors import ConfigError
-from fineflax.run import RunDir
+from fineflax.run import RunDir, reporting, restore
+from fineflax.train import step
 
 logger = logging.getLogger('fineflax.evaluate')  # not __name__: '__main__' under -m
 ROLES = ('train', 'val', 'test')

@@ -33,17 +33,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from fineflax import config as config_lib, data, models
-from fineflax.distributed import parallel
-from fineflax.inference import evaluate
-from fineflax.run import restore
-from fineflax import weights
-from fineflax.train import state as state_lib
+from fineflax import config as config_lib, data, models, weights
 from fineflax.data import augment as augmentation
 from fineflax.data.folder import IMAGE_SUFFIXES
 from fineflax.data.images import read_image
+from fineflax.distributed import parallel
 from fineflax.errors import ConfigError, DataError
+from fineflax.inference import evaluate
 from fineflax.inference.evaluate import probabilities
+from fineflax.run import restore
+from fineflax.train import state as state_lib
 
 logger = logging.getLogger('fineflax.predict')
 

@@ -278,8 +278,7 @@ class RunCheckpoints:
     # checkpoint without one in latest/ to resume from (refused, and rightly so for a
     # latest/ deleted by hand).
     self.latest.wait()
-    self.best_value = value
-    self.best.save(state, dict(meta, monitor=self.monitor, value=value))
+    self._save_best(state, meta, value)
     return True
 
   def catch_up_best(self, state: Any, meta: dict[str, Any],
@@ -291,9 +290,12 @@ class RunCheckpoints:
     value = None if record is None else record.get(self.monitor)
     if not self.improved(value):
       return False
+    self._save_best(state, meta, value)
+    return True
+
+  def _save_best(self, state: Any, meta: dict[str, Any], value: float) -> None:
     self.best_value = value
     self.best.save(state, dict(meta, monitor=self.monitor, value=value))
-    return True
 
   def close(self) -> None:
     """Waits for pending saves and releases the managers."""

@@ -30,11 +30,9 @@ import flax.linen as nn
 import ml_collections
 import orbax.checkpoint as ocp
 
-from fineflax import config as config_lib, data, models
-from fineflax import weights
-from fineflax.run import checkpoints
+from fineflax import config as config_lib, data, models, weights
 from fineflax.errors import ConfigError
-from fineflax.run import RunDir
+from fineflax.run import RunDir, checkpoints
 
 logger = logging.getLogger('fineflax.run.restore')
 

@@ -23,10 +23,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fineflax import data, models
-from fineflax.train import freeze
 from fineflax.data import feed
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
+from fineflax.train import freeze
 
 logger = logging.getLogger('fineflax.features')
 

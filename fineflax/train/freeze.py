@@ -26,8 +26,8 @@ import optax
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
-from fineflax.pytree import path_str
 from fineflax.models.graph import Layer
+from fineflax.pytree import path_str
 
 TRAINABLE = 'trainable'
 FROZEN = 'frozen'

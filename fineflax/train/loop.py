@@ -21,18 +21,15 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from fineflax import data, models
-from fineflax.run import checkpoints, plots, progress
-from fineflax.train import features
-from fineflax.distributed import parallel
-from fineflax.run import reporting, tensorboard
-from fineflax.train import state as state_lib, step as step_lib, summary
 from fineflax.data import feed
+from fineflax.distributed import parallel
+from fineflax.distributed.preemption import Preempted, StopRequest
+from fineflax.errors import TrainingDivergedError
+from fineflax.run import RunDir, checkpoints, plots, progress, reporting, tensorboard
+from fineflax.train import features, state as state_lib, step as step_lib, summary
 from fineflax.train.early_stopping import EarlyStopping
 from fineflax.train.plan import PhasePlan
 from fineflax.train.step import evaluate
-from fineflax.errors import TrainingDivergedError
-from fineflax.distributed.preemption import Preempted, StopRequest
-from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.train')
 

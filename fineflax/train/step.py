@@ -21,12 +21,11 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from fineflax.train import freeze
-from fineflax.data import augment as augmentation
-from fineflax.data import feed
+from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
 from fineflax.data.dataset import Split, eval_batches
 from fineflax.distributed.parallel import AXIS
+from fineflax.train import freeze
 from fineflax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]  # sums over the examples of a step: loss, correct, count

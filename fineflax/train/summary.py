@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from fineflax import config as config_lib, data, models
-from fineflax.train import freeze
 from fineflax.errors import ConfigError
 from fineflax.models import Classifier, abstract_variables
+from fineflax.train import freeze
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,19 +21,14 @@ from typing import Any, Sequence
 import jax
 import ml_collections
 
-from fineflax import config as config_lib, data, models
-from fineflax.run import checkpoints, restore
-from fineflax.train import features, plan
-from fineflax.distributed import parallel
-from fineflax.run import reporting
-from fineflax.train import loop as phases, state as state_lib
-from fineflax import weights
-from fineflax.run import tensorboard
-from fineflax.train import step as step_lib
+from fineflax import config as config_lib, data, models, weights
 from fineflax.data import feed, preview
-from fineflax.errors import ConfigError
+from fineflax.distributed import parallel
 from fineflax.distributed.preemption import StopRequest, sigterm_flag
-from fineflax.run import RunDir
+from fineflax.errors import ConfigError
+from fineflax.run import RunDir, checkpoints, reporting, restore, tensorboard
+from fineflax.train import features, loop as phases, plan, state as state_lib
+from fineflax.train import step as step_lib
 
 logger = logging.getLogger('fineflax.train')  # not __name__: '__main__' under -m
 
