@@ -52,7 +52,8 @@ SLOW_FILES = frozenset({
     'test_failures', 'test_features', 'test_load_run', 'test_models', 'test_multihost',
     'test_multiprocess', 'test_optimizers', 'test_predict', 'test_researcher_path',
     'test_runtime', 'test_step', 'test_train', 'test_unreadable_images', 'test_weights',
-    'test_data_order', 'test_configs'})
+    'test_data_order', 'test_configs', 'test_streaming', 'test_run_claims',
+    'test_invariance_and_mutations'})
 
 
 def pytest_collection_modifyitems(config, items):

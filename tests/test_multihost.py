@@ -325,6 +325,9 @@ def test_two_processes_train_as_one_process_on_their_devices(runs):
   # Only process 0 logs progress and writes the records: one per epoch.
   assert '[scratch] epoch 1/1 (run epoch 1, step 2)' in job.output(0)
   assert 'run epoch' not in job.output(1)
+  for i in range(2):  # Gloo's connection lines and JAX's INFO lines are left out
+    assert '[Gloo]' not in job.output(i) and 'JAX distributed service' not in job.output(i)
+  assert job.output(0).count('test_accuracy: ') == 2  # stdout still reaches the log
   records = MetricsLog(runs['two']).read()
   assert [(r['phase'], r['step']) for r in records] == [('scratch', 2), ('finetune', 4)]
   assert (runs['two'] / 'results.json').is_file()

@@ -6,11 +6,14 @@ Each step failed or misled before: the test/ folder was ignored and `evaluate` (
 classes" with no fix named; the final results and the best checkpoint differed without a
 label; a run without a test split ended on "best val_loss so far"; `--help` listed only
 --workdir; `evaluate --split validation` decoded every split; a missing weight file was
-reported only after every photo was decoded.
+reported only after every photo was decoded; libraries' lines (TensorFlow's start-up
+notices, Orbax's save waits) came between fineflax's.
 """
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,3 +157,41 @@ def test_a_missing_weight_file_is_said_before_the_photos_are_decoded(tmp_path):
   assert done.returncode == 1
   assert 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' in done.stderr
   assert "split 'train'" not in done.stderr  # nothing was decoded first
+
+
+# A line in absl's or glog's format (TensorFlow's and XLA's C++ logging, and absl's Python
+# handler for the libraries' loggers): "I1127 08:26:11.48 ..." or "W0000 00:00:...".
+_LIBRARY_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
+
+
+def test_the_run_prints_fineflax_lines_only(walkthrough):
+  done = walkthrough['done']
+  assert done.stdout.splitlines() == [
+      line for line in done.stdout.splitlines() if line.startswith('test_accuracy: ')]
+  noise = [line for line in done.stderr.splitlines()
+           if _LIBRARY_LINE.match(line) or 'All log messages before absl' in line]
+  assert not noise, noise
+
+
+def test_tensorflow_starts_without_a_word():
+  """The tfds path imports TensorFlow: its start-up notices (oneDNN, CPU features, cuInit)
+  printed themselves before any fineflax line."""
+  started = subprocess.run(
+      [sys.executable, '-c', 'from fineflax.data import tfds_source; tfds_source._tfds()'],
+      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+      timeout=300, check=False)
+  assert started.returncode == 0, started.stderr[-2000:]
+  assert started.stderr == ''
+
+
+def test_orbax_waiting_for_a_previous_save_is_not_reported(caplog):
+  """Orbax warns when a save waited over a second for the previous one, which on a smoke
+  run is every epoch; its other warnings still come through."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  from fineflax.run import reporting  # pylint: disable=g-import-not-at-top
+  reporting.setup_logging()
+  with caplog.at_level(logging.WARNING, logger='absl'):
+    absl_logging.warning('Waiting for previous save to complete took %f seconds. If this'
+                         ' number is high, consider checkpointing less frequently.', 1.5)
+    absl_logging.warning('Orbax could not write the file')
+  assert [r.getMessage() for r in caplog.records] == ['Orbax could not write the file']

@@ -81,8 +81,11 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
   except ConfigError as e:
     sys.exit(f'error: {e}')
   argv, overrides = config_lib.split_overrides(sys.argv)
+  # sys_argv: ml_collections reads its overrides from sys.argv unless told, and would see
+  # the ones split off above, typing them by the config's (None) values.
   config = config_flags.DEFINE_config_file('config', None,
-                                           'Experiment config file, path[:smoke].')
+                                           'Experiment config file, path[:smoke].',
+                                           sys_argv=argv)
   flags.mark_flags_as_required(list(required))
   join = define_distributed_flags(uses_devices)
 

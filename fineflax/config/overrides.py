@@ -65,7 +65,7 @@ def _parse(arg: str, field: Field, text: str) -> Any:
         raise ValueError(text)
       return text.lower() == 'true'
     if kinds[0] is int:
-      return int(text)
+      return int(text) if str not in kinds or text.lstrip('-').isdigit() else text
     if float in kinds:
       return float(text)
     if tuple in kinds:

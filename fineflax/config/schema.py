@@ -60,6 +60,12 @@ def _class_weight(v):
   return None
 
 
+def _crop(v):
+  if isinstance(v, str):
+    return None if v == 'random_resized' else "expected a side in pixels or 'random_resized'"
+  return _positive(v)
+
+
 def _hidden(v):
   if not all(isinstance(u, int) and not isinstance(u, bool) and u > 0 for u in v):
     return 'must be a tuple of positive ints (the widths of hidden Dense layers)'
@@ -131,6 +137,17 @@ SCHEMA: dict[str, Any] = {
                           'default (~/tensorflow_datasets).', optional=True),
         'manual_dir': Field(None, _STR, 'tfds: where the files a dataset is built from are '
                             'put by hand (offline).', optional=True),
+        'pipeline': Field('auto', _STR, "How splits are read: 'memory' (decoded into host "
+                          "memory before training), 'stream' (decoded batch by batch as training "
+                          "runs, in data.workers processes; folder: sources); 'auto': memory when "
+                          'the decoded splits fit under data.memory_max_mb, else stream.',
+                          check=_choices(('auto', 'memory', 'stream'))),
+        'memory_max_mb': Field(16384, _INT, "'auto': the decoded size (all splits, this "
+                               'process) up to which splits are held in memory.',
+                               check=_at_least(0)),
+        'workers': Field(None, _INT, 'Streaming: decoding processes; None: one per core (up '
+                         'to 16); 0: threads of the training process.', optional=True,
+                         check=_at_least(0)),
         'device_resident': Field(True, _BOOL, 'Place the splits on every device once when '
                                  'they fit, and gather batches there.'),
         'device_resident_max_mb': Field(4096, _INT, 'The size (all splits) up to which they '
@@ -144,9 +161,12 @@ SCHEMA: dict[str, Any] = {
                           'fraction.', check=_fraction),
             'translate': Field(0.0, _FLOAT, 'Keras RandomTranslation factor: shift by up to '
                                'this fraction of the side.', check=_fraction),
-            'crop': Field(None, _INT, 'Keras RandomCrop side, taken from the stored image before '
-                          'the resize (evaluation: centre crop).', optional=True,
-                          check=_positive),
+            'crop': Field(None, (int, str), 'Keras RandomCrop side, taken from the stored '
+                          "image before the resize (evaluation: centre crop); or "
+                          "'random_resized': an Inception-style crop of the original image, "
+                          'on the host as it is read (streamed splits; evaluation: the '
+                          'centred square of 0.875 of the shorter side).',
+                          optional=True, check=_crop),
             'fill_mode': Field('reflect', _STR, 'What fills pixels from outside the image.',
                                check=value_check('data.augment.fill_mode')),
             'fill_value': Field(0.0, _FLOAT, "The fill with fill_mode 'constant'."),

@@ -12,11 +12,12 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
-from fineflax.data import digits, folder, synthetic, tfds_source
+from fineflax.data import digits, folder, pipeline, synthetic, tfds_source
 from fineflax.data.augment import FILL_MODES, FLIPS, Augment
-from fineflax.data.dataset import (Batch, Dataset, DatasetInfo, Split, class_weights,
-                                   eval_batches, gather, num_batches, read_split, share,
-                                   shared_split, train_batches)
+from fineflax.data.dataset import (AnySplit, Batch, Dataset, DatasetInfo, Split,
+                                   StreamSplit, class_weights, eval_batches, gather,
+                                   num_batches, read_split, share, shared_split,
+                                   train_batches)
 from fineflax.config import registry
 from fineflax.errors import ConfigError
 
@@ -33,6 +34,7 @@ class Source(NamedTuple):
 
 
 SPLIT_KEYS = ('train_split', 'val_split', 'test_split')
+STREAMED_SOURCES = ('folder',)  # those whose load() chooses the pipeline itself
 
 
 SOURCES: dict[str, Source] = {
@@ -74,6 +76,8 @@ def dataset_info(data_config: Any) -> DatasetInfo:
 def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS) -> Dataset:
   """Loads this process's share of `config.data`'s splits (those of `keys` only, e.g.
   ('test_split',): the others are not decoded) and logs their class counts."""
+  if data_config.source.split(':', 1)[0] not in STREAMED_SOURCES:
+    pipeline.streams(data_config, 0, can_stream=False)  # says so; refuses 'stream'
   dataset = _source(data_config.source).load(data_config.source, data_config, tuple(keys))
   for name, split in dataset.splits.items():
     counts = np.bincount(split.labels, minlength=dataset.info.num_classes)
@@ -89,6 +93,7 @@ def augment_from_config(data_config: Any) -> Augment:
   return Augment(**dict(data_config.augment))
 
 
-__all__ = ['Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'SPLIT_KEYS', 'Source', 'Split',
+__all__ = ['AnySplit', 'Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'SPLIT_KEYS',
+           'STREAMED_SOURCES', 'Source', 'Split', 'StreamSplit',
            'augment_from_config', 'class_weights', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
            'num_batches', 'read_split', 'share', 'shared_split', 'train_batches']

@@ -36,7 +36,9 @@ class Augment:
   rotation: float = 0.0  # angle uniform in [-rotation, rotation] x 360 degrees
   zoom: float = 0.0  # zoom factor uniform in [1 - zoom, 1 + zoom]; > 1 zooms out
   translate: float = 0.0  # shift uniform in [-translate, translate] x the image side
-  crop: int | None = None  # side of a random square crop of the stored image
+  # Side of a random square crop of the stored image; 'random_resized' is done on the
+  # host, from the original image (fineflax.data.stream), and leaves nothing to do here.
+  crop: int | str | None = None
   fill_mode: str = 'reflect'
   fill_value: float = 0.0
   mixup: float = 0.0  # alpha of Beta(alpha, alpha); 0: no mixup
@@ -45,7 +47,12 @@ class Augment:
   def geometric(self) -> bool:
     """Whether training images are transformed (beyond a resize)."""
     return (self.flip != 'none' or self.rotation > 0 or self.zoom > 0 or self.translate > 0
-            or self.crop is not None)
+            or self.device_crop is not None)
+
+  @property
+  def device_crop(self) -> int | None:
+    """The side of the crop taken here, on the device, if any."""
+    return self.crop if isinstance(self.crop, int) else None
 
 
 def _matrix(a0, a1, a2, b0, b1, b2) -> jax.Array:
@@ -55,25 +62,36 @@ def _matrix(a0, a1, a2, b0, b1, b2) -> jax.Array:
                     jnp.stack([zero, zero, one])])
 
 
-def _crop_and_resize(key, in_hw: tuple[int, int], size: int, aug: Augment, train: bool):
-  """Output pixel -> stored-image pixel for the crop (random, or centred) and the resize."""
+def _window(in_hw: tuple[int, int], aug: Augment, train: bool) -> tuple[int, int]:
+  """(height, width) of the crop window: the random crop's, Keras' inference crop (the
+  largest centred window of the crop's aspect), or the whole image."""
   h, w = in_hw
+  if aug.device_crop is None:
+    return h, w
+  if train:
+    return aug.device_crop, aug.device_crop
+  return max(min(h, w), 1), max(min(h, w), 1)
+
+
+def _crop_and_resize(key, in_hw: tuple[int, int], size: int, aug: Augment, train: bool):
+  """Output pixel -> stored-image pixel for the crop (random, or centred) and the resize,
+  and the (top, left) corner of the crop's window (`_window`)."""
+  h, w = in_hw
+  ch, cw = _window(in_hw, aug, train)
   y0 = x0 = jnp.float32(0)
-  ch, cw = h, w
-  if aug.crop is not None:
+  if aug.device_crop is not None:
     if train:
-      ch = cw = aug.crop
       ky, kx = jax.random.split(key)
       y0 = jax.random.randint(ky, (), 0, h - ch + 1).astype(jnp.float32)
       x0 = jax.random.randint(kx, (), 0, w - cw + 1).astype(jnp.float32)
-    else:  # Keras' inference crop: the largest centred window of the crop's aspect
-      ch, cw = max(min(h, w), 1), max(min(h, w), 1)
+    else:
       y0, x0 = jnp.float32((h - ch) // 2), jnp.float32((w - cw) // 2)
   # Half-pixel centres, as jax.image.resize: x_in = (x_out + 0.5) * scale - 0.5.
   sy, sx = ch / size, cw / size
   zero = jnp.float32(0)
-  return _matrix(jnp.float32(sx), zero, x0 + 0.5 * sx - 0.5,
-                 zero, jnp.float32(sy), y0 + 0.5 * sy - 0.5)
+  matrix = _matrix(jnp.float32(sx), zero, x0 + 0.5 * sx - 0.5,
+                   zero, jnp.float32(sy), y0 + 0.5 * sy - 0.5)
+  return matrix, jnp.stack([y0, x0]).astype(jnp.int32)
 
 
 def augmentation_matrix(size: int, hflip=False, vflip=False, angle=0.0, zoom=1.0, dx=0.0,
@@ -119,14 +137,24 @@ def _fix_index(index: jax.Array, n: int, mode: str) -> jax.Array:
 
 
 def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 'reflect',
-         fill_value: float = 0.0) -> jax.Array:
-  """(B, H, W, C) images sampled bilinearly on a size x size grid mapped by (B, 3, 3)."""
+         fill_value: float = 0.0, corners: jax.Array | None = None,
+         window: tuple[int, int] | None = None) -> jax.Array:
+  """(B, H, W, C) images sampled bilinearly on a size x size grid mapped by (B, 3, 3).
+
+  With a crop, `corners` (B, 2) holds each window's (top, left) and `window` its (height,
+  width): pixels outside the window are filled as if the window were the image (`fill_mode`
+  from its edges), as Keras' layers after a `RandomCrop` see only the crop.
+  """
   _, h, w, _ = images.shape
+  if corners is None:
+    corners = jnp.zeros((images.shape[0], 2), jnp.int32)
+  wh, ww = window or (h, w)
   ys, xs = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
                         jnp.arange(size, dtype=jnp.float32), indexing='ij')
   grid = jnp.stack([xs, ys, jnp.ones_like(xs)], axis=-1)  # (S, S, 3): x, y, 1
 
-  def one(image, m):
+  def one(image, m, corner):
+    top, left = corner[0], corner[1]
     coords = grid @ m.T
     x, y = coords[..., 0], coords[..., 1]
     x0, y0 = jnp.floor(x), jnp.floor(y)
@@ -134,16 +162,18 @@ def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 're
     out = 0.0
     for dy, wy_ in ((0, 1 - wy), (1, wy)):
       for dx, wx_ in ((0, 1 - wx), (1, wx)):
-        yi, xi = (y0 + dy).astype(jnp.int32), (x0 + dx).astype(jnp.int32)
-        pixel = image[_fix_index(yi, h, fill_mode).clip(0, h - 1),
-                      _fix_index(xi, w, fill_mode).clip(0, w - 1)]
+        # Indices within the window, fixed where they leave it, then in the image again.
+        yi = (y0 + dy).astype(jnp.int32) - top
+        xi = (x0 + dx).astype(jnp.int32) - left
+        pixel = image[(_fix_index(yi, wh, fill_mode) + top).clip(0, h - 1),
+                      (_fix_index(xi, ww, fill_mode) + left).clip(0, w - 1)]
         if fill_mode == 'constant':
-          inside = (yi >= 0) & (yi < h) & (xi >= 0) & (xi < w)
+          inside = (yi >= 0) & (yi < wh) & (xi >= 0) & (xi < ww)
           pixel = jnp.where(inside[..., None], pixel, fill_value)
         out = out + (wy_ * wx_)[..., None] * pixel
     return out
 
-  return jax.vmap(one)(images.astype(jnp.float32), matrices)
+  return jax.vmap(one)(images.astype(jnp.float32), matrices, corners)
 
 
 def prepare(images: jax.Array, keys: jax.Array | None, aug: Augment, size: int | None,
@@ -162,18 +192,20 @@ def prepare(images: jax.Array, keys: jax.Array | None, aug: Augment, size: int |
   _, h, w, _ = images.shape
   size = size or h
   augmenting = train and aug.geometric
-  if not augmenting and aug.crop is None and (h, w) == (size, size):
+  if not augmenting and aug.device_crop is None and (h, w) == (size, size):
     return images.astype(jnp.float32)
   if augmenting:
     def matrix(key):
       k_crop, k_aug = jax.random.split(key)
-      return _crop_and_resize(k_crop, (h, w), size, aug, True) @ _random_augmentation(k_aug, size,
-                                                                              aug)
-    matrices = jax.vmap(matrix)(keys)
+      crop, corner = _crop_and_resize(k_crop, (h, w), size, aug, True)
+      return crop @ _random_augmentation(k_aug, size, aug), corner
+    matrices, corners = jax.vmap(matrix)(keys)
   else:
-    m = _crop_and_resize(None, (h, w), size, aug, False)
+    m, corner = _crop_and_resize(None, (h, w), size, aug, False)
     matrices = jnp.broadcast_to(m, (images.shape[0], 3, 3))
-  return warp(images, matrices, size, aug.fill_mode, aug.fill_value)
+    corners = jnp.broadcast_to(corner, (images.shape[0], 2))
+  return warp(images, matrices, size, aug.fill_mode, aug.fill_value, corners,
+              _window((h, w), aug, augmenting))
 
 
 def mixup_draws(key: jax.Array, alpha: float, global_batch: int, ids: jax.Array

@@ -74,6 +74,47 @@ class Split:
 
 
 @dataclasses.dataclass(frozen=True)
+class StreamSplit:
+  """A split read from its files batch by batch while training runs (`fineflax.data.stream`).
+
+  Every process can read every example (`records`: random access by index), so an epoch
+  is one global order of all `size` examples and each process reads its rows of every
+  global batch. Only `labels` (every example's) is held in memory; `image_size` is the
+  side of the images the host delivers, `crop` the host's training crop
+  ('random_resized', or None: a plain resize), `workers` the number of decoding processes
+  (0: threads of this one).
+  """
+
+  records: Any
+  labels: np.ndarray
+  image_size: int
+  crop: str | None = None
+  workers: int = 0
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  @property
+  def size(self) -> int:
+    return len(self.labels)
+
+  @property
+  def largest_share(self) -> int:
+    return -(-self.size // jax.process_count())
+
+  @property
+  def skipped(self) -> int:
+    return 0  # unreadable files are found while reading: see fineflax.data.stream
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.image_size ** 2 * 3  # decoded, were it held in memory
+
+
+AnySplit = Split | StreamSplit
+
+
+@dataclasses.dataclass(frozen=True)
 class Dataset:
   """Named splits plus the class names (index = label); `absent`: split names the config
   gives that the source looked for and may do without (a photo folder without test/)."""
@@ -99,19 +140,24 @@ def read_split(images: np.ndarray, labels: np.ndarray, skipped: int = 0) -> Spli
   """The Split of the share this process read, its counts summed over every process.
 
   Every process must call it, in the same order: with several processes it gathers each
-  one's number of examples read and of files skipped.
+  one's number of examples read and of files skipped, and the image shape. A process that
+  read no example (fewer examples than processes) takes another's image shape: its rows
+  of every batch, all padding, must be shaped as theirs.
   """
-  counts = np.asarray([len(labels), skipped], np.int64)
+  counts = np.asarray([len(labels), skipped, *images.shape[1:]], np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2)
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts))
+    readers = counts[counts[:, 0] > 0]
+    if not len(labels) and len(readers):
+      images = np.zeros((0, *readers[0, 2:]), images.dtype)
   else:
     counts = counts[None]
   return Split(images, labels.astype(np.int32), size=int(counts[:, 0].sum()),
                largest_share=int(counts[:, 0].max()), skipped=int(counts[:, 1].sum()))
 
 
-def num_batches(split: Split, global_batch: int) -> int:
+def num_batches(split: AnySplit, global_batch: int) -> int:
   """Batches an epoch takes, the same on every process (the largest share decides)."""
   local_batch = global_batch // jax.process_count()
   return -(-split.largest_share // local_batch)
@@ -124,31 +170,59 @@ def _padded(index: np.ndarray, local_batch: int, filler: np.ndarray) -> Batch:
   return {'index': index, 'weight': weight}
 
 
-def train_batches(split: Split, global_batch: int, rng: np.random.Generator) -> Iterator[Batch]:
+def _own_rows(batch: Batch) -> Batch:
+  """This process's rows of a global batch."""
+  rows = len(batch['index']) // jax.process_count()
+  start = jax.process_index() * rows
+  return {k: v[start:start + rows] for k, v in batch.items()}
+
+
+def host_crop_key(rng: np.random.Generator) -> np.ndarray:
+  """The key of the host's random crops in the epoch whose order `rng` draws: derived
+  from its seed without drawing from it (spawning leaves the stream as it is, so the order
+  stays that of an in-memory split)."""
+  return rng.bit_generator.seed_seq.spawn(1)[0].generate_state(2)
+
+
+def train_batches(split: AnySplit, global_batch: int, rng: np.random.Generator
+                  ) -> Iterator[Batch]:
   """One epoch of local index batches in a random order; every example is seen once.
 
   The last batches are filled up with other randomly chosen examples of weight 0: they
   take no part in the loss or the metrics, and, unlike zero padding, they do not distort
-  the batch statistics of training-mode BatchNormalization.
+  the batch statistics of training-mode BatchNormalization. A streamed split is ordered
+  globally (the same draws as one process's in-memory split): every process computes the
+  global batches and keeps its rows, so any number of processes trains on the same ones.
   """
-  local_batch = global_batch // jax.process_count()
+  streamed = isinstance(split, StreamSplit)
+  batch = global_batch if streamed else global_batch // jax.process_count()
+  crop_key = host_crop_key(rng) if streamed else None
   order = rng.permutation(len(split))
   for i in range(num_batches(split, global_batch)):
-    index = order[i * local_batch:(i + 1) * local_batch]
-    yield _padded(index, local_batch, rng.integers(0, max(len(split), 1), local_batch))
+    index = order[i * batch:(i + 1) * batch]
+    padded = _padded(index, batch, rng.integers(0, max(len(split), 1), batch))
+    yield dict(_own_rows(padded), crop_key=crop_key) if streamed else padded
 
 
-def eval_batches(split: Split, global_batch: int) -> Iterator[Batch]:
+def eval_batches(split: AnySplit, global_batch: int) -> Iterator[Batch]:
   """The split in order; padding rows (weight 0) repeat example 0, nothing is dropped."""
-  local_batch = global_batch // jax.process_count()
+  streamed = isinstance(split, StreamSplit)
+  batch = global_batch if streamed else global_batch // jax.process_count()
   order = np.arange(len(split))
   for i in range(num_batches(split, global_batch)):
-    yield _padded(order[i * local_batch:(i + 1) * local_batch], local_batch,
-                  np.zeros(local_batch, np.int64))
+    padded = _padded(order[i * batch:(i + 1) * batch], batch, np.zeros(batch, np.int64))
+    yield _own_rows(padded) if streamed else padded
 
 
 def gather(split: Split, batch: Batch) -> Batch:
-  """The images and labels of an index batch, gathered on the host."""
+  """The images and labels of an index batch, gathered on the host.
+
+  A process's empty share (fewer examples than processes) has no example for its padding
+  rows to repeat: they are zeros, of weight 0 like all of its rows."""
+  if False:
+    rows = len(batch['index'])
+    return {'image': np.zeros((rows, *split.images.shape[1:]), split.images.dtype),
+            'label': np.zeros(rows, split.labels.dtype), 'weight': batch['weight']}
   return {'image': split.images[batch['index']], 'label': split.labels[batch['index']],
           'weight': batch['weight']}
 

@@ -16,7 +16,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import jax
 from jax.sharding import Mesh
 
-from fineflax.data.dataset import Batch, Split, gather
+from fineflax.data import stream
+from fineflax.data.dataset import AnySplit, Batch, Split, StreamSplit, gather
 from fineflax.distributed import parallel
 
 logger = logging.getLogger('fineflax.data')
@@ -31,6 +32,8 @@ def place_splits(splits: Mapping[str, Split | None], mesh: Mesh, enabled: bool,
                  max_mb: int) -> dict[str, dict[str, jax.Array] | None]:
   """The splits placed on the devices, if enabled, with one process, and under `max_mb`
   in all; {name: None} otherwise (the host then gathers every batch)."""
+  if any(isinstance(s, StreamSplit) for s in splits.values()):
+    return {name: None for name in splits}  # said where the pipeline was chosen
   total = sum(s.nbytes for s in splits.values() if s is not None)
   fits = enabled and jax.process_count() == 1 and total <= max_mb * 2**20
   logger.info('data: %.1f MB in all, %s', total / 2**20,
@@ -51,8 +54,14 @@ def prefetch(iterator: Iterable[Any], depth: int = 2) -> Iterator[Any]:
       queue.append(item)
 
 
-def device_batches(split: Split, batches: Iterable[Batch], mesh: Mesh,
+def device_batches(split: AnySplit, batches: Iterable[Batch], mesh: Mesh,
                    resident: dict[str, jax.Array] | None) -> Iterator[dict[str, jax.Array]]:
-  """Sharded global batches: indices for a resident split, else host-gathered images."""
-  return prefetch(parallel.shard_batch(b if resident is not None else gather(split, b), mesh)
-                  for b in batches)
+  """Sharded global batches: indices for a resident split, images read by grain for a
+  streamed one, else host-gathered images."""
+  if isinstance(split, StreamSplit):
+    host = stream.read_batches(split, batches)
+  elif resident is not None:
+    host = (b for b in batches)
+  else:
+    host = (gather(split, b) for b in batches)
+  return prefetch(parallel.shard_batch(b, mesh) for b in host)

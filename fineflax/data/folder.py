@@ -17,13 +17,15 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from fineflax.data.dataset import Dataset, DatasetInfo, Split, read_split, share
+from fineflax.data import pipeline, stream
+from fineflax.data.dataset import Dataset, DatasetInfo, Split, StreamSplit, read_split, share
 from fineflax.data.images import read_image
 from fineflax.errors import ConfigError, DataError
 
@@ -86,16 +88,49 @@ def info(spec: str, data_config: Any) -> DatasetInfo:
   return DatasetInfo(tuple(shape), tuple(c.name for c in classes))
 
 
-def _read_all(files: list[Path], size: int | None) -> tuple[list[np.ndarray | None], list[str]]:
-  def read(path):
+def _read_all(files: list[Path], size: int | None
+              ) -> tuple[np.ndarray, np.ndarray, list[str], set[tuple[int, ...]]]:
+  """The readable images of `files`, in order, in one array; the positions in `files` of
+  the images read; the errors of the others, in order; the shapes the readable ones had.
+
+  The array is allocated once, at the split's size, and each image decoded into its row:
+  a list of images stacked at the end would hold the split twice at the peak. Without
+  `size` it is allocated at the shape of the first image decoded; an image of another
+  shape is not written (the caller refuses several shapes, named in `shapes`).
+  """
+  out = np.empty((len(files), size, size, 3), np.uint8) if size is not None else None
+  readable = np.zeros(len(files), bool)
+  errors: list[str | None] = [None] * len(files)
+  shapes: set[tuple[int, ...]] = set()
+  lock = threading.Lock()  # guards `shapes` and the allocation of `out`
+
+  def read(i: int) -> None:
+    nonlocal out
     try:
-      return read_image(path, size), None
+      image = read_image(files[i], size)
     except DataError as e:
-      return None, str(e)
+      errors[i] = str(e)
+      return
+    with lock:
+      shapes.add(image.shape)
+      if out is None:
+        out = np.empty((len(files), *image.shape), np.uint8)
+    if image.shape == out.shape[1:]:
+      out[i] = image  # threads write disjoint rows
+    readable[i] = True
+
   workers = min(32, (os.cpu_count() or 1) * 2)  # PIL decodes with the GIL released
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    results = list(pool.map(read, files))
-  return [r for r, _ in results], [e for _, e in results if e]
+    list(pool.map(read, range(len(files))))  # re-raises what is no DataError
+  kept = np.flatnonzero(readable)
+  if out is None or not len(kept):
+    return np.zeros((0, 1, 1, 3), np.uint8), kept, [e for e in errors if e], shapes
+  # Skipped files leave holes: the rows read move up in place (row w <= row i, so none is
+  # overwritten before it moves), and the split is a view of the first rows, not a copy.
+  for w, i in enumerate(kept):
+    if w != i:
+      out[w] = out[i]
+  return out[:len(kept)], kept, [e for e in errors if e], shapes
 
 
 def _load_split(name: str, files: list[Path], labels: list[int], classes: list[Path],
@@ -103,19 +138,43 @@ def _load_split(name: str, files: list[Path], labels: list[int], classes: list[P
   """This process's share of a listed split, read; its counts are of the files read."""
   files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
   idx = share(len(files))
-  images, errors = _read_all([files[i] for i in idx], data_config.load_size)
+  images, kept, errors, shapes = _read_all([files[i] for i in idx], data_config.load_size)
   if errors:
     logger.warning('config.data.%s: skipped %d unreadable image(s), e.g. %s', name,
                    len(errors), errors[:3])
-  keep = [i for i, image in enumerate(images) if image is not None]
-  shapes = {images[i].shape for i in keep}
   if len(shapes) > 1:
     raise DataError(f'{classes[0].parent}: images of several sizes {sorted(shapes)[:3]}; '
                       'set config.data.load_size to resize them as they are read')
-  read = np.asarray([labels[i] for i in idx], np.int32)[keep]
-  stacked = (np.stack([images[i] for i in keep]) if keep
-             else np.zeros((0, 1, 1, 3), np.uint8))
-  return read_split(stacked, read, skipped=len(errors))
+  read = np.asarray([labels[i] for i in idx], np.int32)[kept]
+  return read_split(images, read, skipped=len(errors))
+
+
+def _streams(listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str],
+             data_config: Any) -> bool:
+  """Whether the splits `wanted` are streamed (`fineflax.data.pipeline`)."""
+  count = sum(len(listings[key][0][:data_config.max_examples]) for key in wanted)
+  size = data_config.load_size
+  if size is None and data_config.pipeline != 'memory' and count:
+    first = next(files[0] for files, _ in listings.values() if files)
+    height, width, _ = read_image(first).shape
+  else:
+    height = width = size or 0
+  stream = pipeline.streams(data_config, count * height * width * 3, can_stream=True)
+  if stream and size is None:
+    raise ConfigError(f'config.data.source={data_config.source!r} is streamed (see the line '
+                      'above): set config.data.load_size, the side images are delivered at')
+  return stream
+
+
+def _stream_split(files: list[Path], labels: list[int], data_config: Any) -> StreamSplit:
+  """A listed split, streamed: every process lists every file (it may read any)."""
+  files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
+  workers = data_config.workers
+  return StreamSplit(stream.FileRecords(tuple(str(f) for f in files)),
+                     np.asarray(labels, np.int32), data_config.load_size,
+                     crop=data_config.augment.crop if data_config.augment.crop ==
+                     pipeline.RANDOM_RESIZED else None,
+                     workers=stream.default_workers() if workers is None else workers)
 
 
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
@@ -160,8 +219,14 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
           f'config.data.{key}={data_config[key]!r}: {root} has no folder {data_config[key]!r}'
           + (' and config.data.validation_split is 0' if key == 'val_split' else '')
           + f'; set config.data.{key} = None to go without it')
+  wanted = [key for key in _SPLITS if data_config[key] and key in listings and key in keys]
+  if _streams(listings, wanted, data_config):
+    splits = {data_config[key]: _stream_split(*listings[key], data_config) for key in wanted}
+    size = data_config.load_size
+    return Dataset(DatasetInfo((size, size, 3), tuple(c.name for c in classes)), splits,
+                   tuple(absent))
   splits = {data_config[key]: _load_split(key, *listings[key], classes, data_config)
-            for key in _SPLITS if data_config[key] and key in listings and key in keys}
+            for key in wanted}
   if jax.process_count() == 1 and set(keys) >= set(_SPLITS):
     # With one process and every split read, a class without a readable image is sure.
     readable = sum(np.bincount(s.labels, minlength=len(classes)) for s in splits.values())

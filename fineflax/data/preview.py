@@ -9,16 +9,20 @@ import os
 import jax
 import numpy as np
 
-from fineflax.data import augment as augmentation
-from fineflax.data.dataset import Split
+from fineflax.data import augment as augmentation, stream
+from fineflax.data.dataset import AnySplit, StreamSplit, host_crop_key
 
 _CELL = 128  # pixels per image in the grid, at least
 
 
-def sample_images(split: Split, aug: augmentation.Augment, size: int | None, seed: int,
+def sample_images(split: AnySplit, aug: augmentation.Augment, size: int | None, seed: int,
                   count: int = 9) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` training images as step 0 augments them, uint8, and their labels."""
-  images = split.images[:count]
+  if isinstance(split, StreamSplit):  # as the host crops them in the first epoch
+    key = host_crop_key(np.random.default_rng([seed, 0, 0]))
+    images = stream.read_examples(split, range(min(count, len(split))), key)
+  else:
+    images = split.images[:count]
   base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), 0)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(len(images)))
   out = augmentation.prepare(images, keys, aug, size, train=True)
@@ -26,7 +30,7 @@ def sample_images(split: Split, aug: augmentation.Augment, size: int | None, see
       split.labels[:count]
 
 
-def write_samples(path: str | os.PathLike, split: Split, class_names: tuple[str, ...],
+def write_samples(path: str | os.PathLike, split: AnySplit, class_names: tuple[str, ...],
                   aug: augmentation.Augment, size: int | None, seed: int) -> None:
   """Writes the grid of `sample_images` as a PNG, each image labelled with its class."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top

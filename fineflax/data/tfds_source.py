@@ -31,10 +31,12 @@ _SPLITS = ('train_split', 'val_split', 'test_split')
 
 def _tfds():
   """tensorflow_datasets, with TensorFlow kept off every GPU (JAX owns their memory)."""
-  # TensorFlow only decodes here: its C++ start-up lines (CPU features, oneDNN, a failed
-  # cuInit on a machine without CUDA) say nothing about the run. A value set by the user
-  # is kept.
+  # TensorFlow only decodes and resizes here: its C++ start-up lines (CPU features, a
+  # failed cuInit on a machine without CUDA) say nothing about the run. oneDNN speeds up
+  # none of those ops, and its notice is printed whatever TF_CPP_MIN_LOG_LEVEL says. A
+  # value set by the user is kept.
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -106,7 +108,12 @@ def _prepare(builder, spec: str, data_config: Any) -> None:
 
 def _as_dataset(builder, split: str, spec: str, data_config: Any):
   """The (image, label) tf.data.Dataset of a split, preparing the dataset if needed."""
-  kwargs = dict(split=split, as_supervised=True, shuffle_files=False)
+  _, tfds = _tfds()
+  # No tf.data cache: the split is read once, into memory; tfds' cache of a small dataset
+  # would hold a second copy, and `take(max_examples)` would leave it partly read (a
+  # warning).
+  kwargs = dict(split=split, as_supervised=True, shuffle_files=False,
+                read_config=tfds.ReadConfig(try_autocache=False))
   try:
     return builder.as_dataset(**kwargs)
   except AssertionError:  # tfds' way of saying "not prepared"
@@ -120,10 +127,21 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   tf, tfds = _tfds()
   local = tfds.split_for_jax_process(split) if jax.process_count() > 1 else split
   ds = _as_dataset(builder, local, spec, data_config)
+  # The split is read into arrays allocated once, at its size (a list of batches
+  # concatenated at the end would hold it twice at the peak): tfds counts the examples of
+  # any split it is given ('train[:90%]', a process's share of it).
+  try:
+    count = builder.info.splits[local].num_examples
+  except Exception:  # pylint: disable=broad-except
+    # No count recorded (tfds.testing.mock_data's splits have none): the arrays grow. The
+    # count only sizes an allocation; the examples read are what counts.
+    count = None
   if data_config.max_examples:
     # Shares that add up to max_examples (the first processes take one more).
     quotient, remainder = divmod(data_config.max_examples, jax.process_count())
-    ds = ds.take(quotient + (jax.process_index() < remainder))
+    take = quotient + (jax.process_index() < remainder)
+    ds = ds.take(take)
+    count = take if count is None else min(count, take)
   size = data_config.load_size
 
   def decode(image, label):
@@ -133,18 +151,38 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
       image = tf.image.grayscale_to_rgb(image)
     return image, tf.cast(label, tf.int32)
 
+  def grown(array: np.ndarray | None, rows: int, like: np.ndarray) -> np.ndarray:
+    """An array of `rows` rows shaped as `like`'s, holding the `filled` rows of `array`."""
+    out = np.empty((rows, *like.shape[1:]), like.dtype)
+    if array is not None:
+      out[:filled] = array[:filled]
+    return out
+
   ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
-  images, labels = [], []
+  images: np.ndarray | None = None
+  labels: np.ndarray | None = None
+  filled = 0
   try:
     for x, y in ds.batch(1024).prefetch(2).as_numpy_iterator():
-      images.append(x)
-      labels.append(y)
+      if images is not None and x.shape[1:] != images.shape[1:]:
+        raise DataError(f'config.data.source={spec!r}, split {split!r}: images of several '
+                        f'sizes {images.shape[1:]} and {x.shape[1:]}; set '
+                        'config.data.load_size')
+      if images is None or filled + len(x) > len(images):
+        # Once, at the count; only without one (or a wrong one) again, doubling.
+        rows = max(count or 0, filled + len(x), 2 * filled)
+        images, labels = grown(images, rows, x), grown(labels, rows, y)
+      images[filled:filled + len(x)] = x
+      labels[filled:filled + len(x)] = y
+      filled += len(x)
   except tf.errors.InvalidArgumentError as e:  # images of several sizes cannot be batched
     raise DataError(f'config.data.source={spec!r}, split {split!r}: images of several '
                       f'sizes; set config.data.load_size ({str(e)[:200]})') from None
-  images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
-  labels = np.concatenate(labels) if labels else np.zeros((0,), np.int32)
-  return read_split(images, labels)
+  if images is None:
+    return read_split(np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0,), np.int32))
+  # A view of the rows read: rows beyond them (a count too high, or grown) were never
+  # written to, and hold no memory.
+  return read_split(images[:filled], labels[:filled])
 
 
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:

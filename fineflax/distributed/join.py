@@ -22,6 +22,7 @@ from typing import Sequence
 
 import jax
 
+from fineflax.distributed import gloo_output
 from fineflax.errors import FineflaxError
 
 logger = logging.getLogger('fineflax.distributed')
@@ -160,6 +161,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     # Without an implementation a computation over CPU devices of several processes
     # fails; gloo needs nothing beyond the coordination service.
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if jax.config.jax_cpu_collectives_implementation == 'gloo':
+    gloo_output.drop_gloo_lines()
+  # JAX logs its own "Starting/Connecting to JAX distributed service" lines at INFO before
+  # fineflax's logging is set up; the line printed below says the same once.
+  logging.getLogger('jax._src.distributed').setLevel(logging.WARNING)
   # Process 0 binds the port on every interface (JAX's default), unless the coordinator
   # is a loopback address: then only there, so a local test opens nothing to the network.
   bind = coordinator if coordinator and coordinator.startswith(('127.', 'localhost:')) else None

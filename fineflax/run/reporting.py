@@ -20,10 +20,22 @@ from fineflax.run import RunDir
 logger = logging.getLogger('fineflax.reporting')
 
 
+def _orbax_wait_notice(record: logging.LogRecord) -> bool:
+  """False for Orbax's "Waiting for previous save to complete took X seconds" warning.
+
+  A run saves once an epoch, so a save waits for the previous one only when an epoch is
+  shorter than a save: on smoke runs, where the warning is noise.
+  """
+  return not str(record.msg).startswith('Waiting for previous save')
+
+
 def setup_logging() -> None:
   """fineflax's progress at INFO on stderr; the libraries' (Orbax logs every file it
   writes) at WARNING."""
   absl_logging.set_verbosity(absl_logging.WARNING)
+  absl_logger = logging.getLogger('absl')  # Orbax logs through absl
+  if _orbax_wait_notice not in absl_logger.filters:
+    absl_logger.addFilter(_orbax_wait_notice)
   logger = logging.getLogger('fineflax')
   if not logger.handlers:
     handler = logging.StreamHandler(sys.stderr)

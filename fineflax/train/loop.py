@@ -233,8 +233,9 @@ def _compile_train_step(run: Run, phase: PhasePlan, state: state_lib.TrainState,
       augment=data.Augment() if on.on_features else phase.augment,
       class_weights=run.class_weights, on_features=on.on_features)
   split = on.splits['train']
-  first = next(feed.device_batches(split, data.train_batches(
-      split, cfg.batch_size, np.random.default_rng(0)), run.mesh, on.resident['train']))
+  sample = itertools.islice(data.train_batches(split, cfg.batch_size,
+                                                np.random.default_rng(0)), 1)
+  first = next(feed.device_batches(split, sample, run.mesh, on.resident['train']))
   start = time.perf_counter()
   compiled = train_step.lower(state, first, on.resident['train'] or {}).compile()
   logger.info('compiled the train step in %.1f s', time.perf_counter() - start)

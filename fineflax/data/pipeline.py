@@ -1,0 +1,60 @@
+"""`config.data.pipeline`: whether a source's splits are decoded into memory or streamed.
+
+In memory, a split is decoded once, before training, and batches are gathered from it (or
+on the devices, when it fits there): fast and exact, for data that fits. Streamed
+(`fineflax.data.stream`), a split is decoded batch by batch while training runs, with
+memory that does not grow with the dataset. 'auto' streams when the decoded splits would
+exceed `config.data.memory_max_mb`, or when the augmentation needs the original images.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+
+from fineflax.errors import ConfigError
+
+logger = logging.getLogger('fineflax.data')
+
+RANDOM_RESIZED = 'random_resized'
+
+
+def streams(data_config: Any, decoded_bytes: int, can_stream: bool) -> bool:
+  """Whether to stream the splits of `data_config.source`, whose decoded size is
+  `decoded_bytes` in all (this process holds its share of it in memory); logs the choice
+  and why.
+
+  Raises:
+    ConfigError: the pipeline asked for cannot read this source or do its crop.
+  """
+  spec, mode = data_config.source, data_config.pipeline
+  random_resized = data_config.augment.crop == RANDOM_RESIZED
+  share_mb = decoded_bytes / jax.process_count() / 2**20
+  limit = data_config.memory_max_mb
+  if not can_stream:
+    if mode == 'stream' or random_resized:
+      why = ("config.data.pipeline='stream'" if mode == 'stream' else
+             f"config.data.augment.crop={RANDOM_RESIZED!r} (it crops streamed images)")
+      raise ConfigError(f'{why}: config.data.source={spec!r} is read into memory only; '
+                        "streaming reads 'folder:PATH' sources")
+    reason = f'{spec.split(":")[0]} sources are read into memory'
+  elif mode == 'memory':
+    if random_resized:
+      raise ConfigError(f"config.data.augment.crop={RANDOM_RESIZED!r} crops the original "
+                        "images as they are streamed: set config.data.pipeline='stream' or "
+                        "'auto'")
+    reason = "config.data.pipeline='memory'"
+  elif mode == 'stream':
+    reason = "config.data.pipeline='stream'"
+  elif random_resized:
+    reason = f"config.data.augment.crop={RANDOM_RESIZED!r} crops the original images"
+  elif share_mb > limit:
+    reason = f'{share_mb:.0f} MB decoded > config.data.memory_max_mb={limit}'
+  else:
+    reason = f'{share_mb:.1f} MB decoded <= config.data.memory_max_mb={limit}'
+  stream = can_stream and (mode == 'stream' or (mode == 'auto' and (
+      random_resized or share_mb > limit)))
+  logger.info('data pipeline: %s (%s)', 'stream' if stream else 'memory', reason)
+  return stream

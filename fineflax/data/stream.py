@@ -1,0 +1,204 @@
+"""Streaming input on grain: splits decoded batch by batch while training runs.
+
+A streamed split (`StreamSplit`) keeps only its file names and labels in memory. The
+index batches of `fineflax.data.train_batches` / `eval_batches` (one global order; each
+process its rows) become image batches in grain: a `MapDataset` over the epoch's index
+batches, each batch read, cropped and resized by one call, in `workers` processes (or
+threads of this one), prefetched in order. An epoch resumed at batch k starts its
+`MapDataset` at k: nothing before it is read again.
+
+What the host does to each image, to `image_size` x `image_size`:
+  crop None: the resize of the in-memory path (`read_image(path, load_size)`), so a
+    streamed run sees the same pixels as an in-memory one; the on-device augmentation
+    and resize follow in both.
+  crop 'random_resized': training takes an Inception-style crop of the original image
+    (area 8-100 %, aspect 3/4-4/3) keyed by (seed, phase, epoch, example); evaluation the
+    centred square of `EVAL_CROP_FRACTION` of the shorter side.
+
+An unreadable file found while streaming is named once in the log and its row trains and
+counts nothing (weight 0); another example's pixels stand in for it, so training-mode
+BatchNorm statistics see a real image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from fineflax.data.dataset import Batch, StreamSplit
+from fineflax.data.images import open_rgb
+from fineflax.errors import DataError
+
+logger = logging.getLogger('fineflax.data')
+
+EVAL_CROP_FRACTION = 0.875  # Inception's (and timm's) evaluation crop
+CROP_SCALE = (0.08, 1.0)  # the crop's share of the image's area
+CROP_RATIO = (3 / 4, 4 / 3)  # the crop's width / height
+_STAND_INS = 8  # other examples tried in place of an unreadable one
+_PREFETCH_BATCHES = 4  # per worker: decoded batches waiting for the devices
+_reported: set[str] = set()  # unreadable files already named in the log
+
+
+@dataclasses.dataclass(frozen=True)
+class FileRecords:
+  """Random access to a split's image files (picklable: the worker processes get it)."""
+
+  files: tuple[str, ...]
+
+  def __len__(self) -> int:
+    return len(self.files)
+
+  def name(self, index: int) -> str:
+    return self.files[index]
+
+  def open(self, index: int) -> Any:
+    """The RGB PIL image of example `index`; DataError when unreadable."""
+    return open_rgb(self.files[index])
+
+
+def random_resized_box(width: int, height: int, rng: np.random.Generator
+                       ) -> tuple[float, float, float, float]:
+  """(left, top, right, bottom) of an Inception-style random crop: its area a uniform
+  share `CROP_SCALE` of the image's, its aspect log-uniform in `CROP_RATIO`; after 10
+  draws that do not fit, the largest centred crop whose aspect is within `CROP_RATIO`."""
+  area = width * height
+  log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+  for _ in range(10):
+    target = area * rng.uniform(*CROP_SCALE)
+    aspect = math.exp(rng.uniform(*log_ratio))
+    w = round(math.sqrt(target * aspect))
+    h = round(math.sqrt(target / aspect))
+    if 0 < w <= width and 0 < h <= height:
+      left = int(rng.integers(0, width - w + 1))
+      top = int(rng.integers(0, height - h + 1))
+      return left, top, left + w, top + h
+  aspect = width / height
+  if aspect < CROP_RATIO[0]:
+    w, h = width, round(width / CROP_RATIO[0])
+  elif aspect > CROP_RATIO[1]:
+    w, h = round(height * CROP_RATIO[1]), height
+  else:
+    w, h = width, height
+  left, top = (width - w) // 2, (height - h) // 2
+  return left, top, left + w, top + h
+
+
+def centre_box(width: int, height: int) -> tuple[float, float, float, float]:
+  """(left, top, right, bottom) of the centred square of `EVAL_CROP_FRACTION` of the
+  shorter side."""
+  side = EVAL_CROP_FRACTION * min(width, height)
+  left, top = (width - side) / 2, (height - side) / 2
+  return left, top, left + side, top + side
+
+
+def host_image(image: Any, size: int, crop: str | None, train: bool,
+               rng: np.random.Generator | None = None) -> np.ndarray:
+  """`image` (RGB PIL) as the host delivers it: (size, size, 3) uint8 (module docstring)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  box = None
+  if crop == 'random_resized':
+    box = random_resized_box(*image.size, rng) if train else centre_box(*image.size)
+  if box is not None or image.size != (size, size):
+    image = image.resize((size, size), Image.Resampling.BILINEAR, box=box)
+  return np.asarray(image, np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchReader:
+  """Reads one index batch of a streamed split into images (runs in grain's workers).
+
+  A training batch carries the epoch's `crop_key` (`fineflax.data.train_batches`); an
+  evaluation batch does not, and gets the evaluation crop.
+  """
+
+  records: Any
+  labels: np.ndarray
+  image_size: int
+  crop: str | None
+
+  def _image(self, index: int, crop_key: Any) -> np.ndarray:
+    train, rng = crop_key is not None, None
+    if train and self.crop is not None:
+      rng = np.random.default_rng([*np.asarray(crop_key).tolist(), index])
+    return host_image(self.records.open(index), self.image_size, self.crop, train, rng)
+
+  def __call__(self, batch: Batch) -> Batch:
+    index, weight = batch['index'], batch['weight'].copy()
+    crop_key = batch.get('crop_key')
+    images, unreadable = [], []
+    for row, i in enumerate(index):
+      image = None
+      for k in range(_STAND_INS + 1):  # the example, else others in its place
+        try:
+          image = self._image((int(i) + k) % len(self.labels), crop_key)
+          break
+        except DataError:
+          if k == 0:
+            unreadable.append(int(i))
+            weight[row] = 0
+      if image is None:
+        image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+      images.append(image)
+    return {'image': np.stack(images), 'label': self.labels[index], 'weight': weight,
+            'unreadable': np.asarray(unreadable, np.int64)}
+
+
+def default_workers() -> int:
+  """Decoding processes when `config.data.workers` is None: one per core, up to 16."""
+  return min(os.cpu_count() or 1, 16)
+
+
+def read_batches(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch]:
+  """The image batches of `batches` (index batches of `split`), in order.
+
+  The index batches are listed first (integers only; an epoch of ImageNet is 1.3 M), so
+  grain can hand them to its workers by position.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
+  listed = list(batches)
+  if not listed:
+    return
+  reader = BatchReader(split.records, split.labels, split.image_size, split.crop)
+  dataset = grain.MapDataset.source(listed).map(reader)
+  threads = 0 if split.workers else min(os.cpu_count() or 1, 16)
+  stream = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=_PREFETCH_BATCHES * max(threads, 1)))
+  if split.workers:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    if not flags.FLAGS.is_parsed():
+      # grain's worker start reads an absl flag, which outside an absl program (a test, a
+      # notebook) is an error until the flags count as parsed; their defaults are kept.
+      flags.FLAGS.mark_as_parsed()
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=split.workers, per_worker_buffer_size=_PREFETCH_BATCHES))
+  iterator = iter(stream)
+  try:
+    for batch in iterator:
+      for i in batch.pop('unreadable'):
+        name = split.records.name(int(i))
+        if name not in _reported:  # once a process, not once an epoch
+          _reported.add(name)
+          logger.warning('%s: not a readable image; it is skipped (its rows count nothing)',
+                         name)
+      yield batch
+  finally:
+    close = getattr(iterator, 'close', None)
+    if close is not None:
+      close()  # stops the worker processes
+
+
+def read_examples(split: StreamSplit, indices: Sequence[int], crop_key: Any = None
+                  ) -> np.ndarray:
+  """The images of `indices`, read here (a few: samples.png): as training sees them
+  under `crop_key`, or as evaluation does when it is None."""
+  reader = BatchReader(split.records, split.labels, split.image_size, split.crop)
+  index = np.asarray(indices, np.int64)
+  batch = {'index': index, 'weight': np.ones(len(index), np.float32)}
+  if crop_key is not None:
+    batch['crop_key'] = crop_key
+  return reader(batch)['image']
