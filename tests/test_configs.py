@@ -121,3 +121,16 @@ def test_folder_workflow_smoke_run(photos, tmp_path):
   cfg.data.source = f'folder:{photos}'
   results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
   assert results['step'] == 2 and 'test_accuracy' not in results
+
+
+def test_imagenet_folder_workflow_smoke_run(cats_vs_dogs_small, tmp_path, caplog):
+  """The ILSVRC-style folder, streamed with random-resized crops, both phases."""
+  cfg = _config('imagenet_folder', 'smoke')
+  cfg.model.weights = None
+  cfg.data.source = f'folder:{cats_vs_dogs_small}'
+  cfg.data.workers = 0  # threads: the worker processes are tested in test_streaming.py
+  with caplog.at_level('INFO', logger='fineflax'):
+    results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
+  assert "data pipeline: stream (config.data.pipeline='stream')" in caplog.text
+  assert results['test_examples'] == 12 and results['step'] == 2
+  assert (tmp_path / 'run' / 'samples.png').exists()

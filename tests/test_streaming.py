@@ -231,3 +231,22 @@ def test_the_pipeline_is_chosen_as_configured_and_said(photos, caplog):
     with pytest.raises(ConfigError, match=message.replace('(', '\\(').replace(')', '\\)')
                        if 'see the line' not in message else message):
       data.load_dataset(config_lib.validate(cfg).data)
+
+
+def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
+  """A run whose host cropped the originals: `predict` crops each file's centre as its
+  evaluation did, so its probabilities are the model's on the evaluation's pixels."""
+  from fineflax.inference import predict  # pylint: disable=g-import-not-at-top
+  cfg = _config(photos)
+  cfg.data.augment.crop = 'random_resized'
+  cfg.phases = (config_lib.phase(name='a', epochs=1),)
+  train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:1])
+  split = data.load_dataset(config_lib.validate(cfg).data).splits['validation']
+  files = list(split.records.files[:3])
+  ranked = predict.predict_run_files(tmp_path / 'run', files, k=3, checkpoint='latest',
+                                     devices=jax.devices()[:1])
+  run = restore.load_run(tmp_path / 'run', 'latest')
+  probs = np.asarray(predict.predict_fn(run)(stream.read_examples(split, range(3))))
+  for top, p in zip(ranked, probs, strict=True):
+    assert [name for name, _ in top] == [run.class_names[i] for i in np.argsort(-p)]
+    np.testing.assert_allclose([q for _, q in top], np.sort(p)[::-1], rtol=1e-5)

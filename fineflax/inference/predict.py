@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 
 from fineflax import config as config_lib, data, models, weights
-from fineflax.data import augment as augmentation
+from fineflax.data import augment as augmentation, pipeline, stream
 from fineflax.data.folder import IMAGE_SUFFIXES
-from fineflax.data.images import read_image
+from fineflax.data.images import open_rgb, read_image
 from fineflax.distributed import parallel
 from fineflax.errors import ConfigError, DataError
 from fineflax.inference import evaluate
@@ -339,9 +339,12 @@ def predict_config_paths(config: ml_collections.ConfigDict, paths: Sequence[str]
                weights=config.model.weights, backbone=config.model.backbone)
 
 
-def _read_resized(path: str, image_shape: Sequence[int]) -> np.ndarray:
-  """(H, W, 3) uint8: the image file resized (bilinear) to `image_shape`."""
+def _read_resized(path: str, image_shape: Sequence[int], crop: Any = None) -> np.ndarray:
+  """(H, W, 3) uint8: the image file resized (bilinear) to `image_shape`; for a run whose
+  host cropped the originals (`crop` 'random_resized'), as its evaluation read them."""
   height, width = image_shape[:2]
+  if crop == pipeline.RANDOM_RESIZED:
+    return stream.host_image(open_rgb(path), height, crop, train=False)
   if height == width:
     return read_image(path, height)
   from PIL import Image  # pylint: disable=g-import-not-at-top
@@ -381,8 +384,10 @@ def predict_run_files(workdir: str | os.PathLike, paths: Sequence[str], k: int =
   Raises:
     DataError: a file that cannot be read (before the checkpoint is opened).
   """
-  info = restore.read_dataset_info(workdir, restore.read_config(workdir))
-  images = np.stack([_read_resized(p, info.image_shape) for p in paths])
+  config = restore.read_config(workdir)
+  info = restore.read_dataset_info(workdir, config)
+  images = np.stack([_read_resized(p, info.image_shape, config.data.augment.crop)
+                     for p in paths])
   return _run_top_k(workdir, checkpoint, images, k, devices)[1]
 
 
@@ -391,10 +396,11 @@ def predict_run_paths(workdir: str | os.PathLike, paths: Sequence[str], k: int =
                       devices: Sequence[jax.Device] | None = None) -> Predictions:
   """As `predict_run_files`, but a file that cannot be read gets its error in the result
   and the others are still predicted (the checkpoint is not opened when none is)."""
-  info = restore.read_dataset_info(workdir, restore.read_config(workdir))
+  config = restore.read_config(workdir)
+  info = restore.read_dataset_info(workdir, config)
   paths = [str(p) for p in paths]
-  images, errors = _read_all(paths, functools.partial(_read_resized,
-                                                      image_shape=info.image_shape))
+  images, errors = _read_all(paths, functools.partial(
+      _read_resized, image_shape=info.image_shape, crop=config.data.augment.crop))
 
   def predict_readable(batch: np.ndarray) -> tuple[list[Ranked], dict[str, Any]]:
     run, ranked = _run_top_k(workdir, checkpoint, batch, k, devices)
