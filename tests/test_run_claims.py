@@ -140,8 +140,7 @@ def test_allow_config_change_resumes_with_the_new_learning_rate(tmp_path, caplog
   Full batch (16 examples, batch_size 16), plain SGD: an epoch is one update
   p2 = p1 - lr * g(p1). Resuming the same checkpoint once with the old rate and once with
   a new one must give updates in the ratio of the rates: a formula, not a second
-  implementation of the step. (With the permission given, setup() logs no list of what
-  changed, so there is no log line to check.)"""
+  implementation of the step. The log names what changed."""
   lr_old, lr_new = 0.1, 0.025
   plain_sgd = lambda lr, epochs: _config(16, 16, epochs, optimizer='sgd', learning_rate=lr)
   first = tmp_path / 'first'
@@ -155,6 +154,8 @@ def test_allow_config_change_resumes_with_the_new_learning_rate(tmp_path, caplog
   with caplog.at_level('INFO', logger='fineflax.train'):
     train.train_and_evaluate(changed, tmp_path / 'changed', devices=DEVICES)
   assert 'resuming from step 1' in caplog.text
+  assert ('resuming with a changed config (config.allow_config_change): '
+          'phases[0].learning_rate: 0.1 -> 0.025') in caplog.text
 
   saved = json.loads(RunDir(tmp_path / 'changed').config_json.read_text())
   assert (saved['phases'][0]['learning_rate'], saved['allow_config_change']) == (lr_new, True)

@@ -11,9 +11,10 @@ from fineflax.config.validation import to_dict
 
 
 # What may change when a run is resumed: how long phases last, what is reported, how
-# often it saves, where the data lives.
+# often it saves, where the data lives and how many processes decode it.
 _RESUMABLE_CHANGES = re.compile(
-    r'^(report\.|features\.|checkpoint\.(keep|every_steps)$|data\.(data_dir|manual_dir)$|'
+    r'^(report\.|features\.|checkpoint\.(keep|every_steps)$|'
+    r'data\.(data_dir|manual_dir|workers|memory_max_mb)$|'
     r'phases\[\d+\]\.epochs$|eval_batch_size$|allow_config_change$)')
 
 

@@ -119,13 +119,16 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
                 resume['step'], resume['phase'], resume['phase_epochs_done'],
                 resume.get('batch', 0))
   saved = folder.config_json
-  if resume is not None and saved.exists() and not config.allow_config_change:
-    changes = config_lib.changes_on_resume(json.loads(saved.read_text()), config)
-    if changes:
-      raise ConfigError(f'{workdir} holds a run of another config; resuming it with this one '
-                        f'would mix the two ({"; ".join(changes[:5])}'
-                        f'{f"; and {len(changes) - 5} more" if len(changes) > 5 else ""}). '
-                        'Use another workdir, or set config.allow_config_change=True')
+  changes = (config_lib.changes_on_resume(json.loads(saved.read_text()), config)
+             if resume is not None and saved.exists() else [])
+  if changes and config.allow_config_change:
+    logger.warning('resuming with a changed config (config.allow_config_change): %s',
+                   '; '.join(changes))
+  elif changes:
+    raise ConfigError(f'{workdir} holds a run of another config; resuming it with this one '
+                      f'would mix the two ({"; ".join(changes[:5])}'
+                      f'{f"; and {len(changes) - 5} more" if len(changes) > 5 else ""}). '
+                      'Use another workdir, or set config.allow_config_change=True')
   reporting.write_json(saved, config_lib.to_dict(config))
   reporting.write_json(folder.dataset_json, {
       'class_names': list(dataset.info.class_names),
