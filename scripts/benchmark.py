@@ -275,8 +275,9 @@ def cost_records(backbone: str, modes: list[str], batch: int, image: int, dtype:
 
 
 def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, source: str,
-               epochs: int) -> dict[str, Any]:
-  """Runs `train_and_evaluate` on `source` for `epochs` and reports its last epoch."""
+               epochs: int, every_steps: int | None = None) -> dict[str, Any]:
+  """Runs `train_and_evaluate` on `source` for `epochs` and reports its last epoch
+  (`every_steps`: with per-step records, to TensorBoard too)."""
   from fineflax import train  # pylint: disable=g-import-not-at-top
   cfg = config_lib.default_config()
   cfg.batch_size = batch
@@ -287,7 +288,8 @@ def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, sou
   cfg.data.val_split = cfg.data.test_split = None
   cfg.data.augment.flip = 'horizontal'  # the loop includes on-device augmentation
   cfg.features.cache = 'off'
-  cfg.report.update(progress='off', tensorboard=False, plot=False)
+  cfg.report.update(progress='off', tensorboard=bool(every_steps), plot=False,
+                    every_steps=every_steps)
   layers = models.BACKBONES[backbone].build().layers
   if mode == 'forward':
     raise ValueError('--loop measures training: modes head, conv5, full')
@@ -299,7 +301,8 @@ def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, sou
           'data': source, 'dtype': str(np.dtype(models.compute_dtype(dtype))),
           'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
           'device_kind': jax.devices()[0].device_kind,
-          'img_per_s': round(last['images_per_sec'], 1), 'epochs': epochs}
+          'img_per_s': round(last['images_per_sec'], 1), 'epochs': epochs,
+          'every_steps': every_steps}
 
 
 def table(records: list[dict[str, Any]]) -> str:
@@ -344,6 +347,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument('--loop', action='store_true', help='time the whole training loop')
   parser.add_argument('--data', default='synthetic:50000:32', help='--loop: data source')
   parser.add_argument('--epochs', type=int, default=2, help='--loop: epochs (last reported)')
+  parser.add_argument('--every-steps', type=int, default=None,
+                      help='--loop: with per-step records every N steps (report.every_steps)')
   parser.add_argument('--cost', action='store_true',
                       help='compile only: XLA FLOPs and memory per mode (--batch 8 is '
                       'plenty on a CPU)')
@@ -373,7 +378,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         args.max_batch)
   elif args.loop:
     runs = (bench_loop(args.backbone, mode, args.batch, args.image, args.dtype, args.data,
-                       args.epochs) for mode in modes)
+                       args.epochs, args.every_steps) for mode in modes)
   else:
     runs = (bench_step(args.backbone, mode, args.batch, args.image, args.dtype,
                        args.windows, args.steps) for mode in modes)

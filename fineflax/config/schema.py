@@ -196,6 +196,10 @@ SCHEMA: dict[str, Any] = {
                           check=_choices(('auto', 'bar', 'lines', 'off'))),
         'tensorboard': Field(True, _BOOL, 'Write TensorBoard event files under DIR/tb.'),
         'plot': Field(True, _BOOL, 'Redraw DIR/history.png after every epoch.'),
+        'every_steps': Field(None, _INT, 'Also record the training loss, accuracy, learning '
+                             'rate and images/s of every N steps (metrics.jsonl, "kind": '
+                             '"step"; TensorBoard step/); None: per epoch only.',
+                             optional=True, check=_positive),
     },
     'checkpoint': {
         'keep': Field(3, _INT, 'How many of the latest checkpoints to keep (latest/).',

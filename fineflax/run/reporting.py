@@ -46,13 +46,21 @@ def setup_logging() -> None:
 
 
 class MetricsLog:
-  """Appends epoch records to `DIR/metrics.jsonl`."""
+  """Appends epoch records (and per-step ones, marked `"kind": "step"`) to
+  `DIR/metrics.jsonl`."""
 
   def __init__(self, workdir: str | os.PathLike):
     self.path = RunDir(workdir).metrics_jsonl
 
   def read(self) -> list[dict[str, Any]]:
-    """Every record written so far."""
+    """Every epoch record written so far."""
+    return [r for r in self._read_all() if r.get('kind') != 'step']
+
+  def read_steps(self) -> list[dict[str, Any]]:
+    """Every per-step record written so far (`config.report.every_steps`)."""
+    return [r for r in self._read_all() if r.get('kind') == 'step']
+
+  def _read_all(self) -> list[dict[str, Any]]:
     if not self.path.exists():
       return []
     records = []
@@ -72,7 +80,7 @@ class MetricsLog:
     """Drops records of steps after `step`: the epochs a resumed run will redo."""
     if jax.process_index() != 0 or not self.path.exists():
       return
-    kept = [r for r in self.read() if r['step'] <= step]
+    kept = [r for r in self._read_all() if r['step'] <= step]
     tmp = self.path.with_suffix('.tmp')
     tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
     tmp.replace(self.path)

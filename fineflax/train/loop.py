@@ -25,13 +25,15 @@ from fineflax.data import feed
 from fineflax.distributed import parallel
 from fineflax.distributed.preemption import Preempted, StopRequest
 from fineflax.errors import TrainingDivergedError
-from fineflax.run import RunDir, checkpoints, plots, progress, reporting, tensorboard
+from fineflax.run import (RunDir, checkpoints, plots, progress, reporting, step_records,
+                          tensorboard)
 from fineflax.train import features, state as state_lib, step as step_lib, summary
 from fineflax.train.early_stopping import EarlyStopping
 from fineflax.train.plan import PhasePlan
 from fineflax.train.step import evaluate
 
 logger = logging.getLogger('fineflax.train')
+IN_FLIGHT = 4  # train steps dispatched ahead of the last one finished
 
 
 @dataclasses.dataclass
@@ -128,14 +130,16 @@ def phase_feed(run: Run, phase: PhasePlan, state: state_lib.TrainState) -> Feed:
 
 def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
                 state: state_lib.TrainState, rng: np.random.Generator, position: Position,
-                phase_name: str, epochs_in_phase: int
+                phase_name: str, epochs_in_phase: int,
+                steps: step_records.StepRecorder | None = None
                 ) -> tuple[state_lib.TrainState, dict[str, float], bool]:
   """One pass over the train split in the order `rng` draws, from `position.batch` on.
 
   Metrics stay on the device (the progress display fetches those already computed, so
   no step waits for it). Saves every `checkpoint.every_steps` steps; after a SIGTERM it
   saves and raises Preempted. Returns the state, the epoch's metrics (with `seconds`) and
-  whether a SIGTERM asks to stop once the epoch's end is saved.
+  whether a SIGTERM asks to stop once the epoch's end is saved. `steps` takes each step's
+  metrics for the per-step records.
   """
   cfg = run.config
   split, resident = on.splits['train'], on.resident['train']
@@ -156,7 +160,13 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
     state, metrics = train_step(state, batch, resident or {})
     step += 1
     sums.append(metrics)
+    if len(sums) > IN_FLIGHT:
+      # Dispatch runs ahead of the devices without bound (on a CPU: dozens of steps, each
+      # holding its batch); a few queued steps keep the devices busy.
+      jax.block_until_ready(sums[-IN_FLIGHT - 1])
     shown.update(metrics)
+    if steps is not None:
+      steps.add(step, metrics)
     position.batch += 1
     # An epoch's last step is saved after its evaluation, with the epoch counted as done.
     stop, at_end = run.stop.at(step), position.batch == total
@@ -171,6 +181,8 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
       run.ckpts.save(state, position.meta(step, phase_name))
       if stop:
         shown.close()
+        if steps is not None:
+          steps.close()  # its records are of steps the resumed run does not redo
         raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
                         f'{position.batch} batches into an epoch); the same command resumes')
   shown.close()
@@ -242,6 +254,24 @@ def _compile_train_step(run: Run, phase: PhasePlan, state: state_lib.TrainState,
   return compiled
 
 
+def _step_recorder(run: Run, plan: PhasePlan, state: state_lib.TrainState,
+                   position: Position, steps_per_epoch: int
+                   ) -> step_records.StepRecorder | None:
+  """The phase's per-step records (`config.report.every_steps`), if asked for."""
+  every = run.config.report.every_steps
+  if not every:
+    return None
+  first = int(state.step) - position.phase_epochs_done * steps_per_epoch - position.batch
+
+  def write(record: dict[str, Any]) -> None:
+    run.metrics_log.write(record)
+    if run.tb is not None:
+      run.tb.scalars({k: record[k] for k in ('loss', 'accuracy', 'learning_rate',
+                                             'images_per_sec')}, record['step'], 'step/')
+
+  return step_records.StepRecorder(every, plan.name, plan.learning_rate, first, write)
+
+
 def _log_summary(run: Run, phase: PhasePlan) -> None:
   spec = phase.config.freeze
   table = summary.format_summary(
@@ -281,18 +311,23 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('phase_best cleared')
     phase_best = checkpoints.Checkpoints(folder, 1)
-  train_step = None
+  train_step = steps = None
   while position.phase_epochs_done < phase.epochs and not watcher.should_stop:
     if train_step is None:  # not before: a phase resumed at its end trains nothing
       _log_summary(run, plan)
       on = phase_feed(run, plan, state)
       steps_per_epoch = data.num_batches(on.splits['train'], cfg.batch_size)
       train_step = _compile_train_step(run, plan, state, on)
+      steps = _step_recorder(run, plan, state, position, steps_per_epoch)
     epoch = position.phase_epochs_done
     # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
     rng = np.random.default_rng([cfg.seed, index, epoch])
+    if steps is not None:
+      steps.resume()
     state, train, stop = train_epoch(run, on, train_step, state, rng, position, phase.name,
-                                     phase.epochs)
+                                     phase.epochs, steps)
+    if steps is not None:
+      steps.pause()
     val = run.evaluate(state, 'val', on) if on.splits['val'] is not None else {}
     position.epoch += 1
     position.phase_epochs_done += 1
@@ -318,6 +353,8 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
     if stop:
       raise Preempted(f'SIGTERM: saved step {record["step"]} (phase {phase.name!r}, the end '
                       f'of epoch {epoch + 1}); the same command resumes')
+  if steps is not None:
+    steps.close()
   if watcher.should_stop:
     logger.info('[%s] early stopping: no %s improvement in %d epochs', phase.name,
                 watcher.monitor, watcher.patience)
