@@ -29,13 +29,10 @@ pytestmark = pytest.mark.slow  # five training runs, each in a process of its ow
 
 N = 1000  # JPEGs of the small folder; the large one has 4N
 LOAD_SIZE = 224  # decoded: 224 * 224 * 3 = 147 KB an image, whatever the file's size
-# Small batches: the training loop does not wait for its steps within an epoch, so on the
-# CPU backend dispatched steps queue up, each holding its batch, until the client caps the
-# computations in flight (measured: 24 queued at batch 60, RSS flat after some 120). That
-# term is bounded but grows over an epoch's first batches: at 64 images of 224 px (9.6 MB)
-# it reaches some 300 MB, and an epoch of N (16 batches) would stop short of it where one
-# of 4N (63) would not (peaks 90-180 MB apart). At 16 (2.4 MB) it is small, and both
-# epochs (63 and 250 batches) are long enough to reach it.
+# Small batches: every step in flight holds its batch (fineflax.train.loop.IN_FLIGHT of
+# them; before that bound, dispatch ran dozens of steps ahead on the CPU and the queue
+# alone reached some 300 MB at 64 images of 224 px), so 16 (2.4 MB) keeps that term small
+# beside the 100 MB margin.
 BATCH = 16
 MB = 2**20
 

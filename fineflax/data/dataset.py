@@ -219,7 +219,7 @@ def gather(split: Split, batch: Batch) -> Batch:
 
   A process's empty share (fewer examples than processes) has no example for its padding
   rows to repeat: they are zeros, of weight 0 like all of its rows."""
-  if False:
+  if not len(split):
     rows = len(batch['index'])
     return {'image': np.zeros((rows, *split.images.shape[1:]), split.images.dtype),
             'label': np.zeros(rows, split.labels.dtype), 'weight': batch['weight']}

@@ -149,14 +149,23 @@ def _load_split(name: str, files: list[Path], labels: list[int], classes: list[P
   return read_split(images, read, skipped=len(errors))
 
 
+def _shape(path: Path) -> tuple[int, ...] | None:
+  """The shape of the image `path`, or None when it does not read."""
+  try:
+    return read_image(path).shape
+  except DataError:
+    return None
+
+
 def _streams(listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str],
              data_config: Any) -> bool:
   """Whether the splits `wanted` are streamed (`fineflax.data.pipeline`)."""
   count = sum(len(listings[key][0][:data_config.max_examples]) for key in wanted)
   size = data_config.load_size
   if size is None and data_config.pipeline != 'memory' and count:
-    first = next(files[0] for files, _ in listings.values() if files)
-    height, width, _ = read_image(first).shape
+    # The first image that reads: an unreadable file is skipped here, as in the loading.
+    height, width, _ = next(filter(None, (_shape(f) for files, _ in listings.values()
+                                          for f in files)), (0, 0, 3))
   else:
     height = width = size or 0
   stream = pipeline.streams(data_config, count * height * width * 3, can_stream=True)

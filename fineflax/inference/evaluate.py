@@ -192,8 +192,10 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
   size = eval_batch_size(batch_size, run.config, mesh.devices.size)
   logits_step = make_logits_step(run.model, mesh,
                                  augment=data.augment_from_config(run.config.data))
-  logits, labels = split_logits(logits_step, parallel.replicate(run.variables, mesh),
-                                dataset.splits[name], size, mesh)
+  # Placed from host copies: the restored arrays sit on this process's first device, and
+  # JAX does not move such an array onto the devices of other processes.
+  variables = parallel.replicate(jax.device_get(run.variables), mesh)
+  logits, labels = split_logits(logits_step, variables, dataset.splits[name], size, mesh)
   report = {'workdir': str(workdir), 'split': split, 'split_name': name,
             'checkpoint': run.label, 'step': run.step,
             'checkpoint_dir': str(run.checkpoint_dir), 'class_names': list(run.class_names)}
