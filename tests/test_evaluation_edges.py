@@ -14,7 +14,7 @@ import pytest
 
 from fineflax import config as config_lib, data, models, train
 from fineflax.distributed import parallel
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, DataError
 from fineflax.inference import evaluate as evaluate_lib
 from fineflax.train import state as state_lib, step as step_lib
 
@@ -142,3 +142,20 @@ def test_an_empty_split_counts_nothing_and_runs_no_step(case):
   assert case.calls == calls
   assert got['count'] == 0
   assert np.isnan(got['loss']) and np.isnan(got['accuracy'])
+
+
+def test_evaluate_run_on_a_split_without_examples_says_so(demo_run, monkeypatch):
+  """`fineflax.evaluate` of a split left empty (every file unreadable, say) names the run
+  and the split in one line, instead of failing inside the metrics."""
+  load = data.load_dataset
+
+  def emptied(data_config, keys=data.SPLIT_KEYS):
+    dataset = load(data_config, keys)
+    return data.Dataset(dataset.info, {
+        name: data.Split(split.images[:0], split.labels[:0])
+        for name, split in dataset.splits.items()})
+
+  monkeypatch.setattr(data, 'load_dataset', emptied)
+  with pytest.raises(DataError, match=r"^.*: split 'test' of config.data.source='digits' has "
+                     r'no example to evaluate$'):
+    evaluate_lib.evaluate_run(demo_run, split='test')

@@ -24,7 +24,6 @@ from PIL import Image
 
 from fineflax import config as config_lib, data
 from fineflax.data import tfds_source
-from fineflax.errors import ConfigError
 from fineflax.inference import evaluate as evaluate_lib
 from fineflax.run.reporting import MetricsLog
 from tests import multiprocess_job
@@ -307,11 +306,6 @@ def test_evaluate_run_on_two_processes_equals_one_process(edges_job, tmp_path):
   assert (written['examples'], written['accuracy']) == (32, got['accuracy'])
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError, reason=(
-    'tfds_source._read_split asks tfds for an empty sub-split when a split has fewer '
-    'examples than processes; tfds refuses ("Instruction [] corresponds to no data!"): '
-    'that process stops with a ConfigError, and its peers, in the all-gather of '
-    'read_split, fail or wait for it'))
 def test_a_tfds_process_with_an_empty_share_reads_no_example(tmp_path, monkeypatch):
   """Process 1 of 2 and the tiny dataset's 1-example test split: tfds gives process 0 the
   example and process 1 nothing, which it must take as an empty share (as the folder and

@@ -123,9 +123,25 @@ def _as_dataset(builder, split: str, spec: str, data_config: Any):
     raise ConfigError(f'config.data.source={spec!r}, split {split!r}: {e}') from None
 
 
+def _examples(builder, spec: str, split: str, data_config: Any) -> float:
+  """The number of examples of `split` (the dataset prepared first if need be); infinite
+  when tfds records none (tfds.testing.mock_data)."""
+  _as_dataset(builder, split, spec, data_config)
+  try:
+    return builder.info.splits[split].num_examples
+  except Exception:  # pylint: disable=broad-except
+    return float('inf')
+
+
 def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   tf, tfds = _tfds()
-  local = tfds.split_for_jax_process(split) if jax.process_count() > 1 else split
+  local = split
+  if jax.process_count() > 1:
+    if _examples(builder, spec, split, data_config) <= jax.process_index():
+      # A split of fewer examples than processes: tfds refuses this process's empty share
+      # ("corresponds to no data"), but it still takes part in read_split's count.
+      return read_split(np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0,), np.int32))
+    local = tfds.split_for_jax_process(split)
   ds = _as_dataset(builder, local, spec, data_config)
   # The split is read into arrays allocated once, at its size (a list of batches
   # concatenated at the end would hold it twice at the peak): tfds counts the examples of

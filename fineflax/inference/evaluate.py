@@ -28,7 +28,7 @@ from fineflax import data
 from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
 from fineflax.distributed import parallel
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, DataError
 from fineflax.run import RunDir, reporting, restore
 from fineflax.train import step
 
@@ -177,6 +177,7 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
     checkpoint, step, checkpoint_dir, class_names) and the files written (files).
   Raises:
     ConfigError: no such run, checkpoint or split, or a dataset whose classes changed.
+    DataError: the split has no example.
   """
   workdir = Path(workdir)
   run = restore.load_run(workdir, checkpoint)
@@ -188,6 +189,9 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
     raise ConfigError(f'{workdir}: the run was trained on the classes {list(run.class_names)} '
                       f'but its dataset now has {list(dataset.info.class_names)}')
   name = resolve_split(split, run.config.data, list(dataset.splits))
+  if dataset.splits[name].size == 0:
+    raise DataError(f'{workdir}: split {name!r} of config.data.source='
+                    f'{run.config.data.source!r} has no example to evaluate')
   mesh = parallel.make_mesh(devices)
   size = eval_batch_size(batch_size, run.config, mesh.devices.size)
   logits_step = make_logits_step(run.model, mesh,

@@ -362,7 +362,9 @@ def _run_top_k(workdir: str | os.PathLike, checkpoint: str | int, images: np.nda
   size = min(evaluate.eval_batch_size(None, run.config, count), -(-len(images) // count) * count)
   logits_step = evaluate.make_logits_step(run.model, mesh,
                                           augment=data.augment_from_config(run.config.data))
-  logits, _ = evaluate.split_logits(logits_step, parallel.replicate(run.variables, mesh),
+  # Host copies: the restored arrays sit on this process's first device (see evaluate_run).
+  variables = parallel.replicate(jax.device_get(run.variables), mesh)
+  logits, _ = evaluate.split_logits(logits_step, variables,
                                     data.Split(images, np.zeros(len(images), np.int32)),
                                     size, mesh)
   probs = np.asarray(probabilities(logits))
