@@ -3,6 +3,7 @@ same batches as the in-memory path, Inception-style crops by their formula, unre
 files skipped, exact evaluation, a mid-epoch resume equal to an uninterrupted run, and the
 pipeline chosen (and said) as configured."""
 
+import json
 import logging
 import math
 
@@ -131,8 +132,8 @@ def test_host_crops_differ_between_epochs_and_repeat_for_the_same_seed(photos):
   # The same example in two epochs is cropped differently.
   key0 = data.dataset.host_crop_key(np.random.default_rng([0, 0, 0]))
   key1 = data.dataset.host_crop_key(np.random.default_rng([0, 0, 1]))
-  assert not np.array_equal(stream.read_examples(split, [3], key0),
-                            stream.read_examples(split, [3], key1))
+  assert not np.array_equal(stream.read_examples(split, [3], key0)[0],
+                            stream.read_examples(split, [3], key1)[0])
 
 
 def test_unreadable_files_are_skipped_named_once_and_evaluation_counts_the_rest(
@@ -215,7 +216,8 @@ def test_the_pipeline_is_chosen_as_configured_and_said(photos, caplog):
 
   refused = [
       (dict(pipeline='stream', source='digits'),
-       "config.data.pipeline='stream': config.data.source='digits' is read into memory only"),
+       "config.data.pipeline='stream': config.data.source='digits': digits sources are read "
+       'into memory only'),
       (dict(pipeline='memory', crop='random_resized'),
        "config.data.augment.crop='random_resized' crops the original images as they are "
        "streamed: set config.data.pipeline='stream' or 'auto'"),
@@ -246,7 +248,57 @@ def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   ranked = predict.predict_run_files(tmp_path / 'run', files, k=3, checkpoint='latest',
                                      devices=jax.devices()[:1])
   run = restore.load_run(tmp_path / 'run', 'latest')
-  probs = np.asarray(predict.predict_fn(run)(stream.read_examples(split, range(3))))
+  probs = np.asarray(predict.predict_fn(run)(stream.read_examples(split, range(3))[0]))
   for top, p in zip(ranked, probs, strict=True):
     assert [name for name, _ in top] == [run.class_names[i] for i in np.argsort(-p)]
     np.testing.assert_allclose([q for _, q in top], np.sort(p)[::-1], rtol=1e-5)
+
+
+def test_a_tfds_dataset_streams_when_prepared_as_array_record(tmp_path, caplog):
+  """A tfds dataset prepared as array_record files (read by index only) streams through
+  its data source, on the batches and pixels of the same examples read into memory from
+  tfrecord files (the images need no resize); prepared as tfrecord files (tfds' default),
+  it is read into memory and 'stream' is refused with the way to prepare it."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from tests import multiprocess_job  # pylint: disable=g-import-not-at-top
+  multiprocess_job.tiny_tfds(str(tmp_path / 'tfrecord'), prepare=True)
+  tfds.builder(multiprocess_job.TINY_TFDS, data_dir=str(tmp_path / 'array_record')
+               ).download_and_prepare(file_format='array_record')
+
+  def config(data_dir, pipeline):
+    cfg = config_lib.default_config()
+    cfg.batch_size = 4
+    cfg.model.backbone = 'resnet_tiny'
+    cfg.model.preprocessing = 'tf'
+    cfg.data.source = f'tfds:{multiprocess_job.TINY_TFDS}'
+    cfg.data.data_dir = str(tmp_path / data_dir)
+    cfg.data.val_split = None
+    cfg.data.pipeline = pipeline
+    cfg.data.workers = 0
+    cfg.phases = (config_lib.phase(name='a', batchnorm='train', epochs=2),)
+    return cfg
+
+  with pytest.raises(ConfigError, match=r"^config.data.pipeline='stream': config.data.source="
+                     r"'tfds:fineflax_tiny_images': prepared as tfrecord files, read in order "
+                     r"only; streaming needs array_record files \(download_and_prepare\("
+                     r"file_format='array_record'\)\)$"):
+    data.load_dataset(config_lib.validate(config('tfrecord', 'stream')).data)
+  with caplog.at_level(logging.INFO, logger='fineflax.data'):
+    data.load_dataset(config_lib.validate(config('tfrecord', 'auto')).data)
+  assert 'data pipeline: memory (prepared as tfrecord files, read in order only' in caplog.text
+
+  with pytest.raises(ConfigError, match=r"^config.data.pipeline='memory': .*: prepared as "
+                     r'array_record files, read by index only: set config.data.pipeline='):
+    data.load_dataset(config_lib.validate(config('array_record', 'memory')).data)
+  devices = jax.devices()[:2]
+  # The same examples prepared in the two formats: in memory from tfrecord, streamed
+  # from array_record.
+  for name, data_dir, pipeline in (('memory', 'tfrecord', 'memory'),
+                                   ('stream', 'array_record', 'auto')):
+    train.train_and_evaluate(config(data_dir, pipeline), tmp_path / name, devices=devices)
+  streamed, in_memory = (MetricsLog(tmp_path / n).read() for n in ('stream', 'memory'))
+  assert [r['loss'] for r in streamed] == [r['loss'] for r in in_memory]
+  for a, b in zip(_leaves(tmp_path / 'stream'), _leaves(tmp_path / 'memory'), strict=True):
+    np.testing.assert_array_equal(a, b)
+  results = json.loads((tmp_path / 'stream' / 'results.json').read_text())
+  assert results['final']['test_examples'] == 1

@@ -34,7 +34,7 @@ class Source(NamedTuple):
 
 
 SPLIT_KEYS = ('train_split', 'val_split', 'test_split')
-STREAMED_SOURCES = ('folder',)  # those whose load() chooses the pipeline itself
+STREAMED_SOURCES = ('folder', 'tfds')  # those whose load() chooses the pipeline itself
 
 
 SOURCES: dict[str, Source] = {
@@ -76,13 +76,17 @@ def dataset_info(data_config: Any) -> DatasetInfo:
 def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS) -> Dataset:
   """Loads this process's share of `config.data`'s splits (those of `keys` only, e.g.
   ('test_split',): the others are not decoded) and logs their class counts."""
-  if data_config.source.split(':', 1)[0] not in STREAMED_SOURCES:
-    pipeline.streams(data_config, 0, can_stream=False)  # says so; refuses 'stream'
+  name = data_config.source.split(':', 1)[0]
+  if name not in STREAMED_SOURCES:  # says so; refuses 'stream'
+    pipeline.streams(data_config, 0, f'{name} sources are read into memory only')
   dataset = _source(data_config.source).load(data_config.source, data_config, tuple(keys))
   for name, split in dataset.splits.items():
+    skipped = f', {split.skipped} unreadable file(s) skipped' if split.skipped else ''
+    if split.labels is None:  # a streamed tfds split: its labels come with its images
+      logger.info('split %r: %d examples (streamed)', name, split.size)
+      continue
     counts = np.bincount(split.labels, minlength=dataset.info.num_classes)
     per_class = ', '.join(f'{c}: {n}' for c, n in zip(dataset.info.class_names, counts))
-    skipped = f', {split.skipped} unreadable file(s) skipped' if split.skipped else ''
     logger.info('split %r: %d examples%s (this process: %d; %s)', name, split.size, skipped,
                 len(split), per_class)
   return dataset

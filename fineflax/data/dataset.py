@@ -77,26 +77,27 @@ class Split:
 class StreamSplit:
   """A split read from its files batch by batch while training runs (`fineflax.data.stream`).
 
-  Every process can read every example (`records`: random access by index), so an epoch
-  is one global order of all `size` examples and each process reads its rows of every
-  global batch. Only `labels` (every example's) is held in memory; `image_size` is the
-  side of the images the host delivers, `crop` the host's training crop
-  ('random_resized', or None: a plain resize), `workers` the number of decoding processes
-  (0: threads of this one).
+  Every process can read every example (`records`: random access by index, `read(i)` ->
+  (RGB image, label)), so an epoch is one global order of all `size` examples and each
+  process reads its rows of every global batch. `labels` holds every example's label when
+  the source lists them without reading the images (a folder's), else None (a tfds
+  split's come with each example). `image_size` is the side of the images the host
+  delivers, `crop` the host's training crop ('random_resized', or None: a plain resize),
+  `workers` the number of decoding processes (0: threads of this one).
   """
 
   records: Any
-  labels: np.ndarray
+  labels: np.ndarray | None
   image_size: int
   crop: str | None = None
   workers: int = 0
 
   def __len__(self) -> int:
-    return len(self.labels)
+    return len(self.records)
 
   @property
   def size(self) -> int:
-    return len(self.labels)
+    return len(self.records)
 
   @property
   def largest_share(self) -> int:
@@ -227,7 +228,7 @@ def gather(split: Split, batch: Batch) -> Batch:
           'weight': batch['weight']}
 
 
-def class_weights(spec: Any, split: Split, num_classes: int) -> tuple[float, ...] | None:
+def class_weights(spec: Any, split: AnySplit, num_classes: int) -> tuple[float, ...] | None:
   """`config.loss.class_weight` as one weight per class ('balanced': Keras' and
   scikit-learn's n_examples / (n_classes * n_examples_of_the_class), from the train split
   over every process)."""
@@ -238,6 +239,10 @@ def class_weights(spec: Any, split: Split, num_classes: int) -> tuple[float, ...
       raise ConfigError(f'config.loss.class_weight has {len(spec)} weights but the dataset has '
                         f'{num_classes} classes')
     return tuple(float(w) for w in spec)
+  if split.labels is None:
+    raise ConfigError("config.loss.class_weight='balanced' counts the train split's labels, "
+                      'which a streamed tfds split does not list before reading its images; '
+                      'give one weight per class')
   counts = np.bincount(split.labels, minlength=num_classes).astype(np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

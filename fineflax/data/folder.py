@@ -168,7 +168,7 @@ def _streams(listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str
                                           for f in files)), (0, 0, 3))
   else:
     height = width = size or 0
-  stream = pipeline.streams(data_config, count * height * width * 3, can_stream=True)
+  stream = pipeline.streams(data_config, count * height * width * 3)
   if stream and size is None:
     raise ConfigError(f'config.data.source={data_config.source!r} is streamed (see the line '
                       'above): set config.data.load_size, the side images are delivered at')
@@ -179,8 +179,9 @@ def _stream_split(files: list[Path], labels: list[int], data_config: Any) -> Str
   """A listed split, streamed: every process lists every file (it may read any)."""
   files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
   workers = data_config.workers
-  return StreamSplit(stream.FileRecords(tuple(str(f) for f in files)),
-                     np.asarray(labels, np.int32), data_config.load_size,
+  labels = np.asarray(labels, np.int32)
+  return StreamSplit(stream.FileRecords(tuple(str(f) for f in files), labels), labels,
+                     data_config.load_size,
                      crop=data_config.augment.crop if data_config.augment.crop ==
                      pipeline.RANDOM_RESIZED else None,
                      workers=stream.default_workers() if workers is None else workers)

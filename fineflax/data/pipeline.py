@@ -21,10 +21,12 @@ logger = logging.getLogger('fineflax.data')
 RANDOM_RESIZED = 'random_resized'
 
 
-def streams(data_config: Any, decoded_bytes: int, can_stream: bool) -> bool:
+def streams(data_config: Any, decoded_bytes: int, cannot_stream: str | None = None,
+            only_stream: str | None = None) -> bool:
   """Whether to stream the splits of `data_config.source`, whose decoded size is
   `decoded_bytes` in all (this process holds its share of it in memory); logs the choice
-  and why.
+  and why. `cannot_stream`: why this source can only be read into memory, if so;
+  `only_stream`: why it can only be streamed, if so.
 
   Raises:
     ConfigError: the pipeline asked for cannot read this source or do its crop.
@@ -33,14 +35,16 @@ def streams(data_config: Any, decoded_bytes: int, can_stream: bool) -> bool:
   random_resized = data_config.augment.crop == RANDOM_RESIZED
   share_mb = decoded_bytes / jax.process_count() / 2**20
   limit = data_config.memory_max_mb
-  if not can_stream:
+  if cannot_stream:
     if mode == 'stream' or random_resized:
       why = ("config.data.pipeline='stream'" if mode == 'stream' else
              f"config.data.augment.crop={RANDOM_RESIZED!r} (it crops streamed images)")
-      raise ConfigError(f'{why}: config.data.source={spec!r} is read into memory only; '
-                        "streaming reads 'folder:PATH' sources")
-    reason = f'{spec.split(":")[0]} sources are read into memory'
+      raise ConfigError(f'{why}: config.data.source={spec!r}: {cannot_stream}')
+    reason = cannot_stream
   elif mode == 'memory':
+    if only_stream:
+      raise ConfigError(f"config.data.pipeline='memory': config.data.source={spec!r}: "
+                        f"{only_stream}: set config.data.pipeline='stream' or 'auto'")
     if random_resized:
       raise ConfigError(f"config.data.augment.crop={RANDOM_RESIZED!r} crops the original "
                         "images as they are streamed: set config.data.pipeline='stream' or "
@@ -48,13 +52,15 @@ def streams(data_config: Any, decoded_bytes: int, can_stream: bool) -> bool:
     reason = "config.data.pipeline='memory'"
   elif mode == 'stream':
     reason = "config.data.pipeline='stream'"
+  elif only_stream:
+    reason = only_stream
   elif random_resized:
     reason = f"config.data.augment.crop={RANDOM_RESIZED!r} crops the original images"
   elif share_mb > limit:
     reason = f'{share_mb:.0f} MB decoded > config.data.memory_max_mb={limit}'
   else:
     reason = f'{share_mb:.1f} MB decoded <= config.data.memory_max_mb={limit}'
-  stream = can_stream and (mode == 'stream' or (mode == 'auto' and (
-      random_resized or share_mb > limit)))
+  stream = not cannot_stream and (mode == 'stream' or (mode == 'auto' and (
+      bool(only_stream) or random_resized or share_mb > limit)))
   logger.info('data pipeline: %s (%s)', 'stream' if stream else 'memory', reason)
   return stream

@@ -20,14 +20,13 @@ def sample_images(split: AnySplit, aug: augmentation.Augment, size: int | None, 
   """The first `count` training images as step 0 augments them, uint8, and their labels."""
   if isinstance(split, StreamSplit):  # as the host crops them in the first epoch
     key = host_crop_key(np.random.default_rng([seed, 0, 0]))
-    images = stream.read_examples(split, range(min(count, len(split))), key)
+    images, labels = stream.read_examples(split, range(min(count, len(split))), key)
   else:
-    images = split.images[:count]
+    images, labels = split.images[:count], split.labels[:count]
   base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), 0)
   keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(np.arange(len(images)))
   out = augmentation.prepare(images, keys, aug, size, train=True)
-  return np.asarray(jax.numpy.clip(jax.numpy.round(out), 0, 255)).astype(np.uint8), \
-      split.labels[:count]
+  return np.asarray(jax.numpy.clip(jax.numpy.round(out), 0, 255)).astype(np.uint8), labels
 
 
 def write_samples(path: str | os.PathLike, split: AnySplit, class_names: tuple[str, ...],

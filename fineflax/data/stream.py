@@ -1,6 +1,7 @@
 """Streaming input on grain: splits decoded batch by batch while training runs.
 
-A streamed split (`StreamSplit`) keeps only its file names and labels in memory. The
+A streamed split (`StreamSplit`) keeps only its records (file names and labels, or a
+tfds random-access data source: `fineflax.data.tfds_source.TfdsRecords`) in memory. The
 index batches of `fineflax.data.train_batches` / `eval_batches` (one global order; each
 process its rows) become image batches in grain: a `MapDataset` over the epoch's index
 batches, each batch read, cropped and resized by one call, in `workers` processes (or
@@ -46,9 +47,11 @@ _reported: set[str] = set()  # unreadable files already named in the log
 
 @dataclasses.dataclass(frozen=True)
 class FileRecords:
-  """Random access to a split's image files (picklable: the worker processes get it)."""
+  """Random access to a split's image files and labels (picklable: the worker processes
+  get it)."""
 
   files: tuple[str, ...]
+  labels: np.ndarray
 
   def __len__(self) -> int:
     return len(self.files)
@@ -56,9 +59,9 @@ class FileRecords:
   def name(self, index: int) -> str:
     return self.files[index]
 
-  def open(self, index: int) -> Any:
-    """The RGB PIL image of example `index`; DataError when unreadable."""
-    return open_rgb(self.files[index])
+  def read(self, index: int) -> tuple[Any, int]:
+    """The RGB PIL image of example `index` and its label; DataError when unreadable."""
+    return open_rgb(self.files[index]), int(self.labels[index])
 
 
 def random_resized_box(width: int, height: int, rng: np.random.Generator
@@ -117,25 +120,25 @@ class BatchReader:
   """
 
   records: Any
-  labels: np.ndarray
   image_size: int
   crop: str | None
 
-  def _image(self, index: int, crop_key: Any) -> np.ndarray:
+  def _example(self, index: int, crop_key: Any) -> tuple[np.ndarray, int]:
     train, rng = crop_key is not None, None
     if train and self.crop is not None:
       rng = np.random.default_rng([*np.asarray(crop_key).tolist(), index])
-    return host_image(self.records.open(index), self.image_size, self.crop, train, rng)
+    image, label = self.records.read(index)
+    return host_image(image, self.image_size, self.crop, train, rng), label
 
   def __call__(self, batch: Batch) -> Batch:
     index, weight = batch['index'], batch['weight'].copy()
     crop_key = batch.get('crop_key')
-    images, unreadable = [], []
+    images, labels, unreadable = [], [], []
     for row, i in enumerate(index):
-      image = None
+      image, label = None, 0
       for k in range(_STAND_INS + 1):  # the example, else others in its place
         try:
-          image = self._image((int(i) + k) % len(self.labels), crop_key)
+          image, label = self._example((int(i) + k) % len(self.records), crop_key)
           break
         except DataError:
           if k == 0:
@@ -144,8 +147,9 @@ class BatchReader:
       if image is None:
         image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
       images.append(image)
-    return {'image': np.stack(images), 'label': self.labels[index], 'weight': weight,
-            'unreadable': np.asarray(unreadable, np.int64)}
+      labels.append(label)
+    return {'image': np.stack(images), 'label': np.asarray(labels, np.int32),
+            'weight': weight, 'unreadable': np.asarray(unreadable, np.int64)}
 
 
 def default_workers() -> int:
@@ -163,7 +167,7 @@ def read_batches(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch
   listed = list(batches)
   if not listed:
     return
-  reader = BatchReader(split.records, split.labels, split.image_size, split.crop)
+  reader = BatchReader(split.records, split.image_size, split.crop)
   dataset = grain.MapDataset.source(listed).map(reader)
   threads = 0 if split.workers else min(os.cpu_count() or 1, 16)
   stream = dataset.to_iter_dataset(grain.ReadOptions(
@@ -193,12 +197,13 @@ def read_batches(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch
 
 
 def read_examples(split: StreamSplit, indices: Sequence[int], crop_key: Any = None
-                  ) -> np.ndarray:
-  """The images of `indices`, read here (a few: samples.png): as training sees them
-  under `crop_key`, or as evaluation does when it is None."""
-  reader = BatchReader(split.records, split.labels, split.image_size, split.crop)
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """The images and labels of `indices`, read here (a few: samples.png): as training
+  sees them under `crop_key`, or as evaluation does when it is None."""
+  reader = BatchReader(split.records, split.image_size, split.crop)
   index = np.asarray(indices, np.int64)
   batch = {'index': index, 'weight': np.ones(len(index), np.float32)}
   if crop_key is not None:
     batch['crop_key'] = crop_key
-  return reader(batch)['image']
+  read = reader(batch)
+  return read['image'], read['label']

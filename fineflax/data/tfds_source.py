@@ -13,6 +13,7 @@ to `config.data.load_size` as they are read, and the split is held in memory as 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path, PurePosixPath
@@ -22,7 +23,8 @@ from urllib.parse import urlparse
 import jax
 import numpy as np
 
-from fineflax.data.dataset import Dataset, DatasetInfo, Split, read_split
+from fineflax.data import pipeline, stream
+from fineflax.data.dataset import Dataset, DatasetInfo, Split, StreamSplit, read_split
 from fineflax.errors import ConfigError, DataError
 
 _PROBE_TIMEOUT_S = 3
@@ -201,9 +203,83 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   return read_split(images[:filled], labels[:filled])
 
 
+@dataclasses.dataclass(frozen=True)
+class TfdsRecords:
+  """Random access to a tfds split (its `tfds.data_source`, picklable for grain's
+  workers): `read(i)` -> (RGB image, label), the first `limit` examples."""
+
+  source: Any
+  name_: str
+  limit: int
+
+  def __len__(self) -> int:
+    return self.limit
+
+  def name(self, index: int) -> str:
+    return f'{self.name_}[{index}]'
+
+  def read(self, index: int) -> tuple[Any, int]:
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    example = self.source[index]
+    image = np.asarray(example['image'])
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB'), \
+        int(example['label'])
+
+
+ARRAY_RECORD = 'array_record'
+
+
+def _file_format(builder) -> str:
+  return str(getattr(builder.info.file_format, 'value', builder.info.file_format))
+
+
+def _data_sources(builder, spec: str, data_config: Any, keys: Sequence[str]
+                  ) -> tuple[dict[str, Any] | None, str | None]:
+  """({split key: random-access data source}, None), or (None, why there is none): tfds
+  reads only datasets prepared as array_record files by index."""
+  sources = {}
+  for key in keys:
+    if not builder.is_prepared():
+      _as_dataset(builder, data_config[key], spec, data_config)  # prepares, or says why not
+    try:
+      sources[key] = builder.as_data_source(split=data_config[key])
+    except (NotImplementedError, ValueError):  # tfds' own advice lists other options
+      return None, (f'prepared as {_file_format(builder)} files, read in order only; '
+                    f"streaming needs {ARRAY_RECORD} files (download_and_prepare("
+                    f"file_format='{ARRAY_RECORD}'))")
+  return sources, None
+
+
+def _stream_split(source: Any, spec: str, split: str, data_config: Any,
+                  side: int) -> StreamSplit:
+  """A split streamed from its data source, delivered at `side` x `side`."""
+  limit = min(len(source), data_config.max_examples or len(source))
+  workers = data_config.workers
+  return StreamSplit(TfdsRecords(source, f'{spec}:{split}', limit), None, side,
+                     crop=data_config.augment.crop if data_config.augment.crop ==
+                     pipeline.RANDOM_RESIZED else None,
+                     workers=stream.default_workers() if workers is None else workers)
+
+
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
-  """This process's share of each split of `keys` the config names."""
+  """This process's share of each split of `keys` the config names: read into memory, or
+  streamed (`fineflax.data.pipeline`; datasets prepared as array_record files)."""
   builder = _builder(spec, data_config)
+  dataset_info = info(spec, data_config)
+  wanted = [k for k in _SPLITS if data_config[k] and k in keys]
+  sources, cannot = _data_sources(builder, spec, data_config, wanted)
+  # tfds reads array_record files by index only (as_dataset refuses them).
+  only = (f'prepared as {ARRAY_RECORD} files, read by index only'
+          if sources is not None and _file_format(builder) == ARRAY_RECORD else None)
+  height, width, _ = dataset_info.image_shape
+  count = sum(min(len(s), data_config.max_examples or len(s)) for s in (sources or {}).values())
+  if pipeline.streams(data_config, count * height * width * 3, cannot, only):
+    if height != width:
+      raise ConfigError(f'config.data.source={spec!r} is streamed (see the line above): '
+                        'set config.data.load_size, the side images are delivered at')
+    splits = {data_config[k]: _stream_split(sources[k], spec, data_config[k], data_config,
+                                            height) for k in wanted}
+    return Dataset(dataset_info, splits)
   splits = {data_config[k]: _read_split(builder, data_config[k], spec, data_config)
-            for k in _SPLITS if data_config[k] and k in keys}
-  return Dataset(info(spec, data_config), splits)
+            for k in wanted}
+  return Dataset(dataset_info, splits)
