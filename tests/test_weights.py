@@ -184,13 +184,15 @@ def test_sources_are_complete():
 
 # The torchvision side, in a process of its own (torchvision after TensorFlow crashes; see
 # tests/torchvision_reference.py): each ResNet50 weight enum's URL, the sha256 prefix torch
-# hub checks (its HASH_REGEX on the file name), top-1 and the default.
+# hub checks (its HASH_REGEX on the file name), top-1, the names of its metadata (where a
+# full checksum would be) and the default.
 _TORCHVISION_WEIGHTS = """
 import json
 import torch.hub
 from torchvision.models import ResNet50_Weights
 out = {w.name: {'url': w.url, 'acc1': w.meta['_metrics']['ImageNet-1K']['acc@1'],
-                'prefix': torch.hub.HASH_REGEX.search(w.url.rsplit('/', 1)[1]).group(1)}
+                'prefix': torch.hub.HASH_REGEX.search(w.url.rsplit('/', 1)[1]).group(1),
+                'meta': sorted(w.meta)}
        for w in ResNet50_Weights}
 print(json.dumps({'weights': out, 'default': ResNet50_Weights.DEFAULT.name}))
 """
@@ -198,10 +200,12 @@ print(json.dumps({'weights': out, 'default': ResNet50_Weights.DEFAULT.name}))
 
 def test_keras_checksums_and_urls_are_those_of_the_installed_keras():
   """Each `keras:imagenet` file against keras.applications' own code (no network): the
-  URL it downloads and the md5 `file_hash` it checks, with and without the top."""
+  URL it downloads and the md5 `file_hash` it checks, with and without the top; and each
+  entry's `checksum_source` names the installed Keras source file that holds its md5s."""
   import importlib  # pylint: disable=g-import-not-at-top
   import inspect  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
   published = {}  # url -> md5, as Keras downloads and checks it
   resnet = importlib.import_module('keras.src.applications.resnet')
   assert ('f"{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"'
@@ -226,10 +230,21 @@ def test_keras_checksums_and_urls_are_those_of_the_installed_keras():
     for file in (source.full, source.notop):
       assert file.url in published, file.url
       assert (file.md5, file.sha256, file.sha256_prefix) == (published[file.url], None, None)
+    named = re.fullmatch(r"Keras' md5s, in keras.applications' `(keras/src/applications/"
+                         r"(\w+)\.py)`", source.checksum_source)
+    assert named, source.checksum_source
+    module = importlib.import_module(f'keras.src.applications.{named.group(2)}')
+    assert Path(inspect.getsourcefile(module)).as_posix().endswith('/' + named.group(1))
+    text = Path(inspect.getsourcefile(module)).read_text()
+    assert source.full.md5 in text and source.notop.md5 in text, source.backbone
 
 
 def test_torchvision_checksums_and_urls_are_those_of_the_installed_torchvision():
+  """Each `torchvision:` entry against torchvision's weight enums: its URL, top-1 and
+  checksum, which is exactly the 8-hex sha256 prefix in the file name, as its
+  `checksum_source` says: torchvision publishes no other (none in the enums' metadata)."""
   import json  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   done = subprocess.run([sys.executable, '-c', _TORCHVISION_WEIGHTS], capture_output=True,
@@ -244,6 +259,10 @@ def test_torchvision_checksums_and_urls_are_those_of_the_installed_torchvision()
     assert (source.full.url, source.full.sha256_prefix) == (tv['url'], tv['prefix'])
     assert source.full.md5 is None and source.full.sha256 is None
     assert source.top1 == f"{tv['acc1']:.2f}%"
+    assert re.fullmatch(r'resnet50-([0-9a-f]{8})\.pth', source.full.filename).group(1) == (
+        source.full.sha256_prefix)
+    assert source.checksum_source.startswith('the 8-hex sha256 prefix in the file name')
+    assert not [k for k in tv['meta'] if 'sha' in k.lower() or 'hash' in k.lower()], tv['meta']
   assert weights.sources.DEFAULTS['resnet50_torchvision'] == (
       f"torchvision:{published['default']}")
 

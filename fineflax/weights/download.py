@@ -5,6 +5,10 @@ Look-up order: an explicit path (elsewhere), then `$FINEFLAX_CACHE/weights/<file
 `$FINEFLAX_WEIGHTS_MIRROR/<file name>` when that is set. A download goes into a temporary
 file in the cache directory, is checksummed, and only then renamed into place. A file
 whose checksum does not match is never loaded; a failed download leaves nothing behind.
+
+With several processes, process 0 fetches a file first while the others wait; then they
+look it up (in a shared cache they find it and only check it) or, when process 0 failed,
+stop with its error (`fineflax.distributed.once.process_zero_first`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fineflax.distributed import runtime
+from fineflax.distributed.once import process_zero_first
 from fineflax.weights.files import WeightFileError
 from fineflax.weights.sources import WeightFile
 
@@ -96,13 +101,22 @@ class _NetworkError(Exception):
 def fetch(file: WeightFile) -> Path:
   """The cached path of `file`, downloading it first if it is not in the cache.
 
+  With several processes, process 0 does it first and the others after it, so that a
+  shared cache gets one download (every process must call it for the same files).
+
   Raises:
     ChecksumError: the cached or downloaded content does not match (a download is
       deleted; a file already in the cache is left for the user to replace).
     WeightsUnavailableError: not cached and not downloadable; the message names the
       URL, the checksum and the exact path to put the file at.
     WeightFileError: the cache directory cannot be written.
+    ProcessZeroFailedError: on processes other than 0, when process 0 failed at it.
   """
+  return process_zero_first(f'fetching {file.filename}', lambda: _fetch_here(file))
+
+
+def _fetch_here(file: WeightFile) -> Path:
+  """`fetch` in this process alone."""
   path = cache_dir() / file.filename
   if path.exists():
     verify(path, file)

@@ -48,6 +48,10 @@ class Source:
   notop: WeightFile | None  # without it, where the publisher offers such a file
   top1: str  # ImageNet-1k top-1 accuracy as its publisher reports it
   licence: str
+  # Where the checksums come from, as the weight table shows it: for Keras the source file
+  # of keras.applications whose md5 `file_hash`es they are (tests/test_weights.py finds
+  # them there); for torchvision the file name, whose sha256 prefix is all it publishes.
+  checksum_source: str
 
   def file(self, include_top: bool) -> WeightFile:
     """The file to fetch: the top-less one unless the model keeps Keras' top."""
@@ -60,15 +64,19 @@ _KERAS = 'https://storage.googleapis.com/tensorflow/keras-applications'
 def _keras(backbone: str, folder: str, md5_full: str, md5_notop: str, top1: str,
            licence: str) -> Source:
   stem = f'{_KERAS}/{folder}/{backbone}_weights_tf_dim_ordering_tf_kernels'
+  # keras.applications' module of each family is named like its folder of the bucket.
   return Source('keras:imagenet', backbone, WeightFile(f'{stem}.h5', md5=md5_full),
-                WeightFile(f'{stem}_notop.h5', md5=md5_notop), top1, licence)
+                WeightFile(f'{stem}_notop.h5', md5=md5_notop), top1, licence,
+                f"Keras' md5s, in keras.applications' `keras/src/applications/{folder}.py`")
 
 
 def _torchvision(name: str, filename: str, top1: str) -> Source:
   return Source(f'torchvision:{name}', 'resnet50_torchvision',
                 WeightFile(f'https://download.pytorch.org/models/{filename}',
                            sha256_prefix=filename.split('-')[1].split('.')[0]),
-                None, top1, 'BSD-3-Clause (torchvision); ImageNet terms of use apply')
+                None, top1, 'BSD-3-Clause (torchvision); ImageNet terms of use apply',
+                'the 8-hex sha256 prefix in the file name, all that torchvision publishes '
+                '(torch hub checks it)')
 
 
 SOURCES: tuple[Source, ...] = (
@@ -110,12 +118,13 @@ def names_for(backbone: str) -> list[str]:
 def markdown_table() -> str:
   """The named weights as a Markdown table (docs/models_and_weights.md embeds it; a test
   compares)."""
-  rows = ['| weights | backbone | file(s) | checksum | ImageNet top-1 (publisher) | licence |',
-          '|---|---|---|---|---|---|']
+  rows = ['| weights | backbone | file(s) | checksum | checksum source | '
+          'ImageNet top-1 (publisher) | licence |', '|---|---|---|---|---|---|---|']
   for src in SOURCES:
     default = ' (default)' if DEFAULTS.get(src.backbone) == src.name else ''
     files = [src.full] + ([src.notop] if src.notop else [])
     rows.append(f'| `{src.name}`{default} | `{src.backbone}` | '
                 + ' and '.join(f'[`{f.filename}`]({f.url})' for f in files) + ' | '
-                + '; '.join(f.checksums() for f in files) + f' | {src.top1} | {src.licence} |')
+                + '; '.join(f.checksums() for f in files)
+                + f' | {src.checksum_source} | {src.top1} | {src.licence} |')
   return '\n'.join(rows)
