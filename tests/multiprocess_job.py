@@ -138,14 +138,15 @@ def edges(photos: str, tfds_dir: str, run_dir: str, run_one_dir: str) -> dict:
   - `folder`: the shares of the image folder PHOTOS (7 train images, 1 validation image
     carved out: process 1's share of it is empty), and the evaluation of `fixed_model` on
     both at a global batch of 4;
-  - `tfds`: the shares of the tiny tfds dataset's train split (9 examples), whole, with
+  - `tfds`: how many times this process prepared the tiny tfds dataset (process 0 alone
+    should), the shares of its train split (9 examples), whole, with
     max_examples=5, and with max_examples=1 (process 1 takes none) and its evaluation;
   - `evaluate_run`: the reports of evaluate_run on the test split of RUN_DIR and of
     RUN_ONE_DIR (a copy whose digits are cut to 1 example a split: process 1's share is
     empty).
   Each part is a collective: every process runs them all, in this order.
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from fineflax.data import tfds_source  # pylint: disable=g-import-not-at-top
   from fineflax.inference import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   out = {'digits': run(), 'process_count': jax.process_count()}
   model, variables = fixed_model()
@@ -160,12 +161,16 @@ def edges(photos: str, tfds_dir: str, run_dir: str, run_one_dir: str) -> dict:
       name: evaluate(eval_step, variables, split, 4, mesh)
       for name, split in dataset.splits.items()}}
 
-  tiny_tfds(tfds_dir, prepare=jax.process_index() == 0)
-  multihost_utils.sync_global_devices('tiny tfds dataset prepared')
+  # Not prepared yet, in one data_dir: fineflax prepares it on process 0 alone.
+  tiny_tfds(tfds_dir, prepare=False)
+  prepared = []
+  original = tfds_source._prepare  # pylint: disable=protected-access
+  tfds_source._prepare = lambda *a: prepared.append(1) or original(*a)  # pylint: disable=protected-access
   cfg = config_lib.default_config()
   cfg.data.update(source=f'tfds:{TINY_TFDS}', data_dir=tfds_dir, train_split='train',
                   val_split=None, test_split=None)
   out['tfds'] = {'whole': _shares(data.load_dataset(config_lib.validate(cfg).data))['train']}
+  out['tfds']['prepared_here'] = len(prepared)
   cfg.data.max_examples = 5  # odd: the processes' shares cannot be equal
   out['tfds']['max5'] = _shares(data.load_dataset(config_lib.validate(cfg).data))['train']
   cfg.data.max_examples = 1

@@ -250,8 +250,11 @@ def test_tfds_shares_are_disjoint_cover_the_split_and_keep_max_examples(edges_jo
   are disjoint and cover them; with an odd config.data.max_examples=5 the shares add up
   to exactly 5 (3 and 2: the first process takes the one left over), are examples of the
   split, and Split.size is 5 on both processes. The reference is the dataset's own
-  examples, generated here with NumPy."""
+  examples, generated here with NumPy. The dataset, not prepared before, is prepared by
+  process 0 alone."""
   everything = list(_tiny_train())
+  # Unprepared in one data_dir: process 0 prepared it while process 1 waited.
+  assert [r['tfds']['prepared_here'] for r in edges_job['results']] == [1, 0]
   whole = [r['tfds']['whole'] for r in edges_job['results']]
   _disjoint_and_covering([s['digests'] for s in whole], everything)
   assert [(s['size'], s['largest_share']) for s in whole] == [(9, 5)] * 2

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from fineflax.data import pipeline, stream
+from fineflax.distributed import once
 from fineflax.data.dataset import Dataset, DatasetInfo, Split, StreamSplit, read_split
 from fineflax.errors import ConfigError, DataError
 
@@ -123,6 +124,19 @@ def _as_dataset(builder, split: str, spec: str, data_config: Any):
     return builder.as_dataset(**kwargs)
   except ValueError as e:  # a malformed split string
     raise ConfigError(f'config.data.source={spec!r}, split {split!r}: {e}') from None
+
+
+def _prepared_builder(spec: str, data_config: Any, split: str) -> Any:
+  """The dataset's builder, the dataset prepared first if it is not (`_prepare`)."""
+  builder = _builder(spec, data_config)
+  try:
+    builder.as_dataset(split=split)
+  except AssertionError:  # tfds' way of saying "not prepared"
+    _prepare(builder, spec, data_config)
+    builder = _builder(spec, data_config)  # with the prepared dataset's info
+  except (NotImplementedError, ValueError):
+    pass  # prepared, for reading by index only; or a malformed split, said where it is read
+  return builder
 
 
 def _examples(builder, spec: str, split: str, data_config: Any) -> float:
@@ -264,9 +278,12 @@ def _stream_split(source: Any, spec: str, split: str, data_config: Any,
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
   """This process's share of each split of `keys` the config names: read into memory, or
   streamed (`fineflax.data.pipeline`; datasets prepared as array_record files)."""
-  builder = _builder(spec, data_config)
-  dataset_info = info(spec, data_config)
   wanted = [k for k in _SPLITS if data_config[k] and k in keys]
+  # With several processes and one data_dir, process 0 prepares while the others wait.
+  builder = once.process_zero_first(
+      f'preparing {spec}', lambda: _prepared_builder(spec, data_config,
+                                                     data_config[(wanted or _SPLITS)[0]]))
+  dataset_info = info(spec, data_config)
   sources, cannot = _data_sources(builder, spec, data_config, wanted)
   # tfds reads array_record files by index only (as_dataset refuses them).
   only = (f'prepared as {ARRAY_RECORD} files, read by index only'
