@@ -196,3 +196,22 @@ def test_data_that_cannot_be_used_is_said_in_one_line(tmp_path):
   assert result.stderr.strip().splitlines()[-1] == (
       f'error: {tmp_path / "photos"} has no class folders (one sub-folder per class expected)')
   assert not (tmp_path / 'run').exists()
+
+
+def test_an_object_store_workdir_is_refused_at_once(tmp_path, monkeypatch):
+  """`--workdir gs://bucket/run` became the local folder ./gs:/bucket/run, trained an epoch
+  and failed at Orbax's first save; until such run folders are supported, every entry
+  point refuses a URL at once, in one line naming it, and writes nothing."""
+  monkeypatch.chdir(tmp_path)
+  message = (r'^gs://bucket/run: gs:// run folders are not supported yet; use a local '
+             r'folder or a mounted bucket \(gcsfuse\)$')
+  from fineflax.inference import evaluate  # pylint: disable=g-import-not-at-top
+  from fineflax.run import restore  # pylint: disable=g-import-not-at-top
+  for call in (lambda: train.train_and_evaluate(small_config(), 'gs://bucket/run'),
+               lambda: restore.load_run('gs://bucket/run'),
+               lambda: evaluate.evaluate_run('gs://bucket/run')):
+    with pytest.raises(ConfigError, match=message):
+      call()
+  with pytest.raises(ConfigError, match=r'^s3://b: s3:// run folders'):
+    RunDir('s3://b')
+  assert list(tmp_path.iterdir()) == []

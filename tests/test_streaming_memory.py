@@ -1,11 +1,11 @@
 """Memory of the two input paths (issue 14): a streamed run's peak does not grow with the
 dataset, and the in-memory path holds a split once while reading it, not twice.
 
-Measured on the 2-core CPU machine (peak RSS in MB, each run a fresh process; N = 1000
-JPEGs decoded at load_size 224 are 143.6 MB, 4N 574.2 MB):
-  stream: N 561, 4N 571 (+10; again 564, 573);
-  memory: N 1055, 4N 1921 (+866; again 1035, 1898: the split is held on the host and,
-    placed whole, on the device).
+Measured on the 2-core CPU machine (peak RSS in MB, VmHWM, each run a fresh process;
+N = 1000 JPEGs decoded at load_size 224 are 143.6 MB, 4N 574.2 MB):
+  stream: N 510, 4N 514 (+4);
+  memory: N 1019, 4N 1896 (+877: the split is held on the host and, placed whole, on the
+    device).
 tracemalloc's peak while folder.load reads 200 images (28.7 MB decoded): 29.6 MB (1.03 x)
 into one array; 57.6 MB (2.01 x) when the images were listed, then stacked.
 The file takes about 50 s (a run that streams, its compiled step loaded: 5-7 s).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import tracemalloc
@@ -73,8 +72,8 @@ def _child_env(cache: Path) -> dict[str, str]:
 
 def _peak_rss_mb(folder: Path, pipeline: str, workdir: Path, cache: Path,
                  max_examples: int | None = None) -> float:
-  """The peak RSS of one epoch trained on `folder`, in a fresh process: ru_maxrss is a
-  process's peak over its life, so runs in one process would hide each other's."""
+  """The peak RSS of one epoch trained on `folder`, in a fresh process: a process's peak
+  covers its whole life, so runs in one process would hide each other's."""
   args = [sys.executable, __file__, str(folder), pipeline, str(workdir), str(max_examples)]
   done = subprocess.run(args, env=_child_env(cache), capture_output=True, text=True,
                         timeout=300, check=False)
@@ -140,12 +139,17 @@ def _train_one_epoch(folder: str, pipeline: str, workdir: str, max_examples: str
   cfg.data.test_split = None
   cfg.data.pipeline = pipeline
   # Threads, not worker processes: the decoding then happens in this process, whose peak
-  # ru_maxrss reports. RUSAGE_CHILDREN would give the largest worker's peak, not the sum
+  # VmHWM reports. RUSAGE_CHILDREN would give the largest worker's peak, not the sum
   # of the workers', and starting them costs seconds on a machine of two cores.
   cfg.data.workers = 0
   cfg.phases = (config_lib.phase(name='a', batchnorm='train', learning_rate=1e-3, epochs=1),)
   train.train_and_evaluate(cfg, workdir, devices=jax.devices()[:1])
-  peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+  # VmHWM, the peak of this process's own memory since its exec: ru_maxrss would start
+  # from the peak of the process that forked it (a pytest worker's: gigabytes), which
+  # hid every run's own in the full suite.
+  status = Path('/proc/self/status').read_text()
+  peak_kb = int(next(line.split()[1] for line in status.splitlines()
+                     if line.startswith('VmHWM:')))
   print(json.dumps({'peak_rss_mb': peak_kb / 1024}))
 
 

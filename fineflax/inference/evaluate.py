@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -179,7 +178,7 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
     ConfigError: no such run, checkpoint or split, or a dataset whose classes changed.
     DataError: the split has no example.
   """
-  workdir = Path(workdir)
+  workdir = RunDir(workdir).root
   run = restore.load_run(workdir, checkpoint)
   # Only the split asked for is decoded when it is one the config names.
   keys = [k for k in data.SPLIT_KEYS

@@ -21,6 +21,11 @@ import os
 import re
 from pathlib import Path
 
+from fineflax.errors import ConfigError
+
+
+_URL = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
+
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
@@ -29,6 +34,13 @@ class RunDir:
   root: Path
 
   def __init__(self, root: str | os.PathLike):
+    """Raises ConfigError for a URL (gs://, s3://, ...): it would become a local folder."""
+    scheme = _URL.match(os.fspath(root)) if isinstance(root, (str, os.PathLike)) else None
+    if scheme:
+      # pathlib would turn 'gs://b/r' into the local folder 'gs:/b/r'; Orbax would then
+      # fail at the first save, after an epoch of training.
+      raise ConfigError(f'{os.fspath(root)}: {scheme.group(1)}:// run folders are not '
+                        'supported yet; use a local folder or a mounted bucket (gcsfuse)')
     object.__setattr__(self, 'root', Path(root))
 
   def __fspath__(self) -> str:

@@ -81,7 +81,7 @@ def read_config(workdir: str | os.PathLike,
     ConfigError: no such folder, a folder that is not a fineflax run, or a layout-1 run
       without `config`.
   """
-  workdir = Path(workdir)
+  workdir = RunDir(workdir).root
   if not workdir.is_dir():
     raise ConfigError(f'{workdir}: no such run directory')
   path = RunDir(workdir).config_json
@@ -125,7 +125,7 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
   Raises:
     ConfigError: the run has no checkpoint, or not the step asked for.
   """
-  workdir = Path(workdir)
+  workdir = RunDir(workdir).root
   run_dir = RunDir(workdir)
   folders = {'best': run_dir.best, 'latest': run_dir.latest}
   if isinstance(checkpoint, str) and checkpoint.isdigit():
@@ -213,7 +213,7 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best', *,
     ConfigError: no such directory, not a run, no such checkpoint; its subclass
       CheckpointMismatchError when the checkpoint does not fit the model of the config.
   """
-  workdir = Path(workdir)
+  workdir = RunDir(workdir).root
   config = read_config(workdir, config)
   step_dir, label = find_checkpoint(workdir, checkpoint)
   info = read_dataset_info(workdir, config)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
@@ -66,7 +65,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   """Validates and builds everything; returns the run, the checkpoint meta it resumes
   from (None for a new run) and the initial variables."""
   config = config_lib.validate(config)
-  workdir = Path(workdir)
+  workdir = RunDir(workdir).root
   folder = RunDir(workdir)
   fresh = not checkpoints.has_checkpoint(folder.latest)
   # The weight file is looked up before the photos are decoded: a missing one is said at
