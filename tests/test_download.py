@@ -1,8 +1,6 @@
 """The weight cache and downloads, against an HTTP server on 127.0.0.1."""
 
-import functools
 import hashlib
-import http.server
 import socket
 import threading
 import time
@@ -11,6 +9,7 @@ import pytest
 
 from fineflax import weights
 from fineflax.weights import download
+from tests import local_server
 
 
 @pytest.fixture
@@ -18,23 +17,8 @@ def server(tmp_path):
   """Serves tmp_path/'served' on 127.0.0.1; yields (base URL, served dir, request log)."""
   served = tmp_path / 'served'
   served.mkdir()
-  requests = []
-
-  class Handler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):
-      requests.append(self.path)
-      super().do_GET()
-
-    def log_message(self, *args):
-      pass
-
-  httpd = http.server.ThreadingHTTPServer(
-      ('127.0.0.1', 0), functools.partial(Handler, directory=str(served)))
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield f'http://127.0.0.1:{httpd.server_address[1]}', served, requests
-  httpd.shutdown()
-  httpd.server_close()
+  with local_server.serve(served) as (url, requests):
+    yield url, served, requests
 
 
 @pytest.fixture(autouse=True)

@@ -8,21 +8,19 @@ every case of `fetch_job`, the training program itself for the one-line errors a
 and a process 0 that dies while process 1 waits.
 """
 
-import functools
 import hashlib
-import http.server
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from fineflax.distributed import once
+from tests import local_server
 
 pytestmark = pytest.mark.slow  # starts two-process jobs and the training program
 
@@ -38,24 +36,8 @@ GOOD = bytes(range(256)) * 4000  # 1 MB
 def server(tmp_path_factory):
   """Serves a folder on 127.0.0.1, slowly; yields (base URL, folder, request paths)."""
   served = tmp_path_factory.mktemp('served')
-  requests = []
-
-  class Handler(http.server.SimpleHTTPRequestHandler):
-    def do_GET(self):
-      requests.append(self.path)
-      time.sleep(SERVE_DELAY_S)
-      super().do_GET()
-
-    def log_message(self, *args):
-      pass
-
-  httpd = http.server.ThreadingHTTPServer(
-      ('127.0.0.1', 0), functools.partial(Handler, directory=str(served)))
-  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-  thread.start()
-  yield f'http://127.0.0.1:{httpd.server_address[1]}', served, requests
-  httpd.shutdown()
-  httpd.server_close()
+  with local_server.serve(served, SERVE_DELAY_S) as (url, requests):
+    yield url, served, requests
 
 
 def _free_port() -> int:
