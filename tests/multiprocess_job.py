@@ -88,6 +88,14 @@ def tiny_tfds(data_dir: str, prepare: bool) -> None:
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()  # bars drawn over each other would fill the logs of a failure
+  if TINY_TFDS not in tfds.list_builders(with_community_datasets=False):
+    _register_tiny_tfds(tfds)  # once a process: tfds refuses a second class of one name
+  if prepare:
+    tfds.builder(TINY_TFDS, data_dir=data_dir).download_and_prepare()
+
+
+def _register_tiny_tfds(tfds) -> None:
+  """Defines (and so registers with tfds) the tiny dataset's builder class."""
 
   class FineflaxTinyImages(tfds.core.GeneratorBasedBuilder):  # pylint: disable=unused-variable
     VERSION = tfds.core.Version('1.0.0')
@@ -105,9 +113,6 @@ def tiny_tfds(data_dir: str, prepare: bool) -> None:
     def _generate_examples(self, n, seed):
       for i, (image, label) in enumerate(zip(*tiny_examples(n, seed))):
         yield i, {'image': image, 'label': int(label)}
-
-  if prepare:
-    tfds.builder(TINY_TFDS, data_dir=data_dir).download_and_prepare()
 
 
 def fixed_model() -> tuple[Any, dict]:

@@ -4,7 +4,6 @@ bit for bit where an uninterrupted run ends), `allow_config_change=True` (the re
 on and the changed value is used), and `init_from` naming a checkpoint step folder or the
 output of scripts/convert_weights.py."""
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -20,6 +19,7 @@ from fineflax.distributed import preemption
 from fineflax.distributed.preemption import sigterm_flag
 from fineflax.run import RunDir
 from fineflax.run.reporting import MetricsLog
+from tests import scripts_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 DEVICES = jax.devices()[:2]
@@ -205,11 +205,7 @@ def test_init_from_a_step_folder_takes_that_step_not_the_best(accumulated_run, t
 
 
 def _convert_weights():
-  spec = importlib.util.spec_from_file_location('convert_weights',
-                                                ROOT / 'scripts' / 'convert_weights.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return scripts_loader.load('convert_weights')
 
 
 # Keras' weight names -> where fineflax keeps them.

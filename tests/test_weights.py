@@ -304,12 +304,8 @@ def test_zero_shot_predict_matches_keras(keras, keras_file, tmp_path):
 
 
 def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-  script = Path(__file__).resolve().parents[1] / 'scripts' / 'convert_weights.py'
-  spec = importlib.util.spec_from_file_location('convert_weights', script)
-  convert_weights = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(convert_weights)
+  from tests import scripts_loader  # pylint: disable=g-import-not-at-top
+  convert_weights = scripts_loader.load('convert_weights')
   path, _ = keras_file('xception', False)
   convert_weights.convert('xception', str(path), str(tmp_path / 'ckpt'))
   _, direct, _ = _load(_model_config('xception', path), 71)

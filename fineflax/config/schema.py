@@ -227,6 +227,16 @@ PHASE_SCHEMA: dict[str, Any] = {
     'freeze': Field('none', _STR, "What is frozen: 'none', 'backbone', 'layers[A:B]' "
                     "(Keras layer slice) or 'regex:PATTERN' (parameter paths).",
                     check=value_check('phases.freeze')),
+    'lr_groups': Field(None, _SEQ, 'Discriminative learning rates: (spec, multiplier) pairs, '
+                       "the spec as freeze's or 'head'; a parameter trains at learning_rate x "
+                       'the multiplier of the first pair that matches it (none: 1), times '
+                       'its layer_decay factor; 0 freezes it as freeze does. The freeze spec '
+                       'wins over both. None: every parameter at 1.', optional=True),
+    'layer_decay': Field(None, _FLOAT, "Layer-wise decay d: a backbone parameter k stages "
+                         'below the head trains at learning_rate x d**k (stages: ResNet '
+                         'stem, conv2..conv5; VGG16 block1..block5; Xception entry, middle, '
+                         'exit); times its lr_groups multiplier; None: off.', optional=True,
+                         check=lambda v: None if 0 < v <= 1 else 'must be in (0, 1]'),
     'optimizer': Field('adam', _STR, 'Optimizer (fineflax.train.optimizers.OPTIMIZERS).',
                        check=value_check('phases.optimizer')),
     'learning_rate': Field(1e-3, _FLOAT, 'Learning rate.', check=_positive),

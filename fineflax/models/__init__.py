@@ -25,26 +25,56 @@ class BackboneSpec:
   preprocessing: str
   input_size: int  # the side its ImageNet weights were trained at
   description: str
+  # The stages of `phases[i].layer_decay`, input to output: (name, prefix of the name of
+  # the stage's first layer). A layer belongs to the last stage begun at or before it in
+  # the Keras layer list, so unprefixed layers (Xception's `conv2d_1`) join their block.
+  stages: tuple[tuple[str, str], ...] = ()
 
+
+# As the architectures' papers describe them: ResNet's stem (conv1, pool1) and conv2_x ..
+# conv5_x; VGG's five blocks; Xception's entry (blocks 1-4), middle (5-12), exit (13-14) flows.
+RESNET_STAGES = (('stem', ''), ('conv2', 'conv2_'), ('conv3', 'conv3_'), ('conv4', 'conv4_'),
+                 ('conv5', 'conv5_'))
+VGG16_STAGES = tuple((f'block{i}', f'block{i}_') for i in range(1, 6))
+XCEPTION_STAGES = (('entry', ''), ('middle', 'block5_'), ('exit', 'block13_'))
 
 BACKBONES: dict[str, BackboneSpec] = {
     'resnet50': BackboneSpec(resnet.ResNet50, heads.avg_pool_top, 'caffe', 224,
-                             'Keras ResNet50 (v1), 23.6M params'),
+                             'Keras ResNet50 (v1), 23.6M params',
+                             stages=RESNET_STAGES),
     'resnet101': BackboneSpec(resnet.ResNet101, heads.avg_pool_top, 'caffe', 224,
-                              'Keras ResNet101 (v1), 42.7M params'),
+                              'Keras ResNet101 (v1), 42.7M params',
+                             stages=RESNET_STAGES),
     'resnet152': BackboneSpec(resnet.ResNet152, heads.avg_pool_top, 'caffe', 224,
-                              'Keras ResNet152 (v1), 58.4M params'),
+                              'Keras ResNet152 (v1), 58.4M params',
+                             stages=RESNET_STAGES),
     'resnet50_torchvision': BackboneSpec(resnet.ResNet50Torchvision, heads.avg_pool_top,
                                          'torch', 224,
-                                         'torchvision / timm ResNet50 (v1.5), 23.5M params'),
-    'vgg16': BackboneSpec(vgg.VGG16, vgg.vgg16_top, 'caffe', 224, 'Keras VGG16, 14.7M params'),
+                                         'torchvision / timm ResNet50 (v1.5), 23.5M params',
+                                         stages=RESNET_STAGES),
+    'vgg16': BackboneSpec(vgg.VGG16, vgg.vgg16_top, 'caffe', 224, 'Keras VGG16, 14.7M params',
+                          stages=VGG16_STAGES),
     'xception': BackboneSpec(xception.Xception, heads.avg_pool_top, 'tf', 299,
-                             'Keras Xception, 20.9M params'),
+                             'Keras Xception, 20.9M params',
+                             stages=XCEPTION_STAGES),
     'resnet_tiny': BackboneSpec(resnet.ResNetTiny, heads.avg_pool_top, 'caffe', 32,
-                                'Keras ResNet v1 layout, one block per stage, 1/4 width'),
+                                'Keras ResNet v1 layout, one block per stage, 1/4 width',
+                                stages=RESNET_STAGES),
 }
 
 registry.register_choices('model.backbone', lambda: BACKBONES)
+
+
+def layer_stages(backbone: str, layers: tuple[Layer, ...]) -> dict[str, tuple[int, str]]:
+  """Each backbone layer's stage: name -> (index from the input, stage name)."""
+  stages = BACKBONES[backbone].stages or (('all', ''),)
+  out, current = {}, 0
+  for layer in layers:
+    # Advance when the next stage's first layer comes (the stem's prefix '' matches all).
+    while current + 1 < len(stages) and layer.name.startswith(stages[current + 1][1]):
+      current += 1
+    out[layer.name] = (current, stages[current][0])
+  return out
 
 def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
                 bn_axis_name: str | None = None) -> Classifier:
@@ -98,5 +128,5 @@ def from_config(config: Any, class_names: tuple[str, ...]) -> Classifier:
 
 
 __all__ = ['BACKBONES', 'BackboneSpec', 'Classifier', 'KerasGraph', 'Layer', 'abstract_variables',
-           'build_model',
+           'build_model', 'layer_stages',
            'compute_dtype', 'from_config', 'head_layers', 'resolve_num_classes']

@@ -14,12 +14,18 @@ Frozen leaves are kept out of the update entirely: the step differentiates and u
 `optax.MaskedNode()`s (pytree nodes with no leaves). The optimizer built by
 `partition_optimizer` is initialised on that view too, so frozen leaves get no gradient,
 no optimizer state and no update, not even an added zero, and stay bit-for-bit equal.
+
+Discriminative fine-tuning (`phases[i].lr_groups`, `phases[i].layer_decay`) refines the
+trainable label into groups, one per distinct learning-rate multiplier (`param_groups`);
+a multiplier of 0 is the FROZEN label itself, so it freezes exactly as the spec does.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import optax
@@ -145,3 +151,146 @@ def bn_train_layers(labels: Labels, layer_groups: Mapping[str, Sequence[Layer]])
       if layer.kind == 'BatchNormalization' and labels[group][layer.name]['scale'] == TRAINABLE:
         out.add(f'{group}/{layer.name}')
   return frozenset(out)
+
+
+# ---------------------------------------------------------------------------------------
+# Discriminative fine-tuning: a learning-rate multiplier per parameter.
+# ---------------------------------------------------------------------------------------
+
+
+def group_label(multiplier: float) -> str:
+  """The label of the group trained at `multiplier` x the phase's rate; 1 keeps TRAINABLE,
+  so that a phase without groups has the optimizer state it always had (old checkpoints
+  resume). Checkpoint keys hold no '.' or '-': 0.5 -> 'trainable_x0p5'."""
+  if multiplier == 1:
+    return TRAINABLE
+  return 'trainable_x' + repr(float(multiplier)).replace('.', 'p').replace('-', 'm')
+
+
+def lr_group_error(item: Any) -> str | None:
+  """What is wrong with one (spec, multiplier) pair of `lr_groups`, or None."""
+  if not isinstance(item, (tuple, list)) or len(item) != 2:
+    return f"expected a (spec, multiplier) pair such as ('layers[:143]', 0.1), got {item!r}"
+  spec, multiplier = item
+  if spec == 'none':
+    return "spec 'none' matches nothing; leave the pair out"
+  if spec != 'head':
+    try:
+      check_syntax(spec)
+    except FreezeSpecError as e:
+      return str(e).replace('freeze spec', 'spec') + " (or 'head')"
+  if (not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool)
+      or not math.isfinite(multiplier) or multiplier < 0):
+    return (f'multiplier {multiplier!r} must be a number >= 0 (0 freezes, as the freeze '
+            'spec does)')
+  return None
+
+
+def _check_lr_groups(config: Any) -> None:
+  for i, phase in enumerate(config.phases):
+    for j, item in enumerate(phase.get('lr_groups') or ()):
+      error = lr_group_error(item)
+      if error:
+        raise ConfigError(f'config.phases[{i}].lr_groups[{j}]: {error}')
+
+
+registry.register_config_check('lr_groups', _check_lr_groups)
+
+
+def _matcher(spec: str, backbone_layers: Sequence[Layer]) -> Callable[[str], bool]:
+  if spec == 'head':
+    return lambda path: path.startswith('head/')
+  return _frozen_predicate(spec, backbone_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+  """A phase's labelling of the parameters.
+
+  Attributes:
+    labels: TRAINABLE / FROZEN at every leaf (what the step differentiates); a leaf
+      frozen by the spec or at multiplier 0 is FROZEN.
+    groups: `group_label(m)` at every trainable leaf, FROZEN at the others: the labels of
+      the `optax.multi_transform` inside the optimizer.
+    multipliers: group label -> multiplier, the non-zero groups in descending order.
+  """
+
+  labels: Labels
+  groups: Labels
+  multipliers: dict[str, float]
+
+  @property
+  def discriminative(self) -> bool:
+    """Whether the phase trains at more than one rate (else the optimizer is the plain one)."""
+    return set(self.multipliers) != {TRAINABLE}
+
+
+def param_groups(params: Params, spec: str, backbone_layers: Sequence[Layer],
+                 lr_groups: Sequence[Sequence[Any]] = (), layer_decay: float | None = None,
+                 stages: Mapping[str, tuple[int, str]] | None = None) -> ParamGroups:
+  """The groups of a phase: the freeze spec, then `lr_groups` x `layer_decay`.
+
+  A leaf's multiplier is the multiplier of the first `lr_groups` pair whose spec matches
+  it (1 if none does) times `layer_decay ** k`, `k` the stages between its layer and the
+  head: 0 in the head, 1 in the backbone's last stage, len(stages) in its first (the
+  stem). The freeze spec wins over both: a frozen leaf stays frozen whatever its
+  multiplier; a multiplier of 0 freezes exactly as the spec does.
+
+  Raises:
+    FreezeSpecError: the freeze spec does not fit (see `freeze_labels`), a pair indexes
+      beyond the backbone or matches no parameter that an earlier pair left, or the
+      multipliers leave nothing to train.
+  """
+  frozen = freeze_labels(params, spec, backbone_layers)
+  matchers = []
+  for j, (pair_spec, _) in enumerate(lr_groups):
+    try:
+      matchers.append(_matcher(pair_spec, backbone_layers))
+    except FreezeSpecError as e:
+      raise FreezeSpecError(f'lr_groups[{j}]: {str(e).replace("freeze spec", "spec")}') from None
+  used = [False] * len(matchers)
+  n_stages = 1 + max((index for index, _ in (stages or {}).values()), default=0)
+
+  def multiplier(path: str) -> float:
+    m = 1.0
+    for j, match in enumerate(matchers):
+      if match(path):
+        used[j], m = True, float(lr_groups[j][1])
+        break
+    if layer_decay is not None and path.startswith('backbone/'):
+      index, _ = (stages or {}).get(path.split('/')[1], (0, ''))
+      m *= float(layer_decay) ** (n_stages - index)
+    return m
+
+  mults = jax.tree_util.tree_map_with_path(lambda path, _: multiplier(path_str(path)), params)
+  for j, hit in enumerate(used):
+    if not hit:
+      raise FreezeSpecError(f'lr_groups[{j}]: spec {lr_groups[j][0]!r} matches no parameter '
+                            'that an earlier pair left')
+  groups = jax.tree.map(lambda f, m: FROZEN if f == FROZEN or m == 0 else group_label(m),
+                        frozen, mults)
+  if all(g == FROZEN for g in jax.tree.leaves(groups)):
+    raise FreezeSpecError('lr_groups: with the freeze spec, multipliers of 0 freeze every '
+                          'parameter: nothing would train')
+  values = {group_label(m): m for f, m in zip(jax.tree.leaves(frozen), jax.tree.leaves(mults))
+            if f == TRAINABLE and m != 0}
+  labels = jax.tree.map(lambda g: FROZEN if g == FROZEN else TRAINABLE, groups)
+  return ParamGroups(labels, groups, dict(sorted(values.items(), key=lambda kv: -kv[1])))
+
+
+def partition_groups(txs: Mapping[str, optax.GradientTransformation],
+                     groups: Labels) -> optax.GradientTransformation:
+  """`optax.multi_transform` of one transformation per group (FROZEN: nothing to do).
+
+  Used inside `partition_optimizer`'s trainable transform, where frozen leaves are
+  already MaskedNodes: the state holds one entry per trainable group.
+  """
+  return optax.multi_transform({**txs, FROZEN: optax.set_to_zero()}, groups)
+
+
+def group_sizes(params: Params, groups: Labels) -> dict[str, int]:
+  """Parameters per group label (FROZEN included)."""
+  out: dict[str, int] = {}
+  for g, p in zip(jax.tree.leaves(groups), jax.tree.leaves(params)):
+    out[g] = out.get(g, 0) + math.prod(p.shape)
+  return out

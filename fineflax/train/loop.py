@@ -278,6 +278,9 @@ def _log_summary(run: Run, phase: PhasePlan) -> None:
       summary.summarize(run.model, run.dataset.info.image_shape, spec),
       f'{run.config.model.backbone} + head, phase {phase.name!r} (freeze {spec!r})')
   logger.info('\n%s', table)
+  if phase.groups_text:
+    logger.info('[%s] learning-rate groups (x learning_rate %g): %s', phase.name,
+                phase.config.learning_rate, phase.groups_text)
 
 
 def _report(run: Run, record: dict[str, Any]) -> None:

@@ -30,6 +30,7 @@ from fineflax import config as config_lib
 from fineflax.config import registry
 from fineflax.errors import ConfigError
 from fineflax.pytree import path_str
+from fineflax.train import freeze
 
 # Keras' epsilon for Adam and RMSprop (optax defaults to 1e-8).
 KERAS_EPSILON = 1e-7
@@ -165,8 +166,30 @@ def decoupled_weight_decay(schedule: optax.Schedule, rate: float,
   return optax.GradientTransformation(init, update)
 
 
+def _scaled(schedule: optax.Schedule, multiplier: float) -> optax.Schedule:
+  """`schedule` times `multiplier` (the same function at 1: the same bits as before)."""
+  if multiplier == 1:
+    return schedule
+  return lambda count: multiplier * schedule(count)
+
+
+def _update_rule(phase: Phase, schedule: optax.Schedule,
+                 decays_path: Callable[[str], bool]) -> list[optax.GradientTransformation]:
+  """The update rule and decoupled weight decay at `schedule`, to chain."""
+  parts = [_base_optimizer(phase, schedule)]
+  rate = weight_decay(phase)
+  if rate > 0:
+    parts.append(decoupled_weight_decay(schedule, rate, decays_path))
+  return parts
+
+
+def _chain(parts: list[optax.GradientTransformation]) -> optax.GradientTransformation:
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
+
+
 def build_optimizer(phase: Phase, steps_per_epoch: int,
-                    batchnorm_layers: frozenset[str] = frozenset()) -> Optimizer:
+                    batchnorm_layers: frozenset[str] = frozenset(),
+                    groups: freeze.ParamGroups | None = None) -> Optimizer:
   """The optimizer of one phase.
 
   Args:
@@ -177,21 +200,34 @@ def build_optimizer(phase: Phase, steps_per_epoch: int,
       `accumulate` batches.
     batchnorm_layers: paths of the BatchNormalization layers ('backbone/conv1_bn') whose
       'scale' and 'bias' weight decay skips unless `phase.decay_batchnorm`.
+    groups: the phase's learning-rate groups (`freeze.param_groups`). With several, the
+      update rule and weight decay run once per group, under `freeze.partition_groups`,
+      each at the phase's schedule times the group's multiplier; clipping (global norm
+      over every trainable leaf) and accumulation stay outside, shared.
 
   Returns:
-    An `Optimizer` whose `tx` expects `tx.update(grads, state, params)`.
+    An `Optimizer` whose `tx` expects `tx.update(grads, state, params)`; its
+    `learning_rate` is the base rate (multiplier 1), what metrics.jsonl records.
   """
   check_phase(phase)
   schedule = build_schedule(phase, steps_per_epoch)
+  bn, decay_bn = frozenset(batchnorm_layers), bool(phase['decay_batchnorm'])
+  decays_path = lambda p: decays(p, bn, decay_bn)
   parts = []
   if phase['clip_norm'] is not None:
     parts.append(optax.clip_by_global_norm(float(phase['clip_norm'])))
-  parts.append(_base_optimizer(phase, schedule))
-  rate = weight_decay(phase)
-  if rate > 0:
-    bn, decay_bn = frozenset(batchnorm_layers), bool(phase['decay_batchnorm'])
-    parts.append(decoupled_weight_decay(schedule, rate, lambda p: decays(p, bn, decay_bn)))
-  tx = parts[0] if len(parts) == 1 else optax.chain(*parts)
+  if groups is None or not groups.discriminative:
+    parts += _update_rule(phase, schedule, decays_path)  # flat: the state it always had
+  else:
+    # The schedule is scaled, not the gradients: Adam and RMSprop would normalise a
+    # gradient scale away. Weight decay follows the scaled rate (p -= m * lr(t) * wd * p),
+    # as timm's layer_decay does (its param groups' lr_scale sets each group's lr, and
+    # torch's AdamW / SGD decay by that lr). big_vision's lr_mults leave decay unscaled
+    # (its add_decayed_weights comes after the lr_mults, with separate wd_mults).
+    parts.append(freeze.partition_groups(
+        {label: _chain(_update_rule(phase, _scaled(schedule, m), decays_path))
+         for label, m in groups.multipliers.items()}, groups.groups))
+  tx = _chain(parts)
   accumulate = int(phase['accumulate'])
   if accumulate > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accumulate).gradient_transformation()

@@ -30,6 +30,10 @@ class PhasePlan:
     learning_rate: the base learning rate at a step of the phase.
     augment: the augmentation of its training images (none with `augment=False`).
     bn_train: BatchNormalization layers in training mode (empty: all frozen).
+    groups: its learning-rate groups (`freeze.param_groups`): `labels` refined by
+      lr_groups and layer_decay into one optimizer group per multiplier.
+    groups_text: the groups and their sizes (`describe_groups`), logged as the phase
+      starts; '' with one learning rate.
   """
 
   index: int
@@ -39,24 +43,38 @@ class PhasePlan:
   learning_rate: Callable[[int], float]
   augment: data.Augment
   bn_train: frozenset[str]
+  groups: freeze.ParamGroups | None = None
+  groups_text: str = ''
 
   @property
   def name(self) -> str:
     return self.config.name
 
 
-def freeze_labels(model: models.Classifier, image_shape: tuple[int, int, int],
-                  phases: Sequence[ml_collections.ConfigDict]) -> list[freeze.Labels]:
-  """The label tree of every phase, computed on shapes only; a spec that does not fit
-  the model is a ConfigError naming the phase."""
+def phase_groups(model: models.Classifier, backbone: str, image_shape: tuple[int, int, int],
+                 phases: Sequence[ml_collections.ConfigDict]) -> list[freeze.ParamGroups]:
+  """The parameter groups of every phase (freeze, lr_groups, layer_decay), computed on
+  shapes only; a spec that does not fit the model is a ConfigError naming the phase."""
   params = models.abstract_variables(model, image_shape)['params']
+  stages = models.layer_stages(backbone, model.backbone.layers)
   out = []
   for i, phase in enumerate(phases):
     try:
-      out.append(freeze.freeze_labels(params, phase.freeze, model.backbone.layers))
+      out.append(freeze.param_groups(params, phase.freeze, model.backbone.layers,
+                                     phase.get('lr_groups') or (), phase.get('layer_decay'),
+                                     stages))
     except freeze.FreezeSpecError as e:
-      raise ConfigError(f'config.phases[{i}].freeze: {e}') from None
+      # Errors of lr_groups start with their key ('lr_groups[1]: ...'), the spec's do not.
+      key = 'freeze: ' if str(e).startswith('freeze spec') else ''
+      raise ConfigError(f'config.phases[{i}].{key}{e}') from None
   return out
+
+
+def describe_groups(groups: freeze.ParamGroups, params: freeze.Params) -> str:
+  """'x1: 5,130, x0.5: 378,112, ..., frozen: 4,832 params': the groups' sizes."""
+  sizes = freeze.group_sizes(params, groups.groups)
+  parts = [f'x{m:g}: {sizes[label]:,}' for label, m in groups.multipliers.items()]
+  return ', '.join(parts + [f'frozen: {sizes.get(freeze.FROZEN, 0):,}']) + ' params'
 
 
 def plan_phases(config: ml_collections.ConfigDict, model: models.Classifier,
@@ -66,14 +84,18 @@ def plan_phases(config: ml_collections.ConfigDict, model: models.Classifier,
   batchnorm = frozenset(f'{group}/{layer.name}'
                         for group, layers in model.layer_groups().items()
                         for layer in layers if layer.kind == 'BatchNormalization')
+  params = models.abstract_variables(model, image_shape)['params']
   plans = []
-  for index, (phase, labels) in enumerate(zip(config.phases,
-                                              freeze_labels(model, image_shape, config.phases))):
-    optimizer = optimizers.build_optimizer(phase, steps_per_epoch, batchnorm)
+  for index, (phase, groups) in enumerate(zip(
+      config.phases, phase_groups(model, config.model.backbone, image_shape, config.phases))):
+    optimizer = optimizers.build_optimizer(phase, steps_per_epoch, batchnorm, groups)
+    labels = groups.labels
     bn_train = (freeze.bn_train_layers(labels, model.layer_groups())
                 if phase.batchnorm == 'train' else frozenset())
+    text = describe_groups(groups, params) if groups.discriminative else ''
     plans.append(PhasePlan(index, phase, labels,
                            freeze.partition_optimizer(optimizer.tx, labels),
                            optimizer.learning_rate,
-                           augment if phase.augment else data.Augment(), bn_train))
+                           augment if phase.augment else data.Augment(), bn_train, groups,
+                           text))
   return plans

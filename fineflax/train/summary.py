@@ -18,7 +18,7 @@ import ml_collections
 from fineflax import config as config_lib, data, models
 from fineflax.errors import ConfigError
 from fineflax.models import Classifier, abstract_variables
-from fineflax.train import freeze
+from fineflax.train import freeze, plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Row:
   output_shape: tuple[Any, ...]
   params: int
   trainable: str  # 'Y', 'N', 'partly', or '-' for a layer without parameters
+  multiplier: str = ''  # x learning_rate of its trainable parameters ('0.5', 'mixed', '-')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Summary:
   rows: tuple[Row, ...]
   trainable: int
   non_trainable: int
+  groups: str = ''  # the learning-rate groups and their sizes; '' without lr_groups/layer_decay
 
   @property
   def total(self) -> int:
@@ -45,9 +47,15 @@ def _size(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
 
+def _multiplier(layer_groups: Any, multipliers: dict[str, float]) -> str:
+  values = {multipliers[g] for g in jax.tree.leaves(layer_groups) if g != freeze.FROZEN}
+  return '-' if not values else f'{values.pop():g}' if len(values) == 1 else 'mixed'
+
+
 def summarize(model: Classifier, image_shape: tuple[int, int, int],
-              freeze_spec: str) -> Summary:
-  """The summary of `model` on images of `image_shape` with `freeze_spec` applied.
+              freeze_spec: str, groups: freeze.ParamGroups | None = None) -> Summary:
+  """The summary of `model` on images of `image_shape` with `freeze_spec` applied, or
+  with a phase's `groups` (`plan.phase_groups`), which add a learning-rate column.
 
   Only shapes are computed (`jax.eval_shape`): summarising ResNet152 costs no FLOPs.
   """
@@ -56,7 +64,9 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
   _, captured = jax.eval_shape(
       lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, images)
   params, stats = variables['params'], variables['batch_stats']
-  labels = freeze.freeze_labels(params, freeze_spec, model.backbone.layers)
+  labels = (groups.labels if groups is not None
+            else freeze.freeze_labels(params, freeze_spec, model.backbone.layers))
+  shown = groups is not None and groups.discriminative
   rows, trainable = [], 0
   for group, layers in model.layer_groups().items():
     outputs = captured['intermediates'][group]['layer_outputs']
@@ -70,9 +80,13 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
       n_all = n_params + _size(stats.get(group, {}).get(layer.name, {}))
       flag = ('-' if n_params == 0 else 'Y' if n_trainable == n_params
               else 'N' if n_trainable == 0 else 'partly')
-      rows.append(Row(layer.name, layer.kind, (None,) + tuple(output.shape[1:]), n_all, flag))
+      mult = (_multiplier(groups.groups[group].get(layer.name, {}), groups.multipliers)
+              if shown else '')
+      rows.append(Row(layer.name, layer.kind, (None,) + tuple(output.shape[1:]), n_all, flag,
+                      mult))
       trainable += n_trainable
-  return Summary(tuple(rows), trainable, _size(params) + _size(stats) - trainable)
+  described = plan.describe_groups(groups, params) if shown else ''
+  return Summary(tuple(rows), trainable, _size(params) + _size(stats) - trainable, described)
 
 
 def format_summary(summary: Summary, title: str) -> str:
@@ -80,16 +94,21 @@ def format_summary(summary: Summary, title: str) -> str:
   header = ('Layer (type)', 'Output Shape', 'Param #', 'Trainable')
   cells = [(f'{r.name} ({r.kind})', str(r.output_shape), f'{r.params:,}', r.trainable)
            for r in summary.rows]
-  widths = [max(len(c[i]) for c in cells + [header]) for i in range(4)]
+  if summary.groups:  # discriminative learning rates: each layer's multiplier
+    header += ('LR x',)
+    cells = [c + (r.multiplier,) for c, r in zip(cells, summary.rows)]
+  widths = [max(len(c[i]) for c in cells + [header]) for i in range(len(header))]
 
   def line(c):
-    return '  '.join([c[0].ljust(widths[0]), c[1].ljust(widths[1]), c[2].rjust(widths[2]),
-                      c[3].center(widths[3])])
+    return '  '.join([c[0].ljust(widths[0]), c[1].ljust(widths[1]), c[2].rjust(widths[2])]
+                     + [x.center(w) for x, w in zip(c[3:], widths[3:])])
 
   rule = '-' * len(line(header))
   out = [f'Model: "{title}"', rule, line(header), rule] + [line(c) for c in cells] + [rule]
   out += [f'Total params: {summary.total:,}', f'Trainable params: {summary.trainable:,}',
           f'Non-trainable params: {summary.non_trainable:,}']
+  if summary.groups:
+    out.append(f'Learning-rate groups (x learning_rate): {summary.groups}')
   return '\n'.join(out)
 
 
@@ -102,7 +121,8 @@ def summarize_config(config: ml_collections.ConfigDict, phase: int = 0) -> tuple
   model = models.from_config(config, class_names)
   p = config.phases[phase]
   title = f'{config.model.backbone} + head, phase {p.name!r} (freeze {p.freeze!r})'
-  return summarize(model, shape, p.freeze), title
+  groups = plan.phase_groups(model, config.model.backbone, shape, config.phases)[phase]
+  return summarize(model, shape, p.freeze, groups), title
 
 
 def _model_inputs(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...],
