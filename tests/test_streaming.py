@@ -252,6 +252,12 @@ def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   for top, p in zip(ranked, probs, strict=True):
     assert [name for name, _ in top] == [run.class_names[i] for i in np.argsort(-p)]
     np.testing.assert_allclose([q for _, q in top], np.sort(p)[::-1], rtol=1e-5)
+  # The originals as arrays (not square, not the stored shape) get the same centre crop.
+  originals = [np.asarray(Image.open(f).convert('RGB')) for f in files]
+  assert all(a.shape[:2] != (16, 16) for a in originals)
+  # Log-probabilities: a trained model's top class saturates at 1, the others do not.
+  np.testing.assert_allclose(np.log(np.asarray(predict.predict_fn(run)(originals))),
+                             np.log(probs), rtol=1e-4, atol=1e-4)
 
 
 def test_a_tfds_dataset_streams_when_prepared_as_array_record(tmp_path, caplog):

@@ -100,7 +100,9 @@ def predict_fn(run: restore.RestoredRun) -> Callable[[Any], jax.Array]:
   stores (`run.image_shape`; `resize_uint8`, the same for an array and a list), then
   prepared as the run's evaluation prepares them (centre crop, resize to the model's
   input, the model's normalisation), so images of the stored shape get what
-  `fineflax.evaluate` computes for them (to float32 rounding: its batches differ). Each
+  `fineflax.evaluate` computes for them (to float32 rounding: its batches differ). For a
+  run trained on random-resized crops, images of another shape are originals: they get
+  evaluation's centre crop (`fineflax.data.stream.centre_box`) on the host first. Each
   new image size compiles a resize once; each new batch size compiles the model once.
 
       run = fineflax.load_run('runs/demo')
@@ -120,16 +122,30 @@ def predict_fn(run: restore.RestoredRun) -> Callable[[Any], jax.Array]:
   resize = jax.jit(resize_uint8, static_argnums=(1, 2))
   device = jax.local_devices()[0]
   variables = jax.device_put(run.variables, device)
+  # A run whose host cropped the originals (augment.crop 'random_resized') stores centre
+  # crops: images of another shape are originals, and get the crop evaluation gave them.
+  cropped = run.config.data.augment.crop == pipeline.RANDOM_RESIZED
+
+  def _cropped(array: np.ndarray) -> np.ndarray:
+    if not cropped or array.shape[:2] == (height, width):
+      return array
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    return stream.host_image(Image.fromarray(np.asarray(array)), height, pipeline.RANDOM_RESIZED,
+                             train=False)
 
   def call(images: Any) -> jax.Array:
     if isinstance(images, (list, tuple)):
       if not images:
         raise ValueError(f'images is an empty {type(images).__name__}: {_EXPECTED}')
-      arrays = [_image_array(image, f'images[{i}]', (3,)) for i, image in enumerate(images)]
+      arrays = [_cropped(_image_array(image, f'images[{i}]', (3,)))
+                for i, image in enumerate(images)]
       return predict(variables, jnp.concatenate(
           [resize(jax.device_put(a[None], device), height, width) for a in arrays]))
     array = _image_array(images, 'images', (3, 4))
     single = array.ndim == 3
+    if cropped:
+      array = np.stack([_cropped(a) for a in (array[None] if single else array)])
+      array = array[0] if single else array
     batch = resize(jax.device_put(array[None] if single else array, device), height, width)
     probs = predict(variables, batch)
     return probs[0] if single else probs
