@@ -19,7 +19,7 @@ from fineflax.data.augment import Augment
 from fineflax.distributed import parallel, preemption
 from fineflax.errors import ConfigError
 from fineflax.pytree import path_str
-from fineflax.train import freeze, optimizers, plan
+from fineflax.train import freeze, optimizers
 from fineflax.train import state as state_lib, step as step_lib
 from fineflax.train.summary import format_summary, summarize_config
 
