@@ -2,25 +2,11 @@
 epoch's end), reports a rate, and gives an absent peer a row that says so. No test here
 asserts a speed."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import scripts_loader
 
-
-def _load_script():
-  """scripts/benchmark_input.py as a module (scripts/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('fineflax_benchmark_input_script',
-                                                ROOT / 'scripts' / 'benchmark_input.py')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-benchmark_input = _load_script()
+benchmark_input = scripts_loader.load('benchmark_input')
 
 
 def test_the_streaming_path_is_timed_over_every_image_it_delivers(monkeypatch, capsys):

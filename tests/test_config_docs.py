@@ -2,9 +2,7 @@
 now, its keys are exactly the config's keys, its errors are what validation raises, and the
 example config files and command-line overrides it shows work as it says."""
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import ml_collections
@@ -14,22 +12,11 @@ from ml_collections import config_flags
 
 from fineflax import config as config_lib
 from fineflax.errors import ConfigError
+from tests import scripts_loader
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs' / 'configs.md'
-
-
-def _load_script():
-  """scripts/config_docs.py as a module (scripts/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('fineflax_config_docs_script',
-                                                ROOT / 'scripts' / 'config_docs.py')
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-config_docs = _load_script()
+config_docs = scripts_loader.load('config_docs')
 DEMO = str(ROOT / 'configs' / 'demo.py')
 
 # ml_collections loads config files with importlib's load_module (its business, not ours).

@@ -139,10 +139,9 @@ def _prepared_builder(spec: str, data_config: Any, split: str) -> Any:
   return builder
 
 
-def _examples(builder, spec: str, split: str, data_config: Any) -> float:
-  """The number of examples of `split` (the dataset prepared first if need be); infinite
-  when tfds records none (tfds.testing.mock_data)."""
-  _as_dataset(builder, split, spec, data_config)
+def _examples(builder, split: str) -> float:
+  """The number of examples of `split` of the prepared dataset; infinite when tfds records
+  none (tfds.testing.mock_data)."""
   try:
     return builder.info.splits[split].num_examples
   except Exception:  # pylint: disable=broad-except
@@ -153,7 +152,7 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   tf, tfds = _tfds()
   local = split
   if jax.process_count() > 1:
-    if _examples(builder, spec, split, data_config) <= jax.process_index():
+    if _examples(builder, split) <= jax.process_index():
       # A split of fewer examples than processes: tfds refuses this process's empty share
       # ("corresponds to no data"), but it still takes part in read_split's count.
       return read_split(np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0,), np.int32))
@@ -247,14 +246,12 @@ def _file_format(builder) -> str:
   return str(getattr(builder.info.file_format, 'value', builder.info.file_format))
 
 
-def _data_sources(builder, spec: str, data_config: Any, keys: Sequence[str]
+def _data_sources(builder, data_config: Any, keys: Sequence[str]
                   ) -> tuple[dict[str, Any] | None, str | None]:
   """({split key: random-access data source}, None), or (None, why there is none): tfds
   reads only datasets prepared as array_record files by index."""
   sources = {}
   for key in keys:
-    if not builder.is_prepared():
-      _as_dataset(builder, data_config[key], spec, data_config)  # prepares, or says why not
     try:
       sources[key] = builder.as_data_source(split=data_config[key])
     except (NotImplementedError, ValueError):  # tfds' own advice lists other options
@@ -284,7 +281,7 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
       f'preparing {spec}', lambda: _prepared_builder(spec, data_config,
                                                      data_config[(wanted or _SPLITS)[0]]))
   dataset_info = info(spec, data_config)
-  sources, cannot = _data_sources(builder, spec, data_config, wanted)
+  sources, cannot = _data_sources(builder, data_config, wanted)
   # tfds reads array_record files by index only (as_dataset refuses them).
   only = (f'prepared as {ARRAY_RECORD} files, read by index only'
           if sources is not None and _file_format(builder) == ARRAY_RECORD else None)
