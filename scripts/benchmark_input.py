@@ -15,8 +15,9 @@ order, on the host (nothing goes to a device):
 
 - fineflax: the `folder:` source with `pipeline='stream'`, `augment.crop=
   'random_resized'`, `workers=W`; `stream.read_batches` over `data.train_batches`, a new
-  one every epoch as the training loop does (grain starts its W worker processes again
-  each epoch). W=0: grain's threads in this process (one per core, up to 16).
+  one every epoch as the training loop does (the split's W decoding processes, started at
+  its first read, serve every epoch). W=0: grain's threads in this process (one per core,
+  up to 16). `jpeg_draft` is on, but a 500x375 photo has no crop it could draft.
 - torch: `ImageFolder` with `RandomResizedCrop(224)` + `PILToTensor()` (uint8, no
   normalisation), `DataLoader(batch_size=B, num_workers=W, shuffle=True)`, a new iterator
   every epoch (its default: workers are not persistent). W=0: this process loads, on one
@@ -146,7 +147,7 @@ def fineflax_batches(folder: Path, workers: int, batch: int, seed: int = 0
                      ) -> Iterator[int]:
   """Endless batches of fineflax's streaming path (the rows of each)."""
   from fineflax import config as config_lib, data  # pylint: disable=g-import-not-at-top
-  from fineflax.data import stream  # pylint: disable=g-import-not-at-top
+  from fineflax.data import decoders, stream  # pylint: disable=g-import-not-at-top
   cfg = config_lib.default_config()
   cfg.data.source = f'folder:{folder}'
   cfg.data.load_size = SIZE
@@ -156,15 +157,18 @@ def fineflax_batches(folder: Path, workers: int, batch: int, seed: int = 0
   cfg.data.validation_split = 0.0
   cfg.data.val_split = cfg.data.test_split = None
   split = data.load_dataset(cfg.data, keys=('train_split',)).splits[cfg.data.train_split]
-  for epoch in itertools.count():
-    batches = stream.read_batches(split, data.train_batches(
-        split, batch, np.random.default_rng([seed, epoch])))
-    delivered = 0
-    with contextlib.closing(batches):  # stops grain's workers when we stop mid-epoch
-      for images in batches:
-        delivered += 1
-        yield _rows(images['image'])
-    _check_epoch('fineflax', delivered, data.num_batches(split, batch))
+  try:
+    for epoch in itertools.count():
+      batches = stream.read_batches(split, data.train_batches(
+          split, batch, np.random.default_rng([seed, epoch])))
+      delivered = 0
+      with contextlib.closing(batches):  # a pass stopped mid-epoch releases the workers
+        for images in batches:
+          delivered += 1
+          yield _rows(images['image'])
+      _check_epoch('fineflax', delivered, data.num_batches(split, batch))
+  finally:
+    decoders.close_workers()  # the next run's start-up counts its own
 
 
 def torch_batches(folder: Path, workers: int, batch: int, seed: int = 0) -> Iterator[int]:

@@ -3,9 +3,11 @@ same batches as the in-memory path, Inception-style crops by their formula, unre
 files skipped, exact evaluation, a mid-epoch resume equal to an uninterrupted run, and the
 pipeline chosen (and said) as configured."""
 
+import gc
 import json
 import logging
 import math
+import multiprocessing
 
 import jax
 import numpy as np
@@ -61,7 +63,7 @@ def _leaves(workdir):
 def test_a_streamed_run_trains_on_the_same_batches_as_an_in_memory_one(photos, tmp_path):
   """With a plain resize the host delivers the in-memory path's pixels, and one process
   orders a streamed split as it orders one in memory: the runs agree bit for bit. Two
-  decoding processes (grain's workers) deliver the same as threads."""
+  decoding processes deliver the same as grain's threads."""
   devices = jax.devices()[:2]
   runs = {}
   for name, pipeline, workers in (('memory', 'memory', 0), ('threads', 'stream', 0),
@@ -70,6 +72,10 @@ def test_a_streamed_run_trains_on_the_same_batches_as_an_in_memory_one(photos, t
     cfg.data.workers = workers
     train.train_and_evaluate(cfg, tmp_path / name, devices=devices)
     runs[name] = tmp_path / name
+  # The run's decoding processes (started once, for every epoch and evaluation) have
+  # ended with it.
+  gc.collect()
+  assert not [p for p in multiprocessing.active_children() if p.name.startswith('fineflax-')]
   expected = MetricsLog(runs['memory']).read()
   for name in ('threads', 'workers'):
     got = MetricsLog(runs[name]).read()

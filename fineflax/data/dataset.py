@@ -83,7 +83,8 @@ class StreamSplit:
   the source lists them without reading the images (a folder's), else None (a tfds
   split's come with each example). `image_size` is the side of the images the host
   delivers, `crop` the host's training crop ('random_resized', or None: a plain resize),
-  `workers` the number of decoding processes (0: threads of this one).
+  `workers` the number of decoding processes (0: threads of this one), `draft` whether a
+  training crop of a JPEG may be decoded at a reduced scale (`fineflax.data.stream`).
   """
 
   records: Any
@@ -91,6 +92,7 @@ class StreamSplit:
   image_size: int
   crop: str | None = None
   workers: int = 0
+  draft: bool = False
 
   def __len__(self) -> int:
     return len(self.records)

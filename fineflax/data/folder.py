@@ -184,7 +184,8 @@ def _stream_split(files: list[Path], labels: list[int], data_config: Any) -> Str
                      data_config.load_size,
                      crop=data_config.augment.crop if data_config.augment.crop ==
                      pipeline.RANDOM_RESIZED else None,
-                     workers=stream.default_workers() if workers is None else workers)
+                     workers=stream.default_workers() if workers is None else workers,
+                     draft=data_config.jpeg_draft)
 
 
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:

@@ -3,10 +3,12 @@
 A streamed split (`StreamSplit`) keeps only its records (file names and labels, or a
 tfds random-access data source: `fineflax.data.tfds_source.TfdsRecords`) in memory. The
 index batches of `fineflax.data.train_batches` / `eval_batches` (one global order; each
-process its rows) become image batches in grain: a `MapDataset` over the epoch's index
-batches, each batch read, cropped and resized by one call, in `workers` processes (or
-threads of this one), prefetched in order. An epoch resumed at batch k starts its
-`MapDataset` at k: nothing before it is read again.
+process its rows) become image batches: each batch read, cropped and resized by one
+call (`BatchReader`), in the split's `workers` decoding processes
+(`fineflax.data.decoders`: started at its first read, they serve every epoch and
+evaluation pass) or, with `workers` = 0, in grain's threads, prefetched in order. A pass
+reads only the index batches it is given: an epoch resumed at batch k reads nothing
+before it.
 
 What the host does to each image, to `image_size` x `image_size`:
   crop None: the resize of the in-memory path (`read_image(path, load_size)`), so a
@@ -14,7 +16,10 @@ What the host does to each image, to `image_size` x `image_size`:
     and resize follow in both.
   crop 'random_resized': training takes an Inception-style crop of the original image
     (area 8-100 %, aspect 3/4-4/3) keyed by (seed, phase, epoch, example); evaluation the
-    centred square of `EVAL_CROP_FRACTION` of the shorter side.
+    centred square of `EVAL_CROP_FRACTION` of the shorter side. With `draft` (the
+    default, `config.data.jpeg_draft`), a training crop of a JPEG is decoded at 1/2, 1/4
+    or 1/8 scale when the crop stays at least `image_size` on each side (`draft_scale`):
+    the resize still only shrinks it. Evaluation decodes the whole file, as `predict` does.
 
 An unreadable file found while streaming is named once in the log and its row trains and
 counts nothing (weight 0); another example's pixels stand in for it, so training-mode
@@ -27,10 +32,11 @@ import dataclasses
 import logging
 import math
 import os
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from fineflax.data import decoders
 from fineflax.data.dataset import Batch, StreamSplit
 from fineflax.data.images import open_rgb
 from fineflax.errors import DataError
@@ -43,6 +49,7 @@ CROP_RATIO = (3 / 4, 4 / 3)  # the crop's width / height
 _STAND_INS = 8  # other examples tried in place of an unreadable one
 _PREFETCH_BATCHES = 4  # per worker: decoded batches waiting for the devices
 _reported: set[str] = set()  # unreadable files already named in the log
+Box = tuple[float, float, float, float]  # (left, top, right, bottom)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,22 +118,66 @@ def host_image(image: Any, size: int, crop: str | None, train: bool,
   return np.asarray(image, np.uint8)
 
 
+def draft_scale(width: int, height: int, box: Box, size: int) -> int:
+  """The JPEG decode scale (1, 2, 4 or 8: each side divided by it) at which `box` of a
+  `width` x `height` image is still at least `size` px on each side, so that the resize
+  to `size` only shrinks it; 1: the whole resolution."""
+  box_width, box_height = box[2] - box[0], box[3] - box[1]
+  for scale in (8, 4, 2):
+    if box_width / scale >= size and box_height / scale >= size:
+      return scale
+  return 1
+
+
+def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: bool
+                ) -> np.ndarray:
+  """The image file `path` cropped to `box_of(width, height)` and resized to size x size
+  (bilinear, antialiased): (size, size, 3) uint8. With `draft`, a JPEG is decoded at
+  `draft_scale` (libjpeg's scaled IDCT) and the box scaled with it.
+
+  Raises:
+    DataError: the file is missing or not a readable image (named in the message).
+  """
+  from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+      box = box_of(width, height)
+      scale = draft_scale(width, height, box, size) if draft and image.format == 'JPEG' else 1
+      if scale > 1:
+        # PIL takes the largest of 8, 4, 2 that leaves the image this large.
+        image.draft('RGB', (width // scale, height // scale))
+        scale = round(width / image.size[0])  # pixel i of the scaled image: [i*s, (i+1)*s)
+        box = tuple(v / scale for v in box)
+      rgb = image.convert('RGB')
+  except (OSError, UnidentifiedImageError) as e:
+    raise DataError(f'{path}: not a readable image ({e})') from None
+  return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box), np.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchReader:
   """Reads one index batch of a streamed split into images (runs in grain's workers).
 
   A training batch carries the epoch's `crop_key` (`fineflax.data.train_batches`); an
-  evaluation batch does not, and gets the evaluation crop.
+  evaluation batch does not, and gets the evaluation crop. `draft`: training crops of
+  JPEG files may be decoded at a reduced scale (`decode_crop`).
   """
 
   records: Any
   image_size: int
   crop: str | None
+  draft: bool = False
 
   def _example(self, index: int, crop_key: Any) -> tuple[np.ndarray, int]:
     train, rng = crop_key is not None, None
     if train and self.crop is not None:
       rng = np.random.default_rng([*np.asarray(crop_key).tolist(), index])
+    if rng is not None and isinstance(self.records, FileRecords):
+      # The box needs only the file's header: the decode can then be scaled to it.
+      image = decode_crop(self.records.files[index], self.image_size,
+                          lambda w, h: random_resized_box(w, h, rng), self.draft)
+      return image, int(self.records.labels[index])
     image, label = self.records.read(index)
     return host_image(image, self.image_size, self.crop, train, rng), label
 
@@ -158,49 +209,41 @@ def default_workers() -> int:
 
 
 def read_batches(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch]:
-  """The image batches of `batches` (index batches of `split`), in order.
+  """The image batches of `batches` (index batches of `split`), in order: read by the
+  split's decoding processes, or by grain's threads in this one (`workers` = 0)."""
+  if split.workers:
+    read = decoders.read(split, BatchReader(split.records, split.image_size, split.crop,
+                                            split.draft), batches)
+  else:
+    read = _threads(split, batches)
+  for batch in read:
+    for i in batch.pop('unreadable'):
+      name = split.records.name(int(i))
+      if name not in _reported:  # once a process, not once an epoch
+        _reported.add(name)
+        logger.warning('%s: not a readable image; it is skipped (its rows count nothing)',
+                       name)
+    yield batch
 
-  The index batches are listed first (integers only; an epoch of ImageNet is 1.3 M), so
-  grain can hand them to its workers by position.
-  """
+
+def _threads(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch]:
+  """Grain's threads over the index batches, listed first (integers only; an epoch of
+  ImageNet is 1.3 M) so that grain hands them out by position."""
   import grain  # pylint: disable=g-import-not-at-top
   listed = list(batches)
   if not listed:
     return
-  reader = BatchReader(split.records, split.image_size, split.crop)
-  dataset = grain.MapDataset.source(listed).map(reader)
-  threads = 0 if split.workers else min(os.cpu_count() or 1, 16)
-  stream = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=_PREFETCH_BATCHES * max(threads, 1)))
-  if split.workers:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    if not flags.FLAGS.is_parsed():
-      # grain's worker start reads an absl flag, which outside an absl program (a test, a
-      # notebook) is an error until the flags count as parsed; their defaults are kept.
-      flags.FLAGS.mark_as_parsed()
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=split.workers, per_worker_buffer_size=_PREFETCH_BATCHES))
-  iterator = iter(stream)
-  try:
-    for batch in iterator:
-      for i in batch.pop('unreadable'):
-        name = split.records.name(int(i))
-        if name not in _reported:  # once a process, not once an epoch
-          _reported.add(name)
-          logger.warning('%s: not a readable image; it is skipped (its rows count nothing)',
-                         name)
-      yield batch
-  finally:
-    close = getattr(iterator, 'close', None)
-    if close is not None:
-      close()  # stops the worker processes
+  reader = BatchReader(split.records, split.image_size, split.crop, split.draft)
+  threads = min(os.cpu_count() or 1, 16)
+  yield from grain.MapDataset.source(listed).map(reader).to_iter_dataset(grain.ReadOptions(
+      num_threads=threads, prefetch_buffer_size=_PREFETCH_BATCHES * threads))
 
 
 def read_examples(split: StreamSplit, indices: Sequence[int], crop_key: Any = None
                   ) -> tuple[np.ndarray, np.ndarray]:
   """The images and labels of `indices`, read here (a few: samples.png): as training
   sees them under `crop_key`, or as evaluation does when it is None."""
-  reader = BatchReader(split.records, split.image_size, split.crop)
+  reader = BatchReader(split.records, split.image_size, split.crop, split.draft)
   index = np.asarray(indices, np.int64)
   batch = {'index': index, 'weight': np.ones(len(index), np.float32)}
   if crop_key is not None:
