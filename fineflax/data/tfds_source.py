@@ -9,13 +9,20 @@ checksum and where to put it, at once, instead of tfds' retry loop (over 200 s h
 TensorFlow decodes (tf.data) and is kept off the accelerators. Each process reads its
 share of every split (`tfds.split_for_jax_process`); images of varying size are resized
 to `config.data.load_size` as they are read, and the split is held in memory as uint8.
+
+Streamed (`fineflax.data.pipeline`), every process reads its rows of one global order of
+each split by index: through `tfds.data_source` for a dataset prepared as array_record
+files, through an index of the record offsets (`fineflax.data.tfrecord_index`) for one
+prepared as tfrecord files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import socket
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -23,10 +30,12 @@ from urllib.parse import urlparse
 import jax
 import numpy as np
 
-from fineflax.data import pipeline, stream
+from fineflax.data import pipeline, stream, tfrecord_index
 from fineflax.distributed import once
 from fineflax.data.dataset import Dataset, DatasetInfo, Split, StreamSplit, read_split
 from fineflax.errors import ConfigError, DataError
+
+logger = logging.getLogger('fineflax.data')
 
 _PROBE_TIMEOUT_S = 3
 _SPLITS = ('train_split', 'val_split', 'test_split')
@@ -240,6 +249,7 @@ class TfdsRecords:
 
 
 ARRAY_RECORD = 'array_record'
+TFRECORD = 'tfrecord'
 
 
 def _file_format(builder) -> str:
@@ -248,17 +258,64 @@ def _file_format(builder) -> str:
 
 def _data_sources(builder, data_config: Any, keys: Sequence[str]
                   ) -> tuple[dict[str, Any] | None, str | None]:
-  """({split key: random-access data source}, None), or (None, why there is none): tfds
-  reads only datasets prepared as array_record files by index."""
+  """({split key: random-access data source}, None), or (None, why there is none). tfds
+  reads datasets prepared as array_record (or parquet) files by index; one prepared as
+  tfrecord files is read by index here (`fineflax.data.tfrecord_index`), its key mapped to
+  None until it is indexed (`_index_tfrecords`), which only a streamed run needs."""
   sources = {}
   for key in keys:
     try:
       sources[key] = builder.as_data_source(split=data_config[key])
     except (NotImplementedError, ValueError):  # tfds' own advice lists other options
-      return None, (f'prepared as {_file_format(builder)} files, read in order only; '
-                    f"streaming needs {ARRAY_RECORD} files (download_and_prepare("
-                    f"file_format='{ARRAY_RECORD}'))")
+      file_format = _file_format(builder)
+      if file_format != TFRECORD:
+        return None, (f'prepared as {file_format} files, which are read in order only; '
+                      f'streaming needs {ARRAY_RECORD} or {TFRECORD} files '
+                      f"(download_and_prepare(file_format='{ARRAY_RECORD}'))")
+      sources[key] = None
   return sources, None
+
+
+def _split_info(builder, spec: str, split: str) -> Any:
+  try:
+    return builder.info.splits[split]
+  except (KeyError, ValueError, AssertionError) as e:  # a malformed or unknown split
+    raise ConfigError(f'config.data.source={spec!r}, split {split!r}: {e}') from None
+
+
+def _source_examples(builder, spec: str, split: str, source: Any,
+                     data_config: Any) -> int:
+  """The number of examples of a split a streamed run reads (`max_examples` at most)."""
+  count = len(source) if source is not None else _split_info(builder, spec,
+                                                              split).num_examples
+  return min(count, data_config.max_examples or count)
+
+
+def _index_tfrecords(builder, spec: str, data_config: Any,
+                     sources: dict[str, Any]) -> dict[str, Any]:
+  """`sources` with each split prepared as tfrecord files (None) indexed (the first
+  `max_examples` of it), the time it took logged."""
+  start = time.perf_counter()
+  indexed = dict(sources)
+  files = 0
+  for key, source in sources.items():
+    if source is not None:
+      continue
+    split = data_config[key]
+    # Paths in the dataset's folder (tfds gives them whole; older versions by name only).
+    instructions = [
+        i if os.path.isabs(str(i.filename)) else dataclasses.replace(
+            i, filename=os.path.join(builder.data_dir, i.filename))
+        for i in _split_info(builder, spec, split).file_instructions]
+    indexed[key] = tfrecord_index.index_split(instructions, builder.info.features,
+                                              data_config.max_examples or None)
+    files += len(indexed[key].files)
+  records = sum(len(indexed[k]) for k, s in sources.items() if s is None)
+  if files:
+    logger.info('%s: indexed %d records of %d %s files in %.2f s (reading their headers: '
+                'a streamed split is read by index)', spec, records, files, TFRECORD,
+                time.perf_counter() - start)
+  return indexed
 
 
 def _stream_split(source: Any, spec: str, split: str, data_config: Any,
@@ -274,7 +331,8 @@ def _stream_split(source: Any, spec: str, split: str, data_config: Any,
 
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
   """This process's share of each split of `keys` the config names: read into memory, or
-  streamed (`fineflax.data.pipeline`; datasets prepared as array_record files)."""
+  streamed (`fineflax.data.pipeline`; datasets prepared as array_record or tfrecord
+  files)."""
   wanted = [k for k in _SPLITS if data_config[k] and k in keys]
   # With several processes and one data_dir, process 0 prepares while the others wait.
   builder = once.process_zero_first(
@@ -286,11 +344,13 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
   only = (f'prepared as {ARRAY_RECORD} files, read by index only'
           if sources is not None and _file_format(builder) == ARRAY_RECORD else None)
   height, width, _ = dataset_info.image_shape
-  count = sum(min(len(s), data_config.max_examples or len(s)) for s in (sources or {}).values())
+  count = sum(_source_examples(builder, spec, data_config[k], s, data_config)
+              for k, s in (sources or {}).items())
   if pipeline.streams(data_config, count * height * width * 3, cannot, only):
     if height != width:
       raise ConfigError(f'config.data.source={spec!r} is streamed (see the line above): '
                         'set config.data.load_size, the side images are delivered at')
+    sources = _index_tfrecords(builder, spec, data_config, sources)
     splits = {data_config[k]: _stream_split(sources[k], spec, data_config[k], data_config,
                                             height) for k in wanted}
     return Dataset(dataset_info, splits)
