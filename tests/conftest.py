@@ -55,7 +55,7 @@ SLOW_FILES = frozenset({
     'test_data_order', 'test_configs', 'test_streaming', 'test_run_claims',
     'test_invariance_and_mutations', 'test_streaming_multiprocess', 'test_step_records',
     'test_streaming_memory', 'test_download_multiprocess', 'test_discriminative',
-    'test_streaming_tfds'})
+    'test_streaming_tfds', 'test_gcs_run_folder'})
 
 
 def pytest_collection_modifyitems(config, items):

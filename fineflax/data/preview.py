@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import jax
+from etils import epath
 import numpy as np
 
 from fineflax.data import augment as augmentation, stream
@@ -46,4 +47,5 @@ def write_samples(path: str | os.PathLike, split: AnySplit, class_names: tuple[s
     x, y = (i % cols) * cell, (i // cols) * (cell + text_h)
     grid.paste(Image.fromarray(image).resize((cell, cell), Image.Resampling.NEAREST), (x, y))
     draw.text((x + 2, y + cell + 1), class_names[label], fill='black')
-  grid.save(path)
+  with epath.Path(path).open('wb') as f:  # a local path or gs://
+    grid.save(f, format='PNG')

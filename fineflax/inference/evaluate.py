@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
@@ -210,9 +211,10 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
   if jax.process_index() == 0:
     stem.parent.mkdir(parents=True, exist_ok=True)
     # Rows in the order the batches came (on one process: the split's order).
-    np.savez(report['files']['predictions'], logits=logits, labels=labels,
-             probabilities=np.asarray(probabilities(jnp.asarray(logits))),
-             predicted=predicted_classes(logits))
+    with epath.Path(report['files']['predictions']).open('wb') as f:  # local or gs://
+      np.savez(f, logits=logits, labels=labels,
+               probabilities=np.asarray(probabilities(jnp.asarray(logits))),
+               predicted=predicted_classes(logits))
     from fineflax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
     plots.write_confusion(report['files']['confusion_png'],
                           np.asarray(report['confusion_matrix']), list(run.class_names),

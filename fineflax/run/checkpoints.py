@@ -9,10 +9,12 @@ Two retention policies side by side, in folders of their own (an Orbax manager w
 
 Each step folder holds `state` (the TrainState pytree) and `meta` (JSON: step, phase,
 epochs done, batches done in the current epoch, partial metric sums, early-stopping
-state). Orbax writes a step into `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`
-once everything (and `commit_success.txt`) is written, so a killed save leaves only a
-temporary folder: it is never picked up, and is deleted when the folder is next opened
-(process 0). Old steps are deleted only after a newer one is complete.
+state). Orbax marks a step complete its own way: on a local disk it writes
+`<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`; on Cloud Storage, where a
+rename is a copy, it writes `<step>/` in place and `commit_success.txt` last. Either way a
+killed save leaves a step Orbax does not count as complete: it is never picked up, and
+Orbax deletes it when the folder is next opened. Old steps are deleted only after a newer
+one is complete.
 
 A save that fails (a full disk, say) raises CheckpointSaveError from `save`, `wait` or
 `close`, naming the folder, the step, the cause and the step that is still there intact.
@@ -25,13 +27,13 @@ import logging
 import math
 import os
 import re
-import shutil
-from pathlib import Path
 from typing import Any, NoReturn
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from fineflax import storage
 from fineflax.errors import ConfigError, FineflaxError
 from fineflax.pytree import path_str
 from fineflax.run import RunDir
@@ -39,8 +41,10 @@ from fineflax.run import RunDir
 logger = logging.getLogger('fineflax.checkpoints')
 
 
-# Orbax's mark of an unfinished folder (`7.orbax-checkpoint-tmp`, and inside it the items').
+# Orbax's mark of an unfinished local folder (`7.orbax-checkpoint-tmp`, and the items').
 TMP_MARK = '.orbax-checkpoint-tmp'
+# The file whose presence makes a step on Cloud Storage complete, for Orbax.
+COMMIT_MARK = 'commit_success.txt'
 # How tensorstore, which writes the arrays, reports an OS error: a ValueError whose text
 # ends in e.g. "No space left on device [os_error_code='28']".
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
@@ -60,7 +64,7 @@ class CheckpointSaveError(FineflaxError, RuntimeError):
     errno: the OS error number of the cause when there is one (errno.ENOSPC, ...).
   """
 
-  def __init__(self, directory: Path, step: int | None, cause: BaseException,
+  def __init__(self, directory: epath.Path, step: int | None, cause: BaseException,
                kept: int | None):
     self.directory, self.step, self.kept = directory, step, kept
     self.errno = os_errno(cause)
@@ -91,38 +95,28 @@ def os_errno(error: BaseException | None) -> int | None:
 
 
 def complete_steps(directory: str | os.PathLike) -> list[int]:
-  """The steps of `directory` that Orbax finished writing (renamed), in order."""
-  directory = Path(directory)
-  if not directory.is_dir():
-    return []
-  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def _remove(path: Path) -> None:
-  if path.is_dir() and not path.is_symlink():
-    shutil.rmtree(path, ignore_errors=True)
-  else:
-    path.unlink(missing_ok=True)
+  """The steps of `directory` that Orbax finished writing, in order."""
+  return sorted(ocp.path.step.checkpoint_steps(storage.as_path(directory)))
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:
-  """Whether `directory` holds a complete checkpoint (a step folder; temporary folders of
-  interrupted saves do not count)."""
-  directory = Path(directory)
-  return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
+  """Whether `directory` holds a complete checkpoint (steps whose save was killed do not
+  count)."""
+  return bool(complete_steps(directory))
 
 
 class Checkpoints:
   """The latest `keep` checkpoints in one folder."""
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
-    self.directory = Path(os.path.abspath(directory))
+    self.directory = storage.absolute(directory, 'checkpoint folder')
     self._pending: int | None = None  # the step whose save may still be running
-    _clean_leftovers(self.directory)
+    _warn_of_others(self.directory)
     # latest/ and best/ (and phase_best/) may save the same step: across processes their
-    # barriers would share Orbax's keys unless each folder names its own.
+    # barriers would share Orbax's keys unless each folder names its own. Orbax deletes
+    # what killed saves left (cleanup_tmp_directories) before this manager saves.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True,
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=self.directory.name))
     # Handlers named up front: a manager that has not saved yet can read metadata.
@@ -214,36 +208,45 @@ class Checkpoints:
     raise CheckpointSaveError(self.directory, step, error, kept[-1] if kept else None) from error
 
 
-def _clean_leftovers(directory: Path) -> None:
-  """Deletes the temporary folders of saves that never finished (process 0; before a
-  manager opens the folder, so none of its saves is under way)."""
-  if not directory.is_dir():
+def _warn_of_others(directory: epath.Path) -> None:
+  """Logs what in `directory` is not a complete step: saves that did not finish (Orbax
+  deletes them) and anything else (left alone)."""
+  if jax.process_index() != 0 or not directory.is_dir():
     return
-  others = sorted(p.name for p in directory.iterdir() if not p.name.isdigit())
-  partial = [name for name in others if TMP_MARK in name]
-  if partial and jax.process_index() == 0:
+  complete = {str(step) for step in complete_steps(directory)}
+  others = sorted(p.name for p in directory.iterdir() if p.name not in complete)
+  partial = [name for name in others if TMP_MARK in name or name.isdigit()]
+  if partial:
     logger.warning('%s: ignoring %s, left by saves that did not finish; deleting them',
                    directory, partial)
-    for name in partial:
-      _remove(directory / name)
   if set(others) - set(partial):
     logger.warning('%s: ignoring %s, which are not checkpoints', directory,
                    sorted(set(others) - set(partial)))
 
 
+def _remove_step(path: epath.Path) -> None:
+  """Deletes a step folder so that no reader ever takes what is left of it for a complete
+  step (Orbax deletes with a plain rmtree, which a kill can cut short)."""
+  if storage.is_local(path):
+    doomed = path.with_name(f'{path.name}{TMP_MARK}-removed')
+    if doomed.exists():  # left by a removal that was killed
+      doomed.rmtree()
+    path.rename(doomed)  # atomic: the step is gone at once
+    doomed.rmtree()
+  else:
+    # No atomic rename on an object store; without its mark the step is not complete.
+    (path / COMMIT_MARK).unlink(missing_ok=True)
+    path.rmtree(missing_ok=True)
+
+
 def remove_steps_after(directory: str | os.PathLike, step: int) -> None:
   """Deletes the step folders of `directory` after `step` (process 0; all when -1)."""
-  directory = Path(directory)
-  if jax.process_index() != 0 or not directory.is_dir():
+  directory = storage.as_path(directory)
+  if jax.process_index() != 0:
     return
-  for p in directory.iterdir():
-    if p.name.isdigit() and int(p.name) > step:
-      # Renamed first: a run killed while deleting must not leave a half-deleted folder
-      # that still looks like the newest complete step.
-      doomed = p.with_name(f'{p.name}{TMP_MARK}-removed')
-      _remove(doomed)  # left by such a kill
-      p.rename(doomed)
-      _remove(doomed)
+  for later in complete_steps(directory):
+    if later > step:
+      _remove_step(directory / str(later))
 
 
 class RunCheckpoints:

@@ -10,7 +10,8 @@
     DIR/checkpoints/best/<step>/     the best save by config.checkpoint.monitor
     DIR/checkpoints/phase_best/<step>/  the best epoch of a restore_best phase
     DIR/checkpoints/<step>/          layout-1 runs of an early fineflax (read only)
-    DIR/features/<role>.npy          cached features memory-mapped from disk
+    DIR/features/<role>.npy          cached features memory-mapped from disk (for a gs://
+                                     DIR, in a local folder: see storage.local_cache_folder)
     DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
 """
 
@@ -19,83 +20,80 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from pathlib import Path
 
-from fineflax.errors import ConfigError
+from etils import epath
 
-
-_URL = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
+from fineflax import storage
 
 
 @dataclasses.dataclass(frozen=True)
 class RunDir:
-  """A run folder and the path of everything in it."""
+  """A run folder (a local path or gs://BUCKET/PATH) and the path of everything in it."""
 
-  root: Path
+  root: epath.Path
 
   def __init__(self, root: str | os.PathLike):
-    """Raises ConfigError for a URL (gs://, s3://, ...): it would become a local folder."""
-    scheme = _URL.match(os.fspath(root)) if isinstance(root, (str, os.PathLike)) else None
-    if scheme:
-      # pathlib would turn 'gs://b/r' into the local folder 'gs:/b/r'; Orbax would then
-      # fail at the first save, after an epoch of training.
-      raise ConfigError(f'{os.fspath(root)}: {scheme.group(1)}:// run folders are not '
-                        'supported yet; use a local folder or a mounted bucket (gcsfuse)')
-    object.__setattr__(self, 'root', Path(root))
+    """Raises ConfigError for a URL whose scheme a run folder cannot have (s3://, ...)."""
+    object.__setattr__(self, 'root', storage.as_path(root))
 
   def __fspath__(self) -> str:
     return os.fspath(self.root)
 
   @property
-  def config_json(self) -> Path:
+  def is_local(self) -> bool:
+    return storage.is_local(self.root)
+
+  @property
+  def config_json(self) -> epath.Path:
     return self.root / 'config.json'
 
   @property
-  def dataset_json(self) -> Path:
+  def dataset_json(self) -> epath.Path:
     return self.root / 'dataset.json'
 
   @property
-  def metrics_jsonl(self) -> Path:
+  def metrics_jsonl(self) -> epath.Path:
     return self.root / 'metrics.jsonl'
 
   @property
-  def results_json(self) -> Path:
+  def results_json(self) -> epath.Path:
     return self.root / 'results.json'
 
   @property
-  def history_png(self) -> Path:
+  def history_png(self) -> epath.Path:
     return self.root / 'history.png'
 
   @property
-  def samples_png(self) -> Path:
+  def samples_png(self) -> epath.Path:
     return self.root / 'samples.png'
 
   @property
-  def tensorboard(self) -> Path:
+  def tensorboard(self) -> epath.Path:
     return self.root / 'tb'
 
   @property
-  def checkpoints(self) -> Path:
+  def checkpoints(self) -> epath.Path:
     """The folder of the checkpoint folders (and, in layout-1 runs, of the steps)."""
     return self.root / 'checkpoints'
 
   @property
-  def latest(self) -> Path:
+  def latest(self) -> epath.Path:
     return self.checkpoints / 'latest'
 
   @property
-  def best(self) -> Path:
+  def best(self) -> epath.Path:
     return self.checkpoints / 'best'
 
   @property
-  def phase_best(self) -> Path:
+  def phase_best(self) -> epath.Path:
     return self.checkpoints / 'phase_best'
 
   @property
-  def features(self) -> Path:
-    return self.root / 'features'
+  def features(self) -> epath.Path:
+    """Memory-mapped arrays need a local disk: for a gs:// run, a local folder."""
+    return storage.local_cache_folder(self.root / 'features', 'features')
 
-  def eval_stem(self, split: str, checkpoint_label: str) -> Path:
+  def eval_stem(self, split: str, checkpoint_label: str) -> epath.Path:
     """Where evaluate's report of a split and checkpoint goes, less the suffix."""
     # Split names such as tfds' 'train[:40%]' would make awkward file names.
     name = re.sub(r'[^A-Za-z0-9_.-]+', '_', split).strip('_')

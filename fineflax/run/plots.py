@@ -3,19 +3,20 @@
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas
 directly, never through pyplot: pyplot keeps global state (the current figure, the
 backend) that a notebook or another library in the same process may rely on.
-Files are written atomically (a temporary file, then a rename), so a reader such as an
-image viewer refreshing during training never sees half a PNG. Only process 0 writes.
+Files are written atomically (`storage.write_atomic`), so a reader such as an image
+viewer refreshing during training never sees half a PNG. Only process 0 writes.
 """
 
 from __future__ import annotations
 
+import io
 import os
-import tempfile
-from pathlib import Path
 from typing import Any, Sequence
 
 import jax
 import numpy as np
+
+from fineflax import storage
 
 _ANNOTATE_MAX_CLASSES = 20  # counts in the cells stay legible up to this many classes
 _TICK_LABEL_MAX_CLASSES = 30  # class names on the axes stay legible up to this many
@@ -29,19 +30,12 @@ def _figure(**kwargs: Any) -> Any:
 
 
 def _save_atomic(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
-  """Renders `fig` to `path` as a PNG via a temporary file in the same directory."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """Renders `fig` to `path` as a PNG, which no reader ever sees half written."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   FigureCanvasAgg(fig)
-  fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      fig.savefig(f, format='png', dpi=dpi)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  png = io.BytesIO()
+  fig.savefig(png, format='png', dpi=dpi)
+  storage.write_atomic(storage.as_path(path), png.getvalue())
 
 
 def _series(records: Sequence[dict[str, Any]], key: str) -> np.ndarray | None:

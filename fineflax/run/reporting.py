@@ -9,12 +9,12 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 import jax
 from absl import logging as absl_logging
 
+from fineflax import storage
 from fineflax.run import RunDir
 
 logger = logging.getLogger('fineflax.reporting')
@@ -47,10 +47,15 @@ def setup_logging() -> None:
 
 class MetricsLog:
   """Appends epoch records (and per-step ones, marked `"kind": "step"`) to
-  `DIR/metrics.jsonl`."""
+  `DIR/metrics.jsonl`.
+
+  An object store cannot append: there the whole file is written again with each record
+  (this writer keeps its text; a per-step record every few hundred steps keeps it small).
+  """
 
   def __init__(self, workdir: str | os.PathLike):
     self.path = RunDir(workdir).metrics_jsonl
+    self._text: str | None = None  # the file's text, for rewriting it on an object store
 
   def read(self) -> list[dict[str, Any]]:
     """Every epoch record written so far."""
@@ -64,16 +69,15 @@ class MetricsLog:
     if not self.path.exists():
       return []
     records = []
-    with self.path.open() as f:
-      for line in f:
-        if not line.strip():
-          continue
-        try:
-          records.append(json.loads(line))
-        except json.JSONDecodeError:
-          # Only the last line can be cut short (a full disk during the append); the
-          # epoch it recorded is redone after the resume.
-          logger.warning('%s: ignoring a damaged record: %r', self.path, line[:80])
+    for line in self.path.read_text().splitlines():
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        # Only the last line can be cut short (a full disk during the append); the
+        # epoch it recorded is redone after the resume.
+        logger.warning('%s: ignoring a damaged record: %r', self.path, line[:80])
     return records
 
   def truncate_after(self, step: int) -> None:
@@ -81,15 +85,22 @@ class MetricsLog:
     if jax.process_index() != 0 or not self.path.exists():
       return
     kept = [r for r in self._read_all() if r['step'] <= step]
-    tmp = self.path.with_suffix('.tmp')
-    tmp.write_text(''.join(json.dumps(r) + '\n' for r in kept))
-    tmp.replace(self.path)
+    self._text = ''.join(json.dumps(r) + '\n' for r in kept)
+    storage.write_atomic(self.path, self._text)
 
   def write(self, record: dict[str, Any]) -> None:
+    """Adds `record` (process 0 only)."""
     if jax.process_index() != 0:
       return
-    with self.path.open('a') as f:
-      f.write(json.dumps(record) + '\n')
+    line = json.dumps(record) + '\n'
+    if storage.is_local(self.path):
+      with self.path.open('a') as f:
+        f.write(line)
+      return
+    if self._text is None:
+      self._text = self.path.read_text() if self.path.exists() else ''
+    self._text += line
+    storage.write_atomic(self.path, self._text)
 
 
 def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
@@ -131,7 +142,4 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Writes `obj` as JSON atomically (process 0 only)."""
   if jax.process_index() != 0:
     return
-  path = Path(path)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(obj, indent=2) + '\n')
-  tmp.replace(path)
+  storage.write_atomic(storage.as_path(path), json.dumps(obj, indent=2) + '\n')

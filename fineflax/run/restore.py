@@ -23,14 +23,14 @@ import dataclasses
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 
-from fineflax import config as config_lib, data, models, weights
+from fineflax import config as config_lib, data, models, storage, weights
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir, checkpoints
 
@@ -62,12 +62,12 @@ class RestoredRun:
   class_names: tuple[str, ...]
   image_shape: tuple[int, int, int]
   step: int
-  checkpoint_dir: Path
+  checkpoint_dir: epath.Path
   label: str
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _v1_steps(workdir: Path) -> list[int]:
+def _v1_steps(workdir: epath.Path) -> list[int]:
   """The step folders of a layout-1 run (directly under checkpoints/)."""
   return checkpoints.complete_steps(RunDir(workdir).checkpoints)
 
@@ -114,7 +114,7 @@ def read_dataset_info(workdir: str | os.PathLike,
 
 
 def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
-                    ) -> tuple[Path, str]:
+                    ) -> tuple[epath.Path, str]:
   """The step folder of `checkpoint` in the run, and its label.
 
   Args:
@@ -171,7 +171,7 @@ def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
   Raises:
     CheckpointMismatchError: the checkpoint holds other leaves or shapes (naming them).
   """
-  step_dir = Path(step_dir).absolute()  # through a relative path Orbax finds no metadata
+  step_dir = storage.absolute(step_dir, 'checkpoint folder')
   handler = ocp.PyTreeCheckpointHandler()  # (a Checkpointer would warn: see weights.files)
   try:
     saved = handler.metadata(step_dir / 'state')
@@ -186,13 +186,16 @@ def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
   return variables, json.loads(meta.read_text()) if meta.is_file() else {}
 
 
-def init_from_folder(path: str | os.PathLike) -> Path:
+def init_from_folder(path: str | os.PathLike) -> epath.Path:
   """The folder of a parameter tree to start from (`config.init_from`): a run's best
-  checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint."""
-  path = Path(path).expanduser()
+  checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint;
+  a local path or gs://."""
+  path = storage.as_path(os.path.expanduser(path) if storage.is_local(path) else path,
+                         'config.init_from')
   for folder in (RunDir(path).best, RunDir(path).latest):
-    if checkpoints.has_checkpoint(folder):
-      path = max((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    steps = checkpoints.complete_steps(folder)
+    if steps:
+      path = folder / str(steps[-1])
       break
   if (path / 'state').is_dir():
     return path / 'state'

@@ -23,10 +23,12 @@ import os
 import socket
 import struct
 import time
-from pathlib import Path
 from typing import Mapping
 
 import jax
+from etils import epath
+
+from fineflax import storage
 
 FILE_VERSION = 'brain.Event:2'
 
@@ -111,7 +113,7 @@ def encode_event(wall_time: float, step: int = 0, file_version: str | None = Non
   return out
 
 
-def _new_event_path(logdir: Path) -> Path:
+def _new_event_path(logdir: epath.Path) -> epath.Path:
   """`events.out.tfevents.<unix time>.<hostname>`, with a suffix when a run restarted
   within the same second already took that name (TensorBoard reads any file whose name
   holds 'tfevents')."""
@@ -123,24 +125,46 @@ def _new_event_path(logdir: Path) -> Path:
   return path
 
 
+class _WholeObject:
+  """A file-like writer of an object-store object: keeps every byte written, and writes
+  them all at each flush."""
+
+  def __init__(self, path: epath.Path):
+    self._path, self._data = path, bytearray()
+
+  def write(self, data: bytes) -> None:
+    self._data += data
+
+  def flush(self) -> None:
+    storage.write_atomic(self._path, bytes(self._data))
+
+  def close(self) -> None:
+    self.flush()
+
+
 class SummaryWriter:
   """Writes scalars to a new event file in `logdir`; a no-op on processes other than 0.
 
   Records are buffered until `flush` (the train loop flushes once per epoch), so a run
   that crashes keeps what was flushed. Every writer opens a new file, and TensorBoard
-  merges the files of a directory, so a resumed run adds to the same curves.
+  merges the files of a directory, so a resumed run adds to the same curves. On an object
+  store, which cannot append, each flush writes the whole file again (as TensorFlow's
+  own writer does there); event files of scalars stay small.
   """
 
   def __init__(self, logdir: str | os.PathLike):
-    self.path: Path | None = None
+    self.path: epath.Path | None = None
     self._file = None
     if jax.process_index() != 0:
       return
-    logdir = Path(logdir)
+    logdir = storage.as_path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     self.path = _new_event_path(logdir)
-    # 'xb': two writers racing for one name must not share a file.
-    self._file = open(self.path, 'xb')  # pylint: disable=consider-using-with
+    if storage.is_local(self.path):
+      # 'xb': two writers racing for one name must not share a file.
+      self._file = open(self.path, 'xb')  # pylint: disable=consider-using-with
+    else:
+      self._file = _WholeObject(self.path)
     self._file.write(tfrecord(encode_event(time.time(), file_version=FILE_VERSION)))
     self.flush()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from pathlib import Path
+import os
 from typing import Any, Callable, Mapping
 
 import jax
@@ -78,7 +78,7 @@ def extract(features_step: Callable[..., jax.Array], variables: dict[str, Any],
   return out
 
 
-def cache_splits(mode: str, memory_mb: int, workdir: Path,
+def cache_splits(mode: str, memory_mb: int, workdir: str | os.PathLike,
                  features_step: Callable[..., jax.Array], variables: dict[str, Any],
                  splits: Mapping[str, data.Split | None], width: int, batch_size: int,
                  mesh: Mesh, resident: Mapping[str, Any]
@@ -86,7 +86,8 @@ def cache_splits(mode: str, memory_mb: int, workdir: Path,
   """The feature splits of `splits`, and whether they are held in memory.
 
   'auto' keeps them in memory up to `memory_mb` in all, else memory-maps .npy files
-  under `workdir/features/` ('memory' and 'disk' choose).
+  under `workdir/features/` ('memory' and 'disk' choose; a local folder named in the
+  log when `workdir` is a gs:// URL).
   """
   rows = sum(len(s) for s in splits.values() if s is not None)
   size_mb = rows * width * 4 / 2**20
@@ -103,7 +104,7 @@ def cache_splits(mode: str, memory_mb: int, workdir: Path,
       folder.mkdir(parents=True, exist_ok=True)
       # A file per role, rewritten by every cached phase: a phase's features depend on
       # the backbone parameters it starts from.
-      array = np.lib.format.open_memmap(folder / f'{role}.npy', mode='w+', dtype=np.float32,
+      array = np.lib.format.open_memmap(os.fspath(folder / f'{role}.npy'), mode='w+', dtype=np.float32,
                                         shape=(len(split), width))
     extract(features_step, variables, split, batch_size, mesh, resident[role], array)
     if not in_memory:

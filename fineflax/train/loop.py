@@ -11,12 +11,12 @@ import dataclasses
 import itertools
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
@@ -73,7 +73,7 @@ class Run:
   """Everything a run sets up before its first step."""
 
   config: ml_collections.ConfigDict
-  workdir: Path
+  workdir: epath.Path
   dataset: data.Dataset
   images: Feed
   model: models.Classifier

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from fineflax import storage
 from fineflax.errors import DataError
 from fineflax.models.graph import Layer
 
@@ -144,7 +145,7 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  path = Path(path).absolute()  # through a relative path Orbax finds no tree metadata
+  path = storage.absolute(path, 'checkpoint folder')  # a local path or gs://
   # The item's handler, not a Checkpointer: that one also looks for the step's metadata
   # file in this item folder and logs a warning that it is not there.
   handler = ocp.PyTreeCheckpointHandler()
