@@ -5,6 +5,7 @@ Only process 0 writes files, so a multi-host run has one record of each epoch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -50,12 +51,16 @@ class MetricsLog:
   `DIR/metrics.jsonl`.
 
   An object store cannot append: there the whole file is written again with each record
-  (this writer keeps its text; a per-step record every few hundred steps keeps it small).
+  (this writer keeps its text), in a thread of its own, so that the training loop does not
+  wait a network round trip for each record; a write waits for the one before it, and a
+  read for every write.
   """
 
   def __init__(self, workdir: str | os.PathLike):
     self.path = RunDir(workdir).metrics_jsonl
     self._text: str | None = None  # the file's text, for rewriting it on an object store
+    self._uploads: concurrent.futures.ThreadPoolExecutor | None = None
+    self._pending: concurrent.futures.Future | None = None
 
   def read(self) -> list[dict[str, Any]]:
     """Every epoch record written so far."""
@@ -66,6 +71,7 @@ class MetricsLog:
     return [r for r in self._read_all() if r.get('kind') == 'step']
 
   def _read_all(self) -> list[dict[str, Any]]:
+    self.wait()
     if not self.path.exists():
       return []
     records = []
@@ -88,6 +94,12 @@ class MetricsLog:
     self._text = ''.join(json.dumps(r) + '\n' for r in kept)
     storage.write_atomic(self.path, self._text)
 
+  def wait(self) -> None:
+    """Blocks until every record is written (raises the error of one that failed)."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      pending.result()
+
   def write(self, record: dict[str, Any]) -> None:
     """Adds `record` (process 0 only)."""
     if jax.process_index() != 0:
@@ -100,7 +112,10 @@ class MetricsLog:
     if self._text is None:
       self._text = self.path.read_text() if self.path.exists() else ''
     self._text += line
-    storage.write_atomic(self.path, self._text)
+    self.wait()
+    if self._uploads is None:
+      self._uploads = concurrent.futures.ThreadPoolExecutor(1, 'metrics-upload')
+    self._pending = self._uploads.submit(storage.write_atomic, self.path, self._text)
 
 
 def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
