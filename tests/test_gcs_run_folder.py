@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,6 +166,13 @@ def test_evaluate_and_load_run_read_a_gs_run(runs):
   assert run.label == 'best' and os.fspath(run.checkpoint_dir).startswith(f'{RUN}/')
   # init_from a gs:// run: the folder of its best step's parameters.
   assert restore.init_from_folder(RUN) == run.checkpoint_dir / 'state'
+
+
+def test_memory_mapped_features_of_a_gs_run_go_to_a_local_folder(emulator):
+  features = RunDir(RUN).features
+  assert storage.is_local(features)
+  assert os.fspath(features).startswith(tempfile.gettempdir())
+  assert features.name == f'gs_{storage_emulator.BUCKET}_runs_cut_features'
 
 
 def test_partial_saves_on_gs_are_ignored_then_deleted(emulator, caplog):
