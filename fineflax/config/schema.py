@@ -150,7 +150,9 @@ SCHEMA: dict[str, Any] = {
                          check=_at_least(0)),
         'jpeg_draft': Field(True, _BOOL, "Streaming, augment.crop='random_resized': decode "
                             'a JPEG at 1/2, 1/4 or 1/8 scale when its training crop stays at '
-                            'least load_size on each side (faster; pixels within about 1 level).'),
+                            'least load_size on each side, and reduce large shrinks of '
+                            "training crops first (Pillow's reducing_gap=2) (faster; pixels "
+                            'within about 1 level; evaluation exact).'),
         'device_resident': Field(True, _BOOL, 'Place the splits on every device once when '
                                  'they fit, and gather batches there.'),
         'device_resident_max_mb': Field(4096, _INT, 'The size (all splits) up to which they '

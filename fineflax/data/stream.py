@@ -19,7 +19,11 @@ What the host does to each image, to `image_size` x `image_size`:
     centred square of `EVAL_CROP_FRACTION` of the shorter side. With `draft` (the
     default, `config.data.jpeg_draft`), a training crop of a JPEG is decoded at 1/2, 1/4
     or 1/8 scale when the crop stays at least `image_size` on each side (`draft_scale`):
-    the resize still only shrinks it. Evaluation decodes the whole file, as `predict` does.
+    the resize still only shrinks it; a crop of a file still over `REDUCING_GAP` times
+    the output on a side is first shrunk by an integer factor with a box filter (Pillow's
+    `reducing_gap`: non-JPEG files, crops too thin to draft). Within about one level of
+    255 of the full decode and resize (tests/test_streaming_workers.py).
+    Evaluation decodes the whole file and resizes it exactly, as `predict` does.
 
 An unreadable file found while streaming is named once in the log and its row trains and
 counts nothing (weight 0); another example's pixels stand in for it, so training-mode
@@ -46,6 +50,7 @@ logger = logging.getLogger('fineflax.data')
 EVAL_CROP_FRACTION = 0.875  # Inception's (and timm's) evaluation crop
 CROP_SCALE = (0.08, 1.0)  # the crop's share of the image's area
 CROP_RATIO = (3 / 4, 4 / 3)  # the crop's width / height
+REDUCING_GAP = 2.0  # with draft: Pillow's integer box pre-shrink above this ratio
 _STAND_INS = 8  # other examples tried in place of an unreadable one
 _PREFETCH_BATCHES = 4  # per worker: decoded batches waiting for the devices
 _reported: set[str] = set()  # unreadable files already named in the log
@@ -133,7 +138,8 @@ def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: 
                 ) -> np.ndarray:
   """The image file `path` cropped to `box_of(width, height)` and resized to size x size
   (bilinear, antialiased): (size, size, 3) uint8. With `draft`, a JPEG is decoded at
-  `draft_scale` (libjpeg's scaled IDCT) and the box scaled with it.
+  `draft_scale` (libjpeg's scaled IDCT) and the box scaled with it, and the resize takes
+  `REDUCING_GAP`; without, the pixels are PIL's full decode, crop and resize.
 
   Raises:
     DataError: the file is missing or not a readable image (named in the message).
@@ -149,10 +155,12 @@ def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: 
         image.draft('RGB', (width // scale, height // scale))
         scale = round(width / image.size[0])  # pixel i of the scaled image: [i*s, (i+1)*s)
         box = tuple(v / scale for v in box)
-      rgb = image.convert('RGB')
+      image.load()
+      rgb = image if image.mode == 'RGB' else image.convert('RGB')  # convert would copy
+      return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box,
+                                   reducing_gap=REDUCING_GAP if draft else None), np.uint8)
   except (OSError, UnidentifiedImageError) as e:
     raise DataError(f'{path}: not a readable image ({e})') from None
-  return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box), np.uint8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +169,7 @@ class BatchReader:
 
   A training batch carries the epoch's `crop_key` (`fineflax.data.train_batches`); an
   evaluation batch does not, and gets the evaluation crop. `draft`: training crops of
-  JPEG files may be decoded at a reduced scale (`decode_crop`).
+  image files are decoded and resized faster, within about a level (`decode_crop`).
   """
 
   records: Any
