@@ -64,8 +64,12 @@ def running(log: Path) -> Iterator[dict[str, str]]:
 @contextlib.contextmanager
 def environment(env: dict[str, str]) -> Iterator[None]:
   """`env` set in this process for the block (for in-process clients)."""
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
+  # epath caches its choice of backend (EPATH_USE_TF) at the first gs:// path a process
+  # makes, which in a test run may come before this block.
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
   try:
     yield
   finally:
@@ -74,6 +78,7 @@ def environment(env: dict[str, str]) -> Iterator[None]:
         os.environ.pop(k, None)
       else:
         os.environ[k] = v
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
 
 
 def _serve(port: int) -> None:
