@@ -23,28 +23,13 @@ from fineflax import storage
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir, checkpoints, restore
 from fineflax.run.reporting import MetricsLog
-from tests import storage_emulator
+from tests import run_configs, storage_emulator
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = f'gs://{storage_emulator.BUCKET}/runs/cut'
 
-_CONFIG = """
-from fineflax import config as ffc
-
-def get_config(arg=None):
-  config = ffc.default_config()
-  config.batch_size = 8
-  config.model.backbone = 'resnet_tiny'
-  config.model.image_size = 16
-  config.model.preprocessing = 'tf'
-  config.model.head.dropout = 0.3
-  config.data.augment.flip = 'horizontal'
-  config.report.every_steps = 40
-  config.phases = (ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
-                   ffc.phase(name='b', freeze='regex:^backbone/conv[1-4]_', epochs=2,
-                             early_stopping=dict(restore_best=True)))
-  return ffc.finish(config, arg)
-"""
+_CONFIG = run_configs.two_phase('  config.report.every_steps = 40',
+                                 'epochs=2, early_stopping=dict(restore_best=True)')
 
 
 @pytest.fixture(scope='module')

@@ -19,6 +19,7 @@ from fineflax.errors import ConfigError
 from fineflax.distributed.preemption import sigterm_flag
 from fineflax.run.reporting import MetricsLog
 from fineflax.run import RunDir
+from tests import run_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -339,22 +340,7 @@ def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
       np.testing.assert_array_equal(a, b)
 
 
-_SIGTERM_CONFIG = """
-from fineflax import config as ffc
-
-def get_config(arg=None):
-  config = ffc.default_config()
-  config.batch_size = 8
-  config.model.backbone = 'resnet_tiny'
-  config.model.image_size = 16
-  config.model.preprocessing = 'tf'
-  config.model.head.dropout = 0.3
-  config.data.augment.flip = 'horizontal'
-  config.data.augment.rotation = 0.05
-  config.phases = (ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
-                   ffc.phase(name='b', freeze='regex:^backbone/conv[1-4]_', epochs=1))
-  return ffc.finish(config, arg)
-"""
+_SIGTERM_CONFIG = run_configs.two_phase('  config.data.augment.rotation = 0.05')
 
 
 def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
