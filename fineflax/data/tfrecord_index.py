@@ -44,7 +44,7 @@ try:
   # The pure-Python fallback of the package would cost more than the decode: data CRCs
   # are checked with the compiled one only.
   _FAST_CRC = google_crc32c.implementation == 'c'
-except ImportError:  # not a dependency of fineflax: headers are checked in Python
+except ImportError:  # a dependency, but an install may lack it: headers checked in Python
   google_crc32c = None
   _FAST_CRC = False
 
