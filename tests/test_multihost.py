@@ -367,3 +367,22 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(
   records = MetricsLog(runs['preempted']).read()
   assert [r['step'] for r in records] == [2 * i for i in range(1, 14)]
   assert restore.load_run(runs['preempted'], 'latest').step == 26
+
+
+def test_two_processes_on_a_gs_run_folder_end_as_on_a_local_one(runs, tmp_path):
+  """Both processes write their shards of every Orbax save to Cloud Storage (the emulator
+  of tests/storage_emulator.py); process 0 the reports."""
+  from tests import storage_emulator  # pylint: disable=g-import-not-at-top
+  workdir = f'gs://{storage_emulator.BUCKET}/multihost'
+  with storage_emulator.running(tmp_path / 'emulator.log') as env:
+    port = _free_port()
+    job = Job(tmp_path / 'gs', [
+        ['fineflax.train', '--config', CONFIG, '--workdir', workdir,
+         f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
+        for i in range(2)], dict(_env(runs['two'].parent / 'cache', 2), **env))
+    assert job.wait() == [0, 0], job.tails()
+    with storage_emulator.environment(env):
+      drop = lambda records: [{k: v for k, v in r.items() if k != 'images_per_sec'}
+                              for r in records]
+      assert drop(MetricsLog(workdir).read()) == drop(MetricsLog(runs['two']).read())
+      _assert_same_variables(_final_variables(workdir), _final_variables(runs['two']))
