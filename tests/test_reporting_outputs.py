@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fineflax.data import tfrecord_index
 from fineflax.run import plots, progress, tensorboard
 
 
@@ -22,7 +23,7 @@ from fineflax.run import plots, progress, tensorboard
     (bytes(range(32)), 0x46DD794E),
 ])
 def test_crc32c_known_vectors(data, expected):
-  assert tensorboard.crc32c(data) == expected
+  assert tfrecord_index.crc32c(data) == expected
 
 
 def test_summary_writer_is_read_back_by_tensorflow(tmp_path):

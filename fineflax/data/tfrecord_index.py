@@ -25,6 +25,7 @@ import struct
 import threading
 from typing import Any, Sequence
 
+import google_crc32c
 import numpy as np
 
 from fineflax.errors import ConfigError, DataError
@@ -39,37 +40,15 @@ _MASK_DELTA = 0xa282ead8
 # threads, and the usual limit is 1024 descriptors a process).
 _OPEN_FILES = 32
 
-try:
-  import google_crc32c  # pylint: disable=g-import-not-at-top
-  # The pure-Python fallback of the package would cost more than the decode: data CRCs
-  # are checked with the compiled one only.
-  _FAST_CRC = google_crc32c.implementation == 'c'
-except ImportError:  # a dependency, but an install may lack it: headers checked in Python
-  google_crc32c = None
-  _FAST_CRC = False
-
-_CRC_TABLE: list[int] = []
-
-
-def _crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) of `data`."""
-  if google_crc32c is not None:
-    return google_crc32c.value(data)
-  if not _CRC_TABLE:
-    for n in range(256):
-      c = n
-      for _ in range(8):
-        c = (c >> 1) ^ 0x82f63b78 if c & 1 else c >> 1
-      _CRC_TABLE.append(c)
-  crc = 0xffffffff
-  for byte in data:
-    crc = _CRC_TABLE[(crc ^ byte) & 0xff] ^ (crc >> 8)
-  return crc ^ 0xffffffff
+def crc32c(data: bytes) -> int:
+  """CRC-32C (Castagnoli) of `data`, as tfrecord files use it."""
+  return google_crc32c.value(data)
 
 
 def masked_crc(data: bytes) -> int:
-  """The masked CRC-32C tfrecord files store."""
-  crc = _crc32c(data)
+  """The CRC as tfrecord files store it: rotated and offset, because a CRC of data that
+  itself holds CRCs is weak."""
+  crc = crc32c(data)
   return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xffffffff
 
 
@@ -177,7 +156,7 @@ class TfrecordSource:
     if len(raw) != _HEADER + length + _FOOTER or stored != length:
       raise DataError(f'{path}: the record at byte {offset} changed since it was indexed')
     data = raw[_HEADER:_HEADER + length]
-    if _FAST_CRC and masked_crc(data) != struct.unpack_from('<I', raw, _HEADER + length)[0]:
+    if masked_crc(data) != struct.unpack_from('<I', raw, _HEADER + length)[0]:
       raise DataError(f'{path}: the record at byte {offset} fails its CRC (corrupted)')
     return data
 

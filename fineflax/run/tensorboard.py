@@ -6,7 +6,7 @@ and gigabytes of address space) only to log a few scalars per epoch is not worth
 
 TFRecord framing of each record:
 
-    uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)
+    uint64 length | uint32 masked_crc(length) | data | uint32 masked_crc(data)
 
 (all little-endian). The protobuf fields used (from tensorflow/core/util/event.proto and
 tensorflow/core/framework/summary.proto):
@@ -29,46 +29,16 @@ import jax
 from etils import epath
 
 from fineflax import storage
+from fineflax.data.tfrecord_index import masked_crc
 
 FILE_VERSION = 'brain.Event:2'
-
-
-def _crc32c_table() -> tuple[int, ...]:
-  """The byte table of the reflected Castagnoli polynomial."""
-  poly = 0x82F63B78  # 0x1EDC6F41 bit-reversed
-  table = []
-  for byte in range(256):
-    crc = byte
-    for _ in range(8):
-      crc = (crc >> 1) ^ poly if crc & 1 else crc >> 1
-    table.append(crc)
-  return tuple(table)
-
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  """CRC-32C (Castagnoli) of `data`, as TFRecord files use it."""
-  crc = 0xFFFFFFFF
-  table = _CRC32C_TABLE
-  for byte in data:
-    crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-  return crc ^ 0xFFFFFFFF
-
-
-def masked_crc32c(data: bytes) -> int:
-  """The CRC as TFRecord stores it: rotated and offset, because a CRC of data that
-  itself holds CRCs is weak."""
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 def tfrecord(data: bytes) -> bytes:
   """`data` framed as one TFRecord."""
   length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', masked_crc32c(length)) + data +
-          struct.pack('<I', masked_crc32c(data)))
+  return (length + struct.pack('<I', masked_crc(length)) + data +
+          struct.pack('<I', masked_crc(data)))
 
 
 def _varint(value: int) -> bytes:
