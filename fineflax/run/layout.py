@@ -40,10 +40,6 @@ class RunDir:
     return os.fspath(self.root)
 
   @property
-  def is_local(self) -> bool:
-    return storage.is_local(self.root)
-
-  @property
   def config_json(self) -> epath.Path:
     return self.root / 'config.json'
 
