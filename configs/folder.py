@@ -13,7 +13,9 @@ resized to 224 as they are read. PATH holds either one folder per class, and 20%
 photos are carved out as the validation split; or `train/`, `validation/` and, if you have
 one, `test/`, each with the class folders (a test/ folder is evaluated at the end of the
 run). Unreadable files are skipped with a warning that counts them. More than two
-classes: add `--config.model.num_classes=None` (the dataset's class count).
+classes: add `--config.model.num_classes=None` (the dataset's class count). Another
+backbone: `layers[:143]` is ResNet50's index; add `--config.phases[0].freeze='stages[:-1]'`
+(every stage but the last frozen, on any backbone; for ResNet50 the same layers).
 
 Expected: the summary prints Keras' own counts for this model (14,982,145 trainable,
 8,615,808 non-trainable; tested). Accuracy depends on your photos.

@@ -12,8 +12,9 @@ are streamed (`config.data.pipeline`, docs/data.md): each batch is decoded, give
 Inception-style random-resized crop of the original image (evaluation: the centred 87.5%)
 and resized to 224 by `config.data.workers` processes while the devices train; host memory
 does not grow with the dataset, and a preempted run resumes mid-epoch without reading the
-epoch again. Keras ImageNet weights; a new head is trained on the frozen base, then conv5
-(Keras `layers[:143]` frozen) at a lower learning rate; BatchNorm stays frozen.
+epoch again. Keras ImageNet weights; a new head is trained on the frozen base, then the
+last stage (`stages[:-1]` frozen: for ResNet50 conv5, Keras' `layers[143:]`; it fits any
+backbone) at a lower learning rate; BatchNorm stays frozen.
 
 Expected: no figure is claimed; ILSVRC, its weights and an accelerator are not available
 where this repository is developed. The smoke run is tested on a small made folder.
@@ -41,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.phases = (
       ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3,
                 epochs=2),
-      ffc.phase(name='conv5', freeze='layers[:143]', optimizer='sgd', momentum=0.9,
+      ffc.phase(name='conv5', freeze='stages[:-1]', optimizer='sgd', momentum=0.9,
                 learning_rate=1e-2, schedule='cosine', epochs=8),
   )
   return ffc.finish(config, arg)

@@ -5,26 +5,19 @@ import jax
 import numpy as np
 import pytest
 
-from fineflax import config as config_lib, models
-from fineflax.distributed import parallel
-from fineflax.run import checkpoints
-from fineflax.train import freeze, optimizers
+from fineflax.run import RunDir, checkpoints
 from fineflax.train import state as state_lib
-from fineflax.run import RunDir
+from tests import helpers
 
 
 @pytest.fixture(scope='module')
 def states():
-  cfg = config_lib.default_config()
-  cfg.model.backbone = 'resnet_tiny'
-  model = models.build_model(cfg.model, 10)
+  model = helpers.tiny_model()
   variables = state_lib.init_variables(model, (16, 16, 3), seed=0)
-  mesh = parallel.make_mesh(jax.devices()[:2])
 
   def state_for(spec):
-    labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
-    tx = freeze.partition_optimizer(optimizers.build_optimizer(config_lib.phase(), 1).tx, labels)
-    return parallel.replicate(state_lib.create_train_state(variables, tx, labels, 7), mesh)
+    optimizer = helpers.phase_optimizer(model, variables['params'], spec)
+    return helpers.replicated_state(variables, optimizer, jax.devices()[:2], step=7)
 
   return {'conv5': state_for('layers[:43]'), 'all': state_for('none')}
 

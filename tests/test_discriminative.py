@@ -19,7 +19,7 @@ from fineflax.data.augment import Augment
 from fineflax.distributed import parallel, preemption
 from fineflax.errors import ConfigError
 from fineflax.pytree import path_str
-from fineflax.train import freeze, optimizers
+from fineflax.train import freeze, optimizers, update_rules
 from fineflax.train import state as state_lib, step as step_lib
 from fineflax.train.summary import format_summary, summarize_config
 
@@ -50,9 +50,8 @@ def _model():
 
 
 def _groups(model, params, lr_groups=LR_GROUPS, layer_decay=DECAY, spec='none'):
-  stages = models.layer_stages('resnet_tiny', model.backbone.layers)
-  return freeze.param_groups(params, spec, model.backbone.layers, lr_groups, layer_decay,
-                             stages)
+  return optimizers.param_groups(params, spec, model.backbone.layers, lr_groups, layer_decay,
+                                 model.layer_stages())
 
 
 def _flat(tree, arrays=True):
@@ -93,8 +92,8 @@ def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
   groups = _groups(model, variables['params'])
   lr = 0.1
   phase = config_lib.phase(optimizer='sgd', learning_rate=lr)
-  tx = freeze.partition_optimizer(
-      optimizers.build_optimizer(phase, 1, groups=groups).tx, groups.labels)
+  opt = optimizers.build_optimizer(phase, 1, groups)
+  tx = opt.tx
   batch = _batch()
 
   def loss(params):
@@ -106,8 +105,8 @@ def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
 
   grads = _flat(jax.grad(loss)(variables['params']))
   # The optimizer alone: the update is -(lr x m) x g, to the bit.
-  view = freeze.trainable_view(variables['params'], groups.labels)
-  grad_view = freeze.trainable_view(jax.grad(loss)(variables['params']), groups.labels)
+  view = opt.trainable(variables['params'])
+  grad_view = opt.trainable(jax.grad(loss)(variables['params']))
   updates, _ = tx.update(grad_view, tx.init(view), view)
   for path, u in _flat(updates).items():
     expected = np.float32(-lr * _expected_multiplier(path)) * grads[path]
@@ -115,8 +114,8 @@ def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
 
   # The train step: p - lr x m x g, the gradient its own (another program: float rounding).
   mesh = parallel.make_mesh(jax.devices()[:1])
-  step = step_lib.make_train_step(model, tx, groups.labels, mesh, seed=0)
-  state = parallel.replicate(state_lib.create_train_state(variables, tx, groups.labels), mesh)
+  step = step_lib.make_train_step(model, opt, mesh, seed=0)
+  state = parallel.replicate(state_lib.create_train_state(variables, opt), mesh)
   state, _ = step(state, parallel.shard_batch(batch, mesh), {})
   before, after = _flat(variables['params']), _flat(jax.device_get(state.params))
   for path, p in before.items():
@@ -135,9 +134,9 @@ def test_weight_decay_scales_with_the_multiplier_as_timm():
   groups = _groups(model, variables['params'])
   lr, wd = 0.1, 0.5
   phase = config_lib.phase(optimizer='sgd', learning_rate=lr, weight_decay=wd)
-  tx = freeze.partition_optimizer(
-      optimizers.build_optimizer(phase, 1, groups=groups).tx, groups.labels)
-  view = freeze.trainable_view(variables['params'], groups.labels)
+  opt = optimizers.build_optimizer(phase, 1, groups)
+  tx = opt.tx
+  view = opt.trainable(variables['params'])
   zeros = jax.tree.map(jnp.zeros_like, view)
   updates, _ = tx.update(zeros, tx.init(view), view)
   params = _flat(variables['params'])
@@ -152,9 +151,9 @@ def test_adam_groups_match_independent_adams_and_state_covers_nonzero_groups():
   groups = _groups(model, params)
   lr = 1e-2
   phase = config_lib.phase(optimizer='adam', learning_rate=lr)
-  tx = freeze.partition_optimizer(
-      optimizers.build_optimizer(phase, 1, groups=groups).tx, groups.labels)
-  view = freeze.trainable_view(params, groups.labels)
+  opt = optimizers.build_optimizer(phase, 1, groups)
+  tx = opt.tx
+  view = opt.trainable(params)
   state = tx.init(view)
   # One entry per non-zero group (and FROZEN's, which holds no array).
   inner = state.inner_states[freeze.TRAINABLE].inner_state.inner_states
@@ -168,7 +167,7 @@ def test_adam_groups_match_independent_adams_and_state_covers_nonzero_groups():
   assert sum(x.size for x in jax.tree.leaves(inner) if x.ndim) == \
       2 * sum(p.size for path, p in _flat(params).items() if by_path[path] != 0)
 
-  references = {m: optax.adam(lr * m, eps=optimizers.KERAS_EPSILON)
+  references = {m: update_rules.keras_adam(lr * m, eps=update_rules.KERAS_EPSILON)
                 for m in set(by_path.values()) if m}
   ref_params = {m: {p: x for p, x in _flat(params).items() if by_path[p] == m}
                 for m in references}

@@ -23,13 +23,9 @@ import orbax.checkpoint as ocp
 import pytest
 from etils import epath
 
-from fineflax import config as config_lib, models
-from fineflax.distributed import parallel
-from fineflax.run import checkpoints
-from fineflax.train import freeze, optimizers
-from fineflax.train import state as state_lib
+from fineflax.run import RunDir, checkpoints
 from fineflax.run.reporting import MetricsLog
-from fineflax.run import RunDir
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 TMP = checkpoints.TMP_MARK
@@ -41,16 +37,7 @@ pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptio
 @pytest.fixture(scope='module')
 def states():
   """Two train states of a small model that differ in every parameter."""
-  cfg = config_lib.default_config()
-  cfg.model.backbone = 'resnet_tiny'
-  model = models.build_model(cfg.model, 10)
-  variables = state_lib.init_variables(model, (16, 16, 3), seed=0)
-  labels = freeze.freeze_labels(variables['params'], 'none', model.backbone.layers)
-  tx = freeze.partition_optimizer(optimizers.build_optimizer(config_lib.phase(), 1).tx, labels)
-  mesh = parallel.make_mesh(jax.devices()[:2])
-  first = parallel.replicate(state_lib.create_train_state(variables, tx, labels, 1), mesh)
-  second = first.replace(params=jax.tree.map(lambda x: x * 2 + 1, first.params))
-  return first, second
+  return helpers.two_train_states()
 
 
 def _assert_same(a, b):

@@ -104,16 +104,15 @@ def test_class_weights_scale_each_examples_loss():
   """Keras' class_weight: loss_i x w[label_i], averaged over the examples (not over the
   weights); accuracy unweighted."""
   from fineflax.distributed import parallel  # pylint: disable=g-import-not-at-top
-  from fineflax.train import freeze, optimizers, step as step_lib
-  from tests import test_step  # pylint: disable=g-import-not-at-top
+  from fineflax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  from tests import helpers, test_step  # pylint: disable=g-import-not-at-top
   model, labels, mesh, state, _ = test_step._setup('backbone', dropout=0.0)
-  tx = freeze.partition_optimizer(
-      optimizers.build_optimizer(config_lib.phase(optimizer='sgd'), 1).tx, labels)
+  opt = helpers.phase_optimizer(model, state.params, 'backbone', optimizer='sgd')
   batch = parallel.shard_batch(test_step._batches(1)[0], mesh)
   weights = (0.5, 2.0, 0.0, 1.0)
   sums = {}
   for name, cw in (('plain', None), ('weighted', weights)):
-    step = step_lib.make_train_step(model, tx, labels, mesh, class_weights=cw)
+    step = step_lib.make_train_step(model, opt, mesh, class_weights=cw)
     sums[name] = jax.device_get(step(jax.tree.map(lambda x: x.copy(), state), batch, {})[1])
   images, targets = np.asarray(batch['image']), np.asarray(batch['label'])
   logits = model.apply(jax.device_get(state.variables), images)

@@ -3,11 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from fineflax import config as config_lib, models
-from fineflax.train import freeze, summary
+from fineflax.train import freeze, optimizers, summary
 
 
 def _keras_counts(model):
@@ -78,6 +77,52 @@ def test_summary_counts_equal_keras_seed004(keras, spec, keras_freeze):
   assert rows['dense'].output_shape == (None, 10) and rows['dense'].trainable == 'Y'
 
 
+@pytest.mark.slow  # builds three Keras applications
+@pytest.mark.parametrize('backbone, keras_name, size', [('resnet50', 'ResNet50', 32),
+                                                        ('vgg16', 'VGG16', 32),
+                                                        ('xception', 'Xception', 71)])
+def test_stages_but_the_last_freeze_what_keras_freezes_before_the_last_block(
+    keras, backbone, keras_name, size):
+  """'stages[:-1]' on each family equals the Keras freeze whose intent is "the last
+  block trains": ResNet50's layers[:143] (conv5), VGG16's layers[:-4] (block5), Xception's
+  layers before block13 (its exit flow); layers without weights aside."""
+  keras.backend.clear_session()  # Keras numbers unnamed layers (conv2d_1) per session
+  base = getattr(keras.applications, keras_name)(include_top=False, weights=None,
+                                                 input_shape=(size, size, 3))
+  names = [l.name for l in base.layers]
+  if backbone == 'resnet50':
+    cut = names.index('conv5_block1_1_conv')
+  elif backbone == 'vgg16':
+    cut = len(names) - 4
+  else:
+    cut = next(i for i, n in enumerate(names) if n.startswith('block13'))
+  keras_frozen = {l.name for l in base.layers[:cut] if l.weights}
+  model = _model(backbone)
+  labels = freeze.freeze_labels(_abstract_params(model, size), 'stages[:-1]',
+                                model.backbone.layers, model.layer_stages())
+  frozen = {name for name, leaves in labels['backbone'].items()
+            if freeze.FROZEN in jax.tree.leaves(leaves)}
+  trainable = {name for name, leaves in labels['backbone'].items()
+               if freeze.TRAINABLE in jax.tree.leaves(leaves)}
+  assert frozen == keras_frozen
+  assert trainable == {l.name for l in base.layers[cut:] if l.weights}
+  assert all(l == freeze.TRAINABLE for l in jax.tree.leaves(labels['head']))
+
+
+def test_stage_slices():
+  model = _model('resnet_tiny')
+  params, layers, stages = _abstract_params(model), model.backbone.layers, model.layer_stages()
+  frozen_layers = lambda spec: {name for name, leaves in freeze.freeze_labels(
+      params, spec, layers, stages)['backbone'].items()
+                                if freeze.FROZEN in jax.tree.leaves(leaves)}
+  assert {n.split('_')[0] for n in frozen_layers('stages[:1]')} == {'conv1'}
+  assert {n.split('_')[0] for n in frozen_layers('stages[1:3]')} == {'conv2', 'conv3'}
+  assert {n.split('_')[0] for n in frozen_layers('stages[-2:-1]')} == {'conv4'}
+  with pytest.raises(freeze.FreezeSpecError, match=r"index 6 is beyond the backbone, which "
+                     r"has 5 stages \(stages\[0\] = 'stem', stages\[4\] = 'conv5'\)"):
+    freeze.freeze_labels(params, 'stages[:6]', layers, stages)
+
+
 def test_summary_table_lines():
   got = summary.summarize(_model('resnet_tiny', num_classes=3), (32, 32, 3), 'backbone')
   text = summary.format_summary(got, 'tiny')
@@ -116,9 +161,9 @@ def test_bad_specs_are_refused(spec, message):
 def test_frozen_leaves_have_no_optimizer_state():
   model = _model('resnet_tiny')
   params = jax.tree.map(jnp.zeros_like, _abstract_params(model))
-  labels = freeze.freeze_labels(params, 'layers[:43]', model.backbone.layers)
-  tx = freeze.partition_optimizer(optax.adam(1e-3), labels)
-  opt_state = tx.init(freeze.trainable_view(params, labels))
+  opt = optimizers.make_optimizer(model, params, config_lib.phase(freeze='layers[:43]'), 1)
+  labels = opt.labels
+  opt_state = opt.init(params)
   n_trainable = sum(p.size for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
                     if l == freeze.TRAINABLE)
   array_leaves = [x for x in jax.tree.leaves(opt_state) if x.ndim > 0]

@@ -14,6 +14,7 @@ Every reference is computed here, independently of the code under test: NumPy st
 the freeze spec's regular expression applied to the parameter paths, Keras' own layer.
 """
 
+import dataclasses
 import importlib
 import itertools
 import re
@@ -33,7 +34,7 @@ from fineflax.data.augment import Augment
 from fineflax.distributed import parallel
 from fineflax.distributed.preemption import StopRequest
 from fineflax.models import graph
-from fineflax.train import freeze, loop, optimizers, training
+from fineflax.train import loop, optimizers, training
 from fineflax.train import state as state_lib, step as step_lib
 
 # ---------------------------------------------------------------------------------------
@@ -93,7 +94,7 @@ def _first_steps(workdir, devices):
       assert plan.augment.mixup > 0
       state = loop.start_state(run, plan, state, variables, None)
       train_step = step_lib.make_train_step(
-          run.model, plan.tx, plan.labels, run.mesh, bn_train=plan.bn_train, seed=config.seed,
+          run.model, plan.optimizer, run.mesh, bn_train=plan.bn_train, seed=config.seed,
           label_smoothing=config.loss.label_smoothing, augment=plan.augment,
           class_weights=run.class_weights)
       split, resident = run.images.splits['train'], run.images.resident['train']
@@ -105,7 +106,7 @@ def _first_steps(workdir, devices):
         assert sums['count'] == config.batch_size  # full batches: no padding rows
         losses.append(float(sums['loss']) / float(sums['count']))
   finally:
-    run.ckpts.close()
+    run.close()
   return np.array(losses)
 
 
@@ -242,16 +243,18 @@ def frozen_run():
   variables = state_lib.init_variables(model, IMAGE, seed=0)
   variables['params']['backbone']['conv1_conv']['bias'] = -np.zeros(
       variables['params']['backbone']['conv1_conv']['bias'].shape, np.float32)
-  labels = freeze.freeze_labels(variables['params'], FREEZE_SPEC, model.backbone.layers)
   # Weight decay moves every leaf it sees, gradient or not: a frozen leaf let into the
   # optimizer (under a zero update or a zero rate) would move under a decay applied
   # outside them.
-  phase = config_lib.phase(optimizer='adamw', learning_rate=1e-2, weight_decay=0.1)
+  phase = config_lib.phase(freeze=FREEZE_SPEC, optimizer='adamw', learning_rate=1e-2,
+                           weight_decay=0.1)
   seen = {}
-  tx = _spy(freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels), seen)
+  opt = optimizers.make_optimizer(model, variables['params'], phase, 1)
+  opt = dataclasses.replace(opt, tx=_spy(opt.tx, seen))
+  labels = opt.labels
   mesh = parallel.make_mesh(jax.devices()[:1])
-  train_step = step_lib.make_train_step(model, tx, labels, mesh, seed=0)
-  state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
+  train_step = step_lib.make_train_step(model, opt, mesh, seed=0)
+  state = parallel.replicate(state_lib.create_train_state(variables, opt), mesh)
   before = jax.device_get(state)
   rng = np.random.default_rng(0)
   for _ in range(2):
@@ -276,7 +279,7 @@ def test_optimizer_sees_and_updates_exactly_the_trainable_view(frozen_run):
   every leaf."""
   trainable, frozen = _expected_split(frozen_run['params'])
   assert frozen and trainable and any(p.startswith('backbone/') for p in trainable)
-  view = freeze.trainable_view(frozen_run['params'], frozen_run['labels'])
+  view = optimizers.trainable_view(frozen_run['params'], frozen_run['labels'])
   assert len(jax.tree.leaves(view)) == len(trainable)
   assert set(_paths(view)) == trainable
   seen = frozen_run['seen']

@@ -25,9 +25,10 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ('cracked', 'dented', 'intact')
 # configs/folder.py at :smoke on a small random network: the walkthrough's flow, not its
-# ResNet50 (whose ImageNet weights are not on this machine).
+# ResNet50 (whose ImageNet weights are not on this machine). Its `layers[:143]` is
+# ResNet50's conv5; on another backbone the README says to freeze `stages[:-1]`.
 SMALL = ('--config.model.weights=None', '--config.model.backbone=resnet_tiny',
-         '--config.phases[0].freeze=none')
+         '--config.phases[0].freeze=stages[:-1]')
 
 
 def _photos(root: Path, splits: dict[str, int]) -> Path:
@@ -130,10 +131,40 @@ def test_a_run_without_a_test_split_ends_with_its_validation_figures(tmp_path):
   results = json.loads((workdir / 'results.json').read_text())
   assert 'test_accuracy' not in results and results['best']['monitor'] == 'val_loss'
   records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  # The validation figures are in results.json too: the final parameters' are those of
+  # the last epoch's evaluation, the best checkpoint's those of its epoch (the value
+  # best/ was chosen by).
+  final, best = results['final'], results['best']
+  assert final['val_loss'] == pytest.approx(records[-1]['val_loss'], rel=1e-6)
+  assert final['val_accuracy'] == pytest.approx(records[-1]['val_accuracy'], rel=1e-6)
+  assert results['val_loss'] == final['val_loss'] and final['val_examples'] == 6
+  at_best = next(r for r in records if r['step'] == best['step'])
+  assert best['val_loss'] == pytest.approx(at_best['val_loss'], rel=1e-6) == best['value']
+  assert best['val_accuracy'] == pytest.approx(at_best['val_accuracy'], rel=1e-6)
   tail = done.stderr[done.stderr.index('run finished at step'):]
   assert (f"final parameters, step {records[-1]['step']}: val_loss "
           f"{records[-1]['val_loss']:.4f}") in tail
   assert f"best checkpoint, step {results['best']['step']}: val_loss" in tail
+
+
+def test_another_backbone_is_told_and_takes_the_stages_spec():
+  """configs/folder.py freezes ResNet50's `layers[:143]`; on resnet_tiny that index is
+  beyond the backbone, and the error names the spec that fits any backbone, which then
+  freezes every stage but the last (conv5 and the head train)."""
+  base = ('fineflax.summary', '--config', 'configs/folder.py',
+          '--config.model.backbone=resnet_tiny', '--config.model.weights=None')
+  refused = _run(*base)
+  assert refused.returncode == 1
+  last = refused.stderr.strip().splitlines()[-1]
+  assert "index 143 is beyond the backbone, which has 55 layers" in last, last
+  assert "'stages[:-1]' (every stage but the last) fits any backbone" in last, last
+  shown = _run(*base, '--config.phases[0].freeze=stages[:-1]')
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  rows = [l.split() for l in shown.stdout.splitlines() if re.match(r'^\w+ \(\w+\)', l)]
+  trains = {row[0] for row in rows if row[-1] == 'Y'}
+  assert trains and all(name.startswith(('conv5_', 'dense', 'batch_normalization'))
+                        for name in trains), trains
+  assert {row[0] for row in rows if row[-1] == 'N'} >= {'conv1_conv', 'conv4_block1_3_conv'}
 
 
 def test_help_lists_the_config_flags_and_the_multi_host_flags():

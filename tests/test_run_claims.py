@@ -193,7 +193,7 @@ def test_init_from_a_step_folder_takes_that_step_not_the_best(accumulated_run, t
   cfg.init_from = str(folder.latest / str(other))
   with sigterm_flag() as stop:
     run, _, variables = train.setup(cfg, tmp_path / 'new', DEVICES, stop)
-    run.ckpts.close()
+    run.close()
   for collection in ('params', 'batch_stats'):
     for a, b in zip(jax.tree.leaves(named[collection]['backbone']),
                     jax.tree.leaves(variables[collection]['backbone']), strict=True):
@@ -261,5 +261,5 @@ def test_init_from_a_converted_keras_file_holds_the_keras_weights(keras, tmp_pat
   cfg.init_from = str(converted)
   with sigterm_flag() as stop:
     run, _, variables = train.setup(cfg, tmp_path / 'run', DEVICES, stop)
-    run.ckpts.close()
+    run.close()
   _assert_holds_keras_weights(variables, reference, 'the run initialised from it')

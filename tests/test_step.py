@@ -10,10 +10,11 @@ import pytest
 from fineflax import config as config_lib, data, models
 from fineflax.distributed import parallel
 from fineflax import pytree
-from fineflax.train import freeze, optimizers
+from fineflax.train import freeze
 from fineflax.train import state as state_lib, step as step_lib
 from fineflax.data import augment as augmentation
 from fineflax.data.augment import Augment
+from tests import helpers
 
 IMAGE = (16, 16, 3)
 BATCH = 16
@@ -28,16 +29,16 @@ def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_ra
   cfg.model.head.update(dropout=dropout, batchnorm=True)
   model = models.build_model(cfg.model, num_classes, bn_axis_name=parallel.AXIS, dtype=dtype)
   variables = state_lib.init_variables(model, image, seed=0)
-  labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
-  phase = config_lib.phase(optimizer=optimizer, learning_rate=learning_rate,
-                           momentum=0.0 if optimizer == 'adam' else 0.9)
-  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
+  opt = helpers.phase_optimizer(model, variables['params'], spec, optimizer=optimizer,
+                                learning_rate=learning_rate,
+                                momentum=0.0 if optimizer == 'adam' else 0.9)
+  labels = opt.labels
   mesh = parallel.make_mesh(devices)
   bn_train = freeze.bn_train_layers(labels, model.layer_groups()) if batchnorm == 'train' \
       else frozenset()
-  train_step = step_lib.make_train_step(model, tx, labels, mesh, bn_train=bn_train, seed=0,
+  train_step = step_lib.make_train_step(model, opt, mesh, bn_train=bn_train, seed=0,
                                         augment=augment)
-  state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
+  state = parallel.replicate(state_lib.create_train_state(variables, opt), mesh)
   return model, labels, mesh, state, train_step
 
 
@@ -222,11 +223,11 @@ def test_label_smoothing_is_the_loss_of_training_and_of_evaluation():
   """With label_smoothing 0.3 the train step (learning rate 0: the parameters the loss
   was computed with stay) and the eval step report the smoothed cross-entropy."""
   model, labels, mesh, state, _ = _setup(CONV5, dropout=0.0, devices=jax.devices()[:1])
-  phase = config_lib.phase(optimizer='sgd', learning_rate=1e-30)
-  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
-  state = parallel.replicate(state_lib.create_train_state(
-      jax.device_get(state.variables), tx, labels), mesh)
-  train_step = step_lib.make_train_step(model, tx, labels, mesh, label_smoothing=0.3)
+  opt = helpers.phase_optimizer(model, state.params, CONV5, optimizer='sgd',
+                                learning_rate=1e-30)
+  state = parallel.replicate(state_lib.create_train_state(jax.device_get(state.variables), opt),
+                             mesh)
+  train_step = step_lib.make_train_step(model, opt, mesh, label_smoothing=0.3)
   eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=0.3)
   batch = _batches(1)[0]
   logits = np.asarray(model.apply(jax.device_get(state.variables), batch['image']))

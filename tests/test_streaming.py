@@ -155,7 +155,7 @@ def test_unreadable_files_are_skipped_named_once_and_evaluation_counts_the_rest(
   cfg = _config(broken)
   cfg.data.validation_split = 0.0
   cfg.data.val_split = None
-  with caplog.at_level(logging.WARNING, logger='fineflax.data'):
+  with caplog.at_level(logging.WARNING, logger='fineflax'):
     results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:8])
   named = [r.getMessage() for r in caplog.records if 'not a readable image' in r.getMessage()]
   assert sorted(named) == sorted(f'{broken}/{p}: not a readable image; it is skipped (its '
@@ -167,6 +167,68 @@ def test_unreadable_files_are_skipped_named_once_and_evaluation_counts_the_rest(
   from fineflax.inference import evaluate  # pylint: disable=g-import-not-at-top
   report = evaluate.evaluate_run(tmp_path / 'run', split='train')
   assert report['examples'] == 40 and results['step'] == 2 * math.ceil(42 / 8)
+  # The epochs have the batches of the 42 files listed (in memory: of the 40 read); the
+  # difference is said once found, and dataset.json counts the files skipped.
+  said = [r.getMessage() for r in caplog.records if 'while streaming' in r.getMessage()]
+  assert said == ["split 'train' (train): 2 file(s) found unreadable while streaming (named "
+                  'above): their rows train and count nothing, so 40 of its 42 listed '
+                  'examples count (the in-memory pipeline would leave them out before '
+                  'training); dataset.json updated']
+  recorded = json.loads((tmp_path / 'run' / 'dataset.json').read_text())['splits']['train']
+  assert recorded == {'name': 'train', 'examples': 42, 'skipped_files': 2}
+
+
+@pytest.mark.parametrize('unreadable', [False, True])
+def test_a_streamed_head_phase_trains_on_cached_features_as_in_memory(
+    photos, tmp_path, caplog, unreadable):
+  """A head phase on a frozen backbone without augmentation caches the features of a
+  streamed split as of one in memory (which crashed: the cache rebuilt the split as an
+  in-memory one), and trains to the same bits: the host resize delivers the in-memory
+  pixels. An unreadable file is left out of the features, as the in-memory pipeline
+  leaves it out of its split."""
+  source = photos
+  if unreadable:
+    source = tmp_path / 'photos'
+    for folder in photos.iterdir():
+      (source / folder.name).mkdir(parents=True)
+      for f in folder.iterdir():
+        (source / folder.name / f.name).write_bytes(f.read_bytes())
+    (source / 'class1' / '03.jpg').write_bytes(b'not a jpeg')
+  runs = {}
+  for pipeline in ('memory', 'stream'):
+    cfg = _config(source, pipeline)
+    cfg.data.augment.flip = 'none'
+    cfg.phases = (config_lib.phase(name='head', freeze='backbone', epochs=2),)
+    with caplog.at_level(logging.INFO, logger='fineflax.train'):
+      caplog.clear()
+      train.train_and_evaluate(cfg, tmp_path / pipeline, devices=jax.devices()[:1])
+    assert any('trains the head on cached features' in r.getMessage() for r in caplog.records)
+    runs[pipeline] = [{k: v for k, v in r.items() if k != 'images_per_sec'}
+                      for r in MetricsLog(tmp_path / pipeline).read()]
+  assert runs['stream'] == runs['memory']
+  for a, b in zip(_leaves(tmp_path / 'stream'), _leaves(tmp_path / 'memory'), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_a_streamed_folder_without_load_size_takes_the_models_size(photos, tmp_path, caplog):
+  """`config.data.load_size` None on a streamed folder: the images are delivered at the
+  model's input size (config.model.image_size), said in the log and recorded in
+  config.json, where evaluation reads it."""
+  cfg = _config(photos)
+  cfg.data.load_size = None
+  cfg.phases = (config_lib.phase(name='a', epochs=1),)
+  with caplog.at_level(logging.INFO, logger='fineflax.data'):
+    train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:1])
+  assert ('config.data.load_size is None: streamed images are delivered at 16 px, the '
+          "model's input size") in caplog.text
+  saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
+  assert saved['data']['load_size'] == 16
+  assert json.loads((tmp_path / 'run' / 'dataset.json').read_text())['image_shape'] == [
+      16, 16, 3]
+  from fineflax.inference import evaluate  # pylint: disable=g-import-not-at-top
+  assert evaluate.evaluate_run(tmp_path / 'run', split='validation')['examples'] == 10
+  # The same command again resumes (the recorded load_size is the one it resolves to).
+  train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:1])
 
 
 def test_streamed_evaluation_counts_every_example_once(photos):

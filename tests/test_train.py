@@ -268,13 +268,13 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
   cfg.checkpoint.every_steps = 2  # mid-epoch saves, and one at an epoch's last step
   cfg.checkpoint.keep = 50  # every save stays, the best epoch's among them
   final = {}
-  original = training.finish
+  original = training.report_results
 
-  def finish(run, state, position, best):
+  def report_results(run, state, position, best):
     final['state'] = jax.device_get(state)
     return original(run, state, position, best)
 
-  monkeypatch.setattr(training, 'finish', finish)
+  monkeypatch.setattr(training, 'report_results', report_results)
   stopped = train.train_and_evaluate(cfg, tmp_path / 'stopped', devices=devices)
   records = MetricsLog(tmp_path / 'stopped').read()
   val = [r['val_loss'] for r in records]
@@ -329,7 +329,7 @@ def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
   cfg.init_from = str(tmp_path / 'source')
   with caplog.at_level('INFO', logger='fineflax.train'), sigterm_flag() as stop:
     run, _, variables = train.setup(cfg, tmp_path / 'new', devices, stop)
-    run.ckpts.close()
+    run.close()
   assert 'initialised (not in the file): head/dense, head/dense_1' in caplog.text
   assert 'dense: params head/dense/kernel: the file has shape (512, 10)' in caplog.text
   [best] = (RunDir(tmp_path / 'source').best).iterdir()  # init_from takes the best step

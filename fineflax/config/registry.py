@@ -1,8 +1,9 @@
 """Checks of config values that other layers own, registered by them, so that the config
-layer imports nothing above it: the backbone names (fineflax.models), data sources and
-augmentation choices (fineflax.data), freeze spec syntax (fineflax.train.freeze),
-optimizers and their phase keys (fineflax.train.optimizers), weight names
-(fineflax.weights). `import fineflax` imports all of them, so any use of the config layer
+layer imports nothing above it and each list of choices has one owner: the module that
+implements it (backbones, heads, preprocessing and dtypes in fineflax.models; data
+sources, pipelines and augmentation in fineflax.data; freeze specs, schedules, update
+rules, the BatchNorm mode and cached-feature modes in fineflax.train; progress displays
+in fineflax.run; weight names in fineflax.weights). `import fineflax` imports all of them, so any use of the config layer
 finds them registered.
 """
 
@@ -23,12 +24,18 @@ def register_check(key: str, check: ValueCheck) -> None:
   _VALUE_CHECKS[key] = check
 
 
-def register_choices(key: str, choices: Callable[[], Sequence[str]] | Sequence[str]) -> None:
-  """The values `key` accepts (or a function returning them, read at validation)."""
+def choices(options: Callable[[], Sequence[str]] | Sequence[str]) -> ValueCheck:
+  """The check of a value that must be one of `options` (or of what a function returns,
+  read at validation)."""
   def check(value: Any) -> str | None:
-    allowed = choices() if callable(choices) else choices
+    allowed = options() if callable(options) else options
     return None if value in allowed else f'expected one of {sorted(allowed)}'
-  register_check(key, check)
+  return check
+
+
+def register_choices(key: str, options: Callable[[], Sequence[str]] | Sequence[str]) -> None:
+  """The values `key` accepts, owned by the module that implements them."""
+  register_check(key, choices(options))
 
 
 def register_config_check(name: str, check: ConfigCheck) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import ml_collections
 from ml_collections import config_dict
 
-from fineflax.config.registry import value_check
+from fineflax.config.registry import choices, value_check
 from fineflax.errors import ConfigError
 
 
@@ -28,15 +28,6 @@ class Field:
   help: str
   optional: bool = False  # None allowed
   check: Callable[[Any], str | None] | None = None  # returns an error text or None
-
-
-def _choices(options: Callable[[], Sequence[str]] | Sequence[str]):
-  def check(value):
-    allowed = options() if callable(options) else options
-    if value not in allowed:
-      return f'expected one of {sorted(allowed)}'
-    return None
-  return check
 
 
 def _at_least(low: float):
@@ -84,7 +75,7 @@ SCHEMA: dict[str, Any] = {
                              optional=True, check=_positive),
     'dtype': Field('auto', _STR, "Compute dtype; 'auto': bfloat16 on GPU/TPU, float32 on "
                    'CPU. Parameters are float32 always.',
-                   check=_choices(('auto', 'float32', 'bfloat16'))),
+                   check=value_check('dtype')),
     'model': {
         'backbone': Field('resnet50', _STR, 'Backbone name (fineflax.models.BACKBONES).',
                           check=value_check('model.backbone')),
@@ -102,14 +93,14 @@ SCHEMA: dict[str, Any] = {
                             check=_positive),
         'preprocessing': Field('auto', _STR, "Input normalisation: 'caffe', 'tf' ([-1, 1]),"
                                " 'torch' (mean/std); 'auto': the backbone's.",
-                               check=_choices(('auto', 'caffe', 'tf', 'torch'))),
+                               check=value_check('model.preprocessing')),
         'head': {
             'pooling': Field('avg', _STR, "'avg', 'max' (global pooling) or 'flatten'.",
-                             check=_choices(('avg', 'max', 'flatten'))),
+                             check=value_check('model.head.pooling')),
             'hidden': Field((), _SEQ, 'Widths of hidden Dense layers.', check=_hidden),
             'activation': Field('relu', _STR, "Activation of the hidden Dense layers: 'relu' "
                                 "or 'linear' (Deep Learning with Python's Dense(256) has none).",
-                                check=_choices(('relu', 'linear'))),
+                                check=value_check('model.head.activation')),
             'dropout': Field(0.0, _FLOAT, 'Dropout rate before the classifier; 0: none.',
                              check=_fraction),
             'batchnorm': Field(False, _BOOL, 'BatchNormalization before the classifier.'),
@@ -141,7 +132,7 @@ SCHEMA: dict[str, Any] = {
                           "memory before training), 'stream' (decoded batch by batch as training "
                           "runs, in data.workers processes; folder: sources); 'auto': memory when "
                           'the decoded splits fit under data.memory_max_mb, else stream.',
-                          check=_choices(('auto', 'memory', 'stream'))),
+                          check=value_check('data.pipeline')),
         'memory_max_mb': Field(16384, _INT, "'auto': the decoded size (all splits, this "
                                'process) up to which splits are held in memory.',
                                check=_at_least(0)),
@@ -191,14 +182,14 @@ SCHEMA: dict[str, Any] = {
         'cache': Field('auto', _STR, "Cached-feature mode for phases that train only the head "
                        "without augmentation: 'auto' (in memory up to features.memory_mb, "
                        "else on disk under DIR/features), 'memory', 'disk' or 'off'.",
-                       check=_choices(('auto', 'memory', 'disk', 'off'))),
+                       check=value_check('features.cache')),
         'memory_mb': Field(2048, _INT, "'auto': the size up to which features are held in "
                            'memory.', check=_at_least(0)),
     },
     'report': {
         'progress': Field('auto', _STR, "Per-epoch progress: 'bar' (a terminal bar), 'lines' "
                           "(plain lines), 'off'; 'auto': a bar on a TTY, lines otherwise.",
-                          check=_choices(('auto', 'bar', 'lines', 'off'))),
+                          check=value_check('report.progress')),
         'tensorboard': Field(True, _BOOL, 'Write TensorBoard event files under DIR/tb.'),
         'plot': Field(True, _BOOL, 'Redraw DIR/history.png after every epoch.'),
         'every_steps': Field(None, _INT, 'Also record the training loss, accuracy, learning '
@@ -213,10 +204,10 @@ SCHEMA: dict[str, Any] = {
                              'on SIGTERM); None: per epoch only.', optional=True,
                              check=_positive),
         'monitor': Field('val_loss', _STR, 'The metric best/ keeps the best of.',
-                         check=_choices(METRICS)),
+                         check=choices(METRICS)),
         'mode': Field('auto', _STR, "'min' or 'max': which value of `monitor` is best; "
                       "'auto': max for accuracies, min for losses.",
-                      check=_choices(('auto', 'min', 'max'))),
+                      check=choices(('auto', 'min', 'max'))),
     },
     'allow_config_change': Field(False, _BOOL, 'Resume a workdir whose config.json differs '
                                  'in more than epochs, appended phases, reporting and '
@@ -230,7 +221,10 @@ SCHEMA: dict[str, Any] = {
 PHASE_SCHEMA: dict[str, Any] = {
     'name': Field('', _STR, "Phase name in logs and metrics; '': 'phase<i>'."),
     'freeze': Field('none', _STR, "What is frozen: 'none', 'backbone', 'layers[A:B]' "
-                    "(Keras layer slice) or 'regex:PATTERN' (parameter paths).",
+                    "(Keras layer slice), 'stages[A:B]' (slice of the backbone's stages, as "
+                    "layer_decay counts them: 'stages[:-1]' leaves the last stage and the "
+                    "head trainable, whatever the backbone) or 'regex:PATTERN' (parameter "
+                    'paths).',
                     check=value_check('phases.freeze')),
     'lr_groups': Field(None, _SEQ, 'Discriminative learning rates: (spec, multiplier) pairs, '
                        "the spec as freeze's or 'head'; a parameter trains at learning_rate x "
@@ -242,7 +236,8 @@ PHASE_SCHEMA: dict[str, Any] = {
                          'stem, conv2..conv5; VGG16 block1..block5; Xception entry, middle, '
                          'exit); times its lr_groups multiplier; None: off.', optional=True,
                          check=lambda v: None if 0 < v <= 1 else 'must be in (0, 1]'),
-    'optimizer': Field('adam', _STR, 'Optimizer (fineflax.train.optimizers.OPTIMIZERS).',
+    'optimizer': Field('adam', _STR, "Keras' update rule: 'adam', 'adamw', 'sgd' or 'rmsprop' "
+                       '(fineflax.train.update_rules).',
                        check=value_check('phases.optimizer')),
     'learning_rate': Field(1e-3, _FLOAT, 'Learning rate.', check=_positive),
     'momentum': Field(0.0, _FLOAT, 'Momentum of sgd and rmsprop; 0: none.', check=_fraction),
@@ -255,7 +250,7 @@ PHASE_SCHEMA: dict[str, Any] = {
     'schedule': Field('constant', _STR, "Learning rate schedule over the phase: 'constant', "
                       "'cosine' (to 0), 'warmup_cosine' (linear warmup, then cosine), 'step' "
                       '(x decay_factor at each of decay_epochs).',
-                      check=_choices(('constant', 'cosine', 'warmup_cosine', 'step'))),
+                      check=value_check('phases.schedule')),
     'warmup_epochs': Field(0.0, _FLOAT, "'warmup_cosine': epochs of linear warmup from 0.",
                            check=_at_least(0)),
     'decay_epochs': Field((), _SEQ, "'step': the phase epochs at which the rate drops."),
@@ -272,9 +267,9 @@ PHASE_SCHEMA: dict[str, Any] = {
         'patience': Field(0, _INT, 'Keras EarlyStopping: stop the phase after this many '
                           'epochs without improvement; 0: off.', check=_at_least(0)),
         'monitor': Field('val_loss', _STR, 'The metric early stopping watches.',
-                         check=_choices(METRICS)),
+                         check=choices(METRICS)),
         'mode': Field('auto', _STR, "'min', 'max' or 'auto' (max for accuracies, min for "
-                      'losses).', check=_choices(('auto', 'min', 'max'))),
+                      'losses).', check=choices(('auto', 'min', 'max'))),
         'min_delta': Field(0.0, _FLOAT, 'The least change that counts as an improvement.',
                            check=_at_least(0)),
         'restore_best': Field(False, _BOOL, 'At the end of the phase, go back to the '
@@ -283,7 +278,7 @@ PHASE_SCHEMA: dict[str, Any] = {
     'batchnorm': Field('frozen', _STR, "'frozen': BN uses its moving statistics and never "
                        "updates them (Keras training=False); 'train': BN layers with trainable "
                        'scale/offset use batch statistics averaged over devices (from scratch).',
-                       check=_choices(('frozen', 'train'))),
+                       check=value_check('phases.batchnorm')),
 }
 
 

@@ -59,6 +59,8 @@ def _check_source(spec: str) -> str | None:
 registry.register_check('data.source', _check_source)
 registry.register_choices('data.augment.flip', FLIPS)
 registry.register_choices('data.augment.fill_mode', FILL_MODES)
+registry.register_choices('data.pipeline', pipeline.PIPELINES)
+
 
 def _source(spec: str) -> Source:
   name = spec.split(':', 1)[0]
@@ -73,13 +75,22 @@ def dataset_info(data_config: Any) -> DatasetInfo:
   return _source(data_config.source).info(data_config.source, data_config)
 
 
-def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS) -> Dataset:
+def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS,
+                 stream_size: int | None = None) -> Dataset:
   """Loads this process's share of `config.data`'s splits (those of `keys` only, e.g.
-  ('test_split',): the others are not decoded) and logs their class counts."""
+  ('test_split',): the others are not decoded) and logs their class counts.
+
+  `stream_size`: the side a streamed photo folder is delivered at when
+  `config.data.load_size` is None (the model's input size); without it such a folder
+  needs load_size.
+  """
   name = data_config.source.split(':', 1)[0]
   if name not in STREAMED_SOURCES:  # says so; refuses 'stream'
     pipeline.streams(data_config, 0, f'{name} sources are read into memory only')
-  dataset = _source(data_config.source).load(data_config.source, data_config, tuple(keys))
+  if name == 'folder':
+    dataset = folder.load(data_config.source, data_config, tuple(keys), stream_size)
+  else:
+    dataset = _source(data_config.source).load(data_config.source, data_config, tuple(keys))
   for name, split in dataset.splits.items():
     skipped = f', {split.skipped} unreadable file(s) skipped' if split.skipped else ''
     if split.labels is None:  # a streamed tfds split: its labels come with its images

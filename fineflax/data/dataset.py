@@ -3,7 +3,7 @@
 Every process holds a disjoint share of each split (`share`); a global batch is the
 concatenation of one local batch per process. Batches are drawn as indices into the
 share: the host gathers the images (`gather`), or the step gathers them on the device
-from a split placed there whole (`fineflax.data.resident`). Training sees every example
+from a split placed there whole (`fineflax.data.feed`). Training sees every example
 once an epoch; evaluation visits every example exactly once, with weight-0 padding that
 every metric masks out.
 """
@@ -85,6 +85,8 @@ class StreamSplit:
   delivers, `crop` the host's training crop ('random_resized', or None: a plain resize),
   `workers` the number of decoding processes (0: threads of this one), `draft` whether a
   training crop of a JPEG may be decoded at a reduced scale (`fineflax.data.stream`).
+  `unreadable`: the examples whose file this process found unreadable so far (streaming
+  finds them as it reads them; `fineflax.data.stream.read_batches` adds them).
   """
 
   records: Any
@@ -93,6 +95,8 @@ class StreamSplit:
   crop: str | None = None
   workers: int = 0
   draft: bool = False
+  unreadable: set[int] = dataclasses.field(default_factory=set, compare=False, hash=False,
+                                           repr=False)
 
   def __len__(self) -> int:
     return len(self.records)
@@ -107,7 +111,8 @@ class StreamSplit:
 
   @property
   def skipped(self) -> int:
-    return 0  # unreadable files are found while reading: see fineflax.data.stream
+    """The unreadable files this process has found so far."""
+    return len(self.unreadable)
 
   @property
   def nbytes(self) -> int:

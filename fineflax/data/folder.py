@@ -159,7 +159,7 @@ def _shape(path: Path) -> tuple[int, ...] | None:
 
 def _streams(listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str],
              data_config: Any) -> bool:
-  """Whether the splits `wanted` are streamed (`fineflax.data.pipeline`)."""
+  """Whether the splits `wanted` are streamed (`fineflax.data.pipeline`); logs why."""
   count = sum(len(listings[key][0][:data_config.max_examples]) for key in wanted)
   size = data_config.load_size
   if size is None and data_config.pipeline != 'memory' and count:
@@ -168,32 +168,33 @@ def _streams(listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str
                                           for f in files)), (0, 0, 3))
   else:
     height = width = size or 0
-  stream = pipeline.streams(data_config, count * height * width * 3)
-  if stream and size is None:
-    raise ConfigError(f'config.data.source={data_config.source!r} is streamed (see the line '
-                      'above): set config.data.load_size, the side images are delivered at')
-  return stream
+  return pipeline.streams(data_config, count * height * width * 3)
 
 
-def _stream_split(files: list[Path], labels: list[int], data_config: Any) -> StreamSplit:
-  """A listed split, streamed: every process lists every file (it may read any)."""
+def _stream_split(files: list[Path], labels: list[int], data_config: Any,
+                  size: int) -> StreamSplit:
+  """A listed split, streamed at `size` px: every process lists every file (it may read
+  any)."""
   files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
   workers = data_config.workers
   labels = np.asarray(labels, np.int32)
   return StreamSplit(stream.FileRecords(tuple(str(f) for f in files), labels), labels,
-                     data_config.load_size,
+                     size,
                      crop=data_config.augment.crop if data_config.augment.crop ==
                      pipeline.RANDOM_RESIZED else None,
                      workers=stream.default_workers() if workers is None else workers,
                      draft=data_config.jpeg_draft)
 
 
-def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
+def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS,
+         stream_size: int | None = None) -> Dataset:
   """This process's share of the splits of `keys` the config names (every P-th file).
 
   All are listed (a carved validation split depends on the whole listing); only those of
   `keys` are decoded. A test split whose folder does not exist is left out, with a log
-  line: configs name one, and a photo folder may or may not have it.
+  line: configs name one, and a photo folder may or may not have it. Streamed splits are
+  delivered at `config.data.load_size`, or when it is None at `stream_size` (the model's
+  input size, said in the log).
   """
   root = _root(spec)
   layout = _split_layout(root, data_config)
@@ -232,8 +233,9 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
           + f'; set config.data.{key} = None to go without it')
   wanted = [key for key in _SPLITS if data_config[key] and key in listings and key in keys]
   if _streams(listings, wanted, data_config):
-    splits = {data_config[key]: _stream_split(*listings[key], data_config) for key in wanted}
-    size = data_config.load_size
+    size = pipeline.stream_load_size(data_config, stream_size)
+    splits = {data_config[key]: _stream_split(*listings[key], data_config, size)
+              for key in wanted}
     return Dataset(DatasetInfo((size, size, 3), tuple(c.name for c in classes)), splits,
                    tuple(absent))
   splits = {data_config[key]: _load_split(key, *listings[key], classes, data_config)

@@ -19,6 +19,7 @@ from fineflax.errors import ConfigError
 logger = logging.getLogger('fineflax.data')
 
 RANDOM_RESIZED = 'random_resized'
+PIPELINES = ('auto', 'memory', 'stream')
 
 
 def streams(data_config: Any, decoded_bytes: int, cannot_stream: str | None = None,
@@ -64,3 +65,16 @@ def streams(data_config: Any, decoded_bytes: int, cannot_stream: str | None = No
       bool(only_stream) or random_resized or share_mb > limit)))
   logger.info('data pipeline: %s (%s)', 'stream' if stream else 'memory', reason)
   return stream
+
+
+def stream_load_size(data_config: Any, stream_size: int | None) -> int:
+  """The side streamed images are delivered at: `config.data.load_size`, else
+  `stream_size` (logged); a ConfigError when neither is set."""
+  if data_config.load_size is not None:
+    return data_config.load_size
+  if stream_size is None:
+    raise ConfigError(f'config.data.source={data_config.source!r} is streamed (see the line '
+                      'above): set config.data.load_size, the side images are delivered at')
+  logger.info('config.data.load_size is None: streamed images are delivered at %d px, the '
+              "model's input size", stream_size)
+  return stream_size

@@ -53,7 +53,6 @@ CROP_RATIO = (3 / 4, 4 / 3)  # the crop's width / height
 REDUCING_GAP = 2.0  # with draft: Pillow's integer box pre-shrink above this ratio
 _STAND_INS = 8  # other examples tried in place of an unreadable one
 _PREFETCH_BATCHES = 4  # per worker: decoded batches waiting for the devices
-_reported: set[str] = set()  # unreadable files already named in the log
 Box = tuple[float, float, float, float]  # (left, top, right, bottom)
 
 
@@ -226,11 +225,10 @@ def read_batches(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch
     read = _threads(split, batches)
   for batch in read:
     for i in batch.pop('unreadable'):
-      name = split.records.name(int(i))
-      if name not in _reported:  # once a process, not once an epoch
-        _reported.add(name)
+      if int(i) not in split.unreadable:  # once a process, not once an epoch
+        split.unreadable.add(int(i))
         logger.warning('%s: not a readable image; it is skipped (its rows count nothing)',
-                       name)
+                       split.records.name(int(i)))
     yield batch
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
-from fineflax.models import heads, resnet, vgg, xception
+from fineflax.models import heads, preprocessing, resnet, vgg, xception
 from fineflax.models.classifier import Classifier, abstract_variables
 from fineflax.models.graph import KerasGraph, Layer
 from fineflax.models.heads import head_layers
@@ -25,9 +25,9 @@ class BackboneSpec:
   preprocessing: str
   input_size: int  # the side its ImageNet weights were trained at
   description: str
-  # The stages of `phases[i].layer_decay`, input to output: (name, prefix of the name of
-  # the stage's first layer). A layer belongs to the last stage begun at or before it in
-  # the Keras layer list, so unprefixed layers (Xception's `conv2d_1`) join their block.
+  # The stages of `stages[A:B]` freeze specs and `phases[i].layer_decay`, input to
+  # output: (name, prefix of the name of the stage's first layer); see
+  # `Classifier.layer_stages`.
   stages: tuple[tuple[str, str], ...] = ()
 
 
@@ -62,19 +62,14 @@ BACKBONES: dict[str, BackboneSpec] = {
                                 stages=RESNET_STAGES),
 }
 
+DTYPES = ('auto', 'float32', 'bfloat16')  # config.dtype (`compute_dtype`)
+
 registry.register_choices('model.backbone', lambda: BACKBONES)
+registry.register_choices('dtype', DTYPES)
+registry.register_choices('model.preprocessing', ('auto', *preprocessing.PREPROCESSORS))
+registry.register_choices('model.head.pooling', heads.POOLING)
+registry.register_choices('model.head.activation', heads.ACTIVATIONS)
 
-
-def layer_stages(backbone: str, layers: tuple[Layer, ...]) -> dict[str, tuple[int, str]]:
-  """Each backbone layer's stage: name -> (index from the input, stage name)."""
-  stages = BACKBONES[backbone].stages or (('all', ''),)
-  out, current = {}, 0
-  for layer in layers:
-    # Advance when the next stage's first layer comes (the stem's prefix '' matches all).
-    while current + 1 < len(stages) and layer.name.startswith(stages[current + 1][1]):
-      current += 1
-    out[layer.name] = (current, stages[current][0])
-  return out
 
 def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
                 bn_axis_name: str | None = None) -> Classifier:
@@ -88,11 +83,18 @@ def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
                          head_cfg.dropout, head_cfg.batchnorm,
                          head_cfg.get('activation', 'relu'))
   head = KerasGraph(layers=layers, dtype=dtype, bn_axis_name=bn_axis_name)
-  preprocessing = model_config.preprocessing
-  if preprocessing == 'auto':
-    preprocessing = spec.preprocessing
+  normalisation = model_config.preprocessing
+  if normalisation == 'auto':
+    normalisation = spec.preprocessing
   return Classifier(backbone=spec.build(dtype=dtype, bn_axis_name=bn_axis_name), head=head,
-                    image_size=model_config.image_size, preprocessing=preprocessing)
+                    image_size=model_config.image_size, preprocessing=normalisation,
+                    stages=spec.stages)
+
+
+def input_size(model_config: Any) -> int:
+  """The side the model's images are resized to: `config.model.image_size`, else the
+  size the backbone's ImageNet weights were trained at."""
+  return model_config.image_size or BACKBONES[model_config.backbone].input_size
 
 
 def compute_dtype(dtype: str) -> Any:
@@ -128,5 +130,5 @@ def from_config(config: Any, class_names: tuple[str, ...]) -> Classifier:
 
 
 __all__ = ['BACKBONES', 'BackboneSpec', 'Classifier', 'KerasGraph', 'Layer', 'abstract_variables',
-           'build_model', 'layer_stages',
+           'build_model', 'input_size',
            'compute_dtype', 'from_config', 'head_layers', 'resolve_num_classes']

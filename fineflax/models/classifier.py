@@ -26,12 +26,15 @@ class Classifier(nn.Module):
     head: the new classifier; its parameters live under `params['head']`.
     image_size: side the images are resized to; None keeps the size they come in.
     preprocessing: a key of `preprocessing.PREPROCESSORS`.
+    stages: the backbone's stages, input to output, as (name, prefix of the name of the
+      stage's first layer) (`layer_stages`).
   """
 
   backbone: KerasGraph
   head: KerasGraph
   image_size: int | None = None
   preprocessing: str = 'caffe'
+  stages: tuple[tuple[str, str], ...] = ()
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool = False,
@@ -78,6 +81,22 @@ class Classifier(nn.Module):
   def layer_groups(self) -> dict[str, tuple[Layer, ...]]:
     """The Keras layer lists of the parameter groups, keyed by their top-level name."""
     return {'backbone': self.backbone.layers, 'head': self.head.layers}
+
+  def layer_stages(self) -> dict[str, tuple[int, str]]:
+    """Each backbone layer's stage: name -> (index from the input, stage name).
+
+    A layer belongs to the last stage begun at or before it in the Keras layer list, so
+    unprefixed layers (Xception's `conv2d_1`) join their block; a backbone without stages
+    is one stage, 'all'.
+    """
+    stages = self.stages or (('all', ''),)
+    out, current = {}, 0
+    for layer in self.backbone.layers:
+      # Advance when the next stage's first layer comes (the stem's prefix '' matches all).
+      while current + 1 < len(stages) and layer.name.startswith(stages[current + 1][1]):
+        current += 1
+      out[layer.name] = (current, stages[current][0])
+    return out
 
 
 def _under(paths: frozenset[str], group: str) -> frozenset[str]:

@@ -20,6 +20,8 @@ POOLING_LAYERS = {
     'max': Layer('global_max_pooling2d', 'GlobalMaxPooling2D'),
     'flatten': Layer('flatten', 'Flatten'),
 }
+POOLING = tuple(POOLING_LAYERS)  # config.model.head.pooling
+ACTIVATIONS = ('relu', 'linear')  # config.model.head.activation ('linear': none)
 
 
 def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = (),

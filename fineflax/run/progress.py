@@ -20,10 +20,14 @@ from typing import Any, Mapping, TextIO
 
 import jax
 
-MODES = ('bar', 'lines', 'off', 'auto')
+from fineflax.config import registry
+
+MODES = ('bar', 'lines', 'off', 'auto')  # config.report.progress
 _BAR_INTERVAL = 0.5  # seconds between redraws of the bar
 _LINES_INTERVAL = 2.0  # seconds between checks whether a log line is due
 _LINES_PER_EPOCH = 10  # a line every 10% of the epoch
+
+registry.register_choices('report.progress', MODES)
 
 
 def _is_ready(value: Any) -> bool:

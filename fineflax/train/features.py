@@ -11,7 +11,6 @@ the head sees the values the uncached step would give it.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from jax.sharding import Mesh
 
 from fineflax import data, models
 from fineflax.data import feed
+from fineflax.config import registry
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
 from fineflax.train import freeze
@@ -31,6 +31,9 @@ from fineflax.train import freeze
 logger = logging.getLogger('fineflax.features')
 
 TRAINS_BACKBONE = 'the phase trains backbone parameters'
+MODES = ('auto', 'memory', 'disk', 'off')  # config.features.cache
+
+registry.register_choices('features.cache', MODES)
 
 
 def ineligible_reason(labels: freeze.Labels, augment: data.Augment) -> str | None:
@@ -66,24 +69,39 @@ def feature_width(model: models.Classifier, image_shape: tuple[int, int, int]) -
 
 
 def extract(features_step: Callable[..., jax.Array], variables: dict[str, Any],
-            split: data.Split, batch_size: int, mesh: Mesh,
+            split: data.AnySplit, batch_size: int, mesh: Mesh,
             resident: dict[str, jax.Array] | None, out: np.ndarray) -> np.ndarray:
-  """Writes the features of every example of `split` into `out` (row i: example i)."""
+  """Writes the features of the readable examples of `split`, in order, into the first
+  rows of `out`; returns their labels (one per row written).
+
+  A split in memory holds readable examples only; a streamed one finds unreadable files
+  as it reads them (their rows have weight 0), and those are left out here, as the
+  in-memory pipeline leaves them out of its splits.
+  """
+  labels = np.empty(len(out), np.int32)
+  rows = 0
   batches = list(data.eval_batches(split, batch_size))
-  for host, batch in zip(batches, feed.device_batches(split, batches, mesh, resident)):
+  for batch in feed.device_batches(split, batches, mesh, resident):
     values = np.asarray(jax.device_get(features_step(variables, batch, resident or {})),
-                        np.float32).reshape(len(host['index']), -1)
-    real = host['weight'] > 0
-    out[host['index'][real]] = values[real]
-  return out
+                        np.float32)
+    weight = np.asarray(jax.device_get(batch['weight']))
+    label = (np.asarray(jax.device_get(batch['label'])) if 'label' in batch
+             else split.labels[np.asarray(jax.device_get(batch['index']))])
+    real = weight > 0
+    count = int(real.sum())
+    out[rows:rows + count] = values.reshape(len(weight), -1)[real]
+    labels[rows:rows + count] = label[real]
+    rows += count
+  return labels[:rows]
 
 
 def cache_splits(mode: str, memory_mb: int, workdir: str | os.PathLike,
                  features_step: Callable[..., jax.Array], variables: dict[str, Any],
-                 splits: Mapping[str, data.Split | None], width: int, batch_size: int,
+                 splits: Mapping[str, data.AnySplit | None], width: int, batch_size: int,
                  mesh: Mesh, resident: Mapping[str, Any]
                  ) -> tuple[dict[str, data.Split | None], bool]:
-  """The feature splits of `splits`, and whether they are held in memory.
+  """The feature splits of `splits` (in memory or streamed), and whether they are held in
+  memory.
 
   'auto' keeps them in memory up to `memory_mb` in all, else memory-maps .npy files
   under `workdir/features/` ('memory' and 'disk' choose; a local folder named in the
@@ -104,12 +122,12 @@ def cache_splits(mode: str, memory_mb: int, workdir: str | os.PathLike,
       folder.mkdir(parents=True, exist_ok=True)
       # A file per role, rewritten by every cached phase: a phase's features depend on
       # the backbone parameters it starts from.
-      array = np.lib.format.open_memmap(os.fspath(folder / f'{role}.npy'), mode='w+', dtype=np.float32,
-                                        shape=(len(split), width))
-    extract(features_step, variables, split, batch_size, mesh, resident[role], array)
+      array = np.lib.format.open_memmap(os.fspath(folder / f'{role}.npy'), mode='w+',
+                                        dtype=np.float32, shape=(len(split), width))
+    labels = extract(features_step, variables, split, batch_size, mesh, resident[role], array)
     if not in_memory:
       array.flush()
-    out[role] = dataclasses.replace(split, images=array)
+    out[role] = data.Split(array[:len(labels)], labels, skipped=split.skipped)
   logger.info('cached features: %d examples x %d floats (%.1f MB), %s', rows, width, size_mb,
               'in memory' if in_memory else f'memory-mapped from {RunDir(workdir).features}')
   return out, in_memory

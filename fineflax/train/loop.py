@@ -1,114 +1,49 @@
 """Running one phase of a run: its epochs, evaluation, records, checkpoints, early stopping.
 
-`fineflax.train` sets a run up (`Run`) and calls `train_phase` for each phase. A phase
-trains on the images, or, when it trains only the head on images that are not augmented,
-on features cached once at its start (`fineflax.train.features`).
+`fineflax.train.training` sets a run up (`TrainingRun`) and calls `start_state` and
+`train_phase` for each phase. A phase trains on the images, or, when it trains only the
+head on images that are not augmented, on features cached once at its start
+(`fineflax.train.features`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
-from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
-from fineflax import data, models
+from fineflax import data
 from fineflax.data import feed
 from fineflax.distributed import parallel
-from fineflax.distributed.preemption import Preempted, StopRequest
+from fineflax.distributed.preemption import Preempted
 from fineflax.errors import TrainingDivergedError
-from fineflax.run import (RunDir, checkpoints, plots, progress, reporting, step_records,
-                          tensorboard)
+from fineflax.run import checkpoints, plots, progress, reporting, step_records
 from fineflax.train import features, state as state_lib, step as step_lib, summary
 from fineflax.train.early_stopping import EarlyStopping
 from fineflax.train.plan import PhasePlan
-from fineflax.train.step import evaluate
+from fineflax.train.training_run import Inputs, Position, TrainingRun
 
 logger = logging.getLogger('fineflax.train')
 IN_FLIGHT = 4  # train steps dispatched ahead of the last one finished
 
 
-@dataclasses.dataclass
-class Feed:
-  """What a phase trains and evaluates on: the image splits, or their cached features."""
-
-  splits: dict[str, data.Split | None]
-  resident: dict[str, Any]  # role -> the split placed on the devices, or None
-  eval_step: Callable[..., Any]
-  on_features: bool = False
-
-
-@dataclasses.dataclass
-class Position:
-  """Where a run stands: what a checkpoint's meta records besides the step."""
-
-  phase_index: int = 0
-  phase_epochs_done: int = 0
-  epoch: int = 0  # epochs done in the whole run
-  batch: int = 0  # batches done in the epoch under way (a mid-epoch save)
-  sums: dict[str, float] = dataclasses.field(default_factory=dict)  # their metric sums
-  early_stopping: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-  def meta(self, step: int, phase_name: str) -> dict[str, Any]:
-    """The checkpoint meta of this position at `step`."""
-    return dict(dataclasses.asdict(self), step=step, phase=phase_name)
-
-  @classmethod
-  def from_meta(cls, meta: dict[str, Any]) -> 'Position':
-    """The position a checkpoint's meta records."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in meta.items() if k in names})
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything a run sets up before its first step."""
-
-  config: ml_collections.ConfigDict
-  workdir: epath.Path
-  dataset: data.Dataset
-  images: Feed
-  model: models.Classifier
-  mesh: Mesh
-  plans: list[PhasePlan]
-  augment: data.Augment
-  ckpts: checkpoints.RunCheckpoints
-  metrics_log: reporting.MetricsLog
-  stop: StopRequest
-  class_weights: tuple[float, ...] | None = None
-  tb: tensorboard.SummaryWriter | None = None
-
-  @property
-  def eval_batch_size(self) -> int:
-    return self.config.eval_batch_size or self.config.batch_size
-
-  def evaluate(self, state: state_lib.TrainState, role: str,
-               on: Feed | None = None) -> dict[str, float]:
-    """Loss, accuracy and count of `state` on a split (of the images, or of `on`)."""
-    on = on or self.images
-    return evaluate(on.eval_step, state.variables, on.splits[role], self.eval_batch_size,
-                    self.mesh, on.resident[role])
-
-
-def phase_feed(run: Run, phase: PhasePlan, state: state_lib.TrainState) -> Feed:
-  """The images, or the features of the phase's starting parameters when it can use them."""
+def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState) -> Inputs:
+  """The images, or the features of the phase's starting parameters when it can use them
+  (in memory or streamed)."""
   cfg = run.config
   mode = cfg.features.cache
   if mode == 'off':
     return run.images
-  reason = features.ineligible_reason(phase.labels, phase.augment)
+  reason = features.ineligible_reason(plan.labels, plan.augment)
   if reason:
     # Said at INFO only where the head alone trains: there the reason is news.
     level = logging.DEBUG if reason == features.TRAINS_BACKBONE else logging.INFO
-    logger.log(level, '[%s] trains on the images (no cached features: %s)', phase.name,
+    logger.log(level, '[%s] trains on the images (no cached features: %s)', plan.name,
                reason)
     return run.images
   start = time.perf_counter()
@@ -117,18 +52,18 @@ def phase_feed(run: Run, phase: PhasePlan, state: state_lib.TrainState) -> Feed:
   # The test split is evaluated once, at the end of the run, on the images.
   roles = {role: run.images.splits[role] for role in ('train', 'val')}
   splits, in_memory = features.cache_splits(
-      mode, cfg.features.memory_mb, run.workdir, extract, state.variables, roles,
+      mode, cfg.features.memory_mb, run.folder, extract, state.variables, roles,
       width, run.eval_batch_size, run.mesh, run.images.resident)
   logger.info('[%s] trains the head on cached features (%.1f s to compute them)',
-              phase.name, time.perf_counter() - start)
+              plan.name, time.perf_counter() - start)
   resident = feed.place_splits(splits, run.mesh, cfg.data.device_resident and in_memory,
                                cfg.data.device_resident_max_mb)
   eval_step = step_lib.make_eval_step(run.model, run.mesh, on_features=True,
                                       label_smoothing=cfg.loss.label_smoothing)
-  return Feed(splits, resident, eval_step, on_features=True)
+  return Inputs(splits, resident, eval_step, on_features=True)
 
 
-def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
+def train_epoch(run: TrainingRun, on: Inputs, train_step: Callable[..., Any],
                 state: state_lib.TrainState, rng: np.random.Generator, position: Position,
                 phase_name: str, epochs_in_phase: int,
                 steps: step_records.StepRecorder | None = None
@@ -178,7 +113,7 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
       position.sums = step_lib.total(sums)
       _check_finite(run, state, position.sums, sums[len(sums) - (step - first):], first,
                     phase_name)
-      run.ckpts.save(state, position.meta(step, phase_name))
+      run.checkpoints.save(state, position.meta(step, phase_name))
       if stop:
         shown.close()
         if steps is not None:
@@ -194,7 +129,7 @@ def train_epoch(run: Run, on: Feed, train_step: Callable[..., Any],
   return state, metrics, stop_at_end
 
 
-def _check_finite(run: Run, state: state_lib.TrainState, totals: dict[str, float],
+def _check_finite(run: TrainingRun, state: state_lib.TrainState, totals: dict[str, float],
                   steps: list[Any], first: int, phase_name: str) -> None:
   """Raises TrainingDivergedError, naming the first bad step, when the loss summed over
   the epoch so far, or any parameter, is not finite. Checked where the sums reach the host
@@ -209,40 +144,41 @@ def _check_finite(run: Run, state: state_lib.TrainState, totals: dict[str, float
     losses = [float(m['loss']) for m in jax.device_get(steps)]
     bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), 0)
     what = f'the training loss is {losses[bad]} at step {first + bad + 1}'
-  good = run.ckpts.latest.latest_meta()
+  good = run.checkpoints.latest.latest_meta()
   kept = (f"the last checkpoint, step {good['step']}, is kept in "
-          f'{RunDir(run.workdir).latest}' if good else 'no checkpoint was saved yet')
+          f'{run.folder.latest}' if good else 'no checkpoint was saved yet')
   raise TrainingDivergedError(
       f'[{phase_name}] {what}; the run stopped without saving that state ({kept}). Lower '
       'the learning rate, clip gradients (phases[i].clip_norm) or check the data, then run '
       'the same command again.')
 
 
-def start_state(run: Run, phase: PhasePlan, previous: state_lib.TrainState | None,
+def start_state(run: TrainingRun, plan: PhasePlan, previous: state_lib.TrainState | None,
                 variables: dict[str, Any], resume: dict[str, Any] | None
                 ) -> state_lib.TrainState:
   """The phase's starting state: a new optimizer over the parameters so far (what Keras'
   re-`compile` does), or, for the phase a run resumes in, its checkpoint."""
   start = variables if previous is None else previous.variables
   step = 0 if previous is None else int(previous.step)
-  state = parallel.replicate(state_lib.create_train_state(start, phase.tx, phase.labels, step),
+  state = parallel.replicate(state_lib.create_train_state(start, plan.optimizer, step),
                              run.mesh)
-  if resume and phase.index == resume['phase_index']:
-    state = run.ckpts.latest.restore(resume['step'], state)
-    if run.ckpts.catch_up_best(state, resume, run.metrics_log.read()):
+  if resume and plan.index == resume['phase_index']:
+    state = run.checkpoints.latest.restore(resume['step'], state)
+    if run.checkpoints.catch_up_best(state, resume, run.metrics_log.read()):
       logger.info('best %s so far: %.4f (checkpoints/best, caught up on resume)',
-                  run.ckpts.monitor, run.ckpts.best_value)
+                  run.checkpoints.monitor, run.checkpoints.best_value)
   return state
 
 
-def _compile_train_step(run: Run, phase: PhasePlan, state: state_lib.TrainState, on: Feed):
+def _compile_train_step(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
+                        on: Inputs) -> Callable[..., Any]:
   """The phase's train step, compiled ahead of the first batch (epoch timings exclude
   compilation)."""
   cfg = run.config
   train_step = step_lib.make_train_step(
-      run.model, phase.tx, phase.labels, run.mesh, bn_train=phase.bn_train, seed=cfg.seed,
+      run.model, plan.optimizer, run.mesh, bn_train=plan.bn_train, seed=cfg.seed,
       label_smoothing=cfg.loss.label_smoothing,
-      augment=data.Augment() if on.on_features else phase.augment,
+      augment=data.Augment() if on.on_features else plan.augment,
       class_weights=run.class_weights, on_features=on.on_features)
   split = on.splits['train']
   sample = itertools.islice(data.train_batches(split, cfg.batch_size,
@@ -254,7 +190,7 @@ def _compile_train_step(run: Run, phase: PhasePlan, state: state_lib.TrainState,
   return compiled
 
 
-def _step_recorder(run: Run, plan: PhasePlan, state: state_lib.TrainState,
+def _step_recorder(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
                    position: Position, steps_per_epoch: int
                    ) -> step_records.StepRecorder | None:
   """The phase's per-step records (`config.report.every_steps`), if asked for."""
@@ -265,38 +201,40 @@ def _step_recorder(run: Run, plan: PhasePlan, state: state_lib.TrainState,
 
   def write(record: dict[str, Any]) -> None:
     run.metrics_log.write(record)
-    if run.tb is not None:
-      run.tb.scalars({k: record[k] for k in ('loss', 'accuracy', 'learning_rate',
+    if run.tensorboard is not None:
+      run.tensorboard.scalars({k: record[k] for k in ('loss', 'accuracy', 'learning_rate',
                                              'images_per_sec')}, record['step'], 'step/')
 
-  return step_records.StepRecorder(every, plan.name, plan.learning_rate, first, write)
+  return step_records.StepRecorder(every, plan.name, plan.optimizer.learning_rate, first,
+                                   write)
 
 
-def _log_summary(run: Run, phase: PhasePlan) -> None:
-  spec = phase.config.freeze
+def _log_summary(run: TrainingRun, plan: PhasePlan) -> None:
+  spec = plan.config.freeze
   table = summary.format_summary(
       summary.summarize(run.model, run.dataset.info.image_shape, spec),
-      f'{run.config.model.backbone} + head, phase {phase.name!r} (freeze {spec!r})')
+      f'{run.config.model.backbone} + head, phase {plan.name!r} (freeze {spec!r})')
   logger.info('\n%s', table)
-  if phase.groups_text:
-    logger.info('[%s] learning-rate groups (x learning_rate %g): %s', phase.name,
-                phase.config.learning_rate, phase.groups_text)
+  if plan.groups_text:
+    logger.info('[%s] learning-rate groups (x learning_rate %g): %s', plan.name,
+                plan.config.learning_rate, plan.groups_text)
 
 
-def _report(run: Run, record: dict[str, Any]) -> None:
+def _report(run: TrainingRun, record: dict[str, Any]) -> None:
   """The epoch's record everywhere it goes: metrics.jsonl, TensorBoard, history.png."""
   run.metrics_log.write(record)
-  if run.tb is not None:
+  if run.tensorboard is not None:
     for prefix, keys in (('train/', ('loss', 'accuracy')), ('val/', ('val_loss', 'val_accuracy'))):
-      run.tb.scalars({k.removeprefix('val_'): record[k] for k in keys}, record['step'], prefix)
-    run.tb.scalars({'learning_rate': record['learning_rate'],
-                    'images_per_sec': record['images_per_sec']}, record['step'])
-    run.tb.flush()
+      run.tensorboard.scalars({k.removeprefix('val_'): record[k] for k in keys},
+                              record['step'], prefix)
+    run.tensorboard.scalars({'learning_rate': record['learning_rate'],
+                             'images_per_sec': record['images_per_sec']}, record['step'])
+    run.tensorboard.flush()
   if run.config.report.plot and jax.process_index() == 0:
-    plots.write_history(RunDir(run.workdir).history_png, run.metrics_log.read())
+    plots.write_history(run.folder.history_png, run.metrics_log.read())
 
 
-def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
+def train_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
                 position: Position) -> state_lib.TrainState:
   """The phase's remaining epochs, with evaluation, records, checkpoints, early stopping.
 
@@ -307,7 +245,7 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
   watcher = EarlyStopping.from_config(phase.early_stopping, position.early_stopping)
   phase_best = None
   if phase.early_stopping.restore_best:
-    folder = RunDir(run.workdir).phase_best
+    folder = run.folder.phase_best
     # Saves of epochs this run will redo (or of an earlier phase) would shadow new ones.
     after = -1 if position.phase_epochs_done == 0 and position.batch == 0 else int(state.step)
     checkpoints.remove_steps_after(folder, after)
@@ -318,7 +256,7 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
   while position.phase_epochs_done < phase.epochs and not watcher.should_stop:
     if train_step is None:  # not before: a phase resumed at its end trains nothing
       _log_summary(run, plan)
-      on = phase_feed(run, plan, state)
+      on = phase_inputs(run, plan, state)
       steps_per_epoch = data.num_batches(on.splits['train'], cfg.batch_size)
       train_step = _compile_train_step(run, plan, state, on)
       steps = _step_recorder(run, plan, state, position, steps_per_epoch)
@@ -331,7 +269,8 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
                                      phase.epochs, steps)
     if steps is not None:
       steps.pause()
-    val = run.evaluate(state, 'val', on) if on.splits['val'] is not None else {}
+    val = run.evaluate(state.variables, 'val', on) if on.splits['val'] is not None else {}
+    run.record_unreadable()
     position.epoch += 1
     position.phase_epochs_done += 1
     record = {'phase': phase.name, 'phase_index': index, 'phase_epoch': epoch + 1,
@@ -339,7 +278,7 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
               'loss': train['loss'], 'accuracy': train['accuracy'],
               'val_loss': val.get('loss'), 'val_accuracy': val.get('accuracy'),
               # The rate of the epoch's last update, as Keras' history reports it.
-              'learning_rate': plan.learning_rate((epoch + 1) * steps_per_epoch - 1),
+              'learning_rate': plan.optimizer.learning_rate((epoch + 1) * steps_per_epoch - 1),
               'images_per_sec': train['count'] / train['seconds']}
     if phase.early_stopping.patience or phase_best:
       if watcher.update(record, epoch + 1) and phase_best:
@@ -350,9 +289,9 @@ def train_phase(run: Run, plan: PhasePlan, state: state_lib.TrainState,
     # while a checkpoint without its record would leave a hole in metrics.jsonl.
     _report(run, record)
     logger.info(reporting.epoch_line(record, phase.epochs))
-    if run.ckpts.save(state, position.meta(record['step'], phase.name), record):
-      logger.info('best %s so far: %.4f (checkpoints/best)', run.ckpts.monitor,
-                  record[run.ckpts.monitor])
+    if run.checkpoints.save(state, position.meta(record['step'], phase.name), record):
+      logger.info('best %s so far: %.4f (checkpoints/best)', run.checkpoints.monitor,
+                  record[run.checkpoints.monitor])
     if stop:
       raise Preempted(f'SIGTERM: saved step {record["step"]} (phase {phase.name!r}, the end '
                       f'of epoch {epoch + 1}); the same command resumes')

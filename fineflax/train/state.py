@@ -10,10 +10,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from fineflax.models import abstract_variables
-from fineflax.train import freeze
+from fineflax.train import optimizers
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -67,18 +66,17 @@ def init_variables(model: nn.Module, image_shape: tuple[int, int, int],
   return jax.tree_util.tree_map_with_path(init, abstract)
 
 
-def create_train_state(variables: dict[str, Any], tx: optax.GradientTransformation,
-                       labels: freeze.Labels, step: int = 0) -> TrainState:
-  """A state whose optimizer state covers the trainable leaves of `labels` only.
+def create_train_state(variables: dict[str, Any], optimizer: optimizers.Optimizer,
+                       step: int = 0) -> TrainState:
+  """A state whose optimizer state covers the optimizer's trainable leaves only.
 
-  Starting a new phase is `create_train_state(state.variables, new_tx, new_labels,
-  state.step)`: parameters and statistics carry over, the optimizer starts afresh (what
-  Keras' re-`compile` after changing `trainable` does).
+  Starting a new phase is `create_train_state(state.variables, new_optimizer, state.step)`:
+  parameters and statistics carry over, the optimizer starts afresh (what Keras'
+  re-`compile` after changing `trainable` does).
   """
   params = variables['params']
-  opt_state = tx.init(freeze.trainable_view(params, labels))
   return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                    batch_stats=variables['batch_stats'], opt_state=opt_state)
+                    batch_stats=variables['batch_stats'], opt_state=optimizer.init(params))
 
 
 @jax.jit

@@ -25,7 +25,7 @@ from fineflax.data import augment as augmentation, feed
 from fineflax.data.augment import Augment
 from fineflax.data.dataset import Split, eval_batches
 from fineflax.distributed.parallel import AXIS
-from fineflax.train import freeze
+from fineflax.train.optimizers import Optimizer
 from fineflax.train.state import TrainState
 
 Metrics = dict[str, jax.Array]  # sums over the examples of a step: loss, correct, count
@@ -76,8 +76,7 @@ def _example_keys(key: jax.Array, ids: jax.Array) -> jax.Array:
   return jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: freeze.Labels,
-                    mesh: Mesh, *, bn_train: frozenset[str] = frozenset(), seed: int = 0,
+def make_train_step(model: nn.Module, optimizer: Optimizer, mesh: Mesh, *, bn_train: frozenset[str] = frozenset(), seed: int = 0,
                     label_smoothing: float = 0.0, augment: Augment = Augment(),
                     class_weights: Sequence[float] | None = None, on_features: bool = False
                     ) -> Callable[..., tuple[TrainState, Metrics]]:
@@ -85,8 +84,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
 
   Args:
     model: the classifier; built with `bn_axis_name=AXIS` when `bn_train` is not empty.
-    tx: the phase's optimizer, made by `freeze.partition_optimizer(..., labels)`.
-    labels: the freeze label tree; only trainable leaves are differentiated and updated.
+    optimizer: the phase's optimizer; only the leaves of its trainable view are
+      differentiated and updated.
     mesh: the device mesh (axis `batch`).
     bn_train: BatchNormalization layers that run in training mode (empty: all frozen, and
       `batch_stats` pass through untouched).
@@ -114,7 +113,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
   def step(state: TrainState, batch: dict[str, jax.Array],
            data: dict[str, jax.Array]) -> tuple[TrainState, Metrics]:
     images, targets = _inputs(batch, data)
-    trainable = freeze.trainable_view(state.params, labels)
+    trainable = optimizer.trainable(state.params)
     weight = batch['weight']
     total = jax.lax.psum(jnp.sum(weight), AXIS)
     has_examples = total > 0
@@ -136,7 +135,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     dropout_keys = _example_keys(jax.random.fold_in(base, 2), ids)
 
     def loss_fn(trainable_params):
-      variables = {'params': freeze.merge(labels, trainable_params, state.params),
+      variables = {'params': optimizer.merge(trainable_params, state.params),
                    'batch_stats': state.batch_stats}
       if bn_train:
         logits, updated = model.apply(variables, images, train=True, bn_train=bn_train,
@@ -156,7 +155,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
 
     grads, (batch_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
     grads = jax.lax.psum(grads, AXIS)
-    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    updates, opt_state = optimizer.tx.update(grads, state.opt_state, trainable)
     # A batch of padding only (weights summing to 0: uneven shares, skipped files) takes
     # no step: its gradients are 0/0, and even a zero gradient would move Adam's moments.
     unchanged_if_empty = lambda new, old: jax.tree.map(
@@ -165,7 +164,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, labels: 
     opt_state = unchanged_if_empty(opt_state, state.opt_state)
     if bn_train:
       batch_stats = unchanged_if_empty(batch_stats, state.batch_stats)
-    params = freeze.merge(labels, trainable, state.params)
+    params = optimizer.merge(trainable, state.params)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                               opt_state=opt_state)
     return new_state, _sums(loss, correct, weight)

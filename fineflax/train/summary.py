@@ -18,7 +18,7 @@ import ml_collections
 from fineflax import config as config_lib, data, models
 from fineflax.errors import ConfigError
 from fineflax.models import Classifier, abstract_variables
-from fineflax.train import freeze, plan
+from fineflax.train import freeze, optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +53,9 @@ def _multiplier(layer_groups: Any, multipliers: dict[str, float]) -> str:
 
 
 def summarize(model: Classifier, image_shape: tuple[int, int, int],
-              freeze_spec: str, groups: freeze.ParamGroups | None = None) -> Summary:
+              freeze_spec: str, groups: optimizers.ParamGroups | None = None) -> Summary:
   """The summary of `model` on images of `image_shape` with `freeze_spec` applied, or
-  with a phase's `groups` (`plan.phase_groups`), which add a learning-rate column.
+  with a phase's `groups` (`optimizers.phase_groups`), which add a learning-rate column.
 
   Only shapes are computed (`jax.eval_shape`): summarising ResNet152 costs no FLOPs.
   """
@@ -65,7 +65,8 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
       lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, images)
   params, stats = variables['params'], variables['batch_stats']
   labels = (groups.labels if groups is not None
-            else freeze.freeze_labels(params, freeze_spec, model.backbone.layers))
+            else freeze.freeze_labels(params, freeze_spec, model.backbone.layers,
+                                      model.layer_stages()))
   shown = groups is not None and groups.discriminative
   rows, trainable = [], 0
   for group, layers in model.layer_groups().items():
@@ -85,7 +86,7 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
       rows.append(Row(layer.name, layer.kind, (None,) + tuple(output.shape[1:]), n_all, flag,
                       mult))
       trainable += n_trainable
-  described = plan.describe_groups(groups, params) if shown else ''
+  described = optimizers.describe_groups(groups, params) if shown else ''
   return Summary(tuple(rows), trainable, _size(params) + _size(stats) - trainable, described)
 
 
@@ -121,7 +122,8 @@ def summarize_config(config: ml_collections.ConfigDict, phase: int = 0) -> tuple
   model = models.from_config(config, class_names)
   p = config.phases[phase]
   title = f'{config.model.backbone} + head, phase {p.name!r} (freeze {p.freeze!r})'
-  groups = plan.phase_groups(model, config.model.backbone, shape, config.phases)[phase]
+  params = abstract_variables(model, shape)['params']
+  groups = optimizers.phase_groups(model, params, p, phase % len(config.phases))
   return summarize(model, shape, p.freeze, groups), title
 
 
