@@ -92,7 +92,7 @@ def _demo_expectation() -> float:
     sys.path.insert(0, str(ROOT))
   doc = importlib.import_module('configs.demo').__doc__ or ''
   match = re.search(r'test accuracy >= (0\.\d+)', doc)
-  assert match, 'configs/demo.py no longer states its expected test accuracy'
+  assert match, 'configs/demo.py does not state its expected test accuracy'
   return float(match.group(1))
 
 
@@ -108,7 +108,7 @@ def test_the_demo_accuracy_is_one_figure_that_meets_the_demo_configs_expectation
   figure = stated[0]
   assert float(figure) >= _demo_expectation(), (
       f"the README's demo figure {figure} is below configs/demo.py's expectation")
-  assert '270' in demo, "the README's demo section no longer says how many test digits"
+  assert '270' in demo, "the README's demo section does not say how many test digits"
   copies = {(_name(page), f) for page in PAGES for f in _DEMO_FIGURE.findall(page.read_text())}
   assert {f for _, f in copies} == {figure}, (
       f'the demo test accuracy is stated differently across the docs: {sorted(copies)}')

@@ -1,13 +1,13 @@
 """The newcomer's walkthrough, replayed as they ran it: a folder of their own photos with
 configs/folder.py, from the summary to evaluate, on the command line.
 
-Each step failed or misled before: the test/ folder was ignored and `evaluate` (default
---split test) refused the run; three classes gave "num_classes=1 ... but the dataset has 3
-classes" with no fix named; the final results and the best checkpoint differed without a
-label; a run without a test split ended on "best val_loss so far"; `--help` listed only
---workdir; `evaluate --split validation` decoded every split; a missing weight file was
-reported only after every photo was decoded; libraries' lines (TensorFlow's start-up
-notices, Orbax's save waits) came between fineflax's.
+What each step must do: a test/ folder is used and `evaluate` (default --split test)
+takes it; three classes on the binary config are refused with the fix named; the final
+results and the best checkpoint are labelled; a run without a test split ends with its
+validation figures, in results.json too; another backbone is told the freeze spec that
+fits it; `--help` lists every flag; `evaluate --split validation` decodes that split only;
+a missing weight file is said before any photo is decoded; libraries' lines (TensorFlow's
+start-up notices, Orbax's save waits) stay out of fineflax's.
 """
 
 import json
@@ -102,7 +102,7 @@ def test_the_run_ends_with_a_summary_and_the_commands_that_reuse_it(walkthrough)
   assert f'python -m fineflax.evaluate --workdir {workdir}' in tail
   assert f'python -m fineflax.predict --workdir {workdir} IMAGE...' in tail
   assert 'best checkpoint, step ' in tail and 'final parameters, step ' in tail
-  # One line for each split's size (it used to be logged twice, with two numbers).
+  # One line for each split's size.
   assert done.stderr.count("split 'train': 24 examples") == 1
 
 

@@ -58,7 +58,7 @@ def test_windows_add_up_to_their_epochs_at_the_schedules_rate(runs):
 
 
 def test_epoch_records_are_those_of_a_run_without_step_records(runs):
-  """The epoch records keep their format (plots and readers take them as before) and
+  """The epoch records keep their format (the one plots and readers take) and
   their values: recording reads the metrics, it does not change the run."""
   drop = lambda rs: [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in rs]
   assert drop(MetricsLog(runs / 'steps').read()) == drop(MetricsLog(runs / 'plain').read())

@@ -1,4 +1,4 @@
-"""Memory of the two input paths (issue 14): a streamed run's peak does not grow with the
+"""Memory of the two input paths: a streamed run's peak does not grow with the
 dataset, and the in-memory path holds a split once while reading it, not twice.
 
 Measured on the 2-core CPU machine (peak RSS in MB, VmHWM, each run a fresh process;

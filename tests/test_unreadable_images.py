@@ -1,10 +1,8 @@
-"""A folder of photos with unreadable files trains as one without them (issue: one
-truncated JPEG turned training into NaN).
+"""A folder of photos with unreadable files trains as one without them.
 
-The walkthrough that found it: 3 classes of JPEGs and one truncated file, a validation
-split carved out, several epochs. The split was sized by the files listed, not read, so
-every epoch ended on a batch of padding only, whose 0/0 loss made every parameter NaN.
-Here such folders train for several epochs on 1 and on 8 devices, from host memory and
+The case: 3 classes of JPEGs and one truncated file, a validation split carved out,
+several epochs. A split sized by the files listed rather than read would end every epoch
+on a batch of padding only, whose 0/0 loss makes every parameter NaN. Here such folders train for several epochs on 1 and on 8 devices, from host memory and
 from the devices, to finite losses; every epoch takes ceil(readable / batch) steps; and
 evaluation counts each readable example exactly once.
 """

@@ -5,7 +5,7 @@ when told to, by arguments (the CLIs' `--coordinator`, `--num_processes`, `--pro
 or the environment (`FINEFLAX_COORDINATOR`, `FINEFLAX_NUM_PROCESSES`,
 `FINEFLAX_PROCESS_ID`), or when JAX recognises the cluster it runs in with more than one
 process (a TPU pod slice, a SLURM job step, an Open MPI job). On a plain machine it does
-nothing: one process, as before. See docs/multihost.md.
+nothing: one process. See docs/multihost.md.
 
 After it, `jax.devices()` lists the devices of every process, the training mesh spans
 them all, and a process that dies makes the others fail within about

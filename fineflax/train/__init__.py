@@ -1,5 +1,6 @@
-"""Training: setup, the phase loop, the data-parallel step, the train state, freeze plans
-and optimizers. `train_and_evaluate(config, workdir)` runs (or resumes) a whole run."""
+"""Training: setup (`training`), the phase loop (`loop`), the data-parallel step (`step`),
+the train state (`state`), freeze specs (`freeze`) and the optimizer assembled from them
+(`optimizers`). `train_and_evaluate(config, workdir)` runs (or resumes) a whole run."""
 
 from fineflax.train.training import setup, train_and_evaluate
 
