@@ -13,7 +13,7 @@ Training is `python -m fineflax.train --config configs/cifar10.py --workdir runs
 # The packages that register config checks (fineflax.config.registry) are imported with
 # the package, so that validation always has them.
 from fineflax import data, models, train, weights  # noqa: F401
-from fineflax.inference.predict import predict_fn
+from fineflax.inference.arrays import predict_fn
 from fineflax.run.restore import RestoredRun, load_run
 
 __all__ = ['RestoredRun', 'load_run', 'predict_fn']

@@ -1,12 +1,5 @@
-"""Evaluates a checkpoint of a run on one split; the program is fineflax/cli/evaluate.py.
-
-  python -m fineflax.evaluate --workdir DIR [--split train|val|test|NAME]
-                              [--checkpoint best|latest|STEP] [--batch_size N]
-
-  prints a table (loss, accuracy, per class, confusion matrix) and writes it under DIR/eval/.
-  --coordinator HOST:PORT --num_processes N --process_id I
-                            one process of a multi-host job (docs/multihost.md)
-"""
+"""`python -m fineflax.evaluate`: the program of fineflax/cli/evaluate.py, whose docstring
+is its --help."""
 
 from fineflax.cli import evaluate
 

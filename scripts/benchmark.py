@@ -1,4 +1,4 @@
-"""Images per second of fineflax's train step, or of its whole training loop; or what the
+r"""Images per second of fineflax's train step, or of its whole training loop; or what the
 compiled step costs (FLOPs, memory) and how large a batch fits, without running it.
 
     python scripts/benchmark.py --backbone resnet50 --batch 256 --image 224
@@ -113,15 +113,14 @@ def build_step(backbone: str, mode: str, batch: int, image: int, dtype: str,
           'weight': np.ones(local, np.float32)}
   data = parallel.shard_batch(host, mesh)
   spec = freeze_spec(mode, model.backbone.layers)
-  labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
   if mode == 'forward':
     return BuiltStep(step_lib.make_features_step(model, mesh),
                      (parallel.replicate(variables, mesh), data, {}), mesh, compute, 0)
-  phase = config_lib.phase(freeze=spec)
-  tx = freeze.partition_optimizer(optimizers.build_optimizer(phase, 1).tx, labels)
-  state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
-  trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(labels))
-  return BuiltStep(step_lib.make_train_step(model, tx, labels, mesh), (state, data, {}),
+  optimizer = optimizers.make_optimizer(model, variables['params'],
+                                        config_lib.phase(freeze=spec), 1)
+  state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
+  trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(optimizer.labels))
+  return BuiltStep(step_lib.make_train_step(model, optimizer, mesh), (state, data, {}),
                    mesh, compute, trainable)
 
 
@@ -335,7 +334,8 @@ def _cost_table(records: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Parses the flags, runs every mode, prints JSON lines and the table."""
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--backbone', default='resnet50', choices=sorted(models.BACKBONES))
   parser.add_argument('--batch', type=int, default=256, help='global batch size')
   parser.add_argument('--image', type=int, default=224, help='model input side')
@@ -356,9 +356,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                       help='compile only: the largest global batch per mode whose step '
                       'fits in GIB GiB of device memory (implies --cost)')
   args = parser.parse_args(argv)
-  # INFO on stderr: stdout carries only the JSON lines and the table.
+  # fineflax's INFO on stderr: stdout carries only the JSON lines and the table. The
+  # libraries' at WARNING: JAX logs at INFO each backend it tried and does not have
+  # ("Unable to initialize backend 'tpu'" on every machine without one).
   # force: importing fineflax (absl) has already given the root logger a handler.
-  logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
+  logging.basicConfig(level=logging.WARNING, format='%(message)s', force=True)
+  logging.getLogger('fineflax').setLevel(logging.INFO)
   try:
     runtime.check_backend()
   except FineflaxError as e:  # ConfigError, or runtime's AcceleratorUnusedError

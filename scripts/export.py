@@ -2,9 +2,10 @@
 
     python scripts/export.py --workdir runs/demo --out demo.safetensors
     python scripts/export.py --workdir runs/demo --checkpoint latest --out demo.npz
-    python scripts/export.py --workdir runs/demo --checkpoint 12 --out step12.npz --overwrite
+    python scripts/export.py --workdir runs/demo --checkpoint STEP --out step.npz --overwrite
 
-Keys are the '/'-joined paths of the variables tree ('params/backbone/conv1_conv/kernel',
+STEP is a step folder's name in the run's checkpoints/latest/ or best/. Keys are the
+'/'-joined paths of the variables tree ('params/backbone/conv1_conv/kernel',
 'batch_stats/backbone/conv1_bn/mean'); the arrays are the checkpoint's, float32, bit for
 bit. The metadata (`metadata` below: class names, step, the run's config, ...) goes into a
 .npz as one more array, `__metadata__`, a JSON string; into a .safetensors file's metadata

@@ -170,7 +170,9 @@ ONE_LINE_ERRORS = [
      'all hosts).)'),
     (['--config', 'configs/demo.py', '--config.phases[0].freeze=None'],
      "error: config.phases[0].freeze: None is not allowed (What is frozen: 'none', "
-     "'backbone', 'layers[A:B]' (Keras layer slice) or 'regex:PATTERN' (parameter paths).)"),
+     "'backbone', 'layers[A:B]' (Keras layer slice), 'stages[A:B]' (slice of the backbone's "
+     "stages, as layer_decay counts them: 'stages[:-1]' leaves the last stage and the head "
+     "trainable, whatever the backbone) or 'regex:PATTERN' (parameter paths).)"),
 ]
 
 

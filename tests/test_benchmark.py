@@ -68,6 +68,27 @@ def test_benchmark_loop_runs_the_training_loop():
   assert records[0]['what'] == 'loop' and records[0]['img_per_s'] > 0
 
 
+def test_help_is_the_whole_description_and_a_cpu_run_has_no_backend_notice():
+  """`--help` ends no sentence midway; on a machine without a TPU, JAX's INFO line about
+  the TPU backend it could not start is not printed (JAX_PLATFORMS left unset, as a user
+  leaves it)."""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
+  env.update(XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  shown = subprocess.run([sys.executable, 'scripts/benchmark.py', '--help'], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+  assert shown.returncode == 0, shown.stderr[-3000:]
+  description = shown.stdout[shown.stdout.index('\n\n') + 2:shown.stdout.index('options:')]
+  assert description == benchmark.__doc__ + '\n'
+  assert 'how large a batch fits, without running it.' in description
+  assert '--image 224 \\\n        --data synthetic:50000:32' in description
+  done = subprocess.run([sys.executable, 'scripts/benchmark.py', '--cost', '--backbone',
+                         'resnet_tiny', '--batch', '2', '--image', '16', '--modes', 'head'],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'devices: backend cpu' in done.stderr  # fineflax's own lines stay
+  assert 'Unable to initialize backend' not in done.stderr, done.stderr
+
+
 def _passed_through(closed_jaxpr, num_outputs):
   """Indices i of the step's outputs that are its input i itself, untouched by any
   operation: traced through the jit and into the per-device shard_map body."""
@@ -93,14 +114,15 @@ def test_frozen_leaves_pass_through_the_step_untouched(spec):
   cfg.model.backbone = 'resnet_tiny'
   model = models.build_model(cfg.model, 4)
   variables = state_lib.init_variables(model, (16, 16, 3), seed=0)
-  labels = freeze.freeze_labels(variables['params'], spec, model.backbone.layers)
-  tx = freeze.partition_optimizer(optimizers.build_optimizer(config_lib.phase(), 1).tx, labels)
+  optimizer = optimizers.make_optimizer(model, variables['params'],
+                                        config_lib.phase(freeze=spec), 1)
+  labels = optimizer.labels
   mesh = parallel.make_mesh(jax.devices()[:1])
-  state = parallel.replicate(state_lib.create_train_state(variables, tx, labels), mesh)
+  state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
   batch = parallel.shard_batch({'image': np.zeros((4, 16, 16, 3), np.uint8),
                                 'label': np.zeros(4, np.int32),
                                 'weight': np.ones(4, np.float32)}, mesh)
-  train_step = step_lib.make_train_step(model, tx, labels, mesh)
+  train_step = step_lib.make_train_step(model, optimizer, mesh)
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   through = _passed_through(jax.make_jaxpr(train_step)(state, batch, {}), len(leaves))
   passed = {pytree.path_str(leaves[i][0]) for i in through}

@@ -28,7 +28,7 @@ def _doc() -> str:
 
 
 def _load(*argv: str) -> ml_collections.ConfigDict:
-  """`--config` and its overrides parsed as `fineflax.cli.common.run` parses them: unknown keys
+  """`--config` and its overrides parsed as `fineflax.cli.common.run_program` parses them: unknown keys
   refused first, then ml_collections' config flag on the same arguments."""
   argv = ['prog', *argv]
   config_lib.check_override_flags(argv[1:])

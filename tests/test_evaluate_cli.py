@@ -89,8 +89,9 @@ def test_clear_errors_for_what_is_not_a_run(run_dir, tmp_path):
     restore.load_run(tmp_path)
   with pytest.raises(ConfigError) as error:
     restore.load_run(run_dir, 7)
-  assert str(error.value) == (f'{run_dir / "checkpoints"} has no step 7; available: '
-                              f'best/ {_steps(RunDir(run_dir).best)}, latest/ [2, 4]')
+  assert str(error.value) == (f'{run_dir / "checkpoints"} has no step 7 (no folder latest/7 '
+                              f'or best/7); its steps: best/ {_steps(RunDir(run_dir).best)}, '
+                              'latest/ [2, 4]')
   with pytest.raises(ConfigError, match="checkpoint 'newest': expected 'best', 'latest'"):
     restore.load_run(run_dir, 'newest')
   bare = _copy_run(run_dir, tmp_path / 'bare', without=('checkpoints',))
@@ -197,3 +198,63 @@ def test_evaluate_command_line(run_dir, tmp_path):
   assert (written['examples'], written['step']) == (32, 4)
   assert written['accuracy'] == results['test_accuracy']
   assert written['loss'] == pytest.approx(results['test_loss'], rel=LOSS_RTOL)
+
+
+def _photos(root: Path, splits: dict[str, int], classes=('cat', 'dog')) -> Path:
+  rng = np.random.default_rng(0)
+  for split, count in splits.items():
+    for c, name in enumerate(classes):
+      (root / split / name).mkdir(parents=True)
+      for i in range(count):
+        pixels = rng.integers(0, 90, (18, 20, 3)) + 80 * c
+        Image.fromarray(pixels.astype(np.uint8)).save(root / split / name / f'{i:02d}.jpg')
+  return root
+
+
+def test_a_run_without_a_test_folder_names_the_splits_it_has(tmp_path):
+  """A photo folder with train/ and validation/ only, trained and evaluated as the user
+  ran it: the run's closing hint offers no test split, and `evaluate --split test` (also
+  the default) says the run has none and which splits it has."""
+  photos = _photos(tmp_path / 'photos', {'train': 6, 'validation': 3})
+  workdir = tmp_path / 'run'
+  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path))
+
+  def program(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+
+  done = program('fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir',
+                 str(workdir), f'--config.data.source=folder:{photos}',
+                 '--config.model.weights=None', '--config.model.backbone=resnet_tiny',
+                 '--config.phases[0].freeze=none')
+  assert done.returncode == 0, done.stderr[-3000:]
+  [hint] = [line for line in done.stderr.splitlines() if 'python -m fineflax.evaluate' in line]
+  assert hint == (f'  evaluate: python -m fineflax.evaluate --workdir {workdir} --split '
+                  'train|val [--checkpoint best|latest|STEP]')
+
+  expected = (f"error: --split=test: the run has no test split (config.data.test_split='test': "
+              f"config.data.source='folder:{photos}' has no such split); its splits: "
+              "train ('train'), val ('validation')")
+  for split in (['--split', 'test'], []):
+    refused = program('fineflax.evaluate', '--workdir', str(workdir), *split)
+    assert refused.returncode == 1
+    assert refused.stderr.splitlines()[-1] == expected, refused.stderr[-2000:]
+  validation = program('fineflax.evaluate', '--workdir', str(workdir), '--split', 'val')
+  assert validation.returncode == 0, validation.stderr[-3000:]
+  assert "split 'val' (validation), 6 examples" in validation.stdout
+
+
+def test_a_split_the_run_lacks_is_named_with_the_splits_there_are(run_dir):
+  """Only the split asked for is loaded: the others are named from the config."""
+  data_config = restore.read_config(run_dir).data
+  with pytest.raises(ConfigError) as error:
+    evaluate.resolve_split('test', data_config, [], absent=('test',))
+  assert str(error.value) == (
+      f"--split=test: the run has no test split (config.data.test_split='test': "
+      f"config.data.source={data_config.source!r} has no such split); its splits: "
+      "train ('train'), val ('validation')")
+  data_config.test_split = None
+  with pytest.raises(ConfigError) as error:
+    evaluate.resolve_split('test', data_config, [])
+  assert str(error.value) == ("--split=test: the run has no test split (config.data.test_split "
+                              "is None); its splits: train ('train'), val ('validation')")

@@ -1,5 +1,5 @@
-"""A run from Python: fineflax.load_run and fineflax.predict_fn, in a fresh process, on
-runs of both checkpoint layouts (docs/checkpoints.md)."""
+"""A run from Python: fineflax.load_run and fineflax.predict_fn, in a fresh process
+(docs/checkpoints.md), and what load_run says of a step the run does not have."""
 
 import json
 import os
@@ -10,20 +10,17 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 import fineflax
-from fineflax import data
-from fineflax.inference import evaluate, predict
+from fineflax import data, models
 from fineflax.errors import ConfigError
+from fineflax.inference import evaluate, predict
+from fineflax.run import restore
 from tests.test_checkpoint_layout import moved_run
 
 ROOT = Path(__file__).resolve().parents[1]
-# A run written by an early fineflax (layout 1: checkpoints/<step>/, no config.json) with
-# `python -m fineflax.train --config configs/demo.py:smoke`; only its last step is kept.
-RUN_V1 = ROOT / 'tests' / 'data' / 'run_v1'
 # The same rows through other batch sizes and device counts: float32 rounding only.
 PROB_ATOL = 1e-6
 
@@ -110,31 +107,23 @@ def test_predict_fn_takes_one_image_and_any_size(run_copy, tmp_path):
     predict_probs(images.astype(np.float32))
 
 
-def test_a_run_of_the_first_layout_opens_with_its_config():
-  sys.path.insert(0, str(ROOT))
-  from configs import demo  # pylint: disable=g-import-not-at-top
-  with pytest.raises(ConfigError, match=r'run_v1 is a layout-1 run of an early fineflax'):
-    fineflax.load_run(RUN_V1)
-  run = fineflax.load_run(RUN_V1, 'latest', config=demo.get_config('smoke'))
-  assert (run.step, run.label, run.meta['phase']) == (4, 'latest', 'finetune')
-  assert fineflax.load_run(RUN_V1, config=demo.get_config('smoke')).step == 4  # 'best'
-  # The arrays are those the old version saved.
-  saved = ocp.StandardCheckpointer().restore(RUN_V1 / 'checkpoints' / '4' / 'state')
-  for name in ('params', 'batch_stats'):
-    restored, written = jax.tree.leaves(run.variables[name]), jax.tree.leaves(saved[name])
-    assert len(restored) == len(written) > 0
-    for a, b in zip(restored, written):
-      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  # What the old version measured at that step, in its own metrics.jsonl: the validation
-  # loss and accuracy of these parameters. Recomputed here from predict_fn's
-  # probabilities: the same split (the current :smoke config's), the same numbers.
-  records = [json.loads(line) for line in
-             (RUN_V1 / 'metrics.jsonl').read_text().splitlines() if line.strip()]
-  [record] = [r for r in records if r['step'] == run.step]
-  split = data.load_dataset(run.config.data).splits[run.config.data.val_split]
-  probs = np.asarray(fineflax.predict_fn(run)(split.images), np.float64)
-  assert probs.shape == (32, 10)
-  val_loss = -np.mean(np.log(probs[np.arange(32), split.labels]))
-  # float32 softmax and float32 loss sums: ~1e-7 apart (seen: 6e-11).
-  assert val_loss == pytest.approx(record['val_loss'], rel=1e-6)
-  assert np.mean(probs.argmax(-1) == split.labels) == record['val_accuracy']
+def test_a_step_the_run_does_not_have_is_named_with_the_steps_it_has(run_copy):
+  """A step number copied from an example (the full demo's, not this run's): one line
+  naming the folder that is missing and the steps that exist, from load_run and from
+  read_variables given the step folder itself."""
+  folder = run_copy / 'checkpoints'
+  best = sorted(int(p.name) for p in (folder / 'best').iterdir() if p.name.isdigit())
+  with pytest.raises(ConfigError) as error:
+    fineflax.load_run(run_copy, 36)
+  assert str(error.value) == (f'{folder} has no step 36 (no folder latest/36 or best/36); '
+                              f'its steps: best/ {best}, latest/ [2, 4]')
+  run = fineflax.load_run(run_copy)
+  expected = models.abstract_variables(run.model, run.image_shape)
+  with pytest.raises(ConfigError) as error:
+    restore.read_variables(folder / 'best' / '36', expected)
+  assert str(error.value) == (f'{folder / "best" / "36"}: no such checkpoint folder; the steps '
+                              f'in {folder / "best"}: {best[0]}')
+  with pytest.raises(ConfigError, match=r'/checkpoints/phase_best does not exist\)$'):
+    restore.read_variables(folder / 'phase_best' / '36', expected)
+  with pytest.raises(ConfigError, match='not a checkpoint step folder \\(it has no state/\\)$'):
+    restore.read_variables(folder / 'best', expected)

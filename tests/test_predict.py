@@ -1,6 +1,6 @@
-"""`python -m fineflax.predict` and `fineflax.predict_fn` as a newcomer uses them (issue 19,
-item 7): a broken file among good ones, a folder of images, --output .csv / .json, the
-checkpoint named at the top, and predict_fn given a list of images of different sizes.
+"""`python -m fineflax.predict` and `fineflax.predict_fn` as a newcomer uses them: a broken
+file among good ones, no readable file at all, a folder of images, --output .csv / .json,
+the checkpoint named at the top, and predict_fn given a list of images of different sizes.
 
 The programs run in a subprocess, as the user ran them, on conftest's `demo_run` (the demo
 smoke config: checkpoints at steps 2 and 4, one in best/), which they only read.
@@ -123,7 +123,7 @@ def test_a_broken_file_does_not_stop_the_others(demo_run, walkthrough, cache, tm
       assert row['error'].startswith(f"{row['path']}: not a readable image (")
       assert row['class_1'] == row['probability_1'] == ''
 
-  # The good images get what they got before, when every file was readable.
+  # The good images get what they get when every file is readable.
   before = predict.predict_run_files(demo_run, [str(walkthrough / p) for p in good], k=2,
                                      devices=jax.devices()[:1])
   for path, ranked in zip(good, before):
@@ -152,14 +152,22 @@ def test_json_output_and_exit_status_0(demo_run, walkthrough, cache, tmp_path):
 
 
 def test_no_readable_file_and_a_wrong_output_suffix(demo_run, walkthrough, cache, tmp_path):
-  done = _predict(['--workdir', demo_run, 'broken.jpg', 'missing.png', 'empty'], cache,
-                  walkthrough)
+  out = tmp_path / 'none.json'
+  done = _predict(['--workdir', demo_run, '--output', out, 'broken.jpg', 'missing.png',
+                   'empty'], cache, walkthrough)
   assert done.returncode == 1 and done.stdout == ''
   errors = done.stderr.splitlines()
   assert errors[-1] == 'error: none of the 3 images could be read'
   assert any(line.startswith('broken.jpg: not a readable image (') for line in errors)
   assert 'empty: a folder without image files (.jpg, .jpeg, .png, .bmp, .gif)' in errors
   assert 'Traceback' not in done.stderr
+  # --output has every file with its error all the same (no checkpoint was opened).
+  rows = json.loads(out.read_text())
+  assert [r['path'] for r in rows] == ['broken.jpg', 'missing.png', 'empty']
+  assert [r['error'] for r in rows] == errors[-4:-1]
+  for row in rows:
+    assert (row['workdir'], row['checkpoint'], row['step'], row['top_k']) == (
+        str(demo_run), None, None, None)
 
   done = _predict(['--workdir', demo_run, '--output', 'out.txt', 'a.png'], cache, walkthrough)
   assert done.returncode == 1 and done.stdout == ''
@@ -169,7 +177,6 @@ def test_no_readable_file_and_a_wrong_output_suffix(demo_run, walkthrough, cache
 
 
 def test_the_program_prints_the_run_s_classes(demo_run, walkthrough, capsys):
-  # Moved from tests/test_evaluate_cli.py: the lines now start with the checkpoint used.
   paths = [str(walkthrough / name) for name in ('a.png', 'c.png', 'digits/2.JPG')]
   every = predict.predict_run_files(demo_run, paths, k=10, checkpoint='latest',
                                     devices=jax.devices()[:1])

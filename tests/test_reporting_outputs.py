@@ -1,4 +1,5 @@
-"""TensorBoard event files, history/confusion images and the epoch progress display."""
+"""TensorBoard event files, history/confusion images, the epoch progress display and the
+summary a run ends with."""
 
 import io
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from fineflax.data import tfrecord_index
-from fineflax.run import plots, progress, tensorboard
+from fineflax.run import RunDir, plots, progress, reporting, tensorboard
 
 
 # --- TensorBoard -------------------------------------------------------------------------
@@ -228,3 +229,24 @@ def test_results_not_ready_stay_pending_until_close():
   assert bar.pending == 0 and bar.completed == 4 and slow.read
   bar.close()
   assert stream.getvalue().splitlines()[-1].startswith('done 4/4: loss 2.0000 accuracy 0.5000')
+
+
+# --- the summary a run ends with --------------------------------------------------------
+
+@pytest.mark.parametrize('val, test, offered', [
+    (True, True, '[--split train|val|test]'),
+    (True, False, '--split train|val'),  # evaluate's default split, test, is not there
+    (False, False, '--split train'),
+])
+def test_the_summary_offers_evaluate_the_splits_the_run_has(tmp_path, val, test, offered):
+  final = {'checkpoint': 'final parameters', 'step': 4}
+  if test:
+    final.update(test_loss=0.5, test_accuracy=0.75, test_examples=8)
+  if val:
+    final.update(val_loss=0.25, val_accuracy=0.5, val_examples=8)
+  text = reporting.run_summary(RunDir(tmp_path), {'step': 4, 'epoch': 2, 'final': final})
+  [line] = [line for line in text.splitlines() if 'fineflax.evaluate' in line]
+  assert line == (f'  evaluate: python -m fineflax.evaluate --workdir {tmp_path} {offered} '
+                  '[--checkpoint best|latest|STEP]')
+  assert ('test split, final parameters' in text) == test
+

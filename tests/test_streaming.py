@@ -306,7 +306,7 @@ def test_the_pipeline_is_chosen_as_configured_and_said(photos, caplog):
 def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   """A run whose host cropped the originals: `predict` crops each file's centre as its
   evaluation did, so its probabilities are the model's on the evaluation's pixels."""
-  from fineflax.inference import predict  # pylint: disable=g-import-not-at-top
+  from fineflax.inference import arrays, predict  # pylint: disable=g-import-not-at-top
   cfg = _config(photos)
   cfg.data.augment.crop = 'random_resized'
   cfg.phases = (config_lib.phase(name='a', epochs=1),)
@@ -316,7 +316,7 @@ def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   ranked = predict.predict_run_files(tmp_path / 'run', files, k=3, checkpoint='latest',
                                      devices=jax.devices()[:1])
   run = restore.load_run(tmp_path / 'run', 'latest')
-  probs = np.asarray(predict.predict_fn(run)(stream.read_examples(split, range(3))[0]))
+  probs = np.asarray(arrays.predict_fn(run)(stream.read_examples(split, range(3))[0]))
   for top, p in zip(ranked, probs, strict=True):
     assert [name for name, _ in top] == [run.class_names[i] for i in np.argsort(-p)]
     np.testing.assert_allclose([q for _, q in top], np.sort(p)[::-1], rtol=1e-5)
@@ -324,7 +324,7 @@ def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   originals = [np.asarray(Image.open(f).convert('RGB')) for f in files]
   assert all(a.shape[:2] != (16, 16) for a in originals)
   # Log-probabilities: a trained model's top class saturates at 1, the others do not.
-  np.testing.assert_allclose(np.log(np.asarray(predict.predict_fn(run)(originals))),
+  np.testing.assert_allclose(np.log(np.asarray(arrays.predict_fn(run)(originals))),
                              np.log(probs), rtol=1e-4, atol=1e-4)
 
 

@@ -8,7 +8,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fineflax import config as config_lib, models, train, weights
-from fineflax.inference import predict
+from fineflax.data.images import read_image
+from fineflax.inference import zero_shot
 from fineflax.train import state as state_lib
 from fineflax.weights import files
 
@@ -275,7 +276,7 @@ def test_docs_list_every_source():
 
 
 def test_imagenet_class_names():
-  classes = predict.imagenet_classes()
+  classes = zero_shot.imagenet_classes()
   assert len(classes) == 1000 and len({w for w, _ in classes}) == 1000
   assert classes[0] == ('n01440764', 'tench')
   assert classes[101] == ('n01871265', 'tusker')
@@ -291,12 +292,12 @@ def test_zero_shot_predict_matches_keras(keras, keras_file, tmp_path):
     paths.append(str(tmp_path / f'img{i}.png'))
     Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(paths[-1])
   cfg = _model_config('resnet50', path, include_top=True, image_size=64)
-  got = predict.predict_files(cfg, paths, k=3)
-  images = np.stack([predict.read_image(p, 64) for p in paths]).astype(np.float32)
+  got = zero_shot.predict_files(cfg, paths, k=3)
+  images = np.stack([read_image(p, 64) for p in paths]).astype(np.float32)
   logits = np.asarray(reference(keras.applications.resnet.preprocess_input(images)))
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
-  classes = predict.imagenet_classes()
+  classes = zero_shot.imagenet_classes()
   for row, best in zip(probs, got):
     top = np.argsort(-row)[:3]
     assert [name for name, _ in best] == [f'{classes[i][1]} ({classes[i][0]})' for i in top]

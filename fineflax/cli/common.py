@@ -5,6 +5,7 @@ compilation cache (`fineflax.distributed.runtime`), plain error messages."""
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -53,6 +54,15 @@ def define_distributed_flags(uses_devices: bool = True) -> Callable[[], None]:
   return join
 
 
+def program_name() -> str:
+  """The program as the user started it: 'python -m fineflax.train' for `python -m`, else
+  the command's file name ('fineflax-train'), never a path into the package."""
+  spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+  if spec is not None:
+    return f"python -m {spec.name.removesuffix('.__main__')}"
+  return os.path.basename(sys.argv[0])
+
+
 def show_in_help() -> None:
   """Makes the flags fineflax defines (--config, a program's own, the multi-host ones)
   those `--help` lists: absl lists only the flags of the file it was started from."""
@@ -62,11 +72,35 @@ def show_in_help() -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
-def run(main: Callable[..., None], required: Sequence[str] = ('config',),
-        positional: str | None = None, uses_devices: bool = True) -> None:
+def run_absl(absl_main: Callable[[list[str]], None], usage: str,
+             argv: list[str] | None = None) -> None:
+  """Runs `absl_main` under absl, its `--help` the text `usage` followed by the flags under
+  the program's name (`program_name`); a FineflaxError ends the program with its message.
+
+  absl prints the docstring of `__main__` and heads the flags with `sys.argv[0]`: through
+  the console script that docstring is empty, and under `python -m` the header would be
+  the path of the package's __main__.py. Both are set here for the run and put back after.
+  """
+  main_module = sys.modules['__main__']
+  saved = sys.argv[0], main_module.__doc__
+  sys.argv[0] = program_name()
+  main_module.__doc__ = usage
+  argv = [sys.argv[0], *(sys.argv if argv is None else argv)[1:]]
+  show_in_help()
+  try:
+    app.run(absl_main, argv=argv, flags_parser=parse_flags)
+  except FineflaxError as e:
+    sys.exit(f'error: {e}')
+  finally:
+    sys.argv[0], main_module.__doc__ = saved
+
+
+def run_program(main: Callable[..., None], usage: str, required: Sequence[str] = ('config',),
+                positional: str | None = None, uses_devices: bool = True) -> None:
   """Defines `--config` (`path[:arg]`, overridable by `--config.key=value`), then runs
   `main(config)` under absl, or `main(config, args)` when the tool takes `positional`
-  arguments; a FineflaxError ends the program with its message alone.
+  arguments; `usage` is what `--help` prints above the flags (`run_absl`); a FineflaxError
+  ends the program with its message alone.
 
   `--config.KEY=None` sets KEY to None, and a key that may be None takes a value even
   where the config file left it at None (`fineflax.config.overrides`).
@@ -103,11 +137,7 @@ def run(main: Callable[..., None], required: Sequence[str] = ('config',),
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     main(value)
 
-  show_in_help()
-  try:
-    app.run(absl_main, argv=argv, flags_parser=parse_flags)
-  except FineflaxError as e:
-    sys.exit(f'error: {e}')
+  run_absl(absl_main, usage, argv)
 
 
 def _loaded(holder: flags.FlagHolder) -> ml_collections.ConfigDict | None:

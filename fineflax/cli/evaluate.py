@@ -1,17 +1,25 @@
-"""`python -m fineflax.evaluate --workdir DIR [--split test] [--checkpoint best]`: evaluates
-a checkpoint of a run on one split (`fineflax.inference.evaluate.evaluate_run`), prints the
-report as a table and writes it under DIR/eval/."""
+"""Evaluates a checkpoint of a run on one split (`fineflax.inference.evaluate.evaluate_run`):
+prints the report as a table (loss, accuracy, per class, confusion matrix) and writes it
+under DIR/eval/.
+
+  python -m fineflax.evaluate --workdir DIR [--split train|val|test|NAME]
+                              [--checkpoint best|latest|STEP] [--batch_size N]
+  fineflax-evaluate ...     the same program
+
+  --split                   a role (train, val, test: default test) or a split name
+  --checkpoint              best (default; else latest), latest, or a step number
+  --coordinator HOST:PORT --num_processes N --process_id I
+                            one process of a multi-host job (docs/multihost.md)
+"""
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import jax
 from absl import app, flags
 
 from fineflax.cli import common
-from fineflax.errors import FineflaxError
 from fineflax.inference.evaluate import TOP_K, evaluate_run
 
 
@@ -65,11 +73,7 @@ def main() -> None:
     join()
     evaluate(workdir.value, split.value, checkpoint.value, batch_size.value)
 
-  common.show_in_help()
-  try:
-    app.run(absl_main)
-  except FineflaxError as e:
-    sys.exit(f'error: {e}')
+  common.run_absl(absl_main, __doc__)
 
 
 if __name__ == '__main__':

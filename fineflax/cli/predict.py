@@ -1,5 +1,16 @@
-"""`python -m fineflax.predict (--config CONFIG | --workdir DIR) [--output F.csv|F.json]
-IMAGE_OR_FOLDER...`: prints each image's top-k classes (`fineflax.inference.predict`).
+"""Prints each image's top-k classes, by a trained run or zero-shot ImageNet
+(`fineflax.inference`).
+
+  python -m fineflax.predict --workdir DIR [--checkpoint best|latest|STEP] IMAGE_OR_FOLDER...
+  python -m fineflax.predict --config configs/imagenet.py IMAGE_OR_FOLDER...  (zero-shot)
+  fineflax-predict ...      the same program
+
+  --workdir DIR             a trained run (python -m fineflax.train)
+  --config CONFIG[:smoke]   instead, a config's model with its pretrained weights
+  --config.KEY=VALUE        overrides one key of --config (every key:
+                            docs/config_reference.md)
+  --top_k K                 how many classes to print per image
+  --output F.csv|F.json     also writes one row per file, in the order given, with its error
 
 The first line on stdout names what predicted: `runs/demo: checkpoint best (step 12)`, or
 `zero-shot: resnet50 with weights imagenet`; then one line per image, `PATH: class p, ...`.
@@ -8,8 +19,8 @@ the folder data source reads; sorted; not its sub-folders). A file that cannot b
 gets one line on stderr, `PATH: not a readable image (...)`, and the other images are
 still predicted; the program then ends with `error: N of M images could not be read: ...`
 and exit status 1 (0 when every file was read). The errors go to stderr so that stdout
-holds predictions only; `--output` keeps every file, in the order given, with its error.
-When no file could be read, nothing is predicted (no checkpoint or weights are loaded).
+holds predictions only. When no file could be read, nothing is predicted (no checkpoint
+or weights are loaded) and `--output` holds every file with its error.
 """
 
 from __future__ import annotations
@@ -22,32 +33,35 @@ from absl import flags
 
 from fineflax.cli import common
 from fineflax.errors import ConfigError, DataError
-from fineflax.inference import predict as prediction
+from fineflax.inference import image_files, predictions, zero_shot
+from fineflax.inference import predict as run_files
 
 
 def predict(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: int,
             workdir: str | None = None, checkpoint: str = 'best',
             output: str | None = None) -> None:
   """Prints the top-k classes of each image (a folder: its images), of a run (`workdir`)
-  or a `config`, and writes them to `output` (.csv or .json) if given.
+  or a `config`, and writes every file, with its classes or its error, to `output` (.csv
+  or .json) if given.
 
   Raises:
     ConfigError: neither or both of `config` and `workdir`; `output` of another suffix.
-    DataError: a file could not be read (after the others were printed and written).
+    DataError: a file could not be read (after the others were printed and every file
+      written).
   """
   if (config is None) == (workdir is None):
     raise ConfigError('give exactly one of --config (a model with pretrained weights) and '
                       '--workdir (a trained run)')
   if output is not None:
     try:  # before any work: a typo in the name should not cost a model load
-      prediction.check_output_path(output)
+      predictions.check_output_path(output)
     except ConfigError as e:
       raise ConfigError(f'--output {e}') from None
-  paths = prediction.image_paths(paths)
+  paths = image_files.image_paths(paths)
   if workdir is not None:
-    results = prediction.predict_run_paths(workdir, paths, k, checkpoint)
+    results = run_files.predict_run_paths(workdir, paths, k, checkpoint)
   else:
-    results = prediction.predict_config_paths(config, paths, k)
+    results = zero_shot.predict_config_paths(config, paths, k)
   failed = results.failed
   if len(failed) < len(paths):
     print(results.source())
@@ -55,8 +69,8 @@ def predict(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: i
       if best is not None:
         print(f'{path}: ' + ', '.join(f'{name} {p:.4f}' for name, p in best))
     sys.stdout.flush()  # the predictions before the errors, on a terminal too
-    if output is not None:
-      prediction.write_predictions(results, output)
+  if output is not None:  # every file, those that could not be read too
+    predictions.write_predictions(results, output)
   for error in results.errors:
     if error is not None:
       print(error, file=sys.stderr)
@@ -77,9 +91,9 @@ def main() -> None:
                                'Also write every image (its path, the checkpoint used, the '
                                'top-k classes and probabilities, or its error) to this .csv '
                                'or .json file.')
-  common.run(lambda config, argv: predict(config, argv, top.value, workdir.value,
-                                          checkpoint.value, output.value),
-             required=(), positional='images')
+  common.run_program(lambda config, argv: predict(config, argv, top.value, workdir.value,
+                                                  checkpoint.value, output.value),
+                     __doc__, required=(), positional='images')
 
 
 if __name__ == '__main__':

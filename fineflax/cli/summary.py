@@ -1,5 +1,16 @@
-"""`python -m fineflax.summary --config CONFIG [--phase N]`: the Keras-style table of a
-config's model with a phase's freeze spec (`fineflax.train.summary`)."""
+"""Prints the Keras-style summary of a config's model: its layers, output shapes and
+parameter counts, trainable or not under a phase's freeze spec (`fineflax.train.summary`).
+
+  python -m fineflax.summary --config CONFIG [--phase N] [--config.KEY=VALUE ...]
+  fineflax-summary --config CONFIG [--phase N] [--config.KEY=VALUE ...]
+
+  --config CONFIG[:smoke]   the experiment, a config file (configs/*.py); ':smoke' runs the
+                            same workflow for a few steps a phase
+  --config.KEY=VALUE        overrides one key: --config.batch_size=32,
+                            --config.phases[1].learning_rate=1e-4, --config.data.test_split=None
+                            (every key: docs/config_reference.md)
+  --phase N                 the phase whose freeze spec marks the layers trainable or not
+"""
 
 from __future__ import annotations
 
@@ -19,7 +30,8 @@ def summary(config: ml_collections.ConfigDict, phase: int) -> None:
 def main() -> None:
   """The program (also the `fineflax-summary` command)."""
   phase = flags.DEFINE_integer('phase', 0, 'Index of the phase whose freeze spec to show.')
-  common.run(lambda config: summary(config, phase.value), uses_devices=False)
+  common.run_program(lambda config: summary(config, phase.value), __doc__,
+                     uses_devices=False)
 
 
 if __name__ == '__main__':

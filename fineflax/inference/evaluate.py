@@ -132,20 +132,36 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: 
 
 
 def resolve_split(split: str, data_config: ml_collections.ConfigDict,
-                  available: Sequence[str]) -> str:
+                  available: Sequence[str], absent: Sequence[str] = ()) -> str:
   """The dataset split name of `split`: a role (train/val/test, through
-  `config.data.<role>_split`) or a split name of the dataset."""
+  `config.data.<role>_split`) or a split name of the dataset (`available`: those loaded;
+  `absent`: those the config names that the source did not find, `data.Dataset.absent`).
+  """
   name = split
   if split in ROLES:
     name = data_config[f'{split}_split']
-    if name is None:
-      raise ConfigError(f'--split={split}: the run has no {split} split '
-                        f'(config.data.{split}_split is None); the dataset has the splits '
-                        f'{sorted(available)}')
+    if name is None or name in absent:
+      why = (f'config.data.{split}_split is None' if name is None else
+             f'config.data.{split}_split={name!r}: config.data.source={data_config.source!r} '
+             'has no such split')
+      raise ConfigError(f'--split={split}: the run has no {split} split ({why}); its splits: '
+                        + _run_splits(data_config, available, absent))
   if name not in available:
     raise ConfigError(f'--split={split}: the dataset has the splits {sorted(available)} '
                       f'(or a role: {", ".join(ROLES)})')
   return name
+
+
+def _run_splits(data_config: ml_collections.ConfigDict, available: Sequence[str],
+                absent: Sequence[str]) -> str:
+  """The splits there are, each role with its split name ("train ('train'), val
+  ('validation')"): those the config names and the source found, loaded or not."""
+  named = {data_config[f'{role}_split']: role for role in ROLES
+           if data_config[f'{role}_split'] is not None}
+  found = [name for name in named if name not in absent]
+  found += sorted(name for name in available if name not in named)
+  shown = [f'{named[name]} ({name!r})' if name in named else repr(name) for name in found]
+  return ', '.join(shown) or 'none'
 
 
 def eval_batch_size(requested: int | None, config: ml_collections.ConfigDict,
@@ -188,7 +204,7 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
   if tuple(dataset.info.class_names) != tuple(run.class_names):
     raise ConfigError(f'{workdir}: the run was trained on the classes {list(run.class_names)} '
                       f'but its dataset now has {list(dataset.info.class_names)}')
-  name = resolve_split(split, run.config.data, list(dataset.splits))
+  name = resolve_split(split, run.config.data, list(dataset.splits), dataset.absent)
   if dataset.splits[name].size == 0:
     raise DataError(f'{workdir}: split {name!r} of config.data.source='
                     f'{run.config.data.source!r} has no example to evaluate')

@@ -9,7 +9,6 @@
     DIR/checkpoints/latest/<step>/   the last saves, for resuming
     DIR/checkpoints/best/<step>/     the best save by config.checkpoint.monitor
     DIR/checkpoints/phase_best/<step>/  the best epoch of a restore_best phase
-    DIR/checkpoints/<step>/          layout-1 runs of an early fineflax (read only)
     DIR/features/<role>.npy          cached features memory-mapped from disk (for a gs://
                                      DIR, in a local folder: see storage.local_cache_folder)
     DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
@@ -69,7 +68,7 @@ class RunDir:
 
   @property
   def checkpoints(self) -> epath.Path:
-    """The folder of the checkpoint folders (and, in layout-1 runs, of the steps)."""
+    """The folder of the checkpoint folders."""
     return self.root / 'checkpoints'
 
   @property

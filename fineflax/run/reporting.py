@@ -128,27 +128,42 @@ def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
           f"{record['images_per_sec']:.0f} img/s")
 
 
-def run_summary(folder: RunDir, results: dict[str, Any], records: list[dict[str, Any]]) -> str:
+def measured_parameters(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+  """('final parameters', results.json's final record), and ('best checkpoint', its best
+  record) when that is another step: the parameters a run's figures were measured with."""
+  out = [('final parameters', results['final'])]
+  best = results.get('best')
+  if best and best['step'] != results['final']['step']:
+    out.append(('best checkpoint', best))
+  return out
+
+
+def run_summary(folder: RunDir, results: dict[str, Any]) -> str:
   """The lines a run ends with: where it stopped, its final and best validation figures
-  and test figures, each with its step and checkpoint, and the commands that reuse it."""
+  and test figures, each with its step and checkpoint, and the commands that reuse it
+  (evaluate offering the splits the run has)."""
   lines = [f"run finished at step {results['step']} (epoch {results['epoch']}); "
            f'results in {folder.results_json}']
-  validated = [r for r in records if r.get('val_loss') is not None]
+  final = results['final']
+  validated = 'val_loss' in final
   if validated:
-    last = validated[-1]
-    lines.append(f"  final parameters, step {last['step']}: val_loss {last['val_loss']:.4f} "
-                 f"val_accuracy {last['val_accuracy']:.4f} ({folder.latest})")
+    lines.append(f"  final parameters, step {final['step']}: val_loss {final['val_loss']:.4f} "
+                 f"val_accuracy {final['val_accuracy']:.4f} ({folder.latest})")
   best = results.get('best')
   if best:
     lines.append(f"  best checkpoint, step {best['step']}: {best['monitor']} "
                  f"{best['value']:.4f} ({folder.root / best['dir']})")
-  for label, record in (('final parameters', results['final']), ('best checkpoint', best)):
-    if record and 'test_accuracy' in record:
+  for label, record in measured_parameters(results):
+    if 'test_accuracy' in record:
       lines.append(f"  test split, {label} (step {record['step']}): accuracy "
                    f"{record['test_accuracy']:.4f}, loss {record['test_loss']:.4f} "
                    f"({record['test_examples']} examples)")
-  lines += [f'  evaluate: python -m fineflax.evaluate --workdir {folder.root} '
-            '[--split train|val|test] [--checkpoint best|latest|STEP]',
+  tested = 'test_accuracy' in results['final']
+  roles = ['train'] + ['val'] * validated + ['test'] * tested
+  # Without a test split `--split` is needed: evaluate's default split is the test split.
+  split = f'[--split {"|".join(roles)}]' if tested else f'--split {"|".join(roles)}'
+  lines += [f'  evaluate: python -m fineflax.evaluate --workdir {folder.root} {split} '
+            '[--checkpoint best|latest|STEP]',
             f'  predict:  python -m fineflax.predict --workdir {folder.root} IMAGE...']
   return '\n'.join(lines)
 

@@ -10,11 +10,9 @@ the checkpoint was saved in, and nothing here needs it. The arrays come back as 
 arrays on this process's first device, whatever mesh the run was trained on, so a run
 trained on 8 GPUs opens on a laptop.
 
-Run layouts read (docs/checkpoints.md):
-  2 (current): checkpoints/latest/<step>/ and checkpoints/best/<step>/, with the
-    resolved config in DIR/config.json and the classes in DIR/dataset.json.
-  1 (the earliest runs): checkpoints/<step>/ only, no config.json: pass the run's config
-    (`config=`); 'best' means the newest step, as those runs kept no best checkpoint.
+A run folder (docs/checkpoints.md) holds checkpoints/latest/<step>/ and
+checkpoints/best/<step>/, the resolved config in DIR/config.json and the classes in
+DIR/dataset.json.
 """
 
 from __future__ import annotations
@@ -67,30 +65,16 @@ class RestoredRun:
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _v1_steps(workdir: epath.Path) -> list[int]:
-  """The step folders of a layout-1 run (directly under checkpoints/)."""
-  return checkpoints.complete_steps(RunDir(workdir).checkpoints)
-
-
-def read_config(workdir: str | os.PathLike,
-                config: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-  """The validated config of the run in `workdir`: its DIR/config.json, else `config`
-  (needed for layout-1 runs, which wrote none).
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+  """The validated config of the run in `workdir` (its DIR/config.json).
 
   Raises:
-    ConfigError: no such folder, a folder that is not a fineflax run, or a layout-1 run
-      without `config`.
+    ConfigError: no such folder, or a folder that is not a fineflax run.
   """
   workdir = RunDir(workdir).root
   if not workdir.is_dir():
     raise ConfigError(f'{workdir}: no such run directory')
   path = RunDir(workdir).config_json
-  if not path.is_file() and config is not None:
-    return config_lib.validate(config)
-  if not path.is_file() and _v1_steps(workdir):
-    raise ConfigError(f'{workdir} is a layout-1 run of an early fineflax (checkpoints/<step>/, '
-                      f'no {path.name}): pass the config it was trained with, e.g. '
-                      "load_run(workdir, config=configs.demo.get_config('smoke'))")
   if not path.is_file():
     raise ConfigError(f'{workdir} is not a fineflax run: it has no {path.name} '
                       '(python -m fineflax.train writes one when a run starts)')
@@ -101,13 +85,17 @@ def read_config(workdir: str | os.PathLike,
   return config_lib.from_dict(values)
 
 
-def read_dataset_info(workdir: str | os.PathLike,
-                      config: ml_collections.ConfigDict) -> data.DatasetInfo:
-  """The class names and image shape the run was trained with (DIR/dataset.json; from
-  the data source itself when the run predates that file)."""
+def read_dataset_info(workdir: str | os.PathLike) -> data.DatasetInfo:
+  """The class names and image shape the run was trained with (DIR/dataset.json, which a
+  run writes before its first step).
+
+  Raises:
+    ConfigError: the folder has no dataset.json.
+  """
   path = RunDir(workdir).dataset_json
   if not path.is_file():
-    return data.dataset_info(config.data)
+    raise ConfigError(f'{workdir} is not a fineflax run: it has no {path.name} '
+                      '(python -m fineflax.train writes one when a run starts)')
   values = json.loads(path.read_text())
   return data.DatasetInfo(image_shape=tuple(values['image_shape']),
                           class_names=tuple(values['class_names']))
@@ -133,19 +121,14 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
   if isinstance(checkpoint, str) and checkpoint not in KINDS:
     raise ConfigError(f"checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number")
   steps = {kind: checkpoints.complete_steps(f) for kind, f in folders.items()}
-  if not any(steps.values()) and _v1_steps(workdir):
-    folders = {'best': run_dir.checkpoints, 'latest': run_dir.checkpoints}
-    steps = {kind: _v1_steps(workdir) for kind in folders}
-    if checkpoint == 'best':
-      logger.warning('%s is a layout-1 run (no best checkpoint): using the newest step', workdir)
-      checkpoint = 'latest'
   if not any(steps.values()):
     raise ConfigError(f'{run_dir.checkpoints}: no checkpoint (the run saved none yet)')
   if isinstance(checkpoint, int):
     for kind in ('latest', 'best'):
       if checkpoint in steps[kind]:
         return folders[kind] / str(checkpoint), f'step{checkpoint}'
-    raise ConfigError(f'{run_dir.checkpoints} has no step {checkpoint}; available: '
+    raise ConfigError(f'{run_dir.checkpoints} has no step {checkpoint} (no folder '
+                      f'latest/{checkpoint} or best/{checkpoint}); its steps: '
                       + ', '.join(f'{kind}/ {found}' for kind, found in steps.items() if found))
   if checkpoint == 'best' and not steps['best']:
     logger.warning('%s has no best checkpoint (no validation split?); using the latest one',
@@ -161,6 +144,17 @@ def _check_fits(saved: Any, expected: Any, where: str) -> None:
   checkpoints.check_same_tree(specs(saved), specs(expected), where)
 
 
+def _not_a_step(step_dir: epath.Path) -> str:
+  """Why `step_dir` is no checkpoint, in one line naming the steps that do exist."""
+  if step_dir.is_dir():
+    return f'{step_dir}: not a checkpoint step folder (it has no state/)'
+  if not step_dir.parent.is_dir():
+    return f'{step_dir}: no such checkpoint folder ({step_dir.parent} does not exist)'
+  steps = checkpoints.complete_steps(step_dir.parent)
+  return (f'{step_dir}: no such checkpoint folder; the steps in {step_dir.parent}: '
+          + (', '.join(map(str, steps)) if steps else 'none'))
+
+
 def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
                    ) -> tuple[dict[str, Any], dict[str, Any]]:
   """The params and batch_stats of a checkpoint step folder, and its meta record.
@@ -169,9 +163,12 @@ def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
     step_dir: a `checkpoints/{best,latest}/<step>` folder.
     expected: the abstract {'params', 'batch_stats'} the checkpoint must hold.
   Raises:
+    ConfigError: no such step folder (naming the steps beside it), or one without `state`.
     CheckpointMismatchError: the checkpoint holds other leaves or shapes (naming them).
   """
   step_dir = storage.absolute(step_dir, 'checkpoint folder')
+  if not (step_dir / 'state').is_dir():
+    raise ConfigError(_not_a_step(step_dir))
   handler = ocp.PyTreeCheckpointHandler()  # (a Checkpointer would warn: see weights.files)
   try:
     saved = handler.metadata(step_dir / 'state')
@@ -204,22 +201,20 @@ def init_from_folder(path: str | os.PathLike) -> epath.Path:
   return path
 
 
-def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best', *,
-             config: ml_collections.ConfigDict | None = None) -> RestoredRun:
+def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> RestoredRun:
   """The model of the run in `workdir` with a checkpoint's params and batch_stats.
 
   Args:
     workdir: a directory `python -m fineflax.train` wrote.
     checkpoint: 'best', 'latest' or a step number (see `find_checkpoint`).
-    config: the run's config, for a layout-1 run (no DIR/config.json); ignored otherwise.
   Raises:
     ConfigError: no such directory, not a run, no such checkpoint; its subclass
       CheckpointMismatchError when the checkpoint does not fit the model of the config.
   """
   workdir = RunDir(workdir).root
-  config = read_config(workdir, config)
+  config = read_config(workdir)
   step_dir, label = find_checkpoint(workdir, checkpoint)
-  info = read_dataset_info(workdir, config)
+  info = read_dataset_info(workdir)
   model = models.from_config(config, info.class_names)
   variables, meta = read_variables(step_dir, models.abstract_variables(model, info.image_shape))
   logger.info('restored %s (step %s, %s)', step_dir, step_dir.name, label)

@@ -279,5 +279,5 @@ def report_results(run: TrainingRun, state: state_lib.TrainState, position: Posi
     results['best'] = record
   reporting.write_json(folder.results_json, results)
   if jax.process_index() == 0:
-    logger.info(reporting.run_summary(folder, results, run.metrics_log.read()))
+    logger.info(reporting.run_summary(folder, results))
   return results
