@@ -5,6 +5,7 @@ compiled step costs (FLOPs, memory) and how large a batch fits, without running 
     python scripts/benchmark.py --backbone resnet50 --batch 512 --image 32 --modes head,conv5
     python scripts/benchmark.py --loop --backbone resnet50 --batch 256 --image 224 \
         --data synthetic:50000:32
+    python scripts/benchmark.py --host --backbone resnet_tiny --batch 32 --image 16
     python scripts/benchmark.py --cost --backbone resnet50 --batch 8 --image 224
     python scripts/benchmark.py --max-batch 80 --backbone resnet50 --batch 8 --image 224
 
@@ -16,7 +17,9 @@ bfloat16 on GPU/TPU). Modes: forward (feature extraction), head (backbone frozen
 Compilation is timed apart; the figure is the median of `--windows` windows of `--steps`
 steps after a warm-up window. `--loop` runs `fineflax.train.train_and_evaluate` instead,
 on uint8 images of `--data` through the real input pipeline (resized on the device to
-`--image`), and reports the last epoch's images/s from its metrics.jsonl.
+`--image`), and reports the last epoch's images/s from its metrics.jsonl; `--host` runs
+that loop with a train step that does no work, and reports the host's time per step
+(scripts/benchmark_loop.py).
 
 `--cost` compiles the same steps at `--batch` (default 256, as for timing; `--batch 8` is
 plenty on a CPU) and runs nothing: per mode, XLA's cost analysis (GFLOP per image of one
@@ -40,8 +43,9 @@ import json
 import logging
 import math
 import statistics
-import tempfile
+import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import jax
@@ -51,47 +55,47 @@ from jax.sharding import Mesh
 from fineflax import config as config_lib, models
 from fineflax.distributed import parallel, runtime
 from fineflax.errors import FineflaxError
-from fineflax.run.reporting import MetricsLog
 from fineflax.train import freeze, optimizers, state as state_lib, step as step_lib
 
-MODES = ('forward', 'head', 'conv5', 'full')
-# The first layer that trains in 'conv5' mode, per backbone family (Keras names).
-_CONV5_PREFIXES = ('conv5_', 'block5_')
+# This script's folder, for its loop module: on the path when the script runs, not when a
+# test loads it by its path (tests/scripts_loader.py).
+if str(Path(__file__).resolve().parent) not in sys.path:
+  sys.path.append(str(Path(__file__).resolve().parent))
+
+from benchmark_loop import MODES, bench_host, bench_loop, freeze_spec  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 MB = 2**20
 logger = logging.getLogger('fineflax.benchmark')
 
 
-def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
-  """The freeze spec of a benchmark mode ('forward' trains nothing: 'backbone' for shape)."""
-  if mode in ('forward', 'head'):
-    return 'backbone'
-  if mode == 'full':
-    return 'none'
-  for i, layer in enumerate(backbone_layers):
-    if layer.name.startswith(_CONV5_PREFIXES):
-      return f'layers[:{i}]'
-  raise ValueError('mode conv5: the backbone has no conv5/block5 layer')
-
-
 @dataclasses.dataclass
 class BuiltStep:
-  """A mode's jitted step and its arguments `(state or variables, batch, data)`."""
+  """A mode's jitted step and its arguments: the features step's `(variables, batch,
+  data)`, or the train step's `(carry, fixed, batch, data, metrics)` as the training loop
+  passes them (`fineflax.train.step.TrainStep.jitted`, its `structure` static), whose
+  carry (the first argument and output) is donated."""
 
-  step: Any  # jax.jit-wrapped; the train step donates its first argument
+  step: Any  # jax.jit-wrapped
   args: tuple[Any, ...]
   mesh: Mesh
   compute: Any  # the compute dtype
   trainable_leaves: int  # 0 for forward
+  static: tuple[Any, ...] = ()  # arguments the compiled step is specialised on
+
+  @property
+  def trains(self) -> bool:
+    return self.trainable_leaves > 0
 
   def compile(self, batch: int | None = None) -> Any:
     """The compiled step, lowered on the arguments' shapes and shardings only (nothing is
     read or donated), with the batch resized to `batch` rows when given."""
     spec = lambda x, shape=None: jax.ShapeDtypeStruct(shape or x.shape, x.dtype,
                                                       sharding=x.sharding)
-    first, data, extra = self.args
-    first, extra = jax.tree.map(spec, first), jax.tree.map(spec, extra)
-    data = jax.tree.map(lambda x: spec(x, (batch or x.shape[0],) + x.shape[1:]), data)
-    return self.step.lower(first, data, extra).compile()
+    args = [jax.tree.map(spec, a) for a in self.args]
+    rows = 2 if self.trains else 1  # the batch argument
+    args[rows] = jax.tree.map(lambda x: spec(x, (batch or x.shape[0],) + x.shape[1:]),
+                              self.args[rows])
+    return self.step.lower(*args, *self.static).compile()
 
 
 def build_step(backbone: str, mode: str, batch: int, image: int, dtype: str,
@@ -120,8 +124,12 @@ def build_step(backbone: str, mode: str, batch: int, image: int, dtype: str,
                                         config_lib.phase(freeze=spec), 1)
   state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
   trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(optimizer.labels))
-  return BuiltStep(step_lib.make_train_step(model, optimizer, mesh), (state, data, {}),
-                   mesh, compute, trainable)
+  train_step = step_lib.make_train_step(model, optimizer, mesh)
+  carry, fixed, structure = train_step.split(state)
+  start = parallel.replicate(np.zeros((), np.int32), mesh)
+  metrics = parallel.replicate(np.zeros((1, 3), np.float32), mesh)
+  return BuiltStep(train_step.jitted, (carry, fixed, data, {'start': start}, metrics), mesh,
+                   compute, trainable, (structure,))
 
 
 def _header(what: str, backbone: str, mode: str, batch: int, image: int,
@@ -150,15 +158,14 @@ def bench_step(backbone: str, mode: str, batch: int, image: int, dtype: str, win
   start = time.perf_counter()
   compiled = built.compile()
   compile_s = time.perf_counter() - start
-  first, data, extra = built.args
-  holder = {'first': first}
+  args = list(built.args)
 
   def run(n):
     out = None
     for _ in range(n):
-      out = compiled(holder['first'], data, extra)
-      if mode != 'forward':  # the train step donated the state: carry the new one
-        holder['first'], out = out
+      out = compiled(*args)
+      if built.trains:  # the train step donated its carry: pass the new one on
+        args[0], out = out
     return out
 
   seconds = _windows(run, windows, steps)
@@ -273,47 +280,30 @@ def cost_records(backbone: str, modes: list[str], batch: int, image: int, dtype:
       yield record
 
 
-def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, source: str,
-               epochs: int, every_steps: int | None = None) -> dict[str, Any]:
-  """Runs `train_and_evaluate` on `source` for `epochs` and reports its last epoch
-  (`every_steps`: with per-step records, to TensorBoard too)."""
-  from fineflax import train  # pylint: disable=g-import-not-at-top
-  cfg = config_lib.default_config()
-  cfg.batch_size = batch
-  cfg.dtype = dtype
-  cfg.model.backbone = backbone
-  cfg.model.image_size = image
-  cfg.data.source = source
-  cfg.data.val_split = cfg.data.test_split = None
-  cfg.data.augment.flip = 'horizontal'  # the loop includes on-device augmentation
-  cfg.features.cache = 'off'
-  cfg.report.update(progress='off', tensorboard=bool(every_steps), plot=False,
-                    every_steps=every_steps)
-  layers = models.BACKBONES[backbone].build().layers
-  if mode == 'forward':
-    raise ValueError('--loop measures training: modes head, conv5, full')
-  cfg.phases = (config_lib.phase(name=mode, freeze=freeze_spec(mode, layers), epochs=epochs),)
-  with tempfile.TemporaryDirectory() as workdir:
-    train.train_and_evaluate(cfg, workdir)
-    last = MetricsLog(workdir).read()[-1]
-  return {'what': 'loop', 'backbone': backbone, 'mode': mode, 'batch': batch, 'image': image,
-          'data': source, 'dtype': str(np.dtype(models.compute_dtype(dtype))),
-          'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-          'device_kind': jax.devices()[0].device_kind,
-          'img_per_s': round(last['images_per_sec'], 1), 'epochs': epochs,
-          'every_steps': every_steps}
-
-
 def table(records: list[dict[str, Any]]) -> str:
   """The records as a Markdown table (cost records: FLOPs and memory, others: speed)."""
   if records and records[0]['what'] == 'cost':
     return _cost_table(records)
+  if records and records[0]['what'] == 'host':
+    return _host_table(records)
   rows = ['| what | backbone | mode | batch | image | dtype | devices | compile s | img/s |',
           '|---|---|---|---|---|---|---|---|---|']
   for r in records:
     rows.append(f"| {r['what']} | {r['backbone']} | {r['mode']} | {r['batch']} | "
                 f"{r['image']} | {r['dtype']} | {r['devices']} {r['device_kind']} | "
                 f"{r.get('compile_s', '')} | {r['img_per_s']:,.0f} |")
+  return '\n'.join(rows)
+
+
+def _host_table(records: list[dict[str, Any]]) -> str:
+  rows = ['| backbone | mode | batch | image | data | every_steps | devices | steps | '
+          'host us/step (thread CPU) | wall us/step |',
+          '|---|---|---|---|---|---|---|---|---|---|']
+  for r in records:
+    rows.append(f"| {r['backbone']} | {r['mode']} | {r['batch']} | {r['image']} | "
+                f"{r['data']} | {r['every_steps'] or '-'} | {r['devices']} "
+                f"{r['device_kind']} | {r['steps']} | {r['host_us_per_step']:.0f} | "
+                f"{r['wall_us_per_step']:.0f} |")
   return '\n'.join(rows)
 
 
@@ -345,10 +335,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument('--windows', type=int, default=5, help='timed windows (median)')
   parser.add_argument('--steps', type=int, default=20, help='steps per window')
   parser.add_argument('--loop', action='store_true', help='time the whole training loop')
+  parser.add_argument('--host', action='store_true',
+                      help="the training loop's host time per step (a step that does no "
+                      'work)')
   parser.add_argument('--data', default='synthetic:50000:32', help='--loop: data source')
   parser.add_argument('--epochs', type=int, default=2, help='--loop: epochs (last reported)')
   parser.add_argument('--every-steps', type=int, default=None,
-                      help='--loop: with per-step records every N steps (report.every_steps)')
+                      help='--loop, --host: with per-step records every N steps '
+                      '(report.every_steps)')
   parser.add_argument('--cost', action='store_true',
                       help='compile only: XLA FLOPs and memory per mode (--batch 8 is '
                       'plenty on a CPU)')
@@ -367,11 +361,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   except FineflaxError as e:  # ConfigError, or runtime's AcceleratorUnusedError
     parser.exit(2, f'error: {e}\n')
   cost = args.cost or args.max_batch is not None
-  if args.loop and cost:
-    parser.error('--loop times training; --cost/--max-batch compile only')
+  if (args.loop or args.host) and cost:
+    parser.error('--loop and --host time training; --cost/--max-batch compile only')
   if args.max_batch is not None and args.max_batch <= 0:
     parser.error('--max-batch takes a positive number of GiB')
-  default = ','.join(MODES[1:] if args.loop else MODES)
+  default = ','.join(MODES[1:] if args.loop or args.host else MODES)
   modes = [m for m in (args.modes or default).split(',') if m]
   unknown = sorted(set(modes) - set(MODES))
   if unknown:
@@ -382,6 +376,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   elif args.loop:
     runs = (bench_loop(args.backbone, mode, args.batch, args.image, args.dtype, args.data,
                        args.epochs, args.every_steps) for mode in modes)
+  elif args.host:
+    runs = (bench_host(args.backbone, mode, args.batch, args.image, args.data, args.epochs,
+                       args.every_steps) for mode in modes)
   else:
     runs = (bench_step(args.backbone, mode, args.batch, args.image, args.dtype,
                        args.windows, args.steps) for mode in modes)

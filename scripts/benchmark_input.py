@@ -56,8 +56,7 @@ from typing import Any, Iterator, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.append(str(Path(__file__).resolve().parent))
 
-from benchmark_input_pipelines import (  # pylint: disable=g-import-not-at-top,wrong-import-position
-    MODULES, PIPELINES, RUNNERS, SIZE, jpegs, make_folder, missing)
+from benchmark_input_pipelines import MODULES, PIPELINES, RUNNERS, SIZE, jpegs, make_folder, missing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 DEFAULT_PIPELINES = ('fineflax', 'torch', 'tf')
 logger = logging.getLogger('fineflax.benchmark_input')

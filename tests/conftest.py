@@ -7,7 +7,6 @@ import importlib
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 # Both must be set before jax (or keras) is imported anywhere.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -36,30 +35,10 @@ def demo_run(tmp_path_factory):
   steps 2 and 4 in latest/, one in best/ by val_loss), trained once for the session on
   one device (it compiles faster than on eight). Tests read it; to change it, copy it."""
   from fineflax import train  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from tests.helpers import ROOT  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, str(ROOT))
   config = importlib.import_module('configs.demo').get_config('smoke')
   assert config.data.val_split and config.data.test_split
   workdir = tmp_path_factory.mktemp('demo_smoke')
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
-
-
-# The fast tier (`pytest -m "not slow"`, under 2 minutes on two workers) leaves out the
-# files that train runs, start programs or compare with Keras and torch; the full suite
-# (the README's command) runs everything.
-SLOW_FILES = frozenset({
-    'test_bad_input', 'test_benchmark', 'test_checkpoint_layout', 'test_evaluate_cli',
-    'test_failures', 'test_features', 'test_load_run', 'test_models', 'test_multihost',
-    'test_multiprocess', 'test_optimizers', 'test_predict', 'test_researcher_path',
-    'test_runtime', 'test_step', 'test_train', 'test_unreadable_images', 'test_weights',
-    'test_data_order', 'test_configs', 'test_streaming', 'test_run_claims',
-    'test_invariance_and_mutations', 'test_streaming_multiprocess', 'test_step_records',
-    'test_streaming_memory', 'test_download_multiprocess', 'test_discriminative',
-    'test_streaming_tfds', 'test_gcs_run_folder'})
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  for item in items:
-    if item.module.__name__.rpartition('.')[2] in SLOW_FILES:
-      item.add_marker(pytest.mark.slow)

@@ -20,6 +20,7 @@ from pathlib import Path
 import ml_collections
 
 from fineflax import config as ffc
+from tests import helpers
 
 TMP_MARK = '.orbax-checkpoint-tmp'
 _FILES = {'write': 'metadata', 'commit': 'commit_success.txt'}
@@ -57,16 +58,11 @@ def _install_hold(point: str, step: int, flag: str) -> None:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """One phase of 2 epochs of 4 steps on the digits, saved after every step."""
-  config = ffc.default_config()
+  config = helpers.tiny_config(
+      ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2), max_examples=32)
   config.seed = 0
-  config.batch_size = 8
-  config.data.max_examples = 32
-  config.model.backbone = 'resnet_tiny'
-  config.model.image_size = 16
-  config.model.preprocessing = 'tf'
   config.model.head.dropout = 0.3
   config.data.augment.flip = 'horizontal'
-  config.phases = (ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),)
   config.checkpoint.every_steps = 1
   config.checkpoint.keep = 3
   config.report.plot = False

@@ -1,15 +1,77 @@
-"""What several test files build the same way: small models, a phase's optimizer and
-train state."""
+"""What several test files build the same way: the environment of the programs they start,
+free ports, small configs and models, a phase's optimizer and train state."""
 
 from __future__ import annotations
 
+import os
+import socket
+from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import ml_collections
 
 from fineflax import config as config_lib, models
 from fineflax.distributed import parallel
 from fineflax.train import optimizers, state as state_lib
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+
+
+def program_env(*, devices: int | None = None, cache: Path | str | None = None,
+                unset: Sequence[str] = (), **extra: str) -> dict[str, str]:
+  """The environment of a program a test starts: this process's, with the repository on
+  PYTHONPATH and without conftest's eight virtual devices (XLA_FLAGS=''), or on `devices`
+  CPU devices (JAX_PLATFORMS=cpu: the device count applies to the host platform only);
+  `cache` as $FINEFLAX_CACHE (else conftest's); the variables named in `unset` left out,
+  then `extra` set."""
+  env = {k: v for k, v in os.environ.items() if k not in unset}
+  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS='')
+  if devices is not None:
+    env.update(JAX_PLATFORMS='cpu',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  if cache is not None:
+    env['FINEFLAX_CACHE'] = str(cache)
+  env.update(extra)
+  return env
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on (free when asked: the caller binds it
+  soon, or relies on nothing listening there)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def tiny_config(*phases: ml_collections.ConfigDict, batch_size: int = 8,
+                **data_keys: Any) -> ml_collections.ConfigDict:
+  """A run of seconds on a CPU: resnet_tiny at 16 px with 'tf' preprocessing, no weights,
+  global batch `batch_size`, the config.data keys in `data_keys` (the digits unless a
+  source is given) and `phases` (one default phase unless given)."""
+  cfg = config_lib.default_config()
+  cfg.batch_size = batch_size
+  cfg.model.backbone = 'resnet_tiny'
+  cfg.model.image_size = 16
+  cfg.model.preprocessing = 'tf'
+  for key, value in data_keys.items():
+    cfg.data[key] = value
+  if phases:
+    cfg.phases = phases
+  return cfg
+
+
+def two_phase_config() -> ml_collections.ConfigDict:
+  """A two-phase run of 40 digits (3 steps of 16 an epoch, the last one padded), head
+  dropout: 'scratch' trains everything with BatchNorm in training mode, then 'conv5'
+  trains conv5 and the head; 2 epochs each."""
+  cfg = tiny_config(
+      config_lib.phase(name='scratch', batchnorm='train', learning_rate=3e-3, epochs=2),
+      config_lib.phase(name='conv5', freeze='regex:^backbone/conv[1-4]_', learning_rate=1e-3,
+                       epochs=2),
+      batch_size=16, max_examples=40)
+  cfg.model.head.dropout = 0.3
+  return cfg
 
 
 def tiny_model(num_classes: int = 10, **model_keys: Any) -> models.Classifier:

@@ -57,8 +57,8 @@ def main(config_arg: str, workdir: str, port: int) -> None:
                              process_id=0, coordinator_bind_address=f'127.0.0.1:{port}')
   # pylint: disable=g-import-not-at-top
   from fineflax import data, train
-  from fineflax.run import reporting
   from fineflax.data import dataset
+  from fineflax.run import reporting
   # pylint: enable=g-import-not-at-top
   reporting.setup_logging()
   if 'FINEFLAX_CACHE' in os.environ:

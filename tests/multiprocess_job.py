@@ -7,12 +7,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from fineflax import config as config_lib, data, models
+from fineflax import config as config_lib, data, models, train
 from fineflax.distributed import parallel
-from fineflax.train import state as state_lib
-from fineflax import train
-from fineflax.train import step as step_lib
+from fineflax.train import state as state_lib, step as step_lib
 from fineflax.train.step import evaluate
+from tests import helpers
 
 
 def run() -> dict:
@@ -38,14 +37,9 @@ def run() -> dict:
 
 def folder_config(photos: str) -> ml_collections.ConfigDict:
   """A small run on an image folder: global batch 8 (4 a process), 3 epochs."""
-  cfg = config_lib.default_config()
-  cfg.batch_size = 8
-  cfg.data.source = f'folder:{photos}'
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.preprocessing = 'tf'
-  cfg.phases = (config_lib.phase(name='a', optimizer='adam', learning_rate=1e-3, epochs=3),)
-  return cfg
+  return helpers.tiny_config(
+      config_lib.phase(name='a', optimizer='adam', learning_rate=1e-3, epochs=3),
+      source=f'folder:{photos}')
 
 
 def train_folder(photos: str, workdir: str) -> dict:

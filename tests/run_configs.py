@@ -8,17 +8,14 @@ def two_phase(lines: str = '', phase_b: str = 'epochs=1') -> str:
   config statements, indented by two spaces."""
   return f"""
 from fineflax import config as ffc
+from tests import helpers
 
 def get_config(arg=None):
-  config = ffc.default_config()
-  config.batch_size = 8
-  config.model.backbone = 'resnet_tiny'
-  config.model.image_size = 16
-  config.model.preprocessing = 'tf'
+  config = helpers.tiny_config(
+      ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
+      ffc.phase(name='b', freeze='regex:^backbone/conv[1-4]_', {phase_b}))
   config.model.head.dropout = 0.3
   config.data.augment.flip = 'horizontal'
 {lines}
-  config.phases = (ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
-                   ffc.phase(name='b', freeze='regex:^backbone/conv[1-4]_', {phase_b}))
   return ffc.finish(config, arg)
 """

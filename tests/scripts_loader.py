@@ -4,10 +4,11 @@ worker) would define them again (DuplicateFlagError)."""
 
 import importlib.util
 import sys
-from pathlib import Path
 from types import ModuleType
 
-SCRIPTS = Path(__file__).resolve().parents[1] / 'scripts'
+from tests import helpers
+
+SCRIPTS = helpers.ROOT / 'scripts'
 
 
 def load(name: str) -> ModuleType:

@@ -3,10 +3,11 @@
 It runs gcp-storage-emulator (PyPI) in a process of its own, keeping objects in memory,
 with one bucket, and one addition: downloads carry the object's generation in
 `x-goog-generation`, as Cloud Storage's do (tensorstore reads Orbax's OCDBT manifest
-through it and refuses a download without one). `ENV` points every client fineflax uses at it: etils.epath through
-gcsfs (EPATH_USE_TF=false; TensorFlow's gfile cannot be pointed at an emulator),
-gcsfs and Google's clients through STORAGE_EMULATOR_HOST, and tensorstore (which writes
-Orbax's arrays) through TENSORSTORE_GCS_HTTP_URL with a fixed test token.
+through it and refuses a download without one). `client_env` points every client
+fineflax uses at it: etils.epath through gcsfs (EPATH_USE_TF=false; TensorFlow's gfile
+cannot be pointed at an emulator), gcsfs and Google's clients through
+STORAGE_EMULATOR_HOST, and tensorstore (which writes Orbax's arrays) through
+TENSORSTORE_GCS_HTTP_URL with a fixed test token.
 """
 
 from __future__ import annotations
@@ -23,12 +24,6 @@ from typing import Iterator
 BUCKET = 'fineflax-test'
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def client_env(url: str) -> dict[str, str]:
   """The variables that point fineflax's storage clients at the emulator at `url`."""
   return {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
@@ -41,7 +36,9 @@ def client_env(url: str) -> dict[str, str]:
 @contextlib.contextmanager
 def running(log: Path) -> Iterator[dict[str, str]]:
   """Starts the emulator (its output goes to `log`); yields the client variables."""
-  port = free_port()
+  # Imported here: the emulator's own process (_serve) needs neither it nor what it imports.
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  port = helpers.free_port()
   with open(log, 'wb') as out:
     process = subprocess.Popen([sys.executable, __file__, str(port)], stdout=out,
                                stderr=subprocess.STDOUT)

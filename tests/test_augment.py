@@ -93,12 +93,13 @@ def test_mixup_draws_do_not_depend_on_how_the_batch_is_split():
   assert sorted(np.asarray(partner)) == list(range(8))  # a permutation: each once
   pieces = [A.mixup_draws(key, 0.4, 8, jnp.arange(i, i + 1)) for i in range(8)]
   np.testing.assert_array_equal(np.concatenate([p for p, _ in pieces]), partner)
-  np.testing.assert_array_equal(np.concatenate([l for _, l in pieces]), lam)
+  np.testing.assert_array_equal(np.concatenate([w for _, w in pieces]), lam)
   assert len(set(np.asarray(lam).tolist())) == 8  # one draw per example, not one per batch
   x = jnp.arange(4, dtype=jnp.float32)[:, None, None, None] * jnp.ones((4, 2, 2, 1))
   weights = jnp.array([0.0, 0.25, 0.5, 1.0])
   mixed = A.mix(x, x[::-1], weights)
-  np.testing.assert_allclose(mixed[:, 0, 0, 0], [3.0, 1.75, 1.5, 3.0], rtol=1e-6)  # w*own+(1-w)*partner
+  # w * own + (1 - w) * partner
+  np.testing.assert_allclose(mixed[:, 0, 0, 0], [3.0, 1.75, 1.5, 3.0], rtol=1e-6)
 
 
 @pytest.mark.parametrize('alpha', [0.4, 2.0])

@@ -8,10 +8,8 @@ that does not split over the devices (test_config.py).
 """
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -19,14 +17,15 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fineflax import config as config_lib, train
-from fineflax.run import checkpoints
 from fineflax.errors import ConfigError, DataError, TrainingDivergedError
+from fineflax.run import RunDir, checkpoints
 from fineflax.run.reporting import MetricsLog
-from fineflax.run import RunDir
-from tests.test_train import _small_config as small_config
+from tests import helpers
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # trains runs and starts the programs
 
 DEVICES = jax.devices()[:2]
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _set(path, value):
@@ -61,7 +60,7 @@ def _phase(**values):
     (_set(('init_from',), '/no/such/run'), "config.init_from='/no/such/run': no such run"),
 ])
 def test_refused_before_anything_is_written(tmp_path, mutate, message):
-  cfg = small_config()
+  cfg = helpers.two_phase_config()
   mutate(cfg)
   with pytest.raises(ConfigError) as error:
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
@@ -79,7 +78,7 @@ def test_corrupt_or_foreign_init_from_is_refused_before_anything_is_written(tmp_
         'kernel': np.zeros((3, 3, 3, 8), np.float32)}}}})
   for source, message in ((corrupt, 'not a readable Orbax checkpoint'),
                           (foreign, 'lacks 34 backbone layers')):
-    cfg = small_config()
+    cfg = helpers.two_phase_config()
     cfg.init_from = str(source)
     with pytest.raises(DataError) as error:
       train.train_and_evaluate(cfg, tmp_path / 'run', devices=DEVICES)
@@ -94,10 +93,10 @@ def _one_epoch(cfg):
 
 def test_a_workdir_of_another_config_is_not_resumed_into(tmp_path):
   workdir = tmp_path / 'run'
-  train.train_and_evaluate(_one_epoch(small_config()), workdir, devices=DEVICES)
+  train.train_and_evaluate(_one_epoch(helpers.two_phase_config()), workdir, devices=DEVICES)
   before = {p.relative_to(workdir): p.read_bytes() for p in workdir.rglob('*') if p.is_file()}
 
-  other = _one_epoch(small_config())
+  other = _one_epoch(helpers.two_phase_config())
   other.model.head.dropout = 0.5
   other.phases[0].learning_rate = 1e-2
   other.phases = other.phases + (config_lib.phase(name='more', freeze='backbone'),)
@@ -109,7 +108,7 @@ def test_a_workdir_of_another_config_is_not_resumed_into(tmp_path):
   assert after == before  # nothing written, nothing lost
 
   # Longer phases, an appended phase and other reporting are a continuation, not another run.
-  longer = _one_epoch(small_config())
+  longer = _one_epoch(helpers.two_phase_config())
   longer.phases[0].epochs = 2
   longer.phases = longer.phases + (config_lib.phase(name='more', freeze='backbone'),)
   longer.report.plot = False
@@ -119,7 +118,7 @@ def test_a_workdir_of_another_config_is_not_resumed_into(tmp_path):
 
 
 def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-  cfg = small_config()
+  cfg = helpers.two_phase_config()
   cfg.phases = (config_lib.phase(name='good', learning_rate=3e-3, epochs=1),
                 config_lib.phase(name='bad', optimizer='sgd', learning_rate=1e30, epochs=2))
   with pytest.raises(TrainingDivergedError, match=r'\[bad\] the training loss is (nan|inf) at '
@@ -136,11 +135,10 @@ def test_a_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_p
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved['params']))
 
 
-
 def test_parameters_that_overflow_while_the_loss_is_still_finite_are_never_saved(tmp_path):
   """An update that overflows leaves its own step's loss finite (it was computed before
   the update): the saved state itself is checked, so no checkpoint holds it."""
-  cfg = small_config()
+  cfg = helpers.two_phase_config()
   cfg.checkpoint.every_steps = 1
   cfg.phases = (config_lib.phase(name='good', learning_rate=3e-3, epochs=1),
                 config_lib.phase(name='bad', optimizer='sgd', learning_rate=float('inf'),
@@ -178,7 +176,7 @@ ONE_LINE_ERRORS = [
 
 @pytest.mark.parametrize('args, message', ONE_LINE_ERRORS)
 def test_a_config_that_cannot_be_loaded_is_said_in_one_line(args, message):
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env()
   result = subprocess.run([sys.executable, '-m', 'fineflax.summary', *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=120)
   assert result.returncode == 1
@@ -189,7 +187,7 @@ def test_data_that_cannot_be_used_is_said_in_one_line(tmp_path):
   """A DataError (here a folder without class folders) ends the program as a ConfigError
   does: its message alone."""
   (tmp_path / 'photos').mkdir()
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env()
   result = subprocess.run([sys.executable, '-m', 'fineflax.train', '--config',
                            'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run'),
                            f'--config.data.source=folder:{tmp_path / "photos"}'], cwd=ROOT,
@@ -210,7 +208,7 @@ def test_an_unsupported_url_workdir_is_refused_at_once(tmp_path, monkeypatch):
              r'gs://BUCKET/PATH or a mounted bucket$')
   from fineflax.inference import evaluate  # pylint: disable=g-import-not-at-top
   from fineflax.run import restore  # pylint: disable=g-import-not-at-top
-  for call in (lambda: train.train_and_evaluate(small_config(), 's3://bucket/run'),
+  for call in (lambda: train.train_and_evaluate(helpers.two_phase_config(), 's3://bucket/run'),
                lambda: restore.load_run('s3://bucket/run'),
                lambda: evaluate.evaluate_run('s3://bucket/run'),
                lambda: RunDir('s3://bucket/run')):

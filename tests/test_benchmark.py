@@ -5,24 +5,22 @@ none of TensorFlow, scikit-learn, PIL or matplotlib. No test here asserts a spee
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fineflax import config as config_lib, models
+from fineflax import config as config_lib, models, pytree
 from fineflax.distributed import parallel
-from fineflax import pytree
-from fineflax.train import freeze, optimizers
-from fineflax.train import state as state_lib, step as step_lib
+from fineflax.train import freeze, optimizers, state as state_lib, step as step_lib
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts scripts/benchmark.py and compiles ResNet50's steps
 
 
 def _load_script():
@@ -39,7 +37,7 @@ benchmark = _load_script()
 
 
 def _benchmark(*args):
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env()
   result = subprocess.run([sys.executable, 'scripts/benchmark.py', *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -72,8 +70,7 @@ def test_help_is_the_whole_description_and_a_cpu_run_has_no_backend_notice():
   """`--help` ends no sentence midway; on a machine without a TPU, JAX's INFO line about
   the TPU backend it could not start is not printed (JAX_PLATFORMS left unset, as a user
   leaves it)."""
-  env = {k: v for k, v in os.environ.items() if k != 'JAX_PLATFORMS'}
-  env.update(XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env(unset=('JAX_PLATFORMS',))
   shown = subprocess.run([sys.executable, 'scripts/benchmark.py', '--help'], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
   assert shown.returncode == 0, shown.stderr[-3000:]
@@ -89,27 +86,13 @@ def test_help_is_the_whole_description_and_a_cpu_run_has_no_backend_notice():
   assert 'Unable to initialize backend' not in done.stderr, done.stderr
 
 
-def _passed_through(closed_jaxpr, num_outputs):
-  """Indices i of the step's outputs that are its input i itself, untouched by any
-  operation: traced through the jit and into the per-device shard_map body."""
-  jitted = closed_jaxpr.jaxpr.eqns[0].params['jaxpr'].jaxpr
-  (mapped,) = [e for e in jitted.eqns if e.primitive.name == 'shard_map']
-  body = mapped.params['jaxpr']
-  position = {id(v): k for k, v in enumerate(jitted.invars)}
-  passed = set()
-  for i in range(num_outputs):
-    out = body.outvars[i]
-    for k, var in enumerate(body.invars):
-      # Body input k is the shard_map's operand k, a variable of the jitted function.
-      if out is var and position.get(id(mapped.invars[k])) == i:
-        passed.add(i)
-  return passed
-
-
 @pytest.mark.parametrize('spec', ['backbone', 'layers[:43]'])
-def test_frozen_leaves_pass_through_the_step_untouched(spec):
-  """In the traced step, every frozen parameter's output is its input variable itself (no
-  operation touches it, not even an added zero) and every trainable one is computed."""
+def test_a_step_hands_over_only_what_it_changes(spec):
+  """The step's call takes and returns the carry (step count, trainable parameters,
+  optimizer state); frozen parameters and BatchNorm statistics go in apart, neither
+  donated nor returned, so no operation can touch them: after a step the state holds the
+  very same arrays for them, and new ones for every trainable parameter. The optimizer
+  holds trainable leaves only."""
   cfg = config_lib.default_config()
   cfg.model.backbone = 'resnet_tiny'
   model = models.build_model(cfg.model, 4)
@@ -123,20 +106,34 @@ def test_frozen_leaves_pass_through_the_step_untouched(spec):
                                 'label': np.zeros(4, np.int32),
                                 'weight': np.ones(4, np.float32)}, mesh)
   train_step = step_lib.make_train_step(model, optimizer, mesh)
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  through = _passed_through(jax.make_jaxpr(train_step)(state, batch, {}), len(leaves))
-  passed = {pytree.path_str(leaves[i][0]) for i in through}
-  params = {'params/' + pytree.path_str(p): label
+  carry, fixed, structure = train_step.split(state)
+  params = {pytree.path_str(p): label
             for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
   frozen = {p for p, label in params.items() if label == freeze.FROZEN}
-  assert frozen and frozen <= passed
-  assert not passed & {p for p, label in params.items() if label == freeze.TRAINABLE}
-  # Frozen BN statistics pass through as well; the optimizer holds trainable leaves only.
-  stats = {p for p in passed if p.startswith('batch_stats/')}
-  assert len(stats) == len(jax.tree.leaves(state.batch_stats))
-  trainable = sum(label == freeze.TRAINABLE for label in params.values())
-  adam_moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim > 0]
-  assert len(adam_moments) == 2 * trainable
+  trainable = set(params) - frozen
+  paths = lambda tree: {pytree.path_str(p) for p, _ in
+                        jax.tree_util.tree_flatten_with_path(tree)[0]}
+  carried, kept = structure[0].unflatten(carry), structure[1].unflatten(fixed)
+  assert frozen and paths(carried['params']) == trainable
+  assert paths(kept['params']) == frozen
+  assert paths(kept['batch_stats']) == paths(state.batch_stats) and 'batch_stats' not in carried
+  # The compiled call returns the carry and the metrics, nothing else.
+  data = {'start': jnp.zeros((), jnp.int32)}
+  metrics = jnp.zeros((1, 3), jnp.float32)
+  traced = jax.make_jaxpr(train_step.jitted, static_argnums=5)(carry, fixed, batch, data,
+                                                                metrics, structure)
+  assert len(traced.out_avals) == len(carry) + 1
+  before = {pytree.path_str(p): x
+            for p, x in jax.tree_util.tree_flatten_with_path(state.variables)[0]}
+  after, _ = train_step(state, batch)
+  for path, x in jax.tree_util.tree_flatten_with_path(after.variables)[0]:
+    name = pytree.path_str(path)
+    if name.removeprefix('params/') in frozen or name.startswith('batch_stats/'):
+      assert x is before[name], name
+    else:
+      assert x is not before[name], name
+  adam_moments = [x for x in jax.tree.leaves(after.opt_state) if x.ndim > 0]
+  assert len(adam_moments) == 2 * len(trainable)
 
 
 @pytest.fixture(scope='module')
@@ -243,9 +240,8 @@ _RUN_BLOCKED = textwrap.dedent(f"""
 
 
 def test_cost_and_max_batch_run_without_tensorflow_sklearn_pil_or_matplotlib(tmp_path):
-  env = dict(os.environ, XLA_FLAGS='', JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT),
-             FINEFLAX_CACHE=str(tmp_path / 'cache'), HOME=str(tmp_path / 'home'),
-             XDG_CACHE_HOME=str(tmp_path / 'xdg'))
+  env = helpers.program_env(cache=tmp_path / 'cache', JAX_PLATFORMS='cpu',
+                            HOME=str(tmp_path / 'home'), XDG_CACHE_HOME=str(tmp_path / 'xdg'))
   result = subprocess.run(
       [sys.executable, '-c', _RUN_BLOCKED, '--cost', '--backbone', 'resnet_tiny', '--image',
        '16', '--batch', '8', '--max-batch', '0.05', '--modes', 'head'],

@@ -17,12 +17,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from fineflax import config as config_lib, models
-from fineflax.run import checkpoints, restore
-from fineflax.train import state as state_lib
 from fineflax.pytree import path_str
-from fineflax.run import RunDir
+from fineflax.run import RunDir, checkpoints, restore
+from fineflax.train import state as state_lib
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains the demo run and starts programs on it
+
 DOC = ROOT / 'docs' / 'checkpoints.md'
 RECIPE_HEADING = '## Restore with plain Orbax (no fineflax import)'
 
@@ -269,7 +271,7 @@ def test_export_npz_and_safetensors(demo_run, best_run, export_script, tmp_path,
                              str(tmp_path / 'demo.npz')]) == 0
   assert 'wrote' in capsys.readouterr().out
   # The command line itself, once, as the page shows it.
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env()
   done = subprocess.run([sys.executable, 'scripts/export.py', '--workdir', str(demo_run),
                          '--out', str(tmp_path / 'demo.safetensors')], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=180)

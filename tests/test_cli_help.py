@@ -4,21 +4,22 @@ Both print the usage paragraph of fineflax/cli/NAME.py's docstring, then the fla
 the program's name, never a file path into the package."""
 
 import importlib
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import helpers
+from tests.helpers import ROOT
+
 PROGRAMS = ('train', 'evaluate', 'predict', 'summary')
 
 pytestmark = pytest.mark.slow  # starts eight programs
 
 
 def _help(command: list[str]) -> str:
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env()
   done = subprocess.run([*command, '--help'], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 1, done.stderr[-2000:]  # absl ends --help with exit status 1

@@ -1,6 +1,5 @@
 """Configs: defaults, validation errors that name the key, the :smoke argument."""
 
-from pathlib import Path
 
 import jax
 import pytest
@@ -8,6 +7,7 @@ import pytest
 from fineflax import config as config_lib, models
 from fineflax.distributed import parallel
 from fineflax.errors import ConfigError
+from tests import helpers
 
 
 def _config(**top):
@@ -26,7 +26,8 @@ def test_defaults_validate_and_are_complete():
 @pytest.mark.parametrize('mutate, message', [
     (lambda c: setattr(c, 'batchsize', 3),
      "unknown config key config.batchsize (did you mean 'batch_size'?)"),
-    (lambda c: setattr(c.model, 'hed', 1), "unknown config key config.model.hed (did you mean 'head'?)"),
+    (lambda c: setattr(c.model, 'hed', 1),
+     "unknown config key config.model.hed (did you mean 'head'?)"),
     (lambda c: setattr(c.model.head, 'pooling', 'mean'),
      "config.model.head.pooling='mean': expected one of ['avg', 'flatten', 'max']"),
     (lambda c: setattr(c.model, 'backbone', 'resnet51'), "config.model.backbone='resnet51'"),
@@ -36,7 +37,8 @@ def test_defaults_validate_and_are_complete():
     (lambda c: setattr(c.model.head, 'hidden', (256, -1)), 'config.model.head.hidden'),
     (lambda c: setattr(c.model, 'weights', 'timm:resnet50'),
      "config.model.weights='timm:resnet50': no such weights for backbone 'resnet50'"),
-    (lambda c: (setattr(c.model, 'backbone', 'resnet_tiny'), setattr(c.model, 'weights', 'imagenet')),
+    (lambda c: (setattr(c.model, 'backbone', 'resnet_tiny'),
+                setattr(c.model, 'weights', 'imagenet')),
      "config.model.weights='imagenet': no such weights for backbone 'resnet_tiny'; it has no "
      'named weights'),
     (lambda c: setattr(c.data, 'source', 'tfds'), "config.data.source='tfds': expected "
@@ -116,7 +118,7 @@ def test_batch_size_must_split_over_devices():
 
 
 def test_docs_config_reference_is_current():
-  page = (Path(__file__).resolve().parents[1] / 'docs' / 'config_reference.md').read_text()
+  page = (helpers.ROOT / 'docs' / 'config_reference.md').read_text()
   assert config_lib.reference_table() in page, (
       'docs/config_reference.md is stale: paste fineflax.config.reference_table() into it')
 

@@ -3,7 +3,6 @@ now, its keys are exactly the config's keys, its errors are what validation rais
 example config files and command-line overrides it shows work as it says."""
 
 import re
-from pathlib import Path
 
 import ml_collections
 import pytest
@@ -13,8 +12,8 @@ from ml_collections import config_flags
 from fineflax import config as config_lib
 from fineflax.errors import ConfigError
 from tests import scripts_loader
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / 'docs' / 'configs.md'
 config_docs = scripts_loader.load('config_docs')
 DEMO = str(ROOT / 'configs' / 'demo.py')
@@ -28,8 +27,8 @@ def _doc() -> str:
 
 
 def _load(*argv: str) -> ml_collections.ConfigDict:
-  """`--config` and its overrides parsed as `fineflax.cli.common.run_program` parses them: unknown keys
-  refused first, then ml_collections' config flag on the same arguments."""
+  """`--config` and its overrides parsed as `fineflax.cli.common.run_program` parses them:
+  unknown keys refused first, then ml_collections' config flag on the same arguments."""
   argv = ['prog', *argv]
   config_lib.check_override_flags(argv[1:])
   values = flags.FlagValues()  # not absl's global FLAGS: every call defines --config anew

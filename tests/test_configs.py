@@ -2,7 +2,6 @@
 each seed workflow end to end (random weights, tfds through mock_data, a made folder)."""
 
 import importlib
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,8 +10,10 @@ from PIL import Image
 
 from fineflax import config as config_lib, train
 from fineflax.train import summary
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains a smoke run of each config
+
 CONFIGS = sorted(p.stem for p in (ROOT / 'configs').glob('*.py') if p.stem != '__init__')
 
 

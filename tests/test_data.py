@@ -9,11 +9,10 @@ import pytest
 from PIL import Image
 
 from fineflax import config as config_lib, data, models
-from fineflax.distributed import parallel
-from fineflax.train import state as state_lib
-from fineflax.train import step as step_lib
 from fineflax.data import feed, tfds_source
+from fineflax.distributed import parallel
 from fineflax.errors import ConfigError, DataError
+from fineflax.train import state as state_lib, step as step_lib
 from fineflax.train.step import evaluate
 
 

@@ -11,7 +11,9 @@ import pytest
 from fineflax import data, train
 from fineflax.distributed import preemption
 from fineflax.train import loop
-from tests.test_train import _small_config
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains runs
 
 DEVICES = jax.devices()[:2]
 
@@ -21,18 +23,26 @@ def _recorded_orders(monkeypatch) -> list[np.ndarray]:
   orders: list[np.ndarray] = []
   original = data.train_batches
 
+  def compiling() -> bool:
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_code.co_name != '_compile_train_step':
+      frame = frame.f_back
+    return frame is not None
+
   def recording(split, global_batch, rng):
     batches = list(original(split, global_batch, rng))
-    if sys._getframe(1).f_code.co_name == 'train_epoch':  # not the compile's sample batch
+    if not compiling():  # not the compile's sample batch
       orders.append(np.concatenate([b['index'][b['weight'] > 0] for b in batches]))
     return iter(batches)
 
+  # The loop draws batches itself, or through the epoch plan of a split on the devices.
   monkeypatch.setattr(loop.data, 'train_batches', recording)
+  monkeypatch.setattr(data.dataset, 'train_batches', recording)
   return orders
 
 
 def test_each_epoch_reshuffles_and_a_resume_sees_the_same_orders(tmp_path, monkeypatch):
-  cfg = _small_config()
+  cfg = helpers.two_phase_config()
   cfg.phases = cfg.phases[:1]  # 2 epochs of 3 batches (40 examples, batch 16)
   orders = _recorded_orders(monkeypatch)
   train.train_and_evaluate(cfg, tmp_path / 'whole', devices=DEVICES)

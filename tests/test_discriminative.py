@@ -19,9 +19,11 @@ from fineflax.data.augment import Augment
 from fineflax.distributed import parallel, preemption
 from fineflax.errors import ConfigError
 from fineflax.pytree import path_str
-from fineflax.train import freeze, optimizers, update_rules
-from fineflax.train import state as state_lib, step as step_lib
+from fineflax.train import freeze, optimizers, state as state_lib, step as step_lib, update_rules
 from fineflax.train.summary import format_summary, summarize_config
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains runs
 
 IMAGE = (16, 16, 3)
 BATCH = 16
@@ -188,18 +190,11 @@ def test_adam_groups_match_independent_adams_and_state_covers_nonzero_groups():
 
 
 def _small_config():
-  cfg = config_lib.default_config()
-  cfg.batch_size = 16
-  cfg.data.max_examples = 40  # 3 train steps an epoch
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.preprocessing = 'tf'
-  cfg.phases = (
+  return helpers.tiny_config(
       config_lib.phase(name='scratch', batchnorm='train', learning_rate=3e-3, epochs=1),
       config_lib.phase(name='decay', optimizer='adamw', learning_rate=1e-3, epochs=2,
                        layer_decay=0.7, lr_groups=(('regex:_bn/', 0), ('head', 3.0))),
-  )
-  return cfg
+      batch_size=16, max_examples=40)  # 3 train steps an epoch
 
 
 def test_resume_mid_phase_is_bitwise(tmp_path, monkeypatch, caplog):
@@ -214,6 +209,7 @@ def test_resume_mid_phase_is_bitwise(tmp_path, monkeypatch, caplog):
   resumed = train.train_and_evaluate(_small_config(), tmp_path / 'cut', devices=devices)
   assert resumed == whole
   import orbax.checkpoint as ocp
+
   from fineflax.run import RunDir
   a, b = (ocp.StandardCheckpointer().restore(RunDir(d).latest / str(whole['step']) / 'state')
           for d in (tmp_path / 'whole', tmp_path / 'cut'))

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from fineflax import config as config_lib
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 _TRAIN = re.compile(r'(?:-m fineflax\.train|\bfineflax-train)(?![.\w])([^\n`\'"|]*)')
 _CONFIG_ARG = re.compile(r'--config[ =](\S+)')
@@ -173,3 +173,55 @@ def test_every_relative_link_resolves(page, target):
     assert file.suffix == '.md', f'{page}: link {target}: an anchor into a non-Markdown file'
     assert anchor in anchors(file.read_text()), (
         f'{page}: link {target}: {shown} has no heading #{anchor}')
+
+
+def _architecture_lists() -> dict[str, set[str]]:
+  """Folder -> the module files docs/architecture.md's "What each package owns" block
+  names in that folder's entry ('fineflax/train', 'fineflax', 'scripts')."""
+  page = (ROOT / 'docs' / 'architecture.md').read_text()
+  block = page[page.index('## What each package owns'):page.index('## From the command')]
+  entries: dict[str, list[str]] = {}
+  current = None
+  for line in block.splitlines():
+    head = re.match(r'^    (\s*)(\S+)', line)
+    if not head:
+      continue
+    name = head.group(2)
+    if len(head.group(1)) == 2 and name.endswith('/'):  # a package of fineflax/
+      current = 'fineflax/' + name.rstrip('/')
+    elif not head.group(1) and name == 'scripts/':
+      current = 'scripts'
+    elif not head.group(1) and name in ('fineflax/', 'configs/'):
+      current = None
+    elif len(head.group(1)) == 2:  # a module of fineflax/ itself, or the shims' line
+      current = 'fineflax'
+    if current:
+      entries.setdefault(current, []).append(line)
+  return {folder: set(re.findall(r'\b(\w+\.py)\b', ' '.join(lines)))
+          for folder, lines in entries.items()}
+
+
+def test_the_architecture_page_names_every_module():
+  """docs/architecture.md's package list names every module of fineflax/ and scripts/,
+  and no module that is not there (package __init__.py files aside)."""
+  listed = _architecture_lists()
+  folders = ['fineflax', 'scripts'] + sorted(
+      f'fineflax/{p.name}' for p in (ROOT / 'fineflax').iterdir()
+      if p.is_dir() and (p / '__init__.py').is_file())
+  for folder in folders:
+    modules = {p.name for p in (ROOT / folder).glob('*.py')} - {'__init__.py'}
+    named = listed.get(folder, set()) - {'__init__.py'}
+    assert named == modules, (f'{folder}: not in docs/architecture.md: '
+                              f'{sorted(modules - named)}; named but absent: '
+                              f'{sorted(named - modules)}')
+
+
+@pytest.mark.parametrize('page', PAGES, ids=_name)
+def test_no_inline_command_is_cut_across_lines(page):
+  """A command in `backticks` is on one line: one wrapped across two source lines breaks
+  when copied from the file or a terminal."""
+  text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)
+  wrapped = [span for span in re.findall(r'`([^`]+)`', text)
+             if '\n' in span and re.match(r'\s*(python|pip|fineflax-|bash|tensorboard)\b',
+                                          span)]
+  assert not wrapped, wrapped

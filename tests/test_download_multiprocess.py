@@ -10,8 +10,6 @@ and a process 0 that dies while process 1 waits.
 
 import hashlib
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from fineflax.distributed import once
-from tests import local_server
+from tests import helpers, local_server
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # starts two-process jobs and the training program
 
-ROOT = Path(__file__).resolve().parents[1]
 JOB_TIMEOUT_S = 180  # a launch takes seconds; a hang fails rather than waits
 # Each response waits this long before its first byte: were process 1 not waiting for
 # process 0, it would find no file in the cache and send a request of its own meanwhile.
@@ -38,12 +36,6 @@ def server(tmp_path_factory):
   served = tmp_path_factory.mktemp('served')
   with local_server.serve(served, SERVE_DELAY_S) as (url, requests):
     yield url, served, requests
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _launch(tmp: Path, commands: list[list[str]], env: dict[str, str]
@@ -71,12 +63,8 @@ def _launch(tmp: Path, commands: list[list[str]], env: dict[str, str]
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1',
-             FINEFLAX_CACHE=str(cache))
-  env.pop('FINEFLAX_WEIGHTS_MIRROR', None)
-  env.update(extra)
-  return env
+  return helpers.program_env(devices=1, cache=cache, unset=('FINEFLAX_WEIGHTS_MIRROR',),
+                             **extra)
 
 
 @pytest.fixture(scope='module')
@@ -107,7 +95,7 @@ def fetch_job(server, tmp_path_factory):
       {'name': 'slow', 'kind': 'slow', 'sleep_s': 4, 'timeout_s': 1},
   ]
   (tmp / 'cases.json').write_text(json.dumps(cases))
-  port = _free_port()
+  port = helpers.free_port()
   outputs = [tmp / f'{i}.json' for i in range(2)]
   codes, logs, seconds = _launch(tmp, [
       [sys.executable, '-m', 'tests.download_worker', str(port), str(i),
@@ -184,7 +172,7 @@ def test_training_on_two_processes_exits_with_one_line_errors(server, tmp_path):
   base, _, requests = server
   name = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
   before = len(requests)
-  port = _free_port()
+  port = helpers.free_port()
   codes, logs, seconds = _launch(tmp_path, [
       [sys.executable, '-m', 'fineflax.train', '--config', 'configs/demo.py:smoke',
        '--workdir', str(tmp_path / 'run'), '--config.model.backbone=resnet50',
@@ -205,7 +193,7 @@ def test_training_on_two_processes_exits_with_one_line_errors(server, tmp_path):
 def test_a_process_0_that_dies_ends_the_wait(tmp_path):
   """Process 0 exits in the middle of the work: process 1, waiting on the coordination
   service that process 0 served, is ended by JAX at once (an abort), not left waiting."""
-  port = _free_port()
+  port = helpers.free_port()
   (tmp_path / 'cases.json').write_text(json.dumps([{'name': 'die', 'kind': 'die'}]))
   codes, logs, seconds = _launch(tmp_path, [
       [sys.executable, '-m', 'tests.download_worker', str(port), str(i),

@@ -8,7 +8,6 @@ writes (an evaluation writes DIR/eval/) works on a copy of it in its tmp_path.
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -21,12 +20,14 @@ import pytest
 from PIL import Image
 
 from fineflax import models
-from fineflax.inference import evaluate
-from fineflax.run import checkpoints, restore
 from fineflax.errors import ConfigError
-from fineflax.run import RunDir
+from fineflax.inference import evaluate
+from fineflax.run import RunDir, checkpoints, restore
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains runs and starts the programs
+
 # Loss sums are float32 per device in training and float64 over examples here.
 LOSS_RTOL = 1e-5
 
@@ -181,9 +182,9 @@ def test_evaluate_command_line(run_dir, tmp_path):
   assert not (workdir / 'eval').exists()
   results = json.loads((workdir / 'results.json').read_text())
   # A compilation cache the user set up for JAX gets the compiled steps, not fineflax's.
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'users-cache'),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
+  env = helpers.program_env(cache=tmp_path,
+                            JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'users-cache'),
+                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
   command = [sys.executable, '-m', 'fineflax.evaluate', '--workdir', str(workdir),
              '--checkpoint', 'latest']
   done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
@@ -217,7 +218,7 @@ def test_a_run_without_a_test_folder_names_the_splits_it_has(tmp_path):
   the default) says the run has none and which splits it has."""
   photos = _photos(tmp_path / 'photos', {'train': 6, 'validation': 3})
   workdir = tmp_path / 'run'
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path))
+  env = helpers.program_env(cache=tmp_path)
 
   def program(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env,

@@ -26,12 +26,15 @@ from etils import epath
 from fineflax.run import RunDir, checkpoints
 from fineflax.run.reporting import MetricsLog
 from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 TMP = checkpoints.TMP_MARK
-# After the first failed write of a save Orbax drops the futures and event loops of the
-# others, which Python reports when it collects them (in whichever test runs then).
-pytestmark = pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+pytestmark = [
+    pytest.mark.slow,  # trains runs, and kills the training program mid-save
+    # After the first failed write of a save Orbax drops the futures and event loops of
+    # the others, which Python reports when it collects them (in whichever test runs then).
+    pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning'),
+]
 
 
 @pytest.fixture(scope='module')
@@ -181,11 +184,6 @@ def test_best_is_never_complete_before_latest(tmp_path, states, monkeypatch):
 
 # --- SIGKILL of a real run while a save is in flight -------------------------------------
 
-def _env(cache, **extra):
-  return dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(cache),
-              **extra)
-
-
 def _command(workdir):
   return [sys.executable, '-m', 'fineflax.train', '--config',
           str(ROOT / 'tests' / 'failures_config.py'), '--workdir', str(workdir)]
@@ -200,8 +198,8 @@ def _new_workdir(workdir):
 
 def _run(workdir, cache):
   """The command to the end: its log."""
-  done = subprocess.run(_command(workdir), cwd=ROOT, env=_env(cache), capture_output=True,
-                        text=True, timeout=300)
+  done = subprocess.run(_command(workdir), cwd=ROOT, env=helpers.program_env(cache=cache),
+                        capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stderr
 
@@ -211,7 +209,8 @@ def _run_and_kill(workdir, cache, hold):
   held, log = workdir.parent / 'held', workdir.parent / f'log-{hold.replace(":", "-")}'
   with log.open('w') as out:
     proc = subprocess.Popen(_command(workdir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            env=_env(cache, FINEFLAX_TEST_HOLD=hold, FINEFLAX_TEST_HELD=str(held)))
+                            env=helpers.program_env(cache=cache, FINEFLAX_TEST_HOLD=hold,
+                                                    FINEFLAX_TEST_HELD=str(held)))
     try:
       deadline = time.monotonic() + 240
       while not held.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -9,13 +9,15 @@ import pytest
 from fineflax import config as config_lib, data, train
 from fineflax.errors import ConfigError
 from fineflax.run.reporting import MetricsLog
-from tests.test_train import _small_config as small_config
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains runs
 
 
 def _head_config(cache):
   """A frozen backbone, a head with a hidden layer, dropout and trainable BN: the head
   phase may use cached features; the second phase trains conv5 on the images."""
-  cfg = small_config()  # resnet_tiny at 16x16, 3 train steps an epoch, head dropout
+  cfg = helpers.two_phase_config()  # 3 train steps an epoch, head dropout
   cfg.model.head.hidden = (16,)
   cfg.model.head.batchnorm = True
   cfg.data.augment.flip = 'horizontal'

@@ -7,6 +7,7 @@ import pytest
 
 from fineflax import config as config_lib, models
 from fineflax.train import freeze, optimizers, summary
+from tests import helpers
 
 
 def _keras_counts(model):
@@ -28,14 +29,14 @@ def _abstract_params(model, size=32):
 
 def test_layers_143_freezes_exactly_what_keras_freezes(keras):
   base = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
-  keras_frozen = {l.name for l in base.layers[:143] if l.weights}
+  keras_frozen = {layer.name for layer in base.layers[:143] if layer.weights}
   model = _model()
   labels = freeze.freeze_labels(_abstract_params(model), 'layers[:143]', model.backbone.layers)
   frozen = {name for name, leaves in labels['backbone'].items()
             if freeze.FROZEN in jax.tree.leaves(leaves)}
   assert frozen == keras_frozen
   assert 'conv4_block6_3_conv' in frozen and 'conv5_block1_1_conv' not in frozen
-  assert all(l == freeze.TRAINABLE for l in jax.tree.leaves(labels['head']))
+  assert all(label == freeze.TRAINABLE for label in jax.tree.leaves(labels['head']))
 
 
 def _seed000_keras(keras):
@@ -89,14 +90,14 @@ def test_stages_but_the_last_freeze_what_keras_freezes_before_the_last_block(
   keras.backend.clear_session()  # Keras numbers unnamed layers (conv2d_1) per session
   base = getattr(keras.applications, keras_name)(include_top=False, weights=None,
                                                  input_shape=(size, size, 3))
-  names = [l.name for l in base.layers]
+  names = [layer.name for layer in base.layers]
   if backbone == 'resnet50':
     cut = names.index('conv5_block1_1_conv')
   elif backbone == 'vgg16':
     cut = len(names) - 4
   else:
     cut = next(i for i, n in enumerate(names) if n.startswith('block13'))
-  keras_frozen = {l.name for l in base.layers[:cut] if l.weights}
+  keras_frozen = {layer.name for layer in base.layers[:cut] if layer.weights}
   model = _model(backbone)
   labels = freeze.freeze_labels(_abstract_params(model, size), 'stages[:-1]',
                                 model.backbone.layers, model.layer_stages())
@@ -105,8 +106,8 @@ def test_stages_but_the_last_freeze_what_keras_freezes_before_the_last_block(
   trainable = {name for name, leaves in labels['backbone'].items()
                if freeze.TRAINABLE in jax.tree.leaves(leaves)}
   assert frozen == keras_frozen
-  assert trainable == {l.name for l in base.layers[cut:] if l.weights}
-  assert all(l == freeze.TRAINABLE for l in jax.tree.leaves(labels['head']))
+  assert trainable == {layer.name for layer in base.layers[cut:] if layer.weights}
+  assert all(label == freeze.TRAINABLE for label in jax.tree.leaves(labels['head']))
 
 
 def test_stage_slices():
@@ -164,8 +165,8 @@ def test_frozen_leaves_have_no_optimizer_state():
   opt = optimizers.make_optimizer(model, params, config_lib.phase(freeze='layers[:43]'), 1)
   labels = opt.labels
   opt_state = opt.init(params)
-  n_trainable = sum(p.size for p, l in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
-                    if l == freeze.TRAINABLE)
+  n_trainable = sum(p.size for p, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels))
+                    if label == freeze.TRAINABLE)
   array_leaves = [x for x in jax.tree.leaves(opt_state) if x.ndim > 0]
   assert sum(x.size for x in array_leaves) == 2 * n_trainable  # Adam's mu and nu only
   assert model.backbone.layers[43].name == 'conv5_block1_1_conv'
@@ -182,8 +183,7 @@ def test_bn_train_layers_follow_trainability():
 def test_summary_of_the_imagenet_config_equals_seed004_keras_top():
   """Seed 004 printed Keras' ResNet50(include_top=True) summary: these three lines."""
   import sys  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(helpers.ROOT))
   from configs import imagenet  # pylint: disable=g-import-not-at-top
   got, _ = summary.summarize_config(imagenet.get_config())
   assert (got.total, got.trainable, got.non_trainable) == (25_636_712, 25_583_592, 53_120)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -23,9 +22,11 @@ from fineflax import storage
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir, checkpoints, restore
 from fineflax.run.reporting import MetricsLog
-from tests import run_configs, storage_emulator
+from tests import helpers, run_configs, storage_emulator
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts the programs against a Cloud Storage emulator
+
 RUN = f'gs://{storage_emulator.BUCKET}/runs/cut'
 
 _CONFIG = run_configs.two_phase('  config.report.every_steps = 40',
@@ -50,8 +51,7 @@ def runs(emulator, tmp_path_factory):
   config.write_text(_CONFIG)
   cwd = tmp / 'cwd'  # where a 'gs:' folder would appear if the URL became a local path
   cwd.mkdir()
-  env = dict(os.environ, **emulator, XLA_FLAGS='', PYTHONPATH=str(ROOT),
-             FINEFLAX_CACHE=str(tmp / 'cache'))
+  env = helpers.program_env(cache=tmp / 'cache', **emulator)
   command = lambda workdir: [sys.executable, '-m', 'fineflax.train', '--config', str(config),
                              '--workdir', str(workdir)]
   local = tmp / 'whole'
@@ -194,7 +194,7 @@ def test_a_url_scheme_that_cannot_work_fails_in_one_line(url, message, tmp_path)
   assert str(error.value).startswith(message)
   result = subprocess.run(
       [sys.executable, '-m', 'fineflax.train', '--config', f'{ROOT}/configs/demo.py:smoke',
-       '--workdir', url], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+       '--workdir', url], cwd=tmp_path, env=helpers.program_env(),
       capture_output=True, text=True, timeout=300)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith(f'error: {message}')
@@ -203,7 +203,7 @@ def test_a_url_scheme_that_cannot_work_fails_in_one_line(url, message, tmp_path)
 
 def test_unreachable_cloud_storage_fails_fast_naming_the_endpoint(monkeypatch):
   storage._unreachable.cache_clear()
-  closed = storage_emulator.free_port()  # nothing listens there
+  closed = helpers.free_port()  # nothing listens there
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', f'http://127.0.0.1:{closed}')
   start = time.monotonic()
   with pytest.raises(ConfigError, match=rf'^gs://b/run: cannot reach Cloud Storage at '

@@ -16,10 +16,8 @@ the freeze spec's regular expression applied to the parameter paths, Keras' own 
 
 import dataclasses
 import importlib
-import itertools
 import re
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +27,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from fineflax import config as config_lib, data, models
-from fineflax.data import augment as augmentation, feed
+from fineflax.data import augment as augmentation
 from fineflax.data.augment import Augment
 from fineflax.distributed import parallel
 from fineflax.distributed.preemption import StopRequest
 from fineflax.models import graph
-from fineflax.train import loop, optimizers, training
-from fineflax.train import state as state_lib, step as step_lib
+from fineflax.train import loop, optimizers, state as state_lib, step as step_lib, training
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains the demo on 1 and on 8 devices
 
 # ---------------------------------------------------------------------------------------
 # 1. The same run on any number of devices.
@@ -68,7 +68,7 @@ FINETUNE_RTOL = 1e-3
 
 def _demo_config():
   """The demo's full config, with mixup on (the demo has dropout, but no mixup)."""
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(helpers.ROOT))
   config = importlib.import_module('configs.demo').get_config()
   assert config.model.head.dropout > 0  # dropout on, as the demo has it
   assert [p.batchnorm for p in config.phases] == ['train', 'frozen']
@@ -81,9 +81,10 @@ def _first_steps(workdir, devices):
   """The mean train loss of each of the truncated demo's steps on `devices`.
 
   Driven through the run's own setup (`training.setup`) and phase start
-  (`loop.start_state`), with the train step made as `loop` makes it and the batches of
-  each phase's first epoch in the order `loop.train_phase` draws them: the run only logs
-  per-epoch losses.
+  (`loop.start_state`), with the train step made as `loop` makes it and run as the loop
+  runs it on a split on the devices: the epoch's plan (`data.epoch_plan`, each device's
+  columns of it) placed there once, the step taking its row, the metrics one row a step
+  (the run itself only logs per-epoch losses).
   """
   config = _demo_config()
   run, resume, variables = training.setup(config, workdir, devices, StopRequest())
@@ -98,13 +99,20 @@ def _first_steps(workdir, devices):
           label_smoothing=config.loss.label_smoothing, augment=plan.augment,
           class_weights=run.class_weights)
       split, resident = run.images.splits['train'], run.images.resident['train']
+      assert resident is not None  # the demo's splits live on the devices
       rng = np.random.default_rng([config.seed, plan.index, 0])  # epoch 0's order
-      batches = itertools.islice(data.train_batches(split, config.batch_size, rng), steps)
-      for batch in feed.device_batches(split, batches, run.mesh, resident):
-        state, sums = train_step(state, batch, resident or {})
-        sums = jax.device_get(sums)
-        assert sums['count'] == config.batch_size  # full batches: no padding rows
-        losses.append(float(sums['loss']) / float(sums['count']))
+      order = data.epoch_plan(split, config.batch_size, rng)
+      placed = parallel.shard_plan({k: v[:steps] for k, v in order.items()}, run.mesh)
+      inputs = {**resident, 'plan_index': placed['index'], 'plan_weight': placed['weight'],
+                'start': parallel.replicate(np.asarray(int(state.step), np.int32), run.mesh)}
+      metrics = parallel.replicate(np.zeros((steps, 3), np.float32), run.mesh)
+      carry, fixed, structure = train_step.split(state)
+      for _ in range(steps):
+        carry, metrics = train_step.jitted(carry, fixed, {}, inputs, metrics, structure)
+      state = train_step.join(carry, fixed, structure)
+      rows = np.asarray(jax.device_get(metrics))
+      assert (rows[:, 2] == config.batch_size).all()  # full batches: no padding rows
+      losses += list(rows[:, 0] / rows[:, 2])
   finally:
     run.close()
   return np.array(losses)

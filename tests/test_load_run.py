@@ -2,7 +2,6 @@
 (docs/checkpoints.md), and what load_run says of a step the run does not have."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,9 +17,11 @@ from fineflax import data, models
 from fineflax.errors import ConfigError
 from fineflax.inference import evaluate, predict
 from fineflax.run import restore
+from tests import helpers
 from tests.test_checkpoint_layout import moved_run
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains a run and opens it in a program of its own
+
 # The same rows through other batch sizes and device counts: float32 rounding only.
 PROB_ATOL = 1e-6
 
@@ -57,7 +58,7 @@ def test_load_run_in_a_fresh_process_predicts_what_evaluate_computed(run_copy, t
   (tmp_path / 'moved').mkdir()
   moved_run(run_copy, best, tmp_path / 'moved')  # as if trained on another machine
   # One CPU device and nothing inherited: as in a notebook on a laptop.
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu', XLA_FLAGS='')
+  env = helpers.program_env(JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(run_copy), str(out),
                            str(tmp_path / 'moved')],
                           env=env, capture_output=True, text=True, timeout=300, check=False)

@@ -8,6 +8,8 @@ import pytest
 from fineflax import models
 from fineflax.models import graph, heads, resnet
 
+pytestmark = pytest.mark.slow  # compares with Keras
+
 # name: (Keras application, the smallest input side it builds at that is quick here)
 KERAS_BACKBONES = {'resnet50': ('ResNet50', 32), 'resnet101': ('ResNet101', 32),
                    'resnet152': ('ResNet152', 32), 'vgg16': ('VGG16', 32),
@@ -31,8 +33,8 @@ def test_backbone_layers_and_params_equal_keras(keras, name):
   reference = getattr(keras.applications, cls)(include_top=False, weights=None,
                                                input_shape=(side, side, 3))
   backbone = models.BACKBONES[name].build()
-  assert [(l.name, l.kind) for l in backbone.layers[1:]] == [
-      (l.name, type(l).__name__) for l in reference.layers[1:]]
+  assert [(layer.name, layer.kind) for layer in backbone.layers[1:]] == [
+      (layer.name, type(layer).__name__) for layer in reference.layers[1:]]
   assert backbone.layers[0].kind == type(reference.layers[0]).__name__ == 'InputLayer'
   assert len(backbone.layers) == len(reference.layers)
   variables = jax.eval_shape(backbone.init, jax.random.key(0), jnp.zeros((1, side, side, 3)))
@@ -91,7 +93,7 @@ def test_resnet50_forward_matches_keras(keras):
 ])
 def test_head_layers_follow_the_seeds(kwargs, names):
   layers = heads.head_layers(**kwargs)
-  assert [l.name for l in layers] == names
+  assert [layer.name for layer in layers] == names
   assert layers[-1].filters == kwargs['num_classes']
   assert layers[-1].dtype == jnp.float32
 

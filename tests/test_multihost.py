@@ -6,7 +6,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +17,13 @@ import numpy as np
 import pytest
 
 from fineflax import distributed
-from fineflax.run import checkpoints, restore
+from fineflax.run import RunDir, checkpoints, restore
 from fineflax.run.reporting import MetricsLog
-from fineflax.run import RunDir
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts two-process training jobs
+
 CONFIG = 'configs/demo.py:smoke'  # two phases of one epoch, 2 steps each
 RUN_TIMEOUT_S = 300  # a whole run; about a minute when 2 cores run it alongside 3 others
 # The survivor ends about fineflax.distributed.HEARTBEAT_TIMEOUT_S (30 s) after its peer
@@ -115,7 +116,8 @@ def test_initialize_lets_jax_read_a_slurm_job_of_several_tasks(joins, monkeypatc
     (dict(process_id=0), {}, "missing ['--coordinator', '--num_processes']"),
     (dict(coordinator='h:1', num_processes=2, process_id=2), {},
      'process_id=2 with num_processes=2: process ids run from 0 to 1'),
-    (dict(coordinator='h', num_processes=2, process_id=0), {}, "coordinator='h': expected HOST:PORT"),
+    (dict(coordinator='h', num_processes=2, process_id=0), {},
+     "coordinator='h': expected HOST:PORT"),
     (dict(num_processes=0), {}, 'num_processes=0: must be >= 1'),
     ({}, {'FINEFLAX_NUM_PROCESSES': 'two'}, "FINEFLAX_NUM_PROCESSES='two': expected an integer"),
 ])
@@ -155,7 +157,7 @@ def test_initialize_once(joins, monkeypatch):
 def test_every_command_line_tool_takes_the_flags(command):
   result = subprocess.run(
       [sys.executable, '-m', *command, '--process_id=1'],
-      cwd=ROOT, env=dict(_without_cluster(os.environ), PYTHONPATH=str(ROOT), XLA_FLAGS=''),
+      cwd=ROOT, env=_without_cluster(helpers.program_env()),
       capture_output=True, text=True, timeout=120)
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
@@ -165,16 +167,8 @@ def test_every_command_line_tool_takes_the_flags(command):
       'detected to supply them')
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _env(cache: Path, devices: int) -> dict[str, str]:
-  return dict(_without_cluster(os.environ), PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-              FINEFLAX_CACHE=str(cache),
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return _without_cluster(helpers.program_env(devices=devices, cache=cache))
 
 
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -197,7 +191,7 @@ class Job:
   @classmethod
   def two_processes(cls, workdir: Path, cache: Path, *overrides: str) -> 'Job':
     """`python -m fineflax.train` as processes 0 and 1 of a job on 127.0.0.1."""
-    port = _free_port()
+    port = helpers.free_port()
     return cls(workdir, [['fineflax.train', '--config', CONFIG, *overrides, '--workdir',
                           str(workdir), f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
                           f'--process_id={i}'] for i in range(2)], _env(cache, 2))
@@ -291,7 +285,7 @@ def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp('multihost')
   cache = root / 'cache'
   jobs = {'one': Job(root / 'one', [['tests.multihost_reference', CONFIG, str(root / 'one'),
-                                     str(_free_port())]], _env(cache, 4)),
+                                     str(helpers.free_port())]], _env(cache, 4)),
           'two': Job.two_processes(root / 'two', cache)}
   try:
     _wait_until(jobs['two'], lambda: 'compiled the train step' in jobs['two'].output(0),
@@ -375,7 +369,7 @@ def test_two_processes_on_a_gs_run_folder_end_as_on_a_local_one(runs, tmp_path):
   from tests import storage_emulator  # pylint: disable=g-import-not-at-top
   workdir = f'gs://{storage_emulator.BUCKET}/multihost'
   with storage_emulator.running(tmp_path / 'emulator.log') as env:
-    port = _free_port()
+    port = helpers.free_port()
     job = Job(tmp_path / 'gs', [
         ['fineflax.train', '--config', CONFIG, '--workdir', workdir,
          f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']

@@ -9,9 +9,7 @@ launch costs seconds of JAX start-up and compilation); training on a folder is a
 """
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,20 +24,16 @@ from fineflax import config as config_lib, data
 from fineflax.data import tfds_source
 from fineflax.inference import evaluate as evaluate_lib
 from fineflax.run.reporting import MetricsLog
-from tests import multiprocess_job
+from tests import helpers, multiprocess_job
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts two-process jobs
+
 # Losses are float32 per example, summed in float32 per device (step.evaluate) or in
 # float64 on the host (evaluate_run); a process count changes the batch layout and so the
 # order of the sums and the convolutions' batch: agreement to float32 rounding.
 LOSS_RTOL = 1e-5
 JOB_TIMEOUT_S = 300  # a launch takes about a minute; a hang fails rather than waits
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _two_processes(tmp_path: Path, *job: str) -> list[dict]:
@@ -48,9 +42,8 @@ def _two_processes(tmp_path: Path, *job: str) -> list[dict]:
   When a process fails, its peer may wait for it in a collective for minutes: it is
   killed then, as are both when the job has not ended within JOB_TIMEOUT_S (a hang); the
   test fails with their logs."""
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  port = helpers.free_port()
+  env = helpers.program_env(devices=2)
   outputs = [tmp_path / f'{i}.json' for i in range(2)]
   logs = [tmp_path / f'{i}.log' for i in range(2)]
   procs = []

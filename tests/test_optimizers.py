@@ -9,8 +9,10 @@ import optax
 import pytest
 
 from fineflax import config as config_lib
-from fineflax.train import optimizers, update_rules
 from fineflax.errors import ConfigError
+from fineflax.train import optimizers, update_rules
+
+pytestmark = pytest.mark.slow  # compares with Keras' optimizers
 
 
 def _params(seed: int = 0) -> dict:

@@ -9,10 +9,8 @@ smoke config: checkpoints at steps 2 and 4, one in best/), which they only read.
 import csv
 import importlib
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,8 +23,11 @@ from fineflax.cli import predict as cli_predict
 from fineflax.errors import ConfigError, DataError
 from fineflax.inference import predict
 from fineflax.run import restore
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains the demo run and starts the predict program
+
 # The same rows through another batch (float32 rounding only).
 PROB_ATOL = 1e-6
 DIGITS = [str(d) for d in range(10)]
@@ -65,7 +66,7 @@ def cache(tmp_path_factory):
 
 
 def _predict(args, cache, cwd):
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(cache))
+  env = helpers.program_env(cache=cache)
   return subprocess.run([sys.executable, '-m', 'fineflax.predict', *map(str, args)], cwd=cwd,
                         env=env, capture_output=True, text=True, timeout=300, check=False)
 

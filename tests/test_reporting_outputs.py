@@ -13,7 +13,6 @@ from PIL import Image
 from fineflax.data import tfrecord_index
 from fineflax.run import RunDir, plots, progress, reporting, tensorboard
 
-
 # --- TensorBoard -------------------------------------------------------------------------
 
 @pytest.mark.parametrize('data, expected', [
@@ -120,13 +119,21 @@ def test_confusion_matrix_rejects_wrong_shape(tmp_path):
 
 # --- progress ----------------------------------------------------------------------------
 
-def _step(loss, correct, count):
-  return {'loss': jnp.float32(loss), 'correct': jnp.float32(correct),
-          'count': jnp.float32(count)}
+class _Epoch:
+  """An epoch's rows of metric sums (loss, correct, count) as the train step fills them:
+  `step` writes the next row and returns a copy of the rows so far, as on the device."""
+
+  def __init__(self, batches: int, done: int = 0):
+    self.rows, self.done = np.zeros((batches, 3), np.float32), done
+
+  def step(self, loss: float, correct: float, count: float) -> jnp.ndarray:
+    self.rows[self.done] = (loss, correct, count)
+    self.done += 1
+    return jnp.asarray(self.rows)
 
 
 class _Slow:
-  """A device value whose computation has not finished; records whether it was read."""
+  """Metrics whose computation has not finished; records whether they were read."""
 
   def __init__(self, value):
     self.value, self.ready, self.read = value, False, False
@@ -142,8 +149,9 @@ class _Slow:
 def test_lines_mode_reports_every_tenth_and_exact_totals():
   stream = io.StringIO()
   bar = progress.Progress(20, 'lines', 'head 1/2', stream, interval=0)
+  epoch = _Epoch(20)
   for i in range(20):
-    bar.update(_step(loss=2.0 * (i + 1), correct=3.0, count=4.0))
+    bar.update(epoch.step(loss=2.0 * (i + 1), correct=3.0, count=4.0), epoch.done)
   bar.close()
   lines = stream.getvalue().splitlines()
   assert len(lines) == 10  # at 2, 4, ..., 18 batches, then the final line
@@ -160,8 +168,9 @@ def test_bar_mode_redraws_one_line_and_ends_with_newline(monkeypatch):
   monkeypatch.setenv('COLUMNS', '200')  # room for the full 30-character bar
   stream = io.StringIO()
   bar = progress.Progress(10, 'bar', 'epoch 1', stream, interval=0)
+  epoch = _Epoch(10)
   for _ in range(10):
-    bar.update(_step(1.0, 1.0, 2.0))
+    bar.update(epoch.step(1.0, 1.0, 2.0), epoch.done)
   bar.close()
   out = stream.getvalue()
   assert out.count('\r') == 11 and out.endswith('\n') and out.count('\n') == 1
@@ -174,8 +183,9 @@ def test_bar_fits_a_narrow_terminal(monkeypatch):
   monkeypatch.setenv('COLUMNS', '50')
   stream = io.StringIO()
   bar = progress.Progress(100, 'bar', 'a long description', stream, interval=0)
+  epoch = _Epoch(100)
   for _ in range(37):
-    bar.update(_step(1.0, 1.0, 2.0))
+    bar.update(epoch.step(1.0, 1.0, 2.0), epoch.done)
   bar.close()
   drawn = stream.getvalue().rstrip('\n').split('\r')[1:]
   assert len(drawn) == 38 and all(len(line) <= 49 for line in drawn)
@@ -183,11 +193,15 @@ def test_bar_fits_a_narrow_terminal(monkeypatch):
 
 
 def test_resumed_bar_starts_where_the_epoch_stopped():
+  """Resumed after 6 batches: their sums come from the checkpoint, and the rows before
+  the 7th (not this session's) are not read."""
   stream = io.StringIO()
   bar = progress.Progress(10, 'lines', '', stream, batches_done=6, interval=0,
                           start_sums={'loss': 6.0, 'correct': 0.0, 'count': 6.0})
+  epoch = _Epoch(10, done=6)
+  epoch.rows[:6] = np.nan  # would poison the sums if they were read
   for _ in range(4):
-    bar.update(_step(2.0, 2.0, 2.0))
+    bar.update(epoch.step(2.0, 2.0, 2.0), epoch.done)
   bar.close()
   lines = stream.getvalue().splitlines()
   assert [line.split(' ')[0] for line in lines] == ['7/10', '8/10', '9/10', 'done']
@@ -197,10 +211,11 @@ def test_resumed_bar_starts_where_the_epoch_stopped():
 def test_off_mode_writes_nothing():
   stream = io.StringIO()
   bar = progress.Progress(3, 'off', 'x', stream, interval=0)
+  epoch = _Epoch(3)
   for _ in range(3):
-    bar.update(_step(1.0, 1.0, 1.0))
+    bar.update(epoch.step(1.0, 1.0, 1.0), epoch.done)
   bar.close()
-  assert stream.getvalue() == '' and bar.pending == 0
+  assert stream.getvalue() == '' and not bar.pending
 
 
 def test_auto_mode_picks_lines_without_a_terminal():
@@ -215,20 +230,37 @@ def test_auto_mode_picks_lines_without_a_terminal():
     progress.Progress(5, 'fancy')
 
 
-def test_results_not_ready_stay_pending_until_close():
+def test_metrics_not_computed_are_not_read_until_they_are_or_until_close():
   stream = io.StringIO()
   bar = progress.Progress(4, 'lines', '', stream, interval=0)
-  bar.update(_step(1.0, 1.0, 1.0))
-  slow = _Slow(5.0)
-  bar.update({'loss': slow, 'correct': jnp.float32(0.0), 'count': jnp.float32(1.0)})
-  bar.update(_step(1.0, 1.0, 1.0))  # ready, but behind one that is not
-  assert bar.pending == 2 and bar.completed == 1 and not slow.read
+  epoch = _Epoch(4)
+  bar.update(epoch.step(1.0, 1.0, 1.0), epoch.done)
+  slow = _Slow(epoch.step(5.0, 0.0, 1.0))
+  bar.update(slow, epoch.done)
+  assert bar.pending and bar.completed == 1 and not slow.read
   assert bar.totals == {'loss': 1.0, 'correct': 1.0, 'count': 1.0}
   slow.ready = True
-  bar.update(_step(1.0, 0.0, 1.0))
-  assert bar.pending == 0 and bar.completed == 4 and slow.read
-  bar.close()
+  bar.update(slow, epoch.done)
+  assert not bar.pending and bar.completed == 2 and slow.read
+  bar.update(epoch.step(1.0, 1.0, 1.0), epoch.done)
+  bar.close(epoch.step(1.0, 0.0, 1.0), epoch.done)
   assert stream.getvalue().splitlines()[-1].startswith('done 4/4: loss 2.0000 accuracy 0.5000')
+
+
+def test_sums_of_consecutive_rows_equal_the_sum_of_all():
+  """A resumed epoch adds its rows to the sums saved mid-epoch; the result must be the
+  uninterrupted epoch's to the bit (the epoch record is compared across a resume)."""
+  # Magnitudes from 1e-10 to 1e10: float64 sums of these are not exact, so the order of
+  # the additions shows.
+  rng = np.random.default_rng(0)
+  rows = (10.0 ** rng.uniform(-10, 10, (1000, 3))).astype(np.float32)
+  whole = progress.sum_rows(rows)
+  for cut in (1, 333, 999):
+    assert progress.sum_rows(rows[cut:], progress.sum_rows(rows[:cut])) == whole
+  expected = [0.0, 0.0, 0.0]
+  for row in rows:  # left to right in float64, as the sums are defined
+    expected = [e + float(v) for e, v in zip(expected, row)]
+  assert whole == dict(zip(progress.METRICS, expected))
 
 
 # --- the summary a run ends with --------------------------------------------------------
@@ -249,4 +281,3 @@ def test_the_summary_offers_evaluate_the_splits_the_run_has(tmp_path, val, test,
   assert line == (f'  evaluate: python -m fineflax.evaluate --workdir {tmp_path} {offered} '
                   '[--checkpoint best|latest|STEP]')
   assert ('test split, final parameters' in text) == test
-

@@ -12,7 +12,6 @@ start-up notices, Orbax's save waits) stay out of fineflax's.
 
 import json
 import logging
-import os
 import re
 import subprocess
 import sys
@@ -22,7 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests import helpers
+from tests.helpers import ROOT
+
+pytestmark = pytest.mark.slow  # trains a run and starts the programs
+
 CLASSES = ('cracked', 'dented', 'intact')
 # configs/folder.py at :smoke on a small random network: the walkthrough's flow, not its
 # ResNet50 (whose ImageNet weights are not on this machine). Its `layers[:143]` is
@@ -44,7 +47,7 @@ def _photos(root: Path, splits: dict[str, int]) -> Path:
 
 
 def _run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
-  environ = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT), **env)
+  environ = helpers.program_env(**env)
   return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=environ,
                         capture_output=True, text=True, timeout=600)
 
@@ -85,7 +88,7 @@ def test_the_test_folder_is_used_and_both_results_are_labelled(walkthrough):
   assert final['test_examples'] == results['test_examples'] == 9
   assert best['checkpoint'] == 'best' and best['monitor'] == 'val_loss'
   assert workdir / best['dir'] == workdir / 'checkpoints' / 'best' / str(best['step'])
-  lines = [l for l in done.stdout.splitlines() if l.startswith('test_accuracy: ')]
+  lines = [line for line in done.stdout.splitlines() if line.startswith('test_accuracy: ')]
   assert lines[0].startswith(f"test_accuracy: {final['test_accuracy']:.4f} (final parameters, "
                              f"step {final['step']}; 9 examples")
   if best['step'] != final['step']:  # the best checkpoint evaluated too, and labelled
@@ -130,7 +133,7 @@ def test_a_run_without_a_test_split_ends_with_its_validation_figures(tmp_path):
   assert "no folder; no test split" in done.stderr or 'no such folder; no test split' in done.stderr
   results = json.loads((workdir / 'results.json').read_text())
   assert 'test_accuracy' not in results and results['best']['monitor'] == 'val_loss'
-  records = [json.loads(l) for l in (workdir / 'metrics.jsonl').read_text().splitlines()]
+  records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
   # The validation figures are in results.json too: the final parameters' are those of
   # the last epoch's evaluation, the best checkpoint's those of its epoch (the value
   # best/ was chosen by).
@@ -160,7 +163,7 @@ def test_another_backbone_is_told_and_takes_the_stages_spec():
   assert "'stages[:-1]' (every stage but the last) fits any backbone" in last, last
   shown = _run(*base, '--config.phases[0].freeze=stages[:-1]')
   assert shown.returncode == 0, shown.stderr[-3000:]
-  rows = [l.split() for l in shown.stdout.splitlines() if re.match(r'^\w+ \(\w+\)', l)]
+  rows = [line.split() for line in shown.stdout.splitlines() if re.match(r'^\w+ \(\w+\)', line)]
   trains = {row[0] for row in rows if row[-1] == 'Y'}
   assert trains and all(name.startswith(('conv5_', 'dense', 'batch_normalization'))
                         for name in trains), trains
@@ -209,7 +212,7 @@ def test_tensorflow_starts_without_a_word():
   printed themselves before any fineflax line."""
   started = subprocess.run(
       [sys.executable, '-c', 'from fineflax.data import tfds_source; tfds_source._tfds()'],
-      cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+      cwd=ROOT, env=helpers.program_env(), capture_output=True, text=True,
       timeout=300, check=False)
   assert started.returncode == 0, started.stderr[-2000:]
   assert started.stderr == ''
@@ -219,6 +222,7 @@ def test_orbax_waiting_for_a_previous_save_is_not_reported(caplog):
   """Orbax warns when a save waited over a second for the previous one, which on a smoke
   run is every epoch; its other warnings still come through."""
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+
   from fineflax.run import reporting  # pylint: disable=g-import-not-at-top
   reporting.setup_logging()
   with caplog.at_level(logging.WARNING, logger='absl'):

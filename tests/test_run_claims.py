@@ -19,9 +19,10 @@ from fineflax.distributed import preemption
 from fineflax.distributed.preemption import sigterm_flag
 from fineflax.run import RunDir
 from fineflax.run.reporting import MetricsLog
-from tests import scripts_loader
+from tests import helpers, scripts_loader
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # trains runs
+
 DEVICES = jax.devices()[:2]
 
 
@@ -31,18 +32,12 @@ def _config(examples, batch_size, epochs, val=False, **phase):
   step depends on the step count or the batch's size but the data itself: no dropout, no
   augmentation, BatchNorm frozen (the defaults), so runs with other batch sizes or
   accumulation can be compared."""
-  cfg = config_lib.default_config()
-  cfg.data.test_split = None
-  cfg.data.val_split = 'validation' if val else None
-  cfg.batch_size = batch_size
-  cfg.data.max_examples = examples
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.preprocessing = 'tf'
+  cfg = helpers.tiny_config(config_lib.phase(name='only', epochs=epochs, **phase),
+                            batch_size=batch_size, max_examples=examples, test_split=None,
+                            val_split='validation' if val else None)
   cfg.report.progress = 'off'
   cfg.report.tensorboard = False
   cfg.report.plot = False
-  cfg.phases = (config_lib.phase(name='only', epochs=epochs, **phase),)
   return cfg
 
 

@@ -12,8 +12,10 @@ import jax
 import pytest
 
 from fineflax.distributed import runtime
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts the programs
 
 
 def _fake_machine(root: Path, *nodes: str, pci: dict[str, str] | None = None) -> Path:
@@ -98,10 +100,9 @@ def test_jax_told_to_use_the_cpu_is_an_opt_out(tmp_path, jax_not_told_cpu):
 
 
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-  env = {k: v for k, v in os.environ.items()
-         if k not in ('JAX_PLATFORMS', 'JAX_COMPILATION_CACHE_DIR', 'FINEFLAX_ALLOW_CPU')}
-  return dict(env, XLA_FLAGS='', PYTHONPATH=str(ROOT), FINEFLAX_CACHE=str(tmp_path / 'cache'),
-              **extra)
+  return helpers.program_env(
+      cache=tmp_path / 'cache',
+      unset=('JAX_PLATFORMS', 'JAX_COMPILATION_CACHE_DIR', 'FINEFLAX_ALLOW_CPU'), **extra)
 
 
 def test_the_programs_stop_at_once_when_jax_misses_the_gpu(tmp_path):
@@ -119,10 +120,11 @@ def test_the_programs_stop_at_once_when_jax_misses_the_gpu(tmp_path):
                           text=True, timeout=120, check=False)
     assert done.returncode != 0, name
     last = done.stderr.strip().splitlines()[-1]
-    assert last == (f'error: this machine has an NVIDIA GPU ({bin_dir / "nvidia-smi"} on the '
-                    "PATH) but JAX runs on the CPU: install JAX for it with `pip install -e "
-                    "'.[cuda12]' -c constraints.txt (with CUDA 13 drivers: '.[cuda13]')`, or "
-                    'set FINEFLAX_ALLOW_CPU=1 to run on the CPU anyway'), (name, done.stderr[-2000:])
+    expected = (f'error: this machine has an NVIDIA GPU ({bin_dir / "nvidia-smi"} on the '
+                "PATH) but JAX runs on the CPU: install JAX for it with `pip install -e "
+                "'.[cuda12]' -c constraints.txt (with CUDA 13 drivers: '.[cuda13]')`, or "
+                'set FINEFLAX_ALLOW_CPU=1 to run on the CPU anyway')
+    assert last == expected, (name, done.stderr[-2000:])
   assert not (tmp_path / 'run').exists()
   done = subprocess.run([sys.executable, *commands['evaluate']], cwd=ROOT, timeout=120,
                         env=dict(env, FINEFLAX_ALLOW_CPU='1'), capture_output=True, text=True,

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fineflax import config as config_lib, data, models
-from fineflax.distributed import parallel
-from fineflax import pytree
-from fineflax.train import freeze
-from fineflax.train import state as state_lib, step as step_lib
+from fineflax import config as config_lib, data, models, pytree
 from fineflax.data import augment as augmentation
 from fineflax.data.augment import Augment
+from fineflax.distributed import parallel
+from fineflax.train import freeze, state as state_lib, step as step_lib
 from tests import helpers
+
+pytestmark = pytest.mark.slow  # compiles and runs train steps on 1 to 8 devices
 
 IMAGE = (16, 16, 3)
 BATCH = 16
@@ -66,7 +66,7 @@ def _pairs(before, after, labels=None):
   flat_b = jax.tree_util.tree_flatten_with_path(before)[0]
   flat_a = jax.tree.leaves(after)
   flat_l = jax.tree.leaves(labels) if labels is not None else [None] * len(flat_a)
-  return [(pytree.path_str(p), b, a, l) for (p, b), a, l in zip(flat_b, flat_a, flat_l)]
+  return [(pytree.path_str(p), b, a, label) for (p, b), a, label in zip(flat_b, flat_a, flat_l)]
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
@@ -76,7 +76,8 @@ def test_frozen_leaves_and_batch_stats_are_bit_identical(dtype):
   model, labels, mesh, state, train_step = _setup(CONV5, dtype=dtype)
   # -0.0 in a frozen leaf: adding a zero update would turn it into +0.0.
   params = state.params
-  params['backbone']['conv1_conv']['bias'] = -jnp.zeros_like(params['backbone']['conv1_conv']['bias'])
+  bias = params['backbone']['conv1_conv']['bias']
+  params['backbone']['conv1_conv']['bias'] = -jnp.zeros_like(bias)
   state = parallel.replicate(state.replace(params=params), mesh)
   before = jax.device_get(state)
   state, metrics = _run(state, train_step, mesh, _batches(3))

@@ -13,21 +13,19 @@ from fineflax import config as config_lib, train
 from fineflax.distributed import preemption
 from fineflax.run import RunDir, step_records
 from fineflax.run.reporting import MetricsLog
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains runs
 
 DEVICES = jax.devices()[:2]
 
 
 def _config(every_steps=None, epochs=2):
-  cfg = config_lib.default_config()
-  cfg.batch_size = 16
-  cfg.data.max_examples = 64  # 4 steps an epoch
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.preprocessing = 'tf'
-  cfg.data.val_split = cfg.data.test_split = None
+  cfg = helpers.tiny_config(
+      config_lib.phase(name='a', batchnorm='train', learning_rate=3e-3, schedule='cosine',
+                       epochs=epochs),
+      batch_size=16, max_examples=64, val_split=None, test_split=None)  # 4 steps an epoch
   cfg.report.every_steps = every_steps
-  cfg.phases = (config_lib.phase(name='a', batchnorm='train', learning_rate=3e-3,
-                                 schedule='cosine', epochs=epochs),)
   return cfg
 
 
@@ -63,7 +61,7 @@ def test_epoch_records_are_those_of_a_run_without_step_records(runs):
   drop = lambda rs: [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in rs]
   assert drop(MetricsLog(runs / 'steps').read()) == drop(MetricsLog(runs / 'plain').read())
   assert MetricsLog(runs / 'plain').read_steps() == []
-  lines = [json.loads(l) for l in (runs / 'steps' / 'metrics.jsonl').read_text().splitlines()]
+  lines = [json.loads(line) for line in (runs / 'steps' / 'metrics.jsonl').read_text().splitlines()]
   assert [r.get('kind', 'epoch') for r in lines] == ['step', 'step', 'epoch'] * 2
   assert (runs / 'steps' / 'history.png').is_file()
 
@@ -98,7 +96,7 @@ def test_a_resumed_run_records_each_window_once(tmp_path, monkeypatch):
 
 
 class _Pending:
-  """A metric that is not computed yet: reading it is an error until `done`."""
+  """Metrics that are not computed yet: reading them is an error until `done`."""
 
   def __init__(self, value):
     self.value, self.done = value, False
@@ -106,27 +104,46 @@ class _Pending:
   def is_ready(self):
     return self.done
 
-  def __float__(self):
+  def __array__(self, dtype=None, copy=None):
     assert self.done, 'read before it was ready: the step loop would have waited'
-    return float(self.value)
+    return np.asarray(self.value, dtype)
 
 
-def test_the_recorder_reads_metrics_only_once_they_are_computed(monkeypatch):
-  monkeypatch.setattr(jax, 'device_get', lambda x: x)
+def test_the_recorder_reads_metrics_only_once_they_are_computed():
   written = []
   recorder = step_records.StepRecorder(2, 'a', lambda i: 0.1, 0, written.append)
-  metrics = [{'loss': _Pending(2.0), 'correct': _Pending(1.0), 'count': _Pending(4.0)}
-             for _ in range(4)]
-  for step, m in enumerate(metrics, 1):
-    recorder.add(step, m)
-  assert written == []  # nothing was ready
-  for value in metrics[0].values():
-    value.done = True
-  recorder.add(5, {'loss': 0.0, 'correct': 0.0, 'count': 0.0})
-  assert written == []  # the first window's last step is not ready yet
-  for m in metrics[1:]:
-    for value in m.values():
-      value.done = True
+  recorder.begin_epoch(0, 0)
+  rows = np.zeros((6, 3), np.float32)
+  rows[:4] = (2.0, 1.0, 4.0)
+  for step in range(1, 5):
+    recorder.dispatched(step)
+  metrics = _Pending(rows)
+  recorder.update(metrics, 4)
+  assert written == []  # not computed: not read
+  metrics.done = True
+  recorder.update(metrics, 1)
+  assert written == []  # the first window's last row is not written yet
+  recorder.update(metrics, 3)
+  assert [(r['step'], r['steps'], r['loss'], r['accuracy']) for r in written] == [
+      (2, 2, 0.5, 0.25)]
+  recorder.close(metrics, 4)
+  assert [r['step'] for r in written] == [2, 4]
+
+
+def test_a_window_across_an_epoch_end_sums_both_epochs():
+  """Windows of 3 steps over epochs of 4: the window of steps 4-6 takes step 4 from the
+  first epoch's rows and steps 5-6 from the second's."""
+  written = []
+  recorder = step_records.StepRecorder(3, 'a', lambda i: 0.1, 0, written.append)
+  epochs = [np.asarray([(1.0, 1.0, 2.0), (2.0, 0.0, 2.0), (3.0, 2.0, 2.0), (4.0, 1.0, 2.0)],
+                       np.float32),
+            np.asarray([(5.0, 0.0, 2.0), (6.0, 2.0, 2.0), (7.0, 1.0, 2.0), (8.0, 0.0, 2.0)],
+                       np.float32)]
+  for e, rows in enumerate(epochs):
+    recorder.begin_epoch(4 * e, 4 * e)
+    for step in range(4 * e + 1, 4 * e + 5):
+      recorder.dispatched(step)
+    recorder.end_epoch(rows)
   recorder.close()
-  assert [(r['step'], r['loss'], r['accuracy']) for r in written] == [(2, 0.5, 0.25),
-                                                                     (4, 0.5, 0.25)]
+  assert [(r['step'], r['steps'], r['loss'], r['accuracy']) for r in written] == [
+      (3, 3, 1.0, 0.5), (6, 3, 2.5, 0.5)]

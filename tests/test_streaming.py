@@ -20,6 +20,9 @@ from fineflax.distributed import preemption
 from fineflax.errors import ConfigError
 from fineflax.run import restore
 from fineflax.run.reporting import MetricsLog
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains runs
 
 
 @pytest.fixture(scope='module')
@@ -37,22 +40,13 @@ def photos(tmp_path_factory):
 
 
 def _config(photos, pipeline='stream', **data_keys):
-  cfg = config_lib.default_config()
-  cfg.batch_size = 8
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.weights = None
+  cfg = helpers.tiny_config(
+      config_lib.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
+      source=f'folder:{photos}', load_size=16, validation_split=0.25, test_split=None,
+      pipeline=pipeline, workers=0, **data_keys)
+  cfg.model.preprocessing = 'auto'  # the backbone's own
   cfg.model.head.dropout = 0.3
-  cfg.data.source = f'folder:{photos}'
-  cfg.data.load_size = 16
-  cfg.data.validation_split = 0.25
-  cfg.data.test_split = None
-  cfg.data.pipeline = pipeline
-  cfg.data.workers = 0
   cfg.data.augment.flip = 'horizontal'
-  for key, value in data_keys.items():
-    cfg.data[key] = value
-  cfg.phases = (config_lib.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),)
   return cfg
 
 
@@ -335,6 +329,7 @@ def test_a_tfds_dataset_streams_when_prepared_as_array_record(tmp_path, caplog):
   a small split is read into memory under 'auto' (tests/test_streaming_tfds.py streams
   such files)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   from tests import multiprocess_job  # pylint: disable=g-import-not-at-top
   multiprocess_job.tiny_tfds(str(tmp_path / 'tfrecord'), prepare=True)
   tfds.builder(multiprocess_job.TINY_TFDS, data_dir=str(tmp_path / 'array_record')

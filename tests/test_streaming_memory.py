@@ -125,6 +125,7 @@ def test_the_in_memory_path_holds_a_split_once_while_reading_it(folders, tmp_pat
 def _train_one_epoch(folder: str, pipeline: str, workdir: str, max_examples: str) -> None:
   """The child: one epoch of resnet_tiny at 32 px on `folder`; prints its peak RSS."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from fineflax import config as config_lib, train  # pylint: disable=g-import-not-at-top
   cfg = config_lib.default_config()
   cfg.batch_size = BATCH

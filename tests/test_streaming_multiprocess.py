@@ -5,51 +5,39 @@ of every global batch, so a two-process run (2 CPU devices each) and a one-proce
 floating-point sums across devices."""
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 from fineflax.run import restore
 from fineflax.run.reporting import MetricsLog
+from tests import helpers
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # starts two-process training jobs
 
 _CONFIG = """
 from fineflax import config as ffc
+from tests import helpers
 
 def get_config(arg=None):
-  config = ffc.default_config()
-  config.batch_size = 8
-  config.model.backbone = 'resnet_tiny'
-  config.model.image_size = 16
-  config.model.weights = None
+  config = helpers.tiny_config(
+      ffc.phase(name='a', learning_rate=3e-3, epochs=2), source='folder:{photos}',
+      load_size=16, validation_split=0.25, test_split=None, pipeline='stream', workers=0)
+  config.model.preprocessing = 'auto'  # the backbone's own
   config.model.head.dropout = 0.3
-  config.data.source = 'folder:{photos}'
-  config.data.load_size = 16
-  config.data.validation_split = 0.25
-  config.data.test_split = None
-  config.data.pipeline = 'stream'
-  config.data.workers = 0
   config.data.augment.crop = 'random_resized'
   config.data.augment.flip = 'horizontal'
-  config.phases = (ffc.phase(name='a', learning_rate=3e-3, epochs=2),)
   return ffc.finish(config, arg)
 """
 # Relative loss difference allowed between the runs: the same examples, crops and random
 # draws, summed in another order over devices (measured: below 1e-6 after 10 steps).
 LOSS_RTOL = 1e-4
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _photos(root: Path) -> Path:
@@ -67,14 +55,12 @@ def test_two_processes_train_on_the_global_batches_of_one(tmp_path):
   config.write_text(_CONFIG.format(photos=_photos(tmp_path / 'photos')))
 
   def start(workdir: Path, devices: int, *flags: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS='cpu',
-               FINEFLAX_CACHE=str(tmp_path / 'cache'),
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env = helpers.program_env(devices=devices, cache=tmp_path / 'cache')
     return subprocess.Popen([sys.executable, '-m', 'fineflax.train', '--config', str(config),
                              '--workdir', str(workdir), *flags], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-  port = _free_port()
+  port = helpers.free_port()
   procs = [start(tmp_path / 'one', 4)] + [
       start(tmp_path / 'two', 2, f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
             f'--process_id={i}') for i in range(2)]

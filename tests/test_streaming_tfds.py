@@ -23,6 +23,8 @@ from fineflax.run import restore
 from fineflax.run.reporting import MetricsLog
 from tests import multiprocess_job
 
+pytestmark = pytest.mark.slow  # trains runs
+
 NAME = multiprocess_job.TINY_TFDS
 
 
@@ -207,6 +209,7 @@ def test_a_format_read_in_order_only_is_refused_in_one_line():
   """A dataset prepared in a format neither tfds nor fineflax reads by index (riegeli):
   the reason the pipeline gives when 'stream' is asked for."""
   from types import SimpleNamespace  # pylint: disable=g-import-not-at-top
+
   from fineflax.data import tfds_source  # pylint: disable=g-import-not-at-top
 
   def as_data_source(split):

@@ -14,30 +14,14 @@ import pytest
 
 from fineflax import config as config_lib, train
 from fineflax.distributed import preemption
-from fineflax.run import checkpoints
-from fineflax.errors import ConfigError
 from fineflax.distributed.preemption import sigterm_flag
+from fineflax.errors import ConfigError
+from fineflax.run import RunDir, checkpoints
 from fineflax.run.reporting import MetricsLog
-from fineflax.run import RunDir
-from tests import run_configs
+from tests import helpers, run_configs
+from tests.helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _small_config():
-  cfg = config_lib.default_config()
-  cfg.batch_size = 16
-  cfg.data.max_examples = 40  # 3 train steps an epoch, the last one padded
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.preprocessing = 'tf'
-  cfg.model.head.dropout = 0.3
-  cfg.phases = (
-      config_lib.phase(name='scratch', batchnorm='train', learning_rate=3e-3, epochs=2),
-      config_lib.phase(name='conv5', freeze='regex:^backbone/conv[1-4]_', learning_rate=1e-3,
-                       epochs=2),
-  )
-  return cfg
+pytestmark = pytest.mark.slow  # trains runs and starts the programs
 
 
 class Interrupt(Exception):
@@ -64,7 +48,7 @@ def _records(workdir):
 
 def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monkeypatch):
   devices = jax.devices()[:2]
-  full = train.train_and_evaluate(_small_config(), tmp_path / 'full', devices=devices)
+  full = train.train_and_evaluate(helpers.two_phase_config(), tmp_path / 'full', devices=devices)
   expected = _records(tmp_path / 'full')
   assert [(r['phase'], r['phase_epoch'], r['epoch'], r['step']) for r in expected] == [
       ('scratch', 1, 1, 3), ('scratch', 2, 2, 6), ('conv5', 1, 3, 9), ('conv5', 2, 4, 12)]
@@ -74,15 +58,15 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
     with monkeypatch.context() as patch:
       _interrupt_after(patch, *stop)
       with pytest.raises(Interrupt):
-        train.train_and_evaluate(_small_config(), workdir, devices=devices)
+        train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
   with monkeypatch.context() as patch:  # a SIGTERM noted at an epoch's last step
     patch.setattr(preemption.StopRequest, 'at', lambda self, step: step == 9)
     with pytest.raises(preemption.Preempted,
                        match=r"saved step 9 \(phase 'conv5', the end of epoch 1\)"):
-      train.train_and_evaluate(_small_config(), workdir, devices=devices)
+      train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
   # A record written after the last checkpoint must not survive the resume.
   MetricsLog(workdir).write({'step': 99, 'phase': 'stale'})
-  resumed = train.train_and_evaluate(_small_config(), workdir, devices=devices)
+  resumed = train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
 
   assert _records(workdir) == expected
   assert resumed == full
@@ -93,7 +77,7 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
 
 
 def _cli(*args, cwd=ROOT):
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT))
+  env = helpers.program_env()
   return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True,
                         text=True, timeout=600)
 
@@ -247,7 +231,7 @@ def test_demo_in_bfloat16_resumes_bitwise_and_matches_float32(tmp_path, monkeypa
     (lambda c: setattr(c.model, 'num_classes', 5), 'num_classes=5 but the dataset has 10'),
 ])
 def test_run_refuses_what_does_not_fit_before_writing_anything(tmp_path, mutate, message):
-  cfg = _small_config()
+  cfg = helpers.two_phase_config()
   mutate(cfg)
   with pytest.raises(ConfigError) as error:
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
@@ -262,7 +246,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
   not on those of the last epoch."""
   from fineflax.train import training  # pylint: disable=g-import-not-at-top
   devices = jax.devices()[:2]
-  cfg = _small_config()
+  cfg = helpers.two_phase_config()
   cfg.phases = (config_lib.phase(name='only', learning_rate=3e-3, epochs=10, early_stopping=dict(
       patience=2, restore_best=True)),)
   cfg.checkpoint.every_steps = 2  # mid-epoch saves, and one at an epoch's last step
@@ -309,8 +293,9 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
 def test_refuses_a_best_checkpoint_without_latest_and_unwatchable_early_stopping(tmp_path):
   (RunDir(tmp_path / 'run').best / '12').mkdir(parents=True)
   with pytest.raises(ConfigError, match='holds a checkpoint but .*latest has none to resume'):
-    train.train_and_evaluate(_small_config(), tmp_path / 'run', devices=jax.devices()[:2])
-  cfg = _small_config()
+    train.train_and_evaluate(helpers.two_phase_config(), tmp_path / 'run',
+                             devices=jax.devices()[:2])
+  cfg = helpers.two_phase_config()
   cfg.data.val_split = None
   cfg.phases = (config_lib.phase(name='only', epochs=3, early_stopping=dict(patience=1)),)
   with pytest.raises(ConfigError, match=r"phases\[0\].early_stopping.monitor='val_loss' but "
@@ -321,10 +306,10 @@ def test_refuses_a_best_checkpoint_without_latest_and_unwatchable_early_stopping
 
 def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
   devices = jax.devices()[:2]
-  source = _small_config()
+  source = helpers.two_phase_config()
   source.phases = source.phases[:1]
   train.train_and_evaluate(source, tmp_path / 'source', devices=devices)
-  cfg = _small_config()
+  cfg = helpers.two_phase_config()
   cfg.model.head.hidden = (32,)  # 'dense' is now a hidden layer of another shape
   cfg.init_from = str(tmp_path / 'source')
   with caplog.at_level('INFO', logger='fineflax.train'), sigterm_flag() as stop:
@@ -346,8 +331,7 @@ _SIGTERM_CONFIG = run_configs.two_phase('  config.data.augment.rotation = 0.05')
 def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
   config = tmp_path / 'sigterm_config.py'
   config.write_text(_SIGTERM_CONFIG)
-  env = dict(os.environ, XLA_FLAGS='', PYTHONPATH=str(ROOT),
-             FINEFLAX_CACHE=str(tmp_path / 'cache'))
+  env = helpers.program_env(cache=tmp_path / 'cache')
   command = lambda workdir: [sys.executable, '-m', 'fineflax.train', '--config', str(config),
                              '--workdir', str(workdir)]
   whole = subprocess.run(command(tmp_path / 'whole'), cwd=ROOT, env=env, capture_output=True,

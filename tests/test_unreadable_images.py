@@ -2,8 +2,9 @@
 
 The case: 3 classes of JPEGs and one truncated file, a validation split carved out,
 several epochs. A split sized by the files listed rather than read would end every epoch
-on a batch of padding only, whose 0/0 loss makes every parameter NaN. Here such folders train for several epochs on 1 and on 8 devices, from host memory and
-from the devices, to finite losses; every epoch takes ceil(readable / batch) steps; and
+on a batch of padding only, whose 0/0 loss makes every parameter NaN. Here such folders
+train for several epochs on 1 and on 8 devices, from host memory and from the devices, to
+finite losses; every epoch takes ceil(readable / batch) steps; and
 evaluation counts each readable example exactly once.
 """
 
@@ -19,6 +20,9 @@ from PIL import Image
 from fineflax import config as config_lib, train
 from fineflax.inference.evaluate import evaluate_run
 from fineflax.run.reporting import MetricsLog
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # trains runs on 1 and 8 devices
 
 CLASSES = ('a', 'b', 'c')
 BATCH = 8
@@ -44,19 +48,14 @@ def _spoil(folder: Path, how_many: int) -> None:
 
 
 def _config(source: str, *, carve: bool, resident: bool):
-  cfg = config_lib.default_config()
+  cfg = helpers.tiny_config(
+      config_lib.phase(name='a', optimizer='adam', learning_rate=1e-3, epochs=3),
+      batch_size=BATCH, source=source, device_resident=resident)
   cfg.seed = 0
-  cfg.batch_size = BATCH
-  cfg.data.source = source
-  cfg.data.device_resident = resident
   if carve:  # the walkthrough's Keras-style carve: no test split
     cfg.data.validation_split = 0.2
     cfg.data.split_seed = 5  # a shuffle that leaves every unreadable file in train
     cfg.data.test_split = None
-  cfg.model.backbone = 'resnet_tiny'
-  cfg.model.image_size = 16
-  cfg.model.preprocessing = 'tf'
-  cfg.phases = (config_lib.phase(name='a', optimizer='adam', learning_rate=1e-3, epochs=3),)
   return cfg
 
 

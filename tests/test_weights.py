@@ -12,6 +12,9 @@ from fineflax.data.images import read_image
 from fineflax.inference import zero_shot
 from fineflax.train import state as state_lib
 from fineflax.weights import files
+from tests import helpers
+
+pytestmark = pytest.mark.slow  # compares with Keras and torchvision
 
 # name: (Keras class, input side for the test, Keras preprocess module)
 KERAS = {
@@ -140,10 +143,8 @@ def test_file_of_another_backbone_is_refused(keras_file):
 def test_torchvision_parity_pth_and_safetensors(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-  root = Path(__file__).resolve().parents[1]
   subprocess.run([sys.executable, '-m', 'tests.torchvision_reference', str(tmp_path)],
-                 cwd=root, check=True, timeout=300)
+                 cwd=helpers.ROOT, check=True, timeout=300)
   images, expected = np.load(tmp_path / 'images.npy'), np.load(tmp_path / 'logits.npy')
   for suffix in ('.pth', '.safetensors'):
     cfg = _model_config('resnet50_torchvision', tmp_path / f'resnet50{suffix}', True)
@@ -270,8 +271,7 @@ def test_torchvision_checksums_and_urls_are_those_of_the_installed_torchvision()
 
 def test_docs_list_every_source():
   """docs/models_and_weights.md lists every named source (the README links to it)."""
-  from pathlib import Path  # pylint: disable=g-import-not-at-top
-  page = (Path(__file__).resolve().parents[1] / 'docs' / 'models_and_weights.md').read_text()
+  page = (helpers.ROOT / 'docs' / 'models_and_weights.md').read_text()
   assert weights.sources.markdown_table() in page
 
 
@@ -333,7 +333,7 @@ def test_training_from_a_keras_file_keeps_the_frozen_part_as_in_the_file(keras_f
                  key=lambda p: int(p.name))
   state = ocp.StandardCheckpointer().restore(step_dir / 'state')
   trained = state['params']['backbone']
-  layers = [l for l in models.BACKBONES['vgg16'].build().layers if l.kind == 'Conv2D']
+  layers = [layer for layer in models.BACKBONES['vgg16'].build().layers if layer.kind == 'Conv2D']
   for layer, (_, arrays) in zip(layers, files.read_keras_h5(path), strict=True):
     frozen = not layer.name.startswith('block5')  # layers[:15] ends with block4_pool
     for key, value in zip(('kernel', 'bias'), arrays):

@@ -33,8 +33,7 @@ from absl import flags
 
 from fineflax.cli import common
 from fineflax.errors import ConfigError, DataError
-from fineflax.inference import image_files, predictions, zero_shot
-from fineflax.inference import predict as run_files
+from fineflax.inference import image_files, predict as run_files, predictions, zero_shot
 
 
 def predict(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: int,

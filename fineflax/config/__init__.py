@@ -6,8 +6,7 @@
 from fineflax.config.overrides import apply_overrides, check_override_flags, split_overrides
 from fineflax.config.reference import reference_table
 from fineflax.config.resume import changes_on_resume
-from fineflax.config.schema import (METRICS, PHASE_SCHEMA, SCHEMA, Field, default_config,
-                                    phase)
+from fineflax.config.schema import METRICS, PHASE_SCHEMA, SCHEMA, Field, default_config, phase
 from fineflax.config.smoke import finish, smoke
 from fineflax.config.validation import from_dict, resolve_mode, to_dict, validate
 from fineflax.errors import ConfigError

@@ -3,8 +3,8 @@ layer imports nothing above it and each list of choices has one owner: the modul
 implements it (backbones, heads, preprocessing and dtypes in fineflax.models; data
 sources, pipelines and augmentation in fineflax.data; freeze specs, schedules, update
 rules, the BatchNorm mode and cached-feature modes in fineflax.train; progress displays
-in fineflax.run; weight names in fineflax.weights). `import fineflax` imports all of them, so any use of the config layer
-finds them registered.
+in fineflax.run; weight names in fineflax.weights). `import fineflax` imports all of
+them, so any use of the config layer finds them registered.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ import ml_collections
 
 from fineflax.config.validation import to_dict
 
-
 # What may change when a run is resumed: how long phases last, what is reported, how
 # often it saves, where the data lives and how many processes decode it.
 _RESUMABLE_CHANGES = re.compile(

@@ -150,7 +150,8 @@ SCHEMA: dict[str, Any] = {
                                         'are placed on the devices.', check=_at_least(0)),
         'augment': {
             'flip': Field('none', _STR, "Keras RandomFlip: 'horizontal', 'vertical', "
-                          "'horizontal_and_vertical' or 'none'.", check=value_check('data.augment.flip')),
+                          "'horizontal_and_vertical' or 'none'.",
+                          check=value_check('data.augment.flip')),
             'rotation': Field(0.0, _FLOAT, 'Keras RandomRotation factor: a fraction of a full '
                               'turn (0.1: up to 36 degrees either way).', check=_fraction),
             'zoom': Field(0.0, _FLOAT, 'Keras RandomZoom factor: zoom in or out by up to this '

@@ -9,8 +9,7 @@ from typing import Any
 import ml_collections
 
 from fineflax.config import registry
-from fineflax.config.schema import PHASE_SCHEMA, SCHEMA, Field, default_config, phase
-from fineflax.config.schema import suggest
+from fineflax.config.schema import PHASE_SCHEMA, SCHEMA, Field, default_config, phase, suggest
 from fineflax.config.smoke import with_values
 from fineflax.errors import ConfigError
 

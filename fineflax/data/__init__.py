@@ -12,13 +12,26 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
+from fineflax.config import registry
 from fineflax.data import digits, folder, pipeline, synthetic, tfds_source
 from fineflax.data.augment import FILL_MODES, FLIPS, Augment
-from fineflax.data.dataset import (AnySplit, Batch, Dataset, DatasetInfo, Split,
-                                   StreamSplit, class_weights, eval_batches, gather,
-                                   num_batches, read_split, share, shared_split,
-                                   train_batches)
-from fineflax.config import registry
+from fineflax.data.dataset import (
+  AnySplit,
+  Batch,
+  Dataset,
+  DatasetInfo,
+  Split,
+  StreamSplit,
+  class_weights,
+  epoch_plan,
+  eval_batches,
+  gather,
+  num_batches,
+  read_split,
+  share,
+  shared_split,
+  train_batches,
+)
 from fineflax.errors import ConfigError
 
 logger = logging.getLogger('fineflax.data')
@@ -110,5 +123,6 @@ def augment_from_config(data_config: Any) -> Augment:
 
 __all__ = ['AnySplit', 'Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'SPLIT_KEYS',
            'STREAMED_SOURCES', 'Source', 'Split', 'StreamSplit',
-           'augment_from_config', 'class_weights', 'dataset_info', 'eval_batches', 'gather', 'load_dataset',
+           'augment_from_config', 'class_weights', 'dataset_info', 'epoch_plan', 'eval_batches',
+           'gather', 'load_dataset',
            'num_batches', 'read_split', 'share', 'shared_split', 'train_batches']

@@ -212,6 +212,13 @@ def train_batches(split: AnySplit, global_batch: int, rng: np.random.Generator
     yield dict(_own_rows(padded), crop_key=crop_key) if streamed else padded
 
 
+def epoch_plan(split: Split, global_batch: int, rng: np.random.Generator) -> Batch:
+  """`train_batches` of one epoch stacked: 'index' and 'weight' of shape (batches, local
+  batch), row i the i-th batch; the same draws from `rng`."""
+  batches = list(train_batches(split, global_batch, rng))
+  return {key: np.stack([b[key] for b in batches]) for key in ('index', 'weight')}
+
+
 def eval_batches(split: AnySplit, global_batch: int) -> Iterator[Batch]:
   """The split in order; padding rows (weight 0) repeat example 0, nothing is dropped."""
   streamed = isinstance(split, StreamSplit)

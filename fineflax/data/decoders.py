@@ -27,8 +27,9 @@ class _Pool:
 
   Index batches go to the workers in turn, each keeping up to `_PREFETCH_BATCHES`
   requests and a shared-memory slot for each; each worker answers in order, so batch k
-  of a pass is the next answer of worker k mod W (the turn goes on across passes). Several passes may be read at once:
-  answers to another pass are kept for it, those to a pass abandoned are dropped.
+  of a pass is the next answer of worker k mod W (the turn goes on across passes).
+  Several passes may be read at once: answers to another pass are kept for it, those to
+  a pass abandoned are dropped.
   """
 
   def __init__(self, reader: Callable[[Batch], Batch], workers: int):

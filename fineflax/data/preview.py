@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 
 import jax
-from etils import epath
 import numpy as np
+from etils import epath
 
 from fineflax.data import augment as augmentation, stream
 from fineflax.data.dataset import AnySplit, StreamSplit, host_crop_key

@@ -31,8 +31,8 @@ import jax
 import numpy as np
 
 from fineflax.data import pipeline, stream, tfrecord_index
-from fineflax.distributed import once
 from fineflax.data.dataset import Dataset, DatasetInfo, Split, StreamSplit, read_split
+from fineflax.distributed import once
 from fineflax.errors import ConfigError, DataError
 
 logger = logging.getLogger('fineflax.data')

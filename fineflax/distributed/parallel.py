@@ -48,3 +48,10 @@ def shard_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     return jax.make_array_from_process_local_data(sharding, x, (len(x) * count,) + x.shape[1:])
 
   return {k: place(v) for k, v in local.items()}
+
+
+def shard_plan(plan: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """An epoch's batch plan ((steps, batch) arrays, one process) on the devices, each
+  device holding its columns: row i's columns are what `shard_batch` gives it of batch i."""
+  sharding = NamedSharding(mesh, P(None, AXIS))
+  return {k: jax.device_put(v, sharding) for k, v in plan.items()}

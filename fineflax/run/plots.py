@@ -60,8 +60,8 @@ def _phase_starts(records: Sequence[dict[str, Any]]) -> list[tuple[float, str]]:
 
 
 def write_history(path: str | os.PathLike, records: Sequence[dict[str, Any]]) -> None:
-  """Accuracy and loss per run epoch, training vs validation, as Deep Learning with Python plots them,
-  with a vertical line where each phase after the first begins.
+  """Accuracy and loss per run epoch, training vs validation, as Deep Learning with
+  Python plots them, with a vertical line where each phase after the first begins.
 
   Args:
     path: the PNG to write.

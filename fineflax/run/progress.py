@@ -1,17 +1,15 @@
 """Progress of one training epoch: a redrawn bar on a terminal, log lines elsewhere.
 
-The train step returns its metric sums as device arrays, and reading one blocks until
-the step has run: per-step reads would stall the host while the device works and leave
-the device idle while the host prepares the next batch. So `Progress.update` only
-queues them; now and then (`interval`) the oldest entries that are already computed
-(`jax.Array.is_ready()`, which never blocks) are fetched in one `jax.device_get` and
-added to host totals. Steps finish in the order they were dispatched, so the ready
-entries are a prefix of the queue.
+The train step writes its metric sums into a row of a device array of the epoch's rows
+(`fineflax.train.step.TrainStep`), and reading a device array blocks until the step that
+wrote it has run: a read per step would stall the host while the device works. So
+`Progress.update` only keeps the newest version of that array it is given (the loop
+gives it one it knows to be computed); now and then (`interval`) it fetches it, one
+transfer whatever the epoch's length, and sums its rows on the host.
 """
 
 from __future__ import annotations
 
-import collections
 import math
 import shutil
 import sys
@@ -19,10 +17,12 @@ import time
 from typing import Any, Mapping, TextIO
 
 import jax
+import numpy as np
 
 from fineflax.config import registry
 
 MODES = ('bar', 'lines', 'off', 'auto')  # config.report.progress
+METRICS = ('loss', 'correct', 'count')  # the columns of a train step's row of metric sums
 _BAR_INTERVAL = 0.5  # seconds between redraws of the bar
 _LINES_INTERVAL = 2.0  # seconds between checks whether a log line is due
 _LINES_PER_EPOCH = 10  # a line every 10% of the epoch
@@ -30,10 +30,21 @@ _LINES_PER_EPOCH = 10  # a line every 10% of the epoch
 registry.register_choices('report.progress', MODES)
 
 
-def _is_ready(value: Any) -> bool:
+def is_ready(value: Any) -> bool:
   """Whether reading `value` would not block; host values always are."""
   is_ready = getattr(value, 'is_ready', None)
   return is_ready is None or bool(is_ready())
+
+
+def sum_rows(rows: Any, start: Mapping[str, float] | None = None) -> dict[str, float]:
+  """The metric sums of `rows` ((n, 3) in `METRICS` order) added to `start`, in float64
+  and in row order, so that sums of consecutive parts equal the sum of the whole."""
+  rows = np.asarray(rows, np.float64).reshape(-1, len(METRICS))
+  begin = np.asarray([float((start or {}).get(k, 0.0)) for k in METRICS])
+  # Running sums are sequential: a resumed epoch's (start + its rows) is the uninterrupted
+  # epoch's sum to the bit, which a pairwise np.sum does not guarantee.
+  totals = np.add.accumulate(np.concatenate([begin[None], rows]), axis=0)[-1]
+  return {k: float(v) for k, v in zip(METRICS, totals)}
 
 
 def _duration(seconds: float) -> str:
@@ -68,7 +79,8 @@ class Progress:
       mode: 'bar', 'lines', 'off' or 'auto'.
       desc: a prefix of every line, e.g. the phase and epoch.
       stream: where to write; sys.stderr when None (looked up now, not at import).
-      batches_done: batches of this epoch done before (a run resumed mid-epoch).
+      batches_done: batches of this epoch done before (a run resumed mid-epoch): rows
+        of the metrics before this one are not this session's.
       interval: seconds between fetches of ready metrics (and redraws); 0.5 for a bar,
         2 for lines when None.
       start_sums: host metric sums of the `batches_done` batches, so that the running
@@ -89,9 +101,10 @@ class Progress:
     self.completed = self.batches_done  # batches whose metrics are in `totals`
     self.interval = (interval if interval is not None else
                      _BAR_INTERVAL if mode == 'bar' else _LINES_INTERVAL)
-    self._sums: dict[str, float] = {k: float(v) for k, v in (start_sums or {}).items()}
+    self._start_sums = {k: float(v) for k, v in (start_sums or {}).items()}
+    self._sums = dict(self._start_sums)
     self._start_count = self._sums.get('count', 0.0)
-    self._pending: collections.deque[Mapping[str, Any]] = collections.deque()
+    self._latest: tuple[Any, int] | None = None  # (metrics rows, batches they cover)
     self._start = self._last_refresh = time.monotonic()
     self._line_every = max(self.total, 1) / _LINES_PER_EPOCH
     self._next_line = self._next_milestone(self.batches_done)
@@ -99,31 +112,35 @@ class Progress:
     self._closed = mode == 'off'
 
   @property
-  def pending(self) -> int:
-    """Step results queued but not fetched yet."""
-    return len(self._pending)
+  def pending(self) -> bool:
+    """Whether metrics were given that are not in `totals` yet."""
+    return self._latest is not None
 
   @property
   def totals(self) -> dict[str, float]:
     """Host sums of the metrics fetched so far (with `start_sums`)."""
     return dict(self._sums)
 
-  def update(self, metrics: Mapping[str, Any]) -> None:
-    """Queues one train step's metric sums ({'loss', 'correct', 'count'}: device arrays
-    or numbers); fetches and shows what is ready when `interval` has passed."""
+  def update(self, metrics: Any, batches: int) -> None:
+    """Takes the epoch's metric rows (device array or numbers) whose first `batches` rows
+    are written; fetches and shows them when `interval` has passed and they are
+    computed (never waiting for them)."""
     if self._closed:
       return
-    self._pending.append(metrics)
+    self._latest = (metrics, batches)
     now = time.monotonic()
     if now - self._last_refresh >= self.interval:
       self._last_refresh = now
       self._fetch(block=False)
       self._show(now)
 
-  def close(self) -> None:
-    """Fetches every queued result (waiting for them) and shows the final state."""
+  def close(self, metrics: Any = None, batches: int | None = None) -> None:
+    """Takes the epoch's final metric rows (if given), fetches them (waiting for them)
+    and shows the final state."""
     if self._closed:
       return
+    if metrics is not None:
+      self._latest = (metrics, batches)
     self._closed = True
     self._fetch(block=True)
     now = time.monotonic()
@@ -143,19 +160,14 @@ class Progress:
     self.close()
 
   def _fetch(self, block: bool) -> None:
-    """Adds the ready prefix of the queue (all of it when `block`) to the totals."""
-    ready = 0
-    for entry in self._pending:
-      if not block and not all(_is_ready(v) for v in entry.values()):
-        break
-      ready += 1
-    if not ready:
+    """Sums the newest rows given, when they are computed (or when `block`)."""
+    if self._latest is None or not (block or is_ready(self._latest[0])):
       return
-    # One transfer for all of them, not one per array.
-    for entry in jax.device_get([self._pending.popleft() for _ in range(ready)]):
-      for key, value in entry.items():
-        self._sums[key] = self._sums.get(key, 0.0) + float(value)
-    self.completed += ready
+    metrics, batches = self._latest
+    self._latest = None
+    rows = np.asarray(jax.device_get(metrics))[self.batches_done:batches]
+    self._sums = sum_rows(rows, self._start_sums)
+    self.completed = batches
 
   def _next_milestone(self, done: int) -> int:
     """The first batch count past `done` that is a multiple of 10% of the epoch."""

@@ -1,12 +1,13 @@
 """Cached-feature mode: run the frozen network once, then train the head on its output.
 
 A phase that trains only the head, on images that are not augmented, computes the same
-backbone output for an image in every epoch. Deep Learning with Python's "fast feature extraction" runs
-the base once over the splits and fits the head on the stored features; fineflax does
-the same automatically (`config.features.cache`). The stored features are the output of
-`Classifier.features` (the backbone in inference mode plus the head's parameter-free
-pooling or Flatten layer), kept in float32, which holds bfloat16 activations exactly, so
-the head sees the values the uncached step would give it.
+backbone output for an image in every epoch. Deep Learning with Python's "fast feature
+extraction" runs the base once over the splits and fits the head on the stored
+features; fineflax does the same automatically (`config.features.cache`). The stored
+features are the output of `Classifier.features` (the backbone in inference mode plus
+the head's parameter-free pooling or Flatten layer), kept in float32, which holds
+bfloat16 activations exactly, so the head sees the values the uncached step would give
+it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from fineflax import data, models
-from fineflax.data import feed
 from fineflax.config import registry
+from fineflax.data import feed
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir
 from fineflax.train import freeze

@@ -8,10 +8,11 @@ head on images that are not augmented, on features cached once at its start
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Iterable
 
 import jax
 import numpy as np
@@ -63,46 +64,76 @@ def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState)
   return Inputs(splits, resident, eval_step, on_features=True)
 
 
-def train_epoch(run: TrainingRun, on: Inputs, train_step: Callable[..., Any],
+def _epoch_inputs(run: TrainingRun, on: Inputs, rng: np.random.Generator,
+                  position: Position, row0_step: int, first_only: bool = False
+                  ) -> tuple[Iterable[dict[str, Any]], dict[str, Any]]:
+  """The per-step batches of the epoch from `position.batch` on (`first_only`: the first
+  one), and the `data` of its steps. A split on the devices gets the epoch's plan there at
+  once (`data`), and its steps get no batch at all; other splits' batches are gathered or
+  read, and transferred, while earlier steps run."""
+  cfg = run.config
+  split, resident = on.splits['train'], on.resident['train']
+  start = parallel.replicate(np.asarray(row0_step, np.int32), run.mesh)
+  if resident is not None:
+    plan = data.epoch_plan(split, cfg.batch_size, rng)
+    placed = parallel.shard_plan(plan, run.mesh)
+    inputs = {**resident, 'plan_index': placed['index'], 'plan_weight': placed['weight'],
+              'start': start}
+    return itertools.repeat({}, len(plan['index']) - position.batch), inputs
+  batches = itertools.islice(data.train_batches(split, cfg.batch_size, rng), position.batch,
+                             position.batch + 1 if first_only else None)
+  return feed.device_batches(split, batches, run.mesh, None), {'start': start}
+
+
+def train_epoch(run: TrainingRun, on: Inputs, train_step: step_lib.CompiledTrainStep,
                 state: state_lib.TrainState, rng: np.random.Generator, position: Position,
                 phase_name: str, epochs_in_phase: int,
                 steps: step_records.StepRecorder | None = None
                 ) -> tuple[state_lib.TrainState, dict[str, float], bool]:
   """One pass over the train split in the order `rng` draws, from `position.batch` on.
 
-  Metrics stay on the device (the progress display fetches those already computed, so
-  no step waits for it). Saves every `checkpoint.every_steps` steps; after a SIGTERM it
-  saves and raises Preempted. Returns the state, the epoch's metrics (with `seconds`) and
-  whether a SIGTERM asks to stop once the epoch's end is saved. `steps` takes each step's
-  metrics for the per-step records.
+  The loop does little per step (the host's time per step is what a fast accelerator
+  waits for): the step's inputs and its row of metrics stay on the device, only the
+  state's carry crosses each call, and the host waits only for the step IN_FLIGHT steps
+  back. The progress display and the per-step records (`steps`) read versions of the
+  epoch's metrics that are already computed. Saves every `checkpoint.every_steps` steps;
+  after a SIGTERM it saves and raises Preempted. Returns the state, the epoch's metrics
+  (with `seconds`) and whether a SIGTERM asks to stop once the epoch's end is saved.
   """
   cfg = run.config
-  split, resident = on.splits['train'], on.resident['train']
   start = time.perf_counter()
-  total = data.num_batches(split, cfg.batch_size)
+  total = data.num_batches(on.splits['train'], cfg.batch_size)
   shown = progress.Progress(
       total, cfg.report.progress if jax.process_index() == 0 else 'off',
       f'[{phase_name}] epoch {position.phase_epochs_done + 1}/{epochs_in_phase}',
       batches_done=position.batch, start_sums=position.sums)
-  batches = itertools.islice(data.train_batches(split, cfg.batch_size, rng), position.batch,
-                             None)
-  sums = [dict(position.sums)] if position.sums else []
-  every = cfg.checkpoint.every_steps
   # The step counted on the host: reading state.step would wait for every step.
   first = step = int(state.step)
+  row0_step = first - position.batch  # row r of the metrics is step row0_step + r + 1
+  batches, inputs = _epoch_inputs(run, on, rng, position, row0_step)
+  metrics = parallel.replicate(np.zeros((total, len(progress.METRICS)), np.float32), run.mesh)
+  start_sums = dict(position.sums)
+  if steps is not None:
+    steps.begin_epoch(row0_step, step)
+  carry, fixed = train_step.split(state)
+  in_flight: collections.deque[jax.Array] = collections.deque()
+  every = cfg.checkpoint.every_steps
   stop_at_end = False
-  for batch in feed.device_batches(split, batches, run.mesh, resident):
-    state, metrics = train_step(state, batch, resident or {})
+  for batch in batches:
+    carry, metrics = train_step.run(carry, fixed, batch, inputs, metrics)
     step += 1
-    sums.append(metrics)
-    if len(sums) > IN_FLIGHT:
-      # Dispatch runs ahead of the devices without bound (on a CPU: dozens of steps, each
-      # holding its batch); a few queued steps keep the devices busy.
-      jax.block_until_ready(sums[-IN_FLIGHT - 1])
-    shown.update(metrics)
-    if steps is not None:
-      steps.add(step, metrics)
     position.batch += 1
+    in_flight.append(metrics)
+    if len(in_flight) > IN_FLIGHT:
+      # Dispatch runs ahead of the devices without bound (on a CPU: dozens of steps, each
+      # holding its inputs); a few queued steps keep the devices busy.
+      done = in_flight.popleft()
+      done.block_until_ready()
+      shown.update(done, position.batch - IN_FLIGHT)
+      if steps is not None:
+        steps.update(done, position.batch - IN_FLIGHT)
+    if steps is not None:
+      steps.dispatched(step)
     # An epoch's last step is saved after its evaluation, with the epoch counted as done.
     stop, at_end = run.stop.at(step), position.batch == total
     if stop and at_end:
@@ -110,39 +141,48 @@ def train_epoch(run: TrainingRun, on: Inputs, train_step: Callable[..., Any],
       # here as well would be saved twice once resumed.
       stop_at_end = True
     elif stop or (every and step % every == 0 and not at_end):
-      position.sums = step_lib.total(sums)
-      _check_finite(run, state, position.sums, sums[len(sums) - (step - first):], first,
-                    phase_name)
+      rows = np.asarray(jax.device_get(metrics))
+      state = train_step.join(carry, fixed)
+      position.sums = progress.sum_rows(rows[first - row0_step:position.batch], start_sums)
+      _check_finite(run, state, position.sums, rows, row0_step, first, phase_name)
       run.checkpoints.save(state, position.meta(step, phase_name))
       if stop:
-        shown.close()
+        shown.close(rows, position.batch)
         if steps is not None:
-          steps.close()  # its records are of steps the resumed run does not redo
+          steps.close(rows, position.batch)  # the resumed run does not redo these steps
         raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
                         f'{position.batch} batches into an epoch); the same command resumes')
-  shown.close()
-  _check_finite(run, state, step_lib.total(sums), sums[len(sums) - (step - first):], first,
-                phase_name)
-  metrics = step_lib.summarize(sums)
-  metrics['seconds'] = time.perf_counter() - start
+  rows = np.asarray(jax.device_get(metrics))
+  shown.close(rows, position.batch)
+  state = train_step.join(carry, fixed)
+  totals = progress.sum_rows(rows[first - row0_step:], start_sums)
+  _check_finite(run, state, totals, rows, row0_step, first, phase_name)
+  if steps is not None:
+    steps.end_epoch(rows)
+  count = max(totals['count'], 1.0)
+  metrics_out = {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count,
+                 'count': int(round(totals['count'])),
+                 'seconds': time.perf_counter() - start}
   position.batch, position.sums = 0, {}
-  return state, metrics, stop_at_end
+  return state, metrics_out, stop_at_end
 
 
 def _check_finite(run: TrainingRun, state: state_lib.TrainState, totals: dict[str, float],
-                  steps: list[Any], first: int, phase_name: str) -> None:
+                  rows: np.ndarray, row0_step: int, first: int, phase_name: str) -> None:
   """Raises TrainingDivergedError, naming the first bad step, when the loss summed over
-  the epoch so far, or any parameter, is not finite. Checked where the sums reach the host
-  anyway (before a save, at the epoch's end), so a diverged state is never saved or
-  evaluated and no step waits."""
+  the epoch so far, or any parameter, is not finite. Checked where the metrics reach the
+  host anyway (before a save, at the epoch's end), so a diverged state is never saved or
+  evaluated and no step waits. `rows`: the epoch's metrics, row r of step row0_step + r +
+  1; this session's steps are those after `first`, up to `state`'s."""
   finite_loss = np.isfinite(totals['loss'])
   if finite_loss and state_lib.is_finite(state):
     return
+  step = int(state.step)
   if finite_loss:
-    what = f'the parameters hold NaN or inf after step {first + len(steps)}'
+    what = f'the parameters hold NaN or inf after step {step}'
   else:
-    losses = [float(m['loss']) for m in jax.device_get(steps)]
-    bad = next((i for i, loss in enumerate(losses) if not np.isfinite(loss)), 0)
+    losses = rows[first - row0_step:step - row0_step, 0]
+    bad = int(np.argmax(~np.isfinite(losses)))
     what = f'the training loss is {losses[bad]} at step {first + bad + 1}'
   good = run.checkpoints.latest.latest_meta()
   kept = (f"the last checkpoint, step {good['step']}, is kept in "
@@ -171,21 +211,21 @@ def start_state(run: TrainingRun, plan: PhasePlan, previous: state_lib.TrainStat
 
 
 def _compile_train_step(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
-                        on: Inputs) -> Callable[..., Any]:
-  """The phase's train step, compiled ahead of the first batch (epoch timings exclude
-  compilation)."""
+                        on: Inputs) -> step_lib.CompiledTrainStep:
+  """The phase's train step, compiled ahead of the first batch for the inputs its epochs
+  pass (epoch timings exclude compilation)."""
   cfg = run.config
   train_step = step_lib.make_train_step(
       run.model, plan.optimizer, run.mesh, bn_train=plan.bn_train, seed=cfg.seed,
       label_smoothing=cfg.loss.label_smoothing,
       augment=data.Augment() if on.on_features else plan.augment,
       class_weights=run.class_weights, on_features=on.on_features)
-  split = on.splits['train']
-  sample = itertools.islice(data.train_batches(split, cfg.batch_size,
-                                                np.random.default_rng(0)), 1)
-  first = next(feed.device_batches(split, sample, run.mesh, on.resident['train']))
+  batches, inputs = _epoch_inputs(run, on, np.random.default_rng(0), Position(), 0,
+                                  first_only=True)
+  total = data.num_batches(on.splits['train'], cfg.batch_size)
+  metrics = parallel.replicate(np.zeros((total, len(progress.METRICS)), np.float32), run.mesh)
   start = time.perf_counter()
-  compiled = train_step.lower(state, first, on.resident['train'] or {}).compile()
+  compiled = train_step.compile(state, next(iter(batches)), inputs, metrics)
   logger.info('compiled the train step in %.1f s', time.perf_counter() - start)
   return compiled
 
@@ -263,12 +303,8 @@ def train_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
     epoch = position.phase_epochs_done
     # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
     rng = np.random.default_rng([cfg.seed, index, epoch])
-    if steps is not None:
-      steps.resume()
     state, train, stop = train_epoch(run, on, train_step, state, rng, position, phase.name,
                                      phase.epochs, steps)
-    if steps is not None:
-      steps.pause()
     val = run.evaluate(state.variables, 'val', on) if on.splits['val'] is not None else {}
     run.record_unreadable()
     position.epoch += 1

@@ -234,8 +234,16 @@ class Optimizer:
     """The trainable view of `params` (or of a gradient tree of the same shape)."""
     return params if self.groups is None else trainable_view(params, self.groups.labels)
 
+  def frozen(self, params: Params) -> Params:
+    """The frozen view of `params`: the complement of `trainable`."""
+    if self.groups is None:
+      return jax.tree.map(lambda _: optax.MaskedNode(), params)
+    return jax.tree.map(lambda label, p: p if label == FROZEN else optax.MaskedNode(),
+                        self.groups.labels, params)
+
   def merge(self, trainable: Params, params: Params) -> Params:
-    """`params` with the trainable view's leaves put back."""
+    """The whole tree: the trainable view's leaves, the others from `params` (the whole
+    tree or its frozen view)."""
     return trainable if self.groups is None else merge(self.groups.labels, trainable, params)
 
   def init(self, params: Params) -> Any:

@@ -74,9 +74,9 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
     for layer, output in zip(layers, outputs, strict=True):
       layer_params = params[group].get(layer.name, {})
       layer_labels = labels[group].get(layer.name, {})
-      n_trainable = sum(_size(p) for p, l in zip(jax.tree.leaves(layer_params),
-                                                  jax.tree.leaves(layer_labels))
-                        if l == freeze.TRAINABLE)
+      n_trainable = sum(_size(p) for p, label in zip(jax.tree.leaves(layer_params),
+                                                      jax.tree.leaves(layer_labels))
+                        if label == freeze.TRAINABLE)
       n_params = _size(layer_params)
       n_all = n_params + _size(stats.get(group, {}).get(layer.name, {}))
       flag = ('-' if n_params == 0 else 'Y' if n_trainable == n_params

@@ -27,8 +27,7 @@ from fineflax.distributed import parallel
 from fineflax.distributed.preemption import StopRequest, sigterm_flag
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir, checkpoints, reporting, restore, tensorboard
-from fineflax.train import features, loop, plan as plan_lib, state as state_lib
-from fineflax.train import step as step_lib
+from fineflax.train import features, loop, plan as plan_lib, state as state_lib, step as step_lib
 from fineflax.train.training_run import Inputs, Position, TrainingRun, dataset_record
 
 logger = logging.getLogger('fineflax.train')

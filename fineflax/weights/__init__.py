@@ -12,10 +12,14 @@ from fineflax.config import registry
 from fineflax.errors import ConfigError
 from fineflax.models import Classifier
 from fineflax.weights.assign import LoadReport, assign
-from fineflax.weights.download import (ChecksumError, WeightsUnavailableError, cache_dir,
-                                       fetch)
-from fineflax.weights.files import (SUFFIXES, WeightFileError, read_variable_tree,
-                                    read_weight_file, variable_tree_layers)
+from fineflax.weights.download import ChecksumError, WeightsUnavailableError, cache_dir, fetch
+from fineflax.weights.files import (
+  SUFFIXES,
+  WeightFileError,
+  read_variable_tree,
+  read_weight_file,
+  variable_tree_layers,
+)
 from fineflax.weights.sources import SOURCES, Source, WeightFile, named_source, names_for
 
 

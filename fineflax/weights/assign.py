@@ -118,7 +118,7 @@ def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]
   """
   report = LoadReport(source)
   report.skipped += [f'{key}: not a parameter of this model' for key in unused_keys]
-  weighted = {g: [l for l in layers if l.kind in WEIGHTED_KINDS]
+  weighted = {g: [layer for layer in layers if layer.kind in WEIGHTED_KINDS]
               for g, layers in layer_groups.items()}
   pair_fn = _pairs_by_order if by_order else _pairs_by_name
   pairs = pair_fn(weighted, file_layers, source, head_is_top, report)
@@ -139,8 +139,8 @@ def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]
       report.num_loaded += sum(int(np.size(v)) for v in leaves.values())
     loaded.add((group, layer.name))
     report.loaded.append(f'{group}/{layer.name}')
-  report.initialised = [f'{g}/{l.name}' for g, layers in weighted.items() for l in layers
-                        if (g, l.name) not in loaded]
+  report.initialised = [f'{g}/{layer.name}' for g, layers in weighted.items()
+                        for layer in layers if (g, layer.name) not in loaded]
   return out, report
 
 

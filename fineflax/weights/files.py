@@ -177,7 +177,8 @@ def variable_tree_layers(tree: Mapping[str, Any], layer_groups: Mapping[str, Seq
   """
   path = source
   params, stats = tree.get('params', {}), tree.get('batch_stats', {})
-  kinds = {(g, l.name): l.kind for g, layers in layer_groups.items() for l in layers}
+  kinds = {(g, layer.name): layer.kind for g, layers in layer_groups.items()
+           for layer in layers}
   out, unused = [], []
   for group, layers in params.items():
     for name, p in layers.items():
