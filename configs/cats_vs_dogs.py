@@ -37,9 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.flip = 'horizontal'
   config.data.augment.rotation = 0.1
   config.phases = (
-      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3,
-                epochs=20),
-      ffc.phase(name='finetune', freeze='none', optimizer='adam', learning_rate=1e-5,
-                epochs=10),
+      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3, epochs=20),
+      ffc.phase(name='finetune', freeze='none', optimizer='adam', learning_rate=1e-5, epochs=10),
   )
   return ffc.finish(config, arg)

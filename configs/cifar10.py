@@ -35,9 +35,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.test_split = 'test'
   config.data.augment.flip = 'horizontal'
   config.phases = (
-      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3,
-                epochs=5),
-      ffc.phase(name='conv5', freeze='layers[:143]', optimizer='adam', learning_rate=1e-4,
-                epochs=10),
+      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3, epochs=5),
+      ffc.phase(
+          name='conv5', freeze='layers[:143]', optimizer='adam', learning_rate=1e-4, epochs=10
+      ),
   )
   return ffc.finish(config, arg)

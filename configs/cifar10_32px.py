@@ -40,9 +40,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.test_split = 'test'
   patience = {'patience': 5, 'monitor': 'val_loss'}
   config.phases = (
-      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3,
-                epochs=10, early_stopping=patience),
-      ffc.phase(name='conv5', freeze='layers[:143]', optimizer='adam', learning_rate=1e-4,
-                epochs=50, early_stopping=patience),
+      ffc.phase(
+          name='head',
+          freeze='backbone',
+          optimizer='adam',
+          learning_rate=1e-3,
+          epochs=10,
+          early_stopping=patience,
+      ),
+      ffc.phase(
+          name='conv5',
+          freeze='layers[:143]',
+          optimizer='adam',
+          learning_rate=1e-4,
+          epochs=50,
+          early_stopping=patience,
+      ),
   )
   return ffc.finish(config, arg)

@@ -24,7 +24,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = cifar10.get_config()  # the base as written: :smoke applies to the result
   config.phases = (
       config.phases[0],
-      ffc.phase(name='finetune', freeze='none', optimizer='adam', learning_rate=1e-4,
-                layer_decay=0.5, epochs=10),
+      ffc.phase(
+          name='finetune',
+          freeze='none',
+          optimizer='adam',
+          learning_rate=1e-4,
+          layer_decay=0.5,
+          epochs=10,
+      ),
   )
   return ffc.finish(config, arg)

@@ -26,9 +26,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.preprocessing = 'tf'
   config.model.head.dropout = 0.2
   config.phases = (
-      ffc.phase(name='scratch', freeze='none', batchnorm='train', optimizer='adam',
-                learning_rate=3e-3, epochs=12),
-      ffc.phase(name='finetune', freeze='stages[:-1]', batchnorm='frozen',
-                optimizer='adam', learning_rate=3e-4, epochs=4),
+      ffc.phase(
+          name='scratch',
+          freeze='none',
+          batchnorm='train',
+          optimizer='adam',
+          learning_rate=3e-3,
+          epochs=12,
+      ),
+      ffc.phase(
+          name='finetune',
+          freeze='stages[:-1]',
+          batchnorm='frozen',
+          optimizer='adam',
+          learning_rate=3e-4,
+          epochs=4,
+      ),
   )
   return ffc.finish(config, arg)

@@ -42,7 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.test_split = 'test'  # used when PATH has a test/ folder (see the docstring)
   config.data.augment.flip = 'horizontal'
   config.phases = (
-      ffc.phase(name='conv5', freeze='layers[:143]', optimizer='adam', learning_rate=1e-4,
-                epochs=10),
+      ffc.phase(
+          name='conv5', freeze='layers[:143]', optimizer='adam', learning_rate=1e-4, epochs=10
+      ),
   )
   return ffc.finish(config, arg)

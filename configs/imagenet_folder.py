@@ -40,9 +40,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.crop = 'random_resized'
   config.data.augment.flip = 'horizontal'
   config.phases = (
-      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3,
-                epochs=2),
-      ffc.phase(name='conv5', freeze='stages[:-1]', optimizer='sgd', momentum=0.9,
-                learning_rate=1e-2, schedule='cosine', epochs=8),
+      ffc.phase(name='head', freeze='backbone', optimizer='adam', learning_rate=1e-3, epochs=2),
+      ffc.phase(
+          name='conv5',
+          freeze='stages[:-1]',
+          optimizer='sgd',
+          momentum=0.9,
+          learning_rate=1e-2,
+          schedule='cosine',
+          epochs=8,
+      ),
   )
   return ffc.finish(config, arg)

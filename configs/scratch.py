@@ -32,7 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.val_split = 'train[90%:]'
   config.data.test_split = 'test'
   config.phases = (
-      ffc.phase(name='scratch', freeze='none', optimizer='adam', learning_rate=1e-3,
-                epochs=30, early_stopping={'patience': 5, 'monitor': 'val_loss'}),
+      ffc.phase(
+          name='scratch',
+          freeze='none',
+          optimizer='adam',
+          learning_rate=1e-3,
+          epochs=30,
+          early_stopping={'patience': 5, 'monitor': 'val_loss'},
+      ),
   )
   return ffc.finish(config, arg)

@@ -50,11 +50,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.rotation = 0.1
   config.data.augment.zoom = 0.2
   config.phases = (
-      ffc.phase(name='features', freeze='backbone', augment=False, optimizer='rmsprop',
-                learning_rate=1e-3, epochs=20),
-      ffc.phase(name='augmented', freeze='backbone', optimizer='rmsprop', learning_rate=1e-3,
-                epochs=50),
-      ffc.phase(name='block5', freeze='layers[:-4]', optimizer='rmsprop', learning_rate=1e-5,
-                epochs=30),
+      ffc.phase(
+          name='features',
+          freeze='backbone',
+          augment=False,
+          optimizer='rmsprop',
+          learning_rate=1e-3,
+          epochs=20,
+      ),
+      ffc.phase(
+          name='augmented', freeze='backbone', optimizer='rmsprop', learning_rate=1e-3, epochs=50
+      ),
+      ffc.phase(
+          name='block5', freeze='layers[:-4]', optimizer='rmsprop', learning_rate=1e-5, epochs=30
+      ),
   )
   return ffc.finish(config, arg)

@@ -57,11 +57,14 @@ def as_path(path: str | os.PathLike, what: str = 'run folder') -> epath.Path:
     return epath.Path(text)
   if kind not in SCHEMES:
     # Without this, pathlib would turn 's3://b/r' into the local folder 's3:/b/r'.
-    raise ConfigError(f'{text}: {kind}:// {what}s are not supported; use a local folder, '
-                      'gs://BUCKET/PATH or a mounted bucket')
+    raise ConfigError(
+        f'{text}: {kind}:// {what}s are not supported; use a local folder, '
+        'gs://BUCKET/PATH or a mounted bucket'
+    )
   if not (importlib.util.find_spec('tensorflow') or importlib.util.find_spec('gcsfs')):
-    raise ConfigError(f"{text}: reading gs:// needs gcsfs (pip install 'fineflax[gcs]') "
-                      'or TensorFlow')
+    raise ConfigError(
+        f"{text}: reading gs:// needs gcsfs (pip install 'fineflax[gcs]') " 'or TensorFlow'
+    )
   problem = _unreachable(storage_endpoint())
   if problem:
     raise ConfigError(f'{text}: {problem}')
@@ -76,6 +79,7 @@ def _fresh_listings() -> None:
   a stale listing would resume from, or open, a step that is gone."""
   if importlib.util.find_spec('fsspec'):
     import fsspec.config  # pylint: disable=g-import-not-at-top
+
     fsspec.config.conf.setdefault('gs', {}).setdefault('use_listings_cache', False)
 
 
@@ -95,8 +99,10 @@ def _unreachable(endpoint: tuple[str, int]) -> str | None:
   try:
     socket.create_connection(endpoint, timeout=CONNECT_TIMEOUT_S).close()
   except OSError as e:
-    return (f'cannot reach Cloud Storage at {endpoint[0]}:{endpoint[1]} '
-            f'({e.strerror or type(e).__name__}); a gs:// folder needs the network')
+    return (
+        f'cannot reach Cloud Storage at {endpoint[0]}:{endpoint[1]} '
+        f'({e.strerror or type(e).__name__}); a gs:// folder needs the network'
+    )
   return None
 
 
@@ -114,8 +120,7 @@ def write_atomic(path: epath.Path, data: bytes | str) -> None:
     path.write_bytes(raw)  # one object: atomic on an object store
     return
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f'.{path.name}.',
-                             suffix='.tmp')
+  fd, tmp = tempfile.mkstemp(dir=os.fspath(path.parent), prefix=f'.{path.name}.', suffix='.tmp')
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(raw)

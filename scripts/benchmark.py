@@ -41,7 +41,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -57,12 +56,23 @@ from fineflax.distributed import parallel, runtime
 from fineflax.errors import FineflaxError
 from fineflax.train import freeze, optimizers, state as state_lib, step as step_lib
 
-# This script's folder, for its loop module: on the path when the script runs, not when a
-# test loads it by its path (tests/scripts_loader.py).
+# This script's folder, for its cost and loop modules: on the path when the script runs,
+# not when a test loads it by its path (tests/scripts_loader.py).
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.append(str(Path(__file__).resolve().parent))
 
-from benchmark_loop import MODES, bench_host, bench_loop, freeze_spec  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark_cost import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    cost_table,
+    flops,
+    max_batch,
+    step_bytes,
+)
+from benchmark_loop import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    MODES,
+    bench_host,
+    bench_loop,
+    freeze_spec,
+)
 
 MB = 2**20
 logger = logging.getLogger('fineflax.benchmark')
@@ -89,18 +99,26 @@ class BuiltStep:
   def compile(self, batch: int | None = None) -> Any:
     """The compiled step, lowered on the arguments' shapes and shardings only (nothing is
     read or donated), with the batch resized to `batch` rows when given."""
-    spec = lambda x, shape=None: jax.ShapeDtypeStruct(shape or x.shape, x.dtype,
-                                                      sharding=x.sharding)
+    spec = lambda x, shape=None: jax.ShapeDtypeStruct(
+        shape or x.shape, x.dtype, sharding=x.sharding
+    )
     args = [jax.tree.map(spec, a) for a in self.args]
     rows = 2 if self.trains else 1  # the batch argument
-    args[rows] = jax.tree.map(lambda x: spec(x, (batch or x.shape[0],) + x.shape[1:]),
-                              self.args[rows])
+    args[rows] = jax.tree.map(
+        lambda x: spec(x, (batch or x.shape[0],) + x.shape[1:]), self.args[rows]
+    )
     return self.step.lower(*args, *self.static).compile()
 
 
-def build_step(backbone: str, mode: str, batch: int, image: int, dtype: str,
-               num_classes: int = 10, devices: Sequence[jax.Device] | None = None
-               ) -> BuiltStep:
+def build_step(
+    backbone: str,
+    mode: str,
+    batch: int,
+    image: int,
+    dtype: str,
+    num_classes: int = 10,
+    devices: Sequence[jax.Device] | None = None,
+) -> BuiltStep:
   """The step of one mode, as `fineflax.train` builds it, on a random uint8 batch, over
   `devices` (default: all)."""
   cfg = config_lib.default_config()
@@ -112,32 +130,55 @@ def build_step(backbone: str, mode: str, batch: int, image: int, dtype: str,
   parallel.check_batch_size(batch, mesh, '--batch')
   rng = np.random.default_rng(0)
   local = batch // jax.process_count()
-  host = {'image': rng.integers(0, 256, (local, image, image, 3), dtype=np.uint8),
-          'label': rng.integers(0, num_classes, local).astype(np.int32),
-          'weight': np.ones(local, np.float32)}
+  host = {
+      'image': rng.integers(0, 256, (local, image, image, 3), dtype=np.uint8),
+      'label': rng.integers(0, num_classes, local).astype(np.int32),
+      'weight': np.ones(local, np.float32),
+  }
   data = parallel.shard_batch(host, mesh)
   spec = freeze_spec(mode, model.backbone.layers)
   if mode == 'forward':
-    return BuiltStep(step_lib.make_features_step(model, mesh),
-                     (parallel.replicate(variables, mesh), data, {}), mesh, compute, 0)
-  optimizer = optimizers.make_optimizer(model, variables['params'],
-                                        config_lib.phase(freeze=spec), 1)
+    return BuiltStep(
+        step_lib.make_features_step(model, mesh),
+        (parallel.replicate(variables, mesh), data, {}),
+        mesh,
+        compute,
+        0,
+    )
+  optimizer = optimizers.make_optimizer(
+      model, variables['params'], config_lib.phase(freeze=spec), 1
+  )
   state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
   trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(optimizer.labels))
   train_step = step_lib.make_train_step(model, optimizer, mesh)
   carry, fixed, structure = train_step.split(state)
   start = parallel.replicate(np.zeros((), np.int32), mesh)
   metrics = parallel.replicate(np.zeros((1, 3), np.float32), mesh)
-  return BuiltStep(train_step.jitted, (carry, fixed, data, {'start': start}, metrics), mesh,
-                   compute, trainable, (structure,))
+  return BuiltStep(
+      train_step.jitted,
+      (carry, fixed, data, {'start': start}, metrics),
+      mesh,
+      compute,
+      trainable,
+      (structure,),
+  )
 
 
-def _header(what: str, backbone: str, mode: str, batch: int, image: int,
-            built: BuiltStep) -> dict[str, Any]:
+def _header(
+    what: str, backbone: str, mode: str, batch: int, image: int, built: BuiltStep
+) -> dict[str, Any]:
   device = built.mesh.devices.flat[0]
-  return {'what': what, 'backbone': backbone, 'mode': mode, 'batch': batch, 'image': image,
-          'dtype': str(np.dtype(built.compute)), 'devices': built.mesh.devices.size,
-          'platform': device.platform, 'device_kind': device.device_kind}
+  return {
+      'what': what,
+      'backbone': backbone,
+      'mode': mode,
+      'batch': batch,
+      'image': image,
+      'dtype': str(np.dtype(built.compute)),
+      'devices': built.mesh.devices.size,
+      'platform': device.platform,
+      'device_kind': device.device_kind,
+  }
 
 
 def _windows(run: Callable[[int], Any], windows: int, steps: int) -> list[float]:
@@ -151,8 +192,16 @@ def _windows(run: Callable[[int], Any], windows: int, steps: int) -> list[float]
   return out
 
 
-def bench_step(backbone: str, mode: str, batch: int, image: int, dtype: str, windows: int,
-               steps: int, num_classes: int = 10) -> dict[str, Any]:
+def bench_step(
+    backbone: str,
+    mode: str,
+    batch: int,
+    image: int,
+    dtype: str,
+    windows: int,
+    steps: int,
+    num_classes: int = 10,
+) -> dict[str, Any]:
   """Times the train (or features) step of one mode; returns the JSON record."""
   built = build_step(backbone, mode, batch, image, dtype, num_classes)
   start = time.perf_counter()
@@ -170,82 +219,26 @@ def bench_step(backbone: str, mode: str, batch: int, image: int, dtype: str, win
 
   seconds = _windows(run, windows, steps)
   rates = [batch * steps / s for s in seconds]
-  return {**_header('step', backbone, mode, batch, image, built),
-          'compile_s': round(compile_s, 2), 'img_per_s': round(statistics.median(rates), 1),
-          'window_img_per_s': [round(r, 1) for r in rates], 'steps_per_window': steps,
-          'trainable_leaves': built.trainable_leaves}
+  return {
+      **_header('step', backbone, mode, batch, image, built),
+      'compile_s': round(compile_s, 2),
+      'img_per_s': round(statistics.median(rates), 1),
+      'window_img_per_s': [round(r, 1) for r in rates],
+      'steps_per_window': steps,
+      'trainable_leaves': built.trainable_leaves,
+  }
 
 
-def flops(compiled: Any) -> float:
-  """XLA's FLOP count of a compiled program (one device's share under SPMD)."""
-  analysis = compiled.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # older jax: one dict per program
-    return float(sum(a.get('flops', 0.0) for a in analysis))
-  return float(analysis['flops'])
-
-
-def step_bytes(compiled: Any) -> int:
-  """Device memory a compiled step needs: arguments + outputs + temporaries, less the
-  outputs that reuse donated arguments' buffers."""
-  m = compiled.memory_analysis()
-  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
-          m.alias_size_in_bytes)
-
-
-def max_batch(memory_at: Callable[[int], int], budget: float, known: dict[int, int],
-              quantum: int = 1, max_compiles: int = 10) -> int:
-  """The largest multiple of `quantum` whose step needs at most `budget` bytes (0: none).
-
-  `memory_at(b)` compiles at batch b and returns `step_bytes`; `known` holds sizes already
-  measured (it is updated). Compiling every batch size is out of the question (ResNet50's
-  full step takes 5-13 s to compile on a 2-core CPU), and even a bisection up to 10^5
-  needs ~17 compiles. A step's memory is close to a line in the batch (a constant for the
-  parameters and optimizer state, a slope for the batch and its activations), so a line
-  through two measured sizes predicts the answer, and a compile at the prediction and one
-  at its neighbour confirm it. The line is only roughly right (XLA reuses buffers, so
-  small batches cost almost nothing extra), hence a secant search through the last two
-  compiles, kept inside the bracket [fits, does not fit], which shrinks at every compile;
-  when one end keeps moving it bisects, so it always ends.
-  """
-  def fits(b: int) -> bool:
-    if b not in known:
-      known[b] = memory_at(b)
-    return known[b] <= budget
-
-  lo, hi = 0, math.inf  # the largest batch known to fit, the smallest known not to
-  for b in list(known):
-    lo, hi = (max(lo, b), hi) if fits(b) else (lo, min(hi, b))
-  moved = []  # which end each compile moved
-  for _ in range(max_compiles):
-    if hi - lo <= quantum:
-      return lo
-    # Creeping up (or down) on a bend of the curve: every 4th compile at worst bisects.
-    stuck = len(moved) >= 4 and len(set(moved[-4:])) == 1
-    b = _next_guess(known, budget, lo, hi, quantum, bisect=stuck)
-    lo, hi, side = (b, hi, 'lo') if fits(b) else (lo, b, 'hi')
-    moved.append(side)
-  if hi - lo > quantum:
-    logger.warning('max batch: %d fits, %s does not (stopped after %d compiles)', lo, hi,
-                   max_compiles)
-  return lo
-
-
-def _next_guess(known: dict[int, int], budget: float, lo: int, hi: float, quantum: int,
-                bisect: bool) -> int:
-  """A batch strictly inside (lo, hi): on the line through the last two compiles, else
-  doubling (no upper end yet) or bisection."""
-  guess = 2 * max(lo, quantum) if hi == math.inf else (lo + hi) / 2
-  if len(known) > 1 and not bisect:
-    (b1, m1), (b2, m2) = list(known.items())[-2:]
-    if (m2 - m1) * (b2 - b1) > 0:
-      guess = b1 + (budget - m1) * (b2 - b1) / (m2 - m1)
-  b = int(min(guess, 2**40)) // quantum * quantum
-  return int(min(max(b, lo + quantum), hi - quantum))
-
-
-def cost_records(backbone: str, modes: list[str], batch: int, image: int, dtype: str,
-                 max_batch_gib: float | None = None, num_classes: int = 10,
-                 devices: Sequence[jax.Device] | None = None) -> Iterator[dict[str, Any]]:
+def cost_records(
+    backbone: str,
+    modes: list[str],
+    batch: int,
+    image: int,
+    dtype: str,
+    max_batch_gib: float | None = None,
+    num_classes: int = 10,
+    devices: Sequence[jax.Device] | None = None,
+) -> Iterator[dict[str, Any]]:
   """Compiles each mode's step at `batch` (and forward's, the reference) without running
   it; yields one 'cost' record per mode, with `max_batch` when `max_batch_gib` is given."""
   forward_flops = None
@@ -259,21 +252,26 @@ def cost_records(backbone: str, modes: list[str], batch: int, image: int, dtype:
     m = compiled.memory_analysis()
     # Under SPMD the analyses describe one device's program, which sees its share of rows.
     per_device = batch // built.mesh.devices.size
-    record = {**_header('cost', backbone, mode, batch, image, built),
-              'compile_s': round(compile_s, 2),
-              'gflop_per_image': round(mode_flops / per_device / 1e9, 4),
-              'x_forward': round(mode_flops / forward_flops, 4),
-              'temp_mb': round(m.temp_size_in_bytes / MB, 2),
-              'argument_mb': round(m.argument_size_in_bytes / MB, 2),
-              'output_mb': round(m.output_size_in_bytes / MB, 2),
-              'alias_mb': round(m.alias_size_in_bytes / MB, 2),
-              'step_mb': round(step_bytes(compiled) / MB, 2),
-              'trainable_leaves': built.trainable_leaves}
+    record = {
+        **_header('cost', backbone, mode, batch, image, built),
+        'compile_s': round(compile_s, 2),
+        'gflop_per_image': round(mode_flops / per_device / 1e9, 4),
+        'x_forward': round(mode_flops / forward_flops, 4),
+        'temp_mb': round(m.temp_size_in_bytes / MB, 2),
+        'argument_mb': round(m.argument_size_in_bytes / MB, 2),
+        'output_mb': round(m.output_size_in_bytes / MB, 2),
+        'alias_mb': round(m.alias_size_in_bytes / MB, 2),
+        'step_mb': round(step_bytes(compiled) / MB, 2),
+        'trainable_leaves': built.trainable_leaves,
+    }
     if max_batch_gib is not None and mode in modes:
       known = {batch: step_bytes(compiled)}
-      record['max_batch'] = max_batch(lambda b: step_bytes(built.compile(b)),
-                                      max_batch_gib * 2**30, known,
-                                      quantum=built.mesh.devices.size)
+      record['max_batch'] = max_batch(
+          lambda b: step_bytes(built.compile(b)),
+          max_batch_gib * 2**30,
+          known,
+          quantum=built.mesh.devices.size,
+      )
       record['max_batch_gib'] = max_batch_gib
       record['max_batch_compiles'] = len(known)
     if mode in modes:
@@ -283,72 +281,79 @@ def cost_records(backbone: str, modes: list[str], batch: int, image: int, dtype:
 def table(records: list[dict[str, Any]]) -> str:
   """The records as a Markdown table (cost records: FLOPs and memory, others: speed)."""
   if records and records[0]['what'] == 'cost':
-    return _cost_table(records)
+    return cost_table(records)
   if records and records[0]['what'] == 'host':
     return _host_table(records)
-  rows = ['| what | backbone | mode | batch | image | dtype | devices | compile s | img/s |',
-          '|---|---|---|---|---|---|---|---|---|']
+  rows = [
+      '| what | backbone | mode | batch | image | dtype | devices | compile s | img/s |',
+      '|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in records:
-    rows.append(f"| {r['what']} | {r['backbone']} | {r['mode']} | {r['batch']} | "
-                f"{r['image']} | {r['dtype']} | {r['devices']} {r['device_kind']} | "
-                f"{r.get('compile_s', '')} | {r['img_per_s']:,.0f} |")
+    rows.append(
+        f"| {r['what']} | {r['backbone']} | {r['mode']} | {r['batch']} | "
+        f"{r['image']} | {r['dtype']} | {r['devices']} {r['device_kind']} | "
+        f"{r.get('compile_s', '')} | {r['img_per_s']:,.0f} |"
+    )
   return '\n'.join(rows)
 
 
 def _host_table(records: list[dict[str, Any]]) -> str:
-  rows = ['| backbone | mode | batch | image | data | every_steps | devices | steps | '
-          'host us/step (thread CPU) | wall us/step |',
-          '|---|---|---|---|---|---|---|---|---|---|']
+  rows = [
+      '| backbone | mode | batch | image | data | every_steps | devices | steps | '
+      'host us/step (thread CPU) | wall us/step |',
+      '|---|---|---|---|---|---|---|---|---|---|',
+  ]
   for r in records:
-    rows.append(f"| {r['backbone']} | {r['mode']} | {r['batch']} | {r['image']} | "
-                f"{r['data']} | {r['every_steps'] or '-'} | {r['devices']} "
-                f"{r['device_kind']} | {r['steps']} | {r['host_us_per_step']:.0f} | "
-                f"{r['wall_us_per_step']:.0f} |")
-  return '\n'.join(rows)
-
-
-def _cost_table(records: list[dict[str, Any]]) -> str:
-  budget = records[0].get('max_batch_gib')
-  extra = f' max batch ({budget:g} GiB) |' if budget is not None else ''
-  rows = ['| backbone | mode | batch | image | dtype | devices | GFLOP/image | x forward | '
-          'temp MB | argument MB | output MB | alias MB | compile s |' + extra,
-          '|---|---|---|---|---|---|---|---|---|---|---|---|---|' + ('---|' if extra else '')]
-  for r in records:
-    rows.append(f"| {r['backbone']} | {r['mode']} | {r['batch']} | {r['image']} | "
-                f"{r['dtype']} | {r['devices']} {r['device_kind']} | "
-                f"{r['gflop_per_image']:.4f} | {r['x_forward']:.3f} | {r['temp_mb']:,.1f} | "
-                f"{r['argument_mb']:,.1f} | {r['output_mb']:,.1f} | {r['alias_mb']:,.1f} | "
-                f"{r['compile_s']} |" + (f" {r['max_batch']:,} |" if extra else ''))
+    rows.append(
+        f"| {r['backbone']} | {r['mode']} | {r['batch']} | {r['image']} | "
+        f"{r['data']} | {r['every_steps'] or '-'} | {r['devices']} "
+        f"{r['device_kind']} | {r['steps']} | {r['host_us_per_step']:.0f} | "
+        f"{r['wall_us_per_step']:.0f} |"
+    )
   return '\n'.join(rows)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   """Parses the flags, runs every mode, prints JSON lines and the table."""
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+      description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument('--backbone', default='resnet50', choices=sorted(models.BACKBONES))
   parser.add_argument('--batch', type=int, default=256, help='global batch size')
   parser.add_argument('--image', type=int, default=224, help='model input side')
-  parser.add_argument('--modes', default=None,
-                      help='comma-separated modes (default: all; --loop: all but forward)')
+  parser.add_argument(
+      '--modes', default=None, help='comma-separated modes (default: all; --loop: all but forward)'
+  )
   parser.add_argument('--dtype', default='auto', choices=('auto', 'float32', 'bfloat16'))
   parser.add_argument('--windows', type=int, default=5, help='timed windows (median)')
   parser.add_argument('--steps', type=int, default=20, help='steps per window')
   parser.add_argument('--loop', action='store_true', help='time the whole training loop')
-  parser.add_argument('--host', action='store_true',
-                      help="the training loop's host time per step (a step that does no "
-                      'work)')
+  parser.add_argument(
+      '--host',
+      action='store_true',
+      help="the training loop's host time per step (a step that does no " 'work)',
+  )
   parser.add_argument('--data', default='synthetic:50000:32', help='--loop: data source')
   parser.add_argument('--epochs', type=int, default=2, help='--loop: epochs (last reported)')
-  parser.add_argument('--every-steps', type=int, default=None,
-                      help='--loop, --host: with per-step records every N steps '
-                      '(report.every_steps)')
-  parser.add_argument('--cost', action='store_true',
-                      help='compile only: XLA FLOPs and memory per mode (--batch 8 is '
-                      'plenty on a CPU)')
-  parser.add_argument('--max-batch', type=float, default=None, metavar='GIB',
-                      help='compile only: the largest global batch per mode whose step '
-                      'fits in GIB GiB of device memory (implies --cost)')
+  parser.add_argument(
+      '--every-steps',
+      type=int,
+      default=None,
+      help='--loop, --host: with per-step records every N steps ' '(report.every_steps)',
+  )
+  parser.add_argument(
+      '--cost',
+      action='store_true',
+      help='compile only: XLA FLOPs and memory per mode (--batch 8 is ' 'plenty on a CPU)',
+  )
+  parser.add_argument(
+      '--max-batch',
+      type=float,
+      default=None,
+      metavar='GIB',
+      help='compile only: the largest global batch per mode whose step '
+      'fits in GIB GiB of device memory (implies --cost)',
+  )
   args = parser.parse_args(argv)
   # fineflax's INFO on stderr: stdout carries only the JSON lines and the table. The
   # libraries' at WARNING: JAX logs at INFO each backend it tried and does not have
@@ -371,17 +376,35 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if unknown:
     parser.error(f'unknown modes {unknown}; expected some of {list(MODES)}')
   if cost:
-    runs = cost_records(args.backbone, modes, args.batch, args.image, args.dtype,
-                        args.max_batch)
+    runs = cost_records(args.backbone, modes, args.batch, args.image, args.dtype, args.max_batch)
   elif args.loop:
-    runs = (bench_loop(args.backbone, mode, args.batch, args.image, args.dtype, args.data,
-                       args.epochs, args.every_steps) for mode in modes)
+    runs = (
+        bench_loop(
+            args.backbone,
+            mode,
+            args.batch,
+            args.image,
+            args.dtype,
+            args.data,
+            args.epochs,
+            args.every_steps,
+        )
+        for mode in modes
+    )
   elif args.host:
-    runs = (bench_host(args.backbone, mode, args.batch, args.image, args.data, args.epochs,
-                       args.every_steps) for mode in modes)
+    runs = (
+        bench_host(
+            args.backbone, mode, args.batch, args.image, args.data, args.epochs, args.every_steps
+        )
+        for mode in modes
+    )
   else:
-    runs = (bench_step(args.backbone, mode, args.batch, args.image, args.dtype,
-                       args.windows, args.steps) for mode in modes)
+    runs = (
+        bench_step(
+            args.backbone, mode, args.batch, args.image, args.dtype, args.windows, args.steps
+        )
+        for mode in modes
+    )
   records = []
   for record in runs:
     print(json.dumps(record), flush=True)

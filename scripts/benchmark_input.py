@@ -56,7 +56,15 @@ from typing import Any, Iterator, Sequence
 if str(Path(__file__).resolve().parent) not in sys.path:
   sys.path.append(str(Path(__file__).resolve().parent))
 
-from benchmark_input_pipelines import MODULES, PIPELINES, RUNNERS, SIZE, jpegs, make_folder, missing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchmark_input_pipelines import (  # pylint: disable=g-import-not-at-top,wrong-import-position
+    MODULES,
+    PIPELINES,
+    RUNNERS,
+    SIZE,
+    jpegs,
+    make_folder,
+    missing,
+)
 
 DEFAULT_PIPELINES = ('fineflax', 'torch', 'tf')
 logger = logging.getLogger('fineflax.benchmark_input')
@@ -73,8 +81,13 @@ def machine() -> dict[str, Any]:
         break
   usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
   load = [round(x, 2) for x in os.getloadavg()] if hasattr(os, 'getloadavg') else None
-  return {'what': 'machine', 'cpu_count': os.cpu_count(), 'usable_cpus': usable,
-          'cpu_model': model, 'loadavg_1_5_15min': load}
+  return {
+      'what': 'machine',
+      'cpu_count': os.cpu_count(),
+      'usable_cpus': usable,
+      'cpu_model': model,
+      'loadavg_1_5_15min': load,
+  }
 
 
 def cpu_seconds() -> dict[int, float] | None:
@@ -105,16 +118,18 @@ def cpu_seconds() -> dict[int, float] | None:
   return {pid: stats[pid] for pid in ours if pid in stats}
 
 
-def cores_used(before: dict[int, float] | None, after: dict[int, float] | None,
-               seconds: float) -> float | None:
+def cores_used(
+    before: dict[int, float] | None, after: dict[int, float] | None, seconds: float
+) -> float | None:
   """The cores busy on average between two `cpu_seconds` readings `seconds` apart."""
   if before is None or after is None:
     return None
   return sum(t - before.get(pid, 0.0) for pid, t in after.items()) / seconds
 
 
-def time_run(batches: Iterator[int], warmup: int, timed: int, epoch_batches: int
-             ) -> dict[str, float]:
+def time_run(
+    batches: Iterator[int], warmup: int, timed: int, epoch_batches: int
+) -> dict[str, float]:
   """Times `timed` batches of `batches` after `warmup` untimed ones; closes it."""
   with contextlib.closing(batches):
     start = time.perf_counter()
@@ -129,14 +144,26 @@ def time_run(batches: Iterator[int], warmup: int, timed: int, epoch_batches: int
     cores = cores_used(cpu, cpu_seconds(), seconds)
   # Epochs that began inside the timed window (batches warmup+1 .. warmup+timed).
   epochs = (warmup + timed - 1) // epoch_batches - (warmup - 1) // epoch_batches
-  return {'images': images, 'seconds': seconds, 'img_per_s': images / seconds,
-          'startup_s': startup, 'epochs_timed': epochs, 'cores': cores}
+  return {
+      'images': images,
+      'seconds': seconds,
+      'img_per_s': images / seconds,
+      'startup_s': startup,
+      'epochs_timed': epochs,
+      'cores': cores,
+  }
 
 
-def _record(pipeline: str, workers: int, batch: int, runs: list[dict[str, float]],
-            note: str | None = None) -> dict[str, Any]:
-  record: dict[str, Any] = {'what': 'input', 'pipeline': pipeline, 'workers': workers,
-                            'batch': batch, 'image': SIZE}
+def _record(
+    pipeline: str, workers: int, batch: int, runs: list[dict[str, float]], note: str | None = None
+) -> dict[str, Any]:
+  record: dict[str, Any] = {
+      'what': 'input',
+      'pipeline': pipeline,
+      'workers': workers,
+      'batch': batch,
+      'image': SIZE,
+  }
   if not runs:
     record.update(img_per_s=None, note=note)
     return record
@@ -147,12 +174,15 @@ def _record(pipeline: str, workers: int, batch: int, runs: list[dict[str, float]
       img_per_s_per_worker=round(best / workers, 1) if workers else None,
       spread_pct=round(100 * (best - min(rates)) / best, 1),
       run_img_per_s=[round(r, 1) for r in rates],
-      images=runs[0]['images'], timed_s=[round(r['seconds'], 3) for r in runs],
+      images=runs[0]['images'],
+      timed_s=[round(r['seconds'], 3) for r in runs],
       startup_s=round(statistics.median(r['startup_s'] for r in runs), 2),
       # The best run's: the cores it kept busy (this process and its workers).
-      cores=None if runs[rates.index(best)]['cores'] is None else
-      round(runs[rates.index(best)]['cores'], 2),
-      epochs_timed=runs[0]['epochs_timed'])
+      cores=None
+      if runs[rates.index(best)]['cores'] is None
+      else round(runs[rates.index(best)]['cores'], 2),
+      epochs_timed=runs[0]['epochs_timed'],
+  )
   return record
 
 
@@ -162,45 +192,70 @@ def _cell(value: Any, fmt: str = '{:,.0f}') -> str:
 
 def table(records: list[dict[str, Any]], markdown: bool = False) -> str:
   """The records as a table (a Markdown one with `markdown`)."""
-  head = ['pipeline', 'workers', 'batch', 'img/s (best)', 'img/s per worker', 'spread %',
-          'runs img/s', 'cores busy', 'img per CPU s', 'start-up s']
+  head = [
+      'pipeline',
+      'workers',
+      'batch',
+      'img/s (best)',
+      'img/s per worker',
+      'spread %',
+      'runs img/s',
+      'cores busy',
+      'img per CPU s',
+      'start-up s',
+  ]
   rows = []
   for r in records:
     if r['img_per_s'] is None:
-      rows.append([r['pipeline'], str(r['workers']), str(r['batch']), r['note'], '', '', '',
-                   '', '', ''])
+      rows.append(
+          [r['pipeline'], str(r['workers']), str(r['batch']), r['note'], '', '', '', '', '', '']
+      )
       continue
-    rows.append([r['pipeline'], str(r['workers']), str(r['batch']), _cell(r['img_per_s']),
-                 _cell(r['img_per_s_per_worker']), _cell(r['spread_pct'], '{:.0f}'),
-                 ', '.join(f'{x:,.0f}' for x in r['run_img_per_s']),
-                 _cell(r['cores'], '{:.2f}'),
-                 _cell(r['img_per_s'] / r['cores'] if r['cores'] else None),
-                 _cell(r['startup_s'], '{:.2f}')])
+    rows.append(
+        [
+            r['pipeline'],
+            str(r['workers']),
+            str(r['batch']),
+            _cell(r['img_per_s']),
+            _cell(r['img_per_s_per_worker']),
+            _cell(r['spread_pct'], '{:.0f}'),
+            ', '.join(f'{x:,.0f}' for x in r['run_img_per_s']),
+            _cell(r['cores'], '{:.2f}'),
+            _cell(r['img_per_s'] / r['cores'] if r['cores'] else None),
+            _cell(r['startup_s'], '{:.2f}'),
+        ]
+    )
   if markdown:
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     return '\n'.join(lines + ['| ' + ' | '.join(row) + ' |' for row in rows])
   widths = [max(len(x) for x in column) for column in zip(head, *rows)]
-  return '\n'.join('  '.join(x.ljust(w) for x, w in zip(row, widths)).rstrip()
-                   for row in [head, *rows])
+  return '\n'.join(
+      '  '.join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in [head, *rows]
+  )
 
 
-def run(folder: Path, pipelines: Sequence[str], workers: Sequence[int], batch: int,
-        timed: int, warmup: int, repeats: int) -> list[dict[str, Any]]:
+def run(
+    folder: Path,
+    pipelines: Sequence[str],
+    workers: Sequence[int],
+    batch: int,
+    timed: int,
+    warmup: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
   """Every pipeline at every W, `repeats` times each; one record per pipeline and W."""
   epoch_batches = -(-len(jpegs(folder)) // batch)
   records = []
   for pipeline in pipelines:
     absent = missing(pipeline)
     if absent:
-      records += [_record(pipeline, w, batch, [], f'not installed ({absent})')
-                  for w in workers]
+      records += [_record(pipeline, w, batch, [], f'not installed ({absent})') for w in workers]
       continue
     for module in MODULES[pipeline]:  # imported here, not in the first run's start-up
       importlib.import_module(module)
     runs: dict[int, list[dict[str, float]]] = {w: [] for w in workers}
     for _, w in itertools.product(range(repeats), workers):
-      runs[w].append(time_run(RUNNERS[pipeline](folder, w, batch), warmup, timed,
-                              epoch_batches))
+      runs[w].append(time_run(RUNNERS[pipeline](folder, w, batch), warmup, timed, epoch_batches))
       logger.info('%s W=%d: %.1f img/s', pipeline, w, runs[w][-1]['img_per_s'])
     records += [_record(pipeline, w, batch, runs[w]) for w in workers]
   return records
@@ -215,17 +270,26 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser = argparse.ArgumentParser(description=' '.join(__doc__.split('\n\n')[0].split()))
   where = parser.add_mutually_exclusive_group(required=True)
   where.add_argument('--folder', type=Path, help='a folder of class folders of JPEGs')
-  where.add_argument('--make', type=int, metavar='N',
-                     help='write N synthetic 500x375 JPEGs into a temporary folder first')
-  parser.add_argument('--workers', default='0,1,2',
-                      help='comma-separated worker counts W (0: no worker processes)')
+  where.add_argument(
+      '--make',
+      type=int,
+      metavar='N',
+      help='write N synthetic 500x375 JPEGs into a temporary folder first',
+  )
+  parser.add_argument(
+      '--workers', default='0,1,2', help='comma-separated worker counts W (0: no worker processes)'
+  )
   parser.add_argument('--batch', type=int, default=32, help='images per batch')
   parser.add_argument('--batches', type=int, default=16, help='timed batches per run')
-  parser.add_argument('--warmup', type=int, default=2,
-                      help='untimed batches first (at least 1: the start-up)')
+  parser.add_argument(
+      '--warmup', type=int, default=2, help='untimed batches first (at least 1: the start-up)'
+  )
   parser.add_argument('--repeats', type=int, default=1, help='runs of each pipeline and W')
-  parser.add_argument('--only', default=','.join(DEFAULT_PIPELINES),
-                      help=f'comma-separated pipelines among {",".join(PIPELINES)}')
+  parser.add_argument(
+      '--only',
+      default=','.join(DEFAULT_PIPELINES),
+      help=f'comma-separated pipelines among {",".join(PIPELINES)}',
+  )
   parser.add_argument('--markdown', action='store_true', help='a Markdown table')
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format='%(message)s', force=True)
@@ -241,7 +305,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if not workers or min(workers) < 0:
     parser.error('--workers: at least one count, none negative')
   if min(args.batch, args.batches, args.warmup, args.repeats) < 1 or (
-      args.make is not None and args.make < 1):
+      args.make is not None and args.make < 1
+  ):
     parser.error('--batch, --batches, --warmup, --repeats and --make must be at least 1')
   if 'jax' not in sys.modules:
     # Host only: fineflax's data module asks JAX for the process count, and that needs
@@ -255,8 +320,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not folder.is_dir():
       parser.error(f'--folder {folder}: not a folder')
     print(json.dumps(machine()), flush=True)
-    records = run(folder, pipelines, workers, args.batch, args.batches, args.warmup,
-                  args.repeats)
+    records = run(folder, pipelines, workers, args.batch, args.batches, args.warmup, args.repeats)
   for record in records:
     print(json.dumps(record), flush=True)
   print(table(records, args.markdown))

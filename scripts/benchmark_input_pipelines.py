@@ -47,22 +47,23 @@ CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop defaults, as finefla
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-def make_folder(root: str | os.PathLike, count: int, classes: int = 4, seed: int = 0
-                ) -> Path:
+def make_folder(root: str | os.PathLike, count: int, classes: int = 4, seed: int = 0) -> Path:
   """Writes `count` synthetic photos into `classes` class folders under `root`.
 
   Noise JPEGs would be unlike photos (large files, slow entropy decoding); smooth colour
   fields with some grain come out near a photo's size and decode like one.
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   root, rng = Path(root), np.random.default_rng(seed)
   for c in range(classes):
     (root / f'class{c}').mkdir(parents=True, exist_ok=True)
   for i in range(count):
     width, height = PHOTO if i % 2 == 0 else PHOTO[::-1]
     field = rng.integers(0, 256, (6, 8, 3), np.uint8)
-    pixels = np.asarray(Image.fromarray(field).resize((width, height),
-                                                      Image.Resampling.BICUBIC), np.int16)
+    pixels = np.asarray(
+        Image.fromarray(field).resize((width, height), Image.Resampling.BICUBIC), np.int16
+    )
     pixels = pixels + rng.normal(0, 10, pixels.shape).astype(np.int16)
     image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
     image.save(root / f'class{i % classes}' / f'{i:06d}.jpg', quality=90)
@@ -71,8 +72,9 @@ def make_folder(root: str | os.PathLike, count: int, classes: int = 4, seed: int
 
 def jpegs(folder: Path) -> list[Path]:
   """The JPEG files in the class folders of `folder` (at any depth below them)."""
-  return sorted(p for p in folder.glob('*/**/*')
-                if p.is_file() and p.suffix.lower() in ('.jpg', '.jpeg'))
+  return sorted(
+      p for p in folder.glob('*/**/*') if p.is_file() and p.suffix.lower() in ('.jpg', '.jpeg')
+  )
 
 
 def _rows(images: Any, channels_first: bool = False) -> int:
@@ -90,11 +92,11 @@ def _check_epoch(pipeline: str, delivered: int, expected: int) -> None:
     raise AssertionError(f'{pipeline}: an epoch delivered {delivered} batches, not {expected}')
 
 
-def fineflax_batches(folder: Path, workers: int, batch: int, seed: int = 0
-                     ) -> Iterator[int]:
+def fineflax_batches(folder: Path, workers: int, batch: int, seed: int = 0) -> Iterator[int]:
   """Endless batches of fineflax's streaming path (the rows of each)."""
   from fineflax import config as config_lib, data  # pylint: disable=g-import-not-at-top
   from fineflax.data import decoders, stream  # pylint: disable=g-import-not-at-top
+
   cfg = config_lib.default_config()
   cfg.data.source = f'folder:{folder}'
   cfg.data.load_size = SIZE
@@ -106,8 +108,9 @@ def fineflax_batches(folder: Path, workers: int, batch: int, seed: int = 0
   split = data.load_dataset(cfg.data, keys=('train_split',)).splits[cfg.data.train_split]
   try:
     for epoch in itertools.count():
-      batches = stream.read_batches(split, data.train_batches(
-          split, batch, np.random.default_rng([seed, epoch])))
+      batches = stream.read_batches(
+          split, data.train_batches(split, batch, np.random.default_rng([seed, epoch]))
+      )
       delivered = 0
       with contextlib.closing(batches):  # a pass stopped mid-epoch releases the workers
         for images in batches:
@@ -122,12 +125,20 @@ def torch_batches(folder: Path, workers: int, batch: int, seed: int = 0) -> Iter
   """Endless batches of torchvision's ImageFolder + DataLoader."""
   import torch  # pylint: disable=g-import-not-at-top
   from torchvision import datasets, transforms  # pylint: disable=g-import-not-at-top
+
   torch.manual_seed(seed)
-  transform = transforms.Compose([
-      transforms.RandomResizedCrop(SIZE, scale=CROP_SCALE, ratio=CROP_RATIO),
-      transforms.PILToTensor()])
-  loader = torch.utils.data.DataLoader(datasets.ImageFolder(str(folder), transform),
-                                       batch_size=batch, num_workers=workers, shuffle=True)
+  transform = transforms.Compose(
+      [
+          transforms.RandomResizedCrop(SIZE, scale=CROP_SCALE, ratio=CROP_RATIO),
+          transforms.PILToTensor(),
+      ]
+  )
+  loader = torch.utils.data.DataLoader(
+      datasets.ImageFolder(str(folder), transform),
+      batch_size=batch,
+      num_workers=workers,
+      shuffle=True,
+  )
   # torch's workers run on 1 thread each; loading in this process (W=0), so does it here:
   # on its default of one thread per core, stacking a batch of permuted uint8 images took
   # 20x longer on the loaded 2-core machine (83 ms against 4 ms).
@@ -151,11 +162,13 @@ def torch_batches(folder: Path, workers: int, batch: int, seed: int = 0) -> Iter
     torch.set_num_threads(threads)
 
 
-def tf_batches(folder: Path, workers: int, batch: int, seed: int = 0,
-               accurate: bool = False) -> Iterator[int]:
+def tf_batches(
+    folder: Path, workers: int, batch: int, seed: int = 0, accurate: bool = False
+) -> Iterator[int]:
   """Endless batches of a tf.data pipeline doing the same work on W threads; `accurate`:
   with PIL's filters (exact IDCT, antialiased resize) instead of TF's defaults."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')  # host only, as the others
   files = [str(p) for p in jpegs(folder)]
   # The class is the top folder under FOLDER, as ImageFolder and `folder:` sources have it.
@@ -164,20 +177,26 @@ def tf_batches(folder: Path, workers: int, batch: int, seed: int = 0,
 
   def load(index, example):
     path, label = example
-    image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3,
-                              dct_method='INTEGER_ACCURATE' if accurate else '')
+    image = tf.io.decode_jpeg(
+        tf.io.read_file(path), channels=3, dct_method='INTEGER_ACCURATE' if accurate else ''
+    )
     key = tf.stack([tf.constant(seed, tf.int64), index])  # a crop per example and seed
     begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros([1, 0, 4]), seed=key, min_object_covered=0.0,
-        aspect_ratio_range=CROP_RATIO, area_range=CROP_SCALE, max_attempts=10,
-        use_image_if_no_bounding_boxes=True)
+        tf.shape(image),
+        tf.zeros([1, 0, 4]),
+        seed=key,
+        min_object_covered=0.0,
+        aspect_ratio_range=CROP_RATIO,
+        area_range=CROP_SCALE,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
     image = tf.image.resize(tf.slice(image, begin, size), (SIZE, SIZE), antialias=accurate)
     return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
 
   dataset = tf.data.Dataset.from_tensor_slices((files, [labels[c] for c in classes]))
   dataset = dataset.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-  dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE if workers
-                                    else None)
+  dataset = dataset.enumerate().map(load, num_parallel_calls=tf.data.AUTOTUNE if workers else None)
   dataset = dataset.batch(batch).prefetch(tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.threading.private_threadpool_size = max(workers, 1)
@@ -188,10 +207,17 @@ def tf_batches(folder: Path, workers: int, batch: int, seed: int = 0,
 
 
 RUNNERS: dict[str, Callable[[Path, int, int], Iterator[int]]] = {
-    'fineflax': fineflax_batches, 'torch': torch_batches, 'tf': tf_batches,
-    'tf-accurate': functools.partial(tf_batches, accurate=True)}
-MODULES = {'fineflax': ('grain', 'fineflax.data'), 'torch': ('torch', 'torchvision'),
-           'tf': ('tensorflow',), 'tf-accurate': ('tensorflow',)}
+    'fineflax': fineflax_batches,
+    'torch': torch_batches,
+    'tf': tf_batches,
+    'tf-accurate': functools.partial(tf_batches, accurate=True),
+}
+MODULES = {
+    'fineflax': ('grain', 'fineflax.data'),
+    'torch': ('torch', 'torchvision'),
+    'tf': ('tensorflow',),
+    'tf-accurate': ('tensorflow',),
+}
 
 
 def missing(pipeline: str) -> str | None:

@@ -43,8 +43,16 @@ def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
   raise ValueError('mode conv5: the backbone has no conv5/block5 layer')
 
 
-def _loop_config(backbone: str, mode: str, batch: int, image: int, dtype: str, source: str,
-                 epochs: int, every_steps: int | None = None) -> Any:
+def _loop_config(
+    backbone: str,
+    mode: str,
+    batch: int,
+    image: int,
+    dtype: str,
+    source: str,
+    epochs: int,
+    every_steps: int | None = None,
+) -> Any:
   """The config of a one-phase run in `mode`, with on-device augmentation."""
   cfg = config_lib.default_config()
   cfg.batch_size = batch
@@ -55,8 +63,9 @@ def _loop_config(backbone: str, mode: str, batch: int, image: int, dtype: str, s
   cfg.data.val_split = cfg.data.test_split = None
   cfg.data.augment.flip = 'horizontal'  # the loop includes on-device augmentation
   cfg.features.cache = 'off'
-  cfg.report.update(progress='off', tensorboard=bool(every_steps), plot=False,
-                    every_steps=every_steps)
+  cfg.report.update(
+      progress='off', tensorboard=bool(every_steps), plot=False, every_steps=every_steps
+  )
   layers = models.BACKBONES[backbone].build().layers
   if mode == 'forward':
     raise ValueError('--loop and --host measure training: modes head, conv5, full')
@@ -64,25 +73,54 @@ def _loop_config(backbone: str, mode: str, batch: int, image: int, dtype: str, s
   return cfg
 
 
-def _header(what: str, backbone: str, mode: str, batch: int, image: int, dtype: str,
-            source: str, epochs: int) -> dict[str, Any]:
-  return {'what': what, 'backbone': backbone, 'mode': mode, 'batch': batch, 'image': image,
-          'data': source, 'dtype': str(np.dtype(models.compute_dtype(dtype))),
-          'devices': jax.device_count(), 'platform': jax.devices()[0].platform,
-          'device_kind': jax.devices()[0].device_kind, 'epochs': epochs}
+def _header(
+    what: str,
+    backbone: str,
+    mode: str,
+    batch: int,
+    image: int,
+    dtype: str,
+    source: str,
+    epochs: int,
+) -> dict[str, Any]:
+  return {
+      'what': what,
+      'backbone': backbone,
+      'mode': mode,
+      'batch': batch,
+      'image': image,
+      'data': source,
+      'dtype': str(np.dtype(models.compute_dtype(dtype))),
+      'devices': jax.device_count(),
+      'platform': jax.devices()[0].platform,
+      'device_kind': jax.devices()[0].device_kind,
+      'epochs': epochs,
+  }
 
 
-def bench_loop(backbone: str, mode: str, batch: int, image: int, dtype: str, source: str,
-               epochs: int, every_steps: int | None = None) -> dict[str, Any]:
+def bench_loop(
+    backbone: str,
+    mode: str,
+    batch: int,
+    image: int,
+    dtype: str,
+    source: str,
+    epochs: int,
+    every_steps: int | None = None,
+) -> dict[str, Any]:
   """Runs `train_and_evaluate` on `source` for `epochs` and reports its last epoch
   (`every_steps`: with per-step records, to TensorBoard too)."""
   from fineflax import train  # pylint: disable=g-import-not-at-top
+
   cfg = _loop_config(backbone, mode, batch, image, dtype, source, epochs, every_steps)
   with tempfile.TemporaryDirectory() as workdir:
     train.train_and_evaluate(cfg, workdir)
     last = MetricsLog(workdir).read()[-1]
-  return {**_header('loop', backbone, mode, batch, image, dtype, source, epochs),
-          'img_per_s': round(last['images_per_sec'], 1), 'every_steps': every_steps}
+  return {
+      **_header('loop', backbone, mode, batch, image, dtype, source, epochs),
+      'img_per_s': round(last['images_per_sec'], 1),
+      'every_steps': every_steps,
+  }
 
 
 def _idle_step(make_train_step: Any) -> Any:
@@ -96,8 +134,7 @@ def _idle_step(make_train_step: Any) -> Any:
       tree = structure[0].unflatten(carry)
       return jax.tree.leaves(dict(tree, step=tree['step'] + 1)), metrics
 
-    return dataclasses.replace(real, jitted=jax.jit(run, donate_argnums=0,
-                                                    static_argnums=5))
+    return dataclasses.replace(real, jitted=jax.jit(run, donate_argnums=0, static_argnums=5))
 
   return make
 
@@ -120,18 +157,32 @@ def _epoch_times() -> Iterator[list[tuple[int, int, int]]]:
     yield times
 
 
-def bench_host(backbone: str, mode: str, batch: int, image: int, source: str,
-               epochs: int, every_steps: int | None = None) -> dict[str, Any]:
+def bench_host(
+    backbone: str,
+    mode: str,
+    batch: int,
+    image: int,
+    source: str,
+    epochs: int,
+    every_steps: int | None = None,
+) -> dict[str, Any]:
   """The host's time per step in the training loop of `mode`, its step doing no work:
   the last of `epochs` epochs' time in `loop.train_epoch` per step (`every_steps`: with
   per-step records)."""
   from fineflax import train  # pylint: disable=g-import-not-at-top
+
   cfg = _loop_config(backbone, mode, batch, image, 'float32', source, epochs, every_steps)
-  with (tempfile.TemporaryDirectory() as workdir, _epoch_times() as times,
-        mock.patch.object(step_lib, 'make_train_step',
-                          _idle_step(step_lib.make_train_step))):
+  with (
+      tempfile.TemporaryDirectory() as workdir,
+      _epoch_times() as times,
+      mock.patch.object(step_lib, 'make_train_step', _idle_step(step_lib.make_train_step)),
+  ):
     train.train_and_evaluate(cfg, workdir)
   cpu, wall, steps = times[-1]
-  return {**_header('host', backbone, mode, batch, image, 'float32', source, epochs),
-          'steps': steps, 'host_us_per_step': round(cpu / steps / 1e3, 1),
-          'wall_us_per_step': round(wall / steps / 1e3, 1), 'every_steps': every_steps}
+  return {
+      **_header('host', backbone, mode, batch, image, 'float32', source, epochs),
+      'steps': steps,
+      'host_us_per_step': round(cpu / steps / 1e3, 1),
+      'wall_us_per_step': round(wall / steps / 1e3, 1),
+      'every_steps': every_steps,
+  }

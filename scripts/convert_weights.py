@@ -25,8 +25,9 @@ _INCLUDE_TOP = flags.DEFINE_bool('include_top', False, "Keep Keras' ImageNet cla
 _OUT = flags.DEFINE_string('out', None, 'Directory of the Orbax checkpoint to write.')
 
 
-def convert(backbone: str, weights_spec: str, out: str, include_top: bool = False
-            ) -> weights.LoadReport:
+def convert(
+    backbone: str, weights_spec: str, out: str, include_top: bool = False
+) -> weights.LoadReport:
   """Writes the variables of `backbone` with `weights_spec` loaded to `out`."""
   model_config = config_lib.default_config().model
   model_config.update(backbone=backbone, weights=weights_spec, include_top=include_top)

@@ -36,16 +36,24 @@ FORMAT_NAME = 'fineflax-export-1'
 
 def flatten(variables: dict[str, Any]) -> dict[str, np.ndarray]:
   """{'params/backbone/conv1_conv/kernel': array, ...} of a variables tree, as host arrays."""
-  return {path_str(path): np.ascontiguousarray(np.asarray(leaf))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]}
+  return {
+      path_str(path): np.ascontiguousarray(np.asarray(leaf))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]
+  }
 
 
 def metadata(run: RestoredRun) -> dict[str, Any]:
   """What an export says about where its arrays come from (JSON-able values)."""
-  return {'format': FORMAT_NAME, 'step': run.step, 'checkpoint': run.label,
-          'checkpoint_dir': str(run.checkpoint_dir), 'class_names': list(run.class_names),
-          'image_shape': list(run.image_shape), 'meta': run.meta,
-          'config': config_lib.to_dict(run.config)}
+  return {
+      'format': FORMAT_NAME,
+      'step': run.step,
+      'checkpoint': run.label,
+      'checkpoint_dir': str(run.checkpoint_dir),
+      'class_names': list(run.class_names),
+      'image_shape': list(run.image_shape),
+      'meta': run.meta,
+      'config': config_lib.to_dict(run.config),
+  }
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
@@ -69,8 +77,10 @@ WRITERS = {'.npz': write_npz, '.safetensors': write_safetensors}
 def check_output(out: Path, overwrite: bool) -> None:
   """ConfigError for an output of an unknown kind, or one that exists (unless `overwrite`)."""
   if out.suffix.lower() not in FORMATS:
-    raise ConfigError(f'--out {out}: unknown format {out.suffix!r}; expected a file ending '
-                      f'in {" or ".join(FORMATS)}')
+    raise ConfigError(
+        f'--out {out}: unknown format {out.suffix!r}; expected a file ending '
+        f'in {" or ".join(FORMATS)}'
+    )
   if out.is_dir():
     raise ConfigError(f'--out {out}: is a directory')
   if out.exists() and not overwrite:
@@ -79,8 +89,9 @@ def check_output(out: Path, overwrite: bool) -> None:
     raise ConfigError(f'--out {out}: no such directory {out.parent}')
 
 
-def export(workdir: str | os.PathLike, checkpoint: str, out: str | os.PathLike,
-           overwrite: bool = False) -> tuple[RestoredRun, dict[str, np.ndarray]]:
+def export(
+    workdir: str | os.PathLike, checkpoint: str, out: str | os.PathLike, overwrite: bool = False
+) -> tuple[RestoredRun, dict[str, np.ndarray]]:
   """Writes the params and batch_stats of a run's checkpoint to `out` (.npz or
   .safetensors); returns the run and the arrays written.
 
@@ -105,8 +116,11 @@ def main(argv: Sequence[str] | None = None) -> int:
   """The command line; returns the exit status (errors are one line on stderr)."""
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--workdir', required=True, help='The run directory.')
-  parser.add_argument('--checkpoint', default='best',
-                      help="'best' (default; else the latest), 'latest' or a step number.")
+  parser.add_argument(
+      '--checkpoint',
+      default='best',
+      help="'best' (default; else the latest), 'latest' or a step number.",
+  )
   parser.add_argument('--out', required=True, help='FILE.npz or FILE.safetensors to write.')
   parser.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
   args = parser.parse_args(argv)
@@ -116,8 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 1
   values = sum(a.size for a in arrays.values())
-  print(f'wrote {args.out}: {len(arrays)} arrays ({values:,} values) of {run.checkpoint_dir} '
-        f'(step {run.step}, {run.label})')
+  print(
+      f'wrote {args.out}: {len(arrays)} arrays ({values:,} values) of {run.checkpoint_dir} '
+      f'(step {run.step}, {run.label})'
+  )
   return 0
 
 

@@ -9,8 +9,9 @@ import sys
 import tempfile
 
 # Both must be set before jax (or keras) is imported anywhere.
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ['KERAS_BACKEND'] = 'jax'
 os.environ['FINEFLAX_CACHE'] = tempfile.mkdtemp(prefix='fineflax-cache-')
 
@@ -25,6 +26,7 @@ jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 def keras():
   """Keras 3 on the JAX backend: the reference the Keras-layout models are checked against."""
   import keras as keras_module  # pylint: disable=g-import-not-at-top
+
   assert keras_module.backend.backend() == 'jax'
   return keras_module
 
@@ -36,6 +38,7 @@ def demo_run(tmp_path_factory):
   one device (it compiles faster than on eight). Tests read it; to change it, copy it."""
   from fineflax import train  # pylint: disable=g-import-not-at-top
   from tests.helpers import ROOT  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(ROOT))
   config = importlib.import_module('configs.demo').get_config('smoke')
   assert config.data.val_split and config.data.test_split

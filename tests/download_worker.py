@@ -23,15 +23,22 @@ import jax
 def run_case(case: dict) -> dict:
   from fineflax.distributed import once  # pylint: disable=g-import-not-at-top
   from fineflax.weights import WeightFile, download  # pylint: disable=g-import-not-at-top
+
   if case['kind'] == 'die':
     die = os._exit  # pylint: disable=protected-access
-    return {'result': once.process_zero_first(
-        'dying', lambda: die(3) if jax.process_index() == 0 else 'alive')}
+    return {
+        'result': once.process_zero_first(
+            'dying', lambda: die(3) if jax.process_index() == 0 else 'alive'
+        )
+    }
   if case['kind'] == 'slow':
-    return {'result': once.process_zero_first(
-        f'sleeping {case["sleep_s"]} s',
-        lambda: time.sleep(case['sleep_s'] if jax.process_index() == 0 else 0) or 'slept',
-        timeout_s=case['timeout_s'])}
+    return {
+        'result': once.process_zero_first(
+            f'sleeping {case["sleep_s"]} s',
+            lambda: time.sleep(case['sleep_s'] if jax.process_index() == 0 else 0) or 'slept',
+            timeout_s=case['timeout_s'],
+        )
+    }
   file = WeightFile(case['url'], md5=case['md5'])
   client = once._client  # pylint: disable=protected-access
   if case['devices']:
@@ -45,11 +52,16 @@ def run_case(case: dict) -> dict:
 
 def main(port: int, process_id: int, cases: str, output: str) -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                             process_id=process_id, initialization_timeout=60,
-                             heartbeat_timeout_seconds=10,
-                             coordinator_bind_address=f'127.0.0.1:{port}')
+  jax.distributed.initialize(
+      coordinator_address=f'127.0.0.1:{port}',
+      num_processes=2,
+      process_id=process_id,
+      initialization_timeout=60,
+      heartbeat_timeout_seconds=10,
+      coordinator_bind_address=f'127.0.0.1:{port}',
+  )
   from fineflax.distributed import once  # pylint: disable=g-import-not-at-top
+
   once.WAIT_TIMEOUT_S = 30  # a broken handshake fails the case, not the test's deadline
   results = {}
   for case in json.loads(open(cases).read()):

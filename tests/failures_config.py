@@ -43,6 +43,7 @@ def _held(path: Path, point: str, step: int) -> bool:
 def _install_hold(point: str, step: int, flag: str) -> None:
   """Makes Orbax's text writes (etils' path class) block at the chosen one."""
   from etils import epath  # pylint: disable=g-import-not-at-top
+
   cls = type(epath.Path('/'))
   write_text = cls.write_text
 
@@ -59,7 +60,8 @@ def _install_hold(point: str, step: int, flag: str) -> None:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """One phase of 2 epochs of 4 steps on the digits, saved after every step."""
   config = helpers.tiny_config(
-      ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2), max_examples=32)
+      ffc.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2), max_examples=32
+  )
   config.seed = 0
   config.model.head.dropout = 0.3
   config.data.augment.flip = 'horizontal'

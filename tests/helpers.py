@@ -18,8 +18,13 @@ from fineflax.train import optimizers, state as state_lib
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 
-def program_env(*, devices: int | None = None, cache: Path | str | None = None,
-                unset: Sequence[str] = (), **extra: str) -> dict[str, str]:
+def program_env(
+    *,
+    devices: int | None = None,
+    cache: Path | str | None = None,
+    unset: Sequence[str] = (),
+    **extra: str,
+) -> dict[str, str]:
   """The environment of a program a test starts: this process's, with the repository on
   PYTHONPATH and without conftest's eight virtual devices (XLA_FLAGS=''), or on `devices`
   CPU devices (JAX_PLATFORMS=cpu: the device count applies to the host platform only);
@@ -28,8 +33,7 @@ def program_env(*, devices: int | None = None, cache: Path | str | None = None,
   env = {k: v for k, v in os.environ.items() if k not in unset}
   env.update(PYTHONPATH=str(ROOT), XLA_FLAGS='')
   if devices is not None:
-    env.update(JAX_PLATFORMS='cpu',
-               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   if cache is not None:
     env['FINEFLAX_CACHE'] = str(cache)
   env.update(extra)
@@ -44,8 +48,9 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def tiny_config(*phases: ml_collections.ConfigDict, batch_size: int = 8,
-                **data_keys: Any) -> ml_collections.ConfigDict:
+def tiny_config(
+    *phases: ml_collections.ConfigDict, batch_size: int = 8, **data_keys: Any
+) -> ml_collections.ConfigDict:
   """A run of seconds on a CPU: resnet_tiny at 16 px with 'tf' preprocessing, no weights,
   global batch `batch_size`, the config.data keys in `data_keys` (the digits unless a
   source is given) and `phases` (one default phase unless given)."""
@@ -67,9 +72,12 @@ def two_phase_config() -> ml_collections.ConfigDict:
   trains conv5 and the head; 2 epochs each."""
   cfg = tiny_config(
       config_lib.phase(name='scratch', batchnorm='train', learning_rate=3e-3, epochs=2),
-      config_lib.phase(name='conv5', freeze='regex:^backbone/conv[1-4]_', learning_rate=1e-3,
-                       epochs=2),
-      batch_size=16, max_examples=40)
+      config_lib.phase(
+          name='conv5', freeze='regex:^backbone/conv[1-4]_', learning_rate=1e-3, epochs=2
+      ),
+      batch_size=16,
+      max_examples=40,
+  )
   cfg.model.head.dropout = 0.3
   return cfg
 
@@ -87,15 +95,24 @@ def tiny_model(num_classes: int = 10, **model_keys: Any) -> models.Classifier:
   return models.build_model(cfg.model, num_classes)
 
 
-def phase_optimizer(model: models.Classifier, params: Any, freeze: str = 'none',
-                    steps_per_epoch: int = 1, **phase_keys: Any) -> optimizers.Optimizer:
+def phase_optimizer(
+    model: models.Classifier,
+    params: Any,
+    freeze: str = 'none',
+    steps_per_epoch: int = 1,
+    **phase_keys: Any,
+) -> optimizers.Optimizer:
   """The optimizer a run builds for a phase with `freeze` and `phase_keys`."""
   phase = config_lib.phase(freeze=freeze, **phase_keys)
   return optimizers.make_optimizer(model, params, phase, steps_per_epoch)
 
 
-def replicated_state(variables: dict[str, Any], optimizer: optimizers.Optimizer,
-                     devices: Sequence[jax.Device], step: int = 0) -> state_lib.TrainState:
+def replicated_state(
+    variables: dict[str, Any],
+    optimizer: optimizers.Optimizer,
+    devices: Sequence[jax.Device],
+    step: int = 0,
+) -> state_lib.TrainState:
   """A new train state of `variables`, replicated over `devices`."""
   mesh = parallel.make_mesh(devices)
   return parallel.replicate(state_lib.create_train_state(variables, optimizer, step), mesh)
@@ -106,6 +123,7 @@ def two_train_states() -> tuple[state_lib.TrainState, state_lib.TrainState]:
   parameter (step 1, nothing frozen, Adam)."""
   model = tiny_model()
   variables = state_lib.init_variables(model, (16, 16, 3), seed=0)
-  first = replicated_state(variables, phase_optimizer(model, variables['params']),
-                           jax.devices()[:2], step=1)
+  first = replicated_state(
+      variables, phase_optimizer(model, variables['params']), jax.devices()[:2], step=1
+  )
   return first, first.replace(params=jax.tree.map(lambda x: x * 2 + 1, first.params))

@@ -17,6 +17,7 @@ def serve(directory: Path, delay_s: float = 0.0) -> Iterator[tuple[str, list[str
   requests: list[str] = []
 
   class Handler(http.server.SimpleHTTPRequestHandler):
+
     def do_GET(self):
       requests.append(self.path)
       time.sleep(delay_s)
@@ -26,7 +27,8 @@ def serve(directory: Path, delay_s: float = 0.0) -> Iterator[tuple[str, list[str
       pass
 
   httpd = http.server.ThreadingHTTPServer(
-      ('127.0.0.1', 0), functools.partial(Handler, directory=str(directory)))
+      ('127.0.0.1', 0), functools.partial(Handler, directory=str(directory))
+  )
   thread = threading.Thread(target=httpd.serve_forever, daemon=True)
   thread.start()
   try:

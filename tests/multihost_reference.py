@@ -30,31 +30,45 @@ import numpy as np
 PROCESSES = 2
 
 
-def as_processes(train_batches: Callable[..., Iterator[Any]],
-                 processes: int = PROCESSES) -> Callable[..., Iterator[Any]]:
+def as_processes(
+    train_batches: Callable[..., Iterator[Any]], processes: int = PROCESSES
+) -> Callable[..., Iterator[Any]]:
   """`train_batches`, but yielding the global index batches of `processes` processes.
 
   Every process seeds its generator alike, so each share starts from a copy of `rng`.
   """
   from fineflax.data import dataset  # pylint: disable=g-import-not-at-top
 
-  def batches(split: dataset.Split, global_batch: int,
-              rng: np.random.Generator) -> Iterator[dataset.Batch]:
+  def batches(
+      split: dataset.Split, global_batch: int, rng: np.random.Generator
+  ) -> Iterator[dataset.Batch]:
     assert jax.process_count() == 1 and split.size % processes == 0, 'equal shares only'
     shares = [np.arange(p, split.size, processes) for p in range(processes)]
-    local = [train_batches(dataset.Split(split.images[s], split.labels[s]),
-                           global_batch // processes, copy.deepcopy(rng)) for s in shares]
+    local = [
+        train_batches(
+            dataset.Split(split.images[s], split.labels[s]),
+            global_batch // processes,
+            copy.deepcopy(rng),
+        )
+        for s in shares
+    ]
     for parts in zip(*local, strict=True):
-      yield {'index': np.concatenate([s[b['index']] for s, b in zip(shares, parts)]),
-             'weight': np.concatenate([b['weight'] for b in parts])}
+      yield {
+          'index': np.concatenate([s[b['index']] for s, b in zip(shares, parts)]),
+          'weight': np.concatenate([b['weight'] for b in parts]),
+      }
 
   return batches
 
 
 def main(config_arg: str, workdir: str, port: int) -> None:
   """Trains the config file `path[:arg]` in `workdir` as 2 processes would."""
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=1,
-                             process_id=0, coordinator_bind_address=f'127.0.0.1:{port}')
+  jax.distributed.initialize(
+      coordinator_address=f'127.0.0.1:{port}',
+      num_processes=1,
+      process_id=0,
+      coordinator_bind_address=f'127.0.0.1:{port}',
+  )
   # pylint: disable=g-import-not-at-top
   from fineflax import data, train
   from fineflax.data import dataset
@@ -62,8 +76,7 @@ def main(config_arg: str, workdir: str, port: int) -> None:
   # pylint: enable=g-import-not-at-top
   reporting.setup_logging()
   if 'FINEFLAX_CACHE' in os.environ:
-    jax.config.update('jax_compilation_cache_dir',
-                      str(Path(os.environ['FINEFLAX_CACHE']) / 'xla'))
+    jax.config.update('jax_compilation_cache_dir', str(Path(os.environ['FINEFLAX_CACHE']) / 'xla'))
   path, _, arg = config_arg.partition(':')
   spec = importlib.util.spec_from_file_location('reference_config', path)
   module = importlib.util.module_from_spec(spec)

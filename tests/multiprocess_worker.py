@@ -16,13 +16,18 @@ import jax
 
 def main(port: int, process_id: int, output: str, job: list[str]) -> None:
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'127.0.0.1:{port}', num_processes=2,
-                             process_id=process_id, initialization_timeout=60,
-                             # A peer that died fails this process in 30 s (fineflax's own
-                             # setting), not JAX's 100 s.
-                             heartbeat_timeout_seconds=30,
-                             coordinator_bind_address=f'127.0.0.1:{port}')
+  jax.distributed.initialize(
+      coordinator_address=f'127.0.0.1:{port}',
+      num_processes=2,
+      process_id=process_id,
+      initialization_timeout=60,
+      # A peer that died fails this process in 30 s (fineflax's own
+      # setting), not JAX's 100 s.
+      heartbeat_timeout_seconds=30,
+      coordinator_bind_address=f'127.0.0.1:{port}',
+  )
   from tests import multiprocess_job  # pylint: disable=g-import-not-at-top
+
   if job and job[0] == 'folder':
     result = multiprocess_job.train_folder(job[1], job[2])
   elif job and job[0] == 'edges':

@@ -26,11 +26,15 @@ BUCKET = 'fineflax-test'
 
 def client_env(url: str) -> dict[str, str]:
   """The variables that point fineflax's storage clients at the emulator at `url`."""
-  return {'STORAGE_EMULATOR_HOST': url, 'TENSORSTORE_GCS_HTTP_URL': url,
-          'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator', 'EPATH_USE_TF': 'false',
-          'FSSPEC_GCS_TOKEN': 'anon',
-          # The emulator has no storage-control API for gcsfs' bucket-type lookup.
-          'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false'}
+  return {
+      'STORAGE_EMULATOR_HOST': url,
+      'TENSORSTORE_GCS_HTTP_URL': url,
+      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',
+      'EPATH_USE_TF': 'false',
+      'FSSPEC_GCS_TOKEN': 'anon',
+      # The emulator has no storage-control API for gcsfs' bucket-type lookup.
+      'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
+  }
 
 
 @contextlib.contextmanager
@@ -38,10 +42,12 @@ def running(log: Path) -> Iterator[dict[str, str]]:
   """Starts the emulator (its output goes to `log`); yields the client variables."""
   # Imported here: the emulator's own process (_serve) needs neither it nor what it imports.
   from tests import helpers  # pylint: disable=g-import-not-at-top
+
   port = helpers.free_port()
   with open(log, 'wb') as out:
-    process = subprocess.Popen([sys.executable, __file__, str(port)], stdout=out,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, __file__, str(port)], stdout=out, stderr=subprocess.STDOUT
+    )
   try:
     deadline = time.monotonic() + 30
     while True:
@@ -62,6 +68,7 @@ def running(log: Path) -> Iterator[dict[str, str]]:
 def environment(env: dict[str, str]) -> Iterator[None]:
   """`env` set in this process for the block (for in-process clients)."""
   from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   # epath caches its choice of backend (EPATH_USE_TF) at the first gs:// path a process
@@ -81,6 +88,7 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 def _serve(port: int) -> None:
   """Runs the emulator on `port` until terminated."""
   from gcp_storage_emulator.handlers import objects  # pylint: disable=g-import-not-at-top
+
   download = objects.download
 
   def download_with_generation(request, response, storage, *args, **kwargs):
@@ -95,6 +103,7 @@ def _serve(port: int) -> None:
   # Before the server module builds its routes from the handlers.
   objects.download = download_with_generation
   from gcp_storage_emulator import server  # pylint: disable=g-import-not-at-top
+
   server.create_server('127.0.0.1', port, in_memory=True, default_bucket=BUCKET).run()
 
 

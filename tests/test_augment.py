@@ -20,24 +20,31 @@ def images():
 
 
 def _warp(images, matrix, mode='reflect'):
-  return np.asarray(A.warp(jnp.asarray(images), jnp.broadcast_to(matrix, (2, 3, 3)), SIDE,
-                           mode))
+  return np.asarray(A.warp(jnp.asarray(images), jnp.broadcast_to(matrix, (2, 3, 3)), SIDE, mode))
 
 
-@pytest.mark.parametrize('make_layer, matrix_kwargs', [
-    (lambda k: k.layers.RandomRotation((0.25, 0.25)), dict(angle=math.pi / 2)),
-    (lambda k: k.layers.RandomRotation((-30 / 360, -30 / 360)), dict(angle=-math.pi / 6)),
-    (lambda k: k.layers.RandomZoom((0.5, 0.5)), dict(zoom=1.5)),
-    (lambda k: k.layers.RandomZoom((-0.3, -0.3)), dict(zoom=0.7)),
-    (lambda k: k.layers.RandomTranslation((0.1, 0.1), (-0.2, -0.2)),
-     dict(dx=-0.2 * SIDE, dy=0.1 * SIDE)),
-    (lambda k: k.layers.RandomRotation((0.1, 0.1), fill_mode='constant'),
-     dict(angle=0.2 * math.pi)),
-    (lambda k: k.layers.RandomZoom((0.4, 0.4), fill_mode='wrap'), dict(zoom=1.4)),
-    (lambda k: k.layers.RandomZoom((0.4, 0.4), fill_mode='nearest'), dict(zoom=1.4)),
-])
-def test_matches_keras_layers_where_they_are_deterministic(keras, images, make_layer,
-                                                           matrix_kwargs):
+@pytest.mark.parametrize(
+    'make_layer, matrix_kwargs',
+    [
+        (lambda k: k.layers.RandomRotation((0.25, 0.25)), dict(angle=math.pi / 2)),
+        (lambda k: k.layers.RandomRotation((-30 / 360, -30 / 360)), dict(angle=-math.pi / 6)),
+        (lambda k: k.layers.RandomZoom((0.5, 0.5)), dict(zoom=1.5)),
+        (lambda k: k.layers.RandomZoom((-0.3, -0.3)), dict(zoom=0.7)),
+        (
+            lambda k: k.layers.RandomTranslation((0.1, 0.1), (-0.2, -0.2)),
+            dict(dx=-0.2 * SIDE, dy=0.1 * SIDE),
+        ),
+        (
+            lambda k: k.layers.RandomRotation((0.1, 0.1), fill_mode='constant'),
+            dict(angle=0.2 * math.pi),
+        ),
+        (lambda k: k.layers.RandomZoom((0.4, 0.4), fill_mode='wrap'), dict(zoom=1.4)),
+        (lambda k: k.layers.RandomZoom((0.4, 0.4), fill_mode='nearest'), dict(zoom=1.4)),
+    ],
+)
+def test_matches_keras_layers_where_they_are_deterministic(
+    keras, images, make_layer, matrix_kwargs
+):
   """A Keras layer whose random range is a single value is deterministic."""
   layer = make_layer(keras)
   expected = np.asarray(layer(images, training=True))
@@ -46,10 +53,12 @@ def test_matches_keras_layers_where_they_are_deterministic(keras, images, make_l
 
 
 def test_flips_are_exact(images):
-  np.testing.assert_array_equal(_warp(images, A.augmentation_matrix(SIDE, hflip=True)),
-                                images[:, :, ::-1])
-  np.testing.assert_array_equal(_warp(images, A.augmentation_matrix(SIDE, vflip=True)),
-                                images[:, ::-1])
+  np.testing.assert_array_equal(
+      _warp(images, A.augmentation_matrix(SIDE, hflip=True)), images[:, :, ::-1]
+  )
+  np.testing.assert_array_equal(
+      _warp(images, A.augmentation_matrix(SIDE, vflip=True)), images[:, ::-1]
+  )
 
 
 @pytest.mark.parametrize('size', [56, 10])
@@ -64,8 +73,9 @@ def test_reproducible_for_a_key_and_off_in_evaluation(images):
   keys = jax.random.split(jax.random.key(3), 2)
   first = np.asarray(A.prepare(jnp.asarray(images), keys, aug, 32, train=True))
   again = np.asarray(A.prepare(jnp.asarray(images), keys, aug, 32, train=True))
-  other = np.asarray(A.prepare(jnp.asarray(images), jax.random.split(jax.random.key(4), 2),
-                               aug, 32, train=True))
+  other = np.asarray(
+      A.prepare(jnp.asarray(images), jax.random.split(jax.random.key(4), 2), aug, 32, train=True)
+  )
   np.testing.assert_array_equal(first, again)
   assert np.abs(first - other).max() > 10
   evaluation = np.asarray(A.prepare(jnp.asarray(images), None, aug, 32, train=False))
@@ -78,8 +88,12 @@ def test_random_crop_takes_a_window_and_evaluation_the_centre(images):
   keys = jax.random.split(jax.random.key(0), 2)
   got = np.asarray(A.prepare(jnp.asarray(images), keys, aug, 16, train=True))
   for image, crop in zip(images, got):
-    windows = [(y, x) for y in range(SIDE - 15) for x in range(SIDE - 15)
-               if np.allclose(image[y:y + 16, x:x + 16], crop, atol=1e-3)]
+    windows = [
+        (y, x)
+        for y in range(SIDE - 15)
+        for x in range(SIDE - 15)
+        if np.allclose(image[y : y + 16, x : x + 16], crop, atol=1e-3)
+    ]
     assert len(windows) == 1
   centre = np.asarray(A.prepare(jnp.asarray(images), None, aug, SIDE, train=False))
   np.testing.assert_allclose(centre, images, atol=1e-3)  # square input: the whole image
@@ -110,6 +124,7 @@ def test_mixup_partners_and_weights_follow_their_distributions(alpha):
   are Beta(alpha, alpha) draws (Kolmogorov-Smirnov against scipy's Beta; uniform draws,
   or Beta of another alpha, are rejected at this size)."""
   from scipy import stats  # pylint: disable=g-import-not-at-top
+
   n = 4000
   partner, lam = A.mixup_draws(jax.random.key(int(alpha * 10)), alpha, n, jnp.arange(n))
   partner, lam = np.asarray(partner), np.asarray(lam, np.float64)

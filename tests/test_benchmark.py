@@ -25,8 +25,9 @@ pytestmark = pytest.mark.slow  # starts scripts/benchmark.py and compiles ResNet
 
 def _load_script():
   """scripts/benchmark.py as a module (scripts/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('fineflax_benchmark_script',
-                                                ROOT / 'scripts' / 'benchmark.py')
+  spec = importlib.util.spec_from_file_location(
+      'fineflax_benchmark_script', ROOT / 'scripts' / 'benchmark.py'
+  )
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up while it executes
   spec.loader.exec_module(module)
@@ -38,30 +39,53 @@ benchmark = _load_script()
 
 def _benchmark(*args):
   env = helpers.program_env()
-  result = subprocess.run([sys.executable, 'scripts/benchmark.py', *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+      [sys.executable, 'scripts/benchmark.py', *args],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
   return lines, result.stdout
 
 
 def test_benchmark_prints_a_json_line_per_mode_and_a_table():
-  records, out = _benchmark('--backbone', 'resnet_tiny', '--batch', '8', '--image', '16',
-                            '--windows', '2', '--steps', '2')
+  records, out = _benchmark(
+      '--backbone', 'resnet_tiny', '--batch', '8', '--image', '16', '--windows', '2', '--steps', '2'
+  )
   assert [r['mode'] for r in records] == ['forward', 'head', 'conv5', 'full']
   for r in records:
     assert r['what'] == 'step' and r['batch'] == 8 and r['platform'] == 'cpu'
     assert r['img_per_s'] > 0 and len(r['window_img_per_s']) == 2 and r['compile_s'] > 0
   # head < conv5 < full in what trains; forward trains nothing.
   assert [r['trainable_leaves'] for r in records][0] == 0
-  assert records[1]['trainable_leaves'] < records[2]['trainable_leaves'] < \
-      records[3]['trainable_leaves']
+  assert (
+      records[1]['trainable_leaves']
+      < records[2]['trainable_leaves']
+      < records[3]['trainable_leaves']
+  )
   assert '| step | resnet_tiny | conv5 | 8 | 16 | float32 |' in out
 
 
 def test_benchmark_loop_runs_the_training_loop():
-  records, _ = _benchmark('--loop', '--backbone', 'resnet_tiny', '--batch', '8', '--image',
-                          '16', '--data', 'synthetic:24:8', '--modes', 'head', '--epochs', '2')
+  records, _ = _benchmark(
+      '--loop',
+      '--backbone',
+      'resnet_tiny',
+      '--batch',
+      '8',
+      '--image',
+      '16',
+      '--data',
+      'synthetic:24:8',
+      '--modes',
+      'head',
+      '--epochs',
+      '2',
+  )
   assert len(records) == 1
   assert records[0]['what'] == 'loop' and records[0]['img_per_s'] > 0
 
@@ -71,16 +95,39 @@ def test_help_is_the_whole_description_and_a_cpu_run_has_no_backend_notice():
   the TPU backend it could not start is not printed (JAX_PLATFORMS left unset, as a user
   leaves it)."""
   env = helpers.program_env(unset=('JAX_PLATFORMS',))
-  shown = subprocess.run([sys.executable, 'scripts/benchmark.py', '--help'], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=120)
+  shown = subprocess.run(
+      [sys.executable, 'scripts/benchmark.py', '--help'],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert shown.returncode == 0, shown.stderr[-3000:]
-  description = shown.stdout[shown.stdout.index('\n\n') + 2:shown.stdout.index('options:')]
+  description = shown.stdout[shown.stdout.index('\n\n') + 2 : shown.stdout.index('options:')]
   assert description == benchmark.__doc__ + '\n'
   assert 'how large a batch fits, without running it.' in description
   assert '--image 224 \\\n        --data synthetic:50000:32' in description
-  done = subprocess.run([sys.executable, 'scripts/benchmark.py', '--cost', '--backbone',
-                         'resnet_tiny', '--batch', '2', '--image', '16', '--modes', 'head'],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+      [
+          sys.executable,
+          'scripts/benchmark.py',
+          '--cost',
+          '--backbone',
+          'resnet_tiny',
+          '--batch',
+          '2',
+          '--image',
+          '16',
+          '--modes',
+          'head',
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'devices: backend cpu' in done.stderr  # fineflax's own lines stay
   assert 'Unable to initialize backend' not in done.stderr, done.stderr
@@ -97,22 +144,30 @@ def test_a_step_hands_over_only_what_it_changes(spec):
   cfg.model.backbone = 'resnet_tiny'
   model = models.build_model(cfg.model, 4)
   variables = state_lib.init_variables(model, (16, 16, 3), seed=0)
-  optimizer = optimizers.make_optimizer(model, variables['params'],
-                                        config_lib.phase(freeze=spec), 1)
+  optimizer = optimizers.make_optimizer(
+      model, variables['params'], config_lib.phase(freeze=spec), 1
+  )
   labels = optimizer.labels
   mesh = parallel.make_mesh(jax.devices()[:1])
   state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
-  batch = parallel.shard_batch({'image': np.zeros((4, 16, 16, 3), np.uint8),
-                                'label': np.zeros(4, np.int32),
-                                'weight': np.ones(4, np.float32)}, mesh)
+  batch = parallel.shard_batch(
+      {
+          'image': np.zeros((4, 16, 16, 3), np.uint8),
+          'label': np.zeros(4, np.int32),
+          'weight': np.ones(4, np.float32),
+      },
+      mesh,
+  )
   train_step = step_lib.make_train_step(model, optimizer, mesh)
   carry, fixed, structure = train_step.split(state)
-  params = {pytree.path_str(p): label
-            for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]}
+  params = {
+      pytree.path_str(p): label for p, label in jax.tree_util.tree_flatten_with_path(labels)[0]
+  }
   frozen = {p for p, label in params.items() if label == freeze.FROZEN}
   trainable = set(params) - frozen
-  paths = lambda tree: {pytree.path_str(p) for p, _ in
-                        jax.tree_util.tree_flatten_with_path(tree)[0]}
+  paths = lambda tree: {
+      pytree.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
   carried, kept = structure[0].unflatten(carry), structure[1].unflatten(fixed)
   assert frozen and paths(carried['params']) == trainable
   assert paths(kept['params']) == frozen
@@ -120,11 +175,13 @@ def test_a_step_hands_over_only_what_it_changes(spec):
   # The compiled call returns the carry and the metrics, nothing else.
   data = {'start': jnp.zeros((), jnp.int32)}
   metrics = jnp.zeros((1, 3), jnp.float32)
-  traced = jax.make_jaxpr(train_step.jitted, static_argnums=5)(carry, fixed, batch, data,
-                                                                metrics, structure)
+  traced = jax.make_jaxpr(train_step.jitted, static_argnums=5)(
+      carry, fixed, batch, data, metrics, structure
+  )
   assert len(traced.out_avals) == len(carry) + 1
-  before = {pytree.path_str(p): x
-            for p, x in jax.tree_util.tree_flatten_with_path(state.variables)[0]}
+  before = {
+      pytree.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(state.variables)[0]
+  }
   after, _ = train_step(state, batch)
   for path, x in jax.tree_util.tree_flatten_with_path(after.variables)[0]:
     name = pytree.path_str(path)
@@ -141,8 +198,9 @@ def resnet50_costs():
   """The four modes of ResNet50 at 224 px, batch 8, float32, compiled once on one device
   (the conftest's 8 virtual devices would give each device one image, where the
   optimizer's per-step FLOPs no longer vanish next to the per-image ones)."""
-  records = benchmark.cost_records('resnet50', list(benchmark.MODES), 8, 224, 'float32',
-                                   devices=jax.devices()[:1])
+  records = benchmark.cost_records(
+      'resnet50', list(benchmark.MODES), 8, 224, 'float32', devices=jax.devices()[:1]
+  )
   return {r['mode']: r for r in records}
 
 
@@ -204,17 +262,24 @@ def test_conv5_mode_differentiates_only_the_conv5_stage(resnet50_costs):
 def test_max_batch_fits_and_freezing_buys_batch():
   budget_gib = 0.05
   one = jax.devices()[:1]
-  records = {r['mode']: r for r in benchmark.cost_records(
-      'resnet_tiny', ['head', 'full'], 8, 16, 'float32', max_batch_gib=budget_gib,
-      devices=one)}
+  records = {
+      r['mode']: r
+      for r in benchmark.cost_records(
+          'resnet_tiny', ['head', 'full'], 8, 16, 'float32', max_batch_gib=budget_gib, devices=one
+      )
+  }
   head, full = records['head']['max_batch'], records['full']['max_batch']
   assert head >= full > 8
   built = benchmark.build_step('resnet_tiny', 'full', 8, 16, 'float32', devices=one)
 
   def needs(batch):  # what XLA says the step needs, recomputed here independently
     m = built.compile(batch).memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes -
-            m.alias_size_in_bytes)
+    return (
+        m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        + m.temp_size_in_bytes
+        - m.alias_size_in_bytes
+    )
 
   budget = budget_gib * 2**30
   assert needs(full) <= budget < needs(full + 1)
@@ -240,12 +305,35 @@ _RUN_BLOCKED = textwrap.dedent(f"""
 
 
 def test_cost_and_max_batch_run_without_tensorflow_sklearn_pil_or_matplotlib(tmp_path):
-  env = helpers.program_env(cache=tmp_path / 'cache', JAX_PLATFORMS='cpu',
-                            HOME=str(tmp_path / 'home'), XDG_CACHE_HOME=str(tmp_path / 'xdg'))
+  env = helpers.program_env(
+      cache=tmp_path / 'cache',
+      JAX_PLATFORMS='cpu',
+      HOME=str(tmp_path / 'home'),
+      XDG_CACHE_HOME=str(tmp_path / 'xdg'),
+  )
   result = subprocess.run(
-      [sys.executable, '-c', _RUN_BLOCKED, '--cost', '--backbone', 'resnet_tiny', '--image',
-       '16', '--batch', '8', '--max-batch', '0.05', '--modes', 'head'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+      [
+          sys.executable,
+          '-c',
+          _RUN_BLOCKED,
+          '--cost',
+          '--backbone',
+          'resnet_tiny',
+          '--image',
+          '16',
+          '--batch',
+          '8',
+          '--max-batch',
+          '0.05',
+          '--modes',
+          'head',
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith('{')]
   assert [r['mode'] for r in records] == ['head']
@@ -258,6 +346,7 @@ def test_cost_and_max_batch_run_without_tensorflow_sklearn_pil_or_matplotlib(tmp
 def test_a_failed_backend_check_exits_with_its_message(monkeypatch, capsys, error):
   from fineflax import errors  # pylint: disable=g-import-not-at-top
   from fineflax.distributed import runtime
+
   kind = getattr(errors, error, None) or getattr(runtime, error)
 
   def check_backend():
@@ -267,5 +356,4 @@ def test_a_failed_backend_check_exits_with_its_message(monkeypatch, capsys, erro
   with pytest.raises(SystemExit) as exit_info:
     benchmark.main(['--cost', '--backbone', 'resnet_tiny'])
   assert exit_info.value.code == 2
-  assert capsys.readouterr().err.endswith(
-      'error: this machine has a GPU but JAX runs on the CPU\n')
+  assert capsys.readouterr().err.endswith('error: this machine has a GPU but JAX runs on the CPU\n')

@@ -13,11 +13,24 @@ def test_the_streaming_path_is_timed_over_every_image_it_delivers(monkeypatch, c
   """16 images in batches of 4 are 4 batches an epoch: 1 warm-up and 5 timed batches run
   into the second epoch, and all 20 timed images count (a short batch would not give 20;
   the script stops on an epoch that ends with fewer than its 4 batches)."""
-  monkeypatch.setattr(benchmark_input, 'missing',
-                      lambda p: 'torch' if p == 'torch' else None)
-  records = benchmark_input.main(['--make', '16', '--workers', '0', '--batch', '4',
-                                  '--batches', '5', '--warmup', '1',
-                                  '--only', 'fineflax,torch', '--markdown'])
+  monkeypatch.setattr(benchmark_input, 'missing', lambda p: 'torch' if p == 'torch' else None)
+  records = benchmark_input.main(
+      [
+          '--make',
+          '16',
+          '--workers',
+          '0',
+          '--batch',
+          '4',
+          '--batches',
+          '5',
+          '--warmup',
+          '1',
+          '--only',
+          'fineflax,torch',
+          '--markdown',
+      ]
+  )
   ours, peer = records
   assert (ours['pipeline'], ours['workers'], ours['batch']) == ('fineflax', 0, 4)
   assert ours['images'] == 5 * 4

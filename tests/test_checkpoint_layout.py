@@ -31,6 +31,7 @@ RECIPE_HEADING = '## Restore with plain Orbax (no fineflax import)'
 
 # --- reading the page ---------------------------------------------------------------
 
+
 def section(heading: str) -> str:
   """The text under `heading` (a whole line of the page) up to the next heading of the
   same or a higher level, code blocks skipped over."""
@@ -38,7 +39,7 @@ def section(heading: str) -> str:
   assert heading in lines, f'{DOC} has no heading {heading!r}'
   level = len(heading.split()[0])
   out, in_code = [], False
-  for line in lines[lines.index(heading) + 1:]:
+  for line in lines[lines.index(heading) + 1 :]:
     in_code ^= line.startswith('```')
     if not in_code and re.match(r'#{1,%d} ' % level, line):
       break
@@ -67,8 +68,10 @@ def table_keys(text: str) -> list[list[str]]:
 
 def flat(tree) -> dict[str, np.ndarray]:
   """{'params/backbone/conv1_conv/kernel': host array} (dict keys only)."""
-  return {'/'.join(str(k.key) for k in path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      '/'.join(str(k.key) for k in path): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def assert_same_arrays(got: dict, expected: dict) -> None:
@@ -103,6 +106,7 @@ def export_script():
 
 # --- the layout -------------------------------------------------------------------
 
+
 def test_documented_keys_are_those_of_a_real_checkpoint(demo_run):
   ckpt = Path(demo_run) / 'checkpoints'
   latest, best = ckpt / 'latest' / str(steps(ckpt / 'latest')[-1]), ckpt / 'best'
@@ -124,9 +128,10 @@ def test_tree_excerpt_is_a_real_tree(demo_run):
   and dtype, and the counts quoted above it are right."""
   latest = Path(demo_run) / 'checkpoints' / 'latest'
   tree = saved_tree(latest / str(steps(latest)[-1]))
-  leaves = {path_str(p): None if v is None else (str(tuple(v.shape)), str(v.dtype))
-            for p, v in jax.tree_util.tree_flatten_with_path(
-                tree, is_leaf=lambda x: x is None)[0]}
+  leaves = {
+      path_str(p): None if v is None else (str(tuple(v.shape)), str(v.dtype))
+      for p, v in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  }
   text = section('### `state`: the train state')
   (excerpt,) = code_blocks(text, 'text')
   lines = [line for line in excerpt.splitlines() if line != '...']
@@ -138,17 +143,27 @@ def test_tree_excerpt_is_a_real_tree(demo_run):
     assert path in leaves, path
     assert leaves[path] == want, (line, leaves[path])
   arrays = {k for k, v in leaves.items() if v is not None}
-  counts = re.search(r'It holds (\d+) arrays: (\d+) in params, (\d+) in batch_stats, (\d+) in\s+'
-                     r'opt_state, and the step', text)
+  counts = re.search(
+      r'It holds (\d+) arrays: (\d+) in params, (\d+) in batch_stats, (\d+) in\s+'
+      r'opt_state, and the step',
+      text,
+  )
   assert counts, 'the counts sentence'
   group = lambda g: sum(k.split('/')[0] == g for k in arrays)
   assert [int(n) for n in counts.groups()] == [
-      len(arrays), group('params'), group('batch_stats'), group('opt_state')]
+      len(arrays),
+      group('params'),
+      group('batch_stats'),
+      group('opt_state'),
+  ]
 
 
 def test_backbone_example_keys_exist():
-  rows = [line for line in section('## Parameter names').splitlines()
-          if re.match(r'\| `\w+` \| `(params|batch_stats)/', line)]
+  rows = [
+      line
+      for line in section('## Parameter names').splitlines()
+      if re.match(r'\| `\w+` \| `(params|batch_stats)/', line)
+  ]
   assert len(rows) == 4
   for row in rows:
     backbone, keys = row.split('|')[1:3]
@@ -157,8 +172,9 @@ def test_backbone_example_keys_exist():
     model_config.backbone = backbone
     model = models.build_model(model_config, 10)
     size = models.BACKBONES[backbone].input_size
-    tree = jax.eval_shape(model.init, jax.random.key(0),
-                          jax.ShapeDtypeStruct((1, size, size, 3), np.uint8))
+    tree = jax.eval_shape(
+        model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 3), np.uint8)
+    )
     paths = {path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
     for key in re.findall(r'`([^`]+)`', keys):
       assert key in paths, (backbone, key)
@@ -168,7 +184,7 @@ def test_backbone_example_keys_exist():
 
 # Runs the page's recipe once per job in a process where importing fineflax raises, saves
 # what it restored, and tries Orbax's restore without restore_args on the last job.
-HARNESS = r'''
+HARNESS = r"""
 import importlib.abc, json, os, sys
 
 class NoFineflax(importlib.abc.MetaPathFinder):
@@ -204,7 +220,7 @@ except ValueError as e:
   print('PLAIN RESTORE FAILED:', str(e).splitlines()[0])
 assert not [m for m in sys.modules if m.split('.')[0] == 'fineflax']
 print('devices', len(jax.devices()))
-'''
+"""
 
 
 def moved_run(demo_run: Path, best_dir: Path, folder: Path) -> Path:
@@ -212,10 +228,14 @@ def moved_run(demo_run: Path, best_dir: Path, folder: Path) -> Path:
   (restored as NumPy, as the page says) replicated on the upper half of this process's
   devices and saved by fineflax; returns the step folder."""
   tree = saved_tree(best_dir)
-  everything = ocp.PyTreeCheckpointer().restore(best_dir / 'state', args=ocp.args.PyTreeRestore(
-      item=tree, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                           tree)))
-  devices = jax.devices()[len(jax.devices()) // 2:]
+  everything = ocp.PyTreeCheckpointer().restore(
+      best_dir / 'state',
+      args=ocp.args.PyTreeRestore(
+          item=tree,
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree),
+      ),
+  )
+  devices = jax.devices()[len(jax.devices()) // 2 :]
   assert devices[0].id > 0, 'needs several devices (tests/conftest.py makes 8)'
   mesh = jax.sharding.Mesh(np.array(devices), ('batch',))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -241,20 +261,33 @@ def test_plain_orbax_recipe_restores_without_fineflax(demo_run, best_run, tmp_pa
   (tmp_path / 'moved' / 'runs' / 'demo').mkdir(parents=True)
   moved = moved_run(demo_run, best_run.checkpoint_dir, tmp_path / 'moved' / 'runs' / 'demo')
   assert moved.name == step
-  jobs = [[code, str(tmp_path / f'{name}.npz'), str(tmp_path / name)]
-          for name in ('as_trained', 'moved')]
+  jobs = [
+      [code, str(tmp_path / f'{name}.npz'), str(tmp_path / name)]
+      for name in ('as_trained', 'moved')
+  ]
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
   env['JAX_PLATFORMS'] = 'cpu'  # one CPU device, id 0: not those `moved` was saved on
-  done = subprocess.run([sys.executable, '-c', HARNESS, json.dumps(jobs)], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=180)
+  done = subprocess.run(
+      [sys.executable, '-c', HARNESS, json.dumps(jobs)],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=180,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   phase = best_run.meta['phase']
-  assert done.stdout.count(f"step {best_run.step} (phase {phase!r}): resnet_tiny, 70 "
-                           'parameter arrays, 10 classes') == 2, done.stdout
+  assert (
+      done.stdout.count(
+          f'step {best_run.step} (phase {phase!r}): resnet_tiny, 70 ' 'parameter arrays, 10 classes'
+      )
+      == 2
+  ), done.stdout
   assert 'devices 1' in done.stdout
   # What the page says of a restore without restore_args on a machine without those devices.
-  assert 'PLAIN RESTORE FAILED: sharding passed to deserialization should be specified' \
-      in done.stdout, done.stdout
+  assert (
+      'PLAIN RESTORE FAILED: sharding passed to deserialization should be specified' in done.stdout
+  ), done.stdout
   expected = flat(best_run.variables)
   assert len(expected) == 104
   for name in ('as_trained', 'moved'):
@@ -264,17 +297,30 @@ def test_plain_orbax_recipe_restores_without_fineflax(demo_run, best_run, tmp_pa
 
 # --- scripts/export.py ------------------------------------------------------------------
 
-def test_export_npz_and_safetensors(demo_run, best_run, export_script, tmp_path, monkeypatch,
-                                    capsys):
+
+def test_export_npz_and_safetensors(
+    demo_run, best_run, export_script, tmp_path, monkeypatch, capsys
+):
   demo_run = Path(demo_run)
-  assert export_script.main(['--workdir', str(demo_run), '--out',
-                             str(tmp_path / 'demo.npz')]) == 0
+  assert export_script.main(['--workdir', str(demo_run), '--out', str(tmp_path / 'demo.npz')]) == 0
   assert 'wrote' in capsys.readouterr().out
   # The command line itself, once, as the page shows it.
   env = helpers.program_env()
-  done = subprocess.run([sys.executable, 'scripts/export.py', '--workdir', str(demo_run),
-                         '--out', str(tmp_path / 'demo.safetensors')], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=180)
+  done = subprocess.run(
+      [
+          sys.executable,
+          'scripts/export.py',
+          '--workdir',
+          str(demo_run),
+          '--out',
+          str(tmp_path / 'demo.safetensors'),
+      ],
+      cwd=ROOT,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=180,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert f'(step {best_run.step}, best)' in done.stdout
   assert sorted(p.name for p in tmp_path.iterdir()) == ['demo.npz', 'demo.safetensors']
@@ -301,8 +347,12 @@ def test_export_npz_and_safetensors(demo_run, best_run, export_script, tmp_path,
 def test_export_of_a_step(demo_run, export_script, tmp_path):
   out = tmp_path / 'first.npz'
   first = steps(Path(demo_run) / 'checkpoints' / 'latest')[0]
-  assert export_script.main(['--workdir', str(demo_run), '--checkpoint', str(first),
-                             '--out', str(out)]) == 0
+  assert (
+      export_script.main(
+          ['--workdir', str(demo_run), '--checkpoint', str(first), '--out', str(out)]
+      )
+      == 0
+  )
   with np.load(out) as f:
     arrays = {k: f[k] for k in f.files if k != export_script.NPZ_METADATA_KEY}
     info = json.loads(f[export_script.NPZ_METADATA_KEY].item())
@@ -312,8 +362,7 @@ def test_export_of_a_step(demo_run, export_script, tmp_path):
 
 def test_export_errors(demo_run, export_script, tmp_path, capsys):
   def run(*args: str) -> str:
-    assert export_script.main(['--workdir', str(args[0]), '--out', str(args[1]),
-                               *args[2:]]) == 1
+    assert export_script.main(['--workdir', str(args[0]), '--out', str(args[1]), *args[2:]]) == 1
     err = capsys.readouterr().err
     assert err.startswith('error: ') and 'Traceback' not in err and err.count('\n') == 1
     return err
@@ -327,10 +376,12 @@ def test_export_errors(demo_run, export_script, tmp_path, capsys):
   assert 'is not a fineflax run' in run(tmp_path / 'not_a_run', tmp_path / 'x.npz')
   assert 'no such run directory' in run(tmp_path / 'missing', tmp_path / 'x.npz')
   assert 'has no step 99 (no folder latest/99 or best/99); its steps: best/ ' in run(
-      demo_run, tmp_path / 'x.npz', '--checkpoint', '99')
+      demo_run, tmp_path / 'x.npz', '--checkpoint', '99'
+  )
   assert sorted(p.name for p in tmp_path.iterdir()) == ['not_a_run', 'old.npz']
   # --overwrite replaces it.
-  assert export_script.main(['--workdir', str(demo_run), '--out', str(existing),
-                             '--overwrite']) == 0
+  assert (
+      export_script.main(['--workdir', str(demo_run), '--out', str(existing), '--overwrite']) == 0
+  )
   with np.load(existing) as f:
     assert 'params/head/dense/kernel' in f.files

@@ -35,10 +35,13 @@ def test_round_trip(tmp_path, states):
   ckpts.close()
 
 
-@pytest.mark.parametrize('saved, target, message', [
-    ('conv5', 'all', 'leaves missing from the checkpoint'),
-    ('all', 'conv5', "leaves in the checkpoint but not in this config's state"),
-])
+@pytest.mark.parametrize(
+    'saved, target, message',
+    [
+        ('conv5', 'all', 'leaves missing from the checkpoint'),
+        ('all', 'conv5', "leaves in the checkpoint but not in this config's state"),
+    ],
+)
 def test_another_tree_is_refused(tmp_path, states, saved, target, message):
   ckpts = checkpoints.Checkpoints(tmp_path)
   ckpts.save(states[saved], {'step': 7})
@@ -102,15 +105,22 @@ def test_leaves_of_another_shape_are_refused(tmp_path, states):
   ckpts.close()
   kernel = state.params['head']['dense']['kernel']
   wider = jax.tree_util.tree_map_with_path(
-      lambda path, x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype)
-      if x is kernel else x, state)
+      lambda path, x: np.zeros(x.shape[:-1] + (x.shape[-1] + 1,), x.dtype) if x is kernel else x,
+      state,
+  )
   halved = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16) if x is kernel else x, state)
-  for target, what in ((wider, 'params/head/dense/kernel: saved ((512, 10), '),
-                       (halved, "params/head/dense/kernel: saved ((512, 10), 'float32'), "
-                                "expected ((512, 10), 'bfloat16')")):
+  for target, what in (
+      (wider, 'params/head/dense/kernel: saved ((512, 10), '),
+      (
+          halved,
+          "params/head/dense/kernel: saved ((512, 10), 'float32'), "
+          "expected ((512, 10), 'bfloat16')",
+      ),
+  ):
     ckpts = checkpoints.Checkpoints(tmp_path)
-    with pytest.raises(checkpoints.CheckpointMismatchError,
-                       match='leaves of another shape or dtype') as error:
+    with pytest.raises(
+        checkpoints.CheckpointMismatchError, match='leaves of another shape or dtype'
+    ) as error:
       ckpts.restore(3, target)
     assert what in str(error.value), str(error.value)
     ckpts.close()

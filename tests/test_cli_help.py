@@ -20,8 +20,9 @@ pytestmark = pytest.mark.slow  # starts eight programs
 
 def _help(command: list[str]) -> str:
   env = helpers.program_env()
-  done = subprocess.run([*command, '--help'], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=120)
+  done = subprocess.run(
+      [*command, '--help'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+  )
   assert done.returncode == 1, done.stderr[-2000:]  # absl ends --help with exit status 1
   assert 'Traceback' not in done.stderr, done.stderr[-2000:]
   return done.stdout
@@ -33,9 +34,10 @@ def test_both_ways_of_starting_a_program_print_the_same_help(name):
   assert script.is_file(), f'{script}: the console scripts come with `pip install -e .`'
   usage = importlib.import_module(f'fineflax.cli.{name}').__doc__
   shown = {}
-  for program, command in ((f'python -m fineflax.{name}', [sys.executable, '-m',
-                                                           f'fineflax.{name}']),
-                           (f'fineflax-{name}', [str(script)])):
+  for program, command in (
+      (f'python -m fineflax.{name}', [sys.executable, '-m', f'fineflax.{name}']),
+      (f'fineflax-{name}', [str(script)]),
+  ):
     text = _help(command)
     assert text.startswith(usage + '\nflags:\n\n' + program + ':\n  --'), (program, text[:3000])
     assert '__main__' not in text and '/fineflax/' not in text, (program, text)

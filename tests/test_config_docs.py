@@ -32,8 +32,9 @@ def _load(*argv: str) -> ml_collections.ConfigDict:
   argv = ['prog', *argv]
   config_lib.check_override_flags(argv[1:])
   values = flags.FlagValues()  # not absl's global FLAGS: every call defines --config anew
-  holder = config_flags.DEFINE_config_file('config', None, 'config file', flag_values=values,
-                                           sys_argv=argv)
+  holder = config_flags.DEFINE_config_file(
+      'config', None, 'config file', flag_values=values, sys_argv=argv
+  )
   values(argv)
   return holder.value
 
@@ -64,8 +65,9 @@ def _python_examples(text):
 
 
 def test_generated_part_is_current():
-  assert config_docs.generated() in _doc(), (
-      'docs/configs.md is stale: run python scripts/config_docs.py --write')
+  assert (
+      config_docs.generated() in _doc()
+  ), 'docs/configs.md is stale: run python scripts/config_docs.py --write'
 
 
 def test_write_replaces_only_the_generated_part(tmp_path):
@@ -83,7 +85,8 @@ def test_documented_keys_are_the_config_keys():
   defaults |= {'phases[i].' + k for k in _keys(config_lib.phase())}
   assert set(documented) == defaults
   assert {k for k in _keys(config_lib.default_config().phases[0])} == {
-      k[len('phases[i].'):] for k in documented if k.startswith('phases[i].')}
+      k[len('phases[i].') :] for k in documented if k.startswith('phases[i].')
+  }
 
 
 def test_documented_defaults_are_the_defaults():
@@ -163,23 +166,31 @@ def test_extending_a_config_as_the_doc_shows(tmp_path):
   assert wide.phases[0] == base.phases[0] and wide.model.backbone == base.model.backbone
   smoke = config_lib.validate(_load(f'--config={path}:smoke'))
   assert [p.epochs for p in smoke.phases] == [1, 1, 1] and smoke.model.head.hidden == (64,)
-  over = _load(f'--config={path}:smoke', '--config.phases[1].learning_rate=1e-5',
-               '--config.batch_size=8')
+  over = _load(
+      f'--config={path}:smoke', '--config.phases[1].learning_rate=1e-5', '--config.batch_size=8'
+  )
   assert over.phases[1].learning_rate == 1e-5 and over.batch_size == 8
 
 
 def test_overrides_work_as_the_doc_says():
   doc = ' '.join(_doc().split())
-  config = _load(f'--config={DEMO}', '--config.model.head.dropout=0.3',
-                 '--config.phases[0].early_stopping.patience=5', '--config.model.num_classes=3',
-                 '--config.phases[0].weight_decay=0.1', '--noconfig.report.plot',
-                 '--config.model.head.hidden=256', '--config.data.val_split=None')
+  config = _load(
+      f'--config={DEMO}',
+      '--config.model.head.dropout=0.3',
+      '--config.phases[0].early_stopping.patience=5',
+      '--config.model.num_classes=3',
+      '--config.phases[0].weight_decay=0.1',
+      '--noconfig.report.plot',
+      '--config.model.head.hidden=256',
+      '--config.data.val_split=None',
+  )
   assert config.model.head.dropout == 0.3 and config.phases[0].early_stopping.patience == 5
   assert config.model.num_classes == 3 and config.phases[0].weight_decay == 0.1
   assert config.report.plot is False and config.model.head.hidden == (256,)
   assert config.data.val_split == 'None'  # the text, not None: as the doc warns
-  assert _load(f'--config={DEMO}', "--config.model.head.hidden=(256, 128)",
-               '--config.report.plot=false').model.head.hidden == (256, 128)
+  assert _load(
+      f'--config={DEMO}', '--config.model.head.hidden=(256, 128)', '--config.report.plot=false'
+  ).model.head.hidden == (256, 128)
   with pytest.raises(flags.IllegalFlagValueError) as error:
     _load(f'--config={DEMO}', '--config.batch_size=abc')
   assert f'FATAL Flags parsing error: {error.value}' in doc
@@ -188,9 +199,13 @@ def test_overrides_work_as_the_doc_says():
   assert f'{type(error.value).__name__}: {error.value}' in doc
   with pytest.raises(ConfigError, match='unknown config key config.phases'):
     _load(f'--config={DEMO}', '--config.phases=()')
-  with pytest.raises(Exception, match=re.escape(  # noqa: B017 (ml_collections' own error)
-      "Type <class 'NoneType'> of field config.loss.class_weight is not supported for "
-      'overriding')):
+  with pytest.raises(
+      Exception,
+      match=re.escape(  # noqa: B017 (ml_collections' own error)
+          "Type <class 'NoneType'> of field config.loss.class_weight is not supported for "
+          'overriding'
+      ),
+  ):
     _load(f'--config={DEMO}', '--config.loss.class_weight=balanced')
 
 
@@ -200,12 +215,14 @@ def test_wrong_type_in_a_config_file_fails_as_the_doc_says(tmp_path):
       'def get_config(arg=None):\n'
       '  config = ffc.default_config()\n'
       "  config.batch_size = '64'\n"
-      '  return ffc.finish(config, arg)\n')
+      '  return ffc.finish(config, arg)\n'
+  )
   with pytest.raises(flags.IllegalFlagValueError) as error:
     _load(f'--config={tmp_path / "bad.py"}')
   message = str(error.value)
-  assert message.startswith(f'flag --config={tmp_path / "bad.py"}: Error whilst parsing config '
-                            'file:')
+  assert message.startswith(
+      f'flag --config={tmp_path / "bad.py"}: Error whilst parsing config ' 'file:'
+  )
   assert "TypeError: Could not override field 'batch_size'" in message
   with pytest.raises(flags.IllegalFlagValueError, match="config argument 'fast'"):
     _load(f'--config={DEMO}:fast')
@@ -221,6 +238,7 @@ def test_smoke_and_overrides_order():
 def test_the_one_line_errors_of_the_command_line_are_the_doc_s():
   # tests/test_bad_input.py runs the tools and checks that these are what they print.
   from tests.test_bad_input import ONE_LINE_ERRORS  # pylint: disable=g-import-not-at-top
+
   doc = ' '.join(_doc().split())
   for _, message in ONE_LINE_ERRORS:
     assert message in doc, message

@@ -25,7 +25,8 @@ def _config(name, arg=None):
 def test_config_validates_as_written_and_as_smoke(name):
   full, smoke = config_lib.validate(_config(name)), config_lib.validate(_config(name, 'smoke'))
   assert [(p.name, p.freeze, p.batchnorm) for p in smoke.phases] == [
-      (p.name, p.freeze, p.batchnorm) for p in full.phases]
+      (p.name, p.freeze, p.batchnorm) for p in full.phases
+  ]
   assert smoke.model.backbone == full.model.backbone
   assert smoke.model.head == full.model.head and smoke.model.weights == full.model.weights
   assert smoke.data.max_examples == 32 and smoke.model.image_size <= 32
@@ -38,7 +39,8 @@ def photos(tmp_path):
     (tmp_path / cls).mkdir()
     for i in range(20):
       Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)).save(
-          tmp_path / cls / f'{i}.jpg')
+          tmp_path / cls / f'{i}.jpg'
+      )
   return tmp_path
 
 
@@ -52,17 +54,20 @@ def test_folder_config_counts_equal_seed000_keras(photos):
 def test_cifar10_config_counts_equal_seed004_keras():
   counts = [summary.summarize_config(_config('cifar10'), phase=i)[0] for i in (0, 1)]
   assert [(c.trainable, c.non_trainable) for c in counts] == [
-      (20_490, 23_587_712), (14_996_490, 8_611_712)]
+      (20_490, 23_587_712),
+      (14_996_490, 8_611_712),
+  ]
 
 
 def test_cats_vs_dogs_config_counts_equal_keras(keras):
   base = keras.applications.Xception(include_top=False, weights=None, input_shape=(150, 150, 3))
   count = lambda ws: sum(int(np.prod(w.shape)) for w in ws)
-  frozen, finetune = [summary.summarize_config(_config('cats_vs_dogs'), phase=i)[0]
-                      for i in (0, 1)]
+  frozen, finetune = [summary.summarize_config(_config('cats_vs_dogs'), phase=i)[0] for i in (0, 1)]
   assert (frozen.trainable, frozen.non_trainable) == (2049, base.count_params())
   assert (finetune.trainable, finetune.non_trainable) == (
-      count(base.trainable_weights) + 2049, count(base.non_trainable_weights))
+      count(base.trainable_weights) + 2049,
+      count(base.non_trainable_weights),
+  )
 
 
 @pytest.fixture
@@ -74,7 +79,8 @@ def cats_vs_dogs_small(tmp_path):
       (tmp_path / 'data' / split / cls).mkdir(parents=True)
       for i in range(6):
         Image.fromarray(rng.integers(0, 256, (40, 44, 3), dtype=np.uint8)).save(
-            tmp_path / 'data' / split / cls / f'{cls}.{i}.jpg')
+            tmp_path / 'data' / split / cls / f'{cls}.{i}.jpg'
+        )
   return tmp_path / 'data'
 
 
@@ -90,7 +96,9 @@ def test_vgg16_features_config_counts_equal_seed002_keras(keras, cats_vs_dogs_sm
   assert (features.trainable, features.non_trainable) == (head, base.count_params())
   assert augmented == features
   assert (block5.trainable, block5.non_trainable) == (
-      count(base.trainable_weights) + head, count(base.non_trainable_weights))
+      count(base.trainable_weights) + head,
+      count(base.non_trainable_weights),
+  )
 
 
 def test_vgg16_features_workflow_smoke_run(cats_vs_dogs_small, tmp_path, caplog):
@@ -101,14 +109,18 @@ def test_vgg16_features_workflow_smoke_run(cats_vs_dogs_small, tmp_path, caplog)
     results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
   assert results['test_examples'] == 12 and results['step'] == 3
   assert '[features] trains the head on cached features' in caplog.text
-  assert '[augmented] trains on the images (no cached features: the training images are ' \
+  assert (
+      '[augmented] trains on the images (no cached features: the training images are '
       'augmented)' in caplog.text
+  )
 
 
-@pytest.mark.parametrize('name', ['cifar10', 'cats_vs_dogs', 'cifar10_32px',
-                                  'cifar10_discriminative'])
+@pytest.mark.parametrize(
+    'name', ['cifar10', 'cats_vs_dogs', 'cifar10_32px', 'cifar10_discriminative']
+)
 def test_tfds_workflow_smoke_run(name, tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   cfg = _config(name, 'smoke')
   cfg.model.weights = None  # no ImageNet file here; loading is tested in test_weights.py
   with tfds.testing.mock_data(num_examples=32):

@@ -51,8 +51,7 @@ def photo_folder(tmp_path):
 
 
 def test_folder_source(photo_folder, caplog):
-  cfg = _data_config(f'folder:{photo_folder}', load_size=16, validation_split=0.25,
-                     test_split=None)
+  cfg = _data_config(f'folder:{photo_folder}', load_size=16, validation_split=0.25, test_split=None)
   info = data.dataset_info(cfg)
   assert info.class_names == ('damaged', 'undamaged') and info.image_shape == (16, 16, 3)
   with caplog.at_level('INFO', logger='fineflax.data'):
@@ -69,30 +68,41 @@ def test_folder_source(photo_folder, caplog):
   assert "split 'train'" in caplog.text and 'damaged: ' in caplog.text
   again = data.load_dataset(cfg).splits['validation']
   np.testing.assert_array_equal(again.images, val.images)  # the carve is reproducible
-  other = data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=16,
-                                         validation_split=0.25, split_seed=7,
-                                         test_split=None)).splits['validation']
+  other = data.load_dataset(
+      _data_config(
+          f'folder:{photo_folder}',
+          load_size=16,
+          validation_split=0.25,
+          split_seed=7,
+          test_split=None,
+      )
+  ).splits['validation']
   assert not np.array_equal(other.labels, val.labels) or not np.array_equal(
-      other.images, val.images)
+      other.images, val.images
+  )
 
 
 def test_folder_errors(photo_folder, tmp_path):
   # Data that cannot be used as it is: DataError; a config key naming what is absent:
   # ConfigError.
   with pytest.raises(DataError, match='images of several sizes'):
-    data.load_dataset(_data_config(f'folder:{photo_folder}', test_split=None,
-                                   val_split=None))
-  with pytest.raises(ConfigError, match="config.data.val_split='validation': .* has no folder "
-                     "'validation' and config.data.validation_split is 0"):
+    data.load_dataset(_data_config(f'folder:{photo_folder}', test_split=None, val_split=None))
+  with pytest.raises(
+      ConfigError,
+      match="config.data.val_split='validation': .* has no folder "
+      "'validation' and config.data.validation_split is 0",
+  ):
     data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8))
   # A test folder is used when there is one: without, the dataset says it is absent.
-  carved = data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8,
-                                          validation_split=0.2))
+  carved = data.load_dataset(
+      _data_config(f'folder:{photo_folder}', load_size=8, validation_split=0.2)
+  )
   assert sorted(carved.splits) == ['train', 'validation'] and carved.absent == ('test',)
   (photo_folder / 'empty').mkdir()
   with pytest.raises(DataError, match=f'class folder {photo_folder / "empty"} has no image'):
-    data.load_dataset(_data_config(f'folder:{photo_folder}', load_size=8, test_split=None,
-                                   val_split=None))
+    data.load_dataset(
+        _data_config(f'folder:{photo_folder}', load_size=8, test_split=None, val_split=None)
+    )
   (tmp_path / 'nothing').mkdir()
   with pytest.raises(DataError, match='has no class folders'):
     data.dataset_info(_data_config(f'folder:{tmp_path / "nothing"}'))
@@ -103,7 +113,8 @@ def test_folder_per_split_layout(tmp_path):
     for cls in ('cat', 'dog'):
       (tmp_path / split / cls).mkdir(parents=True)
       Image.new('RGB', (8, 8), 'red' if cls == 'cat' else 'blue').save(
-          tmp_path / split / cls / 'a.png')
+          tmp_path / split / cls / 'a.png'
+      )
   dataset = data.load_dataset(_data_config(f'folder:{tmp_path}'))
   assert set(dataset.splits) == {'train', 'validation', 'test'}
   assert list(dataset.splits['test'].labels) == [0, 1]
@@ -112,9 +123,11 @@ def test_folder_per_split_layout(tmp_path):
 
 def test_tfds_cifar10_and_cats_vs_dogs_through_mock_data():
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   with tfds.testing.mock_data(num_examples=12):
-    cfg = _data_config('tfds:cifar10', train_split='train[:40%]', val_split='train[40%:50%]',
-                       test_split='test')
+    cfg = _data_config(
+        'tfds:cifar10', train_split='train[:40%]', val_split='train[40%:50%]', test_split='test'
+    )
     dataset = data.load_dataset(cfg)
     assert dataset.info.num_classes == 10
     for split in dataset.splits.values():
@@ -122,8 +135,13 @@ def test_tfds_cifar10_and_cats_vs_dogs_through_mock_data():
       assert split.labels.dtype == np.int32 and split.labels.max() < 10
     with pytest.raises(ConfigError, match='its images vary in size; set config.data.load_size'):
       data.dataset_info(_data_config('tfds:cats_vs_dogs'))
-    cfg = _data_config('tfds:cats_vs_dogs', load_size=20, train_split='train[:40%]',
-                       val_split='train[40%:50%]', test_split='train[50%:60%]')
+    cfg = _data_config(
+        'tfds:cats_vs_dogs',
+        load_size=20,
+        train_split='train[:40%]',
+        val_split='train[40%:50%]',
+        test_split='train[50%:60%]',
+    )
     dataset = data.load_dataset(cfg)
     assert dataset.info.class_names == ('cat', 'dog')
     assert dataset.splits['train[50%:60%]'].images.shape == (12, 20, 20, 3)
@@ -145,15 +163,18 @@ def _probe(monkeypatch, answer):
 def test_unprepared_tfds_dataset_offline_fails_naming_the_files(tmp_path, monkeypatch):
   """Whether this machine has network or not: the probe says the host is unreachable."""
   asked = _probe(monkeypatch, 'www.cs.toronto.edu: [Errno 101] Network is unreachable')
-  cfg = _data_config('tfds:cifar10', data_dir=str(tmp_path / 'tfds'),
-                     manual_dir=str(tmp_path / 'manual'))
+  cfg = _data_config(
+      'tfds:cifar10', data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'manual')
+  )
   with pytest.raises(DataError) as error:
     data.load_dataset(cfg)
   url = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
   assert asked == [url]
   message = str(error.value)
-  assert f"config.data.source='tfds:cifar10': the dataset is not prepared in {tmp_path / 'tfds'}" \
+  assert (
+      f"config.data.source='tfds:cifar10': the dataset is not prepared in {tmp_path / 'tfds'}"
       in message
+  )
   assert '(no network: www.cs.toronto.edu: [Errno 101] Network is unreachable)' in message
   assert f'  cifar-10-binary.tar.gz  from {url}  (sha256 ' in message
   assert f'config.data.manual_dir (now {tmp_path / "manual"})' in message
@@ -162,7 +183,8 @@ def test_unprepared_tfds_dataset_offline_fails_naming_the_files(tmp_path, monkey
 
 @pytest.mark.parametrize('manual_dir', [None, 'empty'])
 def test_a_manual_tfds_dataset_needs_its_files_even_when_the_network_answers(
-    tmp_path, monkeypatch, manual_dir):
+    tmp_path, monkeypatch, manual_dir
+):
   """imagenet2012 cannot be downloaded by tfds (MANUAL_DOWNLOAD_INSTRUCTIONS): with the
   hosts reachable, and without its files in manual_dir (none set, or an empty folder), the
   error gives tfds' instructions and names the files, and no download starts."""
@@ -170,9 +192,14 @@ def test_a_manual_tfds_dataset_needs_its_files_even_when_the_network_answers(
   if manual_dir:
     manual_dir = tmp_path / manual_dir
     manual_dir.mkdir()
-  cfg = _data_config('tfds:imagenet2012', data_dir=str(tmp_path / 'tfds'), load_size=32,
-                     manual_dir=manual_dir and str(manual_dir), val_split='validation',
-                     test_split=None)
+  cfg = _data_config(
+      'tfds:imagenet2012',
+      data_dir=str(tmp_path / 'tfds'),
+      load_size=32,
+      manual_dir=manual_dir and str(manual_dir),
+      val_split='validation',
+      test_split=None,
+  )
   with pytest.raises(DataError) as error:
     data.load_dataset(cfg)
   message = str(error.value)

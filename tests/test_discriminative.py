@@ -52,20 +52,25 @@ def _model():
 
 
 def _groups(model, params, lr_groups=LR_GROUPS, layer_decay=DECAY, spec='none'):
-  return optimizers.param_groups(params, spec, model.backbone.layers, lr_groups, layer_decay,
-                                 model.layer_stages())
+  return optimizers.param_groups(
+      params, spec, model.backbone.layers, lr_groups, layer_decay, model.layer_stages()
+  )
 
 
 def _flat(tree, arrays=True):
-  return {path_str(p): np.asarray(x) if arrays else x
-          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      path_str(p): np.asarray(x) if arrays else x
+      for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def _batch(seed=0):
   rng = np.random.default_rng(seed)
-  return {'image': rng.integers(0, 256, (BATCH,) + IMAGE, dtype=np.uint8),
-          'label': rng.integers(0, 4, BATCH).astype(np.int32),
-          'weight': np.ones(BATCH, np.float32)}
+  return {
+      'image': rng.integers(0, 256, (BATCH,) + IMAGE, dtype=np.uint8),
+      'label': rng.integers(0, 4, BATCH).astype(np.int32),
+      'weight': np.ones(BATCH, np.float32),
+  }
 
 
 def test_groups_follow_stages_first_match_and_freeze():
@@ -74,19 +79,25 @@ def test_groups_follow_stages_first_match_and_freeze():
   mults = {**groups.multipliers, freeze.FROZEN: 0.0}
   got = {p: mults[g] for p, g in _flat(groups.groups, False).items()}
   assert got == {p: _expected_multiplier(p) for p in got}
-  assert sorted(groups.multipliers.values(), reverse=True) == [2.0] + [DECAY ** k
-                                                                      for k in range(1, 6)]
+  assert sorted(groups.multipliers.values(), reverse=True) == [2.0] + [
+      DECAY**k for k in range(1, 6)
+  ]
   # The freeze spec wins: conv5 frozen whatever its multiplier.
   frozen = _groups(model, variables['params'], spec='regex:^backbone/conv5_')
   assert all(g == freeze.FROZEN for p, g in _flat(frozen.groups, False).items() if '/conv5_' in p)
   assert DECAY not in frozen.multipliers.values()
   # The first matching pair wins; unmatched leaves (the head) train at 1.
-  first = _groups(model, variables['params'], layer_decay=None,
-                  lr_groups=(('regex:^backbone/conv5_block1_1_', 4.0), ('backbone', 0.25)))
+  first = _groups(
+      model,
+      variables['params'],
+      layer_decay=None,
+      lr_groups=(('regex:^backbone/conv5_block1_1_', 4.0), ('backbone', 0.25)),
+  )
   want = lambda p: 4.0 if '/conv5_block1_1_' in p else 0.25 if p.startswith('backbone/') else 1
   mults = first.multipliers
   assert {p: mults[g] for p, g in _flat(first.groups, False).items()} == {
-      p: want(p) for p in _flat(first.groups, False)}
+      p: want(p) for p in _flat(first.groups, False)
+  }
 
 
 def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
@@ -99,10 +110,15 @@ def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
   batch = _batch()
 
   def loss(params):
-    images = augmentation.prepare(jnp.asarray(batch['image']), None, Augment(),
-                                  model.image_size, train=True)
-    logits = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, images,
-                         train=True, example_keys=jax.random.split(jax.random.key(0), BATCH))
+    images = augmentation.prepare(
+        jnp.asarray(batch['image']), None, Augment(), model.image_size, train=True
+    )
+    logits = model.apply(
+        {'params': params, 'batch_stats': variables['batch_stats']},
+        images,
+        train=True,
+        example_keys=jax.random.split(jax.random.key(0), BATCH),
+    )
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
 
   grads = _flat(jax.grad(loss)(variables['params']))
@@ -125,8 +141,9 @@ def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
     if m == 0:
       assert after[path].tobytes() == p.tobytes(), path
     else:
-      np.testing.assert_allclose(after[path], p - np.float32(lr * m) * grads[path],
-                                 rtol=1e-5, atol=1e-7, err_msg=path)
+      np.testing.assert_allclose(
+          after[path], p - np.float32(lr * m) * grads[path], rtol=1e-5, atol=1e-7, err_msg=path
+      )
       assert not np.array_equal(after[path], p) or not grads[path].any(), path
 
 
@@ -166,13 +183,16 @@ def test_adam_groups_match_independent_adams_and_state_covers_nonzero_groups():
     mu = _flat(inner[label].inner_state[0].mu)
     assert set(mu) == {p for p, e in by_path.items() if e == m}, label
   # Adam's moments (beside scalar step counts) cover exactly the trainable leaves.
-  assert sum(x.size for x in jax.tree.leaves(inner) if x.ndim) == \
-      2 * sum(p.size for path, p in _flat(params).items() if by_path[path] != 0)
+  assert sum(x.size for x in jax.tree.leaves(inner) if x.ndim) == 2 * sum(
+      p.size for path, p in _flat(params).items() if by_path[path] != 0
+  )
 
-  references = {m: update_rules.keras_adam(lr * m, eps=update_rules.KERAS_EPSILON)
-                for m in set(by_path.values()) if m}
-  ref_params = {m: {p: x for p, x in _flat(params).items() if by_path[p] == m}
-                for m in references}
+  references = {
+      m: update_rules.keras_adam(lr * m, eps=update_rules.KERAS_EPSILON)
+      for m in set(by_path.values())
+      if m
+  }
+  ref_params = {m: {p: x for p, x in _flat(params).items() if by_path[p] == m} for m in references}
   ref_states = {m: references[m].init(ref_params[m]) for m in references}
   rng = np.random.default_rng(1)
   for _ in range(3):
@@ -181,8 +201,9 @@ def test_adam_groups_match_independent_adams_and_state_covers_nonzero_groups():
     view = optax.apply_updates(view, updates)
     flat_grads, flat_updates = _flat(grads), _flat(updates)
     for m, ref in references.items():
-      ref_updates, ref_states[m] = ref.update({p: flat_grads[p] for p in ref_params[m]},
-                                              ref_states[m], ref_params[m])
+      ref_updates, ref_states[m] = ref.update(
+          {p: flat_grads[p] for p in ref_params[m]}, ref_states[m], ref_params[m]
+      )
       ref_params[m] = optax.apply_updates(ref_params[m], ref_updates)
       for p, u in ref_updates.items():
         np.testing.assert_allclose(flat_updates[p], u, rtol=1e-6, atol=1e-12, err_msg=p)
@@ -192,16 +213,24 @@ def test_adam_groups_match_independent_adams_and_state_covers_nonzero_groups():
 def _small_config():
   return helpers.tiny_config(
       config_lib.phase(name='scratch', batchnorm='train', learning_rate=3e-3, epochs=1),
-      config_lib.phase(name='decay', optimizer='adamw', learning_rate=1e-3, epochs=2,
-                       layer_decay=0.7, lr_groups=(('regex:_bn/', 0), ('head', 3.0))),
-      batch_size=16, max_examples=40)  # 3 train steps an epoch
+      config_lib.phase(
+          name='decay',
+          optimizer='adamw',
+          learning_rate=1e-3,
+          epochs=2,
+          layer_decay=0.7,
+          lr_groups=(('regex:_bn/', 0), ('head', 3.0)),
+      ),
+      batch_size=16,
+      max_examples=40,
+  )  # 3 train steps an epoch
 
 
 def test_resume_mid_phase_is_bitwise(tmp_path, monkeypatch, caplog):
   devices = jax.devices()[:1]
   with caplog.at_level('INFO', logger='fineflax.train'):
     whole = train.train_and_evaluate(_small_config(), tmp_path / 'whole', devices=devices)
-  assert "[decay] learning-rate groups (x learning_rate 0.001): x3: " in caplog.text
+  assert '[decay] learning-rate groups (x learning_rate 0.001): x3: ' in caplog.text
   with monkeypatch.context() as patch:  # a SIGTERM noted mid-epoch in the decay phase
     patch.setattr(preemption.StopRequest, 'at', lambda self, step: step == 4)
     with pytest.raises(preemption.Preempted, match=r"saved step 4 \(phase 'decay'"):
@@ -211,38 +240,56 @@ def test_resume_mid_phase_is_bitwise(tmp_path, monkeypatch, caplog):
   import orbax.checkpoint as ocp
 
   from fineflax.run import RunDir
-  a, b = (ocp.StandardCheckpointer().restore(RunDir(d).latest / str(whole['step']) / 'state')
-          for d in (tmp_path / 'whole', tmp_path / 'cut'))
+
+  a, b = (
+      ocp.StandardCheckpointer().restore(RunDir(d).latest / str(whole['step']) / 'state')
+      for d in (tmp_path / 'whole', tmp_path / 'cut')
+  )
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
-@pytest.mark.parametrize('lr_groups, layer_decay, message', [
-    ((('layers[:', 0.1),), None, r"config\.phases\[1\]\.lr_groups\[0\]: spec 'layers\[:'"),
-    ((('head', 1.0), ('backbone', -0.5)), None,
-     r'config\.phases\[1\]\.lr_groups\[1\]: multiplier -0\.5 must be a number >= 0'),
-    ((('head',),), None, r'config\.phases\[1\]\.lr_groups\[0\]: expected a \(spec, multiplier'),
-    ((('none', 1.0),), None, r"config\.phases\[1\]\.lr_groups\[0\]: spec 'none' matches"),
-    (None, 0.0, r'config\.phases\[1\]\.layer_decay=0\.0: must be in \(0, 1\]'),
-    (None, 1.5, r'config\.phases\[1\]\.layer_decay=1\.5: must be in \(0, 1\]'),
-])
-def test_invalid_specs_and_multipliers_are_one_line_config_errors(lr_groups, layer_decay,
-                                                                  message):
+@pytest.mark.parametrize(
+    'lr_groups, layer_decay, message',
+    [
+        ((('layers[:', 0.1),), None, r"config\.phases\[1\]\.lr_groups\[0\]: spec 'layers\[:'"),
+        (
+            (('head', 1.0), ('backbone', -0.5)),
+            None,
+            r'config\.phases\[1\]\.lr_groups\[1\]: multiplier -0\.5 must be a number >= 0',
+        ),
+        ((('head',),), None, r'config\.phases\[1\]\.lr_groups\[0\]: expected a \(spec, multiplier'),
+        ((('none', 1.0),), None, r"config\.phases\[1\]\.lr_groups\[0\]: spec 'none' matches"),
+        (None, 0.0, r'config\.phases\[1\]\.layer_decay=0\.0: must be in \(0, 1\]'),
+        (None, 1.5, r'config\.phases\[1\]\.layer_decay=1\.5: must be in \(0, 1\]'),
+    ],
+)
+def test_invalid_specs_and_multipliers_are_one_line_config_errors(lr_groups, layer_decay, message):
   cfg = _small_config()
-  cfg.phases = (cfg.phases[0], config_lib.phase(name='x', lr_groups=lr_groups,
-                                                layer_decay=layer_decay))
+  cfg.phases = (
+      cfg.phases[0],
+      config_lib.phase(name='x', lr_groups=lr_groups, layer_decay=layer_decay),
+  )
   with pytest.raises(ConfigError, match='^' + message) as caught:
     config_lib.validate(cfg)
   assert '\n' not in str(caught.value)
 
 
-@pytest.mark.parametrize('lr_groups, message', [
-    ((('layers[:999]', 0.1),), r'config\.phases\[1\]\.lr_groups\[0\]: spec .* index 999 is '
-                               'beyond the backbone'),
-    ((('backbone', 0.5), ('regex:^backbone/conv5', 0.1)),
-     r'config\.phases\[1\]\.lr_groups\[1\]: .* matches no parameter that an earlier pair left'),
-    ((('regex:.', 0),), r'config\.phases\[1\]\.lr_groups: .* nothing would train'),
-])
+@pytest.mark.parametrize(
+    'lr_groups, message',
+    [
+        (
+            (('layers[:999]', 0.1),),
+            r'config\.phases\[1\]\.lr_groups\[0\]: spec .* index 999 is ' 'beyond the backbone',
+        ),
+        (
+            (('backbone', 0.5), ('regex:^backbone/conv5', 0.1)),
+            r'config\.phases\[1\]\.lr_groups\[1\]: .* matches no parameter that an earlier '
+            'pair left',
+        ),
+        ((('regex:.', 0),), r'config\.phases\[1\]\.lr_groups: .* nothing would train'),
+    ],
+)
 def test_specs_that_do_not_fit_the_model_fail_before_writing(tmp_path, lr_groups, message):
   cfg = _small_config()
   cfg.phases = (cfg.phases[0], config_lib.phase(name='x', lr_groups=lr_groups))

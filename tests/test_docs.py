@@ -54,8 +54,9 @@ def _load_config(spec: str):
   path, _, arg = spec.partition(':')
   file = ROOT / path
   assert file.is_file(), f'{spec}: no such config file'
-  assert file.parent == ROOT / 'configs' and file.suffix == '.py', (
-      f'{spec}: not a config of configs/')
+  assert (
+      file.parent == ROOT / 'configs' and file.suffix == '.py'
+  ), f'{spec}: not a config of configs/'
   if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
   module = importlib.import_module(f'configs.{file.stem}')
@@ -64,9 +65,11 @@ def _load_config(spec: str):
 
 def test_the_command_finder_finds_the_commands():
   assert train_commands('python -m fineflax.train --config configs/a.py --workdir x') == [
-      'configs/a.py']
+      'configs/a.py'
+  ]
   assert train_commands('srun python -m fineflax.train \\\n    --config=configs/b.py:smoke') == [
-      'configs/b.py:smoke']
+      'configs/b.py:smoke'
+  ]
   assert train_commands('`python -m fineflax.train` runs; `fineflax.train.state`') == []
   assert train_commands('python -m fineflax.train --workdir x --config.seed=1') == []
   pages = {page for page, _ in _all_train_commands()}
@@ -78,12 +81,14 @@ def test_every_training_command_uses_a_training_config(page, spec):
   module, config = _load_config(spec)
   where = f'{page}: python -m fineflax.train --config {spec}'
   assert Path(spec.partition(':')[0]).name != 'imagenet.py', (
-      f'{where}: configs/imagenet.py is the zero-shot predict config (Keras\' top, no '
-      'training phase of its own); use a training config such as configs/cifar10.py')
+      f"{where}: configs/imagenet.py is the zero-shot predict config (Keras' top, no "
+      'training phase of its own); use a training config such as configs/cifar10.py'
+  )
   assert not config.model.include_top, f'{where}: a zero-shot (include_top) config'
   assert any(phase.epochs > 0 for phase in config.phases), f'{where}: no phase trains'
-  assert '-m fineflax.train' in (module.__doc__ or ''), (
-      f'{where}: the config\'s docstring shows no training command of its own')
+  assert '-m fineflax.train' in (
+      module.__doc__ or ''
+  ), f"{where}: the config's docstring shows no training command of its own"
 
 
 def _demo_expectation() -> float:
@@ -101,17 +106,19 @@ _DEMO_FIGURE = re.compile(r'test[_ ]accuracy:? (0\.\d{3,})')
 
 def test_the_demo_accuracy_is_one_figure_that_meets_the_demo_configs_expectation():
   readme = (ROOT / 'README.md').read_text()
-  demo = readme[readme.index('## The offline demo'):]
-  demo = demo[:demo.index('\n## ')]
+  demo = readme[readme.index('## The offline demo') :]
+  demo = demo[: demo.index('\n## ')]
   stated = _DEMO_FIGURE.findall(demo)
   assert stated, "the README's demo section states no test accuracy"
   figure = stated[0]
-  assert float(figure) >= _demo_expectation(), (
-      f"the README's demo figure {figure} is below configs/demo.py's expectation")
+  assert (
+      float(figure) >= _demo_expectation()
+  ), f"the README's demo figure {figure} is below configs/demo.py's expectation"
   assert '270' in demo, "the README's demo section does not say how many test digits"
   copies = {(_name(page), f) for page in PAGES for f in _DEMO_FIGURE.findall(page.read_text())}
-  assert {f for _, f in copies} == {figure}, (
-      f'the demo test accuracy is stated differently across the docs: {sorted(copies)}')
+  assert {f for _, f in copies} == {
+      figure
+  }, f'the demo test accuracy is stated differently across the docs: {sorted(copies)}'
 
 
 _FORBIDDEN = re.compile(r'\.\./shared|\bseeds? 0\d', re.IGNORECASE)
@@ -121,8 +128,11 @@ _FORBIDDEN = re.compile(r'\.\./shared|\bseeds? 0\d', re.IGNORECASE)
 def test_no_page_points_outside_the_repository_or_at_seed_numbers(page):
   """`../shared/...` is not in the repository; "seed 004" means nothing to a reader of it
   (name the workflow: "ResNet50 on CIFAR-10 with conv5 fine-tuned", docs/seeds.md)."""
-  bad = [f'{_name(page)}:{n}: {line.strip()}'
-         for n, line in enumerate(page.read_text().splitlines(), 1) if _FORBIDDEN.search(line)]
+  bad = [
+      f'{_name(page)}:{n}: {line.strip()}'
+      for n, line in enumerate(page.read_text().splitlines(), 1)
+      if _FORBIDDEN.search(line)
+  ]
   assert not bad, '\n'.join(bad)
 
 
@@ -147,18 +157,27 @@ def anchors(text: str) -> set[str]:
 
 
 def test_the_anchor_maker_follows_github():
-  assert anchors("# A run's folder\n## Compiled cost (XLA cost analysis)\n## Figures\n"
-                 '## Figures\n```\n# not a heading\n```\n### `--config` flags') == {
-                     'a-runs-folder', 'compiled-cost-xla-cost-analysis', 'figures',
-                     'figures-1', '--config-flags'}
+  assert anchors(
+      "# A run's folder\n## Compiled cost (XLA cost analysis)\n## Figures\n"
+      '## Figures\n```\n# not a heading\n```\n### `--config` flags'
+  ) == {
+      'a-runs-folder',
+      'compiled-cost-xla-cost-analysis',
+      'figures',
+      'figures-1',
+      '--config-flags',
+  }
 
 
 def _links() -> list[tuple[str, str]]:
   out = []
   for page in PAGES + [ROOT / 'benchmarks' / 'peers' / 'README.md']:
     if page.is_file():
-      out += [(_name(page), target) for target in _LINK.findall(page.read_text())
-              if not re.match(r'[a-z]+:', target)]
+      out += [
+          (_name(page), target)
+          for target in _LINK.findall(page.read_text())
+          if not re.match(r'[a-z]+:', target)
+      ]
   return out
 
 
@@ -171,15 +190,16 @@ def test_every_relative_link_resolves(page, target):
   assert file.exists(), f'{page}: link {target}: no {shown}'
   if anchor:
     assert file.suffix == '.md', f'{page}: link {target}: an anchor into a non-Markdown file'
-    assert anchor in anchors(file.read_text()), (
-        f'{page}: link {target}: {shown} has no heading #{anchor}')
+    assert anchor in anchors(
+        file.read_text()
+    ), f'{page}: link {target}: {shown} has no heading #{anchor}'
 
 
 def _architecture_lists() -> dict[str, set[str]]:
   """Folder -> the module files docs/architecture.md's "What each package owns" block
   names in that folder's entry ('fineflax/train', 'fineflax', 'scripts')."""
   page = (ROOT / 'docs' / 'architecture.md').read_text()
-  block = page[page.index('## What each package owns'):page.index('## From the command')]
+  block = page[page.index('## What each package owns') : page.index('## From the command')]
   entries: dict[str, list[str]] = {}
   current = None
   for line in block.splitlines():
@@ -197,8 +217,10 @@ def _architecture_lists() -> dict[str, set[str]]:
       current = 'fineflax'
     if current:
       entries.setdefault(current, []).append(line)
-  return {folder: set(re.findall(r'\b(\w+\.py)\b', ' '.join(lines)))
-          for folder, lines in entries.items()}
+  return {
+      folder: set(re.findall(r'\b(\w+\.py)\b', ' '.join(lines)))
+      for folder, lines in entries.items()
+  }
 
 
 def test_the_architecture_page_names_every_module():
@@ -206,14 +228,18 @@ def test_the_architecture_page_names_every_module():
   and no module that is not there (package __init__.py files aside)."""
   listed = _architecture_lists()
   folders = ['fineflax', 'scripts'] + sorted(
-      f'fineflax/{p.name}' for p in (ROOT / 'fineflax').iterdir()
-      if p.is_dir() and (p / '__init__.py').is_file())
+      f'fineflax/{p.name}'
+      for p in (ROOT / 'fineflax').iterdir()
+      if p.is_dir() and (p / '__init__.py').is_file()
+  )
   for folder in folders:
     modules = {p.name for p in (ROOT / folder).glob('*.py')} - {'__init__.py'}
     named = listed.get(folder, set()) - {'__init__.py'}
-    assert named == modules, (f'{folder}: not in docs/architecture.md: '
-                              f'{sorted(modules - named)}; named but absent: '
-                              f'{sorted(named - modules)}')
+    assert named == modules, (
+        f'{folder}: not in docs/architecture.md: '
+        f'{sorted(modules - named)}; named but absent: '
+        f'{sorted(named - modules)}'
+    )
 
 
 @pytest.mark.parametrize('page', PAGES, ids=_name)
@@ -221,7 +247,9 @@ def test_no_inline_command_is_cut_across_lines(page):
   """A command in `backticks` is on one line: one wrapped across two source lines breaks
   when copied from the file or a terminal."""
   text = re.sub(r'```.*?```', '', page.read_text(), flags=re.S)
-  wrapped = [span for span in re.findall(r'`([^`]+)`', text)
-             if '\n' in span and re.match(r'\s*(python|pip|fineflax-|bash|tensorboard)\b',
-                                          span)]
+  wrapped = [
+      span
+      for span in re.findall(r'`([^`]+)`', text)
+      if '\n' in span and re.match(r'\s*(python|pip|fineflax-|bash|tensorboard)\b', span)
+  ]
   assert not wrapped, wrapped

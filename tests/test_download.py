@@ -72,8 +72,7 @@ def test_a_file_without_checksum_is_not_a_source():
     weights.WeightFile('https://example.org/w.h5')
 
 
-def test_a_mirror_that_is_no_url_and_an_unwritable_cache_are_clear_errors(tmp_path,
-                                                                        monkeypatch):
+def test_a_mirror_that_is_no_url_and_an_unwritable_cache_are_clear_errors(tmp_path, monkeypatch):
   file = weights.WeightFile('https://example.org/w.h5', md5='a' * 32)
   monkeypatch.setenv('FINEFLAX_WEIGHTS_MIRROR', str(tmp_path))  # a folder, not a URL
   with pytest.raises(weights.WeightsUnavailableError, match='cannot download'):
@@ -108,8 +107,7 @@ def test_unreachable_server_fails_fast_naming_the_path(cache):
   assert not cache.exists() or list(cache.iterdir()) == []
 
 
-def test_a_host_that_accepts_but_never_answers_gives_up_within_the_timeout(cache,
-                                                                          monkeypatch):
+def test_a_host_that_accepts_but_never_answers_gives_up_within_the_timeout(cache, monkeypatch):
   """The slow offline case (a firewall that drops packets, a proxy that hangs): a socket
   that accepts the connection (the kernel does, from its backlog) and never sends a
   byte. The download gives up after the module's per-operation timeout, not later, with

@@ -38,8 +38,9 @@ def server(tmp_path_factory):
     yield url, served, requests
 
 
-def _launch(tmp: Path, commands: list[list[str]], env: dict[str, str]
-            ) -> tuple[list[int], list[str], float]:
+def _launch(
+    tmp: Path, commands: list[list[str]], env: dict[str, str]
+) -> tuple[list[int], list[str], float]:
   """Runs the two processes' commands; (exit codes, logs, seconds until both ended).
   Both are killed, and the test fails, when they have not ended within JOB_TIMEOUT_S."""
   logs = [tmp / f'{i}.log' for i in range(2)]
@@ -47,8 +48,9 @@ def _launch(tmp: Path, commands: list[list[str]], env: dict[str, str]
   start = time.monotonic()
   for command, log_path in zip(commands, logs):
     with log_path.open('w') as log:  # the child keeps its own copy of the descriptor
-      procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=log,
-                                    stderr=subprocess.STDOUT))
+      procs.append(
+          subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+      )
   try:
     for p in procs:
       p.wait(timeout=max(1.0, start + JOB_TIMEOUT_S - time.monotonic()))
@@ -56,15 +58,19 @@ def _launch(tmp: Path, commands: list[list[str]], env: dict[str, str]
     for p in procs:
       p.kill()
       p.wait()
-    pytest.fail(f'no end in {JOB_TIMEOUT_S} s (hung?):\n' + '\n'.join(
-        f'--- process {i}\n{log.read_text()[-2000:]}' for i, log in enumerate(logs)))
-  return ([p.returncode for p in procs], [log.read_text() for log in logs],
-          time.monotonic() - start)
+    pytest.fail(
+        f'no end in {JOB_TIMEOUT_S} s (hung?):\n'
+        + '\n'.join(f'--- process {i}\n{log.read_text()[-2000:]}' for i, log in enumerate(logs))
+    )
+  return (
+      [p.returncode for p in procs],
+      [log.read_text() for log in logs],
+      time.monotonic() - start,
+  )
 
 
 def _env(cache: Path, **extra: str) -> dict[str, str]:
-  return helpers.program_env(devices=1, cache=cache, unset=('FINEFLAX_WEIGHTS_MIRROR',),
-                             **extra)
+  return helpers.program_env(devices=1, cache=cache, unset=('FINEFLAX_WEIGHTS_MIRROR',), **extra)
 
 
 @pytest.fixture(scope='module')
@@ -82,30 +88,77 @@ def fetch_job(server, tmp_path_factory):
     (served / name).write_bytes(GOOD)
   (served / 'corrupt.h5').write_bytes(GOOD[:-1] + b'x')
   cases = [
-      {'name': 'good', 'kind': 'fetch', 'url': f'{base}/good.h5', 'md5': md5, 'times': 2,
-       'devices': False},
-      {'name': 'missing', 'kind': 'fetch', 'url': f'{base}/missing.h5', 'md5': md5,
-       'times': 1, 'devices': False},
-      {'name': 'corrupt', 'kind': 'fetch', 'url': f'{base}/corrupt.h5', 'md5': md5,
-       'times': 1, 'devices': False},
-      {'name': 'good_devices', 'kind': 'fetch', 'url': f'{base}/good_devices.h5', 'md5': md5,
-       'times': 2, 'devices': True},
-      {'name': 'missing_devices', 'kind': 'fetch', 'url': f'{base}/missing_devices.h5',
-       'md5': md5, 'times': 1, 'devices': True},
+      {
+          'name': 'good',
+          'kind': 'fetch',
+          'url': f'{base}/good.h5',
+          'md5': md5,
+          'times': 2,
+          'devices': False,
+      },
+      {
+          'name': 'missing',
+          'kind': 'fetch',
+          'url': f'{base}/missing.h5',
+          'md5': md5,
+          'times': 1,
+          'devices': False,
+      },
+      {
+          'name': 'corrupt',
+          'kind': 'fetch',
+          'url': f'{base}/corrupt.h5',
+          'md5': md5,
+          'times': 1,
+          'devices': False,
+      },
+      {
+          'name': 'good_devices',
+          'kind': 'fetch',
+          'url': f'{base}/good_devices.h5',
+          'md5': md5,
+          'times': 2,
+          'devices': True,
+      },
+      {
+          'name': 'missing_devices',
+          'kind': 'fetch',
+          'url': f'{base}/missing_devices.h5',
+          'md5': md5,
+          'times': 1,
+          'devices': True,
+      },
       {'name': 'slow', 'kind': 'slow', 'sleep_s': 4, 'timeout_s': 1},
   ]
   (tmp / 'cases.json').write_text(json.dumps(cases))
   port = helpers.free_port()
   outputs = [tmp / f'{i}.json' for i in range(2)]
-  codes, logs, seconds = _launch(tmp, [
-      [sys.executable, '-m', 'tests.download_worker', str(port), str(i),
-       str(tmp / 'cases.json'), str(outputs[i])] for i in range(2)], _env(tmp / 'cache'))
-  assert codes == [0, 0], '\n'.join(f'--- process {i}\n{log[-3000:]}'
-                                    for i, log in enumerate(logs))
+  codes, logs, seconds = _launch(
+      tmp,
+      [
+          [
+              sys.executable,
+              '-m',
+              'tests.download_worker',
+              str(port),
+              str(i),
+              str(tmp / 'cases.json'),
+              str(outputs[i]),
+          ]
+          for i in range(2)
+      ],
+      _env(tmp / 'cache'),
+  )
+  assert codes == [0, 0], '\n'.join(f'--- process {i}\n{log[-3000:]}' for i, log in enumerate(logs))
   results = [json.loads(o.read_text()) for o in outputs]
   assert [r['process_count'] for r in results] == [2, 2]
-  return {'cases': [r['cases'] for r in results], 'requests': list(requests), 'base': base,
-          'cache': tmp / 'cache' / 'weights', 'seconds': seconds}
+  return {
+      'cases': [r['cases'] for r in results],
+      'requests': list(requests),
+      'base': base,
+      'cache': tmp / 'cache' / 'weights',
+      'seconds': seconds,
+  }
 
 
 @pytest.mark.parametrize('name', ['good', 'good_devices'])
@@ -119,9 +172,14 @@ def test_one_download_and_both_processes_read_the_verified_file(fetch_job, name)
   assert path.read_bytes() == GOOD
 
 
-@pytest.mark.parametrize('name,reason', [
-    ('missing', 'cannot download'), ('corrupt', 'checksum mismatch'),
-    ('missing_devices', 'cannot download')])
+@pytest.mark.parametrize(
+    'name,reason',
+    [
+        ('missing', 'cannot download'),
+        ('corrupt', 'checksum mismatch'),
+        ('missing_devices', 'cannot download'),
+    ],
+)
 def test_a_failure_on_process_0_stops_process_1_with_its_error(fetch_job, name, reason):
   """Process 0 fails with its own one-line error (the URL or the cache path in it);
   process 1 does not try (one request in all) and fails at once with a one-line error
@@ -130,12 +188,14 @@ def test_a_failure_on_process_0_stops_process_1_with_its_error(fetch_job, name, 
   url = f'{fetch_job["base"]}/{name}.h5'
   assert fetch_job['requests'].count(f'/{name}.h5') == 1, fetch_job['requests']
   first, second = (process[name] for process in fetch_job['cases'])
-  assert first['error_type'] == ('ChecksumError' if name == 'corrupt'
-                                 else 'WeightsUnavailableError')
+  assert first['error_type'] == (
+      'ChecksumError' if name == 'corrupt' else 'WeightsUnavailableError'
+  )
   assert reason in first['error'] and url in first['error']
   assert second['error_type'] == 'ProcessZeroFailedError'
   assert second['error'].startswith(
-      f'process 1 of 2: process 0 failed at fetching {name}.h5 (so not tried here): ')
+      f'process 1 of 2: process 0 failed at fetching {name}.h5 (so not tried here): '
+  )
   if name.endswith('_devices'):  # the device fallback carries a flag, not the message
     assert second['error'].endswith('(its log says why)')
   else:
@@ -154,15 +214,17 @@ def test_process_1_waits_no_longer_than_its_timeout(fetch_job):
   assert first['result'] == 'slept' and first['seconds'] >= 4
   assert second['error_type'] == 'DistributedError'
   assert second['error'].startswith(
-      'process 1 of 2: waited 1 s for process 0 to finish sleeping 4 s, in vain (')
+      'process 1 of 2: waited 1 s for process 0 to finish sleeping 4 s, in vain ('
+  )
   assert '\n' not in second['error'] and 1 <= second['seconds'] < 3
 
 
 def test_alone_the_work_just_runs():
   """Without `jax.distributed` (one process): `fn()`, as often as called."""
   calls = []
-  assert [once.process_zero_first('x', lambda: calls.append(1) or len(calls))
-          for _ in range(2)] == [1, 2]
+  assert [
+      once.process_zero_first('x', lambda: calls.append(1) or len(calls)) for _ in range(2)
+  ] == [1, 2]
 
 
 def test_training_on_two_processes_exits_with_one_line_errors(server, tmp_path):
@@ -173,19 +235,35 @@ def test_training_on_two_processes_exits_with_one_line_errors(server, tmp_path):
   name = 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
   before = len(requests)
   port = helpers.free_port()
-  codes, logs, seconds = _launch(tmp_path, [
-      [sys.executable, '-m', 'fineflax.train', '--config', 'configs/demo.py:smoke',
-       '--workdir', str(tmp_path / 'run'), '--config.model.backbone=resnet50',
-       '--config.model.weights=imagenet', f'--coordinator=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}'] for i in range(2)],
-      _env(tmp_path / 'cache', FINEFLAX_WEIGHTS_MIRROR=base))
+  codes, logs, seconds = _launch(
+      tmp_path,
+      [
+          [
+              sys.executable,
+              '-m',
+              'fineflax.train',
+              '--config',
+              'configs/demo.py:smoke',
+              '--workdir',
+              str(tmp_path / 'run'),
+              '--config.model.backbone=resnet50',
+              '--config.model.weights=imagenet',
+              f'--coordinator=127.0.0.1:{port}',
+              '--num_processes=2',
+              f'--process_id={i}',
+          ]
+          for i in range(2)
+      ],
+      _env(tmp_path / 'cache', FINEFLAX_WEIGHTS_MIRROR=base),
+  )
   last = [log.strip().splitlines()[-1] for log in logs]
-  assert codes == [1, 1], '\n'.join(f'--- process {i}\n{log[-3000:]}'
-                                    for i, log in enumerate(logs))
+  assert codes == [1, 1], '\n'.join(f'--- process {i}\n{log[-3000:]}' for i, log in enumerate(logs))
   first = f'error: cannot download {base}/{name} (File not found). Offline, put the file at '
   assert last[0].startswith(first), logs[0][-3000:]
-  assert last[1] == (f'error: process 1 of 2: process 0 failed at fetching {name} (so not '
-                     f'tried here): WeightsUnavailableError: {last[0][len("error: "):]}')
+  assert last[1] == (
+      f'error: process 1 of 2: process 0 failed at fetching {name} (so not '
+      f'tried here): WeightsUnavailableError: {last[0][len("error: "):]}'
+  )
   assert requests[before:] == [f'/{name}']
   print(f'two training processes ended in {seconds:.1f} s')
 
@@ -195,10 +273,22 @@ def test_a_process_0_that_dies_ends_the_wait(tmp_path):
   service that process 0 served, is ended by JAX at once (an abort), not left waiting."""
   port = helpers.free_port()
   (tmp_path / 'cases.json').write_text(json.dumps([{'name': 'die', 'kind': 'die'}]))
-  codes, logs, seconds = _launch(tmp_path, [
-      [sys.executable, '-m', 'tests.download_worker', str(port), str(i),
-       str(tmp_path / 'cases.json'), str(tmp_path / f'{i}.json')] for i in range(2)],
-      _env(tmp_path / 'cache'))
+  codes, logs, seconds = _launch(
+      tmp_path,
+      [
+          [
+              sys.executable,
+              '-m',
+              'tests.download_worker',
+              str(port),
+              str(i),
+              str(tmp_path / 'cases.json'),
+              str(tmp_path / f'{i}.json'),
+          ]
+          for i in range(2)
+      ],
+      _env(tmp_path / 'cache'),
+  )
   assert codes[0] == 3 and codes[1] not in (0, None), '\n'.join(logs)
   assert 'detected fatal errors' in logs[1], logs[1][-3000:]
   assert seconds < 30, seconds  # the worker's heartbeat timeout (10 s) and start-up

@@ -16,8 +16,7 @@ def _watch(watcher, values, monitor=None):
   stopping where the loop stops (when should_stop turns True)."""
   out = []
   for epoch, value in enumerate(values, start=1):
-    out.append((watcher.update({monitor or watcher.monitor: value}, epoch),
-                watcher.should_stop))
+    out.append((watcher.update({monitor or watcher.monitor: value}, epoch), watcher.should_stop))
     if watcher.should_stop:
       break
   return out
@@ -33,20 +32,26 @@ def _es_config(**keys):
 # Values that are exact in binary (multiples of 1/8), so that min_delta boundaries are
 # exact comparisons, not rounding.
 
+
 def test_min_mode_by_hand():
   watcher = EarlyStopping('val_loss', 'min', patience=2)
   got = _watch(watcher, [1.0, 0.75, 0.875, 0.5, 0.625, 0.5, 9.0])
   # Epoch 6 equals the best (0.5): not an improvement; it is the second epoch without one.
-  assert got == [(True, False), (True, False), (False, False), (True, False), (False, False),
-                 (False, True)]
+  assert got == [
+      (True, False),
+      (True, False),
+      (False, False),
+      (True, False),
+      (False, False),
+      (False, True),
+  ]
   assert (watcher.best, watcher.best_epoch, watcher.wait) == (0.5, 4, 2)
 
 
 def test_max_mode_by_hand():
   watcher = EarlyStopping('val_accuracy', 'max', patience=3)
   got = _watch(watcher, [0.25, 0.5, 0.375, 0.5, 0.625, 0.125, 0.5, 0.625, 0.75])
-  assert [improved for improved, _ in got] == [True, True, False, False, True, False, False,
-                                               False]
+  assert [improved for improved, _ in got] == [True, True, False, False, True, False, False, False]
   assert [stop for _, stop in got] == [False] * 7 + [True]  # 3 epochs after epoch 5
   assert (watcher.best, watcher.best_epoch, watcher.wait) == (0.625, 5, 3)
 
@@ -58,18 +63,30 @@ def test_the_best_epoch_in_the_middle_of_a_phase():
   assert not watcher.should_stop
 
 
-@pytest.mark.parametrize('mode, values, improved, best', [
-    # min: an improvement must beat best - 0.25; an equal-to-the-bound value does not.
-    ('min', [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25],
-     [True, False, False, True, False, False, True], 0.25),
-    # max: an improvement must beat best + 0.25; the small steps do not add up, since each
-    # is compared with the best, not with the epoch before.
-    ('max', [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75],
-     [True, False, False, True, False, False, True], 0.75),
-])
+@pytest.mark.parametrize(
+    'mode, values, improved, best',
+    [
+        # min: an improvement must beat best - 0.25; an equal-to-the-bound value does not.
+        (
+            'min',
+            [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25],
+            [True, False, False, True, False, False, True],
+            0.25,
+        ),
+        # max: an improvement must beat best + 0.25; the small steps do not add up, since each
+        # is compared with the best, not with the epoch before.
+        (
+            'max',
+            [0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75],
+            [True, False, False, True, False, False, True],
+            0.75,
+        ),
+    ],
+)
 def test_min_delta(mode, values, improved, best):
-  watcher = EarlyStopping('val_loss' if mode == 'min' else 'val_accuracy', mode,
-                          patience=0, min_delta=0.25)
+  watcher = EarlyStopping(
+      'val_loss' if mode == 'min' else 'val_accuracy', mode, patience=0, min_delta=0.25
+  )
   assert [i for i, _ in _watch(watcher, values)] == improved
   assert watcher.best == best
 
@@ -108,8 +125,7 @@ def test_auto_mode_through_resolve_mode_and_the_config():
   by_accuracy = EarlyStopping.from_config(_es_config(monitor='val_accuracy', patience=1))
   assert (by_loss.mode, by_accuracy.mode) == ('min', 'max')
   assert _watch(by_loss, [1.0, 0.5, 0.75]) == [(True, False), (True, False), (False, True)]
-  assert _watch(by_accuracy, [0.5, 0.75, 0.625]) == [(True, False), (True, False),
-                                                     (False, True)]
+  assert _watch(by_accuracy, [0.5, 0.75, 0.625]) == [(True, False), (True, False), (False, True)]
 
 
 def test_auto_mode_given_directly_follows_keras():
@@ -120,10 +136,15 @@ def test_auto_mode_given_directly_follows_keras():
 
 
 def test_from_config_takes_every_setting():
-  watcher = EarlyStopping.from_config(_es_config(monitor='val_accuracy', mode='min',
-                                                 patience=4, min_delta=0.5))
+  watcher = EarlyStopping.from_config(
+      _es_config(monitor='val_accuracy', mode='min', patience=4, min_delta=0.5)
+  )
   assert (watcher.monitor, watcher.mode, watcher.patience, watcher.min_delta) == (
-      'val_accuracy', 'min', 4, 0.5)
+      'val_accuracy',
+      'min',
+      4,
+      0.5,
+  )
   assert (watcher.best, watcher.best_epoch, watcher.wait) == (None, 0, 0)
   fresh = EarlyStopping.from_config(_es_config(patience=4), {})  # Position's default
   assert (fresh.best, fresh.best_epoch, fresh.wait) == (None, 0, 0)
@@ -140,11 +161,14 @@ def test_state_round_trip_through_a_checkpoint_meta_goes_on_as_if_uninterrupted(
 
   first = EarlyStopping.from_config(es)
   before = _watch(first, values[:cut])
-  meta = json.loads(json.dumps(Position(phase_epochs_done=cut,
-                                        early_stopping=first.state()).meta(7, 'p')))
+  meta = json.loads(
+      json.dumps(Position(phase_epochs_done=cut, early_stopping=first.state()).meta(7, 'p'))
+  )
   resumed = EarlyStopping.from_config(es, Position.from_meta(meta).early_stopping)
-  after = [(resumed.update({'val_loss': v}, epoch), resumed.should_stop)
-           for epoch, v in enumerate(values[cut:len(expected)], start=cut + 1)]
+  after = [
+      (resumed.update({'val_loss': v}, epoch), resumed.should_stop)
+      for epoch, v in enumerate(values[cut : len(expected)], start=cut + 1)
+  ]
   assert before + after == expected
   assert resumed.state() == whole.state()
   # Epoch 6's 0.375 is not below 0.5 - 0.125: the second epoch without improvement.
@@ -159,15 +183,18 @@ def test_a_metric_the_run_does_not_report_is_named():
 
 # --- against Keras ------------------------------------------------------------------------
 
+
 class _Model:
   """What keras.callbacks.EarlyStopping touches of a model (no restore_best_weights)."""
+
   stop_training = False
 
 
 def _keras_run(keras, values, monitor, mode, patience, min_delta):
   """Keras' callback over `values`: (best, best_epoch 1-based, epochs run)."""
-  callback = keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=patience,
-                                           min_delta=min_delta)
+  callback = keras.callbacks.EarlyStopping(
+      monitor=monitor, mode=mode, patience=patience, min_delta=min_delta
+  )
   model = _Model()
   callback.set_model(model)
   callback.on_train_begin()
@@ -192,4 +219,5 @@ def test_agrees_with_keras_early_stopping(keras, mode, patience, min_delta):
     watcher = EarlyStopping(monitor, mode, patience=patience, min_delta=min_delta)
     ours = _watch(watcher, values)
     assert (watcher.best, watcher.best_epoch, len(ours)) == _keras_run(
-        keras, values, monitor, mode, patience, min_delta), values
+        keras, values, monitor, mode, patience, min_delta
+    ), values

@@ -78,8 +78,10 @@ def test_best_falls_back_to_latest_with_a_warning(run_dir, tmp_path, caplog):
   finally:
     restore.logger.removeHandler(caplog.handler)
   assert (run.step, run.label) == (4, 'latest')
-  assert any(r.levelno == logging.WARNING and 'no best checkpoint' in r.getMessage()
-             for r in caplog.records)
+  assert any(
+      r.levelno == logging.WARNING and 'no best checkpoint' in r.getMessage()
+      for r in caplog.records
+  )
 
 
 def test_clear_errors_for_what_is_not_a_run(run_dir, tmp_path):
@@ -90,9 +92,11 @@ def test_clear_errors_for_what_is_not_a_run(run_dir, tmp_path):
     restore.load_run(tmp_path)
   with pytest.raises(ConfigError) as error:
     restore.load_run(run_dir, 7)
-  assert str(error.value) == (f'{run_dir / "checkpoints"} has no step 7 (no folder latest/7 '
-                              f'or best/7); its steps: best/ {_steps(RunDir(run_dir).best)}, '
-                              'latest/ [2, 4]')
+  assert str(error.value) == (
+      f'{run_dir / "checkpoints"} has no step 7 (no folder latest/7 '
+      f'or best/7); its steps: best/ {_steps(RunDir(run_dir).best)}, '
+      'latest/ [2, 4]'
+  )
   with pytest.raises(ConfigError, match="checkpoint 'newest': expected 'best', 'latest'"):
     restore.load_run(run_dir, 'newest')
   bare = _copy_run(run_dir, tmp_path / 'bare', without=('checkpoints',))
@@ -117,6 +121,7 @@ def test_evaluate_run_equals_the_run_s_own_test_results(run_dir, tmp_path):
   """On the eight devices, where the run trained on one; 24 does not divide the 32 test
   examples: the last batch is two thirds padding, spread over the devices."""
   from sklearn.metrics import top_k_accuracy_score  # pylint: disable=g-import-not-at-top
+
   assert jax.device_count() == 8
   workdir = _copy_run(run_dir, tmp_path / 'run', without=('eval',))
   results = json.loads((workdir / 'results.json').read_text())
@@ -182,13 +187,23 @@ def test_evaluate_command_line(run_dir, tmp_path):
   assert not (workdir / 'eval').exists()
   results = json.loads((workdir / 'results.json').read_text())
   # A compilation cache the user set up for JAX gets the compiled steps, not fineflax's.
-  env = helpers.program_env(cache=tmp_path,
-                            JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'users-cache'),
-                            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0')
-  command = [sys.executable, '-m', 'fineflax.evaluate', '--workdir', str(workdir),
-             '--checkpoint', 'latest']
-  done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=300, check=False)
+  env = helpers.program_env(
+      cache=tmp_path,
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / 'users-cache'),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+  )
+  command = [
+      sys.executable,
+      '-m',
+      'fineflax.evaluate',
+      '--workdir',
+      str(workdir),
+      '--checkpoint',
+      'latest',
+  ]
+  done = subprocess.run(
+      command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert any((tmp_path / 'users-cache').iterdir()) and not (tmp_path / 'xla').exists()
   assert f'compilation cache: {tmp_path / "users-cache"} (set for JAX)' in done.stderr
@@ -221,21 +236,39 @@ def test_a_run_without_a_test_folder_names_the_splits_it_has(tmp_path):
   env = helpers.program_env(cache=tmp_path)
 
   def program(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(
+        [sys.executable, '-m', *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
-  done = program('fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir',
-                 str(workdir), f'--config.data.source=folder:{photos}',
-                 '--config.model.weights=None', '--config.model.backbone=resnet_tiny',
-                 '--config.phases[0].freeze=none')
+  done = program(
+      'fineflax.train',
+      '--config',
+      'configs/folder.py:smoke',
+      '--workdir',
+      str(workdir),
+      f'--config.data.source=folder:{photos}',
+      '--config.model.weights=None',
+      '--config.model.backbone=resnet_tiny',
+      '--config.phases[0].freeze=none',
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   [hint] = [line for line in done.stderr.splitlines() if 'python -m fineflax.evaluate' in line]
-  assert hint == (f'  evaluate: python -m fineflax.evaluate --workdir {workdir} --split '
-                  'train|val [--checkpoint best|latest|STEP]')
+  assert hint == (
+      f'  evaluate: python -m fineflax.evaluate --workdir {workdir} --split '
+      'train|val [--checkpoint best|latest|STEP]'
+  )
 
-  expected = (f"error: --split=test: the run has no test split (config.data.test_split='test': "
-              f"config.data.source='folder:{photos}' has no such split); its splits: "
-              "train ('train'), val ('validation')")
+  expected = (
+      f"error: --split=test: the run has no test split (config.data.test_split='test': "
+      f"config.data.source='folder:{photos}' has no such split); its splits: "
+      "train ('train'), val ('validation')"
+  )
   for split in (['--split', 'test'], []):
     refused = program('fineflax.evaluate', '--workdir', str(workdir), *split)
     assert refused.returncode == 1
@@ -252,10 +285,13 @@ def test_a_split_the_run_lacks_is_named_with_the_splits_there_are(run_dir):
     evaluate.resolve_split('test', data_config, [], absent=('test',))
   assert str(error.value) == (
       f"--split=test: the run has no test split (config.data.test_split='test': "
-      f"config.data.source={data_config.source!r} has no such split); its splits: "
-      "train ('train'), val ('validation')")
+      f'config.data.source={data_config.source!r} has no such split); its splits: '
+      "train ('train'), val ('validation')"
+  )
   data_config.test_split = None
   with pytest.raises(ConfigError) as error:
     evaluate.resolve_split('test', data_config, [])
-  assert str(error.value) == ("--split=test: the run has no test split (config.data.test_split "
-                              "is None); its splits: train ('train'), val ('validation')")
+  assert str(error.value) == (
+      '--split=test: the run has no test split (config.data.test_split '
+      "is None); its splits: train ('train'), val ('validation')"
+  )

@@ -48,16 +48,23 @@ class Case:
     one = jax.devices()[0]
     single = jax.jit(lambda v, x: self.model.apply(v, x, train=False))
     on_one = jax.device_put(host_variables, one)
-    self.logits = np.concatenate([
-        np.asarray(single(on_one, jax.device_put(self.images[i:i + 1].astype(np.float32), one)),
-                   np.float64) for i in range(POOL)])
+    self.logits = np.concatenate(
+        [
+            np.asarray(
+                single(on_one, jax.device_put(self.images[i : i + 1].astype(np.float32), one)),
+                np.float64,
+            )
+            for i in range(POOL)
+        ]
+    )
     predicted = self.logits.argmax(-1)
     # Every other example labelled as the model predicts it, so that accuracy lies strictly
     # between 0 and 1 and moves if an example is dropped or counted twice. Example 0 (what
     # the padding rows of a batch repeat) is predicted right: a padding row that counted
     # would raise the accuracy and pull the loss towards example 0's.
-    self.labels = np.where(np.arange(POOL) % 2 == 0, predicted,
-                           (predicted + 1) % CLASSES).astype(np.int32)
+    self.labels = np.where(np.arange(POOL) % 2 == 0, predicted, (predicted + 1) % CLASSES).astype(
+        np.int32
+    )
 
   def split(self, n: int) -> data.Split:
     return data.Split(self.images[:n], self.labels[:n])
@@ -68,13 +75,17 @@ class Case:
     shifted = logits - logits.max(-1, keepdims=True)
     log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
     loss = -log_p[np.arange(n), labels]
-    return {'loss': float(loss.mean()), 'accuracy': float(np.mean(logits.argmax(-1) == labels)),
-            'count': n}
+    return {
+        'loss': float(loss.mean()),
+        'accuracy': float(np.mean(logits.argmax(-1) == labels)),
+        'count': n,
+    }
 
   def evaluate(self, n: int, batch_size: int) -> dict[str, float]:
     def counted(*args):
       self.calls += 1
       return self.eval_step(*args)
+
     return step_lib.evaluate(counted, self.variables, self.split(n), batch_size, self.mesh)
 
 
@@ -124,12 +135,16 @@ def test_an_eval_batch_that_does_not_divide_over_the_devices_is_refused(tmp_path
   cfg.data.max_examples = 16
   cfg.batch_size, cfg.eval_batch_size = 16, 5
   workdir = tmp_path / 'run'
-  with pytest.raises(ValueError, match=r'^config.eval_batch_size=5 does not split evenly '
-                     r'over 8 devices; use a multiple of 8$'):
+  with pytest.raises(
+      ValueError,
+      match=r'^config.eval_batch_size=5 does not split evenly '
+      r'over 8 devices; use a multiple of 8$',
+  ):
     train.train_and_evaluate(cfg, workdir)
   assert not workdir.exists()
-  with pytest.raises(ConfigError, match=r'--batch_size=5: must be a positive multiple of the 8 '
-                     'devices'):
+  with pytest.raises(
+      ConfigError, match=r'--batch_size=5: must be a positive multiple of the 8 ' 'devices'
+  ):
     evaluate_lib.eval_batch_size(5, cfg, 8)
   assert evaluate_lib.eval_batch_size(None, cfg, 8) == 8  # 5 rounded up to the devices
 
@@ -151,11 +166,17 @@ def test_evaluate_run_on_a_split_without_examples_says_so(demo_run, monkeypatch)
 
   def emptied(data_config, keys=data.SPLIT_KEYS):
     dataset = load(data_config, keys)
-    return data.Dataset(dataset.info, {
-        name: data.Split(split.images[:0], split.labels[:0])
-        for name, split in dataset.splits.items()})
+    return data.Dataset(
+        dataset.info,
+        {
+            name: data.Split(split.images[:0], split.labels[:0])
+            for name, split in dataset.splits.items()
+        },
+    )
 
   monkeypatch.setattr(data, 'load_dataset', emptied)
-  with pytest.raises(DataError, match=r"^.*: split 'test' of config.data.source='digits' has "
-                     r'no example to evaluate$'):
+  with pytest.raises(
+      DataError,
+      match=r"^.*: split 'test' of config.data.source='digits' has " r'no example to evaluate$',
+  ):
     evaluate_lib.evaluate_run(demo_run, split='test')

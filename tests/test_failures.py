@@ -85,14 +85,22 @@ class _FileSizeLimit:
     signal.signal(signal.SIGXFSZ, self.handler)
 
 
-@pytest.mark.parametrize('what, reported_by, reason', [
-    pytest.param('metadata', 'wait', 'No space left on device', id='meta file, by wait'),
-    pytest.param('commit_success.txt', 'save', 'No space left on device',
-                 id='commit marker, by the next save'),
-    pytest.param('arrays', 'close', 'File too large', id='array files, by close'),
-])
+@pytest.mark.parametrize(
+    'what, reported_by, reason',
+    [
+        pytest.param('metadata', 'wait', 'No space left on device', id='meta file, by wait'),
+        pytest.param(
+            'commit_success.txt',
+            'save',
+            'No space left on device',
+            id='commit marker, by the next save',
+        ),
+        pytest.param('arrays', 'close', 'File too large', id='array files, by close'),
+    ],
+)
 def test_a_failed_save_is_a_clear_error_and_keeps_the_previous_step(
-    tmp_path, states, monkeypatch, what, reported_by, reason):
+    tmp_path, states, monkeypatch, what, reported_by, reason
+):
   first, second = states
   # keep=1: a save that failed must not have removed the step before it.
   ckpts = checkpoints.Checkpoints(tmp_path, keep=1)
@@ -138,8 +146,7 @@ def test_a_failed_save_is_a_clear_error_and_keeps_the_previous_step(
   assert sorted(os.listdir(tmp_path)) == ['4']
 
 
-def test_leftovers_of_killed_saves_and_removals_are_deleted_on_opening(tmp_path, states,
-                                                                        caplog):
+def test_leftovers_of_killed_saves_and_removals_are_deleted_on_opening(tmp_path, states, caplog):
   first, _ = states
   ckpts = checkpoints.Checkpoints(tmp_path)
   ckpts.save(first, {'step': 1})
@@ -184,9 +191,17 @@ def test_best_is_never_complete_before_latest(tmp_path, states, monkeypatch):
 
 # --- SIGKILL of a real run while a save is in flight -------------------------------------
 
+
 def _command(workdir):
-  return [sys.executable, '-m', 'fineflax.train', '--config',
-          str(ROOT / 'tests' / 'failures_config.py'), '--workdir', str(workdir)]
+  return [
+      sys.executable,
+      '-m',
+      'fineflax.train',
+      '--config',
+      str(ROOT / 'tests' / 'failures_config.py'),
+      '--workdir',
+      str(workdir),
+  ]
 
 
 def _new_workdir(workdir):
@@ -198,8 +213,14 @@ def _new_workdir(workdir):
 
 def _run(workdir, cache):
   """The command to the end: its log."""
-  done = subprocess.run(_command(workdir), cwd=ROOT, env=helpers.program_env(cache=cache),
-                        capture_output=True, text=True, timeout=300)
+  done = subprocess.run(
+      _command(workdir),
+      cwd=ROOT,
+      env=helpers.program_env(cache=cache),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return done.stderr
 
@@ -208,9 +229,13 @@ def _run_and_kill(workdir, cache, hold):
   """The command, killed with SIGKILL while its save of `hold`'s step is in flight."""
   held, log = workdir.parent / 'held', workdir.parent / f'log-{hold.replace(":", "-")}'
   with log.open('w') as out:
-    proc = subprocess.Popen(_command(workdir), cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
-                            env=helpers.program_env(cache=cache, FINEFLAX_TEST_HOLD=hold,
-                                                    FINEFLAX_TEST_HELD=str(held)))
+    proc = subprocess.Popen(
+        _command(workdir),
+        cwd=ROOT,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=helpers.program_env(cache=cache, FINEFLAX_TEST_HOLD=hold, FINEFLAX_TEST_HELD=str(held)),
+    )
     try:
       deadline = time.monotonic() + 240
       while not held.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -238,8 +263,7 @@ def _final_state(workdir):
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k != 'images_per_sec'}
-          for r in MetricsLog(workdir).read()]
+  return [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in MetricsLog(workdir).read()]
 
 
 def test_sigkill_during_saves_then_the_same_command_resumes_bitwise(tmp_path):
@@ -269,9 +293,9 @@ def test_sigkill_during_saves_then_the_same_command_resumes_bitwise(tmp_path):
   assert sorted(os.listdir(latest)) == ['6', '7', '8']
   # best/ holds the epoch of the lowest val_loss (which one depends on the CPU's arithmetic).
   best = min(_records(whole), key=lambda r: r['val_loss'])['step']
-  assert os.listdir(RunDir(cut).best) == os.listdir(RunDir(whole).best) == [
-      str(best)]
+  assert os.listdir(RunDir(cut).best) == os.listdir(RunDir(whole).best) == [str(best)]
   _assert_same(_final_state(cut), _final_state(whole))
   assert _records(cut) == _records(whole)
-  assert (json.loads((cut / 'results.json').read_text()) ==
-          json.loads((whole / 'results.json').read_text()))
+  assert json.loads((cut / 'results.json').read_text()) == json.loads(
+      (whole / 'results.json').read_text()
+  )

@@ -23,33 +23,43 @@ def _head_config(cache):
   cfg.data.augment.flip = 'horizontal'
   cfg.features.cache = cache
   cfg.phases = (
-      config_lib.phase(name='head', freeze='backbone', augment=False, batchnorm='train',
-                       learning_rate=3e-3, epochs=2),
+      config_lib.phase(
+          name='head',
+          freeze='backbone',
+          augment=False,
+          batchnorm='train',
+          learning_rate=3e-3,
+          epochs=2,
+      ),
       config_lib.phase(name='conv5', freeze='regex:^backbone/conv[1-4]_', epochs=1),
   )
   return cfg
 
 
 def _metrics(workdir):
-  return [{k: r[k] for k in ('phase', 'step', 'loss', 'accuracy', 'val_loss', 'val_accuracy')}
-          for r in MetricsLog(workdir).read()]
+  return [
+      {k: r[k] for k in ('phase', 'step', 'loss', 'accuracy', 'val_loss', 'val_accuracy')}
+      for r in MetricsLog(workdir).read()
+  ]
 
 
 def test_cached_features_train_the_head_as_the_images_do(tmp_path, caplog):
   devices = jax.devices()[:2]
   with caplog.at_level(logging.DEBUG, logger='fineflax'):
-    cached = train.train_and_evaluate(_head_config('memory'), tmp_path / 'memory',
-                                      devices=devices)
+    cached = train.train_and_evaluate(_head_config('memory'), tmp_path / 'memory', devices=devices)
   assert '[head] trains the head on cached features' in caplog.text
-  assert '[conv5] trains on the images (no cached features: the phase trains backbone' \
-      in caplog.text
+  assert (
+      '[conv5] trains on the images (no cached features: the phase trains backbone' in caplog.text
+  )
   caplog.clear()
   with caplog.at_level(logging.INFO, logger='fineflax'):
     plain = train.train_and_evaluate(_head_config('off'), tmp_path / 'off', devices=devices)
   assert 'cached features' not in caplog.text
   disk = train.train_and_evaluate(_head_config('disk'), tmp_path / 'disk', devices=devices)
   assert sorted(p.name for p in (tmp_path / 'disk' / 'features').iterdir()) == [
-      'train.npy', 'val.npy']
+      'train.npy',
+      'val.npy',
+  ]
 
   # The cached step computes the backbone in another XLA program (fused differently), so
   # equality is up to float32 rounding, carried through 7 Adam steps.
@@ -68,8 +78,11 @@ def test_cached_features_train_the_head_as_the_images_do(tmp_path, caplog):
 def test_forcing_the_cache_with_no_phase_that_can_use_it_is_an_error(tmp_path):
   cfg = _head_config('memory')
   cfg.phases = (config_lib.phase(name='head', freeze='backbone', epochs=1),)  # augmented
-  with pytest.raises(ConfigError, match=r"features.cache='memory' but no phase can use cached "
-                     r'features \(head: the training images are augmented\)'):
+  with pytest.raises(
+      ConfigError,
+      match=r"features.cache='memory' but no phase can use cached "
+      r'features \(head: the training images are augmented\)',
+  ):
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
   assert not (tmp_path / 'run').exists()
 
@@ -82,6 +95,7 @@ def test_augment_false_with_a_random_crop_is_refused():
 
 
 class _Split:
+
   def __init__(self, labels):
     self.labels = np.asarray(labels)
 
@@ -97,8 +111,10 @@ def test_class_weights_balanced_and_explicit():
     data.class_weights('balanced', _Split([0, 1]), 3)
   cfg = config_lib.default_config()
   cfg.loss.class_weight = 'inverse'
-  with pytest.raises(ConfigError, match=r"config.loss.class_weight='inverse': expected "
-                     "'balanced' or one weight per class"):
+  with pytest.raises(
+      ConfigError,
+      match=r"config.loss.class_weight='inverse': expected " "'balanced' or one weight per class",
+  ):
     config_lib.validate(cfg)
 
 
@@ -108,6 +124,7 @@ def test_class_weights_scale_each_examples_loss():
   from fineflax.distributed import parallel  # pylint: disable=g-import-not-at-top
   from fineflax.train import step as step_lib  # pylint: disable=g-import-not-at-top
   from tests import helpers, test_step  # pylint: disable=g-import-not-at-top
+
   model, labels, mesh, state, _ = test_step._setup('backbone', dropout=0.0)
   opt = helpers.phase_optimizer(model, state.params, 'backbone', optimizer='sgd')
   batch = parallel.shard_batch(test_step._batches(1)[0], mesh)
@@ -120,7 +137,8 @@ def test_class_weights_scale_each_examples_loss():
   logits = model.apply(jax.device_get(state.variables), images)
   per_example = np.asarray(step_lib.per_example_loss(logits, targets)[0])
   np.testing.assert_allclose(sums['plain']['loss'], per_example.sum(), rtol=1e-5)
-  np.testing.assert_allclose(sums['weighted']['loss'],
-                             (per_example * np.take(weights, targets)).sum(), rtol=1e-5)
+  np.testing.assert_allclose(
+      sums['weighted']['loss'], (per_example * np.take(weights, targets)).sum(), rtol=1e-5
+  )
   assert sums['weighted']['correct'] == sums['plain']['correct']
   assert sums['weighted']['count'] == sums['plain']['count'] == len(targets)

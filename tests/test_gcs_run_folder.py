@@ -29,8 +29,9 @@ pytestmark = pytest.mark.slow  # starts the programs against a Cloud Storage emu
 
 RUN = f'gs://{storage_emulator.BUCKET}/runs/cut'
 
-_CONFIG = run_configs.two_phase('  config.report.every_steps = 40',
-                                 'epochs=2, early_stopping=dict(restore_best=True)')
+_CONFIG = run_configs.two_phase(
+    '  config.report.every_steps = 40', 'epochs=2, early_stopping=dict(restore_best=True)'
+)
 
 
 @pytest.fixture(scope='module')
@@ -52,15 +53,24 @@ def runs(emulator, tmp_path_factory):
   cwd = tmp / 'cwd'  # where a 'gs:' folder would appear if the URL became a local path
   cwd.mkdir()
   env = helpers.program_env(cache=tmp / 'cache', **emulator)
-  command = lambda workdir: [sys.executable, '-m', 'fineflax.train', '--config', str(config),
-                             '--workdir', str(workdir)]
+  command = lambda workdir: [
+      sys.executable,
+      '-m',
+      'fineflax.train',
+      '--config',
+      str(config),
+      '--workdir',
+      str(workdir),
+  ]
   local = tmp / 'whole'
-  whole = subprocess.run(command(local), cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=600)
+  whole = subprocess.run(
+      command(local), cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+  )
   assert whole.returncode == 0, whole.stderr[-3000:]
 
-  proc = subprocess.Popen(command(RUN), cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+      command(RUN), cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+  )
   for line in proc.stdout:  # the second epoch runs when the first one is logged
     if 'epoch 1/2 (run epoch' in line:
       proc.send_signal(signal.SIGTERM)
@@ -68,15 +78,27 @@ def runs(emulator, tmp_path_factory):
   stopped = line + proc.stdout.read()
   assert proc.wait(timeout=300) == 143, stopped[-3000:]
   meta = checkpoints.Checkpoints(RunDir(RUN).latest).latest_meta()
-  again = subprocess.run(command(RUN), cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=600)
+  again = subprocess.run(
+      command(RUN), cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   evaluated = subprocess.run(
       [sys.executable, '-m', 'fineflax.evaluate', '--workdir', RUN, '--checkpoint', 'latest'],
-      cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  return {'local': local, 'cwd': cwd, 'stopped': stopped, 'meta': meta, 'again': again,
-          'evaluated': evaluated}
+  return {
+      'local': local,
+      'cwd': cwd,
+      'stopped': stopped,
+      'meta': meta,
+      'again': again,
+      'evaluated': evaluated,
+  }
 
 
 def _gs(path: str):
@@ -92,8 +114,7 @@ def test_sigterm_on_gs_saves_mid_epoch_and_the_same_command_resumes_bitwise(runs
   local_results = json.loads((runs['local'] / 'results.json').read_text())
   assert results == local_results
   final = lambda workdir: restore.load_run(workdir, 'latest').variables
-  for a, b in zip(jax.tree.leaves(final(RUN)), jax.tree.leaves(final(runs['local'])),
-                  strict=True):
+  for a, b in zip(jax.tree.leaves(final(RUN)), jax.tree.leaves(final(runs['local'])), strict=True):
     assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
   assert not any(runs['cwd'].iterdir())  # nothing local, no folder named 'gs:'
 
@@ -103,8 +124,7 @@ def test_gs_run_folder_holds_what_a_local_one_does(runs, tmp_path):
   for name in ('config.json', 'dataset.json', 'history.png', 'samples.png', 'results.json'):
     assert (gs.root / name).is_file(), name
   assert json.loads(gs.dataset_json.read_text()) == json.loads(local.dataset_json.read_text())
-  drop = lambda records: [{k: v for k, v in r.items() if k != 'images_per_sec'}
-                          for r in records]
+  drop = lambda records: [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in records]
   # The same records, though the gs:// file was rewritten at each one and cut back at the
   # resume. The resumed command starts a new window of per-step records where it resumed:
   # records at the same step over the same number of steps are the same.
@@ -119,18 +139,23 @@ def test_gs_run_folder_holds_what_a_local_one_does(runs, tmp_path):
   for kind in ('latest', 'best', 'phase_best'):
     folder = getattr(gs, kind)
     assert checkpoints.complete_steps(folder) == checkpoints.complete_steps(
-        getattr(local, kind)), kind
+        getattr(local, kind)
+    ), kind
     for step in checkpoints.complete_steps(folder):
       assert (folder / str(step) / checkpoints.COMMIT_MARK).exists()
   # TensorBoard: one event file per command (two here), as TensorFlow reads them.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   events = sorted(p.name for p in gs.tensorboard.iterdir())
   assert len(events) == 2, events
   scalars = set()
   for name in events:
     (tmp_path / name).write_bytes((gs.tensorboard / name).read_bytes())
-    scalars |= {(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(
-        str(tmp_path / name)) for v in e.summary.value}
+    scalars |= {
+        (e.step, v.tag)
+        for e in tf.compat.v1.train.summary_iterator(str(tmp_path / name))
+        for v in e.summary.value
+    }
   records = MetricsLog(RUN).read()
   assert {(r['step'], 'val/loss') for r in records} <= scalars
   assert {(r['step'], 'step/loss') for r in MetricsLog(RUN).read_steps()} <= scalars
@@ -183,19 +208,37 @@ def test_partial_saves_on_gs_are_ignored_then_deleted(emulator, caplog):
   assert not folder.exists() or not list(folder.iterdir())
 
 
-@pytest.mark.parametrize('url, message', [
-    ('s3://bucket/run', 's3://bucket/run: s3:// run folders are not supported; use a local '
-                        'folder, gs://BUCKET/PATH or a mounted bucket'),
-    ('hdfs://host/run', 'hdfs://host/run: hdfs:// run folders are not supported'),
-])
+@pytest.mark.parametrize(
+    'url, message',
+    [
+        (
+            's3://bucket/run',
+            's3://bucket/run: s3:// run folders are not supported; use a local '
+            'folder, gs://BUCKET/PATH or a mounted bucket',
+        ),
+        ('hdfs://host/run', 'hdfs://host/run: hdfs:// run folders are not supported'),
+    ],
+)
 def test_a_url_scheme_that_cannot_work_fails_in_one_line(url, message, tmp_path):
   with pytest.raises(ConfigError) as error:
     RunDir(url)
   assert str(error.value).startswith(message)
   result = subprocess.run(
-      [sys.executable, '-m', 'fineflax.train', '--config', f'{ROOT}/configs/demo.py:smoke',
-       '--workdir', url], cwd=tmp_path, env=helpers.program_env(),
-      capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          '-m',
+          'fineflax.train',
+          '--config',
+          f'{ROOT}/configs/demo.py:smoke',
+          '--workdir',
+          url,
+      ],
+      cwd=tmp_path,
+      env=helpers.program_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1].startswith(f'error: {message}')
   assert not any(tmp_path.iterdir())  # no local folder named after the URL
@@ -206,9 +249,12 @@ def test_unreachable_cloud_storage_fails_fast_naming_the_endpoint(monkeypatch):
   closed = helpers.free_port()  # nothing listens there
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', f'http://127.0.0.1:{closed}')
   start = time.monotonic()
-  with pytest.raises(ConfigError, match=rf'^gs://b/run: cannot reach Cloud Storage at '
-                     rf'127.0.0.1:{closed} \(Connection refused\); a gs:// folder needs '
-                     r'the network$'):
+  with pytest.raises(
+      ConfigError,
+      match=rf'^gs://b/run: cannot reach Cloud Storage at '
+      rf'127.0.0.1:{closed} \(Connection refused\); a gs:// folder needs '
+      r'the network$',
+  ):
     RunDir('gs://b/run')
   assert time.monotonic() - start < 5
   storage._unreachable.cache_clear()

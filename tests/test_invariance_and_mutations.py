@@ -95,16 +95,26 @@ def _first_steps(workdir, devices):
       assert plan.augment.mixup > 0
       state = loop.start_state(run, plan, state, variables, None)
       train_step = step_lib.make_train_step(
-          run.model, plan.optimizer, run.mesh, bn_train=plan.bn_train, seed=config.seed,
-          label_smoothing=config.loss.label_smoothing, augment=plan.augment,
-          class_weights=run.class_weights)
+          run.model,
+          plan.optimizer,
+          run.mesh,
+          bn_train=plan.bn_train,
+          seed=config.seed,
+          label_smoothing=config.loss.label_smoothing,
+          augment=plan.augment,
+          class_weights=run.class_weights,
+      )
       split, resident = run.images.splits['train'], run.images.resident['train']
       assert resident is not None  # the demo's splits live on the devices
       rng = np.random.default_rng([config.seed, plan.index, 0])  # epoch 0's order
       order = data.epoch_plan(split, config.batch_size, rng)
       placed = parallel.shard_plan({k: v[:steps] for k, v in order.items()}, run.mesh)
-      inputs = {**resident, 'plan_index': placed['index'], 'plan_weight': placed['weight'],
-                'start': parallel.replicate(np.asarray(int(state.step), np.int32), run.mesh)}
+      inputs = {
+          **resident,
+          'plan_index': placed['index'],
+          'plan_weight': placed['weight'],
+          'start': parallel.replicate(np.asarray(int(state.step), np.int32), run.mesh),
+      }
       metrics = parallel.replicate(np.zeros((steps, 3), np.float32), run.mesh)
       carry, fixed, structure = train_step.split(state)
       for _ in range(steps):
@@ -122,11 +132,12 @@ def _first_steps(workdir, devices):
 def demo_losses(tmp_path_factory):
   """Per-step losses of the truncated demo on 1 and on 8 devices (trained once)."""
   assert len(jax.devices()) == 8
-  out = {n: _first_steps(tmp_path_factory.mktemp(f'demo_{n}'), jax.devices()[:n])
-         for n in (1, 8)}
+  out = {n: _first_steps(tmp_path_factory.mktemp(f'demo_{n}'), jax.devices()[:n]) for n in (1, 8)}
   relative = np.abs(out[8] - out[1]) / out[1]
-  print('\n1 vs 8 devices, relative loss difference per step:',
-        ' '.join(f'{i + 1}:{d:.1e}' for i, d in enumerate(relative)))
+  print(
+      '\n1 vs 8 devices, relative loss difference per step:',
+      ' '.join(f'{i + 1}:{d:.1e}' for i, d in enumerate(relative)),
+  )
   return out
 
 
@@ -158,9 +169,13 @@ BN_RTOL = 1e-5  # float32 moments of 16x4x4 values per channel against float64 N
 
 
 def _bn_graph():
-  return graph.KerasGraph(layers=(graph.Layer('input', 'InputLayer'),
-                                  graph.Layer('bn', 'BatchNormalization', inputs=('input',))),
-                          bn_axis_name=parallel.AXIS)
+  return graph.KerasGraph(
+      layers=(
+          graph.Layer('input', 'InputLayer'),
+          graph.Layer('bn', 'BatchNormalization', inputs=('input',)),
+      ),
+      bn_axis_name=parallel.AXIS,
+  )
 
 
 def _bn_apply(model, variables, x, devices):
@@ -168,14 +183,22 @@ def _bn_apply(model, variables, x, devices):
   mesh = parallel.make_mesh(devices)
 
   def apply(variables, x):
-    y, updated = model.apply(variables, x, bn_train=frozenset({'bn'}),
-                             mutable=['batch_stats'])
+    y, updated = model.apply(variables, x, bn_train=frozenset({'bn'}), mutable=['batch_stats'])
     return y, updated['batch_stats']
 
-  mapped = jax.jit(jax.shard_map(apply, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
-                                 out_specs=(P(parallel.AXIS), P()), check_vma=False))
-  y, stats = mapped(parallel.replicate(variables, mesh),
-                    jax.device_put(x, jax.sharding.NamedSharding(mesh, P(parallel.AXIS))))
+  mapped = jax.jit(
+      jax.shard_map(
+          apply,
+          mesh=mesh,
+          in_specs=(P(), P(parallel.AXIS)),
+          out_specs=(P(parallel.AXIS), P()),
+          check_vma=False,
+      )
+  )
+  y, stats = mapped(
+      parallel.replicate(variables, mesh),
+      jax.device_put(x, jax.sharding.NamedSharding(mesh, P(parallel.AXIS))),
+  )
   return np.asarray(y), jax.tree.map(np.asarray, jax.device_get(stats))
 
 
@@ -187,24 +210,28 @@ def test_training_mode_batchnorm_uses_the_global_batch_statistics():
   shares = [rng.normal(3.0 * d, 1.0 + d, (2, 4, 4, 3)) for d in range(8)]  # 2 rows each
   x = np.concatenate(shares).astype(np.float32)
   means = np.array([s.mean(axis=(0, 1, 2)) for s in shares])
-  squares = np.array([(s ** 2).mean(axis=(0, 1, 2)) for s in shares])
+  squares = np.array([(s**2).mean(axis=(0, 1, 2)) for s in shares])
   mean = means.mean(0)
-  var = squares.mean(0) - mean ** 2
+  var = squares.mean(0) - mean**2
   # The test can tell: averaging per-device variances gives another figure.
-  assert np.all(np.abs(np.mean(squares - means ** 2, 0) - var) > 0.5 * var)
+  assert np.all(np.abs(np.mean(squares - means**2, 0) - var) > 0.5 * var)
   model = _bn_graph()
   variables = model.init(jax.random.key(0), x[:1])
   momentum = graph.BN_MOMENTUM
   expected_y = (x - mean) / np.sqrt(var + BN_EPSILON)
-  expected_stats = {'mean': momentum * 0.0 + (1 - momentum) * mean,
-                    'var': momentum * 1.0 + (1 - momentum) * var}
+  expected_stats = {
+      'mean': momentum * 0.0 + (1 - momentum) * mean,
+      'var': momentum * 1.0 + (1 - momentum) * var,
+  }
   for devices in (jax.devices()[:1], jax.devices()):
     y, stats = _bn_apply(model, variables, x, devices)
-    np.testing.assert_allclose(y, expected_y, rtol=BN_RTOL, atol=BN_RTOL,
-                               err_msg=f'{len(devices)} devices')
+    np.testing.assert_allclose(
+        y, expected_y, rtol=BN_RTOL, atol=BN_RTOL, err_msg=f'{len(devices)} devices'
+    )
     for name, value in expected_stats.items():
-      np.testing.assert_allclose(stats['bn'][name], value, rtol=BN_RTOL,
-                                 err_msg=f'{name}, {len(devices)} devices')
+      np.testing.assert_allclose(
+          stats['bn'][name], value, rtol=BN_RTOL, err_msg=f'{name}, {len(devices)} devices'
+      )
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,8 +249,7 @@ BATCH = 8
 def _paths(tree):
   """The '/'-joined dict-key paths of the array leaves of a (nested dict) tree."""
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
-          for path, _ in flat]
+  return ['/'.join(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path) for path, _ in flat]
 
 
 def _spy(tx, seen):
@@ -250,12 +276,14 @@ def frozen_run():
   model = models.build_model(cfg.model, 4, bn_axis_name=parallel.AXIS)
   variables = state_lib.init_variables(model, IMAGE, seed=0)
   variables['params']['backbone']['conv1_conv']['bias'] = -np.zeros(
-      variables['params']['backbone']['conv1_conv']['bias'].shape, np.float32)
+      variables['params']['backbone']['conv1_conv']['bias'].shape, np.float32
+  )
   # Weight decay moves every leaf it sees, gradient or not: a frozen leaf let into the
   # optimizer (under a zero update or a zero rate) would move under a decay applied
   # outside them.
-  phase = config_lib.phase(freeze=FREEZE_SPEC, optimizer='adamw', learning_rate=1e-2,
-                           weight_decay=0.1)
+  phase = config_lib.phase(
+      freeze=FREEZE_SPEC, optimizer='adamw', learning_rate=1e-2, weight_decay=0.1
+  )
   seen = {}
   opt = optimizers.make_optimizer(model, variables['params'], phase, 1)
   opt = dataclasses.replace(opt, tx=_spy(opt.tx, seen))
@@ -266,12 +294,19 @@ def frozen_run():
   before = jax.device_get(state)
   rng = np.random.default_rng(0)
   for _ in range(2):
-    batch = {'image': rng.integers(0, 256, (BATCH,) + IMAGE, dtype=np.uint8),
-             'label': rng.integers(0, 4, BATCH).astype(np.int32),
-             'weight': np.ones(BATCH, np.float32)}
+    batch = {
+        'image': rng.integers(0, 256, (BATCH,) + IMAGE, dtype=np.uint8),
+        'label': rng.integers(0, 4, BATCH).astype(np.int32),
+        'weight': np.ones(BATCH, np.float32),
+    }
     state, _ = train_step(state, parallel.shard_batch(batch, mesh), {})
-  return dict(params=variables['params'], labels=labels, seen=seen, before=before,
-              after=jax.device_get(state))
+  return dict(
+      params=variables['params'],
+      labels=labels,
+      seen=seen,
+      before=before,
+      after=jax.device_get(state),
+  )
 
 
 def _expected_split(params):
@@ -302,15 +337,16 @@ def test_frozen_leaves_get_no_optimizer_state_and_no_update(frozen_run):
   was (the -0.0 bias included) and every trainable leaf moved."""
   trainable, frozen = _expected_split(frozen_run['params'])
   before, after = frozen_run['before'], frozen_run['after']
-  moments = [p for p, x in zip(_paths(after.opt_state), jax.tree.leaves(after.opt_state))
-             if np.ndim(x) > 0]
+  moments = [
+      p for p, x in zip(_paths(after.opt_state), jax.tree.leaves(after.opt_state)) if np.ndim(x) > 0
+  ]
   # Each moment leaf's path ends with the parameter path it belongs to.
-  owners = [next((t for t in trainable | frozen if p.endswith('/' + t)), None)
-            for p in moments]
+  owners = [next((t for t in trainable | frozen if p.endswith('/' + t)), None) for p in moments]
   assert not [p for p, o in zip(moments, owners) if o is None or o in frozen]
   assert sorted(owners) == sorted(list(trainable) * 2)  # mu and nu, once each
-  for path, b, a in zip(_paths(before.params), jax.tree.leaves(before.params),
-                        jax.tree.leaves(after.params)):
+  for path, b, a in zip(
+      _paths(before.params), jax.tree.leaves(before.params), jax.tree.leaves(after.params)
+  ):
     b, a = np.asarray(b), np.asarray(a)
     if path in frozen:
       assert np.array_equal(b.view(np.uint32), a.view(np.uint32)), f'{path} changed'
@@ -339,10 +375,10 @@ def _eval_crop_and_keras(keras, shape, crop, size):
   RandomCrop layer itself returns the image unchanged at inference), then the model's
   `Resizing(size, size)`."""
   images = np.random.default_rng(0).integers(0, 256, (2,) + shape + (3,), dtype=np.uint8)
-  got = np.asarray(augmentation.prepare(jnp.asarray(images), None, Augment(crop=crop), size,
-                                        train=False))
-  expected = keras.layers.Resizing(crop, crop, crop_to_aspect_ratio=True)(
-      images.astype(np.float32))
+  got = np.asarray(
+      augmentation.prepare(jnp.asarray(images), None, Augment(crop=crop), size, train=False)
+  )
+  expected = keras.layers.Resizing(crop, crop, crop_to_aspect_ratio=True)(images.astype(np.float32))
   if crop != size:
     expected = keras.layers.Resizing(size, size)(expected)
   expected = np.asarray(expected)
@@ -364,7 +400,7 @@ def test_eval_centre_crop_of_a_non_square_image_equals_keras(keras, shape, crop,
     h, w = shape
     y0, x0 = (h - crop) // 2, (w - crop) // 2
     assert (y0, x0) in ((0, 8), (8, 0))
-    np.testing.assert_array_equal(got, images[:, y0:y0 + crop, x0:x0 + crop])
+    np.testing.assert_array_equal(got, images[:, y0 : y0 + crop, x0 : x0 + crop])
 
 
 def _long_axis_edges(shape, size):
@@ -390,5 +426,6 @@ def test_eval_centre_crop_upsampled_edges_equal_keras(keras, shape):
   resizes."""
   _, got, expected = _eval_crop_and_keras(keras, shape, 48, 48)
   edges = _long_axis_edges(shape, 48)
-  assert np.abs(got[:, edges[0], edges[1]] - expected[:, edges[0], edges[1]]).max() \
-      <= CROP_TOLERANCE
+  assert (
+      np.abs(got[:, edges[0], edges[1]] - expected[:, edges[0], edges[1]]).max() <= CROP_TOLERANCE
+  )

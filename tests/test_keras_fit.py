@@ -36,20 +36,37 @@ WEIGHT_TOL = 5e-6
 # name: (phase keys, Keras optimizer, its arguments); the same names in Keras 3 and tf_keras.
 CASES = {
     'sgd': ({'optimizer': 'sgd', 'learning_rate': 0.1}, 'SGD', {'learning_rate': 0.1}),
-    'sgd_momentum': ({'optimizer': 'sgd', 'learning_rate': 0.1, 'momentum': 0.9},
-                     'SGD', {'learning_rate': 0.1, 'momentum': 0.9}),
-    'sgd_nesterov': ({'optimizer': 'sgd', 'learning_rate': 0.1, 'momentum': 0.9,
-                      'nesterov': True},
-                     'SGD', {'learning_rate': 0.1, 'momentum': 0.9, 'nesterov': True}),
-    'rmsprop': ({'optimizer': 'rmsprop', 'learning_rate': 1e-3},
-                'RMSprop', {'learning_rate': 1e-3}),
-    'rmsprop_momentum': ({'optimizer': 'rmsprop', 'learning_rate': 1e-3, 'momentum': 0.9},
-                         'RMSprop', {'learning_rate': 1e-3, 'momentum': 0.9}),
+    'sgd_momentum': (
+        {'optimizer': 'sgd', 'learning_rate': 0.1, 'momentum': 0.9},
+        'SGD',
+        {'learning_rate': 0.1, 'momentum': 0.9},
+    ),
+    'sgd_nesterov': (
+        {'optimizer': 'sgd', 'learning_rate': 0.1, 'momentum': 0.9, 'nesterov': True},
+        'SGD',
+        {'learning_rate': 0.1, 'momentum': 0.9, 'nesterov': True},
+    ),
+    'rmsprop': (
+        {'optimizer': 'rmsprop', 'learning_rate': 1e-3},
+        'RMSprop',
+        {'learning_rate': 1e-3},
+    ),
+    'rmsprop_momentum': (
+        {'optimizer': 'rmsprop', 'learning_rate': 1e-3, 'momentum': 0.9},
+        'RMSprop',
+        {'learning_rate': 1e-3, 'momentum': 0.9},
+    ),
     'adam': ({'optimizer': 'adam', 'learning_rate': 1e-2}, 'Adam', {'learning_rate': 1e-2}),
-    'adam_cosine': ({'optimizer': 'adam', 'learning_rate': 1e-2, 'schedule': 'cosine'},
-                    'Adam', {'learning_rate': ('CosineDecay', 1e-2, EPOCHS)}),
-    'adamw': ({'optimizer': 'adamw', 'learning_rate': 1e-2, 'weight_decay': 0.05},
-              'AdamW', {'learning_rate': 1e-2, 'weight_decay': 0.05}),
+    'adam_cosine': (
+        {'optimizer': 'adam', 'learning_rate': 1e-2, 'schedule': 'cosine'},
+        'Adam',
+        {'learning_rate': ('CosineDecay', 1e-2, EPOCHS)},
+    ),
+    'adamw': (
+        {'optimizer': 'adamw', 'learning_rate': 1e-2, 'weight_decay': 0.05},
+        'AdamW',
+        {'learning_rate': 1e-2, 'weight_decay': 0.05},
+    ),
 }
 
 
@@ -57,6 +74,7 @@ CASES = {
 def tf_keras():
   """tf_keras (Keras 2 on TensorFlow), imported once, when a test first needs it."""
   import tf_keras as module  # pylint: disable=g-import-not-at-top
+
   return module
 
 
@@ -100,13 +118,18 @@ def _keras_fit(module, case: str) -> tuple[np.ndarray, list[np.ndarray]]:
   key = (module.__name__, case)
   if key not in _KERAS_FITS:
     x, y, *weights = _data()
-    model = module.Sequential([
-        module.Input(shape=(D,)),
-        module.layers.Dense(H, activation='relu', trainable=False),
-        module.layers.Dense(C)])
+    model = module.Sequential(
+        [
+            module.Input(shape=(D,)),
+            module.layers.Dense(H, activation='relu', trainable=False),
+            module.layers.Dense(C),
+        ]
+    )
     model.set_weights(weights)
-    model.compile(optimizer=_keras_optimizer(module, case),
-                  loss=module.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=_keras_optimizer(module, case),
+        loss=module.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     history = model.fit(x, y, batch_size=N, epochs=EPOCHS, shuffle=False, verbose=0)
     _KERAS_FITS[key] = (np.asarray(history.history['loss']), model.get_weights()[2:])
   return _KERAS_FITS[key]
@@ -121,8 +144,10 @@ def _fit(tx: optax.GradientTransformation) -> tuple[np.ndarray, list[np.ndarray]
     logits = hidden @ head['kernel'] + head['bias']
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  params = {'frozen': {'kernel': optax.MaskedNode(), 'bias': optax.MaskedNode()},
-            'head': {'kernel': jnp.asarray(head_kernel), 'bias': jnp.asarray(head_bias)}}
+  params = {
+      'frozen': {'kernel': optax.MaskedNode(), 'bias': optax.MaskedNode()},
+      'head': {'kernel': jnp.asarray(head_kernel), 'bias': jnp.asarray(head_bias)},
+  }
 
   @jax.jit
   def step(params, state):
@@ -143,8 +168,9 @@ def _differences(ours, theirs) -> tuple[float, float]:
   (our_losses, our_head), (losses, head) = ours, theirs
   start = _data()[4:]
   loss = float(np.max(np.abs(our_losses - losses) / np.abs(losses)))
-  weights = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b - s)))
-                for a, b, s in zip(our_head, head, start))
+  weights = max(
+      float(np.max(np.abs(a - b)) / np.max(np.abs(b - s))) for a, b, s in zip(our_head, head, start)
+  )
   return loss, weights
 
 
@@ -176,8 +202,10 @@ STEPS, LR = 6, 1e-3
 def _small_grads() -> list[np.ndarray]:
   """Gradients of 1e-6 .. 1e-3, random signs: the epsilon hat is up to ~all of an update."""
   rng = np.random.default_rng(1)
-  return [(rng.normal(size=256) * 10.0 ** rng.uniform(-6, -3, 256)).astype(np.float32)
-          for _ in range(STEPS)]
+  return [
+      (rng.normal(size=256) * 10.0 ** rng.uniform(-6, -3, 256)).astype(np.float32)
+      for _ in range(STEPS)
+  ]
 
 
 def _keras_steps(module) -> np.ndarray:
@@ -189,6 +217,7 @@ def _keras_steps(module) -> np.ndarray:
     apply = lambda g: opt.apply([jnp.asarray(g)], [var])
   else:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
     var = tf.Variable(zeros)
     apply = lambda g: opt.apply_gradients([(tf.constant(g), var)])
   steps = []

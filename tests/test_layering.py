@@ -11,7 +11,8 @@ from tests.helpers import ROOT
 
 def test_import_contracts_are_kept():
   lint = Path(sys.executable).with_name('lint-imports')
-  result = subprocess.run([str(lint), '--no-cache'], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+  result = subprocess.run(
+      [str(lint), '--no-cache'], cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
   assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
   assert 'Contracts: 3 kept, 0 broken.' in result.stdout

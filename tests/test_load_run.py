@@ -59,18 +59,29 @@ def test_load_run_in_a_fresh_process_predicts_what_evaluate_computed(run_copy, t
   moved_run(run_copy, best, tmp_path / 'moved')  # as if trained on another machine
   # One CPU device and nothing inherited: as in a notebook on a laptop.
   env = helpers.program_env(JAX_PLATFORMS='cpu')
-  result = subprocess.run([sys.executable, '-c', _FRESH_PROCESS, str(run_copy), str(out),
-                           str(tmp_path / 'moved')],
-                          env=env, capture_output=True, text=True, timeout=300, check=False)
+  result = subprocess.run(
+      [sys.executable, '-c', _FRESH_PROCESS, str(run_copy), str(out), str(tmp_path / 'moved')],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   opened = json.loads(result.stdout.strip().splitlines()[-1])
-  assert opened == {'step': report['step'], 'label': 'best',
-                    'classes': [str(d) for d in range(10)], 'device': 'cpu', 'devices': 1,
-                    'moved_run_equal': True}
+  assert opened == {
+      'step': report['step'],
+      'label': 'best',
+      'classes': [str(d) for d in range(10)],
+      'device': 'cpu',
+      'devices': 1,
+      'moved_run_equal': True,
+  }
   fresh = np.load(out)
   np.testing.assert_array_equal(fresh['labels'], evaluated['labels'])
-  np.testing.assert_allclose(fresh['probabilities'], evaluated['probabilities'], rtol=0,
-                             atol=PROB_ATOL)
+  np.testing.assert_allclose(
+      fresh['probabilities'], evaluated['probabilities'], rtol=0, atol=PROB_ATOL
+  )
   np.testing.assert_array_equal(fresh['probabilities'].argmax(-1), evaluated['predicted'])
   assert len(fresh['labels']) == report['examples']
 
@@ -87,15 +98,17 @@ def test_predict_fn_takes_one_image_and_any_size(run_copy, tmp_path):
   # Larger images are resized to the stored 8x8 on the device (bilinear, antialiased);
   # the command line resizes the files with PIL: up to uint8 rounding, the same input
   # (probabilities within 1e-4 of each other when measured; 1e-3 allowed).
-  big = [np.asarray(Image.fromarray(im).resize((20, 20), Image.Resampling.NEAREST))
-         for im in images]
+  big = [
+      np.asarray(Image.fromarray(im).resize((20, 20), Image.Resampling.NEAREST)) for im in images
+  ]
   paths = []
   for i, im in enumerate(big):
     paths.append(tmp_path / f'{i}.png')
     Image.fromarray(im).save(paths[-1])
   on_device = np.asarray(predict_probs(np.stack(big)))
-  from_files = predict.predict_run_files(run_copy, [str(p) for p in paths], k=10,
-                                         devices=jax.devices()[:1])
+  from_files = predict.predict_run_files(
+      run_copy, [str(p) for p in paths], k=10, devices=jax.devices()[:1]
+  )
   for row, top in zip(on_device, from_files):
     expected = np.zeros(10)
     for name, p in top:
@@ -116,14 +129,18 @@ def test_a_step_the_run_does_not_have_is_named_with_the_steps_it_has(run_copy):
   best = sorted(int(p.name) for p in (folder / 'best').iterdir() if p.name.isdigit())
   with pytest.raises(ConfigError) as error:
     fineflax.load_run(run_copy, 36)
-  assert str(error.value) == (f'{folder} has no step 36 (no folder latest/36 or best/36); '
-                              f'its steps: best/ {best}, latest/ [2, 4]')
+  assert str(error.value) == (
+      f'{folder} has no step 36 (no folder latest/36 or best/36); '
+      f'its steps: best/ {best}, latest/ [2, 4]'
+  )
   run = fineflax.load_run(run_copy)
   expected = models.abstract_variables(run.model, run.image_shape)
   with pytest.raises(ConfigError) as error:
     restore.read_variables(folder / 'best' / '36', expected)
-  assert str(error.value) == (f'{folder / "best" / "36"}: no such checkpoint folder; the steps '
-                              f'in {folder / "best"}: {best[0]}')
+  assert str(error.value) == (
+      f'{folder / "best" / "36"}: no such checkpoint folder; the steps '
+      f'in {folder / "best"}: {best[0]}'
+  )
   with pytest.raises(ConfigError, match=r'/checkpoints/phase_best does not exist\)$'):
     restore.read_variables(folder / 'phase_best' / '36', expected)
   with pytest.raises(ConfigError, match='not a checkpoint step folder \\(it has no state/\\)$'):

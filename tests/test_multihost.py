@@ -34,8 +34,15 @@ DEATH_NOTICED_WITHIN_S = 75
 # 12 epochs of 2 steps in the first phase: time to signal one process mid-phase.
 PREEMPTED_OVERRIDES = ('--config.phases[0].epochs=12',)
 
-CLUSTER_VARIABLES = ('SLURM_', 'OMPI_', 'TPU_', 'JAX_COORDINATOR', distributed.ENV_COORDINATOR,
-                     distributed.ENV_NUM_PROCESSES, distributed.ENV_PROCESS_ID)
+CLUSTER_VARIABLES = (
+    'SLURM_',
+    'OMPI_',
+    'TPU_',
+    'JAX_COORDINATOR',
+    distributed.ENV_COORDINATOR,
+    distributed.ENV_NUM_PROCESSES,
+    distributed.ENV_PROCESS_ID,
+)
 
 
 def _without_cluster(env: dict[str, str]) -> dict[str, str]:
@@ -53,14 +60,19 @@ def joins(monkeypatch):
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
   return calls
 
 
 def _slurm(monkeypatch, tasks: int) -> None:
-  for name, value in {'SLURM_JOB_ID': '4242', 'SLURM_STEP_NODELIST': 'node[007-008]',
-                      'SLURM_NTASKS': str(tasks), 'SLURM_PROCID': '1',
-                      'SLURM_LOCALID': '0'}.items():
+  for name, value in {
+      'SLURM_JOB_ID': '4242',
+      'SLURM_STEP_NODELIST': 'node[007-008]',
+      'SLURM_NTASKS': str(tasks),
+      'SLURM_PROCID': '1',
+      'SLURM_LOCALID': '0',
+  }.items():
     monkeypatch.setenv(name, value)
 
 
@@ -86,18 +98,37 @@ def test_initialize_joins_as_told_by_flags_or_environment(joins, monkeypatch):
   monkeypatch.setenv('FINEFLAX_PROCESS_ID', '3')
   distributed.initialize()
   distributed.initialize(process_id=2)  # a flag wins over the environment
-  common = dict(cluster_detection_method='deactivate', local_device_ids=None,
-                initialization_timeout=distributed.INIT_TIMEOUT_S,
-                heartbeat_timeout_seconds=distributed.HEARTBEAT_TIMEOUT_S,
-                shutdown_timeout_seconds=distributed.SHUTDOWN_TIMEOUT_S)
+  common = dict(
+      cluster_detection_method='deactivate',
+      local_device_ids=None,
+      initialization_timeout=distributed.INIT_TIMEOUT_S,
+      heartbeat_timeout_seconds=distributed.HEARTBEAT_TIMEOUT_S,
+      shutdown_timeout_seconds=distributed.SHUTDOWN_TIMEOUT_S,
+  )
   assert joins == [
-      dict(common, coordinator_address='10.0.0.1:1234', num_processes=2, process_id=1,
-           coordinator_bind_address=None),
+      dict(
+          common,
+          coordinator_address='10.0.0.1:1234',
+          num_processes=2,
+          process_id=1,
+          coordinator_bind_address=None,
+      ),
       # A loopback coordinator listens on the loopback interface only.
-      dict(common, coordinator_address='127.0.0.1:5678', num_processes=4, process_id=3,
-           coordinator_bind_address='127.0.0.1:5678'),
-      dict(common, coordinator_address='127.0.0.1:5678', num_processes=4, process_id=2,
-           coordinator_bind_address='127.0.0.1:5678')]
+      dict(
+          common,
+          coordinator_address='127.0.0.1:5678',
+          num_processes=4,
+          process_id=3,
+          coordinator_bind_address='127.0.0.1:5678',
+      ),
+      dict(
+          common,
+          coordinator_address='127.0.0.1:5678',
+          num_processes=4,
+          process_id=2,
+          coordinator_bind_address='127.0.0.1:5678',
+      ),
+  ]
 
 
 def test_initialize_lets_jax_read_a_slurm_job_of_several_tasks(joins, monkeypatch):
@@ -106,21 +137,37 @@ def test_initialize_lets_jax_read_a_slurm_job_of_several_tasks(joins, monkeypatc
   distributed.initialize()
   assert len(joins) == 1
   assert joins[0]['cluster_detection_method'] == 'slurm'
-  assert (joins[0]['coordinator_address'], joins[0]['num_processes'],
-          joins[0]['process_id']) == (None, None, None)
+  assert (joins[0]['coordinator_address'], joins[0]['num_processes'], joins[0]['process_id']) == (
+      None,
+      None,
+      None,
+  )
   distributed.initialize(num_processes=1)  # alone by request
   assert len(joins) == 1
 
 
-@pytest.mark.parametrize('kwargs, env, message', [
-    (dict(process_id=0), {}, "missing ['--coordinator', '--num_processes']"),
-    (dict(coordinator='h:1', num_processes=2, process_id=2), {},
-     'process_id=2 with num_processes=2: process ids run from 0 to 1'),
-    (dict(coordinator='h', num_processes=2, process_id=0), {},
-     "coordinator='h': expected HOST:PORT"),
-    (dict(num_processes=0), {}, 'num_processes=0: must be >= 1'),
-    ({}, {'FINEFLAX_NUM_PROCESSES': 'two'}, "FINEFLAX_NUM_PROCESSES='two': expected an integer"),
-])
+@pytest.mark.parametrize(
+    'kwargs, env, message',
+    [
+        (dict(process_id=0), {}, "missing ['--coordinator', '--num_processes']"),
+        (
+            dict(coordinator='h:1', num_processes=2, process_id=2),
+            {},
+            'process_id=2 with num_processes=2: process ids run from 0 to 1',
+        ),
+        (
+            dict(coordinator='h', num_processes=2, process_id=0),
+            {},
+            "coordinator='h': expected HOST:PORT",
+        ),
+        (dict(num_processes=0), {}, 'num_processes=0: must be >= 1'),
+        (
+            {},
+            {'FINEFLAX_NUM_PROCESSES': 'two'},
+            "FINEFLAX_NUM_PROCESSES='two': expected an integer",
+        ),
+    ],
+)
 def test_initialize_explains_settings_that_do_not_fit(joins, monkeypatch, kwargs, env, message):
   for name, value in env.items():
     monkeypatch.setenv(name, value)
@@ -131,18 +178,22 @@ def test_initialize_explains_settings_that_do_not_fit(joins, monkeypatch, kwargs
 
 def test_initialize_fails_clearly_after_jax_was_used_or_when_jax_refuses(joins, monkeypatch):
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   with monkeypatch.context() as patch:
     patch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
-    with pytest.raises(distributed.DistributedError, match='JAX was used .* before the '
-                       'processes were joined'):
+    with pytest.raises(
+        distributed.DistributedError, match='JAX was used .* before the ' 'processes were joined'
+    ):
       distributed.initialize('h:1', 2, 0)
 
   def refuse(**kwargs):
     raise jax.errors.JaxRuntimeError('INVALID_ARGUMENT: Unexpected task registered')
 
   monkeypatch.setattr(jax.distributed, 'initialize', refuse)
-  with pytest.raises(distributed.DistributedError,
-                     match='could not join coordinator h:1 as process 1 of 2: .*Unexpected task'):
+  with pytest.raises(
+      distributed.DistributedError,
+      match='could not join coordinator h:1 as process 1 of 2: .*Unexpected task',
+  ):
     distributed.initialize('h:1', 2, 1)
 
 
@@ -152,19 +203,29 @@ def test_initialize_once(joins, monkeypatch):
   assert not joins
 
 
-@pytest.mark.parametrize('command', [['fineflax.summary', '--config', 'configs/demo.py'],
-                                     ['fineflax.evaluate', '--workdir', 'runs/none']])
+@pytest.mark.parametrize(
+    'command',
+    [
+        ['fineflax.summary', '--config', 'configs/demo.py'],
+        ['fineflax.evaluate', '--workdir', 'runs/none'],
+    ],
+)
 def test_every_command_line_tool_takes_the_flags(command):
   result = subprocess.run(
       [sys.executable, '-m', *command, '--process_id=1'],
-      cwd=ROOT, env=_without_cluster(helpers.program_env()),
-      capture_output=True, text=True, timeout=120)
+      cwd=ROOT,
+      env=_without_cluster(helpers.program_env()),
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert result.returncode != 0
   assert result.stderr.strip().splitlines()[-1] == (
       'error: a multi-host run needs --coordinator, --num_processes and --process_id (or '
       'FINEFLAX_COORDINATOR, FINEFLAX_NUM_PROCESSES, FINEFLAX_PROCESS_ID); missing '
       "['--coordinator', '--num_processes'] and no TPU pod, SLURM or Open MPI job was "
-      'detected to supply them')
+      'detected to supply them'
+  )
 
 
 def _env(cache: Path, devices: int) -> dict[str, str]:
@@ -173,8 +234,9 @@ def _env(cache: Path, devices: int) -> dict[str, str]:
 
 def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
   with log.open('w') as out:
-    return subprocess.Popen([sys.executable, '-m', *command], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, '-m', *command], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+    )
 
 
 class Job:
@@ -184,17 +246,33 @@ class Job:
 
   def __init__(self, workdir: Path, commands: list[list[str]], env: dict[str, str]):
     launch = next(self._launches)
-    self.logs = [workdir.with_name(f'{workdir.name}.{launch}.{i}.log')
-                 for i in range(len(commands))]
+    self.logs = [
+        workdir.with_name(f'{workdir.name}.{launch}.{i}.log') for i in range(len(commands))
+    ]
     self.procs = [_start(c, env, log) for c, log in zip(commands, self.logs)]
 
   @classmethod
   def two_processes(cls, workdir: Path, cache: Path, *overrides: str) -> 'Job':
     """`python -m fineflax.train` as processes 0 and 1 of a job on 127.0.0.1."""
     port = helpers.free_port()
-    return cls(workdir, [['fineflax.train', '--config', CONFIG, *overrides, '--workdir',
-                          str(workdir), f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
-                          f'--process_id={i}'] for i in range(2)], _env(cache, 2))
+    return cls(
+        workdir,
+        [
+            [
+                'fineflax.train',
+                '--config',
+                CONFIG,
+                *overrides,
+                '--workdir',
+                str(workdir),
+                f'--coordinator=127.0.0.1:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+            ]
+            for i in range(2)
+        ],
+        _env(cache, 2),
+    )
 
   def output(self, i: int) -> str:
     return self.logs[i].read_text()
@@ -228,10 +306,11 @@ def _assert_same_variables(actual: dict, expected: dict) -> None:
   """Bit for bit, leaf by leaf: the same data, steps and collectives leave no rounding
   difference to allow for (see tests/multihost_reference.py)."""
   assert checkpoints.leaf_specs(actual) == checkpoints.leaf_specs(expected)
-  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(actual)[0],
-                               jax.tree_util.tree_flatten_with_path(expected)[0]):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b),
-                                  err_msg=jax.tree_util.keystr(path))
+  for (path, a), (_, b) in zip(
+      jax.tree_util.tree_flatten_with_path(actual)[0],
+      jax.tree_util.tree_flatten_with_path(expected)[0],
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
 
 
 def _wait_until(job: Job, done: Callable[[], bool], what: str) -> None:
@@ -240,8 +319,7 @@ def _wait_until(job: Job, done: Callable[[], bool], what: str) -> None:
   while not done():
     if any(p.poll() is not None for p in job.procs) or time.monotonic() > deadline:
       job.kill()
-      pytest.fail(f'never {what} (a process ended, or {RUN_TIMEOUT_S} s passed)\n'
-                  f'{job.tails()}')
+      pytest.fail(f'never {what} (a process ended, or {RUN_TIMEOUT_S} s passed)\n' f'{job.tails()}')
     time.sleep(0.05)
 
 
@@ -284,33 +362,42 @@ def runs(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('multihost')
   cache = root / 'cache'
-  jobs = {'one': Job(root / 'one', [['tests.multihost_reference', CONFIG, str(root / 'one'),
-                                     str(helpers.free_port())]], _env(cache, 4)),
-          'two': Job.two_processes(root / 'two', cache)}
+  jobs = {
+      'one': Job(
+          root / 'one',
+          [['tests.multihost_reference', CONFIG, str(root / 'one'), str(helpers.free_port())]],
+          _env(cache, 4),
+      ),
+      'two': Job.two_processes(root / 'two', cache),
+  }
   try:
-    _wait_until(jobs['two'], lambda: 'compiled the train step' in jobs['two'].output(0),
-                'compiled')
+    _wait_until(jobs['two'], lambda: 'compiled the train step' in jobs['two'].output(0), 'compiled')
     jobs['killed'] = Job.two_processes(root / 'killed', cache)
     jobs['preempted'] = Job.two_processes(root / 'preempted', cache, *PREEMPTED_OVERRIDES)
     _first_checkpoint(jobs['killed'], root / 'killed')
     killed = _kill_second(jobs['killed'])
-    _wait_until(jobs['preempted'], lambda: '[scratch] epoch 1/' in jobs['preempted'].output(0),
-                'finished an epoch')
+    _wait_until(
+        jobs['preempted'],
+        lambda: '[scratch] epoch 1/' in jobs['preempted'].output(0),
+        'finished an epoch',
+    )
     jobs['preempted'].procs[1].send_signal(signal.SIGTERM)
     death = _end_of_first(jobs['killed'], killed)
     jobs['resumed'] = Job.two_processes(root / 'killed', cache)
     preempted = jobs['preempted'].wait()
-    jobs['preempted_resumed'] = Job.two_processes(root / 'preempted', cache,
-                                                  *PREEMPTED_OVERRIDES)
-    codes = {name: job.wait() for name, job in jobs.items()
-             if name not in ('killed', 'preempted')}
+    jobs['preempted_resumed'] = Job.two_processes(root / 'preempted', cache, *PREEMPTED_OVERRIDES)
+    codes = {name: job.wait() for name, job in jobs.items() if name not in ('killed', 'preempted')}
   finally:
     for job in jobs.values():
       job.kill()
   for name, code in codes.items():
     assert code == [0] * len(code), f'{name}:\n{jobs[name].tails()}'
-  return dict(jobs=jobs, death=death, preempted_codes=preempted,
-              **{name: root / name for name in ('one', 'two', 'killed', 'preempted')})
+  return dict(
+      jobs=jobs,
+      death=death,
+      preempted_codes=preempted,
+      **{name: root / name for name in ('one', 'two', 'killed', 'preempted')},
+  )
 
 
 def test_two_processes_train_as_one_process_on_their_devices(runs):
@@ -331,8 +418,9 @@ def test_two_processes_train_as_one_process_on_their_devices(runs):
 
 def test_a_dead_process_fails_the_other_and_the_run_resumes(runs):
   killed, death = runs['jobs']['killed'], runs['death']
-  assert death['code'] is not None, (
-      f'process 0 still ran {DEATH_NOTICED_WITHIN_S} s after process 1 died\n{killed.tails()}')
+  assert (
+      death['code'] is not None
+  ), f'process 0 still ran {DEATH_NOTICED_WITHIN_S} s after process 1 died\n{killed.tails()}'
   assert death['code'] != 0, killed.tails()
   print(f"process 0 exited with {death['code']}, {death['seconds']:.1f} s after process 1 died")
 
@@ -367,16 +455,31 @@ def test_two_processes_on_a_gs_run_folder_end_as_on_a_local_one(runs, tmp_path):
   """Both processes write their shards of every Orbax save to Cloud Storage (the emulator
   of tests/storage_emulator.py); process 0 the reports."""
   from tests import storage_emulator  # pylint: disable=g-import-not-at-top
+
   workdir = f'gs://{storage_emulator.BUCKET}/multihost'
   with storage_emulator.running(tmp_path / 'emulator.log') as env:
     port = helpers.free_port()
-    job = Job(tmp_path / 'gs', [
-        ['fineflax.train', '--config', CONFIG, '--workdir', workdir,
-         f'--coordinator=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
-        for i in range(2)], dict(_env(runs['two'].parent / 'cache', 2), **env))
+    job = Job(
+        tmp_path / 'gs',
+        [
+            [
+                'fineflax.train',
+                '--config',
+                CONFIG,
+                '--workdir',
+                workdir,
+                f'--coordinator=127.0.0.1:{port}',
+                '--num_processes=2',
+                f'--process_id={i}',
+            ]
+            for i in range(2)
+        ],
+        dict(_env(runs['two'].parent / 'cache', 2), **env),
+    )
     assert job.wait() == [0, 0], job.tails()
     with storage_emulator.environment(env):
-      drop = lambda records: [{k: v for k, v in r.items() if k != 'images_per_sec'}
-                              for r in records]
+      drop = lambda records: [
+          {k: v for k, v in r.items() if k != 'images_per_sec'} for r in records
+      ]
       assert drop(MetricsLog(workdir).read()) == drop(MetricsLog(runs['two']).read())
       _assert_same_variables(_final_variables(workdir), _final_variables(runs['two']))

@@ -49,9 +49,23 @@ def _two_processes(tmp_path: Path, *job: str) -> list[dict]:
   procs = []
   for i in range(2):
     with logs[i].open('w') as log:  # the child keeps its own copy of the descriptor
-      procs.append(subprocess.Popen(
-          [sys.executable, '-m', 'tests.multiprocess_worker', str(port), str(i),
-           str(outputs[i]), *job], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
+      procs.append(
+          subprocess.Popen(
+              [
+                  sys.executable,
+                  '-m',
+                  'tests.multiprocess_worker',
+                  str(port),
+                  str(i),
+                  str(outputs[i]),
+                  *job,
+              ],
+              cwd=ROOT,
+              env=env,
+              stdout=log,
+              stderr=subprocess.STDOUT,
+          )
+      )
   deadline = time.monotonic() + JOB_TIMEOUT_S
   while any(p.poll() is None for p in procs):
     failed = any(p.returncode not in (None, 0) for p in procs)
@@ -61,12 +75,15 @@ def _two_processes(tmp_path: Path, *job: str) -> list[dict]:
           p.kill()
           p.wait()
       if not failed:
-        pytest.fail(f'{job}: no end in {JOB_TIMEOUT_S} s (hung?):\n' + '\n'.join(
-            f'--- process {i}\n{log.read_text()[-2000:]}' for i, log in enumerate(logs)))
+        pytest.fail(
+            f'{job}: no end in {JOB_TIMEOUT_S} s (hung?):\n'
+            + '\n'.join(f'--- process {i}\n{log.read_text()[-2000:]}' for i, log in enumerate(logs))
+        )
       break
     time.sleep(0.2)
   assert [p.returncode for p in procs] == [0, 0], '\n'.join(  # -9: killed here
-      f'--- process {i}\n{log.read_text()[-3000:]}' for i, log in enumerate(logs))
+      f'--- process {i}\n{log.read_text()[-3000:]}' for i, log in enumerate(logs)
+  )
   results = [json.loads(o.read_text()) for o in outputs]
   assert [r['process_count'] for r in results] == [2, 2]
   return results
@@ -76,7 +93,8 @@ def _pngs(folder: Path, count: int, rng: np.random.Generator) -> None:
   folder.mkdir(parents=True)
   for i in range(count):
     Image.fromarray(rng.integers(0, 256, multiprocess_job.IMAGE, dtype=np.uint8)).save(
-        folder / f'{i}.png')  # PNG: lossless, every reader decodes the same pixels
+        folder / f'{i}.png'
+    )  # PNG: lossless, every reader decodes the same pixels
 
 
 def _folder_examples(photos: Path) -> dict[str, tuple[np.ndarray, int]]:
@@ -111,8 +129,7 @@ def edges_job(tmp_path_factory, demo_run):
   config = json.loads((run_one / 'config.json').read_text())
   config['data']['max_examples'] = 1
   (run_one / 'config.json').write_text(json.dumps(config))
-  results = _two_processes(tmp, 'edges', str(photos), str(tmp / 'tfds'), str(run),
-                           str(run_one))
+  results = _two_processes(tmp, 'edges', str(photos), str(tmp / 'tfds'), str(run), str(run_one))
   return {'results': results, 'photos': photos, 'run': run, 'run_one': run_one}
 
 
@@ -124,8 +141,10 @@ def _disjoint_and_covering(shares: list[list[str]], everything: list[str]) -> No
 
 def _tiny_train() -> dict[str, tuple[np.ndarray, int]]:
   """{digest: (image, label)} of the tiny tfds dataset's train split, made with NumPy."""
-  return {multiprocess_job.digest(x, y): (x, y) for x, y in
-          zip(*multiprocess_job.tiny_examples(*multiprocess_job.TINY_SPLITS['train']))}
+  return {
+      multiprocess_job.digest(x, y): (x, y)
+      for x, y in zip(*multiprocess_job.tiny_examples(*multiprocess_job.TINY_SPLITS['train']))
+  }
 
 
 def _reference(examples: list[tuple[np.ndarray, int]]) -> dict[str, float]:
@@ -135,13 +154,22 @@ def _reference(examples: list[tuple[np.ndarray, int]]) -> dict[str, float]:
   one = jax.devices()[0]
   variables = jax.device_put(variables, one)
   single = jax.jit(lambda v, x: model.apply(v, x, train=False))
-  logits = np.concatenate([np.asarray(single(variables, jax.device_put(
-      image[None].astype(np.float32), one)), np.float64) for image, _ in examples])
+  logits = np.concatenate(
+      [
+          np.asarray(
+              single(variables, jax.device_put(image[None].astype(np.float32), one)), np.float64
+          )
+          for image, _ in examples
+      ]
+  )
   labels = np.asarray([label for _, label in examples])
   shifted = logits - logits.max(-1, keepdims=True)
   log_p = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-  return {'loss': float(-log_p[np.arange(len(labels)), labels].mean()),
-          'accuracy': float(np.mean(logits.argmax(-1) == labels)), 'count': len(labels)}
+  return {
+      'loss': float(-log_p[np.arange(len(labels)), labels].mean()),
+      'accuracy': float(np.mean(logits.argmax(-1) == labels)),
+      'count': len(labels),
+  }
 
 
 def test_two_processes_read_disjoint_covering_shares(edges_job):
@@ -195,7 +223,10 @@ def test_shares_made_uneven_by_unreadable_files_train_every_example(tmp_path):
   assert np.isfinite(results[0]['results']['test_loss'])
   splits = json.loads((workdir / 'dataset.json').read_text())['splits']
   assert {role: (s['examples'], s['skipped_files']) for role, s in splits.items()} == {
-      'train': (16, 8), 'val': (6, 1), 'test': (8, 1)}
+      'train': (16, 8),
+      'val': (6, 1),
+      'test': (8, 1),
+  }
   records = MetricsLog(workdir).read()
   assert [r['step'] for r in records] == [3, 6, 9]
   assert all(np.isfinite([r['loss'], r['val_loss']]).all() for r in records), records
@@ -209,8 +240,9 @@ def test_folder_shares_are_disjoint_and_cover_the_folder(edges_job):
   shaped alike on every process, or each would trace a program of its own."""
   shares = [r['folder']['shares'] for r in edges_job['results']]
   everything = list(_folder_examples(edges_job['photos']))
-  _disjoint_and_covering([s['train']['digests'] + s['validation']['digests'] for s in shares],
-                         everything)
+  _disjoint_and_covering(
+      [s['train']['digests'] + s['validation']['digests'] for s in shares], everything
+  )
   assert [len(s['train']['digests']) for s in shares] == [4, 3]  # every 2nd file from the p-th
   assert [len(s['validation']['digests']) for s in shares] == [1, 0]
   for s in shares:
@@ -267,8 +299,9 @@ def test_tfds_max_examples_below_the_process_count_leaves_an_empty_share(edges_j
   process hanging."""
   shares = [r['tfds']['max1'] for r in edges_job['results']]
   assert [len(s['digests']) for s in shares] == [1, 0]
-  assert [(s['size'], s['largest_share'], s['image_shape']) for s in shares] == \
-      [(1, 1, [8, 8, 3])] * 2
+  assert [(s['size'], s['largest_share'], s['image_shape']) for s in shares] == [
+      (1, 1, [8, 8, 3])
+  ] * 2
   want = _reference([_tiny_train()[shares[0]['digests'][0]]])
   for s in shares:
     assert s['metrics']['count'] == 1
@@ -285,8 +318,12 @@ def test_evaluate_run_on_two_processes_equals_one_process(edges_job, tmp_path):
   results = json.loads((edges_job['run'] / 'results.json').read_text())
   for name, count in (('run', 32), ('run_one', 1)):
     # One process, on a copy of its own (the job's copies hold the job's eval/ files).
-    alone = evaluate_lib.evaluate_run(shutil.copytree(edges_job[name], tmp_path / name),
-                                      'test', 'latest', devices=jax.devices()[:1])
+    alone = evaluate_lib.evaluate_run(
+        shutil.copytree(edges_job[name], tmp_path / name),
+        'test',
+        'latest',
+        devices=jax.devices()[:1],
+    )
     assert (alone['examples'], alone['step']) == (count, 4)
     for r in edges_job['results']:
       got = r['evaluate_run'][name]
@@ -320,7 +357,12 @@ def test_a_tfds_process_with_an_empty_share_reads_no_example(tmp_path, monkeypat
 
   monkeypatch.setattr(tfds_source, 'read_split', read_split)
   cfg = config_lib.default_config().data
-  cfg.update(source=f'tfds:{multiprocess_job.TINY_TFDS}', data_dir=str(tmp_path),
-             train_split='test', val_split=None, test_split=None)
+  cfg.update(
+      source=f'tfds:{multiprocess_job.TINY_TFDS}',
+      data_dir=str(tmp_path),
+      train_split='test',
+      val_split=None,
+      test_split=None,
+  )
   dataset = tfds_source.load(cfg.source, cfg, ('train_split',))
   assert shares == [0] and len(dataset.splits['test']) == 0

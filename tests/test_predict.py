@@ -67,8 +67,15 @@ def cache(tmp_path_factory):
 
 def _predict(args, cache, cwd):
   env = helpers.program_env(cache=cache)
-  return subprocess.run([sys.executable, '-m', 'fineflax.predict', *map(str, args)], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=300, check=False)
+  return subprocess.run(
+      [sys.executable, '-m', 'fineflax.predict', *map(str, args)],
+      cwd=cwd,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
 
 
 def _best_step(run_dir):
@@ -87,8 +94,23 @@ def _printed(stdout):
 def test_a_broken_file_does_not_stop_the_others(demo_run, walkthrough, cache, tmp_path):
   # As the newcomer ran it, from the folder of the images, with relative paths.
   out = tmp_path / 'out.csv'
-  done = _predict(['--workdir', demo_run, '--top_k', 2, '--output', out,
-                   'a.png', 'broken.jpg', 'missing.png', 'digits', 'c.png'], cache, walkthrough)
+  done = _predict(
+      [
+          '--workdir',
+          demo_run,
+          '--top_k',
+          2,
+          '--output',
+          out,
+          'a.png',
+          'broken.jpg',
+          'missing.png',
+          'digits',
+          'c.png',
+      ],
+      cache,
+      walkthrough,
+  )
   assert done.returncode == 1, done.stderr[-3000:]
   step = _best_step(demo_run)
   lines = done.stdout.splitlines()
@@ -109,24 +131,40 @@ def test_a_broken_file_does_not_stop_the_others(demo_run, walkthrough, cache, tm
   with open(out, newline='') as f:
     rows = list(csv.DictReader(f))
   assert [r['path'] for r in rows] == ['a.png', 'broken.jpg', 'missing.png', *good[1:]]
-  assert list(rows[0]) == ['path', 'workdir', 'checkpoint', 'step', 'weights', 'class_1',
-                           'probability_1', 'class_2', 'probability_2', 'error']
+  assert list(rows[0]) == [
+      'path',
+      'workdir',
+      'checkpoint',
+      'step',
+      'weights',
+      'class_1',
+      'probability_1',
+      'class_2',
+      'probability_2',
+      'error',
+  ]
   for row in rows:
     assert (row['workdir'], row['checkpoint'], row['step'], row['weights']) == (
-        str(demo_run), 'best', str(step), '')
+        str(demo_run),
+        'best',
+        str(step),
+        '',
+    )
     if row['path'] in good:
       assert row['error'] == ''
       ranked = printed[row['path']]
       assert [row['class_1'], row['class_2']] == [name for name, _ in ranked]
       assert [float(row['probability_1']), float(row['probability_2'])] == pytest.approx(
-          [p for _, p in ranked], abs=5e-5)  # printed to 4 decimals
+          [p for _, p in ranked], abs=5e-5
+      )  # printed to 4 decimals
     else:
       assert row['error'].startswith(f"{row['path']}: not a readable image (")
       assert row['class_1'] == row['probability_1'] == ''
 
   # The good images get what they get when every file is readable.
-  before = predict.predict_run_files(demo_run, [str(walkthrough / p) for p in good], k=2,
-                                     devices=jax.devices()[:1])
+  before = predict.predict_run_files(
+      demo_run, [str(walkthrough / p) for p in good], k=2, devices=jax.devices()[:1]
+  )
   for path, ranked in zip(good, before):
     row = next(r for r in rows if r['path'] == path)
     assert [row['class_1'], row['class_2']] == [name for name, _ in ranked]
@@ -135,8 +173,21 @@ def test_a_broken_file_does_not_stop_the_others(demo_run, walkthrough, cache, tm
 
 def test_json_output_and_exit_status_0(demo_run, walkthrough, cache, tmp_path):
   out = tmp_path / 'out.json'
-  done = _predict(['--workdir', demo_run, '--checkpoint', 'latest', '--top_k', 3,
-                   '--output', out, walkthrough / 'digits'], cache, tmp_path)
+  done = _predict(
+      [
+          '--workdir',
+          demo_run,
+          '--checkpoint',
+          'latest',
+          '--top_k',
+          3,
+          '--output',
+          out,
+          walkthrough / 'digits',
+      ],
+      cache,
+      tmp_path,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   lines = done.stdout.splitlines()
   assert lines[0] == f'{demo_run}: checkpoint latest (step 4)'
@@ -146,7 +197,12 @@ def test_json_output_and_exit_status_0(demo_run, walkthrough, cache, tmp_path):
   assert [r['path'] for r in rows] == paths
   for row in rows:
     assert (row['workdir'], row['checkpoint'], row['step'], row['weights'], row['error']) == (
-        str(demo_run), 'latest', 4, None, None)
+        str(demo_run),
+        'latest',
+        4,
+        None,
+        None,
+    )
     assert [set(entry) for entry in row['top_k']] == [{'class', 'probability'}] * 3
     probs = [entry['probability'] for entry in row['top_k']]
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
@@ -154,8 +210,11 @@ def test_json_output_and_exit_status_0(demo_run, walkthrough, cache, tmp_path):
 
 def test_no_readable_file_and_a_wrong_output_suffix(demo_run, walkthrough, cache, tmp_path):
   out = tmp_path / 'none.json'
-  done = _predict(['--workdir', demo_run, '--output', out, 'broken.jpg', 'missing.png',
-                   'empty'], cache, walkthrough)
+  done = _predict(
+      ['--workdir', demo_run, '--output', out, 'broken.jpg', 'missing.png', 'empty'],
+      cache,
+      walkthrough,
+  )
   assert done.returncode == 1 and done.stdout == ''
   errors = done.stderr.splitlines()
   assert errors[-1] == 'error: none of the 3 images could be read'
@@ -168,19 +227,25 @@ def test_no_readable_file_and_a_wrong_output_suffix(demo_run, walkthrough, cache
   assert [r['error'] for r in rows] == errors[-4:-1]
   for row in rows:
     assert (row['workdir'], row['checkpoint'], row['step'], row['top_k']) == (
-        str(demo_run), None, None, None)
+        str(demo_run),
+        None,
+        None,
+        None,
+    )
 
   done = _predict(['--workdir', demo_run, '--output', 'out.txt', 'a.png'], cache, walkthrough)
   assert done.returncode == 1 and done.stdout == ''
   assert done.stderr.splitlines()[-1] == (
-      "error: --output out.txt: expected a .csv or .json file, not '.txt'")
+      "error: --output out.txt: expected a .csv or .json file, not '.txt'"
+  )
   assert not (walkthrough / 'out.txt').exists() and 'Traceback' not in done.stderr
 
 
 def test_the_program_prints_the_run_s_classes(demo_run, walkthrough, capsys):
   paths = [str(walkthrough / name) for name in ('a.png', 'c.png', 'digits/2.JPG')]
-  every = predict.predict_run_files(demo_run, paths, k=10, checkpoint='latest',
-                                    devices=jax.devices()[:1])
+  every = predict.predict_run_files(
+      demo_run, paths, k=10, checkpoint='latest', devices=jax.devices()[:1]
+  )
   assert len(every) == len(paths)
   for ranked in every:
     assert sorted(name for name, _ in ranked) == DIGITS
@@ -217,7 +282,8 @@ def test_zero_shot_output_names_the_config_s_weights(walkthrough, tmp_path, caps
   assert f'{paths[1]}: not a readable image (' in captured.err
   rows = json.loads(out.read_text())
   assert [(r['path'], r['workdir'], r['checkpoint'], r['step'], r['weights']) for r in rows] == [
-      (p, None, None, None, None) for p in paths]
+      (p, None, None, None, None) for p in paths
+  ]
   assert rows[1]['top_k'] is None and rows[1]['error'].startswith(f'{paths[1]}: not a readable')
   assert len(rows[0]['top_k']) == 1 and rows[0]['error'] is None
 
@@ -226,8 +292,10 @@ def test_predict_fn_takes_a_list_of_images_of_different_sizes(demo_run, test_ima
   run = fineflax.load_run(demo_run)
   probs_of = fineflax.predict_fn(run)
   sizes = [(8, 8), (20, 20), (12, 16), (5, 7), (20, 20)]
-  images = [np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.NEAREST))
-            for im, (h, w) in zip(test_images, sizes)]
+  images = [
+      np.asarray(Image.fromarray(im).resize((w, h), Image.Resampling.NEAREST))
+      for im, (h, w) in zip(test_images, sizes)
+  ]
   listed = np.asarray(probs_of(images))
   assert listed.shape == (5, 10) and np.allclose(listed.sum(-1), 1, atol=1e-5)
   # Each image as the array path resizes it, alone.
@@ -236,13 +304,15 @@ def test_predict_fn_takes_a_list_of_images_of_different_sizes(demo_run, test_ima
   # A tuple, and a list of same-size images, are what the (n, H, W, 3) array gives.
   np.testing.assert_allclose(np.asarray(probs_of(tuple(images))), listed, rtol=0, atol=0)
   same = test_images[:5]
-  np.testing.assert_allclose(np.asarray(probs_of(list(same))), np.asarray(probs_of(same)),
-                             rtol=0, atol=PROB_ATOL)
+  np.testing.assert_allclose(
+      np.asarray(probs_of(list(same))), np.asarray(probs_of(same)), rtol=0, atol=PROB_ATOL
+  )
   # Resized beforehand by PIL (bilinear, as the program reads files) and given as an
   # array: up to uint8 rounding and the resize method, the same input (1e-3 allowed, as
   # tests/test_load_run.py allows).
-  by_pil = np.stack([np.asarray(Image.fromarray(im).resize((8, 8), Image.Resampling.BILINEAR))
-                     for im in images])
+  by_pil = np.stack(
+      [np.asarray(Image.fromarray(im).resize((8, 8), Image.Resampling.BILINEAR)) for im in images]
+  )
   np.testing.assert_allclose(listed, np.asarray(probs_of(by_pil)), rtol=0, atol=1e-3)
 
 
@@ -250,8 +320,10 @@ def test_predict_fn_names_what_it_was_given(demo_run, test_images):
   probs_of = fineflax.predict_fn(fineflax.load_run(demo_run))
   with pytest.raises(ValueError, match=r"^images\[1\] is a str \('b\.png'\): expected uint8 RGB"):
     probs_of([test_images[0], 'b.png'])
-  with pytest.raises(ValueError, match=r'^images\[0\] of shape \(8, 8, 3\) and dtype float32: '
-                                       'expected uint8 RGB'):
+  with pytest.raises(
+      ValueError,
+      match=r'^images\[0\] of shape \(8, 8, 3\) and dtype float32: ' 'expected uint8 RGB',
+  ):
     probs_of([test_images[0].astype(np.float32)])
   with pytest.raises(ValueError, match=r'^images\[0\] of shape \(2, 8, 8, 3\) and dtype uint8'):
     probs_of([test_images[:2]])

@@ -15,13 +15,17 @@ from fineflax.run import RunDir, plots, progress, reporting, tensorboard
 
 # --- TensorBoard -------------------------------------------------------------------------
 
-@pytest.mark.parametrize('data, expected', [
-    (b'', 0x00000000),
-    (b'123456789', 0xE3069283),
-    (b'\x00' * 32, 0x8A9136AA),  # RFC 3720 B.4
-    (b'\xff' * 32, 0x62A8AB43),
-    (bytes(range(32)), 0x46DD794E),
-])
+
+@pytest.mark.parametrize(
+    'data, expected',
+    [
+        (b'', 0x00000000),
+        (b'123456789', 0xE3069283),
+        (b'\x00' * 32, 0x8A9136AA),  # RFC 3720 B.4
+        (b'\xff' * 32, 0x62A8AB43),
+        (bytes(range(32)), 0x46DD794E),
+    ],
+)
 def test_crc32c_known_vectors(data, expected):
   assert tfrecord_index.crc32c(data) == expected
 
@@ -29,19 +33,23 @@ def test_crc32c_known_vectors(data, expected):
 def test_summary_writer_is_read_back_by_tensorflow(tmp_path):
   with tensorboard.SummaryWriter(tmp_path) as writer:
     writer.scalar('loss', 0.75, step=0)
-    writer.scalars({'loss': 0.5, 'accuracy': 0.875, 'val_loss': None}, step=7,
-                   prefix='train')
+    writer.scalars({'loss': 0.5, 'accuracy': 0.875, 'val_loss': None}, step=7, prefix='train')
     writer.flush()
     writer.scalars({'images_per_sec': 1234.5}, step=2**40)  # a multi-byte varint
   files = list(tmp_path.iterdir())
   assert [f.name.startswith('events.out.tfevents.') for f in files] == [True]
 
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   events = list(tf.compat.v1.train.summary_iterator(str(files[0])))
   assert events[0].file_version == 'brain.Event:2'
   got = [(e.step, v.tag, v.simple_value) for e in events[1:] for v in e.summary.value]
-  assert got == [(0, 'loss', 0.75), (7, 'train/loss', 0.5), (7, 'train/accuracy', 0.875),
-                 (2**40, 'images_per_sec', 1234.5)]
+  assert got == [
+      (0, 'loss', 0.75),
+      (7, 'train/loss', 0.5),
+      (7, 'train/accuracy', 0.875),
+      (2**40, 'images_per_sec', 1234.5),
+  ]
   assert all(e.wall_time > 1.6e9 for e in events)
 
 
@@ -55,23 +63,32 @@ def test_second_writer_opens_a_new_file(tmp_path):
 
 
 def test_importing_tensorboard_module_does_not_import_tensorflow():
-  code = ('import sys, fineflax.run.tensorboard; '
-          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
-          "('tensorflow', 'tensorboard')))")
-  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                       check=True)
+  code = (
+      'import sys, fineflax.run.tensorboard; '
+      "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+      "('tensorflow', 'tensorboard')))"
+  )
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '[]'
 
 
 # --- plots -------------------------------------------------------------------------------
 
+
 def _record(epoch, phase_index, val):
-  return {'phase': ['head', 'fine_tune'][phase_index], 'phase_index': phase_index,
-          'phase_epoch': epoch, 'epoch': epoch, 'step': 10 * epoch,
-          'loss': 1.0 / epoch, 'accuracy': 1 - 0.5 / epoch,
-          'val_loss': 1.2 / epoch if val else None,
-          'val_accuracy': 1 - 0.6 / epoch if val else None,
-          'learning_rate': 1e-3, 'images_per_sec': 100.0}
+  return {
+      'phase': ['head', 'fine_tune'][phase_index],
+      'phase_index': phase_index,
+      'phase_epoch': epoch,
+      'epoch': epoch,
+      'step': 10 * epoch,
+      'loss': 1.0 / epoch,
+      'accuracy': 1 - 0.5 / epoch,
+      'val_loss': 1.2 / epoch if val else None,
+      'val_accuracy': 1 - 0.6 / epoch if val else None,
+      'learning_rate': 1e-3,
+      'images_per_sec': 100.0,
+  }
 
 
 def _png_size(path):
@@ -82,8 +99,11 @@ def _png_size(path):
 
 
 def test_history_with_two_phases_and_missing_validation(tmp_path):
-  records = ([_record(e, 0, val=True) for e in (1, 2, 3)] +
-             [_record(4, 1, val=False)] + [_record(e, 1, val=True) for e in (5, 6)])
+  records = (
+      [_record(e, 0, val=True) for e in (1, 2, 3)]
+      + [_record(4, 1, val=False)]
+      + [_record(e, 1, val=True) for e in (5, 6)]
+  )
   path = tmp_path / 'history.png'
   plots.write_history(path, records)
   width, height = _png_size(path)
@@ -118,6 +138,7 @@ def test_confusion_matrix_rejects_wrong_shape(tmp_path):
 
 
 # --- progress ----------------------------------------------------------------------------
+
 
 class _Epoch:
   """An epoch's rows of metric sums (loss, correct, count) as the train step fills them:
@@ -196,8 +217,15 @@ def test_resumed_bar_starts_where_the_epoch_stopped():
   """Resumed after 6 batches: their sums come from the checkpoint, and the rows before
   the 7th (not this session's) are not read."""
   stream = io.StringIO()
-  bar = progress.Progress(10, 'lines', '', stream, batches_done=6, interval=0,
-                          start_sums={'loss': 6.0, 'correct': 0.0, 'count': 6.0})
+  bar = progress.Progress(
+      10,
+      'lines',
+      '',
+      stream,
+      batches_done=6,
+      interval=0,
+      start_sums={'loss': 6.0, 'correct': 0.0, 'count': 6.0},
+  )
   epoch = _Epoch(10, done=6)
   epoch.rows[:6] = np.nan  # would poison the sums if they were read
   for _ in range(4):
@@ -222,6 +250,7 @@ def test_auto_mode_picks_lines_without_a_terminal():
   assert progress.Progress(5, 'auto', stream=io.StringIO()).mode == 'lines'
 
   class Terminal(io.StringIO):
+
     def isatty(self):
       return True
 
@@ -265,11 +294,15 @@ def test_sums_of_consecutive_rows_equal_the_sum_of_all():
 
 # --- the summary a run ends with --------------------------------------------------------
 
-@pytest.mark.parametrize('val, test, offered', [
-    (True, True, '[--split train|val|test]'),
-    (True, False, '--split train|val'),  # evaluate's default split, test, is not there
-    (False, False, '--split train'),
-])
+
+@pytest.mark.parametrize(
+    'val, test, offered',
+    [
+        (True, True, '[--split train|val|test]'),
+        (True, False, '--split train|val'),  # evaluate's default split, test, is not there
+        (False, False, '--split train'),
+    ],
+)
 def test_the_summary_offers_evaluate_the_splits_the_run_has(tmp_path, val, test, offered):
   final = {'checkpoint': 'final parameters', 'step': 4}
   if test:
@@ -278,6 +311,8 @@ def test_the_summary_offers_evaluate_the_splits_the_run_has(tmp_path, val, test,
     final.update(val_loss=0.25, val_accuracy=0.5, val_examples=8)
   text = reporting.run_summary(RunDir(tmp_path), {'step': 4, 'epoch': 2, 'final': final})
   [line] = [line for line in text.splitlines() if 'fineflax.evaluate' in line]
-  assert line == (f'  evaluate: python -m fineflax.evaluate --workdir {tmp_path} {offered} '
-                  '[--checkpoint best|latest|STEP]')
+  assert line == (
+      f'  evaluate: python -m fineflax.evaluate --workdir {tmp_path} {offered} '
+      '[--checkpoint best|latest|STEP]'
+  )
   assert ('test split, final parameters' in text) == test

@@ -30,8 +30,11 @@ CLASSES = ('cracked', 'dented', 'intact')
 # configs/folder.py at :smoke on a small random network: the walkthrough's flow, not its
 # ResNet50 (whose ImageNet weights are not on this machine). Its `layers[:143]` is
 # ResNet50's conv5; on another backbone the README says to freeze `stages[:-1]`.
-SMALL = ('--config.model.weights=None', '--config.model.backbone=resnet_tiny',
-         '--config.phases[0].freeze=stages[:-1]')
+SMALL = (
+    '--config.model.weights=None',
+    '--config.model.backbone=resnet_tiny',
+    '--config.phases[0].freeze=stages[:-1]',
+)
 
 
 def _photos(root: Path, splits: dict[str, int]) -> Path:
@@ -48,8 +51,14 @@ def _photos(root: Path, splits: dict[str, int]) -> Path:
 
 def _run(*args: str, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
   environ = helpers.program_env(**env)
-  return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=environ,
-                        capture_output=True, text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, '-m', *args],
+      cwd=cwd,
+      env=environ,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
 
 
 @pytest.fixture(scope='module')
@@ -58,21 +67,36 @@ def walkthrough(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('walkthrough')
   photos = _photos(tmp / 'photos', {'train': 8, 'validation': 4, 'test': 3})
   workdir = tmp / 'runs' / 'photos'
-  train = ['fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir', str(workdir),
-           f'--config.data.source=folder:{photos}', *SMALL]
+  train = [
+      'fineflax.train',
+      '--config',
+      'configs/folder.py:smoke',
+      '--workdir',
+      str(workdir),
+      f'--config.data.source=folder:{photos}',
+      *SMALL,
+  ]
   refused = _run(*train)
   refused_wrote = workdir.exists()
   done = _run(*train, '--config.model.num_classes=None')
-  return {'tmp': tmp, 'photos': photos, 'workdir': workdir, 'refused': refused, 'done': done,
-          'refused_wrote': refused_wrote}
+  return {
+      'tmp': tmp,
+      'photos': photos,
+      'workdir': workdir,
+      'refused': refused,
+      'done': done,
+      'refused_wrote': refused_wrote,
+  }
 
 
 def test_three_classes_are_refused_with_the_fix_named(walkthrough):
   refused = walkthrough['refused']
   assert refused.returncode == 1
   last = refused.stderr.strip().splitlines()[-1]
-  assert last.startswith('error: config.model.num_classes=1 (a binary classifier) but the '
-                         "dataset has 3 classes ['cracked', 'dented', 'intact']"), last
+  assert last.startswith(
+      'error: config.model.num_classes=1 (a binary classifier) but the '
+      "dataset has 3 classes ['cracked', 'dented', 'intact']"
+  ), last
   assert '--config.model.num_classes=None' in last
   assert not walkthrough['refused_wrote']
 
@@ -89,19 +113,22 @@ def test_the_test_folder_is_used_and_both_results_are_labelled(walkthrough):
   assert best['checkpoint'] == 'best' and best['monitor'] == 'val_loss'
   assert workdir / best['dir'] == workdir / 'checkpoints' / 'best' / str(best['step'])
   lines = [line for line in done.stdout.splitlines() if line.startswith('test_accuracy: ')]
-  assert lines[0].startswith(f"test_accuracy: {final['test_accuracy']:.4f} (final parameters, "
-                             f"step {final['step']}; 9 examples")
+  assert lines[0].startswith(
+      f"test_accuracy: {final['test_accuracy']:.4f} (final parameters, "
+      f"step {final['step']}; 9 examples"
+  )
   if best['step'] != final['step']:  # the best checkpoint evaluated too, and labelled
     assert best['test_examples'] == 9
-    assert lines[1].startswith(f"test_accuracy: {best['test_accuracy']:.4f} (best, step "
-                               f"{best['step']}; 9 examples")
+    assert lines[1].startswith(
+        f"test_accuracy: {best['test_accuracy']:.4f} (best, step " f"{best['step']}; 9 examples"
+    )
   else:
     assert len(lines) == 1
 
 
 def test_the_run_ends_with_a_summary_and_the_commands_that_reuse_it(walkthrough):
   done, workdir = walkthrough['done'], walkthrough['workdir']
-  tail = done.stderr[done.stderr.index('run finished at step'):]
+  tail = done.stderr[done.stderr.index('run finished at step') :]
   assert f'python -m fineflax.evaluate --workdir {workdir}' in tail
   assert f'python -m fineflax.predict --workdir {workdir} IMAGE...' in tail
   assert 'best checkpoint, step ' in tail and 'final parameters, step ' in tail
@@ -114,8 +141,9 @@ def test_evaluate_takes_the_test_folder_and_decodes_only_the_split_asked_for(wal
   test = _run('fineflax.evaluate', '--workdir', str(workdir))  # --split test by default
   assert test.returncode == 0, test.stderr[-3000:]
   step = json.loads((workdir / 'results.json').read_text())['best']['step']
-  assert test.stdout.startswith(f"{workdir}: checkpoint best (step {step}), split 'test' "
-                                '(test), 9 examples'), test.stdout[:300]
+  assert test.stdout.startswith(
+      f"{workdir}: checkpoint best (step {step}), split 'test' " '(test), 9 examples'
+  ), test.stdout[:300]
   validation = _run('fineflax.evaluate', '--workdir', str(workdir), '--split', 'validation')
   assert validation.returncode == 0, validation.stderr[-3000:]
   assert "split 'validation': 12 examples" in validation.stderr
@@ -125,12 +153,20 @@ def test_evaluate_takes_the_test_folder_and_decodes_only_the_split_asked_for(wal
 def test_a_run_without_a_test_split_ends_with_its_validation_figures(tmp_path):
   photos = _photos(tmp_path / 'photos', {'': 10})  # one folder per class: 20% carved out
   workdir = tmp_path / 'run'
-  done = _run('fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir',
-              str(workdir), f'--config.data.source=folder:{photos}', *SMALL,
-              '--config.model.num_classes=None', '--config.data.validation_split=0.2')
+  done = _run(
+      'fineflax.train',
+      '--config',
+      'configs/folder.py:smoke',
+      '--workdir',
+      str(workdir),
+      f'--config.data.source=folder:{photos}',
+      *SMALL,
+      '--config.model.num_classes=None',
+      '--config.data.validation_split=0.2',
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert 'test_accuracy' not in done.stdout
-  assert "no folder; no test split" in done.stderr or 'no such folder; no test split' in done.stderr
+  assert 'no folder; no test split' in done.stderr or 'no such folder; no test split' in done.stderr
   results = json.loads((workdir / 'results.json').read_text())
   assert 'test_accuracy' not in results and results['best']['monitor'] == 'val_loss'
   records = [json.loads(line) for line in (workdir / 'metrics.jsonl').read_text().splitlines()]
@@ -144,9 +180,10 @@ def test_a_run_without_a_test_split_ends_with_its_validation_figures(tmp_path):
   at_best = next(r for r in records if r['step'] == best['step'])
   assert best['val_loss'] == pytest.approx(at_best['val_loss'], rel=1e-6) == best['value']
   assert best['val_accuracy'] == pytest.approx(at_best['val_accuracy'], rel=1e-6)
-  tail = done.stderr[done.stderr.index('run finished at step'):]
-  assert (f"final parameters, step {records[-1]['step']}: val_loss "
-          f"{records[-1]['val_loss']:.4f}") in tail
+  tail = done.stderr[done.stderr.index('run finished at step') :]
+  assert (
+      f"final parameters, step {records[-1]['step']}: val_loss " f"{records[-1]['val_loss']:.4f}"
+  ) in tail
   assert f"best checkpoint, step {results['best']['step']}: val_loss" in tail
 
 
@@ -154,25 +191,30 @@ def test_another_backbone_is_told_and_takes_the_stages_spec():
   """configs/folder.py freezes ResNet50's `layers[:143]`; on resnet_tiny that index is
   beyond the backbone, and the error names the spec that fits any backbone, which then
   freezes every stage but the last (conv5 and the head train)."""
-  base = ('fineflax.summary', '--config', 'configs/folder.py',
-          '--config.model.backbone=resnet_tiny', '--config.model.weights=None')
+  base = (
+      'fineflax.summary',
+      '--config',
+      'configs/folder.py',
+      '--config.model.backbone=resnet_tiny',
+      '--config.model.weights=None',
+  )
   refused = _run(*base)
   assert refused.returncode == 1
   last = refused.stderr.strip().splitlines()[-1]
-  assert "index 143 is beyond the backbone, which has 55 layers" in last, last
+  assert 'index 143 is beyond the backbone, which has 55 layers' in last, last
   assert "'stages[:-1]' (every stage but the last) fits any backbone" in last, last
   shown = _run(*base, '--config.phases[0].freeze=stages[:-1]')
   assert shown.returncode == 0, shown.stderr[-3000:]
   rows = [line.split() for line in shown.stdout.splitlines() if re.match(r'^\w+ \(\w+\)', line)]
   trains = {row[0] for row in rows if row[-1] == 'Y'}
-  assert trains and all(name.startswith(('conv5_', 'dense', 'batch_normalization'))
-                        for name in trains), trains
+  assert trains and all(
+      name.startswith(('conv5_', 'dense', 'batch_normalization')) for name in trains
+  ), trains
   assert {row[0] for row in rows if row[-1] == 'N'} >= {'conv1_conv', 'conv4_block1_3_conv'}
 
 
 def test_help_lists_the_config_flags_and_the_multi_host_flags():
-  for program in ('fineflax.train', 'fineflax.evaluate', 'fineflax.summary',
-                  'fineflax.predict'):
+  for program in ('fineflax.train', 'fineflax.evaluate', 'fineflax.summary', 'fineflax.predict'):
     shown = _run(program, '--help')  # absl ends --help with exit status 1
     text = shown.stdout
     assert 'Try --helpfull' in text, shown.stderr[-2000:]
@@ -185,9 +227,16 @@ def test_help_lists_the_config_flags_and_the_multi_host_flags():
 
 def test_a_missing_weight_file_is_said_before_the_photos_are_decoded(tmp_path):
   photos = _photos(tmp_path / 'photos', {'train': 4, 'validation': 2})
-  done = _run('fineflax.train', '--config', 'configs/folder.py:smoke', '--workdir',
-              str(tmp_path / 'run'), f'--config.data.source=folder:{photos}',
-              FINEFLAX_CACHE=str(tmp_path / 'empty-cache'), FINEFLAX_WEIGHTS_MIRROR='')
+  done = _run(
+      'fineflax.train',
+      '--config',
+      'configs/folder.py:smoke',
+      '--workdir',
+      str(tmp_path / 'run'),
+      f'--config.data.source=folder:{photos}',
+      FINEFLAX_CACHE=str(tmp_path / 'empty-cache'),
+      FINEFLAX_WEIGHTS_MIRROR='',
+  )
   assert done.returncode == 1
   assert 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' in done.stderr
   assert "split 'train'" not in done.stderr  # nothing was decoded first
@@ -201,9 +250,13 @@ _LIBRARY_LINE = re.compile(r'^[IWEF]\d{4} \d\d:\d\d:\d\d')
 def test_the_run_prints_fineflax_lines_only(walkthrough):
   done = walkthrough['done']
   assert done.stdout.splitlines() == [
-      line for line in done.stdout.splitlines() if line.startswith('test_accuracy: ')]
-  noise = [line for line in done.stderr.splitlines()
-           if _LIBRARY_LINE.match(line) or 'All log messages before absl' in line]
+      line for line in done.stdout.splitlines() if line.startswith('test_accuracy: ')
+  ]
+  noise = [
+      line
+      for line in done.stderr.splitlines()
+      if _LIBRARY_LINE.match(line) or 'All log messages before absl' in line
+  ]
   assert not noise, noise
 
 
@@ -212,8 +265,13 @@ def test_tensorflow_starts_without_a_word():
   printed themselves before any fineflax line."""
   started = subprocess.run(
       [sys.executable, '-c', 'from fineflax.data import tfds_source; tfds_source._tfds()'],
-      cwd=ROOT, env=helpers.program_env(), capture_output=True, text=True,
-      timeout=300, check=False)
+      cwd=ROOT,
+      env=helpers.program_env(),
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert started.returncode == 0, started.stderr[-2000:]
   assert started.stderr == ''
 
@@ -224,9 +282,13 @@ def test_orbax_waiting_for_a_previous_save_is_not_reported(caplog):
   from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
 
   from fineflax.run import reporting  # pylint: disable=g-import-not-at-top
+
   reporting.setup_logging()
   with caplog.at_level(logging.WARNING, logger='absl'):
-    absl_logging.warning('Waiting for previous save to complete took %f seconds. If this'
-                         ' number is high, consider checkpointing less frequently.', 1.5)
+    absl_logging.warning(
+        'Waiting for previous save to complete took %f seconds. If this'
+        ' number is high, consider checkpointing less frequently.',
+        1.5,
+    )
     absl_logging.warning('Orbax could not write the file')
   assert [r.getMessage() for r in caplog.records] == ['Orbax could not write the file']

@@ -32,9 +32,13 @@ def _config(examples, batch_size, epochs, val=False, **phase):
   step depends on the step count or the batch's size but the data itself: no dropout, no
   augmentation, BatchNorm frozen (the defaults), so runs with other batch sizes or
   accumulation can be compared."""
-  cfg = helpers.tiny_config(config_lib.phase(name='only', epochs=epochs, **phase),
-                            batch_size=batch_size, max_examples=examples, test_split=None,
-                            val_split='validation' if val else None)
+  cfg = helpers.tiny_config(
+      config_lib.phase(name='only', epochs=epochs, **phase),
+      batch_size=batch_size,
+      max_examples=examples,
+      test_split=None,
+      val_split='validation' if val else None,
+  )
   cfg.report.progress = 'off'
   cfg.report.tensorboard = False
   cfg.report.plot = False
@@ -49,8 +53,7 @@ def _state(workdir, step=None):
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k != 'images_per_sec'}
-          for r in MetricsLog(workdir).read()]
+  return [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in MetricsLog(workdir).read()]
 
 
 # SGD with momentum: unlike Adam's normalised step, its update scales with the gradient,
@@ -64,8 +67,9 @@ def accumulated_run(tmp_path_factory):
   at steps 4 and 8 in latest/)."""
   workdir = tmp_path_factory.mktemp('accumulate2')
   # With a validation split: init_from's test below needs a best/ step.
-  train.train_and_evaluate(_config(32, 8, 2, val=True, accumulate=2, **_SGD), workdir,
-                           devices=DEVICES)
+  train.train_and_evaluate(
+      _config(32, 8, 2, val=True, accumulate=2, **_SGD), workdir, devices=DEVICES
+  )
   return workdir
 
 
@@ -79,17 +83,23 @@ def test_accumulate_2_of_batch_8_equals_batch_16(accumulated_run, tmp_path):
   a, b = _state(accumulated_run), _state(big)
   assert (int(a['step']), int(b['step'])) == (8, 4)
   halfway = _state(accumulated_run, 4)
-  moved = max(np.abs(np.asarray(x) - np.asarray(y)).max() for x, y in zip(
-      jax.tree.leaves(a['params']), jax.tree.leaves(halfway['params'])))
+  moved = max(
+      np.abs(np.asarray(x) - np.asarray(y)).max()
+      for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(halfway['params']))
+  )
   assert moved > 1e-3  # 2 updates move a parameter by ~2e-2: far beyond the tolerance
   # The two runs add the same per-example gradients in another order (two means of 8
   # averaged vs one mean of 16): float32 rounding, grown over 4 momentum updates. Measured
   # here: at most 3e-8 apart, ~1% of rtol 1e-5 / atol 1e-6, which stay 1e4 below what an
   # update moves (with accumulation switched off the runs end 1e-2 apart).
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a['params'])[0],
-                          jax.tree.leaves(b['params']), strict=True):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6,
-                               err_msg=jax.tree_util.keystr(path))
+  for (path, x), y in zip(
+      jax.tree_util.tree_flatten_with_path(a['params'])[0],
+      jax.tree.leaves(b['params']),
+      strict=True,
+  ):
+    np.testing.assert_allclose(
+        np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+    )
 
 
 def _multisteps(opt_state):
@@ -149,8 +159,10 @@ def test_allow_config_change_resumes_with_the_new_learning_rate(tmp_path, caplog
   with caplog.at_level('INFO', logger='fineflax.train'):
     train.train_and_evaluate(changed, tmp_path / 'changed', devices=DEVICES)
   assert 'resuming from step 1' in caplog.text
-  assert ('resuming with a changed config (config.allow_config_change): '
-          'phases[0].learning_rate: 0.1 -> 0.025') in caplog.text
+  assert (
+      'resuming with a changed config (config.allow_config_change): '
+      'phases[0].learning_rate: 0.1 -> 0.025'
+  ) in caplog.text
 
   saved = json.loads(RunDir(tmp_path / 'changed').config_json.read_text())
   assert (saved['phases'][0]['learning_rate'], saved['allow_config_change']) == (lr_new, True)
@@ -190,12 +202,20 @@ def test_init_from_a_step_folder_takes_that_step_not_the_best(accumulated_run, t
     run, _, variables = train.setup(cfg, tmp_path / 'new', DEVICES, stop)
     run.close()
   for collection in ('params', 'batch_stats'):
-    for a, b in zip(jax.tree.leaves(named[collection]['backbone']),
-                    jax.tree.leaves(variables[collection]['backbone']), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(named[collection]['backbone']),
+        jax.tree.leaves(variables[collection]['backbone']),
+        strict=True,
+    ):
       assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
-  differs = [not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(at_best['params']['backbone']),
-      jax.tree.leaves(variables['params']['backbone']), strict=True)]
+  differs = [
+      not np.array_equal(a, b)
+      for a, b in zip(
+          jax.tree.leaves(at_best['params']['backbone']),
+          jax.tree.leaves(variables['params']['backbone']),
+          strict=True,
+      )
+  ]
   assert sum(differs) > len(differs) // 2
 
 
@@ -204,10 +224,14 @@ def _convert_weights():
 
 
 # Keras' weight names -> where fineflax keeps them.
-_KERAS_NAMES = {'kernel': ('params', 'kernel'), 'bias': ('params', 'bias'),
-                'gamma': ('params', 'scale'), 'beta': ('params', 'bias'),
-                'moving_mean': ('batch_stats', 'mean'),
-                'moving_variance': ('batch_stats', 'var')}
+_KERAS_NAMES = {
+    'kernel': ('params', 'kernel'),
+    'bias': ('params', 'bias'),
+    'gamma': ('params', 'scale'),
+    'beta': ('params', 'bias'),
+    'moving_mean': ('batch_stats', 'mean'),
+    'moving_variance': ('batch_stats', 'var'),
+}
 
 
 def _assert_holds_keras_weights(variables, reference, what):
@@ -220,7 +244,10 @@ def _assert_holds_keras_weights(variables, reference, what):
       collection, key = _KERAS_NAMES[weight.name]
       ours = np.asarray(backbone[collection][layer.name][key])
       assert ours.tobytes() == np.asarray(weight.numpy(), np.float32).tobytes(), (
-          what, layer.name, weight.name)
+          what,
+          layer.name,
+          weight.name,
+      )
       compared += 1
   assert compared == len(jax.tree.leaves(backbone)), what
 
@@ -233,22 +260,29 @@ def test_init_from_a_converted_keras_file_holds_the_keras_weights(keras, tmp_pat
   both directions (mean and variance swapped on write and on read) would cancel out in
   the run alone."""
   from keras.src.legacy.saving import legacy_h5_format  # pylint: disable=g-import-not-at-top
+
   keras.backend.clear_session()
-  reference = keras.applications.ResNet50(include_top=False, weights=None,
-                                          input_shape=(32, 32, 3))
+  reference = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3))
   rng = np.random.default_rng(0)
   for layer in reference.layers:
     if isinstance(layer, keras.layers.BatchNormalization):
       c = layer.get_weights()[0].shape
-      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
-                         rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)])
+      layer.set_weights(
+          [
+              rng.uniform(0.5, 1.5, c),
+              rng.normal(0, 0.1, c),
+              rng.normal(0, 0.1, c),
+              rng.uniform(0.5, 1.5, c),
+          ]
+      )
   h5 = tmp_path / 'resnet50_notop.h5'
   with h5py.File(h5, 'w') as f:
     legacy_h5_format.save_weights_to_hdf5_group(f, reference)
   converted = tmp_path / 'converted'
   _convert_weights().convert('resnet50', str(h5), str(converted))
-  _assert_holds_keras_weights(ocp.StandardCheckpointer().restore(converted), reference,
-                              'the converted folder')
+  _assert_holds_keras_weights(
+      ocp.StandardCheckpointer().restore(converted), reference, 'the converted folder'
+  )
 
   cfg = _config(32, 8, 1)
   cfg.model.backbone = 'resnet50'

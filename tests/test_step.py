@@ -21,32 +21,54 @@ BATCH = 16
 CONV5 = 'layers[:43]'  # resnet_tiny's conv1..conv4 (its conv5_block1_1_conv is layers[43])
 
 
-def _setup(spec, batchnorm='frozen', devices=None, optimizer='adam', learning_rate=1e-2,
-           dropout=0.5, num_classes=4, image=IMAGE, augment=Augment(), dtype=jnp.float32):
+def _setup(
+    spec,
+    batchnorm='frozen',
+    devices=None,
+    optimizer='adam',
+    learning_rate=1e-2,
+    dropout=0.5,
+    num_classes=4,
+    image=IMAGE,
+    augment=Augment(),
+    dtype=jnp.float32,
+):
   cfg = config_lib.default_config()
   cfg.model.backbone = 'resnet_tiny'
   cfg.model.preprocessing = 'tf'
   cfg.model.head.update(dropout=dropout, batchnorm=True)
   model = models.build_model(cfg.model, num_classes, bn_axis_name=parallel.AXIS, dtype=dtype)
   variables = state_lib.init_variables(model, image, seed=0)
-  opt = helpers.phase_optimizer(model, variables['params'], spec, optimizer=optimizer,
-                                learning_rate=learning_rate,
-                                momentum=0.0 if optimizer == 'adam' else 0.9)
+  opt = helpers.phase_optimizer(
+      model,
+      variables['params'],
+      spec,
+      optimizer=optimizer,
+      learning_rate=learning_rate,
+      momentum=0.0 if optimizer == 'adam' else 0.9,
+  )
   labels = opt.labels
   mesh = parallel.make_mesh(devices)
-  bn_train = freeze.bn_train_layers(labels, model.layer_groups()) if batchnorm == 'train' \
-      else frozenset()
-  train_step = step_lib.make_train_step(model, opt, mesh, bn_train=bn_train, seed=0,
-                                        augment=augment)
+  bn_train = (
+      freeze.bn_train_layers(labels, model.layer_groups()) if batchnorm == 'train' else frozenset()
+  )
+  train_step = step_lib.make_train_step(
+      model, opt, mesh, bn_train=bn_train, seed=0, augment=augment
+  )
   state = parallel.replicate(state_lib.create_train_state(variables, opt), mesh)
   return model, labels, mesh, state, train_step
 
 
 def _batches(n, num_classes=4, seed=0, image=IMAGE):
   rng = np.random.default_rng(seed)
-  return [{'image': rng.integers(0, 256, (BATCH,) + image, dtype=np.uint8),
-           'label': rng.integers(0, num_classes, BATCH).astype(np.int32),
-           'weight': np.ones(BATCH, np.float32)} for _ in range(n)]
+  return [
+      {
+          'image': rng.integers(0, 256, (BATCH,) + image, dtype=np.uint8),
+          'label': rng.integers(0, num_classes, BATCH).astype(np.int32),
+          'weight': np.ones(BATCH, np.float32),
+      }
+      for _ in range(n)
+  ]
 
 
 def _run(state, train_step, mesh, batches):
@@ -130,11 +152,15 @@ def test_training_mode_bn_updates_only_trainable_layers():
 # With augmentation, dropout and mixup: each example's transform, dropout mask, mixup
 # weight and partner (from the whole global batch) come from its index in the global
 # batch, so they are the same on 1 and 8 devices.
-@pytest.mark.parametrize('spec, batchnorm, steps, image, augment, dropout', [
-    (CONV5, 'frozen', 3, IMAGE, Augment(), 0.0),
-    ('none', 'train', 1, (32, 32, 3), Augment(), 0.0),
-    (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, zoom=0.2), 0.0),
-    (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, mixup=0.4), 0.5)])
+@pytest.mark.parametrize(
+    'spec, batchnorm, steps, image, augment, dropout',
+    [
+        (CONV5, 'frozen', 3, IMAGE, Augment(), 0.0),
+        ('none', 'train', 1, (32, 32, 3), Augment(), 0.0),
+        (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, zoom=0.2), 0.0),
+        (CONV5, 'frozen', 2, IMAGE, Augment(flip='horizontal', rotation=0.1, mixup=0.4), 0.5),
+    ],
+)
 def test_eight_devices_equal_one(spec, batchnorm, steps, image, augment, dropout):
   """Same losses and parameters on 1 and 8 devices (tolerance 1e-5).
 
@@ -144,9 +170,16 @@ def test_eight_devices_equal_one(spec, batchnorm, steps, image, augment, dropout
   assert len(jax.devices()) == 8
   results = []
   for devices in (jax.devices()[:1], jax.devices()):
-    _, _, mesh, state, train_step = _setup(spec, batchnorm, devices, optimizer='sgd',
-                                           learning_rate=0.05, dropout=dropout, image=image,
-                                           augment=augment)
+    _, _, mesh, state, train_step = _setup(
+        spec,
+        batchnorm,
+        devices,
+        optimizer='sgd',
+        learning_rate=0.05,
+        dropout=dropout,
+        image=image,
+        augment=augment,
+    )
     state, metrics = _run(state, train_step, mesh, _batches(steps, image=image))
     results.append((jax.device_get(state), metrics))
   (one, m1), (eight, m8) = results
@@ -178,22 +211,25 @@ def test_losses():
 def test_train_batches_see_every_example_once_and_pad_with_weight_zero():
   n = 37
   split = data.Split(np.zeros((n,) + IMAGE, np.uint8), np.arange(n, dtype=np.int32))
-  batches = [data.gather(split, b) for b in
-             data.train_batches(split, BATCH, np.random.default_rng(0))]
+  batches = [
+      data.gather(split, b) for b in data.train_batches(split, BATCH, np.random.default_rng(0))
+  ]
   assert len(batches) == 3
   seen = np.concatenate([b['label'][b['weight'] > 0] for b in batches])
   assert sorted(seen) == list(range(n))
   assert batches[-1]['weight'].sum() == n - 2 * BATCH
-  again = [data.gather(split, b) for b in
-           data.train_batches(split, BATCH, np.random.default_rng(0))]
+  again = [
+      data.gather(split, b) for b in data.train_batches(split, BATCH, np.random.default_rng(0))
+  ]
   assert all(np.array_equal(a['label'], b['label']) for a, b in zip(batches, again))
 
 
 def test_a_batch_of_padding_only_leaves_the_state_as_it_was():
   """Weights summing to 0 (a process's share ran out, files were skipped): no NaN, and no
   update of parameters, Adam's moments or training-mode BN statistics, on any device."""
-  model, labels, mesh, state, train_step = _setup('none', batchnorm='train',
-                                                  devices=jax.devices()[:2])
+  model, labels, mesh, state, train_step = _setup(
+      'none', batchnorm='train', devices=jax.devices()[:2]
+  )
   state, _ = _run(state, train_step, mesh, _batches(1))  # Adam's moments are not zero
   before = jax.device_get(state)
   empty = dict(_batches(1, seed=1)[0], weight=np.zeros(BATCH, np.float32))
@@ -201,16 +237,20 @@ def test_a_batch_of_padding_only_leaves_the_state_as_it_was():
   after = jax.device_get(state)
   assert int(after.step) == 2
   assert metrics[0]['count'] == 0 and metrics[0]['loss'] == 0 and metrics[0]['correct'] == 0
-  for path, b, a, _ in _pairs(before.params, after.params) + \
-      _pairs(before.batch_stats, after.batch_stats) + _pairs(before.opt_state, after.opt_state):
+  for path, b, a, _ in (
+      _pairs(before.params, after.params)
+      + _pairs(before.batch_stats, after.batch_stats)
+      + _pairs(before.opt_state, after.opt_state)
+  ):
     np.testing.assert_array_equal(_bits(a), _bits(b), err_msg=path)
   state, metrics = _run(state, train_step, mesh, _batches(1, seed=2))  # and then trains on
   assert np.isfinite(metrics[0]['loss']) and metrics[0]['count'] == BATCH
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
 
 
-def _smoothed_cross_entropy(logits: np.ndarray, labels: np.ndarray, smoothing: float,
-                            num_classes: int) -> np.ndarray:
+def _smoothed_cross_entropy(
+    logits: np.ndarray, labels: np.ndarray, smoothing: float, num_classes: int
+) -> np.ndarray:
   """Per-example softmax cross-entropy against (1 - s) one-hot + s / classes, in NumPy."""
   logits = np.asarray(logits, np.float64)
   log_p = logits - logits.max(-1, keepdims=True)
@@ -224,10 +264,10 @@ def test_label_smoothing_is_the_loss_of_training_and_of_evaluation():
   """With label_smoothing 0.3 the train step (learning rate 0: the parameters the loss
   was computed with stay) and the eval step report the smoothed cross-entropy."""
   model, labels, mesh, state, _ = _setup(CONV5, dropout=0.0, devices=jax.devices()[:1])
-  opt = helpers.phase_optimizer(model, state.params, CONV5, optimizer='sgd',
-                                learning_rate=1e-30)
-  state = parallel.replicate(state_lib.create_train_state(jax.device_get(state.variables), opt),
-                             mesh)
+  opt = helpers.phase_optimizer(model, state.params, CONV5, optimizer='sgd', learning_rate=1e-30)
+  state = parallel.replicate(
+      state_lib.create_train_state(jax.device_get(state.variables), opt), mesh
+  )
   train_step = step_lib.make_train_step(model, opt, mesh, label_smoothing=0.3)
   eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=0.3)
   batch = _batches(1)[0]
@@ -246,7 +286,8 @@ def test_mixup_loss_weighs_own_and_partner_labels_by_each_examples_weight():
   logits of the mixed images, with each example's weight and partner drawn as documented
   (fineflax.data.augment.mixup_draws with the step's key)."""
   model, labels, mesh, state, train_step = _setup(
-      CONV5, dropout=0.0, devices=jax.devices()[:1], augment=Augment(mixup=0.4))
+      CONV5, dropout=0.0, devices=jax.devices()[:1], augment=Augment(mixup=0.4)
+  )
   batch = _batches(1)[0]
   key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 0), 1)  # seed 0, step 0
   partner, lam = augmentation.mixup_draws(key, 0.4, BATCH, jnp.arange(BATCH))

@@ -22,9 +22,14 @@ DEVICES = jax.devices()[:2]
 
 def _config(every_steps=None, epochs=2):
   cfg = helpers.tiny_config(
-      config_lib.phase(name='a', batchnorm='train', learning_rate=3e-3, schedule='cosine',
-                       epochs=epochs),
-      batch_size=16, max_examples=64, val_split=None, test_split=None)  # 4 steps an epoch
+      config_lib.phase(
+          name='a', batchnorm='train', learning_rate=3e-3, schedule='cosine', epochs=epochs
+      ),
+      batch_size=16,
+      max_examples=64,
+      val_split=None,
+      test_split=None,
+  )  # 4 steps an epoch
   cfg.report.every_steps = every_steps
   return cfg
 
@@ -41,14 +46,15 @@ def test_windows_add_up_to_their_epochs_at_the_schedules_rate(runs):
   steps = MetricsLog(runs / 'steps').read_steps()
   epochs = MetricsLog(runs / 'steps').read()
   assert [(r['kind'], r['phase'], r['step'], r['steps']) for r in steps] == [
-      ('step', 'a', s, 2) for s in (2, 4, 6, 8)]
+      ('step', 'a', s, 2) for s in (2, 4, 6, 8)
+  ]
   # 64 examples an epoch, every one counted: an epoch's loss is the mean of its two
   # windows' (each of 32 examples), to float32 rounding of the device sums.
   for epoch, windows in zip(epochs, (steps[:2], steps[2:])):
-    np.testing.assert_allclose(np.mean([w['loss'] for w in windows]), epoch['loss'],
-                               rtol=1e-6)
-    np.testing.assert_allclose(np.mean([w['accuracy'] for w in windows]), epoch['accuracy'],
-                               rtol=1e-6)
+    np.testing.assert_allclose(np.mean([w['loss'] for w in windows]), epoch['loss'], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.mean([w['accuracy'] for w in windows]), epoch['accuracy'], rtol=1e-6
+    )
   cosine = optax.cosine_decay_schedule(3e-3, decay_steps=8)
   for r in steps:  # the rate of the window's last update (batch step - 1 of the phase)
     np.testing.assert_allclose(r['learning_rate'], float(cosine(r['step'] - 1)), rtol=1e-6)
@@ -68,9 +74,13 @@ def test_epoch_records_are_those_of_a_run_without_step_records(runs):
 
 def test_step_records_reach_tensorboard(runs):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   [events] = list((runs / 'steps' / 'tb').iterdir())
-  got = {(e.step, v.tag) for e in tf.compat.v1.train.summary_iterator(str(events))
-         for v in e.summary.value}
+  got = {
+      (e.step, v.tag)
+      for e in tf.compat.v1.train.summary_iterator(str(events))
+      for v in e.summary.value
+  }
   for step in (2, 4, 6, 8):
     for key in ('loss', 'accuracy', 'learning_rate', 'images_per_sec'):
       assert (step, f'step/{key}') in got
@@ -124,8 +134,7 @@ def test_the_recorder_reads_metrics_only_once_they_are_computed():
   recorder.update(metrics, 1)
   assert written == []  # the first window's last row is not written yet
   recorder.update(metrics, 3)
-  assert [(r['step'], r['steps'], r['loss'], r['accuracy']) for r in written] == [
-      (2, 2, 0.5, 0.25)]
+  assert [(r['step'], r['steps'], r['loss'], r['accuracy']) for r in written] == [(2, 2, 0.5, 0.25)]
   recorder.close(metrics, 4)
   assert [r['step'] for r in written] == [2, 4]
 
@@ -135,10 +144,10 @@ def test_a_window_across_an_epoch_end_sums_both_epochs():
   first epoch's rows and steps 5-6 from the second's."""
   written = []
   recorder = step_records.StepRecorder(3, 'a', lambda i: 0.1, 0, written.append)
-  epochs = [np.asarray([(1.0, 1.0, 2.0), (2.0, 0.0, 2.0), (3.0, 2.0, 2.0), (4.0, 1.0, 2.0)],
-                       np.float32),
-            np.asarray([(5.0, 0.0, 2.0), (6.0, 2.0, 2.0), (7.0, 1.0, 2.0), (8.0, 0.0, 2.0)],
-                       np.float32)]
+  epochs = [
+      np.asarray([(1.0, 1.0, 2.0), (2.0, 0.0, 2.0), (3.0, 2.0, 2.0), (4.0, 1.0, 2.0)], np.float32),
+      np.asarray([(5.0, 0.0, 2.0), (6.0, 2.0, 2.0), (7.0, 1.0, 2.0), (8.0, 0.0, 2.0)], np.float32),
+  ]
   for e, rows in enumerate(epochs):
     recorder.begin_epoch(4 * e, 4 * e)
     for step in range(4 * e + 1, 4 * e + 5):
@@ -146,4 +155,6 @@ def test_a_window_across_an_epoch_end_sums_both_epochs():
     recorder.end_epoch(rows)
   recorder.close()
   assert [(r['step'], r['steps'], r['loss'], r['accuracy']) for r in written] == [
-      (3, 3, 1.0, 0.5), (6, 3, 2.5, 0.5)]
+      (3, 3, 1.0, 0.5),
+      (6, 3, 2.5, 0.5),
+  ]

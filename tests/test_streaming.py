@@ -42,8 +42,14 @@ def photos(tmp_path_factory):
 def _config(photos, pipeline='stream', **data_keys):
   cfg = helpers.tiny_config(
       config_lib.phase(name='a', batchnorm='train', learning_rate=3e-3, epochs=2),
-      source=f'folder:{photos}', load_size=16, validation_split=0.25, test_split=None,
-      pipeline=pipeline, workers=0, **data_keys)
+      source=f'folder:{photos}',
+      load_size=16,
+      validation_split=0.25,
+      test_split=None,
+      pipeline=pipeline,
+      workers=0,
+      **data_keys,
+  )
   cfg.model.preprocessing = 'auto'  # the backbone's own
   cfg.model.head.dropout = 0.3
   cfg.data.augment.flip = 'horizontal'
@@ -60,8 +66,11 @@ def test_a_streamed_run_trains_on_the_same_batches_as_an_in_memory_one(photos, t
   decoding processes deliver the same as grain's threads."""
   devices = jax.devices()[:2]
   runs = {}
-  for name, pipeline, workers in (('memory', 'memory', 0), ('threads', 'stream', 0),
-                                  ('workers', 'stream', 2)):
+  for name, pipeline, workers in (
+      ('memory', 'memory', 0),
+      ('threads', 'stream', 0),
+      ('workers', 'stream', 2),
+  ):
     cfg = _config(photos, pipeline)
     cfg.data.workers = workers
     train.train_and_evaluate(cfg, tmp_path / name, devices=devices)
@@ -74,7 +83,8 @@ def test_a_streamed_run_trains_on_the_same_batches_as_an_in_memory_one(photos, t
   for name in ('threads', 'workers'):
     got = MetricsLog(runs[name]).read()
     assert [(r['loss'], r['val_loss']) for r in got] == [
-        (r['loss'], r['val_loss']) for r in expected], name
+        (r['loss'], r['val_loss']) for r in expected
+    ], name
     for a, b in zip(_leaves(runs[name]), _leaves(runs['memory']), strict=True):
       np.testing.assert_array_equal(a, b)
 
@@ -95,17 +105,21 @@ def test_random_resized_boxes_follow_their_formula():
   assert stream.random_resized_box(120, 80, np.random.default_rng(7)) == boxes[7]
   # A sliver of an image (aspect 10) fits no draw: the centred crop of the widest aspect.
   assert stream.random_resized_box(1000, 100, np.random.default_rng(0)) == (
-      500 - 67, 0, 500 - 67 + 133, 100)
+      500 - 67,
+      0,
+      500 - 67 + 133,
+      100,
+  )
 
 
 def test_the_evaluation_crop_is_the_centred_square_of_seven_eighths():
-  image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3)).astype(
-      np.uint8))
+  image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 64, 3)).astype(np.uint8))
   got = stream.host_image(image, 14, 'random_resized', train=False)
   side = 0.875 * 40  # of the shorter side, centred
   box = ((64 - side) / 2, (40 - side) / 2, (64 + side) / 2, (40 + side) / 2)
-  expected = np.asarray(image.crop(tuple(map(round, box))).resize(
-      (14, 14), Image.Resampling.BILINEAR), np.uint8)
+  expected = np.asarray(
+      image.crop(tuple(map(round, box))).resize((14, 14), Image.Resampling.BILINEAR), np.uint8
+  )
   assert box == (14.5, 2.5, 49.5, 37.5)  # half pixels: PIL's box resize takes them as is
   # The reference crops whole pixels (15..50 x 2..38, the box rounded to even): a shift
   # of half a pixel, so neighbouring pixels differ by up to their gradient.
@@ -132,12 +146,14 @@ def test_host_crops_differ_between_epochs_and_repeat_for_the_same_seed(photos):
   # The same example in two epochs is cropped differently.
   key0 = data.dataset.host_crop_key(np.random.default_rng([0, 0, 0]))
   key1 = data.dataset.host_crop_key(np.random.default_rng([0, 0, 1]))
-  assert not np.array_equal(stream.read_examples(split, [3], key0)[0],
-                            stream.read_examples(split, [3], key1)[0])
+  assert not np.array_equal(
+      stream.read_examples(split, [3], key0)[0], stream.read_examples(split, [3], key1)[0]
+  )
 
 
 def test_unreadable_files_are_skipped_named_once_and_evaluation_counts_the_rest(
-    photos, tmp_path, caplog):
+    photos, tmp_path, caplog
+):
   broken = tmp_path / 'photos'
   broken.mkdir()
   for folder in photos.iterdir():
@@ -152,29 +168,34 @@ def test_unreadable_files_are_skipped_named_once_and_evaluation_counts_the_rest(
   with caplog.at_level(logging.WARNING, logger='fineflax'):
     results = train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:8])
   named = [r.getMessage() for r in caplog.records if 'not a readable image' in r.getMessage()]
-  assert sorted(named) == sorted(f'{broken}/{p}: not a readable image; it is skipped (its '
-                                 'rows count nothing)' for p in ('class1/03.jpg',
-                                                                 'class2/00.jpg'))
+  assert sorted(named) == sorted(
+      f'{broken}/{p}: not a readable image; it is skipped (its ' 'rows count nothing)'
+      for p in ('class1/03.jpg', 'class2/00.jpg')
+  )
   records = MetricsLog(tmp_path / 'run').read()
   assert all(np.isfinite(r['loss']) for r in records)
   # Evaluation of the train split: 42 files, 2 unreadable, each other example once.
   from fineflax.inference import evaluate  # pylint: disable=g-import-not-at-top
+
   report = evaluate.evaluate_run(tmp_path / 'run', split='train')
   assert report['examples'] == 40 and results['step'] == 2 * math.ceil(42 / 8)
   # The epochs have the batches of the 42 files listed (in memory: of the 40 read); the
   # difference is said once found, and dataset.json counts the files skipped.
   said = [r.getMessage() for r in caplog.records if 'while streaming' in r.getMessage()]
-  assert said == ["split 'train' (train): 2 file(s) found unreadable while streaming (named "
-                  'above): their rows train and count nothing, so 40 of its 42 listed '
-                  'examples count (the in-memory pipeline would leave them out before '
-                  'training); dataset.json updated']
+  assert said == [
+      "split 'train' (train): 2 file(s) found unreadable while streaming (named "
+      'above): their rows train and count nothing, so 40 of its 42 listed '
+      'examples count (the in-memory pipeline would leave them out before '
+      'training); dataset.json updated'
+  ]
   recorded = json.loads((tmp_path / 'run' / 'dataset.json').read_text())['splits']['train']
   assert recorded == {'name': 'train', 'examples': 42, 'skipped_files': 2}
 
 
 @pytest.mark.parametrize('unreadable', [False, True])
 def test_a_streamed_head_phase_trains_on_cached_features_as_in_memory(
-    photos, tmp_path, caplog, unreadable):
+    photos, tmp_path, caplog, unreadable
+):
   """A head phase on a frozen backbone without augmentation caches the features of a
   streamed split as of one in memory (which crashed: the cache rebuilt the split as an
   in-memory one), and trains to the same bits: the host resize delivers the in-memory
@@ -197,8 +218,10 @@ def test_a_streamed_head_phase_trains_on_cached_features_as_in_memory(
       caplog.clear()
       train.train_and_evaluate(cfg, tmp_path / pipeline, devices=jax.devices()[:1])
     assert any('trains the head on cached features' in r.getMessage() for r in caplog.records)
-    runs[pipeline] = [{k: v for k, v in r.items() if k != 'images_per_sec'}
-                      for r in MetricsLog(tmp_path / pipeline).read()]
+    runs[pipeline] = [
+        {k: v for k, v in r.items() if k != 'images_per_sec'}
+        for r in MetricsLog(tmp_path / pipeline).read()
+    ]
   assert runs['stream'] == runs['memory']
   for a, b in zip(_leaves(tmp_path / 'stream'), _leaves(tmp_path / 'memory'), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -213,13 +236,15 @@ def test_a_streamed_folder_without_load_size_takes_the_models_size(photos, tmp_p
   cfg.phases = (config_lib.phase(name='a', epochs=1),)
   with caplog.at_level(logging.INFO, logger='fineflax.data'):
     train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:1])
-  assert ('config.data.load_size is None: streamed images are delivered at 16 px, the '
-          "model's input size") in caplog.text
+  assert (
+      'config.data.load_size is None: streamed images are delivered at 16 px, the '
+      "model's input size"
+  ) in caplog.text
   saved = json.loads((tmp_path / 'run' / 'config.json').read_text())
   assert saved['data']['load_size'] == 16
-  assert json.loads((tmp_path / 'run' / 'dataset.json').read_text())['image_shape'] == [
-      16, 16, 3]
+  assert json.loads((tmp_path / 'run' / 'dataset.json').read_text())['image_shape'] == [16, 16, 3]
   from fineflax.inference import evaluate  # pylint: disable=g-import-not-at-top
+
   assert evaluate.evaluate_run(tmp_path / 'run', split='validation')['examples'] == 10
   # The same command again resumes (the recorded load_size is the one it resolves to).
   train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:1])
@@ -231,8 +256,9 @@ def test_streamed_evaluation_counts_every_example_once(photos):
   cfg = config_lib.validate(_config(photos, max_examples=13))
   split = data.load_dataset(cfg.data, ('train_split',)).splits['train']
   for batch_size in (8, 16):
-    seen = np.concatenate([b['index'][b['weight'] > 0]
-                           for b in data.eval_batches(split, batch_size)])
+    seen = np.concatenate(
+        [b['index'][b['weight'] > 0] for b in data.eval_batches(split, batch_size)]
+    )
     assert sorted(seen) == list(range(13))
     images = list(stream.read_batches(split, data.eval_batches(split, batch_size)))
     assert sum(b['weight'].sum() for b in images) == 13
@@ -240,7 +266,8 @@ def test_streamed_evaluation_counts_every_example_once(photos):
 
 
 def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameters(
-    photos, tmp_path, monkeypatch):
+    photos, tmp_path, monkeypatch
+):
   """Stopped (as by SIGTERM) in the second epoch, the run resumes at that batch, without
   reading the epoch's earlier batches again, and ends bit-identical to a run never
   stopped (host crops and device augmentation keyed the same after the resume)."""
@@ -256,8 +283,11 @@ def test_a_run_stopped_mid_epoch_resumes_to_the_uninterrupted_parameters(
   monkeypatch.undo()
   read = []
   original = stream.BatchReader.__call__
-  monkeypatch.setattr(stream.BatchReader, '__call__',
-                      lambda self, batch: read.append(batch) or original(self, batch))
+  monkeypatch.setattr(
+      stream.BatchReader,
+      '__call__',
+      lambda self, batch: read.append(batch) or original(self, batch),
+  )
   train.train_and_evaluate(cfg, tmp_path / 'cut', devices=devices)
   train_batches = [b for b in read if 'crop_key' in b]
   assert len(train_batches) == 1 + (4 - 2)  # the compile's sample batch, then the rest
@@ -277,14 +307,20 @@ def test_the_pipeline_is_chosen_as_configured_and_said(photos, caplog):
   assert lines[1] == 'data pipeline: stream (0 MB decoded > config.data.memory_max_mb=0)'
 
   refused = [
-      (dict(pipeline='stream', source='digits'),
-       "config.data.pipeline='stream': config.data.source='digits': digits sources are read "
-       'into memory only'),
-      (dict(pipeline='memory', crop='random_resized'),
-       "config.data.augment.crop='random_resized' crops the original images as they are "
-       "streamed: set config.data.pipeline='stream' or 'auto'"),
-      (dict(pipeline='stream', load_size=None),
-       'is streamed \\(see the line above\\): set config.data.load_size'),
+      (
+          dict(pipeline='stream', source='digits'),
+          "config.data.pipeline='stream': config.data.source='digits': digits sources are read "
+          'into memory only',
+      ),
+      (
+          dict(pipeline='memory', crop='random_resized'),
+          "config.data.augment.crop='random_resized' crops the original images as they are "
+          "streamed: set config.data.pipeline='stream' or 'auto'",
+      ),
+      (
+          dict(pipeline='stream', load_size=None),
+          'is streamed \\(see the line above\\): set config.data.load_size',
+      ),
   ]
   for change, message in refused:
     cfg = _config(photos, change.pop('pipeline'))
@@ -292,8 +328,12 @@ def test_the_pipeline_is_chosen_as_configured_and_said(photos, caplog):
       cfg.data.augment.crop = change.pop('crop')
     for key, value in change.items():
       cfg.data[key] = value
-    with pytest.raises(ConfigError, match=message.replace('(', '\\(').replace(')', '\\)')
-                       if 'see the line' not in message else message):
+    with pytest.raises(
+        ConfigError,
+        match=message.replace('(', '\\(').replace(')', '\\)')
+        if 'see the line' not in message
+        else message,
+    ):
       data.load_dataset(config_lib.validate(cfg).data)
 
 
@@ -301,14 +341,16 @@ def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   """A run whose host cropped the originals: `predict` crops each file's centre as its
   evaluation did, so its probabilities are the model's on the evaluation's pixels."""
   from fineflax.inference import arrays, predict  # pylint: disable=g-import-not-at-top
+
   cfg = _config(photos)
   cfg.data.augment.crop = 'random_resized'
   cfg.phases = (config_lib.phase(name='a', epochs=1),)
   train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:1])
   split = data.load_dataset(config_lib.validate(cfg).data).splits['validation']
   files = list(split.records.files[:3])
-  ranked = predict.predict_run_files(tmp_path / 'run', files, k=3, checkpoint='latest',
-                                     devices=jax.devices()[:1])
+  ranked = predict.predict_run_files(
+      tmp_path / 'run', files, k=3, checkpoint='latest', devices=jax.devices()[:1]
+  )
   run = restore.load_run(tmp_path / 'run', 'latest')
   probs = np.asarray(arrays.predict_fn(run)(stream.read_examples(split, range(3))[0]))
   for top, p in zip(ranked, probs, strict=True):
@@ -318,8 +360,9 @@ def test_predict_reads_files_as_the_streamed_evaluation_does(photos, tmp_path):
   originals = [np.asarray(Image.open(f).convert('RGB')) for f in files]
   assert all(a.shape[:2] != (16, 16) for a in originals)
   # Log-probabilities: a trained model's top class saturates at 1, the others do not.
-  np.testing.assert_allclose(np.log(np.asarray(arrays.predict_fn(run)(originals))),
-                             np.log(probs), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(
+      np.log(np.asarray(arrays.predict_fn(run)(originals))), np.log(probs), rtol=1e-4, atol=1e-4
+  )
 
 
 def test_a_tfds_dataset_streams_when_prepared_as_array_record(tmp_path, caplog):
@@ -331,9 +374,11 @@ def test_a_tfds_dataset_streams_when_prepared_as_array_record(tmp_path, caplog):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   from tests import multiprocess_job  # pylint: disable=g-import-not-at-top
+
   multiprocess_job.tiny_tfds(str(tmp_path / 'tfrecord'), prepare=True)
-  tfds.builder(multiprocess_job.TINY_TFDS, data_dir=str(tmp_path / 'array_record')
-               ).download_and_prepare(file_format='array_record')
+  tfds.builder(
+      multiprocess_job.TINY_TFDS, data_dir=str(tmp_path / 'array_record')
+  ).download_and_prepare(file_format='array_record')
 
   def config(data_dir, pipeline):
     cfg = config_lib.default_config()
@@ -352,14 +397,19 @@ def test_a_tfds_dataset_streams_when_prepared_as_array_record(tmp_path, caplog):
     data.load_dataset(config_lib.validate(config('tfrecord', 'auto')).data)
   assert 'data pipeline: memory (' in caplog.text and 'MB decoded <=' in caplog.text
 
-  with pytest.raises(ConfigError, match=r"^config.data.pipeline='memory': .*: prepared as "
-                     r'array_record files, read by index only: set config.data.pipeline='):
+  with pytest.raises(
+      ConfigError,
+      match=r"^config.data.pipeline='memory': .*: prepared as "
+      r'array_record files, read by index only: set config.data.pipeline=',
+  ):
     data.load_dataset(config_lib.validate(config('array_record', 'memory')).data)
   devices = jax.devices()[:2]
   # The same examples prepared in the two formats: in memory from tfrecord, streamed
   # from array_record.
-  for name, data_dir, pipeline in (('memory', 'tfrecord', 'memory'),
-                                   ('stream', 'array_record', 'auto')):
+  for name, data_dir, pipeline in (
+      ('memory', 'tfrecord', 'memory'),
+      ('stream', 'array_record', 'auto'),
+  ):
     train.train_and_evaluate(config(data_dir, pipeline), tmp_path / name, devices=devices)
   streamed, in_memory = (MetricsLog(tmp_path / n).read() for n in ('stream', 'memory'))
   assert [r['loss'] for r in streamed] == [r['loss'] for r in in_memory]

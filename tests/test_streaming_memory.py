@@ -61,22 +61,26 @@ def _child_env(cache: Path) -> dict[str, str]:
   # runs and the more threads allocate: peaks that differ by tens of MB from run to run
   # and drift up over an epoch. One arena, large blocks mapped and unmapped as they are
   # freed, and the heap trimmed, make RSS what the program holds.
-  env.update(MALLOC_ARENA_MAX='1', MALLOC_MMAP_THRESHOLD_='131072',
-             MALLOC_TRIM_THRESHOLD_='131072')
+  env.update(MALLOC_ARENA_MAX='1', MALLOC_MMAP_THRESHOLD_='131072', MALLOC_TRIM_THRESHOLD_='131072')
   # One compilation cache for the runs: a run that compiles peaks higher (and less
   # predictably) than one that loads the compiled steps, and takes three times as long.
-  env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  env.update(
+      JAX_COMPILATION_CACHE_DIR=str(cache),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0',
+  )
   return env
 
 
-def _peak_rss_mb(folder: Path, pipeline: str, workdir: Path, cache: Path,
-                 max_examples: int | None = None) -> float:
+def _peak_rss_mb(
+    folder: Path, pipeline: str, workdir: Path, cache: Path, max_examples: int | None = None
+) -> float:
   """The peak RSS of one epoch trained on `folder`, in a fresh process: a process's peak
   covers its whole life, so runs in one process would hide each other's."""
   args = [sys.executable, __file__, str(folder), pipeline, str(workdir), str(max_examples)]
-  done = subprocess.run(args, env=_child_env(cache), capture_output=True, text=True,
-                        timeout=300, check=False)
+  done = subprocess.run(
+      args, env=_child_env(cache), capture_output=True, text=True, timeout=300, check=False
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])['peak_rss_mb']
 
@@ -91,8 +95,11 @@ def test_a_streamed_run_peaks_the_same_on_four_times_the_data(folders, tmp_path)
   # A run of one batch compiles the streamed step for the cache: both runs measured load
   # it. The in-memory steps take the split as an argument, so each run compiles its own.
   _peak_rss_mb(folders[N], 'stream', tmp_path / 'warm', cache, max_examples=BATCH)
-  peaks = {(pipeline, n): _peak_rss_mb(folder, pipeline, tmp_path / f'{pipeline}{n}', cache)
-           for pipeline in ('stream', 'memory') for n, folder in folders.items()}
+  peaks = {
+      (pipeline, n): _peak_rss_mb(folder, pipeline, tmp_path / f'{pipeline}{n}', cache)
+      for pipeline in ('stream', 'memory')
+      for n, folder in folders.items()
+  }
   print({f'{pipeline} {n}': round(mb) for (pipeline, n), mb in peaks.items()})
   assert abs(peaks['stream', 4 * N] - peaks['stream', N]) < 100, peaks
   assert peaks['memory', 4 * N] - peaks['memory', N] > 300, peaks
@@ -104,13 +111,20 @@ def test_the_in_memory_path_holds_a_split_once_while_reading_it(folders, tmp_pat
   twice."""
   from fineflax import config as config_lib  # pylint: disable=g-import-not-at-top
   from fineflax.data import folder  # pylint: disable=g-import-not-at-top
+
   for c in range(2):
     (tmp_path / f'class{c}').mkdir()
     for f in sorted((folders[N] / f'class{c}').iterdir())[:100]:
       os.link(f, tmp_path / f'class{c}' / f.name)
   cfg = config_lib.default_config().data
-  cfg.update(source=f'folder:{tmp_path}', load_size=LOAD_SIZE, pipeline='memory',
-             validation_split=0.0, val_split=None, test_split=None)
+  cfg.update(
+      source=f'folder:{tmp_path}',
+      load_size=LOAD_SIZE,
+      pipeline='memory',
+      validation_split=0.0,
+      val_split=None,
+      test_split=None,
+  )
   tracemalloc.start()
   try:
     dataset = folder.load(cfg.source, cfg)
@@ -127,6 +141,7 @@ def _train_one_epoch(folder: str, pipeline: str, workdir: str, max_examples: str
   import jax  # pylint: disable=g-import-not-at-top
 
   from fineflax import config as config_lib, train  # pylint: disable=g-import-not-at-top
+
   cfg = config_lib.default_config()
   cfg.batch_size = BATCH
   cfg.model.backbone = 'resnet_tiny'
@@ -149,8 +164,7 @@ def _train_one_epoch(folder: str, pipeline: str, workdir: str, max_examples: str
   # from the peak of the process that forked it (a pytest worker's: gigabytes), which
   # hid every run's own in the full suite.
   status = Path('/proc/self/status').read_text()
-  peak_kb = int(next(line.split()[1] for line in status.splitlines()
-                     if line.startswith('VmHWM:')))
+  peak_kb = int(next(line.split()[1] for line in status.splitlines() if line.startswith('VmHWM:')))
   print(json.dumps({'peak_rss_mb': peak_kb / 1024}))
 
 

@@ -56,14 +56,35 @@ def test_two_processes_train_on_the_global_batches_of_one(tmp_path):
 
   def start(workdir: Path, devices: int, *flags: str) -> subprocess.Popen:
     env = helpers.program_env(devices=devices, cache=tmp_path / 'cache')
-    return subprocess.Popen([sys.executable, '-m', 'fineflax.train', '--config', str(config),
-                             '--workdir', str(workdir), *flags], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            '-m',
+            'fineflax.train',
+            '--config',
+            str(config),
+            '--workdir',
+            str(workdir),
+            *flags,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
   port = helpers.free_port()
   procs = [start(tmp_path / 'one', 4)] + [
-      start(tmp_path / 'two', 2, f'--coordinator=127.0.0.1:{port}', '--num_processes=2',
-            f'--process_id={i}') for i in range(2)]
+      start(
+          tmp_path / 'two',
+          2,
+          f'--coordinator=127.0.0.1:{port}',
+          '--num_processes=2',
+          f'--process_id={i}',
+      )
+      for i in range(2)
+  ]
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]

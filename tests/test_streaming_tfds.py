@@ -34,6 +34,7 @@ def tiny(tmp_path_factory):
   8 shards, one of them of 2 examples (so a slice can begin inside a shard)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   from tensorflow_datasets.core.utils import shard_utils  # pylint: disable=g-import-not-at-top
+
   data_dir = tmp_path_factory.mktemp('tfds_tfrecord')
   multiprocess_job.tiny_tfds(str(data_dir), prepare=False)
   # tfds computes the number of shards in a classmethod that reads the class's default
@@ -50,12 +51,14 @@ def tiny(tmp_path_factory):
 
 def _builder(data_dir):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tfds.builder(NAME, data_dir=str(data_dir))
 
 
 def _tf_data(data_dir, split):
   """The reference: the split read in order by tf.data, as (image, label) pairs."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   dataset = _builder(data_dir).as_dataset(split=split, shuffle_files=False)
   return [(x['image'], int(x['label'])) for x in tfds.as_numpy(dataset)]
 
@@ -99,8 +102,10 @@ def test_every_record_read_by_index_equals_tf_data_in_order(tiny, split, monkeyp
   assert len(source) == len(reference)
   order = [int(i) for i in np.random.default_rng(0).permutation(len(reference))] * 3
   with ThreadPoolExecutor(4) as threads:
-    for read in (list(map(source.__getitem__, order)),
-                 list(threads.map(source.__getitem__, order))):
+    for read in (
+        list(map(source.__getitem__, order)),
+        list(threads.map(source.__getitem__, order)),
+    ):
       for i, example in zip(order, read, strict=True):
         np.testing.assert_array_equal(example['image'], reference[i][0])
         assert int(example['label']) == reference[i][1]
@@ -115,7 +120,8 @@ def test_a_streamed_split_holds_the_first_max_examples_of_a_slice(tiny, caplog):
   lines = [r.getMessage() for r in caplog.records if 'indexed' in r.getMessage()]
   # train[1:] to 5 examples: shards 1-4 (1, 1, 1, 2 examples); test: 1 in 1.
   assert len(lines) == 1 and re.fullmatch(
-      rf'tfds:{NAME}: indexed 6 records of 5 tfrecord files in [0-9.]+ s .*', lines[0])
+      rf'tfds:{NAME}: indexed 6 records of 5 tfrecord files in [0-9.]+ s .*', lines[0]
+  )
   split = dataset.splits['train[1:]']
   assert isinstance(split, StreamSplit) and len(split) == 5
   reference = _tf_data(tiny, 'train[1:]')[:5]
@@ -136,23 +142,28 @@ def test_a_tfrecord_dataset_streams_as_asked_and_stays_in_memory_when_small(tiny
   assert isinstance(_load(_config(tiny, 'auto')).splits['train'], Split)
 
 
-def test_a_streamed_run_equals_the_in_memory_run_and_evaluates_every_example_once(
-    tiny, tmp_path):
+def test_a_streamed_run_equals_the_in_memory_run_and_evaluates_every_example_once(tiny, tmp_path):
   """The same run streamed from the tfrecord files (a worker process reads them) and read
   into memory by tf.data: the same losses and parameters; the test slice (7 examples over
   6 shards, its last batch padded) is evaluated once per example."""
   devices = jax.devices()[:2]
   for name, pipeline, workers in (('memory', 'memory', 0), ('stream', 'stream', 1)):
-    train.train_and_evaluate(_config(tiny, pipeline, test_split='train[2:]',
-                                     workers=workers), tmp_path / name, devices=devices)
+    train.train_and_evaluate(
+        _config(tiny, pipeline, test_split='train[2:]', workers=workers),
+        tmp_path / name,
+        devices=devices,
+    )
   streamed, in_memory = (MetricsLog(tmp_path / n).read() for n in ('stream', 'memory'))
   assert streamed and [r['loss'] for r in streamed] == [r['loss'] for r in in_memory]
-  leaves = [jax.tree.leaves(restore.load_run(tmp_path / n, 'latest').variables)
-            for n in ('stream', 'memory')]
+  leaves = [
+      jax.tree.leaves(restore.load_run(tmp_path / n, 'latest').variables)
+      for n in ('stream', 'memory')
+  ]
   for a, b in zip(*leaves, strict=True):
     np.testing.assert_array_equal(a, b)
-  finals = [json.loads((tmp_path / n / 'results.json').read_text())['final']
-            for n in ('stream', 'memory')]
+  finals = [
+      json.loads((tmp_path / n / 'results.json').read_text())['final'] for n in ('stream', 'memory')
+  ]
   assert finals[0]['test_examples'] == 7
   assert finals[0] == finals[1]
 
@@ -179,29 +190,43 @@ def test_a_truncated_or_corrupted_shard_is_named_in_one_line(tiny, tmp_path):
   second = 12 + int.from_bytes(original[:8], 'little') + 4  # where record 1 begins
 
   open(shard, 'wb').write(original[:-3])
-  _damaged_load(copy, rf'{re.escape(shard)}: truncated: record 1 at byte {second} ends at '
-                rf'byte {len(original)}, past the end of the file \({len(original) - 3} '
-                r'bytes\)')
+  _damaged_load(
+      copy,
+      rf'{re.escape(shard)}: truncated: record 1 at byte {second} ends at '
+      rf'byte {len(original)}, past the end of the file \({len(original) - 3} '
+      r'bytes\)',
+  )
   open(shard, 'wb').write(original[:second])
-  _damaged_load(copy, rf'{re.escape(shard)}: truncated: it ends at byte {second} after 1 '
-                r'records, fewer than the 2 tfds lists')
+  _damaged_load(
+      copy,
+      rf'{re.escape(shard)}: truncated: it ends at byte {second} after 1 '
+      r'records, fewer than the 2 tfds lists',
+  )
   damaged = bytearray(original)
-  damaged[second + 2] ^= 0xff  # the length of record 1
+  damaged[second + 2] ^= 0xFF  # the length of record 1
   open(shard, 'wb').write(bytes(damaged))
-  _damaged_load(copy, rf'{re.escape(shard)}: not a tfrecord file, or corrupted: the header '
-                rf'of record 1 at byte {second} fails its CRC')
+  _damaged_load(
+      copy,
+      rf'{re.escape(shard)}: not a tfrecord file, or corrupted: the header '
+      rf'of record 1 at byte {second} fails its CRC',
+  )
   open(shard, 'wb').write(original + original[second:])
-  _damaged_load(copy, rf'{re.escape(shard)}: holds more than the 2 records tfds lists '
-                rf'\(they end at byte {len(original)} of {len(original) * 2 - second}\)')
+  _damaged_load(
+      copy,
+      rf'{re.escape(shard)}: holds more than the 2 records tfds lists '
+      rf'\(they end at byte {len(original)} of {len(original) * 2 - second}\)',
+  )
 
   open(shard, 'wb').write(original)
   damaged = bytearray(original)
-  damaged[second + 12 + 5] ^= 0xff  # a byte of record 1's data
+  damaged[second + 12 + 5] ^= 0xFF  # a byte of record 1's data
   open(shard, 'wb').write(bytes(damaged))
   records = _load(_config(copy)).splits['train'].records
   records.read(4)  # record 0 of the shard is sound
-  with pytest.raises(DataError, match=rf'^{re.escape(shard)}: the record at byte {second} '
-                     r'fails its CRC \(corrupted\)$'):
+  with pytest.raises(
+      DataError,
+      match=rf'^{re.escape(shard)}: the record at byte {second} ' r'fails its CRC \(corrupted\)$',
+  ):
     records.read(5)
 
 
@@ -215,8 +240,11 @@ def test_a_format_read_in_order_only_is_refused_in_one_line():
   def as_data_source(split):
     raise NotImplementedError(split)
 
-  builder = SimpleNamespace(as_data_source=as_data_source,
-                            info=SimpleNamespace(file_format='riegeli'))
+  builder = SimpleNamespace(
+      as_data_source=as_data_source, info=SimpleNamespace(file_format='riegeli')
+  )
   assert tfds_source._data_sources(builder, {'train_split': 'train'}, ['train_split']) == (  # pylint: disable=protected-access
-      None, "prepared as riegeli files, which are read in order only; streaming needs "
-      "array_record or tfrecord files (download_and_prepare(file_format='array_record'))")
+      None,
+      'prepared as riegeli files, which are read in order only; streaming needs '
+      "array_record or tfrecord files (download_and_prepare(file_format='array_record'))",
+  )

@@ -35,8 +35,9 @@ def files(tmp_path_factory):
 
 def _split(files, workers):
   labels = np.arange(len(files), dtype=np.int32) % 3
-  return StreamSplit(stream.FileRecords(files, labels), labels, 16, 'random_resized',
-                     workers=workers, draft=True)
+  return StreamSplit(
+      stream.FileRecords(files, labels), labels, 16, 'random_resized', workers=workers, draft=True
+  )
 
 
 def _passes(split):
@@ -44,11 +45,13 @@ def _passes(split):
   pass and an evaluation pass read in turn."""
   read = []
   for epoch in range(3):
-    read += stream.read_batches(split, data.train_batches(split, 8, np.random.default_rng(
-        [0, 0, epoch])))
+    read += stream.read_batches(
+        split, data.train_batches(split, 8, np.random.default_rng([0, 0, epoch]))
+    )
   read += stream.read_batches(split, data.eval_batches(split, 8))
-  read.append(next(stream.read_batches(split, data.train_batches(
-      split, 8, np.random.default_rng(9)))))
+  read.append(
+      next(stream.read_batches(split, data.train_batches(split, 8, np.random.default_rng(9))))
+  )
   train = stream.read_batches(split, data.train_batches(split, 8, np.random.default_rng(9)))
   evaluation = stream.read_batches(split, data.eval_batches(split, 8))
   for a, b in zip(train, evaluation):
@@ -86,6 +89,7 @@ def test_processes_serve_every_pass_of_a_split_and_stop_with_it(files):
 
 
 class _Failing(stream.FileRecords):
+
   def read(self, index):
     raise ValueError(f'example {index} fails here')
 
@@ -116,14 +120,17 @@ def photo(tmp_path_factory):
   noise = np.random.default_rng(0).normal(0, 12, fields.shape)
   path = tmp_path_factory.mktemp('photo') / 'photo.jpg'
   Image.fromarray(np.clip(fields * 80 + 128 + noise, 0, 255).astype(np.uint8)).save(
-      path, quality=90)
+      path, quality=90
+  )
   return str(path)
 
 
 def _full_decode(path, box, size=224):
   """The reference: the whole file decoded, cropped to `box` and resized by PIL."""
-  return np.asarray(Image.open(path).convert('RGB').resize(
-      (size, size), Image.Resampling.BILINEAR, box=box), np.uint8).astype(int)
+  return np.asarray(
+      Image.open(path).convert('RGB').resize((size, size), Image.Resampling.BILINEAR, box=box),
+      np.uint8,
+  ).astype(int)
 
 
 def test_a_drafted_crop_is_within_one_and_a_half_levels_of_the_full_decode(photo):
@@ -192,7 +199,13 @@ def test_a_large_shrink_is_reduced_first_within_half_a_level_and_evaluation_is_e
     exact = stream.decode_crop(png, 224, lambda w, h, box=box: box, draft=False)
     np.testing.assert_array_equal(exact, ref)
   assert reduced >= 15
-  split = StreamSplit(stream.FileRecords((png,), np.zeros(1, np.int32)), np.zeros(1, np.int32),
-                      224, 'random_resized', workers=0, draft=True)
+  split = StreamSplit(
+      stream.FileRecords((png,), np.zeros(1, np.int32)),
+      np.zeros(1, np.int32),
+      224,
+      'random_resized',
+      workers=0,
+      draft=True,
+  )
   evaluation = stream.read_examples(split, [0])[0][0]
   np.testing.assert_array_equal(evaluation, _full_decode(png, stream.centre_box(1600, 1200)))

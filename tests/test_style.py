@@ -1,5 +1,6 @@
-"""The code keeps pyproject's [tool.ruff] rules: `ruff check` (pyflakes, pycodestyle,
-import order) finds nothing in the package, the scripts, the configs and the tests."""
+"""The code keeps pyproject's style: pyink (flax's formatter: Google style, 2-space
+indents) leaves every file as it is, and `ruff check` (pyflakes, pycodestyle, import
+order) finds nothing, in the package, the scripts, the configs and the tests."""
 
 import subprocess
 import sys
@@ -11,13 +12,32 @@ from tests.helpers import ROOT
 CHECKED = ('fineflax', 'scripts', 'configs', 'tests')
 
 
-def test_ruff_check_finds_nothing():
+def _fails(command: list[str], what: str) -> str | None:
+  """The failure text of a checker's run, one line per finding, or None when clean."""
   done = subprocess.run(
-      [sys.executable, '-m', 'ruff', 'check', '--output-format', 'concise', '--quiet',
-       *CHECKED], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
-  if done.returncode != 0:
-    # One line per finding (path:line:column: code message); `ruff check --fix` mends
-    # those marked [*]. A stderr is ruff's own error (a bad [tool.ruff] table, say).
-    findings = done.stdout.strip().splitlines()
-    pytest.fail('\n'.join([f'ruff check: {len(findings)} findings', *findings,
-                           done.stderr.strip()]).strip(), pytrace=False)
+      [sys.executable, '-m', *command, *CHECKED],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
+  if done.returncode == 0:
+    return None
+  findings = [line for line in (done.stdout + done.stderr).strip().splitlines() if line]
+  return '\n'.join([f'{what}: {len(findings)} lines', *findings])
+
+
+def test_pyink_leaves_every_file_as_it_is():
+  # `pyink fineflax scripts configs tests` reformats the files it names here.
+  failure = _fails(['pyink', '--check', '--quiet'], 'pyink --check')
+  if failure:
+    pytest.fail(failure, pytrace=False)
+
+
+def test_ruff_check_finds_nothing():
+  # path:line:column: code message; `ruff check --fix` mends those marked [*]. A line on
+  # stderr is ruff's own error (a bad [tool.ruff] table, say).
+  failure = _fails(['ruff', 'check', '--output-format', 'concise', '--quiet'], 'ruff check')
+  if failure:
+    pytest.fail(failure, pytrace=False)

@@ -42,8 +42,7 @@ def _interrupt_after(monkeypatch, phase_index, phase_epochs_done):
 
 
 def _records(workdir):
-  return [{k: v for k, v in r.items() if k != 'images_per_sec'}
-          for r in MetricsLog(workdir).read()]
+  return [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in MetricsLog(workdir).read()]
 
 
 def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monkeypatch):
@@ -51,7 +50,11 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
   full = train.train_and_evaluate(helpers.two_phase_config(), tmp_path / 'full', devices=devices)
   expected = _records(tmp_path / 'full')
   assert [(r['phase'], r['phase_epoch'], r['epoch'], r['step']) for r in expected] == [
-      ('scratch', 1, 1, 3), ('scratch', 2, 2, 6), ('conv5', 1, 3, 9), ('conv5', 2, 4, 12)]
+      ('scratch', 1, 1, 3),
+      ('scratch', 2, 2, 6),
+      ('conv5', 1, 3, 9),
+      ('conv5', 2, 4, 12),
+  ]
 
   workdir = tmp_path / 'interrupted'
   for stop in [(0, 1), (0, 2)]:  # mid-phase, then at the end of phase 1
@@ -61,8 +64,9 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
         train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
   with monkeypatch.context() as patch:  # a SIGTERM noted at an epoch's last step
     patch.setattr(preemption.StopRequest, 'at', lambda self, step: step == 9)
-    with pytest.raises(preemption.Preempted,
-                       match=r"saved step 9 \(phase 'conv5', the end of epoch 1\)"):
+    with pytest.raises(
+        preemption.Preempted, match=r"saved step 9 \(phase 'conv5', the end of epoch 1\)"
+    ):
       train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
   # A record written after the last checkpoint must not survive the resume.
   MetricsLog(workdir).write({'step': 99, 'phase': 'stale'})
@@ -70,44 +74,77 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
 
   assert _records(workdir) == expected
   assert resumed == full
-  assert set(os.listdir(workdir)) == {'checkpoints', 'metrics.jsonl', 'results.json',
-                                      'samples.png', 'config.json', 'dataset.json', 'tb',
-                                      'history.png'}
+  assert set(os.listdir(workdir)) == {
+      'checkpoints',
+      'metrics.jsonl',
+      'results.json',
+      'samples.png',
+      'config.json',
+      'dataset.json',
+      'tb',
+      'history.png',
+  }
   assert json.loads((workdir / 'results.json').read_text()) == full
 
 
 def _cli(*args, cwd=ROOT):
   env = helpers.program_env()
-  return subprocess.run([sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True,
-                        text=True, timeout=600)
+  return subprocess.run(
+      [sys.executable, '-m', *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+  )
 
 
 def test_cli_smoke_run_of_the_demo_config(tmp_path):
-  result = _cli('fineflax.train', '--config', 'configs/demo.py:smoke', '--workdir',
-                str(tmp_path / 'run'))
+  result = _cli(
+      'fineflax.train', '--config', 'configs/demo.py:smoke', '--workdir', str(tmp_path / 'run')
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   records = MetricsLog(tmp_path / 'run').read()
   assert [r['phase'] for r in records] == ['scratch', 'finetune']
-  assert {'phase', 'epoch', 'step', 'loss', 'accuracy', 'val_loss', 'val_accuracy',
-          'learning_rate', 'images_per_sec'} <= set(records[0])
+  assert {
+      'phase',
+      'epoch',
+      'step',
+      'loss',
+      'accuracy',
+      'val_loss',
+      'val_accuracy',
+      'learning_rate',
+      'images_per_sec',
+  } <= set(records[0])
   assert 'test_accuracy: ' in result.stdout
 
 
 def test_cli_rejects_bad_keys_before_running(tmp_path):
-  result = _cli('fineflax.train', '--config', 'configs/demo.py', '--workdir', str(tmp_path),
-                '--config.batchsize=8')
+  result = _cli(
+      'fineflax.train',
+      '--config',
+      'configs/demo.py',
+      '--workdir',
+      str(tmp_path),
+      '--config.batchsize=8',
+  )
   assert result.returncode != 0
   assert "unknown config key config.batchsize (did you mean 'batch_size'?)" in result.stderr
   # A key whose default is None stays overridable after :smoke; its value is checked.
-  result = _cli('fineflax.train', '--config', 'configs/demo.py:smoke', '--workdir',
-                str(tmp_path), '--config.model.weights=imagenet')
+  result = _cli(
+      'fineflax.train',
+      '--config',
+      'configs/demo.py:smoke',
+      '--workdir',
+      str(tmp_path),
+      '--config.model.weights=imagenet',
+  )
   assert result.returncode != 0
-  assert ("config.model.weights='imagenet': no such weights for backbone 'resnet_tiny'"
-          in result.stderr)
+  assert (
+      "config.model.weights='imagenet': no such weights for backbone 'resnet_tiny'" in result.stderr
+  )
   bad_file = tmp_path / 'typo.py'
-  bad_file.write_text('from configs.demo import get_config as base\n'
-                      'def get_config(arg=None):\n'
-                      '  c = base(arg)\n  c.model.head.dropuot = 0.5\n  return c\n')
+  bad_file.write_text(
+      'from configs.demo import get_config as base\n'
+      'def get_config(arg=None):\n'
+      '  c = base(arg)\n  c.model.head.dropuot = 0.5\n  return c\n'
+  )
   result = _cli('fineflax.train', '--config', str(bad_file), '--workdir', str(tmp_path / 'r'))
   assert result.returncode != 0
   assert "unknown config key config.model.head.dropuot (did you mean 'dropout'?)" in result.stderr
@@ -116,8 +153,10 @@ def test_cli_rejects_bad_keys_before_running(tmp_path):
 
 def test_summary_cli(tmp_path):
   from fineflax.train import summary  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(ROOT))
   from configs import demo  # pylint: disable=g-import-not-at-top
+
   expected, _ = summary.summarize_config(demo.get_config(), phase=1)
   result = _cli('fineflax.summary', '--config', 'configs/demo.py', '--phase', '1')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -130,8 +169,9 @@ def test_summary_needs_no_dataset_when_the_config_knows_the_classes_and_size(tmp
   """configs/folder.py names a photo folder that is not here; its class count (1: binary)
   and image size are in the config, so the table is printed (with Keras' own counts), and
   `--config.KEY=None` sets None (here: no weights to look up)."""
-  result = _cli('fineflax.summary', '--config', 'configs/folder.py',
-                '--config.model.weights=None', cwd=ROOT)
+  result = _cli(
+      'fineflax.summary', '--config', 'configs/folder.py', '--config.model.weights=None', cwd=ROOT
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Trainable params: 14,982,145' in result.stdout
   assert 'Non-trainable params: 8,615,808' in result.stdout
@@ -139,13 +179,23 @@ def test_summary_needs_no_dataset_when_the_config_knows_the_classes_and_size(tmp
 
 def test_none_on_the_command_line_is_none(tmp_path):
   from fineflax import config as config_module  # pylint: disable=g-import-not-at-top
+
   argv, pairs = config_module.split_overrides(
-      ['prog', '--config.data.test_split=None', '--config.seed=3',
-       '--config.phases[1].clip_norm=None', '--config.model.weights=Nonesuch'])
+      [
+          'prog',
+          '--config.data.test_split=None',
+          '--config.seed=3',
+          '--config.phases[1].clip_norm=None',
+          '--config.model.weights=Nonesuch',
+      ]
+  )
   # seed is never None: left to ml_collections; weights may be None: typed here.
   assert argv == ['prog', '--config.seed=3']
-  assert pairs == [('data.test_split', None), ('phases[1].clip_norm', None),
-                   ('model.weights', 'Nonesuch')]
+  assert pairs == [
+      ('data.test_split', None),
+      ('phases[1].clip_norm', None),
+      ('model.weights', 'Nonesuch'),
+  ]
   cfg = _demo_config()
   cfg.phases[1].clip_norm = 1.0
   config_module.apply_overrides(cfg, pairs[:2])
@@ -157,17 +207,29 @@ def test_a_key_the_config_file_left_at_none_takes_a_value(tmp_path):
   """configs/folder.py sets test_split = None; ml_collections alone refused
   `--config.data.test_split=test` ("Type NoneType ... is not supported for overriding")."""
   from fineflax import config as config_module  # pylint: disable=g-import-not-at-top
+
   sys.path.insert(0, str(ROOT))
   from configs import folder  # pylint: disable=g-import-not-at-top
+
   cfg = folder.get_config()
   cfg.data.test_split = None
   cfg.loss.class_weight = 'balanced'
   _, pairs = config_module.split_overrides(
-      ['prog', '--config.data.test_split=test', '--config.phases[0].clip_norm=0.5',
-       '--config.loss.class_weight=(1, 2.5)', '--config.eval_batch_size=8'])
+      [
+          'prog',
+          '--config.data.test_split=test',
+          '--config.phases[0].clip_norm=0.5',
+          '--config.loss.class_weight=(1, 2.5)',
+          '--config.eval_batch_size=8',
+      ]
+  )
   config_module.apply_overrides(cfg, pairs)
-  assert (cfg.data.test_split, cfg.phases[0].clip_norm, cfg.loss.class_weight,
-          cfg.eval_batch_size) == ('test', 0.5, (1, 2.5), 8)
+  assert (
+      cfg.data.test_split,
+      cfg.phases[0].clip_norm,
+      cfg.loss.class_weight,
+      cfg.eval_batch_size,
+  ) == ('test', 0.5, (1, 2.5), 8)
   with pytest.raises(ConfigError, match=r'--config.eval_batch_size=eight: expected int'):
     config_module.split_overrides(['prog', '--config.eval_batch_size=eight'])
 
@@ -175,6 +237,7 @@ def test_a_key_the_config_file_left_at_none_takes_a_value(tmp_path):
 def _demo_config(dtype: str = 'auto'):
   sys.path.insert(0, str(ROOT))
   from configs import demo  # pylint: disable=g-import-not-at-top
+
   config = demo.get_config()
   config.dtype = dtype
   return config
@@ -183,8 +246,9 @@ def _demo_config(dtype: str = 'auto'):
 @pytest.fixture(scope='module')
 def demo_results(tmp_path_factory):
   """The README's first command, on one CPU device as there (float32 on a CPU)."""
-  return train.train_and_evaluate(_demo_config(), tmp_path_factory.mktemp('demo'),
-                                  devices=jax.devices()[:1])
+  return train.train_and_evaluate(
+      _demo_config(), tmp_path_factory.mktemp('demo'), devices=jax.devices()[:1]
+  )
 
 
 def test_demo_reaches_95_percent(demo_results):
@@ -197,8 +261,7 @@ def _final_state(workdir: Path):
   return ocp.StandardCheckpointer().restore(RunDir(workdir).latest / str(step) / 'state')
 
 
-def test_demo_in_bfloat16_resumes_bitwise_and_matches_float32(tmp_path, monkeypatch,
-                                                              demo_results):
+def test_demo_in_bfloat16_resumes_bitwise_and_matches_float32(tmp_path, monkeypatch, demo_results):
   """`--config.dtype=bfloat16`, what accelerators run: both phases train, evaluate and
   save with a float32 state; a stop mid-epoch resumes to the same bits as a run that was
   not stopped; the test accuracy is within 1.5 points of float32's (measured on the 2-core
@@ -207,8 +270,9 @@ def test_demo_in_bfloat16_resumes_bitwise_and_matches_float32(tmp_path, monkeypa
   whole = train.train_and_evaluate(config, tmp_path / 'whole', devices=jax.devices()[:1])
   with monkeypatch.context() as patch:  # SIGTERM noted at step 130 of the first phase's 240
     patch.setattr(preemption.StopRequest, 'at', lambda self, step: step == 130)
-    with pytest.raises(preemption.Preempted, match=r"saved step 130 \(phase 'scratch', 10 "
-                       'batches into an epoch'):
+    with pytest.raises(
+        preemption.Preempted, match=r"saved step 130 \(phase 'scratch', 10 " 'batches into an epoch'
+    ):
       train.train_and_evaluate(config, tmp_path / 'cut', devices=jax.devices()[:1])
   resumed = train.train_and_evaluate(config, tmp_path / 'cut', devices=jax.devices()[:1])
 
@@ -219,17 +283,26 @@ def test_demo_in_bfloat16_resumes_bitwise_and_matches_float32(tmp_path, monkeypa
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
   assert {str(x.dtype) for x in jax.tree.leaves(a)} == {'float32', 'int32'}
   assert whole['test_examples'] == 270
-  assert abs(whole['test_accuracy'] - demo_results['test_accuracy']) <= 0.015, (
-      whole, demo_results)
+  assert abs(whole['test_accuracy'] - demo_results['test_accuracy']) <= 0.015, (whole, demo_results)
 
 
-@pytest.mark.parametrize('mutate, message', [
-    (lambda c: setattr(c, 'phases', c.phases + (config_lib.phase(name='x', freeze='layers[:99]'),)),
-     "config.phases[2].freeze: freeze spec 'layers[:99]': index 99 is beyond the backbone"),
-    (lambda c: setattr(c.data, 'val_split', 'valid'),
-     "config.data.val_split='valid': the dataset has the splits ['test', 'train', 'validation']"),
-    (lambda c: setattr(c.model, 'num_classes', 5), 'num_classes=5 but the dataset has 10'),
-])
+@pytest.mark.parametrize(
+    'mutate, message',
+    [
+        (
+            lambda c: setattr(
+                c, 'phases', c.phases + (config_lib.phase(name='x', freeze='layers[:99]'),)
+            ),
+            "config.phases[2].freeze: freeze spec 'layers[:99]': index 99 is beyond the backbone",
+        ),
+        (
+            lambda c: setattr(c.data, 'val_split', 'valid'),
+            "config.data.val_split='valid': the dataset has the splits ['test', 'train', "
+            "'validation']",
+        ),
+        (lambda c: setattr(c.model, 'num_classes', 5), 'num_classes=5 but the dataset has 10'),
+    ],
+)
 def test_run_refuses_what_does_not_fit_before_writing_anything(tmp_path, mutate, message):
   cfg = helpers.two_phase_config()
   mutate(cfg)
@@ -245,10 +318,17 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
   ends on the parameters of that epoch's checkpoint, read back with Orbax from latest/,
   not on those of the last epoch."""
   from fineflax.train import training  # pylint: disable=g-import-not-at-top
+
   devices = jax.devices()[:2]
   cfg = helpers.two_phase_config()
-  cfg.phases = (config_lib.phase(name='only', learning_rate=3e-3, epochs=10, early_stopping=dict(
-      patience=2, restore_best=True)),)
+  cfg.phases = (
+      config_lib.phase(
+          name='only',
+          learning_rate=3e-3,
+          epochs=10,
+          early_stopping=dict(patience=2, restore_best=True),
+      ),
+  )
   cfg.checkpoint.every_steps = 2  # mid-epoch saves, and one at an epoch's last step
   cfg.checkpoint.keep = 50  # every save stays, the best epoch's among them
   final = {}
@@ -267,7 +347,7 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
   # after the best one, then stop. The test means something only if the best epoch is
   # neither the first (restoring the first) nor the last (not restoring at all).
   assert 0 < best < len(records) - 1, val
-  assert len(records) == best + 1 + 2 and min(val[best + 1:]) >= val[best], val
+  assert len(records) == best + 1 + 2 and min(val[best + 1 :]) >= val[best], val
   assert [r['phase_epoch'] for r in records] == list(range(1, len(records) + 1))
   best_step, last_step = records[best]['step'], records[-1]['step']
   # Only the parameters go back (Keras' restore_best_weights): the step goes on.
@@ -278,28 +358,36 @@ def test_early_stopping_stops_and_restores_the_best_epoch(tmp_path, monkeypatch)
   assert (meta['step'], meta['phase_epochs_done'], meta['batch']) == (last_step, len(records), 0)
 
   read = lambda step: ocp.StandardCheckpointer().restore(
-      RunDir(tmp_path / 'stopped').latest / str(step) / 'state')
+      RunDir(tmp_path / 'stopped').latest / str(step) / 'state'
+  )
   at_best, at_last = read(best_step), read(last_step)
   assert int(at_best['step']) == best_step and int(at_last['step']) == last_step
   for collection in ('params', 'batch_stats'):
     ours = jax.tree.leaves(getattr(final['state'], collection))
     for a, b in zip(ours, jax.tree.leaves(at_best[collection]), strict=True):
       np.testing.assert_array_equal(a, b)
-  differs = [not np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves(final['state'].params), jax.tree.leaves(at_last['params']), strict=True)]
+  differs = [
+      not np.array_equal(a, b)
+      for a, b in zip(
+          jax.tree.leaves(final['state'].params), jax.tree.leaves(at_last['params']), strict=True
+      )
+  ]
   assert sum(differs) > len(differs) // 2  # the last epoch's parameters are not kept
 
 
 def test_refuses_a_best_checkpoint_without_latest_and_unwatchable_early_stopping(tmp_path):
   (RunDir(tmp_path / 'run').best / '12').mkdir(parents=True)
   with pytest.raises(ConfigError, match='holds a checkpoint but .*latest has none to resume'):
-    train.train_and_evaluate(helpers.two_phase_config(), tmp_path / 'run',
-                             devices=jax.devices()[:2])
+    train.train_and_evaluate(
+        helpers.two_phase_config(), tmp_path / 'run', devices=jax.devices()[:2]
+    )
   cfg = helpers.two_phase_config()
   cfg.data.val_split = None
   cfg.phases = (config_lib.phase(name='only', epochs=3, early_stopping=dict(patience=1)),)
-  with pytest.raises(ConfigError, match=r"phases\[0\].early_stopping.monitor='val_loss' but "
-                     'config.data.val_split is None'):
+  with pytest.raises(
+      ConfigError,
+      match=r"phases\[0\].early_stopping.monitor='val_loss' but " 'config.data.val_split is None',
+  ):
     train.train_and_evaluate(cfg, tmp_path / 'other', devices=jax.devices()[:2])
   assert not (tmp_path / 'other').exists()
 
@@ -320,8 +408,11 @@ def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
   [best] = (RunDir(tmp_path / 'source').best).iterdir()  # init_from takes the best step
   saved = ocp.StandardCheckpointer().restore(best / 'state')
   for collection in ('params', 'batch_stats'):
-    for a, b in zip(jax.tree.leaves(saved[collection]['backbone']),
-                    jax.tree.leaves(variables[collection]['backbone']), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(saved[collection]['backbone']),
+        jax.tree.leaves(variables[collection]['backbone']),
+        strict=True,
+    ):
       np.testing.assert_array_equal(a, b)
 
 
@@ -332,14 +423,28 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
   config = tmp_path / 'sigterm_config.py'
   config.write_text(_SIGTERM_CONFIG)
   env = helpers.program_env(cache=tmp_path / 'cache')
-  command = lambda workdir: [sys.executable, '-m', 'fineflax.train', '--config', str(config),
-                             '--workdir', str(workdir)]
-  whole = subprocess.run(command(tmp_path / 'whole'), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+  command = lambda workdir: [
+      sys.executable,
+      '-m',
+      'fineflax.train',
+      '--config',
+      str(config),
+      '--workdir',
+      str(workdir),
+  ]
+  whole = subprocess.run(
+      command(tmp_path / 'whole'), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert whole.returncode == 0, whole.stderr[-3000:]
 
-  proc = subprocess.Popen(command(tmp_path / 'cut'), cwd=ROOT, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+      command(tmp_path / 'cut'),
+      cwd=ROOT,
+      env=env,
+      text=True,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+  )
   for line in proc.stdout:  # the second epoch runs when the first one is logged
     if 'epoch 1/2 (run epoch' in line:  # the epoch's record, not its progress lines
       proc.send_signal(signal.SIGTERM)
@@ -349,16 +454,19 @@ def test_sigterm_mid_epoch_then_the_same_command_resumes_bitwise(tmp_path):
   assert 'SIGTERM: saved step' in log
   meta = checkpoints.Checkpoints(RunDir(tmp_path / 'cut').latest).latest_meta()
   assert meta['phase_index'] == 0 and meta['phase_epochs_done'] == 1 and meta['batch'] > 0
-  again = subprocess.run(command(tmp_path / 'cut'), cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
+  again = subprocess.run(
+      command(tmp_path / 'cut'), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'resuming from step' in again.stderr
 
   final = lambda w: ocp.StandardCheckpointer().restore(
-      RunDir(w).latest / str(json.loads((w / 'results.json').read_text())['step'])
-      / 'state')
+      RunDir(w).latest / str(json.loads((w / 'results.json').read_text())['step']) / 'state'
+  )
   a, b = final(tmp_path / 'whole'), final(tmp_path / 'cut')
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
-  assert [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in
-          MetricsLog(tmp_path / 'cut').read()] == _records(tmp_path / 'whole')
+  assert [
+      {k: v for k, v in r.items() if k != 'images_per_sec'}
+      for r in MetricsLog(tmp_path / 'cut').read()
+  ] == _records(tmp_path / 'whole')

@@ -50,7 +50,10 @@ def _spoil(folder: Path, how_many: int) -> None:
 def _config(source: str, *, carve: bool, resident: bool):
   cfg = helpers.tiny_config(
       config_lib.phase(name='a', optimizer='adam', learning_rate=1e-3, epochs=3),
-      batch_size=BATCH, source=source, device_resident=resident)
+      batch_size=BATCH,
+      source=source,
+      device_resident=resident,
+  )
   cfg.seed = 0
   if carve:  # the walkthrough's Keras-style carve: no test split
     cfg.data.validation_split = 0.2
@@ -72,10 +75,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize('carve, good, bad, devices, resident', list(CASES.values()),
-                         ids=list(CASES))
-def test_unreadable_files_are_left_out_and_training_stays_finite(tmp_path, carve, good, bad,
-                                                                 devices, resident):
+@pytest.mark.parametrize(
+    'carve, good, bad, devices, resident', list(CASES.values()), ids=list(CASES)
+)
+def test_unreadable_files_are_left_out_and_training_stays_finite(
+    tmp_path, carve, good, bad, devices, resident
+):
   rng = np.random.default_rng(0)
   photos = tmp_path / 'photos'
   if carve:  # the carve takes int(0.2 * files listed) for validation
@@ -88,8 +93,11 @@ def test_unreadable_files_are_left_out_and_training_stays_finite(tmp_path, carve
     _spoil(photos / 'validation', 1)
     _spoil(photos / 'test', 2)
   workdir = tmp_path / 'run'
-  results = train.train_and_evaluate(_config(f'folder:{photos}', carve=carve, resident=resident),
-                                     workdir, devices=jax.devices()[:devices])
+  results = train.train_and_evaluate(
+      _config(f'folder:{photos}', carve=carve, resident=resident),
+      workdir,
+      devices=jax.devices()[:devices],
+  )
 
   splits = json.loads((workdir / 'dataset.json').read_text())['splits']
   if carve:
@@ -100,7 +108,10 @@ def test_unreadable_files_are_left_out_and_training_stays_finite(tmp_path, carve
     assert splits['val']['examples'] == n_val
   else:
     assert {role: (s['examples'], s['skipped_files']) for role, s in splits.items()} == {
-        'train': (sum(good), bad), 'val': (3 * 6, 1), 'test': (3 * 5, 2)}
+        'train': (sum(good), bad),
+        'val': (3 * 6, 1),
+        'test': (3 * 5, 2),
+    }
     assert results['test_examples'] == 3 * 5
     assert math.isfinite(results['test_loss'])
   assert splits['train']['examples'] % BATCH == 0

@@ -35,8 +35,14 @@ def _randomise_bn(keras, model, seed=0):
   for layer in model.layers:
     if isinstance(layer, keras.layers.BatchNormalization):
       c = layer.get_weights()[0].shape
-      layer.set_weights([rng.uniform(0.5, 1.5, c), rng.normal(0, 0.1, c),
-                         rng.normal(0, 0.1, c), rng.uniform(0.5, 1.5, c)])
+      layer.set_weights(
+          [
+              rng.uniform(0.5, 1.5, c),
+              rng.normal(0, 0.1, c),
+              rng.normal(0, 0.1, c),
+              rng.uniform(0.5, 1.5, c),
+          ]
+      )
 
 
 @pytest.fixture(scope='module')
@@ -44,6 +50,7 @@ def keras_file(keras, tmp_path_factory):
   """Builds (once) a Keras model with random weights and writes it in the legacy HDF5
   layout of keras.applications files; returns (path, keras model)."""
   from keras.src.legacy.saving import legacy_h5_format  # pylint: disable=g-import-not-at-top
+
   made = {}
 
   def make(name, include_top):
@@ -51,8 +58,9 @@ def keras_file(keras, tmp_path_factory):
       cls, size, _ = KERAS[name]
       keras.backend.clear_session()  # Keras' automatic layer names restart at conv2d, add
       kwargs = {'classifier_activation': None} if include_top else {}
-      model = getattr(keras.applications, cls)(include_top=include_top, weights=None,
-                                               input_shape=(size, size, 3), **kwargs)
+      model = getattr(keras.applications, cls)(
+          include_top=include_top, weights=None, input_shape=(size, size, 3), **kwargs
+      )
       _randomise_bn(keras, model)
       path = tmp_path_factory.mktemp('h5') / f'{name}{"" if include_top else "_notop"}.h5'
       with h5py.File(path, 'w') as f:
@@ -79,8 +87,9 @@ def _load(cfg, size, num_classes=3):
 def _features(model, variables, images):
   """The backbone's output (the last layer of the Keras layer list)."""
   apply = lambda v, x: model.apply(v, x, mutable=['intermediates'])[1]
-  return np.asarray(jax.jit(apply)(variables, images)['intermediates']['backbone'][
-      'layer_outputs'][-1])
+  return np.asarray(
+      jax.jit(apply)(variables, images)['intermediates']['backbone']['layer_outputs'][-1]
+  )
 
 
 @pytest.mark.parametrize('include_top', [False, True])
@@ -95,8 +104,11 @@ def test_keras_file_parity(keras, keras_file, name, include_top):
   images = np.random.default_rng(1).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
   preprocess = getattr(keras.applications, module).preprocess_input
   expected = np.asarray(reference(preprocess(images.astype(np.float32)), training=False))
-  got = (np.asarray(jax.jit(model.apply)(variables, images)) if include_top
-         else _features(model, variables, images))
+  got = (
+      np.asarray(jax.jit(model.apply)(variables, images))
+      if include_top
+      else _features(model, variables, images)
+  )
   assert got.shape == expected.shape
   assert np.abs(got - expected).max() <= TOLERANCE * np.abs(expected).max()
 
@@ -105,7 +117,8 @@ def test_full_file_into_a_new_head_skips_the_top(keras_file):
   path, _ = keras_file('resnet50', True)
   _, _, report = _load(_model_config('resnet50', path), 64)
   assert report.skipped == [
-      'predictions: the model has a new head (config.model.include_top is False)']
+      'predictions: the model has a new head (config.model.include_top is False)'
+  ]
   assert report.initialised == ['head/dense']
   assert 'loaded 106 layers' in report.text()
 
@@ -132,19 +145,28 @@ def test_a_folder_named_like_a_source_is_not_a_path(tmp_path, monkeypatch):
 def test_file_of_another_backbone_is_refused(keras_file):
   resnet, _ = keras_file('resnet50', False)
   vgg, _ = keras_file('vgg16', False)
-  with pytest.raises(weights.WeightFileError, match=r'backbone/block1_conv1/kernel: the file '
-                     r'has shape \(7, 7, 3, 64\), the model expects \(3, 3, 3, 64\)'):
+  with pytest.raises(
+      weights.WeightFileError,
+      match=r'backbone/block1_conv1/kernel: the file '
+      r'has shape \(7, 7, 3, 64\), the model expects \(3, 3, 3, 64\)',
+  ):
     _load(_model_config('vgg16', resnet), 32)
-  with pytest.raises(weights.WeightFileError, match='has 13 layers with weights but the '
-                     'backbone has 106'):
+  with pytest.raises(
+      weights.WeightFileError, match='has 13 layers with weights but the ' 'backbone has 106'
+  ):
     _load(_model_config('resnet50', vgg), 64)
 
 
 def test_torchvision_parity_pth_and_safetensors(tmp_path):
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  subprocess.run([sys.executable, '-m', 'tests.torchvision_reference', str(tmp_path)],
-                 cwd=helpers.ROOT, check=True, timeout=300)
+
+  subprocess.run(
+      [sys.executable, '-m', 'tests.torchvision_reference', str(tmp_path)],
+      cwd=helpers.ROOT,
+      check=True,
+      timeout=300,
+  )
   images, expected = np.load(tmp_path / 'images.npy'), np.load(tmp_path / 'logits.npy')
   for suffix in ('.pth', '.safetensors'):
     cfg = _model_config('resnet50_torchvision', tmp_path / f'resnet50{suffix}', True)
@@ -155,7 +177,8 @@ def test_torchvision_parity_pth_and_safetensors(tmp_path):
   # A new head: the backbone loads, torch's fc is skipped.
   _, _, report = _load(_model_config('resnet50_torchvision', tmp_path / 'resnet50.pth'), 64)
   assert report.skipped == [
-      'predictions: the model has a new head (config.model.include_top is False)']
+      'predictions: the model has a new head (config.model.include_top is False)'
+  ]
   # A ResNet101 file has every ResNet50 layer, and more: refused, not silently cut.
   with pytest.raises(weights.WeightFileError, match='has 102 layers this backbone lacks'):
     _load(_model_config('resnet50_torchvision', tmp_path / 'resnet101.safetensors'), 64)
@@ -165,9 +188,12 @@ def test_weight_names_are_checked_against_the_backbone():
   config_lib.validate(_model_config('resnet50', 'keras:imagenet'))
   config_lib.validate(_model_config('resnet50_torchvision', 'torchvision:IMAGENET1K_V1'))
   config_lib.validate(_model_config('vgg16', '/data/vgg16_notop.h5'))
-  with pytest.raises(config_lib.ConfigError, match=r"config.model.weights='keras:imagenet': no "
-                     r"such weights for backbone 'resnet50_torchvision'; known: \['imagenet', "
-                     r"'torchvision:IMAGENET1K_V1', 'torchvision:IMAGENET1K_V2'\]"):
+  with pytest.raises(
+      config_lib.ConfigError,
+      match=r"config.model.weights='keras:imagenet': no "
+      r"such weights for backbone 'resnet50_torchvision'; known: \['imagenet', "
+      r"'torchvision:IMAGENET1K_V1', 'torchvision:IMAGENET1K_V2'\]",
+  ):
     config_lib.validate(_model_config('resnet50_torchvision', 'keras:imagenet'))
   with pytest.raises(weights.WeightFileError, match='no such file'):
     weights.resolve('/nonexistent/w.h5', 'resnet50', False)
@@ -181,7 +207,8 @@ def test_sources_are_complete():
     assert source.full.url.startswith('https://')
     assert weights.named_source('imagenet', source.backbone) is not None
   assert weights.named_source('keras:imagenet', 'resnet50').file(False).filename == (
-      'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5')
+      'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'
+  )
 
 
 # The torchvision side, in a process of its own (torchvision after TensorFlow crashes; see
@@ -208,18 +235,22 @@ def test_keras_checksums_and_urls_are_those_of_the_installed_keras():
   import inspect  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
   from pathlib import Path  # pylint: disable=g-import-not-at-top
+
   published = {}  # url -> md5, as Keras downloads and checks it
   resnet = importlib.import_module('keras.src.applications.resnet')
-  assert ('f"{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"'
-          in inspect.getsource(resnet))
+  assert 'f"{weights_name}_weights_tf_dim_ordering_tf_kernels_notop.h5"' in inspect.getsource(
+      resnet
+  )
   for name, (full, notop) in resnet.WEIGHTS_HASHES.items():
     stem = f'{resnet.BASE_WEIGHTS_PATH}{name}_weights_tf_dim_ordering_tf_kernels'
     published[f'{stem}.h5'], published[f'{stem}_notop.h5'] = full, notop
   for module_name in ('vgg16', 'xception'):
     module = importlib.import_module(f'keras.src.applications.{module_name}')
-    calls = re.findall(r'get_file\(\s*"([^"]+)",\s*(WEIGHTS_PATH(?:_NO_TOP)?),\s*'
-                       r'cache_subdir="models",\s*file_hash="([0-9a-f]{32})"',
-                       inspect.getsource(module))
+    calls = re.findall(
+        r'get_file\(\s*"([^"]+)",\s*(WEIGHTS_PATH(?:_NO_TOP)?),\s*'
+        r'cache_subdir="models",\s*file_hash="([0-9a-f]{32})"',
+        inspect.getsource(module),
+    )
     assert len(calls) == 2, module_name  # the file with the top and the one without
     for filename, constant, md5 in calls:
       url = getattr(module, constant)
@@ -227,13 +258,20 @@ def test_keras_checksums_and_urls_are_those_of_the_installed_keras():
       published[url] = md5
   keras_sources = [s for s in weights.SOURCES if s.name == 'keras:imagenet']
   assert sorted(s.backbone for s in keras_sources) == [
-      'resnet101', 'resnet152', 'resnet50', 'vgg16', 'xception']
+      'resnet101',
+      'resnet152',
+      'resnet50',
+      'vgg16',
+      'xception',
+  ]
   for source in keras_sources:
     for file in (source.full, source.notop):
       assert file.url in published, file.url
       assert (file.md5, file.sha256, file.sha256_prefix) == (published[file.url], None, None)
-    named = re.fullmatch(r"Keras' md5s, in keras.applications' `(keras/src/applications/"
-                         r"(\w+)\.py)`", source.checksum_source)
+    named = re.fullmatch(
+        r"Keras' md5s, in keras.applications' `(keras/src/applications/" r'(\w+)\.py)`',
+        source.checksum_source,
+    )
     assert named, source.checksum_source
     module = importlib.import_module(f'keras.src.applications.{named.group(2)}')
     assert Path(inspect.getsourcefile(module)).as_posix().endswith('/' + named.group(1))
@@ -249,8 +287,14 @@ def test_torchvision_checksums_and_urls_are_those_of_the_installed_torchvision()
   import re  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  done = subprocess.run([sys.executable, '-c', _TORCHVISION_WEIGHTS], capture_output=True,
-                        text=True, timeout=300, check=False)
+
+  done = subprocess.run(
+      [sys.executable, '-c', _TORCHVISION_WEIGHTS],
+      capture_output=True,
+      text=True,
+      timeout=300,
+      check=False,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   published = json.loads(done.stdout.strip().splitlines()[-1])
   ours = {s.name: s for s in weights.SOURCES if s.backbone == 'resnet50_torchvision'}
@@ -262,11 +306,11 @@ def test_torchvision_checksums_and_urls_are_those_of_the_installed_torchvision()
     assert source.full.md5 is None and source.full.sha256 is None
     assert source.top1 == f"{tv['acc1']:.2f}%"
     assert re.fullmatch(r'resnet50-([0-9a-f]{8})\.pth', source.full.filename).group(1) == (
-        source.full.sha256_prefix)
+        source.full.sha256_prefix
+    )
     assert source.checksum_source.startswith('the 8-hex sha256 prefix in the file name')
     assert not [k for k in tv['meta'] if 'sha' in k.lower() or 'hash' in k.lower()], tv['meta']
-  assert weights.sources.DEFAULTS['resnet50_torchvision'] == (
-      f"torchvision:{published['default']}")
+  assert weights.sources.DEFAULTS['resnet50_torchvision'] == (f"torchvision:{published['default']}")
 
 
 def test_docs_list_every_source():
@@ -285,6 +329,7 @@ def test_imagenet_class_names():
 
 def test_zero_shot_predict_matches_keras(keras, keras_file, tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   path, reference = keras_file('resnet50', True)
   rng = np.random.default_rng(3)
   paths = []
@@ -306,6 +351,7 @@ def test_zero_shot_predict_matches_keras(keras, keras_file, tmp_path):
 
 def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
   from tests import scripts_loader  # pylint: disable=g-import-not-at-top
+
   convert_weights = scripts_loader.load('convert_weights')
   path, _ = keras_file('xception', False)
   convert_weights.convert('xception', str(path), str(tmp_path / 'ckpt'))
@@ -313,8 +359,11 @@ def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
   _, converted, report = _load(_model_config('xception', tmp_path / 'ckpt'), 71)
   assert report.initialised == ['head/dense']
   for collection in ('params', 'batch_stats'):
-    for a, b in zip(jax.tree.leaves(direct[collection]['backbone']),
-                    jax.tree.leaves(converted[collection]['backbone']), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(direct[collection]['backbone']),
+        jax.tree.leaves(converted[collection]['backbone']),
+        strict=True,
+    ):
       np.testing.assert_array_equal(a, b)
 
 
@@ -328,9 +377,10 @@ def test_training_from_a_keras_file_keeps_the_frozen_part_as_in_the_file(keras_f
   # must still be loaded, not skipped as if resuming.
   (tmp_path / 'run' / 'checkpoints' / 'latest' / '7.orbax-checkpoint-tmp-1').mkdir(parents=True)
   train.train_and_evaluate(cfg, tmp_path / 'run', devices=jax.devices()[:2])
-  step_dir = max((p for p in (tmp_path / 'run' / 'checkpoints' / 'latest').iterdir()
-                  if p.name.isdigit()),
-                 key=lambda p: int(p.name))
+  step_dir = max(
+      (p for p in (tmp_path / 'run' / 'checkpoints' / 'latest').iterdir() if p.name.isdigit()),
+      key=lambda p: int(p.name),
+  )
   state = ocp.StandardCheckpointer().restore(step_dir / 'state')
   trained = state['params']['backbone']
   layers = [layer for layer in models.BACKBONES['vgg16'].build().layers if layer.kind == 'Conv2D']

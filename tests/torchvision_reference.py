@@ -34,8 +34,9 @@ def main(out: Path) -> None:
     logits = model(x).numpy()
   np.save(out / 'images.npy', images)
   np.save(out / 'logits.npy', logits)
-  save_file(torchvision.models.resnet101(weights=None).state_dict(),
-            str(out / 'resnet101.safetensors'))
+  save_file(
+      torchvision.models.resnet101(weights=None).state_dict(), str(out / 'resnet101.safetensors')
+  )
 
 
 if __name__ == '__main__':

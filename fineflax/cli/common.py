@@ -33,14 +33,23 @@ def define_distributed_flags(uses_devices: bool = True) -> Callable[[], None]:
   """
   holders = {
       'coordinator': flags.DEFINE_string(
-          'coordinator', None, 'Multi-host runs: HOST:PORT of process 0 (default: '
-          f'${distributed.ENV_COORDINATOR}, or detected on TPU pods, SLURM, Open MPI).'),
+          'coordinator',
+          None,
+          'Multi-host runs: HOST:PORT of process 0 (default: '
+          f'${distributed.ENV_COORDINATOR}, or detected on TPU pods, SLURM, Open MPI).',
+      ),
       'num_processes': flags.DEFINE_integer(
-          'num_processes', None, 'Multi-host runs: number of processes (default: '
-          f'${distributed.ENV_NUM_PROCESSES}, or detected; 1: run alone).'),
+          'num_processes',
+          None,
+          'Multi-host runs: number of processes (default: '
+          f'${distributed.ENV_NUM_PROCESSES}, or detected; 1: run alone).',
+      ),
       'process_id': flags.DEFINE_integer(
-          'process_id', None, 'Multi-host runs: index of this process, 0 to num_processes-1 '
-          f'(default: ${distributed.ENV_PROCESS_ID}, or detected).'),
+          'process_id',
+          None,
+          'Multi-host runs: index of this process, 0 to num_processes-1 '
+          f'(default: ${distributed.ENV_PROCESS_ID}, or detected).',
+      ),
   }
 
   def join() -> None:
@@ -72,8 +81,9 @@ def show_in_help() -> None:
         flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
 
 
-def run_absl(absl_main: Callable[[list[str]], None], usage: str,
-             argv: list[str] | None = None) -> None:
+def run_absl(
+    absl_main: Callable[[list[str]], None], usage: str, argv: list[str] | None = None
+) -> None:
   """Runs `absl_main` under absl, its `--help` the text `usage` followed by the flags under
   the program's name (`program_name`); a FineflaxError ends the program with its message.
 
@@ -95,8 +105,13 @@ def run_absl(absl_main: Callable[[list[str]], None], usage: str,
     sys.argv[0], main_module.__doc__ = saved
 
 
-def run_program(main: Callable[..., None], usage: str, required: Sequence[str] = ('config',),
-                positional: str | None = None, uses_devices: bool = True) -> None:
+def run_program(
+    main: Callable[..., None],
+    usage: str,
+    required: Sequence[str] = ('config',),
+    positional: str | None = None,
+    uses_devices: bool = True,
+) -> None:
   """Defines `--config` (`path[:arg]`, overridable by `--config.key=value`), then runs
   `main(config)` under absl, or `main(config, args)` when the tool takes `positional`
   arguments; `usage` is what `--help` prints above the flags (`run_absl`); a FineflaxError
@@ -117,9 +132,9 @@ def run_program(main: Callable[..., None], usage: str, required: Sequence[str] =
   argv, overrides = config_lib.split_overrides(sys.argv)
   # sys_argv: ml_collections reads its overrides from sys.argv unless told, and would see
   # the ones split off above, typing them by the config's (None) values.
-  config = config_flags.DEFINE_config_file('config', None,
-                                           'Experiment config file, path[:smoke].',
-                                           sys_argv=argv)
+  config = config_flags.DEFINE_config_file(
+      'config', None, 'Experiment config file, path[:smoke].', sys_argv=argv
+  )
   flags.mark_flags_as_required(list(required))
   join = define_distributed_flags(uses_devices)
 
@@ -146,17 +161,22 @@ def _loaded(holder: flags.FlagHolder) -> ml_collections.ConfigDict | None:
   value = holder.value
   if value is None or isinstance(value, ml_collections.ConfigDict):
     if value is None and flags.FLAGS['config'].present:
-      raise ConfigError(f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}: '
-                        'its get_config() returned None (a missing return?)')
+      raise ConfigError(
+          f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}: '
+          'its get_config() returned None (a missing return?)'
+      )
     return value
   try:
     value.keys()  # ml_collections' placeholder raises the loading error on any use
   except OSError as e:
     reason = str(e.__cause__ or e).strip().splitlines()[-1].strip()
-    raise ConfigError(f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}: '
-                      f'cannot load it: {reason}') from None
-  raise ConfigError(f'--config: get_config() returned a {type(value).__name__}, not a '
-                    'ConfigDict')
+    raise ConfigError(
+        f'--config {config_flags.get_config_filename(flags.FLAGS["config"])}: '
+        f'cannot load it: {reason}'
+    ) from None
+  raise ConfigError(
+      f'--config: get_config() returned a {type(value).__name__}, not a ' 'ConfigDict'
+  )
 
 
 def _config_error(error: BaseException | None) -> ConfigError | None:
@@ -177,10 +197,13 @@ def parse_flags(argv: list[str]) -> list[str]:
     return flags.FLAGS(argv)
   except IndexError:
     phases = [a for a in argv if a.startswith('--config.phases[')]
-    sys.exit(f'error: {" ".join(phases)}: the config has no such phase (phases are '
-             'numbered from 0)')
+    sys.exit(
+        f'error: {" ".join(phases)}: the config has no such phase (phases are ' 'numbered from 0)'
+    )
   except flags.Error as e:
     if (error := _config_error(e)) is not None:
       sys.exit(f'error: {error}')
-    sys.exit(f'FATAL Flags parsing error: {e}\n'  # absl's words for its own errors
-             'Pass --helpshort or --helpfull to see help on flags.')
+    sys.exit(
+        f'FATAL Flags parsing error: {e}\n'  # absl's words for its own errors
+        'Pass --helpshort or --helpfull to see help on flags.'
+    )

@@ -26,25 +26,36 @@ from fineflax.inference.evaluate import TOP_K, evaluate_run
 def format_report(report: dict[str, Any], max_matrix_classes: int = 20) -> str:
   """`evaluate_run`'s report as a table: totals, per-class rows, the confusion matrix
   (up to `max_matrix_classes` classes; the PNG has it always)."""
-  lines = [f"{report['workdir']}: checkpoint {report['checkpoint']} (step {report['step']}), "
-           f"split {report['split']!r} ({report['split_name']}), {report['examples']} examples",
-           f"loss {report['loss']:.4f}  accuracy {report['accuracy']:.4f}"
-           + (f"  top-{TOP_K} accuracy {report[f'top{TOP_K}_accuracy']:.4f}"
-              if f'top{TOP_K}_accuracy' in report else ''), '']
+  lines = [
+      f"{report['workdir']}: checkpoint {report['checkpoint']} (step {report['step']}), "
+      f"split {report['split']!r} ({report['split_name']}), {report['examples']} examples",
+      f"loss {report['loss']:.4f}  accuracy {report['accuracy']:.4f}"
+      + (
+          f"  top-{TOP_K} accuracy {report[f'top{TOP_K}_accuracy']:.4f}"
+          if f'top{TOP_K}_accuracy' in report
+          else ''
+      ),
+      '',
+  ]
   width = max([len('class')] + [len(r['class']) for r in report['per_class']])
   lines.append(f"{'class':<{width}}  examples  correct  accuracy")
   for row in report['per_class']:
     accuracy = '-' if row['accuracy'] is None else f"{row['accuracy']:.4f}"
-    lines.append(f"{row['class']:<{width}}  {row['examples']:>8}  {row['correct']:>7}  "
-                 f'{accuracy:>8}')
+    lines.append(
+        f"{row['class']:<{width}}  {row['examples']:>8}  {row['correct']:>7}  " f'{accuracy:>8}'
+    )
   matrix = report['confusion_matrix']
   if len(matrix) <= max_matrix_classes:
     names = report['class_names']
     cell = max([len(str(v)) for r in matrix for v in r] + [len(n) for n in names])
-    lines += ['', 'confusion matrix (rows: true class, columns: predicted)',
-              ' ' * width + ''.join(f'  {n:>{cell}}' for n in names)]
-    lines += [f'{name:<{width}}' + ''.join(f'  {v:>{cell}}' for v in r)
-              for name, r in zip(names, matrix)]
+    lines += [
+        '',
+        'confusion matrix (rows: true class, columns: predicted)',
+        ' ' * width + ''.join(f'  {n:>{cell}}' for n in names),
+    ]
+    lines += [
+        f'{name:<{width}}' + ''.join(f'  {v:>{cell}}' for v in r) for name, r in zip(names, matrix)
+    ]
   files = report['files']
   lines += ['', f"wrote {files['json']}, {files['confusion_png']} and {files['predictions']}"]
   return '\n'.join(lines)
@@ -62,8 +73,9 @@ def main() -> None:
   workdir = flags.DEFINE_string('workdir', None, 'Directory of a run (python -m fineflax.train).')
   split = flags.DEFINE_string('split', 'test', 'A role (train, val, test) or a split name.')
   checkpoint = flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step.")
-  batch_size = flags.DEFINE_integer('batch_size', None, 'Global batch size; default: the '
-                                    "run's eval batch size.")
+  batch_size = flags.DEFINE_integer(
+      'batch_size', None, 'Global batch size; default: the ' "run's eval batch size."
+  )
   flags.mark_flag_as_required('workdir')
   join = common.define_distributed_flags()  # every process of a job evaluates its share
 

@@ -36,9 +36,14 @@ from fineflax.errors import ConfigError, DataError
 from fineflax.inference import image_files, predict as run_files, predictions, zero_shot
 
 
-def predict(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: int,
-            workdir: str | None = None, checkpoint: str = 'best',
-            output: str | None = None) -> None:
+def predict(
+    config: ml_collections.ConfigDict | None,
+    paths: Sequence[str],
+    k: int,
+    workdir: str | None = None,
+    checkpoint: str = 'best',
+    output: str | None = None,
+) -> None:
   """Prints the top-k classes of each image (a folder: its images), of a run (`workdir`)
   or a `config`, and writes every file, with its classes or its error, to `output` (.csv
   or .json) if given.
@@ -49,8 +54,10 @@ def predict(config: ml_collections.ConfigDict | None, paths: Sequence[str], k: i
       written).
   """
   if (config is None) == (workdir is None):
-    raise ConfigError('give exactly one of --config (a model with pretrained weights) and '
-                      '--workdir (a trained run)')
+    raise ConfigError(
+        'give exactly one of --config (a model with pretrained weights) and '
+        '--workdir (a trained run)'
+    )
   if output is not None:
     try:  # before any work: a typo in the name should not cost a model load
       predictions.check_output_path(output)
@@ -84,15 +91,24 @@ def main() -> None:
   """The program (also the `fineflax-predict` command)."""
   top = flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
   workdir = flags.DEFINE_string('workdir', None, 'A trained run (instead of --config).')
-  checkpoint = flags.DEFINE_string('checkpoint', 'best',
-                                   "With --workdir: 'best', 'latest' or a step.")
-  output = flags.DEFINE_string('output', None,
-                               'Also write every image (its path, the checkpoint used, the '
-                               'top-k classes and probabilities, or its error) to this .csv '
-                               'or .json file.')
-  common.run_program(lambda config, argv: predict(config, argv, top.value, workdir.value,
-                                                  checkpoint.value, output.value),
-                     __doc__, required=(), positional='images')
+  checkpoint = flags.DEFINE_string(
+      'checkpoint', 'best', "With --workdir: 'best', 'latest' or a step."
+  )
+  output = flags.DEFINE_string(
+      'output',
+      None,
+      'Also write every image (its path, the checkpoint used, the '
+      'top-k classes and probabilities, or its error) to this .csv '
+      'or .json file.',
+  )
+  common.run_program(
+      lambda config, argv: predict(
+          config, argv, top.value, workdir.value, checkpoint.value, output.value
+      ),
+      __doc__,
+      required=(),
+      positional='images',
+  )
 
 
 if __name__ == '__main__':

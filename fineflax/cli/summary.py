@@ -30,8 +30,7 @@ def summary(config: ml_collections.ConfigDict, phase: int) -> None:
 def main() -> None:
   """The program (also the `fineflax-summary` command)."""
   phase = flags.DEFINE_integer('phase', 0, 'Index of the phase whose freeze spec to show.')
-  common.run_program(lambda config: summary(config, phase.value), __doc__,
-                     uses_devices=False)
+  common.run_program(lambda config: summary(config, phase.value), __doc__, uses_devices=False)
 
 
 if __name__ == '__main__':

@@ -43,16 +43,19 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   for _, record in reporting.measured_parameters(results):
     if 'test_accuracy' in record:
-      print(f"test_accuracy: {record['test_accuracy']:.4f} ({record['checkpoint']}, step "
-            f"{record['step']}; {record['test_examples']} examples, test_loss "
-            f"{record['test_loss']:.4f})")
+      print(
+          f"test_accuracy: {record['test_accuracy']:.4f} ({record['checkpoint']}, step "
+          f"{record['step']}; {record['test_examples']} examples, test_loss "
+          f"{record['test_loss']:.4f})"
+      )
 
 
 def main() -> None:
   """The program (also the `fineflax-train` command)."""
   workdir = flags.DEFINE_string('workdir', None, 'Directory of the run (checkpoints, metrics).')
-  common.run_program(lambda config: train(config, workdir.value), __doc__,
-                     required=('config', 'workdir'))
+  common.run_program(
+      lambda config: train(config, workdir.value), __doc__, required=('config', 'workdir')
+  )
 
 
 if __name__ == '__main__':

@@ -17,7 +17,9 @@ from typing import Any, Sequence
 
 import ml_collections
 
-from fineflax.config.schema import PHASE_SCHEMA, SCHEMA, Field, suggest
+from fineflax.config.fields import Field, suggest
+from fineflax.config.phase_schema import PHASE_SCHEMA
+from fineflax.config.schema import SCHEMA
 from fineflax.errors import ConfigError
 
 _OVERRIDE = re.compile(r'^--config\.([^=]+?)(=.*)?$')
@@ -37,7 +39,7 @@ def _field(key: str, arg: str) -> Field | dict:
   for i, part in enumerate(parts):
     if not isinstance(node, dict) or part not in node:
       known = node if isinstance(node, dict) else {}
-      where = '.'.join([prefix] + parts[:i + 1])
+      where = '.'.join([prefix] + parts[: i + 1])
       raise ConfigError(f'{arg}: unknown config key {where}{suggest(part, known)}')
     node = node[part]
   return node
@@ -105,8 +107,9 @@ def apply_overrides(config: ml_collections.ConfigDict, pairs: Sequence[tuple[str
       name, index = _PATH_PART.match(part).groups()
       if index is not None:
         if int(index) >= len(node[name]):
-          raise ConfigError(f'--config.{key}: the config has no such phase (phases are '
-                            'numbered from 0)')
+          raise ConfigError(
+              f'--config.{key}: the config has no such phase (phases are ' 'numbered from 0)'
+          )
         node = node[name][int(index)]
       elif i == len(parts) - 1:
         with node.ignore_type():  # a str key may take a tuple (class_weight), None a str

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fineflax.config.schema import PHASE_SCHEMA, SCHEMA
+from fineflax.config.phase_schema import PHASE_SCHEMA
+from fineflax.config.schema import SCHEMA
 
 
 def reference_table() -> str:

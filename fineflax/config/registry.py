@@ -27,9 +27,11 @@ def register_check(key: str, check: ValueCheck) -> None:
 def choices(options: Callable[[], Sequence[str]] | Sequence[str]) -> ValueCheck:
   """The check of a value that must be one of `options` (or of what a function returns,
   read at validation)."""
+
   def check(value: Any) -> str | None:
     allowed = options() if callable(options) else options
     return None if value in allowed else f'expected one of {sorted(allowed)}'
+
   return check
 
 
@@ -45,10 +47,12 @@ def register_config_check(name: str, check: ConfigCheck) -> None:
 
 def value_check(key: str) -> ValueCheck:
   """The registered check of `key`, looked up when a value is checked."""
+
   def check(value: Any) -> str | None:
     if key not in _VALUE_CHECKS:
       raise RuntimeError(f'no check registered for config.{key}: import fineflax first')
     return _VALUE_CHECKS[key](value)
+
   return check
 
 

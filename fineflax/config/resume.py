@@ -14,7 +14,8 @@ from fineflax.config.validation import to_dict
 _RESUMABLE_CHANGES = re.compile(
     r'^(report\.|features\.|checkpoint\.(keep|every_steps)$|'
     r'data\.(data_dir|manual_dir|workers|memory_max_mb)$|'
-    r'phases\[\d+\]\.epochs$|eval_batch_size$|allow_config_change$)')
+    r'phases\[\d+\]\.epochs$|eval_batch_size$|allow_config_change$)'
+)
 
 
 def _flatten(values: Any, prefix: str = '') -> dict[str, Any]:

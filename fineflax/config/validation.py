@@ -9,7 +9,9 @@ from typing import Any
 import ml_collections
 
 from fineflax.config import registry
-from fineflax.config.schema import PHASE_SCHEMA, SCHEMA, Field, default_config, phase, suggest
+from fineflax.config.fields import Field, suggest
+from fineflax.config.phase_schema import PHASE_SCHEMA, phase
+from fineflax.config.schema import SCHEMA, default_config
 from fineflax.config.smoke import with_values
 from fineflax.errors import ConfigError
 
@@ -20,7 +22,8 @@ def _check_value(path: str, field: Field, value: Any) -> None:
       return
     raise ConfigError(f'{path}: None is not allowed ({field.help})')
   ok_type = isinstance(value, field.types) and not (
-      isinstance(value, bool) and bool not in field.types)
+      isinstance(value, bool) and bool not in field.types
+  )
   if not ok_type:
     names = ' or '.join(t.__name__ for t in field.types)
     raise ConfigError(f'{path}={value!r}: expected {names}, got {type(value).__name__}')
@@ -53,25 +56,31 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   _check_tree('config', SCHEMA, config, extra=('phases',))
   phases = config.get('phases')
   if not isinstance(phases, (tuple, list)) or not phases:
-    raise ConfigError('config.phases: expected a non-empty tuple of phases (fineflax.config.'
-                      f'phase(...)), got {phases!r}')
+    raise ConfigError(
+        'config.phases: expected a non-empty tuple of phases (fineflax.config.'
+        f'phase(...)), got {phases!r}'
+    )
   for i, p in enumerate(phases):
     _check_tree(f'config.phases[{i}]', PHASE_SCHEMA, p)
   for check in registry.config_checks():  # keys that depend on each other
     check(config)
   for i, p in enumerate(phases):
     if p.get('augment') is False and config.data.augment.get('crop') is not None:
-      raise ConfigError(f'config.phases[{i}].augment=False with config.data.augment.crop set: '
-                        'a phase without augmentation cannot take random crops; drop the crop '
-                        'or augment the phase')
+      raise ConfigError(
+          f'config.phases[{i}].augment=False with config.data.augment.crop set: '
+          'a phase without augmentation cannot take random crops; drop the crop '
+          'or augment the phase'
+      )
   names = [p.get('name') or f'phase{i}' for i, p in enumerate(phases)]
   if len(set(names)) != len(names):
     raise ConfigError(f'config.phases: phase names must be unique, got {names}')
 
   out = default_config()
-  out.update(config.copy_and_resolve_references()
-             if isinstance(config, ml_collections.ConfigDict)
-             else ml_collections.ConfigDict(config))
+  out.update(
+      config.copy_and_resolve_references()
+      if isinstance(config, ml_collections.ConfigDict)
+      else ml_collections.ConfigDict(config)
+  )
   out.phases = tuple(with_values(phase(**dict(p)), name=name) for p, name in zip(phases, names))
   out.checkpoint.mode = resolve_mode(out.checkpoint.monitor, out.checkpoint.mode)
   for p in out.phases:
@@ -88,12 +97,14 @@ def resolve_mode(monitor: str, mode: str) -> str:
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """The config as plain JSON-able values (what a run saves as DIR/config.json)."""
+
   def plain(value):
     if isinstance(value, (ml_collections.ConfigDict, dict)):
       return {k: plain(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
       return [plain(v) for v in value]
     return value
+
   return plain(config)
 
 

@@ -16,21 +16,21 @@ from fineflax.config import registry
 from fineflax.data import digits, folder, pipeline, synthetic, tfds_source
 from fineflax.data.augment import FILL_MODES, FLIPS, Augment
 from fineflax.data.dataset import (
-  AnySplit,
-  Batch,
-  Dataset,
-  DatasetInfo,
-  Split,
-  StreamSplit,
-  class_weights,
-  epoch_plan,
-  eval_batches,
-  gather,
-  num_batches,
-  read_split,
-  share,
-  shared_split,
-  train_batches,
+    AnySplit,
+    Batch,
+    Dataset,
+    DatasetInfo,
+    Split,
+    StreamSplit,
+    class_weights,
+    epoch_plan,
+    eval_batches,
+    gather,
+    num_batches,
+    read_split,
+    share,
+    shared_split,
+    train_batches,
 )
 from fineflax.errors import ConfigError
 
@@ -58,7 +58,6 @@ SOURCES: dict[str, Source] = {
 }
 
 
-
 def _check_source(spec: str) -> str | None:
   name, _, arg = spec.partition(':')
   if name not in SOURCES:
@@ -78,8 +77,9 @@ registry.register_choices('data.pipeline', pipeline.PIPELINES)
 def _source(spec: str) -> Source:
   name = spec.split(':', 1)[0]
   if name not in SOURCES:
-    raise ConfigError(f'config.data.source={spec!r}: unknown source {name!r}; '
-                      f'available: {sorted(SOURCES)}')
+    raise ConfigError(
+        f'config.data.source={spec!r}: unknown source {name!r}; ' f'available: {sorted(SOURCES)}'
+    )
   return SOURCES[name]
 
 
@@ -88,8 +88,9 @@ def dataset_info(data_config: Any) -> DatasetInfo:
   return _source(data_config.source).info(data_config.source, data_config)
 
 
-def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS,
-                 stream_size: int | None = None) -> Dataset:
+def load_dataset(
+    data_config: Any, keys: Sequence[str] = SPLIT_KEYS, stream_size: int | None = None
+) -> Dataset:
   """Loads this process's share of `config.data`'s splits (those of `keys` only, e.g.
   ('test_split',): the others are not decoded) and logs their class counts.
 
@@ -111,8 +112,14 @@ def load_dataset(data_config: Any, keys: Sequence[str] = SPLIT_KEYS,
       continue
     counts = np.bincount(split.labels, minlength=dataset.info.num_classes)
     per_class = ', '.join(f'{c}: {n}' for c, n in zip(dataset.info.class_names, counts))
-    logger.info('split %r: %d examples%s (this process: %d; %s)', name, split.size, skipped,
-                len(split), per_class)
+    logger.info(
+        'split %r: %d examples%s (this process: %d; %s)',
+        name,
+        split.size,
+        skipped,
+        len(split),
+        per_class,
+    )
   return dataset
 
 
@@ -121,8 +128,28 @@ def augment_from_config(data_config: Any) -> Augment:
   return Augment(**dict(data_config.augment))
 
 
-__all__ = ['AnySplit', 'Augment', 'Batch', 'Dataset', 'DatasetInfo', 'SOURCES', 'SPLIT_KEYS',
-           'STREAMED_SOURCES', 'Source', 'Split', 'StreamSplit',
-           'augment_from_config', 'class_weights', 'dataset_info', 'epoch_plan', 'eval_batches',
-           'gather', 'load_dataset',
-           'num_batches', 'read_split', 'share', 'shared_split', 'train_batches']
+__all__ = [
+    'AnySplit',
+    'Augment',
+    'Batch',
+    'Dataset',
+    'DatasetInfo',
+    'SOURCES',
+    'SPLIT_KEYS',
+    'STREAMED_SOURCES',
+    'Source',
+    'Split',
+    'StreamSplit',
+    'augment_from_config',
+    'class_weights',
+    'dataset_info',
+    'epoch_plan',
+    'eval_batches',
+    'gather',
+    'load_dataset',
+    'num_batches',
+    'read_split',
+    'share',
+    'shared_split',
+    'train_batches',
+]

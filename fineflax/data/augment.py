@@ -46,8 +46,13 @@ class Augment:
   @property
   def geometric(self) -> bool:
     """Whether training images are transformed (beyond a resize)."""
-    return (self.flip != 'none' or self.rotation > 0 or self.zoom > 0 or self.translate > 0
-            or self.device_crop is not None)
+    return (
+        self.flip != 'none'
+        or self.rotation > 0
+        or self.zoom > 0
+        or self.translate > 0
+        or self.device_crop is not None
+    )
 
   @property
   def device_crop(self) -> int | None:
@@ -58,8 +63,7 @@ class Augment:
 def _matrix(a0, a1, a2, b0, b1, b2) -> jax.Array:
   """x_in = a0 x + a1 y + a2, y_in = b0 x + b1 y + b2, as a 3x3 matrix."""
   zero, one = jnp.zeros_like(a0), jnp.ones_like(a0)
-  return jnp.stack([jnp.stack([a0, a1, a2]), jnp.stack([b0, b1, b2]),
-                    jnp.stack([zero, zero, one])])
+  return jnp.stack([jnp.stack([a0, a1, a2]), jnp.stack([b0, b1, b2]), jnp.stack([zero, zero, one])])
 
 
 def _window(in_hw: tuple[int, int], aug: Augment, train: bool) -> tuple[int, int]:
@@ -89,13 +93,15 @@ def _crop_and_resize(key, in_hw: tuple[int, int], size: int, aug: Augment, train
   # Half-pixel centres, as jax.image.resize: x_in = (x_out + 0.5) * scale - 0.5.
   sy, sx = ch / size, cw / size
   zero = jnp.float32(0)
-  matrix = _matrix(jnp.float32(sx), zero, x0 + 0.5 * sx - 0.5,
-                   zero, jnp.float32(sy), y0 + 0.5 * sy - 0.5)
+  matrix = _matrix(
+      jnp.float32(sx), zero, x0 + 0.5 * sx - 0.5, zero, jnp.float32(sy), y0 + 0.5 * sy - 0.5
+  )
   return matrix, jnp.stack([y0, x0]).astype(jnp.int32)
 
 
-def augmentation_matrix(size: int, hflip=False, vflip=False, angle=0.0, zoom=1.0, dx=0.0,
-                        dy=0.0) -> jax.Array:
+def augmentation_matrix(
+    size: int, hflip=False, vflip=False, angle=0.0, zoom=1.0, dx=0.0, dy=0.0
+) -> jax.Array:
   """Output pixel -> pre-augmentation pixel (both size x size), Keras' matrices composed
   in layer order: flip, rotation by `angle` (radians), zoom, shift by (dx, dy) pixels."""
   c = (size - 1) / 2.0
@@ -120,7 +126,8 @@ def _random_augmentation(key, size: int, aug: Augment) -> jax.Array:
       angle=uniform(k_rot, aug.rotation) * 2 * math.pi,
       zoom=1 + uniform(k_zoom, aug.zoom),
       dx=uniform(k_tx, aug.translate) * size,
-      dy=uniform(k_ty, aug.translate) * size)
+      dy=uniform(k_ty, aug.translate) * size,
+  )
 
 
 def _fix_index(index: jax.Array, n: int, mode: str) -> jax.Array:
@@ -136,9 +143,15 @@ def _fix_index(index: jax.Array, n: int, mode: str) -> jax.Array:
   return index  # 'constant': masked below
 
 
-def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 'reflect',
-         fill_value: float = 0.0, corners: jax.Array | None = None,
-         window: tuple[int, int] | None = None) -> jax.Array:
+def warp(
+    images: jax.Array,
+    matrices: jax.Array,
+    size: int,
+    fill_mode: str = 'reflect',
+    fill_value: float = 0.0,
+    corners: jax.Array | None = None,
+    window: tuple[int, int] | None = None,
+) -> jax.Array:
   """(B, H, W, C) images sampled bilinearly on a size x size grid mapped by (B, 3, 3).
 
   With a crop, `corners` (B, 2) holds each window's (top, left) and `window` its (height,
@@ -149,8 +162,9 @@ def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 're
   if corners is None:
     corners = jnp.zeros((images.shape[0], 2), jnp.int32)
   wh, ww = window or (h, w)
-  ys, xs = jnp.meshgrid(jnp.arange(size, dtype=jnp.float32),
-                        jnp.arange(size, dtype=jnp.float32), indexing='ij')
+  ys, xs = jnp.meshgrid(
+      jnp.arange(size, dtype=jnp.float32), jnp.arange(size, dtype=jnp.float32), indexing='ij'
+  )
   grid = jnp.stack([xs, ys, jnp.ones_like(xs)], axis=-1)  # (S, S, 3): x, y, 1
 
   def one(image, m, corner):
@@ -165,8 +179,10 @@ def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 're
         # Indices within the window, fixed where they leave it, then in the image again.
         yi = (y0 + dy).astype(jnp.int32) - top
         xi = (x0 + dx).astype(jnp.int32) - left
-        pixel = image[(_fix_index(yi, wh, fill_mode) + top).clip(0, h - 1),
-                      (_fix_index(xi, ww, fill_mode) + left).clip(0, w - 1)]
+        pixel = image[
+            (_fix_index(yi, wh, fill_mode) + top).clip(0, h - 1),
+            (_fix_index(xi, ww, fill_mode) + left).clip(0, w - 1),
+        ]
         if fill_mode == 'constant':
           inside = (yi >= 0) & (yi < wh) & (xi >= 0) & (xi < ww)
           pixel = jnp.where(inside[..., None], pixel, fill_value)
@@ -176,8 +192,9 @@ def warp(images: jax.Array, matrices: jax.Array, size: int, fill_mode: str = 're
   return jax.vmap(one)(images.astype(jnp.float32), matrices, corners)
 
 
-def prepare(images: jax.Array, keys: jax.Array | None, aug: Augment, size: int | None,
-            train: bool) -> jax.Array:
+def prepare(
+    images: jax.Array, keys: jax.Array | None, aug: Augment, size: int | None, train: bool
+) -> jax.Array:
   """uint8 images as the model sees them: cropped, resized and (in training) augmented.
 
   Args:
@@ -195,21 +212,31 @@ def prepare(images: jax.Array, keys: jax.Array | None, aug: Augment, size: int |
   if not augmenting and aug.device_crop is None and (h, w) == (size, size):
     return images.astype(jnp.float32)
   if augmenting:
+
     def matrix(key):
       k_crop, k_aug = jax.random.split(key)
       crop, corner = _crop_and_resize(k_crop, (h, w), size, aug, True)
       return crop @ _random_augmentation(k_aug, size, aug), corner
+
     matrices, corners = jax.vmap(matrix)(keys)
   else:
     m, corner = _crop_and_resize(None, (h, w), size, aug, False)
     matrices = jnp.broadcast_to(m, (images.shape[0], 3, 3))
     corners = jnp.broadcast_to(corner, (images.shape[0], 2))
-  return warp(images, matrices, size, aug.fill_mode, aug.fill_value, corners,
-              _window((h, w), aug, augmenting))
+  return warp(
+      images,
+      matrices,
+      size,
+      aug.fill_mode,
+      aug.fill_value,
+      corners,
+      _window((h, w), aug, augmenting),
+  )
 
 
-def mixup_draws(key: jax.Array, alpha: float, global_batch: int, ids: jax.Array
-                ) -> tuple[jax.Array, jax.Array]:
+def mixup_draws(
+    key: jax.Array, alpha: float, global_batch: int, ids: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """(partner, weight of own) of the examples at global indices `ids`: partners are a
   permutation of the whole global batch and weights Beta(alpha, alpha) draws keyed by the
   example's global index, so the draws do not depend on how many devices share the batch.

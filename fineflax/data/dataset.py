@@ -51,19 +51,23 @@ class Split:
   skipped: int = 0
 
   def __post_init__(self):
-    is_image = self.images.dtype == np.uint8 and self.images.ndim == 4 and \
-        self.images.shape[-1] == 3
+    is_image = (
+        self.images.dtype == np.uint8 and self.images.ndim == 4 and self.images.shape[-1] == 3
+    )
     is_feature = self.images.dtype != np.uint8 and self.images.ndim == 2
     if not (is_image or is_feature):
-      raise ValueError(f'images must be (N, H, W, 3) uint8 (or (N, D) features), got '
-                       f'{self.images.shape} {self.images.dtype}')
+      raise ValueError(
+          f'images must be (N, H, W, 3) uint8 (or (N, D) features), got '
+          f'{self.images.shape} {self.images.dtype}'
+      )
     if self.labels.shape != (len(self.images),):
       raise ValueError(f'{len(self.images)} images but labels of shape {self.labels.shape}')
     if self.size < 0:
       object.__setattr__(self, 'size', len(self.labels))
     if self.largest_share < 0:
-      object.__setattr__(self, 'largest_share',
-                         max(len(self.labels), -(-self.size // jax.process_count())))
+      object.__setattr__(
+          self, 'largest_share', max(len(self.labels), -(-self.size // jax.process_count()))
+      )
 
   def __len__(self) -> int:
     return len(self.labels)
@@ -95,8 +99,9 @@ class StreamSplit:
   crop: str | None = None
   workers: int = 0
   draft: bool = False
-  unreadable: set[int] = dataclasses.field(default_factory=set, compare=False, hash=False,
-                                           repr=False)
+  unreadable: set[int] = dataclasses.field(
+      default_factory=set, compare=False, hash=False, repr=False
+  )
 
   def __len__(self) -> int:
     return len(self.records)
@@ -116,7 +121,7 @@ class StreamSplit:
 
   @property
   def nbytes(self) -> int:
-    return self.size * self.image_size ** 2 * 3  # decoded, were it held in memory
+    return self.size * self.image_size**2 * 3  # decoded, were it held in memory
 
 
 AnySplit = Split | StreamSplit
@@ -140,8 +145,12 @@ def share(num_examples: int) -> np.ndarray:
 def shared_split(images: np.ndarray, labels: np.ndarray) -> Split:
   """This process's share of a split held whole on every process."""
   idx = share(len(labels))
-  return Split(images[idx], labels.astype(np.int32)[idx], size=len(labels),
-               largest_share=-(-len(labels) // jax.process_count()))
+  return Split(
+      images[idx],
+      labels.astype(np.int32)[idx],
+      size=len(labels),
+      largest_share=-(-len(labels) // jax.process_count()),
+  )
 
 
 def read_split(images: np.ndarray, labels: np.ndarray, skipped: int = 0) -> Split:
@@ -155,14 +164,20 @@ def read_split(images: np.ndarray, labels: np.ndarray, skipped: int = 0) -> Spli
   counts = np.asarray([len(labels), skipped, *images.shape[1:]], np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, len(counts))
     readers = counts[counts[:, 0] > 0]
     if not len(labels) and len(readers):
       images = np.zeros((0, *readers[0, 2:]), images.dtype)
   else:
     counts = counts[None]
-  return Split(images, labels.astype(np.int32), size=int(counts[:, 0].sum()),
-               largest_share=int(counts[:, 0].max()), skipped=int(counts[:, 1].sum()))
+  return Split(
+      images,
+      labels.astype(np.int32),
+      size=int(counts[:, 0].sum()),
+      largest_share=int(counts[:, 0].max()),
+      skipped=int(counts[:, 1].sum()),
+  )
 
 
 def num_batches(split: AnySplit, global_batch: int) -> int:
@@ -173,8 +188,8 @@ def num_batches(split: AnySplit, global_batch: int) -> int:
 
 def _padded(index: np.ndarray, local_batch: int, filler: np.ndarray) -> Batch:
   weight = np.zeros(local_batch, np.float32)
-  weight[:len(index)] = 1
-  index = np.concatenate([index, filler[:local_batch - len(index)]]).astype(np.int32)
+  weight[: len(index)] = 1
+  index = np.concatenate([index, filler[: local_batch - len(index)]]).astype(np.int32)
   return {'index': index, 'weight': weight}
 
 
@@ -182,7 +197,7 @@ def _own_rows(batch: Batch) -> Batch:
   """This process's rows of a global batch."""
   rows = len(batch['index']) // jax.process_count()
   start = jax.process_index() * rows
-  return {k: v[start:start + rows] for k, v in batch.items()}
+  return {k: v[start : start + rows] for k, v in batch.items()}
 
 
 def host_crop_key(rng: np.random.Generator) -> np.ndarray:
@@ -192,8 +207,7 @@ def host_crop_key(rng: np.random.Generator) -> np.ndarray:
   return rng.bit_generator.seed_seq.spawn(1)[0].generate_state(2)
 
 
-def train_batches(split: AnySplit, global_batch: int, rng: np.random.Generator
-                  ) -> Iterator[Batch]:
+def train_batches(split: AnySplit, global_batch: int, rng: np.random.Generator) -> Iterator[Batch]:
   """One epoch of local index batches in a random order; every example is seen once.
 
   The last batches are filled up with other randomly chosen examples of weight 0: they
@@ -207,7 +221,7 @@ def train_batches(split: AnySplit, global_batch: int, rng: np.random.Generator
   crop_key = host_crop_key(rng) if streamed else None
   order = rng.permutation(len(split))
   for i in range(num_batches(split, global_batch)):
-    index = order[i * batch:(i + 1) * batch]
+    index = order[i * batch : (i + 1) * batch]
     padded = _padded(index, batch, rng.integers(0, max(len(split), 1), batch))
     yield dict(_own_rows(padded), crop_key=crop_key) if streamed else padded
 
@@ -225,7 +239,7 @@ def eval_batches(split: AnySplit, global_batch: int) -> Iterator[Batch]:
   batch = global_batch if streamed else global_batch // jax.process_count()
   order = np.arange(len(split))
   for i in range(num_batches(split, global_batch)):
-    padded = _padded(order[i * batch:(i + 1) * batch], batch, np.zeros(batch, np.int64))
+    padded = _padded(order[i * batch : (i + 1) * batch], batch, np.zeros(batch, np.int64))
     yield _own_rows(padded) if streamed else padded
 
 
@@ -236,10 +250,16 @@ def gather(split: Split, batch: Batch) -> Batch:
   rows to repeat: they are zeros, of weight 0 like all of its rows."""
   if not len(split):
     rows = len(batch['index'])
-    return {'image': np.zeros((rows, *split.images.shape[1:]), split.images.dtype),
-            'label': np.zeros(rows, split.labels.dtype), 'weight': batch['weight']}
-  return {'image': split.images[batch['index']], 'label': split.labels[batch['index']],
-          'weight': batch['weight']}
+    return {
+        'image': np.zeros((rows, *split.images.shape[1:]), split.images.dtype),
+        'label': np.zeros(rows, split.labels.dtype),
+        'weight': batch['weight'],
+    }
+  return {
+      'image': split.images[batch['index']],
+      'label': split.labels[batch['index']],
+      'weight': batch['weight'],
+  }
 
 
 def class_weights(spec: Any, split: AnySplit, num_classes: int) -> tuple[float, ...] | None:
@@ -250,18 +270,25 @@ def class_weights(spec: Any, split: AnySplit, num_classes: int) -> tuple[float, 
     return None
   if spec != 'balanced':
     if len(spec) != num_classes:
-      raise ConfigError(f'config.loss.class_weight has {len(spec)} weights but the dataset has '
-                        f'{num_classes} classes')
+      raise ConfigError(
+          f'config.loss.class_weight has {len(spec)} weights but the dataset has '
+          f'{num_classes} classes'
+      )
     return tuple(float(w) for w in spec)
   if split.labels is None:
-    raise ConfigError("config.loss.class_weight='balanced' counts the train split's labels, "
-                      'which a streamed tfds split does not list before reading its images; '
-                      'give one weight per class')
+    raise ConfigError(
+        "config.loss.class_weight='balanced' counts the train split's labels, "
+        'which a streamed tfds split does not list before reading its images; '
+        'give one weight per class'
+    )
   counts = np.bincount(split.labels, minlength=num_classes).astype(np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     counts = np.asarray(multihost_utils.process_allgather(counts)).sum(0)
   if (counts == 0).any():
-    raise ConfigError("config.loss.class_weight='balanced': the train split has no example of "
-                      f'class {int(np.argmin(counts))}')
+    raise ConfigError(
+        "config.loss.class_weight='balanced': the train split has no example of "
+        f'class {int(np.argmin(counts))}'
+    )
   return tuple(float(w) for w in counts.sum() / (num_classes * counts))

@@ -45,8 +45,9 @@ class _Pool:
     for w in range(workers):
       requests, send = context.Pipe(duplex=False)
       recv, answers = context.Pipe(duplex=False)
-      proc = context.Process(target=_work, args=(requests, answers, reader), daemon=True,
-                             name=f'fineflax-decode-{w}')
+      proc = context.Process(
+          target=_work, args=(requests, answers, reader), daemon=True, name=f'fineflax-decode-{w}'
+      )
       proc.start()
       requests.close()
       answers.close()  # so that a worker's death ends its pipe here
@@ -56,8 +57,9 @@ class _Pool:
 
   def _ask(self, w: int, batch: Batch, image_size: int) -> int:
     from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+
     slot = self._free[w].pop()
-    size = len(batch['index']) * image_size ** 2 * 3
+    size = len(batch['index']) * image_size**2 * 3
     shm = self._slots[w][slot]
     if shm is None or shm.size < size:
       if shm is not None:
@@ -76,8 +78,10 @@ class _Pool:
     except (EOFError, OSError):
       self.broken = True
       self._procs[w].join(1)
-      raise RuntimeError(f'fineflax.data.stream: decoding process {self._procs[w].pid} '
-                         f'ended (exit code {self._procs[w].exitcode})') from None
+      raise RuntimeError(
+          f'fineflax.data.stream: decoding process {self._procs[w].pid} '
+          f'ended (exit code {self._procs[w].exitcode})'
+      ) from None
     self._asked[w].popleft()
     if error is None:
       view = np.ndarray(shape, np.uint8, buffer=self._slots[w][slot].buf)
@@ -150,6 +154,7 @@ def _work(requests: Any, answers: Any, reader: Callable[[Batch], Batch]) -> None
   """A decoding process: reads each index batch asked and writes its images into the
   shared-memory slot named; ends at None, or when the training process has gone."""
   from multiprocessing import shared_memory  # pylint: disable=g-import-not-at-top
+
   attached: dict[int, Any] = {}
   try:
     while True:
@@ -183,8 +188,7 @@ def _work(requests: Any, answers: Any, reader: Callable[[Batch], Batch]) -> None
 _pools: dict[int, _Pool] = {}  # id(split) -> its workers, while the split lives
 
 
-def read(split: Any, reader: Callable[[Batch], Batch], batches: Iterable[Batch]
-         ) -> Iterator[Batch]:
+def read(split: Any, reader: Callable[[Batch], Batch], batches: Iterable[Batch]) -> Iterator[Batch]:
   """The answers of `reader` to `batches`, in order, from `split`'s decoding processes
   (`split.workers` of them): started at its first read, stopped when it is garbage (or
   at exit, or by `close_workers`)."""

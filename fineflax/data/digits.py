@@ -24,8 +24,9 @@ def info(spec: str, data_config: Any) -> DatasetInfo:
   return INFO
 
 
-def load(spec: str, data_config: Any,
-         keys: Sequence[str] = ('train_split', 'val_split', 'test_split')) -> Dataset:
+def load(
+    spec: str, data_config: Any, keys: Sequence[str] = ('train_split', 'val_split', 'test_split')
+) -> Dataset:
   """This process's share of 'train', 'validation' and 'test' (first `max_examples` each),
   whatever `keys` asks for: all three cost less than choosing."""
   del spec, keys
@@ -42,10 +43,10 @@ def load(spec: str, data_config: Any,
     n_train = round(len(idx) * _FRACTIONS['train'])
     n_val = round(len(idx) * _FRACTIONS['validation'])
     parts['train'].append(idx[:n_train])
-    parts['validation'].append(idx[n_train:n_train + n_val])
-    parts['test'].append(idx[n_train + n_val:])
+    parts['validation'].append(idx[n_train : n_train + n_val])
+    parts['test'].append(idx[n_train + n_val :])
   splits = {}
   for name, chunks in parts.items():
-    idx = rng.permutation(np.concatenate(chunks))[:data_config.max_examples]
+    idx = rng.permutation(np.concatenate(chunks))[: data_config.max_examples]
     splits[name] = shared_split(images[idx], labels[idx])
   return Dataset(INFO, splits)

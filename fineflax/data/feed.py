@@ -28,18 +28,21 @@ def place(split: Split, mesh: Mesh) -> dict[str, jax.Array]:
   return parallel.replicate({'image': split.images, 'label': split.labels}, mesh)
 
 
-def place_splits(splits: Mapping[str, Split | None], mesh: Mesh, enabled: bool,
-                 max_mb: int) -> dict[str, dict[str, jax.Array] | None]:
+def place_splits(
+    splits: Mapping[str, Split | None], mesh: Mesh, enabled: bool, max_mb: int
+) -> dict[str, dict[str, jax.Array] | None]:
   """The splits placed on the devices, if enabled, with one process, and under `max_mb`
   in all; {name: None} otherwise (the host then gathers every batch)."""
   if any(isinstance(s, StreamSplit) for s in splits.values()):
     return {name: None for name in splits}  # said where the pipeline was chosen
   total = sum(s.nbytes for s in splits.values() if s is not None)
   fits = enabled and jax.process_count() == 1 and total <= max_mb * 2**20
-  logger.info('data: %.1f MB in all, %s', total / 2**20,
-              'placed on the devices' if fits else 'batches gathered on the host')
-  return {name: place(s, mesh) if fits and s is not None else None
-          for name, s in splits.items()}
+  logger.info(
+      'data: %.1f MB in all, %s',
+      total / 2**20,
+      'placed on the devices' if fits else 'batches gathered on the host',
+  )
+  return {name: place(s, mesh) if fits and s is not None else None for name, s in splits.items()}
 
 
 def prefetch(iterator: Iterable[Any], depth: int = 2) -> Iterator[Any]:
@@ -54,8 +57,9 @@ def prefetch(iterator: Iterable[Any], depth: int = 2) -> Iterator[Any]:
       queue.append(item)
 
 
-def device_batches(split: AnySplit, batches: Iterable[Batch], mesh: Mesh,
-                   resident: dict[str, jax.Array] | None) -> Iterator[dict[str, jax.Array]]:
+def device_batches(
+    split: AnySplit, batches: Iterable[Batch], mesh: Mesh, resident: dict[str, jax.Array] | None
+) -> Iterator[dict[str, jax.Array]]:
   """Sharded global batches: indices for a resident split, images read by grain for a
   streamed one, else host-gathered images."""
   if isinstance(split, StreamSplit):

@@ -67,8 +67,9 @@ def _listing(classes: list[Path]) -> tuple[list[Path], list[int]]:
     labels += [label] * len(images)
     ignored += [p for p in found if p.suffix.lower() not in IMAGE_SUFFIXES]
   if ignored:
-    logger.info('ignored %d files that are no images, e.g. %s', len(ignored),
-                [str(p) for p in ignored[:3]])
+    logger.info(
+        'ignored %d files that are no images, e.g. %s', len(ignored), [str(p) for p in ignored[:3]]
+    )
   return files, labels
 
 
@@ -88,8 +89,9 @@ def info(spec: str, data_config: Any) -> DatasetInfo:
   return DatasetInfo(tuple(shape), tuple(c.name for c in classes))
 
 
-def _read_all(files: list[Path], size: int | None
-              ) -> tuple[np.ndarray, np.ndarray, list[str], set[tuple[int, ...]]]:
+def _read_all(
+    files: list[Path], size: int | None
+) -> tuple[np.ndarray, np.ndarray, list[str], set[tuple[int, ...]]]:
   """The readable images of `files`, in order, in one array; the positions in `files` of
   the images read; the errors of the others, in order; the shapes the readable ones had.
 
@@ -130,21 +132,25 @@ def _read_all(files: list[Path], size: int | None
   for w, i in enumerate(kept):
     if w != i:
       out[w] = out[i]
-  return out[:len(kept)], kept, [e for e in errors if e], shapes
+  return out[: len(kept)], kept, [e for e in errors if e], shapes
 
 
-def _load_split(name: str, files: list[Path], labels: list[int], classes: list[Path],
-                data_config: Any) -> Split:
+def _load_split(
+    name: str, files: list[Path], labels: list[int], classes: list[Path], data_config: Any
+) -> Split:
   """This process's share of a listed split, read; its counts are of the files read."""
-  files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
+  files, labels = files[: data_config.max_examples], labels[: data_config.max_examples]
   idx = share(len(files))
   images, kept, errors, shapes = _read_all([files[i] for i in idx], data_config.load_size)
   if errors:
-    logger.warning('config.data.%s: skipped %d unreadable image(s), e.g. %s', name,
-                   len(errors), errors[:3])
+    logger.warning(
+        'config.data.%s: skipped %d unreadable image(s), e.g. %s', name, len(errors), errors[:3]
+    )
   if len(shapes) > 1:
-    raise DataError(f'{classes[0].parent}: images of several sizes {sorted(shapes)[:3]}; '
-                      'set config.data.load_size to resize them as they are read')
+    raise DataError(
+        f'{classes[0].parent}: images of several sizes {sorted(shapes)[:3]}; '
+        'set config.data.load_size to resize them as they are read'
+    )
   read = np.asarray([labels[i] for i in idx], np.int32)[kept]
   return read_split(images, read, skipped=len(errors))
 
@@ -157,37 +163,43 @@ def _shape(path: Path) -> tuple[int, ...] | None:
     return None
 
 
-def _streams(listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str],
-             data_config: Any) -> bool:
+def _streams(
+    listings: dict[str, tuple[list[Path], list[int]]], wanted: list[str], data_config: Any
+) -> bool:
   """Whether the splits `wanted` are streamed (`fineflax.data.pipeline`); logs why."""
-  count = sum(len(listings[key][0][:data_config.max_examples]) for key in wanted)
+  count = sum(len(listings[key][0][: data_config.max_examples]) for key in wanted)
   size = data_config.load_size
   if size is None and data_config.pipeline != 'memory' and count:
     # The first image that reads: an unreadable file is skipped here, as in the loading.
-    height, width, _ = next(filter(None, (_shape(f) for files, _ in listings.values()
-                                          for f in files)), (0, 0, 3))
+    height, width, _ = next(
+        filter(None, (_shape(f) for files, _ in listings.values() for f in files)), (0, 0, 3)
+    )
   else:
     height = width = size or 0
   return pipeline.streams(data_config, count * height * width * 3)
 
 
-def _stream_split(files: list[Path], labels: list[int], data_config: Any,
-                  size: int) -> StreamSplit:
+def _stream_split(files: list[Path], labels: list[int], data_config: Any, size: int) -> StreamSplit:
   """A listed split, streamed at `size` px: every process lists every file (it may read
   any)."""
-  files, labels = files[:data_config.max_examples], labels[:data_config.max_examples]
+  files, labels = files[: data_config.max_examples], labels[: data_config.max_examples]
   workers = data_config.workers
   labels = np.asarray(labels, np.int32)
-  return StreamSplit(stream.FileRecords(tuple(str(f) for f in files), labels), labels,
-                     size,
-                     crop=data_config.augment.crop if data_config.augment.crop ==
-                     pipeline.RANDOM_RESIZED else None,
-                     workers=stream.default_workers() if workers is None else workers,
-                     draft=data_config.jpeg_draft)
+  return StreamSplit(
+      stream.FileRecords(tuple(str(f) for f in files), labels),
+      labels,
+      size,
+      crop=data_config.augment.crop
+      if data_config.augment.crop == pipeline.RANDOM_RESIZED
+      else None,
+      workers=stream.default_workers() if workers is None else workers,
+      draft=data_config.jpeg_draft,
+  )
 
 
-def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS,
-         stream_size: int | None = None) -> Dataset:
+def load(
+    spec: str, data_config: Any, keys: Sequence[str] = _SPLITS, stream_size: int | None = None
+) -> Dataset:
   """This process's share of the splits of `keys` the config names (every P-th file).
 
   All are listed (a carved validation split depends on the whole listing); only those of
@@ -204,8 +216,10 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS,
     for key, folder in layout.items():
       names = [p.name for p in _class_folders(folder)]
       if names != [c.name for c in classes]:
-        raise DataError(f'{folder} has the classes {names}, {layout["train_split"]} has '
-                          f'{[c.name for c in classes]}')
+        raise DataError(
+            f'{folder} has the classes {names}, {layout["train_split"]} has '
+            f'{[c.name for c in classes]}'
+        )
       listings[key] = _listing([folder / n for n in names])
   else:
     classes = _class_folders(root)
@@ -224,27 +238,33 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS,
   for key in _SPLITS:
     if data_config[key] and key not in listings and key == 'test_split':
       absent.append(data_config[key])
-      logger.info('config.data.test_split=%r: %s has no such folder; no test split',
-                  data_config[key], root)
+      logger.info(
+          'config.data.test_split=%r: %s has no such folder; no test split', data_config[key], root
+      )
     elif data_config[key] and key not in listings:
       raise ConfigError(
           f'config.data.{key}={data_config[key]!r}: {root} has no folder {data_config[key]!r}'
           + (' and config.data.validation_split is 0' if key == 'val_split' else '')
-          + f'; set config.data.{key} = None to go without it')
+          + f'; set config.data.{key} = None to go without it'
+      )
   wanted = [key for key in _SPLITS if data_config[key] and key in listings and key in keys]
   if _streams(listings, wanted, data_config):
     size = pipeline.stream_load_size(data_config, stream_size)
-    splits = {data_config[key]: _stream_split(*listings[key], data_config, size)
-              for key in wanted}
-    return Dataset(DatasetInfo((size, size, 3), tuple(c.name for c in classes)), splits,
-                   tuple(absent))
-  splits = {data_config[key]: _load_split(key, *listings[key], classes, data_config)
-            for key in wanted}
+    splits = {data_config[key]: _stream_split(*listings[key], data_config, size) for key in wanted}
+    return Dataset(
+        DatasetInfo((size, size, 3), tuple(c.name for c in classes)), splits, tuple(absent)
+    )
+  splits = {
+      data_config[key]: _load_split(key, *listings[key], classes, data_config) for key in wanted
+  }
   if jax.process_count() == 1 and set(keys) >= set(_SPLITS):
     # With one process and every split read, a class without a readable image is sure.
     readable = sum(np.bincount(s.labels, minlength=len(classes)) for s in splits.values())
     for label in np.flatnonzero(readable == 0):
       raise DataError(f'class folder {classes[label]} has no readable image')
-  shape = (next(iter(splits.values())).images.shape[1:] if splits
-           else info(spec, data_config).image_shape)
+  shape = (
+      next(iter(splits.values())).images.shape[1:]
+      if splits
+      else info(spec, data_config).image_shape
+  )
   return Dataset(DatasetInfo(shape, tuple(c.name for c in classes)), splits, tuple(absent))

@@ -17,6 +17,7 @@ def open_rgb(path: str | os.PathLike) -> Any:
     DataError: the file is missing or not a readable image (named in the message).
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as image:
       return image.convert('RGB')
@@ -31,6 +32,7 @@ def read_image(path: str | os.PathLike, size: int | None = None) -> np.ndarray:
     DataError: the file is missing or not a readable image (named in the message).
   """
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   image = open_rgb(path)
   if size is not None and image.size != (size, size):
     image = image.resize((size, size), Image.Resampling.BILINEAR)

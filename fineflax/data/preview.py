@@ -16,8 +16,9 @@ from fineflax.data.dataset import AnySplit, StreamSplit, host_crop_key
 _CELL = 128  # pixels per image in the grid, at least
 
 
-def sample_images(split: AnySplit, aug: augmentation.Augment, size: int | None, seed: int,
-                  count: int = 9) -> tuple[np.ndarray, np.ndarray]:
+def sample_images(
+    split: AnySplit, aug: augmentation.Augment, size: int | None, seed: int, count: int = 9
+) -> tuple[np.ndarray, np.ndarray]:
   """The first `count` training images as step 0 augments them, uint8, and their labels."""
   if isinstance(split, StreamSplit):  # as the host crops them in the first epoch
     key = host_crop_key(np.random.default_rng([seed, 0, 0]))
@@ -30,10 +31,17 @@ def sample_images(split: AnySplit, aug: augmentation.Augment, size: int | None, 
   return np.asarray(jax.numpy.clip(jax.numpy.round(out), 0, 255)).astype(np.uint8), labels
 
 
-def write_samples(path: str | os.PathLike, split: AnySplit, class_names: tuple[str, ...],
-                  aug: augmentation.Augment, size: int | None, seed: int) -> None:
+def write_samples(
+    path: str | os.PathLike,
+    split: AnySplit,
+    class_names: tuple[str, ...],
+    aug: augmentation.Augment,
+    size: int | None,
+    seed: int,
+) -> None:
   """Writes the grid of `sample_images` as a PNG, each image labelled with its class."""
   from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+
   images, labels = sample_images(split, aug, size, seed)
   if not len(images):
     return

@@ -75,8 +75,9 @@ class FileRecords:
     return open_rgb(self.files[index]), int(self.labels[index])
 
 
-def random_resized_box(width: int, height: int, rng: np.random.Generator
-                       ) -> tuple[float, float, float, float]:
+def random_resized_box(
+    width: int, height: int, rng: np.random.Generator
+) -> tuple[float, float, float, float]:
   """(left, top, right, bottom) of an Inception-style random crop: its area a uniform
   share `CROP_SCALE` of the image's, its aspect log-uniform in `CROP_RATIO`; after 10
   draws that do not fit, the largest centred crop whose aspect is within `CROP_RATIO`."""
@@ -110,10 +111,12 @@ def centre_box(width: int, height: int) -> tuple[float, float, float, float]:
   return left, top, left + side, top + side
 
 
-def host_image(image: Any, size: int, crop: str | None, train: bool,
-               rng: np.random.Generator | None = None) -> np.ndarray:
+def host_image(
+    image: Any, size: int, crop: str | None, train: bool, rng: np.random.Generator | None = None
+) -> np.ndarray:
   """`image` (RGB PIL) as the host delivers it: (size, size, 3) uint8 (module docstring)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
+
   box = None
   if crop == 'random_resized':
     box = random_resized_box(*image.size, rng) if train else centre_box(*image.size)
@@ -133,8 +136,7 @@ def draft_scale(width: int, height: int, box: Box, size: int) -> int:
   return 1
 
 
-def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: bool
-                ) -> np.ndarray:
+def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: bool) -> np.ndarray:
   """The image file `path` cropped to `box_of(width, height)` and resized to size x size
   (bilinear, antialiased): (size, size, 3) uint8. With `draft`, a JPEG is decoded at
   `draft_scale` (libjpeg's scaled IDCT) and the box scaled with it, and the resize takes
@@ -144,6 +146,7 @@ def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: 
     DataError: the file is missing or not a readable image (named in the message).
   """
   from PIL import Image, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+
   try:
     with Image.open(path) as image:
       width, height = image.size
@@ -156,8 +159,15 @@ def decode_crop(path: str, size: int, box_of: Callable[[int, int], Box], draft: 
         box = tuple(v / scale for v in box)
       image.load()
       rgb = image if image.mode == 'RGB' else image.convert('RGB')  # convert would copy
-      return np.asarray(rgb.resize((size, size), Image.Resampling.BILINEAR, box=box,
-                                   reducing_gap=REDUCING_GAP if draft else None), np.uint8)
+      return np.asarray(
+          rgb.resize(
+              (size, size),
+              Image.Resampling.BILINEAR,
+              box=box,
+              reducing_gap=REDUCING_GAP if draft else None,
+          ),
+          np.uint8,
+      )
   except (OSError, UnidentifiedImageError) as e:
     raise DataError(f'{path}: not a readable image ({e})') from None
 
@@ -182,8 +192,12 @@ class BatchReader:
       rng = np.random.default_rng([*np.asarray(crop_key).tolist(), index])
     if rng is not None and isinstance(self.records, FileRecords):
       # The box needs only the file's header: the decode can then be scaled to it.
-      image = decode_crop(self.records.files[index], self.image_size,
-                          lambda w, h: random_resized_box(w, h, rng), self.draft)
+      image = decode_crop(
+          self.records.files[index],
+          self.image_size,
+          lambda w, h: random_resized_box(w, h, rng),
+          self.draft,
+      )
       return image, int(self.records.labels[index])
     image, label = self.records.read(index)
     return host_image(image, self.image_size, self.crop, train, rng), label
@@ -206,8 +220,12 @@ class BatchReader:
         image = np.zeros((self.image_size, self.image_size, 3), np.uint8)
       images.append(image)
       labels.append(label)
-    return {'image': np.stack(images), 'label': np.asarray(labels, np.int32),
-            'weight': weight, 'unreadable': np.asarray(unreadable, np.int64)}
+    return {
+        'image': np.stack(images),
+        'label': np.asarray(labels, np.int32),
+        'weight': weight,
+        'unreadable': np.asarray(unreadable, np.int64),
+    }
 
 
 def default_workers() -> int:
@@ -219,16 +237,19 @@ def read_batches(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch
   """The image batches of `batches` (index batches of `split`), in order: read by the
   split's decoding processes, or by grain's threads in this one (`workers` = 0)."""
   if split.workers:
-    read = decoders.read(split, BatchReader(split.records, split.image_size, split.crop,
-                                            split.draft), batches)
+    read = decoders.read(
+        split, BatchReader(split.records, split.image_size, split.crop, split.draft), batches
+    )
   else:
     read = _threads(split, batches)
   for batch in read:
     for i in batch.pop('unreadable'):
       if int(i) not in split.unreadable:  # once a process, not once an epoch
         split.unreadable.add(int(i))
-        logger.warning('%s: not a readable image; it is skipped (its rows count nothing)',
-                       split.records.name(int(i)))
+        logger.warning(
+            '%s: not a readable image; it is skipped (its rows count nothing)',
+            split.records.name(int(i)),
+        )
     yield batch
 
 
@@ -236,17 +257,20 @@ def _threads(split: StreamSplit, batches: Iterable[Batch]) -> Iterator[Batch]:
   """Grain's threads over the index batches, listed first (integers only; an epoch of
   ImageNet is 1.3 M) so that grain hands them out by position."""
   import grain  # pylint: disable=g-import-not-at-top
+
   listed = list(batches)
   if not listed:
     return
   reader = BatchReader(split.records, split.image_size, split.crop, split.draft)
   threads = min(os.cpu_count() or 1, 16)
-  yield from grain.MapDataset.source(listed).map(reader).to_iter_dataset(grain.ReadOptions(
-      num_threads=threads, prefetch_buffer_size=_PREFETCH_BATCHES * threads))
+  yield from grain.MapDataset.source(listed).map(reader).to_iter_dataset(
+      grain.ReadOptions(num_threads=threads, prefetch_buffer_size=_PREFETCH_BATCHES * threads)
+  )
 
 
-def read_examples(split: StreamSplit, indices: Sequence[int], crop_key: Any = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def read_examples(
+    split: StreamSplit, indices: Sequence[int], crop_key: Any = None
+) -> tuple[np.ndarray, np.ndarray]:
   """The images and labels of `indices`, read here (a few: samples.png): as training
   sees them under `crop_key`, or as evaluation does when it is None."""
   reader = BatchReader(split.records, split.image_size, split.crop, split.draft)

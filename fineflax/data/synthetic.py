@@ -22,8 +22,10 @@ def _parse(spec: str) -> tuple[int, int]:
   try:
     n, side = int(parts[0]), int(parts[1]) if len(parts) > 1 else 32
   except (IndexError, ValueError):
-    raise ConfigError(f"config.data.source={spec!r}: expected 'synthetic:N' or "
-                      "'synthetic:N:SIDE' (N images of SIDE x SIDE)") from None
+    raise ConfigError(
+        f"config.data.source={spec!r}: expected 'synthetic:N' or "
+        "'synthetic:N:SIDE' (N images of SIDE x SIDE)"
+    ) from None
   if n < 1 or side < 1:
     raise ConfigError(f'config.data.source={spec!r}: N and SIDE must be >= 1')
   return n, side
@@ -36,8 +38,9 @@ def info(spec: str, data_config: Any) -> DatasetInfo:
   return DatasetInfo(image_shape=(side, side, 3), class_names=CLASSES)
 
 
-def load(spec: str, data_config: Any,
-         keys: Sequence[str] = ('train_split', 'val_split', 'test_split')) -> Dataset:
+def load(
+    spec: str, data_config: Any, keys: Sequence[str] = ('train_split', 'val_split', 'test_split')
+) -> Dataset:
   """This process's share of 'train' (N), 'validation' and 'test' (N // 10 each), whatever
   `keys` asks for: all three cost less than choosing."""
   del keys

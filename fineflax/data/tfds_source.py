@@ -50,8 +50,10 @@ def _tfds():
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
   tf.config.set_visible_devices([], 'GPU')
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   return tf, tfds
 
 
@@ -70,14 +72,18 @@ def info(spec: str, data_config: Any) -> DatasetInfo:
   features = builder.info.features
   for key in ('image', 'label'):
     if key not in features:
-      raise ConfigError(f'config.data.source={spec!r}: not an image classification dataset '
-                        f'(features {list(features)})')
+      raise ConfigError(
+          f'config.data.source={spec!r}: not an image classification dataset '
+          f'(features {list(features)})'
+      )
   shape = tuple(features['image'].shape)
   if data_config.load_size:
     shape = (data_config.load_size, data_config.load_size, 3)
   elif None in shape[:2]:
-    raise ConfigError(f'config.data.source={spec!r}: its images vary in size; set '
-                      'config.data.load_size to the side to resize them to as they are read')
+    raise ConfigError(
+        f'config.data.source={spec!r}: its images vary in size; set '
+        'config.data.load_size to the side to resize them to as they are read'
+    )
   return DatasetInfo((shape[0], shape[1], 3), tuple(features['label'].names))
 
 
@@ -103,17 +109,24 @@ def _prepare(builder, spec: str, data_config: Any) -> None:
   local = bool(manual_dir) and all((Path(manual_dir) / n).exists() for n in names.values())
   problems = [] if local or instructions else [p for p in map(_reachable, infos) if p]
   if problems or (instructions and not local):
-    files = '\n'.join(f'  {names[url]}  from {url}  (sha256 {i.checksum}, '
-                      f'{i.size:,} bytes)' for url, i in infos.items())
+    files = '\n'.join(
+        f'  {names[url]}  from {url}  (sha256 {i.checksum}, ' f'{i.size:,} bytes)'
+        for url, i in infos.items()
+    )
     raise DataError(
         f'config.data.source={spec!r}: the dataset is not prepared in '
         f'{builder.data_dir} and cannot be built here'
-        + (f' (no network: {problems[0]})' if problems else '') + '.\n'
+        + (f' (no network: {problems[0]})' if problems else '')
+        + '.\n'
         + (f'Its manual download instructions: {instructions}\n' if instructions else '')
-        + (f'Put these files into config.data.manual_dir (now {manual_dir}):\n{files}\n'
-           if files else '')
+        + (
+            f'Put these files into config.data.manual_dir (now {manual_dir}):\n{files}\n'
+            if files
+            else ''
+        )
         + 'or build it where there is network (tfds.builder(...).download_and_prepare() '
-        'with the same data_dir) and copy the data_dir folder here.')
+        'with the same data_dir) and copy the data_dir folder here.'
+    )
   config = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False)
   builder.download_and_prepare(download_config=config)
 
@@ -124,8 +137,12 @@ def _as_dataset(builder, split: str, spec: str, data_config: Any):
   # No tf.data cache: the split is read once, into memory; tfds' cache of a small dataset
   # would hold a second copy, and `take(max_examples)` would leave it partly read (a
   # warning).
-  kwargs = dict(split=split, as_supervised=True, shuffle_files=False,
-                read_config=tfds.ReadConfig(try_autocache=False))
+  kwargs = dict(
+      split=split,
+      as_supervised=True,
+      shuffle_files=False,
+      read_config=tfds.ReadConfig(try_autocache=False),
+  )
   try:
     return builder.as_dataset(**kwargs)
   except AssertionError:  # tfds' way of saying "not prepared"
@@ -205,19 +222,23 @@ def _read_split(builder, split: str, spec: str, data_config: Any) -> Split:
   try:
     for x, y in ds.batch(1024).prefetch(2).as_numpy_iterator():
       if images is not None and x.shape[1:] != images.shape[1:]:
-        raise DataError(f'config.data.source={spec!r}, split {split!r}: images of several '
-                        f'sizes {images.shape[1:]} and {x.shape[1:]}; set '
-                        'config.data.load_size')
+        raise DataError(
+            f'config.data.source={spec!r}, split {split!r}: images of several '
+            f'sizes {images.shape[1:]} and {x.shape[1:]}; set '
+            'config.data.load_size'
+        )
       if images is None or filled + len(x) > len(images):
         # Once, at the count; only without one (or a wrong one) again, doubling.
         rows = max(count or 0, filled + len(x), 2 * filled)
         images, labels = grown(images, rows, x), grown(labels, rows, y)
-      images[filled:filled + len(x)] = x
-      labels[filled:filled + len(x)] = y
+      images[filled : filled + len(x)] = x
+      labels[filled : filled + len(x)] = y
       filled += len(x)
   except tf.errors.InvalidArgumentError as e:  # images of several sizes cannot be batched
-    raise DataError(f'config.data.source={spec!r}, split {split!r}: images of several '
-                      f'sizes; set config.data.load_size ({str(e)[:200]})') from None
+    raise DataError(
+        f'config.data.source={spec!r}, split {split!r}: images of several '
+        f'sizes; set config.data.load_size ({str(e)[:200]})'
+    ) from None
   if images is None:
     return read_split(np.zeros((0, 1, 1, 3), np.uint8), np.zeros((0,), np.int32))
   # A view of the rows read: rows beyond them (a count too high, or grown) were never
@@ -242,10 +263,12 @@ class TfdsRecords:
 
   def read(self, index: int) -> tuple[Any, int]:
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     example = self.source[index]
     image = np.asarray(example['image'])
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB'), \
-        int(example['label'])
+    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).convert('RGB'), int(
+        example['label']
+    )
 
 
 ARRAY_RECORD = 'array_record'
@@ -256,8 +279,9 @@ def _file_format(builder) -> str:
   return str(getattr(builder.info.file_format, 'value', builder.info.file_format))
 
 
-def _data_sources(builder, data_config: Any, keys: Sequence[str]
-                  ) -> tuple[dict[str, Any] | None, str | None]:
+def _data_sources(
+    builder, data_config: Any, keys: Sequence[str]
+) -> tuple[dict[str, Any] | None, str | None]:
   """({split key: random-access data source}, None), or (None, why there is none). tfds
   reads datasets prepared as array_record (or parquet) files by index; one prepared as
   tfrecord files is read by index here (`fineflax.data.tfrecord_index`), its key mapped to
@@ -269,9 +293,11 @@ def _data_sources(builder, data_config: Any, keys: Sequence[str]
     except (NotImplementedError, ValueError):  # tfds' own advice lists other options
       file_format = _file_format(builder)
       if file_format != TFRECORD:
-        return None, (f'prepared as {file_format} files, which are read in order only; '
-                      f'streaming needs {ARRAY_RECORD} or {TFRECORD} files '
-                      f"(download_and_prepare(file_format='{ARRAY_RECORD}'))")
+        return None, (
+            f'prepared as {file_format} files, which are read in order only; '
+            f'streaming needs {ARRAY_RECORD} or {TFRECORD} files '
+            f"(download_and_prepare(file_format='{ARRAY_RECORD}'))"
+        )
       sources[key] = None
   return sources, None
 
@@ -283,16 +309,15 @@ def _split_info(builder, spec: str, split: str) -> Any:
     raise ConfigError(f'config.data.source={spec!r}, split {split!r}: {e}') from None
 
 
-def _source_examples(builder, spec: str, split: str, source: Any,
-                     data_config: Any) -> int:
+def _source_examples(builder, spec: str, split: str, source: Any, data_config: Any) -> int:
   """The number of examples of a split a streamed run reads (`max_examples` at most)."""
-  count = len(source) if source is not None else _split_info(builder, spec,
-                                                              split).num_examples
+  count = len(source) if source is not None else _split_info(builder, spec, split).num_examples
   return min(count, data_config.max_examples or count)
 
 
-def _index_tfrecords(builder, spec: str, data_config: Any,
-                     sources: dict[str, Any]) -> dict[str, Any]:
+def _index_tfrecords(
+    builder, spec: str, data_config: Any, sources: dict[str, Any]
+) -> dict[str, Any]:
   """`sources` with each split prepared as tfrecord files (None) indexed (the first
   `max_examples` of it), the time it took logged."""
   start = time.perf_counter()
@@ -304,29 +329,42 @@ def _index_tfrecords(builder, spec: str, data_config: Any,
     split = data_config[key]
     # Paths in the dataset's folder (tfds gives them whole; older versions by name only).
     instructions = [
-        i if os.path.isabs(str(i.filename)) else dataclasses.replace(
-            i, filename=os.path.join(builder.data_dir, i.filename))
-        for i in _split_info(builder, spec, split).file_instructions]
-    indexed[key] = tfrecord_index.index_split(instructions, builder.info.features,
-                                              data_config.max_examples or None)
+        i
+        if os.path.isabs(str(i.filename))
+        else dataclasses.replace(i, filename=os.path.join(builder.data_dir, i.filename))
+        for i in _split_info(builder, spec, split).file_instructions
+    ]
+    indexed[key] = tfrecord_index.index_split(
+        instructions, builder.info.features, data_config.max_examples or None
+    )
     files += len(indexed[key].files)
   records = sum(len(indexed[k]) for k, s in sources.items() if s is None)
   if files:
-    logger.info('%s: indexed %d records of %d %s files in %.2f s (reading their headers: '
-                'a streamed split is read by index)', spec, records, files, TFRECORD,
-                time.perf_counter() - start)
+    logger.info(
+        '%s: indexed %d records of %d %s files in %.2f s (reading their headers: '
+        'a streamed split is read by index)',
+        spec,
+        records,
+        files,
+        TFRECORD,
+        time.perf_counter() - start,
+    )
   return indexed
 
 
-def _stream_split(source: Any, spec: str, split: str, data_config: Any,
-                  side: int) -> StreamSplit:
+def _stream_split(source: Any, spec: str, split: str, data_config: Any, side: int) -> StreamSplit:
   """A split streamed from its data source, delivered at `side` x `side`."""
   limit = min(len(source), data_config.max_examples or len(source))
   workers = data_config.workers
-  return StreamSplit(TfdsRecords(source, f'{spec}:{split}', limit), None, side,
-                     crop=data_config.augment.crop if data_config.augment.crop ==
-                     pipeline.RANDOM_RESIZED else None,
-                     workers=stream.default_workers() if workers is None else workers)
+  return StreamSplit(
+      TfdsRecords(source, f'{spec}:{split}', limit),
+      None,
+      side,
+      crop=data_config.augment.crop
+      if data_config.augment.crop == pipeline.RANDOM_RESIZED
+      else None,
+      workers=stream.default_workers() if workers is None else workers,
+  )
 
 
 def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
@@ -336,24 +374,33 @@ def load(spec: str, data_config: Any, keys: Sequence[str] = _SPLITS) -> Dataset:
   wanted = [k for k in _SPLITS if data_config[k] and k in keys]
   # With several processes and one data_dir, process 0 prepares while the others wait.
   builder = once.process_zero_first(
-      f'preparing {spec}', lambda: _prepared_builder(spec, data_config,
-                                                     data_config[(wanted or _SPLITS)[0]]))
+      f'preparing {spec}',
+      lambda: _prepared_builder(spec, data_config, data_config[(wanted or _SPLITS)[0]]),
+  )
   dataset_info = info(spec, data_config)
   sources, cannot = _data_sources(builder, data_config, wanted)
   # tfds reads array_record files by index only (as_dataset refuses them).
-  only = (f'prepared as {ARRAY_RECORD} files, read by index only'
-          if sources is not None and _file_format(builder) == ARRAY_RECORD else None)
+  only = (
+      f'prepared as {ARRAY_RECORD} files, read by index only'
+      if sources is not None and _file_format(builder) == ARRAY_RECORD
+      else None
+  )
   height, width, _ = dataset_info.image_shape
-  count = sum(_source_examples(builder, spec, data_config[k], s, data_config)
-              for k, s in (sources or {}).items())
+  count = sum(
+      _source_examples(builder, spec, data_config[k], s, data_config)
+      for k, s in (sources or {}).items()
+  )
   if pipeline.streams(data_config, count * height * width * 3, cannot, only):
     if height != width:
-      raise ConfigError(f'config.data.source={spec!r} is streamed (see the line above): '
-                        'set config.data.load_size, the side images are delivered at')
+      raise ConfigError(
+          f'config.data.source={spec!r} is streamed (see the line above): '
+          'set config.data.load_size, the side images are delivered at'
+      )
     sources = _index_tfrecords(builder, spec, data_config, sources)
-    splits = {data_config[k]: _stream_split(sources[k], spec, data_config[k], data_config,
-                                            height) for k in wanted}
+    splits = {
+        data_config[k]: _stream_split(sources[k], spec, data_config[k], data_config, height)
+        for k in wanted
+    }
     return Dataset(dataset_info, splits)
-  splits = {data_config[k]: _read_split(builder, data_config[k], spec, data_config)
-            for k in wanted}
+  splits = {data_config[k]: _read_split(builder, data_config[k], spec, data_config) for k in wanted}
   return Dataset(dataset_info, splits)

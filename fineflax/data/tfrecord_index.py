@@ -35,10 +35,11 @@ _FOOTER = 4  # uint32 masked CRC of the data
 # Bytes read at a time while indexing: a page holds the next header of a large record
 # (one read per record, as the disk reads no less) and several of small ones.
 _WINDOW = 16 * 1024
-_MASK_DELTA = 0xa282ead8
+_MASK_DELTA = 0xA282EAD8
 # Files a reading thread keeps open (ImageNet has 1024 shards; grain runs up to 16
 # threads, and the usual limit is 1024 descriptors a process).
 _OPEN_FILES = 32
+
 
 def crc32c(data: bytes) -> int:
   """CRC-32C (Castagnoli) of `data`, as tfrecord files use it."""
@@ -49,18 +50,19 @@ def masked_crc(data: bytes) -> int:
   """The CRC as tfrecord files store it: rotated and offset, because a CRC of data that
   itself holds CRCs is weak."""
   crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xffffffff
+  return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
 
 
 def _local(path: str) -> str:
   if '://' in path:
-    raise ConfigError(f'{path}: streaming a tfds dataset prepared as tfrecord files reads '
-                      'them by offset and needs them on a local or mounted file system')
+    raise ConfigError(
+        f'{path}: streaming a tfds dataset prepared as tfrecord files reads '
+        'them by offset and needs them on a local or mounted file system'
+    )
   return path
 
 
-def shard_index(path: str, count: int, whole: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
+def shard_index(path: str, count: int, whole: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """(offsets, lengths) of the first `count` records of the tfrecord file `path`: where
   each record's header starts and its data's length. `whole`: `count` is the number of
   records the file holds, and a file holding more is an error too.
@@ -80,23 +82,31 @@ def shard_index(path: str, count: int, whole: bool = False
         if at + _HEADER > len(window):
           window, start, at = os.pread(fd, _WINDOW, pos), pos, 0
           if len(window) < _HEADER:
-            raise DataError(f'{path}: truncated: it ends at byte {size} after {k} records, '
-                            f'fewer than the {count} tfds lists')
+            raise DataError(
+                f'{path}: truncated: it ends at byte {size} after {k} records, '
+                f'fewer than the {count} tfds lists'
+            )
         length, crc = struct.unpack_from('<QI', window, at)
-        if masked_crc(window[at:at + 8]) != crc:
-          raise DataError(f'{path}: not a tfrecord file, or corrupted: the header of '
-                          f'record {k} at byte {pos} fails its CRC')
+        if masked_crc(window[at : at + 8]) != crc:
+          raise DataError(
+              f'{path}: not a tfrecord file, or corrupted: the header of '
+              f'record {k} at byte {pos} fails its CRC'
+          )
         end = pos + _HEADER + length + _FOOTER
         if end > size:
-          raise DataError(f'{path}: truncated: record {k} at byte {pos} ends at byte {end}, '
-                          f'past the end of the file ({size} bytes)')
+          raise DataError(
+              f'{path}: truncated: record {k} at byte {pos} ends at byte {end}, '
+              f'past the end of the file ({size} bytes)'
+          )
         offsets[k], lengths[k] = pos, length
         pos = end
   except OSError as e:
     raise DataError(f'{path}: {e.strerror or e}') from None
   if whole and pos != size:
-    raise DataError(f'{path}: holds more than the {count} records tfds lists (they end at '
-                    f'byte {pos} of {size})')
+    raise DataError(
+        f'{path}: holds more than the {count} records tfds lists (they end at '
+        f'byte {pos} of {size})'
+    )
   return offsets, lengths
 
 
@@ -110,8 +120,14 @@ class TfrecordSource:
   read files open, so that no thread closes a file another is reading.
   """
 
-  def __init__(self, files: Sequence[str], shard_ends: np.ndarray, offsets: np.ndarray,
-               lengths: np.ndarray, features: Any):
+  def __init__(
+      self,
+      files: Sequence[str],
+      shard_ends: np.ndarray,
+      offsets: np.ndarray,
+      lengths: np.ndarray,
+      features: Any,
+  ):
     self.files = tuple(files)
     self.shard_ends = shard_ends  # the index one past each file's last example
     self.offsets = offsets
@@ -152,10 +168,10 @@ class TfrecordSource:
       raw = os.pread(self._file(shard).fileno(), _HEADER + length + _FOOTER, offset)
     except OSError as e:
       raise DataError(f'{path}: {e.strerror or e}') from None
-    stored, = struct.unpack_from('<Q', raw) if len(raw) >= 8 else (None,)
+    (stored,) = struct.unpack_from('<Q', raw) if len(raw) >= 8 else (None,)
     if len(raw) != _HEADER + length + _FOOTER or stored != length:
       raise DataError(f'{path}: the record at byte {offset} changed since it was indexed')
-    data = raw[_HEADER:_HEADER + length]
+    data = raw[_HEADER : _HEADER + length]
     if masked_crc(data) != struct.unpack_from('<I', raw, _HEADER + length)[0]:
       raise DataError(f'{path}: the record at byte {offset} fails its CRC (corrupted)')
     return data
@@ -164,8 +180,9 @@ class TfrecordSource:
     return self.features.deserialize_example_np(self.record(int(index)))
 
 
-def index_split(file_instructions: Sequence[Any], features: Any,
-                limit: int | None = None) -> TfrecordSource:
+def index_split(
+    file_instructions: Sequence[Any], features: Any, limit: int | None = None
+) -> TfrecordSource:
   """The split tfds describes by `file_instructions` (`builder.info.splits[split]
   .file_instructions`: each file's `skip` records left out, then `take` read) as a
   `TfrecordSource`, indexing only the records up to its first `limit` examples."""
@@ -179,13 +196,17 @@ def index_split(file_instructions: Sequence[Any], features: Any,
       continue
     count = instruction.skip + take
     shard_offsets, shard_lengths = shard_index(
-        str(instruction.filename), count, whole=count == instruction.examples_in_shard)
+        str(instruction.filename), count, whole=count == instruction.examples_in_shard
+    )
     files.append(str(instruction.filename))
-    offsets.append(shard_offsets[instruction.skip:])
-    lengths.append(shard_lengths[instruction.skip:])
+    offsets.append(shard_offsets[instruction.skip :])
+    lengths.append(shard_lengths[instruction.skip :])
     total += take
     ends.append(total)
-  return TfrecordSource(files, np.asarray(ends, np.int64),
-                        np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
-                        np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
-                        features)
+  return TfrecordSource(
+      files,
+      np.asarray(ends, np.int64),
+      np.concatenate(offsets) if offsets else np.zeros(0, np.int64),
+      np.concatenate(lengths) if lengths else np.zeros(0, np.int64),
+      features,
+  )

@@ -45,8 +45,12 @@ def drop_gloo_lines() -> None:
   reader, writer = os.pipe()
   os.dup2(writer, 1)
   os.close(writer)
-  thread = threading.Thread(target=_pump, args=(reader, os.dup(original), GLOO_PREFIX),
-                            name='gloo-output-filter', daemon=True)
+  thread = threading.Thread(
+      target=_pump,
+      args=(reader, os.dup(original), GLOO_PREFIX),
+      name='gloo-output-filter',
+      daemon=True,
+  )
   thread.start()
 
   def restore() -> None:

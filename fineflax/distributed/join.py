@@ -67,10 +67,13 @@ def detected_cluster() -> str | None:
   with more than one process, or None (a plain machine, or a job of one process)."""
   try:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
+
     kinds = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
   except (ImportError, AttributeError):  # a JAX that moved its private module
-    logger.warning('cannot check for a cluster environment in this JAX version; '
-                   'pass --coordinator, --num_processes and --process_id for a multi-host run')
+    logger.warning(
+        'cannot check for a cluster environment in this JAX version; '
+        'pass --coordinator, --num_processes and --process_id for a multi-host run'
+    )
     return None
   for env in kinds:
     if getattr(env, 'name', None) not in AUTO_DETECTED or not env.is_env_present():
@@ -80,34 +83,43 @@ def detected_cluster() -> str | None:
     except Exception as e:  # pylint: disable=broad-except
       # Running alone on one host of a pod would train on a fraction of the data while
       # the others wait: fail instead.
-      raise DistributedError(f'found a {env.name} cluster environment but could not read its '
-                             f'process count ({type(e).__name__}: {e}); pass '
-                             '--num_processes=1 to run alone') from e
+      raise DistributedError(
+          f'found a {env.name} cluster environment but could not read its '
+          f'process count ({type(e).__name__}: {e}); pass '
+          '--num_processes=1 to run alone'
+      ) from e
     if count > 1:
       return env.name
   return None
 
 
-def _check(coordinator: str | None, num_processes: int | None,
-           process_id: int | None) -> None:
+def _check(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
   if num_processes is not None and num_processes < 1:
     raise DistributedError(f'num_processes={num_processes}: must be >= 1')
   if process_id is not None and process_id < 0:
     raise DistributedError(f'process_id={process_id}: must be >= 0')
   if num_processes is not None and process_id is not None and process_id >= num_processes:
-    raise DistributedError(f'process_id={process_id} with num_processes={num_processes}: '
-                           f'process ids run from 0 to {num_processes - 1}')
+    raise DistributedError(
+        f'process_id={process_id} with num_processes={num_processes}: '
+        f'process ids run from 0 to {num_processes - 1}'
+    )
   if coordinator is not None and not re.fullmatch(r'\S+:\d+', coordinator):
-    raise DistributedError(f'coordinator={coordinator!r}: expected HOST:PORT, the address of '
-                           'process 0 and a free port on it, e.g. 10.0.0.1:1234')
+    raise DistributedError(
+        f'coordinator={coordinator!r}: expected HOST:PORT, the address of '
+        'process 0 and a free port on it, e.g. 10.0.0.1:1234'
+    )
 
 
-def initialize(coordinator: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None,
-               local_device_ids: Sequence[int] | None = None, *,
-               initialization_timeout_s: int = INIT_TIMEOUT_S,
-               heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
-               shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> None:
+def initialize(
+    coordinator: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    local_device_ids: Sequence[int] | None = None,
+    *,
+    initialization_timeout_s: int = INIT_TIMEOUT_S,
+    heartbeat_timeout_s: int = HEARTBEAT_TIMEOUT_S,
+    shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S,
+) -> None:
   """Joins the processes of a multi-host job, if this process is one of them.
 
   Arguments left None are read from FINEFLAX_COORDINATOR / FINEFLAX_NUM_PROCESSES /
@@ -139,8 +151,11 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   _check(coordinator, num_processes, process_id)
   if num_processes == 1:
     return  # alone by request, even inside a cluster job
-  given = {'--coordinator': coordinator, '--num_processes': num_processes,
-           '--process_id': process_id}
+  given = {
+      '--coordinator': coordinator,
+      '--num_processes': num_processes,
+      '--process_id': process_id,
+  }
   cluster = None
   if None in given.values():
     cluster = detected_cluster()  # fills in what is not given
@@ -151,12 +166,16 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
       raise DistributedError(
           f'a multi-host run needs --coordinator, --num_processes and --process_id (or '
           f'{ENV_COORDINATOR}, {ENV_NUM_PROCESSES}, {ENV_PROCESS_ID}); missing {missing} '
-          'and no TPU pod, SLURM or Open MPI job was detected to supply them')
+          'and no TPU pod, SLURM or Open MPI job was detected to supply them'
+      )
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+
   if xla_bridge.backends_are_initialized():
-    raise DistributedError('JAX was used (its devices listed or an array made) before the '
-                           'processes were joined: fineflax.distributed.initialize must run '
-                           'first, before the config or the data touch JAX')
+    raise DistributedError(
+        'JAX was used (its devices listed or an array made) before the '
+        'processes were joined: fineflax.distributed.initialize must run '
+        'first, before the config or the data touch JAX'
+    )
   if jax.config.jax_cpu_collectives_implementation is None:
     # Without an implementation a computation over CPU devices of several processes
     # fails; gloo needs nothing beyond the coordination service.
@@ -173,25 +192,36 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
   # Said before connecting (logging is set up only after, as it needs the process index):
   # when the coordinator never answers, JAX ends the process itself, without an exception.
   who = f'process {process_id} of {num_processes}' if process_id is not None else 'a process'
-  print(f'fineflax: {who} joining {where} (waiting up to {initialization_timeout_s} s for '
-        'every process)', file=sys.stderr, flush=True)
+  print(
+      f'fineflax: {who} joining {where} (waiting up to {initialization_timeout_s} s for '
+      'every process)',
+      file=sys.stderr,
+      flush=True,
+  )
   try:
     jax.distributed.initialize(
-        coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+        coordinator_address=coordinator,
+        num_processes=num_processes,
+        process_id=process_id,
         local_device_ids=list(local_device_ids) if local_device_ids is not None else None,
         cluster_detection_method=cluster if cluster else 'deactivate',
         initialization_timeout=initialization_timeout_s,
         heartbeat_timeout_seconds=heartbeat_timeout_s,
-        shutdown_timeout_seconds=shutdown_timeout_s, coordinator_bind_address=bind)
+        shutdown_timeout_seconds=shutdown_timeout_s,
+        coordinator_bind_address=bind,
+    )
   except (RuntimeError, ValueError, TypeError) as e:
     raise DistributedError(
         f'could not join {where} as process {process_id} of {num_processes}: {e} (is '
         'process 0 running, its port reachable from this host, and do all processes agree '
-        'on --num_processes?)') from e
+        'on --num_processes?)'
+    ) from e
 
 
 def describe() -> str:
   """One line on this process's place in the job (it starts JAX's backends)."""
-  return (f'process {jax.process_index()} of {jax.process_count()}: '
-          f'{jax.local_device_count()} local {jax.default_backend()} devices, '
-          f'{jax.device_count()} in all')
+  return (
+      f'process {jax.process_index()} of {jax.process_count()}: '
+      f'{jax.local_device_count()} local {jax.default_backend()} devices, '
+      f'{jax.device_count()} in all'
+  )

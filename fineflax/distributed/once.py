@@ -43,6 +43,7 @@ def _client() -> Any:
   where JAX keeps it elsewhere than in this version."""
   try:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
     return distributed.global_state.client
   except (ImportError, AttributeError):
     return None
@@ -53,8 +54,7 @@ def _one_line(error: BaseException) -> str:
   return f'{type(error).__name__}: {text}'
 
 
-def process_zero_first(what: str, fn: Callable[[], T], *,
-                       timeout_s: float | None = None) -> T:
+def process_zero_first(what: str, fn: Callable[[], T], *, timeout_s: float | None = None) -> T:
   """`fn()`, run by process 0 first and by every other process once it has succeeded.
 
   Meant for work whose result every process reads from one place, such as a download into
@@ -101,8 +101,9 @@ def process_zero_first(what: str, fn: Callable[[], T], *,
   logger.info('process %d: waiting for process 0 (%s)', me, what)
   error = _wait(client, key, what, WAIT_TIMEOUT_S if timeout_s is None else timeout_s)
   if error is not None:
-    raise ProcessZeroFailedError(f'process {me} of {count}: process 0 failed at {what} (so '
-                                 f'not tried here): {error}')
+    raise ProcessZeroFailedError(
+        f'process {me} of {count}: process 0 failed at {what} (so ' f'not tried here): {error}'
+    )
   return fn()
 
 
@@ -125,7 +126,9 @@ def _wait(client: Any, key: str, what: str, timeout_s: float) -> str | None:
     value = client.blocking_key_value_get(key, int(timeout_s * 1000))
   except Exception as e:  # pylint: disable=broad-except
     # JAX raises its runtime error (DEADLINE_EXCEEDED) when the time is up.
-    raise DistributedError(f'process {jax.process_index()} of {jax.process_count()}: waited '
-                           f'{timeout_s:g} s for process 0 to finish {what}, in vain '
-                           f'({" ".join(str(e).split())[:300]})') from None
+    raise DistributedError(
+        f'process {jax.process_index()} of {jax.process_count()}: waited '
+        f'{timeout_s:g} s for process 0 to finish {what}, in vain '
+        f'({" ".join(str(e).split())[:300]})'
+    ) from None
   return json.loads(value)['error']

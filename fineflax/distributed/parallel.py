@@ -31,8 +31,9 @@ def check_batch_size(batch_size: int, mesh: Mesh, what: str = 'config.batch_size
   """Raises ValueError unless the global batch splits evenly over the mesh's devices."""
   n = mesh.devices.size
   if batch_size % n:
-    raise ValueError(f'{what}={batch_size} does not split evenly over {n} devices; '
-                     f'use a multiple of {n}')
+    raise ValueError(
+        f'{what}={batch_size} does not split evenly over {n} devices; ' f'use a multiple of {n}'
+    )
 
 
 def shard_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

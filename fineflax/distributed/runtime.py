@@ -53,14 +53,25 @@ def detect(root: str | os.PathLike = '/', path: str | None = None) -> list[Accel
   nodes = sorted((root / 'dev').glob('nvidia[0-9]*'))
   smi = shutil.which('nvidia-smi', path=path)
   if nodes or smi:
-    found.append(Accelerator('gpu', 'an NVIDIA GPU', str(nodes[0]) if nodes else
-                             f'{smi} on the PATH'))
+    found.append(
+        Accelerator('gpu', 'an NVIDIA GPU', str(nodes[0]) if nodes else f'{smi} on the PATH')
+    )
   tpu_nodes = sorted((root / 'dev').glob('accel[0-9]*'))
-  tpu_pci = [p.parent for p in sorted((root / 'sys/bus/pci/devices').glob('*/vendor'))
-             if _read(p) == GOOGLE_PCI_VENDOR]
+  tpu_pci = [
+      p.parent
+      for p in sorted((root / 'sys/bus/pci/devices').glob('*/vendor'))
+      if _read(p) == GOOGLE_PCI_VENDOR
+  ]
   if tpu_nodes or tpu_pci:
-    found.append(Accelerator('tpu', 'a TPU', str(tpu_nodes[0]) if tpu_nodes else
-                             f'PCI device {tpu_pci[0]} of vendor {GOOGLE_PCI_VENDOR}'))
+    found.append(
+        Accelerator(
+            'tpu',
+            'a TPU',
+            str(tpu_nodes[0])
+            if tpu_nodes
+            else f'PCI device {tpu_pci[0]} of vendor {GOOGLE_PCI_VENDOR}',
+        )
+    )
   return found
 
 
@@ -81,12 +92,15 @@ def describe_devices() -> str:
   """'backend gpu: 8 x NVIDIA H100 80GB HBM3 (8 local), 1 process'."""
   devices = jax.devices()
   kinds = sorted({d.device_kind for d in devices})
-  return (f'backend {jax.default_backend()}: {len(devices)} x {", ".join(kinds)} '
-          f'({jax.local_device_count()} local), {jax.process_count()} process(es)')
+  return (
+      f'backend {jax.default_backend()}: {len(devices)} x {", ".join(kinds)} '
+      f'({jax.local_device_count()} local), {jax.process_count()} process(es)'
+  )
 
 
-def check_backend(root: str | os.PathLike = '/', path: str | None = None,
-                  environ: Mapping[str, str] = os.environ) -> None:
+def check_backend(
+    root: str | os.PathLike = '/', path: str | None = None, environ: Mapping[str, str] = os.environ
+) -> None:
   """Logs the devices JAX uses; raises AcceleratorUnusedError when JAX runs on the CPU of
   a machine that has an accelerator (`detect(root, path)`) and the CPU was not asked for."""
   logger.info('devices: %s', describe_devices())
@@ -98,7 +112,8 @@ def check_backend(root: str | os.PathLike = '/', path: str | None = None,
     raise AcceleratorUnusedError(
         f'this machine has {first.name} ({first.evidence}) but JAX runs on the CPU: '
         f'install JAX for it with `{INSTALL[first.kind]}`, or set {ENV_ALLOW_CPU}=1 to run '
-        'on the CPU anyway')
+        'on the CPU anyway'
+    )
 
 
 def cache_root(environ: Mapping[str, str] = os.environ) -> Path:

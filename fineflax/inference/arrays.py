@@ -20,8 +20,10 @@ from fineflax.inference.evaluate import probabilities
 from fineflax.run import restore
 
 # What predict_fn takes, said in its errors.
-_EXPECTED = ('expected uint8 RGB images: an (n, H, W, 3) array, one (H, W, 3) image, or a '
-            'list of (H, W, 3) images of any sizes')
+_EXPECTED = (
+    'expected uint8 RGB images: an (n, H, W, 3) array, one (H, W, 3) image, or a '
+    'list of (H, W, 3) images of any sizes'
+)
 
 
 def resize_uint8(images: jax.Array, height: int, width: int) -> jax.Array:
@@ -29,9 +31,12 @@ def resize_uint8(images: jax.Array, height: int, width: int) -> jax.Array:
   shrinking (as PIL resizes the files a run stores), rounded to the nearest level."""
   if images.shape[1:3] == (height, width):
     return images
-  resized = jax.image.resize(images.astype(jnp.float32),
-                             (images.shape[0], height, width, images.shape[3]),
-                             method='linear', antialias=True)
+  resized = jax.image.resize(
+      images.astype(jnp.float32),
+      (images.shape[0], height, width, images.shape[3]),
+      method='linear',
+      antialias=True,
+  )
   return jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
 
 
@@ -93,17 +98,22 @@ def predict_fn(run: restore.RestoredRun) -> Callable[[Any], jax.Array]:
     if not cropped or array.shape[:2] == (height, width):
       return array
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    return stream.host_image(Image.fromarray(np.asarray(array)), height, pipeline.RANDOM_RESIZED,
-                             train=False)
+
+    return stream.host_image(
+        Image.fromarray(np.asarray(array)), height, pipeline.RANDOM_RESIZED, train=False
+    )
 
   def call(images: Any) -> jax.Array:
     if isinstance(images, (list, tuple)):
       if not images:
         raise ValueError(f'images is an empty {type(images).__name__}: {_EXPECTED}')
-      arrays = [_cropped(_image_array(image, f'images[{i}]', (3,)))
-                for i, image in enumerate(images)]
-      return predict(variables, jnp.concatenate(
-          [resize(jax.device_put(a[None], device), height, width) for a in arrays]))
+      arrays = [
+          _cropped(_image_array(image, f'images[{i}]', (3,))) for i, image in enumerate(images)
+      ]
+      return predict(
+          variables,
+          jnp.concatenate([resize(jax.device_put(a[None], device), height, width) for a in arrays]),
+      )
     array = _image_array(images, 'images', (3, 4))
     single = array.ndim == 3
     if cropped:

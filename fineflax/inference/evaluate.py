@@ -37,8 +37,9 @@ ROLES = ('train', 'val', 'test')
 TOP_K = 5
 
 
-def make_logits_step(model: Any, mesh: Mesh, *, augment: Augment = Augment()
-                     ) -> Callable[..., dict[str, jax.Array]]:
+def make_logits_step(
+    model: Any, mesh: Mesh, *, augment: Augment = Augment()
+) -> Callable[..., dict[str, jax.Array]]:
   """A jitted `(variables, batch) -> {'logits', 'label', 'weight'}` over the mesh.
 
   The images are prepared as `step.make_eval_step` prepares them (no augmentation; a
@@ -52,8 +53,13 @@ def make_logits_step(model: Any, mesh: Mesh, *, augment: Augment = Augment()
     logits = model.apply(variables, images, train=False).astype(jnp.float32)
     return {'logits': logits, 'label': batch['label'], 'weight': batch['weight']}
 
-  mapped = jax.shard_map(logits_step, mesh=mesh, in_specs=(P(), P(parallel.AXIS)),
-                         out_specs=P(parallel.AXIS), check_vma=False)
+  mapped = jax.shard_map(
+      logits_step,
+      mesh=mesh,
+      in_specs=(P(), P(parallel.AXIS)),
+      out_specs=P(parallel.AXIS),
+      check_vma=False,
+  )
   return jax.jit(mapped)
 
 
@@ -63,8 +69,13 @@ def _to_host(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def split_logits(logits_step: Callable[..., dict[str, jax.Array]], variables: dict[str, Any],
-                 split: data.Split, batch_size: int, mesh: Mesh) -> tuple[np.ndarray, np.ndarray]:
+def split_logits(
+    logits_step: Callable[..., dict[str, jax.Array]],
+    variables: dict[str, Any],
+    split: data.Split,
+    batch_size: int,
+    mesh: Mesh,
+) -> tuple[np.ndarray, np.ndarray]:
   """(logits (n, outputs), labels (n,)) of every example of `split` (of every process),
   each exactly once: the weight-0 padding rows are dropped."""
   # Host-gathered batches: one pass gains nothing from placing the split on the devices.
@@ -95,16 +106,19 @@ def predicted_classes(logits: np.ndarray) -> np.ndarray:
   return np.argmax(logits, axis=-1)
 
 
-def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                           label_smoothing: float = 0.0) -> dict[str, Any]:
+def classification_metrics(
+    logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], label_smoothing: float = 0.0
+) -> dict[str, Any]:
   """Loss, accuracy, top-5 accuracy (more than 5 outputs), per-class accuracy and counts,
   and the confusion matrix (rows: true class, columns: predicted) of one split.
 
   Loss and accuracy are `step.per_example_loss`'s, as in training and `evaluate`.
   """
   n, count = len(class_names), len(labels)
-  loss, correct = (np.asarray(x, np.float64) for x in step.per_example_loss(
-      jnp.asarray(logits), jnp.asarray(labels), label_smoothing))
+  loss, correct = (
+      np.asarray(x, np.float64)
+      for x in step.per_example_loss(jnp.asarray(logits), jnp.asarray(labels), label_smoothing)
+  )
   predicted = predicted_classes(logits)
   # An output beyond the dataset's classes (e.g. Keras' 1000-class top) fits no column.
   inside = predicted < n
@@ -122,17 +136,26 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: 
     rank = np.sum(logits > true_logit[:, None], axis=-1)
     report[f'top{TOP_K}_accuracy'] = float(np.mean(rank < TOP_K)) if count else float('nan')
   report['per_class'] = [
-      {'class': name, 'examples': int(examples[i]), 'correct': int(round(hits[i])),
-       'accuracy': float(hits[i] / examples[i]) if examples[i] else None}
-      for i, name in enumerate(class_names)]
+      {
+          'class': name,
+          'examples': int(examples[i]),
+          'correct': int(round(hits[i])),
+          'accuracy': float(hits[i] / examples[i]) if examples[i] else None,
+      }
+      for i, name in enumerate(class_names)
+  ]
   report['confusion_matrix'] = confusion.tolist()
   if not inside.all():
     report['predicted_outside_classes'] = int(np.sum(~inside))
   return report
 
 
-def resolve_split(split: str, data_config: ml_collections.ConfigDict,
-                  available: Sequence[str], absent: Sequence[str] = ()) -> str:
+def resolve_split(
+    split: str,
+    data_config: ml_collections.ConfigDict,
+    available: Sequence[str],
+    absent: Sequence[str] = (),
+) -> str:
   """The dataset split name of `split`: a role (train/val/test, through
   `config.data.<role>_split`) or a split name of the dataset (`available`: those loaded;
   `absent`: those the config names that the source did not find, `data.Dataset.absent`).
@@ -141,45 +164,61 @@ def resolve_split(split: str, data_config: ml_collections.ConfigDict,
   if split in ROLES:
     name = data_config[f'{split}_split']
     if name is None or name in absent:
-      why = (f'config.data.{split}_split is None' if name is None else
-             f'config.data.{split}_split={name!r}: config.data.source={data_config.source!r} '
-             'has no such split')
-      raise ConfigError(f'--split={split}: the run has no {split} split ({why}); its splits: '
-                        + _run_splits(data_config, available, absent))
+      why = (
+          f'config.data.{split}_split is None'
+          if name is None
+          else f'config.data.{split}_split={name!r}: config.data.source={data_config.source!r} '
+          'has no such split'
+      )
+      raise ConfigError(
+          f'--split={split}: the run has no {split} split ({why}); its splits: '
+          + _run_splits(data_config, available, absent)
+      )
   if name not in available:
-    raise ConfigError(f'--split={split}: the dataset has the splits {sorted(available)} '
-                      f'(or a role: {", ".join(ROLES)})')
+    raise ConfigError(
+        f'--split={split}: the dataset has the splits {sorted(available)} '
+        f'(or a role: {", ".join(ROLES)})'
+    )
   return name
 
 
-def _run_splits(data_config: ml_collections.ConfigDict, available: Sequence[str],
-                absent: Sequence[str]) -> str:
+def _run_splits(
+    data_config: ml_collections.ConfigDict, available: Sequence[str], absent: Sequence[str]
+) -> str:
   """The splits there are, each role with its split name ("train ('train'), val
   ('validation')"): those the config names and the source found, loaded or not."""
-  named = {data_config[f'{role}_split']: role for role in ROLES
-           if data_config[f'{role}_split'] is not None}
+  named = {
+      data_config[f'{role}_split']: role
+      for role in ROLES
+      if data_config[f'{role}_split'] is not None
+  }
   found = [name for name in named if name not in absent]
   found += sorted(name for name in available if name not in named)
   shown = [f'{named[name]} ({name!r})' if name in named else repr(name) for name in found]
   return ', '.join(shown) or 'none'
 
 
-def eval_batch_size(requested: int | None, config: ml_collections.ConfigDict,
-                    devices: int) -> int:
+def eval_batch_size(requested: int | None, config: ml_collections.ConfigDict, devices: int) -> int:
   """`requested`, checked; else the run's eval batch size rounded up to a multiple of the
   devices at hand (which need not be those the run trained on)."""
   if requested is not None:
     if requested <= 0 or requested % devices:
-      raise ConfigError(f'--batch_size={requested}: must be a positive multiple of the '
-                        f'{devices} devices')
+      raise ConfigError(
+          f'--batch_size={requested}: must be a positive multiple of the ' f'{devices} devices'
+      )
     return requested
   size = config.eval_batch_size or config.batch_size
   return -(-size // devices) * devices
 
 
-def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: str | int = 'best',
-                 batch_size: int | None = None, *,
-                 devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+def evaluate_run(
+    workdir: str | os.PathLike,
+    split: str = 'test',
+    checkpoint: str | int = 'best',
+    batch_size: int | None = None,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
   """Evaluates a checkpoint of the run in `workdir` on one split and writes the report.
 
   Args:
@@ -198,43 +237,65 @@ def evaluate_run(workdir: str | os.PathLike, split: str = 'test', checkpoint: st
   workdir = RunDir(workdir).root
   run = restore.load_run(workdir, checkpoint)
   # Only the split asked for is decoded when it is one the config names.
-  keys = [k for k in data.SPLIT_KEYS
-          if split == k.removesuffix('_split') or split == run.config.data[k]]
+  keys = [
+      k for k in data.SPLIT_KEYS if split == k.removesuffix('_split') or split == run.config.data[k]
+  ]
   dataset = data.load_dataset(run.config.data, keys[:1] or data.SPLIT_KEYS)
   if tuple(dataset.info.class_names) != tuple(run.class_names):
-    raise ConfigError(f'{workdir}: the run was trained on the classes {list(run.class_names)} '
-                      f'but its dataset now has {list(dataset.info.class_names)}')
+    raise ConfigError(
+        f'{workdir}: the run was trained on the classes {list(run.class_names)} '
+        f'but its dataset now has {list(dataset.info.class_names)}'
+    )
   name = resolve_split(split, run.config.data, list(dataset.splits), dataset.absent)
   if dataset.splits[name].size == 0:
-    raise DataError(f'{workdir}: split {name!r} of config.data.source='
-                    f'{run.config.data.source!r} has no example to evaluate')
+    raise DataError(
+        f'{workdir}: split {name!r} of config.data.source='
+        f'{run.config.data.source!r} has no example to evaluate'
+    )
   mesh = parallel.make_mesh(devices)
   size = eval_batch_size(batch_size, run.config, mesh.devices.size)
-  logits_step = make_logits_step(run.model, mesh,
-                                 augment=data.augment_from_config(run.config.data))
+  logits_step = make_logits_step(run.model, mesh, augment=data.augment_from_config(run.config.data))
   # Placed from host copies: the restored arrays sit on this process's first device, and
   # JAX does not move such an array onto the devices of other processes.
   variables = parallel.replicate(jax.device_get(run.variables), mesh)
   logits, labels = split_logits(logits_step, variables, dataset.splits[name], size, mesh)
-  report = {'workdir': str(workdir), 'split': split, 'split_name': name,
-            'checkpoint': run.label, 'step': run.step,
-            'checkpoint_dir': str(run.checkpoint_dir), 'class_names': list(run.class_names)}
-  report.update(classification_metrics(logits, labels, run.class_names,
-                                       run.config.loss.label_smoothing))
+  report = {
+      'workdir': str(workdir),
+      'split': split,
+      'split_name': name,
+      'checkpoint': run.label,
+      'step': run.step,
+      'checkpoint_dir': str(run.checkpoint_dir),
+      'class_names': list(run.class_names),
+  }
+  report.update(
+      classification_metrics(logits, labels, run.class_names, run.config.loss.label_smoothing)
+  )
   stem = RunDir(workdir).eval_stem(split, run.label)
-  report['files'] = {'json': str(stem) + '.json', 'confusion_png': str(stem) + '-confusion.png',
-                     'predictions': str(stem) + '-predictions.npz'}
+  report['files'] = {
+      'json': str(stem) + '.json',
+      'confusion_png': str(stem) + '-confusion.png',
+      'predictions': str(stem) + '-predictions.npz',
+  }
   if jax.process_index() == 0:
     stem.parent.mkdir(parents=True, exist_ok=True)
     # Rows in the order the batches came (on one process: the split's order).
     with epath.Path(report['files']['predictions']).open('wb') as f:  # local or gs://
-      np.savez(f, logits=logits, labels=labels,
-               probabilities=np.asarray(probabilities(jnp.asarray(logits))),
-               predicted=predicted_classes(logits))
+      np.savez(
+          f,
+          logits=logits,
+          labels=labels,
+          probabilities=np.asarray(probabilities(jnp.asarray(logits))),
+          predicted=predicted_classes(logits),
+      )
     from fineflax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
-    plots.write_confusion(report['files']['confusion_png'],
-                          np.asarray(report['confusion_matrix']), list(run.class_names),
-                          title=f"{split} split, checkpoint {run.label} (step {run.step}): "
-                                f"accuracy {report['accuracy']:.4f}")
+
+    plots.write_confusion(
+        report['files']['confusion_png'],
+        np.asarray(report['confusion_matrix']),
+        list(run.class_names),
+        title=f'{split} split, checkpoint {run.label} (step {run.step}): '
+        f"accuracy {report['accuracy']:.4f}",
+    )
   reporting.write_json(report['files']['json'], report)
   return report

@@ -30,21 +30,28 @@ def image_paths(args: Sequence[str | os.PathLike]) -> list[str]:
   for arg in args:
     folder, found = Path(arg), []
     if folder.is_dir() and os.access(folder, os.R_OK | os.X_OK):
-      found = sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith(
-          '.') and p.suffix.lower() in IMAGE_SUFFIXES)
+      found = sorted(
+          str(p)
+          for p in folder.iterdir()
+          if p.is_file() and not p.name.startswith('.') and p.suffix.lower() in IMAGE_SUFFIXES
+      )
     paths += found or [str(arg)]
   return paths
 
 
-def read_all(paths: Sequence[str], read: Callable[[str], np.ndarray]
-             ) -> tuple[list[np.ndarray | None], list[str | None]]:
+def read_all(
+    paths: Sequence[str], read: Callable[[str], np.ndarray]
+) -> tuple[list[np.ndarray | None], list[str | None]]:
   """Each file read by `read`, or None and the one-line reason it could not be."""
   images, errors = [], []
   for path in paths:
     image, error = None, None
     if Path(path).is_dir():
-      error = (f'{path}: a folder without image files ({", ".join(IMAGE_SUFFIXES)})'
-               if os.access(path, os.R_OK | os.X_OK) else f'{path}: a folder it may not read')
+      error = (
+          f'{path}: a folder without image files ({", ".join(IMAGE_SUFFIXES)})'
+          if os.access(path, os.R_OK | os.X_OK)
+          else f'{path}: a folder it may not read'
+      )
     else:
       try:
         image = read(path)
@@ -64,5 +71,7 @@ def read_resized(path: str, image_shape: Sequence[int], crop: Any = None) -> np.
   if height == width:
     return read_image(path, height)
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  return np.asarray(Image.fromarray(read_image(path)).resize((width, height),
-                                                             Image.Resampling.BILINEAR))
+
+  return np.asarray(
+      Image.fromarray(read_image(path)).resize((width, height), Image.Resampling.BILINEAR)
+  )

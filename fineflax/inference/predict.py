@@ -31,31 +31,43 @@ from fineflax.inference.predictions import Predictions, Ranked, predictions_of, 
 from fineflax.run import restore
 
 
-def _run_top_k(workdir: str | os.PathLike, checkpoint: str | int, images: np.ndarray, k: int,
-               devices: Sequence[jax.Device] | None) -> tuple[restore.RestoredRun, list[Ranked]]:
+def _run_top_k(
+    workdir: str | os.PathLike,
+    checkpoint: str | int,
+    images: np.ndarray,
+    k: int,
+    devices: Sequence[jax.Device] | None,
+) -> tuple[restore.RestoredRun, list[Ranked]]:
   """The checkpoint opened, and the top-k classes of `images` (at the stored shape)."""
   run = restore.load_run(workdir, checkpoint)
   mesh = parallel.make_mesh(devices)
   count = mesh.devices.size
   # One batch of the images when they fit in the run's eval batch; padding rows are dropped.
   size = min(evaluate.eval_batch_size(None, run.config, count), -(-len(images) // count) * count)
-  logits_step = evaluate.make_logits_step(run.model, mesh,
-                                          augment=data.augment_from_config(run.config.data))
+  logits_step = evaluate.make_logits_step(
+      run.model, mesh, augment=data.augment_from_config(run.config.data)
+  )
   # Host copies: the restored arrays sit on this process's first device (see evaluate_run).
   variables = parallel.replicate(jax.device_get(run.variables), mesh)
-  logits, _ = evaluate.split_logits(logits_step, variables,
-                                    data.Split(images, np.zeros(len(images), np.int32)),
-                                    size, mesh)
+  logits, _ = evaluate.split_logits(
+      logits_step, variables, data.Split(images, np.zeros(len(images), np.int32)), size, mesh
+  )
   probs = np.asarray(probabilities(logits))
   # Outputs beyond the dataset's classes (a config's num_classes may be larger) get a name.
-  names = list(run.class_names) + [f'output {i}' for i in range(len(run.class_names),
-                                                                probs.shape[-1])]
+  names = list(run.class_names) + [
+      f'output {i}' for i in range(len(run.class_names), probs.shape[-1])
+  ]
   return run, top_k(probs, names, k)
 
 
-def predict_run_files(workdir: str | os.PathLike, paths: Sequence[str], k: int = 5,
-                      checkpoint: str | int = 'best', *,
-                      devices: Sequence[jax.Device] | None = None) -> list[Ranked]:
+def predict_run_files(
+    workdir: str | os.PathLike,
+    paths: Sequence[str],
+    k: int = 5,
+    checkpoint: str | int = 'best',
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> list[Ranked]:
   """The top-k classes of each image file under a checkpoint of the run in `workdir`.
 
   The images are resized to the shape the run's dataset stores, then prepared on the
@@ -67,21 +79,27 @@ def predict_run_files(workdir: str | os.PathLike, paths: Sequence[str], k: int =
   """
   config = restore.read_config(workdir)
   info = restore.read_dataset_info(workdir)
-  images = np.stack([read_resized(p, info.image_shape, config.data.augment.crop)
-                     for p in paths])
+  images = np.stack([read_resized(p, info.image_shape, config.data.augment.crop) for p in paths])
   return _run_top_k(workdir, checkpoint, images, k, devices)[1]
 
 
-def predict_run_paths(workdir: str | os.PathLike, paths: Sequence[str], k: int = 5,
-                      checkpoint: str | int = 'best', *,
-                      devices: Sequence[jax.Device] | None = None) -> Predictions:
+def predict_run_paths(
+    workdir: str | os.PathLike,
+    paths: Sequence[str],
+    k: int = 5,
+    checkpoint: str | int = 'best',
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> Predictions:
   """As `predict_run_files`, but a file that cannot be read gets its error in the result
   and the others are still predicted (the checkpoint is not opened when none is)."""
   config = restore.read_config(workdir)
   info = restore.read_dataset_info(workdir)
   paths = [str(p) for p in paths]
-  images, errors = read_all(paths, functools.partial(
-      read_resized, image_shape=info.image_shape, crop=config.data.augment.crop))
+  images, errors = read_all(
+      paths,
+      functools.partial(read_resized, image_shape=info.image_shape, crop=config.data.augment.crop),
+  )
 
   def predict_readable(batch: np.ndarray) -> tuple[list[Ranked], dict[str, Any]]:
     run, ranked = _run_top_k(workdir, checkpoint, batch, k, devices)

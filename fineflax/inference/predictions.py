@@ -66,17 +66,29 @@ class Predictions:
 
   def records(self) -> list[dict[str, Any]]:
     """One dict per file (path, workdir, checkpoint, step, weights, top_k, error)."""
-    return [{'path': path, 'workdir': self.workdir, 'checkpoint': self.checkpoint,
-             'step': self.step, 'weights': self.weights,
-             'top_k': None if top is None else [{'class': name, 'probability': p}
-                                                for name, p in top],
-             'error': error} for path, top, error in zip(self.paths, self.top, self.errors)]
+    return [
+        {
+            'path': path,
+            'workdir': self.workdir,
+            'checkpoint': self.checkpoint,
+            'step': self.step,
+            'weights': self.weights,
+            'top_k': None
+            if top is None
+            else [{'class': name, 'probability': p} for name, p in top],
+            'error': error,
+        }
+        for path, top, error in zip(self.paths, self.top, self.errors)
+    ]
 
 
-def predictions_of(paths: Sequence[str], images: list[np.ndarray | None],
-                   errors: list[str | None],
-                   predict_readable: Callable[[np.ndarray], tuple[list[Ranked], dict[str, Any]]],
-                   **source: Any) -> Predictions:
+def predictions_of(
+    paths: Sequence[str],
+    images: list[np.ndarray | None],
+    errors: list[str | None],
+    predict_readable: Callable[[np.ndarray], tuple[list[Ranked], dict[str, Any]]],
+    **source: Any,
+) -> Predictions:
   """Predictions for the readable `images` by `predict_readable` (which also says what
   predicted them, as `Predictions` fields), None for the others; nothing runs when no
   file was readable."""
@@ -94,8 +106,10 @@ def check_output_path(path: str | os.PathLike) -> Path:
   """`path` if `write_predictions` can write it (a .csv or .json file), else ConfigError."""
   suffix = Path(path).suffix
   if suffix.lower() not in OUTPUT_SUFFIXES:
-    raise ConfigError(f'{path}: expected a .csv or .json file, not '
-                      + (repr(suffix) if suffix else 'a name without suffix'))
+    raise ConfigError(
+        f'{path}: expected a .csv or .json file, not '
+        + (repr(suffix) if suffix else 'a name without suffix')
+    )
   return Path(path)
 
 
@@ -111,12 +125,12 @@ def write_predictions(predictions: Predictions, path: str | os.PathLike) -> None
   k = max((len(top) for top in predictions.top if top is not None), default=0)
   ranks = [f'{column}_{i}' for i in range(1, k + 1) for column in ('class', 'probability')]
   with open(path, 'w', newline='') as f:
-    writer = csv.DictWriter(f, ['path', 'workdir', 'checkpoint', 'step', 'weights', *ranks,
-                                'error'])
+    writer = csv.DictWriter(
+        f, ['path', 'workdir', 'checkpoint', 'step', 'weights', *ranks, 'error']
+    )
     writer.writeheader()
     for record in records:
-      row = {key: '' if value is None else value for key, value in record.items()
-             if key != 'top_k'}
+      row = {key: '' if value is None else value for key, value in record.items() if key != 'top_k'}
       for i, entry in enumerate(record['top_k'] or (), 1):
         row[f'class_{i}'], row[f'probability_{i}'] = entry['class'], entry['probability']
       writer.writerow(row)

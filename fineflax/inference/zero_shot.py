@@ -43,12 +43,16 @@ def _setup(config: ml_collections.ConfigDict) -> tuple[Any, list[str], int]:
     names = [f'{name} ({wnid})' for wnid, name in imagenet_classes()]
   else:
     names = list(data.dataset_info(config.data).class_names)
-  return config, names, config.model.image_size or models.BACKBONES[
-      config.model.backbone].input_size
+  return (
+      config,
+      names,
+      config.model.image_size or models.BACKBONES[config.model.backbone].input_size,
+  )
 
 
-def _top_k(config: ml_collections.ConfigDict, names: list[str], size: int,
-           images: np.ndarray, k: int) -> list[Ranked]:
+def _top_k(
+    config: ml_collections.ConfigDict, names: list[str], size: int, images: np.ndarray, k: int
+) -> list[Ranked]:
   """The top-k classes of `images` (size x size) under `config`'s model and weights."""
   model = models.from_config(config, tuple(names))
   variables = state_lib.init_variables(model, (size, size, 3), config.seed)
@@ -59,16 +63,19 @@ def _top_k(config: ml_collections.ConfigDict, names: list[str], size: int,
     logger.info(report.text())
     initialised = [name for name in report.initialised if name.startswith('head/')]
     if config.model.include_top and initialised:
-      raise ConfigError(f'{config.model.weights} holds no classifier for the ImageNet top '
-                        f'({", ".join(initialised)} would be random); use the file with the '
-                        'top, not the _notop one')
+      raise ConfigError(
+          f'{config.model.weights} holds no classifier for the ImageNet top '
+          f'({", ".join(initialised)} would be random); use the file with the '
+          'top, not the _notop one'
+      )
   predict = jax.jit(lambda variables, images: probabilities(model.apply(variables, images)))
   probs = np.asarray(predict(variables, images))
   return top_k(probs, names, k)
 
 
-def predict_files(config: ml_collections.ConfigDict, paths: Sequence[str],
-                  k: int = 5) -> list[Ranked]:
+def predict_files(
+    config: ml_collections.ConfigDict, paths: Sequence[str], k: int = 5
+) -> list[Ranked]:
   """The top-k classes of each image file under `config`'s model and weights.
 
   Raises:
@@ -79,13 +86,19 @@ def predict_files(config: ml_collections.ConfigDict, paths: Sequence[str],
   return _top_k(config, names, size, images, k)
 
 
-def predict_config_paths(config: ml_collections.ConfigDict, paths: Sequence[str],
-                         k: int = 5) -> Predictions:
+def predict_config_paths(
+    config: ml_collections.ConfigDict, paths: Sequence[str], k: int = 5
+) -> Predictions:
   """As `predict_files`, but a file that cannot be read gets its error in the result
   and the others are still predicted (no weights are loaded when none is readable)."""
   config, names, size = _setup(config)
   paths = [str(p) for p in paths]
   images, errors = image_files.read_all(paths, functools.partial(read_image, size=size))
-  return predictions_of(paths, images, errors,
-                        lambda batch: (_top_k(config, names, size, batch, k), {}),
-                        weights=config.model.weights, backbone=config.model.backbone)
+  return predictions_of(
+      paths,
+      images,
+      errors,
+      lambda batch: (_top_k(config, names, size, batch, k), {}),
+      weights=config.model.weights,
+      backbone=config.model.backbone,
+  )

@@ -33,33 +33,68 @@ class BackboneSpec:
 
 # As the architectures' papers describe them: ResNet's stem (conv1, pool1) and conv2_x ..
 # conv5_x; VGG's five blocks; Xception's entry (blocks 1-4), middle (5-12), exit (13-14) flows.
-RESNET_STAGES = (('stem', ''), ('conv2', 'conv2_'), ('conv3', 'conv3_'), ('conv4', 'conv4_'),
-                 ('conv5', 'conv5_'))
+RESNET_STAGES = (
+    ('stem', ''),
+    ('conv2', 'conv2_'),
+    ('conv3', 'conv3_'),
+    ('conv4', 'conv4_'),
+    ('conv5', 'conv5_'),
+)
 VGG16_STAGES = tuple((f'block{i}', f'block{i}_') for i in range(1, 6))
 XCEPTION_STAGES = (('entry', ''), ('middle', 'block5_'), ('exit', 'block13_'))
 
 BACKBONES: dict[str, BackboneSpec] = {
-    'resnet50': BackboneSpec(resnet.ResNet50, heads.avg_pool_top, 'caffe', 224,
-                             'Keras ResNet50 (v1), 23.6M params',
-                             stages=RESNET_STAGES),
-    'resnet101': BackboneSpec(resnet.ResNet101, heads.avg_pool_top, 'caffe', 224,
-                              'Keras ResNet101 (v1), 42.7M params',
-                             stages=RESNET_STAGES),
-    'resnet152': BackboneSpec(resnet.ResNet152, heads.avg_pool_top, 'caffe', 224,
-                              'Keras ResNet152 (v1), 58.4M params',
-                             stages=RESNET_STAGES),
-    'resnet50_torchvision': BackboneSpec(resnet.ResNet50Torchvision, heads.avg_pool_top,
-                                         'torch', 224,
-                                         'torchvision / timm ResNet50 (v1.5), 23.5M params',
-                                         stages=RESNET_STAGES),
-    'vgg16': BackboneSpec(vgg.VGG16, vgg.vgg16_top, 'caffe', 224, 'Keras VGG16, 14.7M params',
-                          stages=VGG16_STAGES),
-    'xception': BackboneSpec(xception.Xception, heads.avg_pool_top, 'tf', 299,
-                             'Keras Xception, 20.9M params',
-                             stages=XCEPTION_STAGES),
-    'resnet_tiny': BackboneSpec(resnet.ResNetTiny, heads.avg_pool_top, 'caffe', 32,
-                                'Keras ResNet v1 layout, one block per stage, 1/4 width',
-                                stages=RESNET_STAGES),
+    'resnet50': BackboneSpec(
+        resnet.ResNet50,
+        heads.avg_pool_top,
+        'caffe',
+        224,
+        'Keras ResNet50 (v1), 23.6M params',
+        stages=RESNET_STAGES,
+    ),
+    'resnet101': BackboneSpec(
+        resnet.ResNet101,
+        heads.avg_pool_top,
+        'caffe',
+        224,
+        'Keras ResNet101 (v1), 42.7M params',
+        stages=RESNET_STAGES,
+    ),
+    'resnet152': BackboneSpec(
+        resnet.ResNet152,
+        heads.avg_pool_top,
+        'caffe',
+        224,
+        'Keras ResNet152 (v1), 58.4M params',
+        stages=RESNET_STAGES,
+    ),
+    'resnet50_torchvision': BackboneSpec(
+        resnet.ResNet50Torchvision,
+        heads.avg_pool_top,
+        'torch',
+        224,
+        'torchvision / timm ResNet50 (v1.5), 23.5M params',
+        stages=RESNET_STAGES,
+    ),
+    'vgg16': BackboneSpec(
+        vgg.VGG16, vgg.vgg16_top, 'caffe', 224, 'Keras VGG16, 14.7M params', stages=VGG16_STAGES
+    ),
+    'xception': BackboneSpec(
+        xception.Xception,
+        heads.avg_pool_top,
+        'tf',
+        299,
+        'Keras Xception, 20.9M params',
+        stages=XCEPTION_STAGES,
+    ),
+    'resnet_tiny': BackboneSpec(
+        resnet.ResNetTiny,
+        heads.avg_pool_top,
+        'caffe',
+        32,
+        'Keras ResNet v1 layout, one block per stage, 1/4 width',
+        stages=RESNET_STAGES,
+    ),
 }
 
 DTYPES = ('auto', 'float32', 'bfloat16')  # config.dtype (`compute_dtype`)
@@ -71,24 +106,34 @@ registry.register_choices('model.head.pooling', heads.POOLING)
 registry.register_choices('model.head.activation', heads.ACTIVATIONS)
 
 
-def build_model(model_config: Any, num_classes: int, dtype: Any = jnp.float32,
-                bn_axis_name: str | None = None) -> Classifier:
+def build_model(
+    model_config: Any, num_classes: int, dtype: Any = jnp.float32, bn_axis_name: str | None = None
+) -> Classifier:
   """The Classifier that `config.model` describes, with `num_classes` outputs."""
   spec = BACKBONES[model_config.backbone]
   head_cfg = model_config.head
   if model_config.get('include_top', False):
     layers = spec.top(num_classes)
   else:
-    layers = head_layers(num_classes, head_cfg.pooling, tuple(head_cfg.hidden),
-                         head_cfg.dropout, head_cfg.batchnorm,
-                         head_cfg.get('activation', 'relu'))
+    layers = head_layers(
+        num_classes,
+        head_cfg.pooling,
+        tuple(head_cfg.hidden),
+        head_cfg.dropout,
+        head_cfg.batchnorm,
+        head_cfg.get('activation', 'relu'),
+    )
   head = KerasGraph(layers=layers, dtype=dtype, bn_axis_name=bn_axis_name)
   normalisation = model_config.preprocessing
   if normalisation == 'auto':
     normalisation = spec.preprocessing
-  return Classifier(backbone=spec.build(dtype=dtype, bn_axis_name=bn_axis_name), head=head,
-                    image_size=model_config.image_size, preprocessing=normalisation,
-                    stages=spec.stages)
+  return Classifier(
+      backbone=spec.build(dtype=dtype, bn_axis_name=bn_axis_name),
+      head=head,
+      image_size=model_config.image_size,
+      preprocessing=normalisation,
+      stages=spec.stages,
+  )
 
 
 def input_size(model_config: Any) -> int:
@@ -112,23 +157,42 @@ def resolve_num_classes(model_config: Any, class_names: tuple[str, ...]) -> int:
   if n is None:
     return classes
   if n == 1 and classes != 2:
-    raise ConfigError(f'config.model.num_classes=1 (a binary classifier) but the dataset has '
-                      f'{classes} classes {list(class_names)[:5]}; for {classes} classes set '
-                      f'config.model.num_classes=None (the dataset\'s count; on the command '
-                      f'line --config.model.num_classes=None) or {classes}')
+    raise ConfigError(
+        f'config.model.num_classes=1 (a binary classifier) but the dataset has '
+        f'{classes} classes {list(class_names)[:5]}; for {classes} classes set '
+        f"config.model.num_classes=None (the dataset's count; on the command "
+        f'line --config.model.num_classes=None) or {classes}'
+    )
   if n != 1 and n < classes:
-    raise ConfigError(f'config.model.num_classes={n} but the dataset has {classes} classes: '
-                      f'{list(class_names)}; set config.model.num_classes=None (the '
-                      f'dataset\'s count) or {classes}')
+    raise ConfigError(
+        f'config.model.num_classes={n} but the dataset has {classes} classes: '
+        f'{list(class_names)}; set config.model.num_classes=None (the '
+        f"dataset's count) or {classes}"
+    )
   return n
 
 
 def from_config(config: Any, class_names: tuple[str, ...]) -> Classifier:
   """The classifier of a validated config for a dataset with `class_names`."""
-  return build_model(config.model, resolve_num_classes(config.model, class_names),
-                     compute_dtype(config.dtype), bn_axis_name='batch')
+  return build_model(
+      config.model,
+      resolve_num_classes(config.model, class_names),
+      compute_dtype(config.dtype),
+      bn_axis_name='batch',
+  )
 
 
-__all__ = ['BACKBONES', 'BackboneSpec', 'Classifier', 'KerasGraph', 'Layer', 'abstract_variables',
-           'build_model', 'input_size',
-           'compute_dtype', 'from_config', 'head_layers', 'resolve_num_classes']
+__all__ = [
+    'BACKBONES',
+    'BackboneSpec',
+    'Classifier',
+    'KerasGraph',
+    'Layer',
+    'abstract_variables',
+    'build_model',
+    'input_size',
+    'compute_dtype',
+    'from_config',
+    'head_layers',
+    'resolve_num_classes',
+]

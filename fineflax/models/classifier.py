@@ -37,9 +37,14 @@ class Classifier(nn.Module):
   stages: tuple[tuple[str, str], ...] = ()
 
   @nn.compact
-  def __call__(self, images: jax.Array, *, train: bool = False,
-               bn_train: frozenset[str] = frozenset(),
-               example_keys: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      images: jax.Array,
+      *,
+      train: bool = False,
+      bn_train: frozenset[str] = frozenset(),
+      example_keys: jax.Array | None = None,
+  ) -> jax.Array:
     """Logits for a batch of [0, 255] RGB images.
 
     Args:
@@ -51,27 +56,35 @@ class Classifier(nn.Module):
       example_keys: one key per image, for dropout masks that do not depend on the
         device count (`KerasGraph`).
     """
-    x = preprocessing.preprocess(preprocessing.resize(images, self.image_size),
-                                 self.preprocessing)
-    x = self.backbone(x, train=train, bn_train=_under(bn_train, 'backbone'),
-                      example_keys=example_keys)
-    return self.head(x, train=train, bn_train=_under(bn_train, 'head'),
-                     example_keys=example_keys)
+    x = preprocessing.preprocess(preprocessing.resize(images, self.image_size), self.preprocessing)
+    x = self.backbone(
+        x, train=train, bn_train=_under(bn_train, 'backbone'), example_keys=example_keys
+    )
+    return self.head(x, train=train, bn_train=_under(bn_train, 'head'), example_keys=example_keys)
 
   def features(self, images: jax.Array) -> jax.Array:
     """What cached-feature mode stores: the frozen part of the network, run in inference
     mode up to and including the head's parameter-free pooling (or Flatten) layer."""
-    x = preprocessing.preprocess(preprocessing.resize(images, self.image_size),
-                                 self.preprocessing)
+    x = preprocessing.preprocess(preprocessing.resize(images, self.image_size), self.preprocessing)
     x = self.backbone(x)
     return self.head(x, stop=self.feature_layers)
 
-  def classify(self, features: jax.Array, *, train: bool = False,
-               bn_train: frozenset[str] = frozenset(),
-               example_keys: jax.Array | None = None) -> jax.Array:
+  def classify(
+      self,
+      features: jax.Array,
+      *,
+      train: bool = False,
+      bn_train: frozenset[str] = frozenset(),
+      example_keys: jax.Array | None = None,
+  ) -> jax.Array:
     """Logits from `features(images)`: the rest of the head."""
-    return self.head(features, train=train, bn_train=_under(bn_train, 'head'),
-                     start=self.feature_layers, example_keys=example_keys)
+    return self.head(
+        features,
+        train=train,
+        bn_train=_under(bn_train, 'head'),
+        start=self.feature_layers,
+        example_keys=example_keys,
+    )
 
   @property
   def feature_layers(self) -> int:
@@ -101,7 +114,7 @@ class Classifier(nn.Module):
 
 def _under(paths: frozenset[str], group: str) -> frozenset[str]:
   prefix = group + '/'
-  return frozenset(p[len(prefix):] for p in paths if p.startswith(prefix))
+  return frozenset(p[len(prefix) :] for p in paths if p.startswith(prefix))
 
 
 def abstract_variables(model: nn.Module, image_shape: tuple[int, int, int]) -> dict[str, Any]:

@@ -67,9 +67,16 @@ class KerasGraph(nn.Module):
   bn_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool = False,
-               bn_train: frozenset[str] = frozenset(), start: int = 0,
-               stop: int | None = None, example_keys: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      train: bool = False,
+      bn_train: frozenset[str] = frozenset(),
+      start: int = 0,
+      stop: int | None = None,
+      example_keys: jax.Array | None = None,
+  ) -> jax.Array:
     """Applies the graph, or the chain of layers `layers[start:stop]`.
 
     Args:
@@ -95,8 +102,14 @@ class KerasGraph(nn.Module):
       values[layer.name] = y
     return y
 
-  def _apply_layer(self, layer: Layer, inputs: list[jax.Array], train: bool,
-                   bn_train: frozenset[str], example_keys: jax.Array | None) -> jax.Array:
+  def _apply_layer(
+      self,
+      layer: Layer,
+      inputs: list[jax.Array],
+      train: bool,
+      bn_train: frozenset[str],
+      example_keys: jax.Array | None,
+  ) -> jax.Array:
     x = inputs[0]
     dtype = layer.dtype or self.dtype
     kind = layer.kind
@@ -106,28 +119,45 @@ class KerasGraph(nn.Module):
       p = layer.padding
       return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
     if kind == 'Conv2D':
-      y = nn.Conv(layer.filters, (layer.kernel, layer.kernel),
-                  strides=(layer.stride, layer.stride), padding=_conv_padding(layer.padding),
-                  use_bias=layer.use_bias, dtype=dtype, kernel_init=KERNEL_INIT,
-                  name=layer.name)(x)
+      y = nn.Conv(
+          layer.filters,
+          (layer.kernel, layer.kernel),
+          strides=(layer.stride, layer.stride),
+          padding=_conv_padding(layer.padding),
+          use_bias=layer.use_bias,
+          dtype=dtype,
+          kernel_init=KERNEL_INIT,
+          name=layer.name,
+      )(x)
       return _activate(y, layer.activation)
     if kind == 'SeparableConv2D':
-      y = SeparableConv(layer.filters, layer.kernel, padding=_conv_padding(layer.padding),
-                        use_bias=layer.use_bias, dtype=dtype, name=layer.name)(x)
+      y = SeparableConv(
+          layer.filters,
+          layer.kernel,
+          padding=_conv_padding(layer.padding),
+          use_bias=layer.use_bias,
+          dtype=dtype,
+          name=layer.name,
+      )(x)
       return _activate(y, layer.activation)
     if kind == 'BatchNormalization':
       training = layer.name in bn_train
-      return nn.BatchNorm(use_running_average=not training, momentum=BN_MOMENTUM,
-                          epsilon=self.bn_epsilon, dtype=dtype,
-                          axis_name=self.bn_axis_name if training else None,
-                          name=layer.name)(x)
+      return nn.BatchNorm(
+          use_running_average=not training,
+          momentum=BN_MOMENTUM,
+          epsilon=self.bn_epsilon,
+          dtype=dtype,
+          axis_name=self.bn_axis_name if training else None,
+          name=layer.name,
+      )(x)
     if kind == 'Activation':
       return _activate(x, layer.activation or 'relu')
     if kind == 'MaxPooling2D':
       window = (layer.kernel, layer.kernel)
       # 'same' pads with -inf, as Keras / TensorFlow pooling does.
-      return nn.max_pool(x, window, strides=(layer.stride, layer.stride),
-                         padding=layer.padding.upper())
+      return nn.max_pool(
+          x, window, strides=(layer.stride, layer.stride), padding=layer.padding.upper()
+      )
     if kind == 'Add':
       return sum(inputs[1:], inputs[0])
     if kind == 'GlobalAveragePooling2D':
@@ -142,13 +172,15 @@ class KerasGraph(nn.Module):
       return nn.Dropout(layer.rate, deterministic=not train, name=layer.name)(x)
     if kind == 'Dense':
       y = nn.Dense(layer.filters, dtype=dtype, kernel_init=KERNEL_INIT, name=layer.name)(
-          x.astype(dtype))
+          x.astype(dtype)
+      )
       return _activate(y, layer.activation)
     raise ValueError(f'layer {layer.name!r}: unsupported Keras layer kind {kind!r}')
 
 
-def _example_dropout(x: jax.Array, example_keys: jax.Array, rate: float,
-                     layer_index: int) -> jax.Array:
+def _example_dropout(
+    x: jax.Array, example_keys: jax.Array, rate: float, layer_index: int
+) -> jax.Array:
   """Inverted dropout (as nn.Dropout) with each row's mask drawn from its own key."""
   keep = 1.0 - rate
   keys = jax.vmap(lambda k: jax.random.fold_in(k, layer_index))(example_keys)
@@ -172,19 +204,29 @@ class SeparableConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     channels = x.shape[-1]
-    depthwise = self.param('depthwise_kernel', KERNEL_INIT,
-                           (self.kernel, self.kernel, 1, channels), jnp.float32)
-    pointwise = self.param('pointwise_kernel', KERNEL_INIT, (1, 1, channels, self.filters),
-                           jnp.float32)
+    depthwise = self.param(
+        'depthwise_kernel', KERNEL_INIT, (self.kernel, self.kernel, 1, channels), jnp.float32
+    )
+    pointwise = self.param(
+        'pointwise_kernel', KERNEL_INIT, (1, 1, channels, self.filters), jnp.float32
+    )
     dims = ('NHWC', 'HWIO', 'NHWC')
     x = x.astype(self.dtype)
-    y = jax.lax.conv_general_dilated(x, depthwise.astype(self.dtype), (1, 1), self.padding,
-                                     dimension_numbers=dims, feature_group_count=channels)
-    y = jax.lax.conv_general_dilated(y, pointwise.astype(self.dtype), (1, 1), 'VALID',
-                                     dimension_numbers=dims)
+    y = jax.lax.conv_general_dilated(
+        x,
+        depthwise.astype(self.dtype),
+        (1, 1),
+        self.padding,
+        dimension_numbers=dims,
+        feature_group_count=channels,
+    )
+    y = jax.lax.conv_general_dilated(
+        y, pointwise.astype(self.dtype), (1, 1), 'VALID', dimension_numbers=dims
+    )
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros, (self.filters,), jnp.float32).astype(
-          self.dtype)
+          self.dtype
+      )
     return y
 
 

@@ -24,9 +24,14 @@ POOLING = tuple(POOLING_LAYERS)  # config.model.head.pooling
 ACTIVATIONS = ('relu', 'linear')  # config.model.head.activation ('linear': none)
 
 
-def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = (),
-                dropout: float = 0.0, batchnorm: bool = False,
-                activation: str = 'relu') -> tuple[Layer, ...]:
+def head_layers(
+    num_classes: int,
+    pooling: str = 'avg',
+    hidden: Sequence[int] = (),
+    dropout: float = 0.0,
+    batchnorm: bool = False,
+    activation: str = 'relu',
+) -> tuple[Layer, ...]:
   """The head's Keras layer list; one output unit means a binary (sigmoid) classifier.
 
   `activation` of the hidden Dense layers: 'relu' or 'linear' (none).
@@ -37,9 +42,10 @@ def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = 
     raise ValueError(f'num_classes must be >= 1, got {num_classes}')
   dense_names = ['dense'] + [f'dense_{i}' for i in range(1, len(hidden) + 1)]
   layers = [POOLING_LAYERS[pooling]]
-  layers += [Layer(name, 'Dense', filters=units,
-                   activation=None if activation == 'linear' else activation)
-             for name, units in zip(dense_names, hidden)]
+  layers += [
+      Layer(name, 'Dense', filters=units, activation=None if activation == 'linear' else activation)
+      for name, units in zip(dense_names, hidden)
+  ]
   if dropout > 0:
     layers.append(Layer('dropout', 'Dropout', rate=dropout))
   if batchnorm:
@@ -52,5 +58,9 @@ def head_layers(num_classes: int, pooling: str = 'avg', hidden: Sequence[int] = 
 
 def avg_pool_top(num_classes: int = 1000) -> tuple[Layer, ...]:
   """Keras' `include_top=True` classifier of ResNet and Xception: `avg_pool`, `predictions`."""
-  return chain([Layer('avg_pool', 'GlobalAveragePooling2D'),
-                Layer('predictions', 'Dense', filters=num_classes, dtype=jnp.float32)])
+  return chain(
+      [
+          Layer('avg_pool', 'GlobalAveragePooling2D'),
+          Layer('predictions', 'Dense', filters=num_classes, dtype=jnp.float32),
+      ]
+  )

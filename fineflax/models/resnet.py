@@ -23,10 +23,25 @@ from fineflax.models.graph import KerasGraph, Layer
 BN_EPSILON = {'keras': 1.001e-5, 'torchvision': 1e-5}
 
 
-def _conv(name: str, filters: int, kernel: int, inputs: str, layout: str, stride: int = 1,
-          padding: Any = 'valid') -> Layer:
-  return Layer(name, 'Conv2D', (inputs,), filters=filters, kernel=kernel, stride=stride,
-               padding=padding, use_bias=layout == 'keras')
+def _conv(
+    name: str,
+    filters: int,
+    kernel: int,
+    inputs: str,
+    layout: str,
+    stride: int = 1,
+    padding: Any = 'valid',
+) -> Layer:
+  return Layer(
+      name,
+      'Conv2D',
+      (inputs,),
+      filters=filters,
+      kernel=kernel,
+      stride=stride,
+      padding=padding,
+      use_bias=layout == 'keras',
+  )
 
 
 def _bn(name: str, inputs: str) -> Layer:
@@ -37,16 +52,24 @@ def _relu(name: str, inputs: str) -> Layer:
   return Layer(name, 'Activation', (inputs,), activation='relu')
 
 
-def _block(name: str, x: str, filters: int, stride: int, expansion: int, conv_shortcut: bool,
-           layout: str) -> list[Layer]:
+def _block(
+    name: str, x: str, filters: int, stride: int, expansion: int, conv_shortcut: bool, layout: str
+) -> list[Layer]:
   """Keras' `block1`: a bottleneck block; Keras lists the shortcut conv after `_2_relu`."""
   keras = layout == 'keras'
   residual = [
       _conv(f'{name}_1_conv', filters, 1, x, layout, stride=stride if keras else 1),
       _bn(f'{name}_1_bn', f'{name}_1_conv'),
       _relu(f'{name}_1_relu', f'{name}_1_bn'),
-      _conv(f'{name}_2_conv', filters, 3, f'{name}_1_relu', layout,
-            stride=1 if keras else stride, padding='same' if keras else 1),
+      _conv(
+          f'{name}_2_conv',
+          filters,
+          3,
+          f'{name}_1_relu',
+          layout,
+          stride=1 if keras else stride,
+          padding='same' if keras else 1,
+      ),
       _bn(f'{name}_2_bn', f'{name}_2_conv'),
       _relu(f'{name}_2_relu', f'{name}_2_bn'),
   ]
@@ -72,9 +95,13 @@ def _block(name: str, x: str, filters: int, stride: int, expansion: int, conv_sh
 
 
 @functools.cache
-def resnet_layers(stage_sizes: tuple[int, ...], filters: tuple[int, ...] = (64, 128, 256, 512),
-                  stem_filters: int = 64, expansion: int = 4,
-                  layout: str = 'keras') -> tuple[Layer, ...]:
+def resnet_layers(
+    stage_sizes: tuple[int, ...],
+    filters: tuple[int, ...] = (64, 128, 256, 512),
+    stem_filters: int = 64,
+    expansion: int = 4,
+    layout: str = 'keras',
+) -> tuple[Layer, ...]:
   """The Keras layer list of a bottleneck ResNet (without pooling or top)."""
   if layout not in BN_EPSILON:
     raise ValueError(f'ResNet layout {layout!r}: expected one of {sorted(BN_EPSILON)}')
@@ -99,8 +126,13 @@ def resnet_layers(stage_sizes: tuple[int, ...], filters: tuple[int, ...] = (64, 
   return tuple(layers)
 
 
-def ResNet(stage_sizes: Sequence[int], filters: Sequence[int] = (64, 128, 256, 512),
-           stem_filters: int = 64, layout: str = 'keras', **kwargs: Any) -> KerasGraph:
+def ResNet(
+    stage_sizes: Sequence[int],
+    filters: Sequence[int] = (64, 128, 256, 512),
+    stem_filters: int = 64,
+    layout: str = 'keras',
+    **kwargs: Any,
+) -> KerasGraph:
   """A ResNet backbone (no pooling, no top); kwargs go to KerasGraph."""
   layers = resnet_layers(tuple(stage_sizes), tuple(filters), stem_filters, layout=layout)
   return KerasGraph(layers=layers, bn_epsilon=BN_EPSILON[layout], **kwargs)
@@ -111,5 +143,6 @@ ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3))
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3))
 ResNet50Torchvision = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), layout='torchvision')
 # The same layout, one block per stage and 1/4 of the widths: for CPU tests and the demo.
-ResNetTiny = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), filters=(16, 32, 64, 128),
-                               stem_filters=16)
+ResNetTiny = functools.partial(
+    ResNet, stage_sizes=(1, 1, 1, 1), filters=(16, 32, 64, 128), stem_filters=16
+)

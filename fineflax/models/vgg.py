@@ -18,18 +18,31 @@ def vgg16_layers() -> tuple[Layer, ...]:
   """The Keras layer list of VGG16 without its top."""
   layers = [Layer('input_layer', 'InputLayer')]
   for block, (filters, convs) in enumerate(_VGG16_BLOCKS, start=1):
-    layers += [Layer(f'block{block}_conv{i}', 'Conv2D', filters=filters, kernel=3,
-                     padding='same', activation='relu') for i in range(1, convs + 1)]
+    layers += [
+        Layer(
+            f'block{block}_conv{i}',
+            'Conv2D',
+            filters=filters,
+            kernel=3,
+            padding='same',
+            activation='relu',
+        )
+        for i in range(1, convs + 1)
+    ]
     layers.append(Layer(f'block{block}_pool', 'MaxPooling2D', kernel=2, stride=2))
   return chain(layers)
 
 
 def vgg16_top(num_classes: int = 1000) -> tuple[Layer, ...]:
   """Keras' `include_top=True` classifier: Flatten, fc1, fc2 (4096, ReLU), predictions."""
-  return chain([Layer('flatten', 'Flatten'),
-                Layer('fc1', 'Dense', filters=4096, activation='relu'),
-                Layer('fc2', 'Dense', filters=4096, activation='relu'),
-                Layer('predictions', 'Dense', filters=num_classes, dtype=jnp.float32)])
+  return chain(
+      [
+          Layer('flatten', 'Flatten'),
+          Layer('fc1', 'Dense', filters=4096, activation='relu'),
+          Layer('fc2', 'Dense', filters=4096, activation='relu'),
+          Layer('predictions', 'Dense', filters=num_classes, dtype=jnp.float32),
+      ]
+  )
 
 
 def VGG16(**kwargs: Any) -> KerasGraph:

@@ -19,17 +19,32 @@ def _suffix(i: int) -> str:
 
 
 def _sep(name: str, filters: int, inputs: str) -> list[Layer]:
-  return [Layer(name, 'SeparableConv2D', (inputs,), filters=filters, kernel=3, padding='same',
-                use_bias=False),
-          Layer(f'{name}_bn', 'BatchNormalization', (name,))]
+  return [
+      Layer(
+          name,
+          'SeparableConv2D',
+          (inputs,),
+          filters=filters,
+          kernel=3,
+          padding='same',
+          use_bias=False,
+      ),
+      Layer(f'{name}_bn', 'BatchNormalization', (name,)),
+  ]
 
 
 def _relu(name: str, inputs: str) -> Layer:
   return Layer(name, 'Activation', (inputs,), activation='relu')
 
 
-def _downsampling_block(block: int, x: str, filters: tuple[int, int], shortcut_index: int,
-                        add_index: int, first_relu: bool) -> tuple[list[Layer], str]:
+def _downsampling_block(
+    block: int,
+    x: str,
+    filters: tuple[int, int],
+    shortcut_index: int,
+    add_index: int,
+    first_relu: bool,
+) -> tuple[list[Layer], str]:
   """An entry/exit-flow block: two separable convs and a pool, plus a strided 1x1 shortcut.
 
   `shortcut_index` and `add_index` number Keras' automatically named layers.
@@ -46,10 +61,17 @@ def _downsampling_block(block: int, x: str, filters: tuple[int, int], shortcut_i
   conv, bn = f'conv2d{_suffix(shortcut_index)}', f'batch_normalization{_suffix(shortcut_index)}'
   add = f'add{_suffix(add_index)}'
   layers += [
-      Layer(conv, 'Conv2D', (x,), filters=filters[1], kernel=1, stride=2, padding='same',
-            use_bias=False),
-      Layer(f'{p}_pool', 'MaxPooling2D', (f'{p}_sepconv2_bn',), kernel=3, stride=2,
-            padding='same'),
+      Layer(
+          conv,
+          'Conv2D',
+          (x,),
+          filters=filters[1],
+          kernel=1,
+          stride=2,
+          padding='same',
+          use_bias=False,
+      ),
+      Layer(f'{p}_pool', 'MaxPooling2D', (f'{p}_sepconv2_bn',), kernel=3, stride=2, padding='same'),
       Layer(bn, 'BatchNormalization', (conv,)),
       Layer(add, 'Add', (f'{p}_pool', bn)),
   ]
@@ -61,12 +83,12 @@ def xception_layers() -> tuple[Layer, ...]:
   """The Keras layer list of Xception without its top (132 layers)."""
   layers = [
       Layer('input_layer', 'InputLayer'),
-      Layer('block1_conv1', 'Conv2D', ('input_layer',), filters=32, kernel=3, stride=2,
-            use_bias=False),
+      Layer(
+          'block1_conv1', 'Conv2D', ('input_layer',), filters=32, kernel=3, stride=2, use_bias=False
+      ),
       Layer('block1_conv1_bn', 'BatchNormalization', ('block1_conv1',)),
       _relu('block1_conv1_act', 'block1_conv1_bn'),
-      Layer('block1_conv2', 'Conv2D', ('block1_conv1_act',), filters=64, kernel=3,
-            use_bias=False),
+      Layer('block1_conv2', 'Conv2D', ('block1_conv1_act',), filters=64, kernel=3, use_bias=False),
       Layer('block1_conv2_bn', 'BatchNormalization', ('block1_conv2',)),
       _relu('block1_conv2_act', 'block1_conv2_bn'),
   ]

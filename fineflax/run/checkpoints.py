@@ -64,19 +64,28 @@ class CheckpointSaveError(FineflaxError, RuntimeError):
     errno: the OS error number of the cause when there is one (errno.ENOSPC, ...).
   """
 
-  def __init__(self, directory: epath.Path, step: int | None, cause: BaseException,
-               kept: int | None):
+  def __init__(
+      self, directory: epath.Path, step: int | None, cause: BaseException, kept: int | None
+  ):
     self.directory, self.step, self.kept = directory, step, kept
     self.errno = os_errno(cause)
     reason = os.strerror(self.errno) if self.errno else type(cause).__name__
     detail = str(cause).strip().splitlines()[0][:400] if str(cause).strip() else ''
     what = f'step {step}' if step is not None else 'a step'
-    kept_text = (f'step {kept} there is complete and is what the same command resumes from'
-                 if kept is not None else 'the folder holds no complete step yet')
-    hint = ('; free some space on that disk, then run the same command again'
-            if self.errno in (errno.ENOSPC, errno.EDQUOT) else '')
-    super().__init__(f'{directory}: could not save {what}: {reason} '
-                     f'({type(cause).__name__}: {detail}); {kept_text}{hint}')
+    kept_text = (
+        f'step {kept} there is complete and is what the same command resumes from'
+        if kept is not None
+        else 'the folder holds no complete step yet'
+    )
+    hint = (
+        '; free some space on that disk, then run the same command again'
+        if self.errno in (errno.ENOSPC, errno.EDQUOT)
+        else ''
+    )
+    super().__init__(
+        f'{directory}: could not save {what}: {reason} '
+        f'({type(cause).__name__}: {detail}); {kept_text}{hint}'
+    )
 
 
 def os_errno(error: BaseException | None) -> int | None:
@@ -116,13 +125,16 @@ class Checkpoints:
     # barriers would share Orbax's keys unless each folder names its own. Orbax deletes
     # what killed saves left (cleanup_tmp_directories) before this manager saves.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        max_to_keep=keep,
+        create=True,
+        cleanup_tmp_directories=True,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
-            barrier_sync_key_prefix=self.directory.name))
+            barrier_sync_key_prefix=self.directory.name
+        ),
+    )
     # Handlers named up front: a manager that has not saved yet can read metadata.
     handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_handlers=handlers)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_meta(self) -> dict[str, Any] | None:
     """The `meta` of the newest complete checkpoint, or None when there is none."""
@@ -144,13 +156,17 @@ class Checkpoints:
     self.wait()  # a failure of the previous save is reported as that step's
     step = meta['step']
     try:
-      saved = self._manager.save(step, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+      saved = self._manager.save(
+          step,
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      )
     except Exception as e:  # pylint: disable=broad-exception-caught
       self._failed(step, e)
     if not saved:
-      raise RuntimeError(f'{self.directory}: step {step} was not saved; the '
-                         f'folder already holds step {self._manager.latest_step()}')
+      raise RuntimeError(
+          f'{self.directory}: step {step} was not saved; the '
+          f'folder already holds step {self._manager.latest_step()}'
+      )
     self._pending = step
 
   def restore(self, step: int, target: Any) -> Any:
@@ -161,11 +177,15 @@ class Checkpoints:
     partially and silently; here any difference is a CheckpointMismatchError.
     """
     saved = self._manager.item_metadata(step)['state']
-    check_same_tree(leaf_specs(getattr(saved, 'tree', saved)), leaf_specs(target),
-                     f'{self._manager.directory}/{step}')
+    check_same_tree(
+        leaf_specs(getattr(saved, 'tree', saved)),
+        leaf_specs(target),
+        f'{self._manager.directory}/{step}',
+    )
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract)))
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )
     return restored['state']
 
   def wait(self) -> None:
@@ -202,8 +222,9 @@ class Checkpoints:
     try:
       self._manager.reload()
     except Exception:  # pylint: disable=broad-exception-caught
-      logger.warning('%s: could not list the steps again after a failed save', self.directory,
-                     exc_info=True)
+      logger.warning(
+          '%s: could not list the steps again after a failed save', self.directory, exc_info=True
+      )
     kept = [s for s in complete_steps(self.directory) if s != step]
     raise CheckpointSaveError(self.directory, step, error, kept[-1] if kept else None) from error
 
@@ -217,11 +238,13 @@ def _warn_of_others(directory: epath.Path) -> None:
   others = sorted(p.name for p in directory.iterdir() if p.name not in complete)
   partial = [name for name in others if TMP_MARK in name or name.isdigit()]
   if partial:
-    logger.warning('%s: ignoring %s, left by saves that did not finish; deleting them',
-                   directory, partial)
+    logger.warning(
+        '%s: ignoring %s, left by saves that did not finish; deleting them', directory, partial
+    )
   if set(others) - set(partial):
-    logger.warning('%s: ignoring %s, which are not checkpoints', directory,
-                   sorted(set(others) - set(partial)))
+    logger.warning(
+        '%s: ignoring %s, which are not checkpoints', directory, sorted(set(others) - set(partial))
+    )
 
 
 def _remove_step(path: epath.Path) -> None:
@@ -267,8 +290,7 @@ class RunCheckpoints:
       return True
     return value < self.best_value if self.mode == 'min' else value > self.best_value
 
-  def save(self, state: Any, meta: dict[str, Any],
-           record: dict[str, Any] | None = None) -> bool:
+  def save(self, state: Any, meta: dict[str, Any], record: dict[str, Any] | None = None) -> bool:
     """Saves to latest/; also to best/ when `record`'s monitored value improves on it.
 
     Returns whether best/ was written.
@@ -284,8 +306,7 @@ class RunCheckpoints:
     self._save_best(state, meta, value)
     return True
 
-  def catch_up_best(self, state: Any, meta: dict[str, Any],
-                    records: list[dict[str, Any]]) -> bool:
+  def catch_up_best(self, state: Any, meta: dict[str, Any], records: list[dict[str, Any]]) -> bool:
     """On resume: saves the state resumed from to best/ when its epoch's record beats
     best/ (a run stopped between the two saves of that epoch left best/ behind).
     Returns whether best/ was written."""
@@ -310,8 +331,10 @@ class RunCheckpoints:
 
 def leaf_specs(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
   """{'params/backbone/conv1_conv/kernel': (shape, dtype)} of every leaf of `tree`."""
-  return {path_str(path): (tuple(leaf.shape), str(leaf.dtype))
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      path_str(path): (tuple(leaf.shape), str(leaf.dtype))
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def check_same_tree(saved: dict, expected: dict, where: str) -> None:
@@ -322,14 +345,19 @@ def check_same_tree(saved: dict, expected: dict, where: str) -> None:
   if not (missing or unexpected or changed):
     return
   problems = []
-  for what, keys in [('missing from the checkpoint', missing),
-                     ('in the checkpoint but not in this config\'s state', unexpected)]:
+  for what, keys in [
+      ('missing from the checkpoint', missing),
+      ("in the checkpoint but not in this config's state", unexpected),
+  ]:
     if keys:
       problems.append(f'{len(keys)} leaves {what}, e.g. {keys[:3]}')
   if changed:
     k = changed[0]
-    problems.append(f'{len(changed)} leaves of another shape or dtype, e.g. {k}: '
-                    f'saved {saved[k]}, expected {expected[k]}')
+    problems.append(
+        f'{len(changed)} leaves of another shape or dtype, e.g. {k}: '
+        f'saved {saved[k]}, expected {expected[k]}'
+    )
   raise CheckpointMismatchError(
       f'{where} holds another train state than this config builds (was the run started '
-      f'with another config?): ' + '; '.join(problems))
+      f'with another config?): ' + '; '.join(problems)
+  )

@@ -1,17 +1,17 @@
 """What a run folder holds, named in one place (docs/checkpoints.md describes each file).
 
-    DIR/config.json                  the resolved config
-    DIR/dataset.json                 class names, image shape, split sizes
-    DIR/metrics.jsonl                one record per epoch
-    DIR/results.json                 the test split's metrics at the end
-    DIR/history.png, samples.png     training curves; augmented train images
-    DIR/tb/                          TensorBoard event files
-    DIR/checkpoints/latest/<step>/   the last saves, for resuming
-    DIR/checkpoints/best/<step>/     the best save by config.checkpoint.monitor
-    DIR/checkpoints/phase_best/<step>/  the best epoch of a restore_best phase
-    DIR/features/<role>.npy          cached features memory-mapped from disk (for a gs://
-                                     DIR, in a local folder: see storage.local_cache_folder)
-    DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
+DIR/config.json                  the resolved config
+DIR/dataset.json                 class names, image shape, split sizes
+DIR/metrics.jsonl                one record per epoch
+DIR/results.json                 the test split's metrics at the end
+DIR/history.png, samples.png     training curves; augmented train images
+DIR/tb/                          TensorBoard event files
+DIR/checkpoints/latest/<step>/   the last saves, for resuming
+DIR/checkpoints/best/<step>/     the best save by config.checkpoint.monitor
+DIR/checkpoints/phase_best/<step>/  the best epoch of a restore_best phase
+DIR/features/<role>.npy          cached features memory-mapped from disk (for a gs://
+                                 DIR, in a local folder: see storage.local_cache_folder)
+DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
 """
 
 from __future__ import annotations

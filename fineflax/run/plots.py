@@ -26,12 +26,14 @@ def _figure(**kwargs: Any) -> Any:
   # matplotlib is imported when a plot is drawn, not with the package: it takes a second
   # and is not on every accelerator machine (scripts/benchmark.py runs without it).
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+
   return Figure(**kwargs)
 
 
 def _save_atomic(fig: Any, path: str | os.PathLike, dpi: int = 100) -> None:
   """Renders `fig` to `path` as a PNG, which no reader ever sees half written."""
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
+
   FigureCanvasAgg(fig)
   png = io.BytesIO()
   fig.savefig(png, format='png', dpi=dpi)
@@ -73,8 +75,7 @@ def write_history(path: str | os.PathLike, records: Sequence[dict[str, Any]]) ->
   epochs = np.array([float(r['epoch']) for r in records])
   starts = _phase_starts(records)
   fig = _figure(figsize=(11, 4.2), layout='constrained')
-  for ax, metric, title in zip(fig.subplots(1, 2), ('accuracy', 'loss'),
-                               ('Accuracy', 'Loss')):
+  for ax, metric, title in zip(fig.subplots(1, 2), ('accuracy', 'loss'), ('Accuracy', 'Loss')):
     # Markers, so that a run of one epoch still shows its point.
     train = _series(records, metric)
     if train is not None:
@@ -87,8 +88,16 @@ def write_history(path: str | os.PathLike, records: Sequence[dict[str, Any]]) ->
       x = epoch - 0.5 if i else epochs[0]
       if i:
         ax.axvline(x, color='grey', linestyle='--', linewidth=1)
-      ax.text(x, 1.0, f' {name}', transform=ax.get_xaxis_transform(), va='top',
-              ha='left', fontsize=8, color='dimgrey')
+      ax.text(
+          x,
+          1.0,
+          f' {name}',
+          transform=ax.get_xaxis_transform(),
+          va='top',
+          ha='left',
+          fontsize=8,
+          color='dimgrey',
+      )
     ax.set_title(title)
     ax.set_xlabel('epoch')
     ax.grid(alpha=0.3)
@@ -102,8 +111,9 @@ def _cell_text(value: float) -> str:
   return f'{value:.0f}' if float(value).is_integer() else f'{value:.2f}'
 
 
-def write_confusion(path: str | os.PathLike, matrix: np.ndarray, class_names: Sequence[str],
-                    title: str = '') -> None:
+def write_confusion(
+    path: str | os.PathLike, matrix: np.ndarray, class_names: Sequence[str], title: str = ''
+) -> None:
   """A confusion matrix image: rows are true classes, columns predicted classes.
 
   Cells hold their counts up to 20 classes; axes name the classes up to 30.
@@ -127,16 +137,29 @@ def write_confusion(path: str | os.PathLike, matrix: np.ndarray, class_names: Se
   fig.colorbar(image, ax=ax, shrink=0.8)
   if n <= _TICK_LABEL_MAX_CLASSES:
     ticks = np.arange(n)
-    ax.set_xticks(ticks, [str(c) for c in class_names], rotation=45, ha='right',
-                  rotation_mode='anchor', fontsize=8)
+    ax.set_xticks(
+        ticks,
+        [str(c) for c in class_names],
+        rotation=45,
+        ha='right',
+        rotation_mode='anchor',
+        fontsize=8,
+    )
     ax.set_yticks(ticks, [str(c) for c in class_names], fontsize=8)
   if n <= _ANNOTATE_MAX_CLASSES:
     # White text on dark cells, dark text on light ones.
     threshold = matrix.max() / 2 if matrix.size else 0
     for i in range(n):
       for j in range(n):
-        ax.text(j, i, _cell_text(matrix[i, j]), ha='center', va='center', fontsize=8,
-                color='white' if matrix[i, j] > threshold else 'black')
+        ax.text(
+            j,
+            i,
+            _cell_text(matrix[i, j]),
+            ha='center',
+            va='center',
+            fontsize=8,
+            color='white' if matrix[i, j] > threshold else 'black',
+        )
   ax.set_xlabel('predicted')
   ax.set_ylabel('true')
   if title:

@@ -68,10 +68,16 @@ class Progress:
   the steps dispatched by the few that are still running.
   """
 
-  def __init__(self, total_batches: int, mode: str = 'auto', desc: str = '',
-               stream: TextIO | None = None, batches_done: int = 0,
-               interval: float | None = None,
-               start_sums: Mapping[str, float] | None = None):
+  def __init__(
+      self,
+      total_batches: int,
+      mode: str = 'auto',
+      desc: str = '',
+      stream: TextIO | None = None,
+      batches_done: int = 0,
+      interval: float | None = None,
+      start_sums: Mapping[str, float] | None = None,
+  ):
     """Starts the clock.
 
     Args:
@@ -99,8 +105,9 @@ class Progress:
     self.total = int(total_batches)
     self.batches_done = int(batches_done)
     self.completed = self.batches_done  # batches whose metrics are in `totals`
-    self.interval = (interval if interval is not None else
-                     _BAR_INTERVAL if mode == 'bar' else _LINES_INTERVAL)
+    self.interval = (
+        interval if interval is not None else _BAR_INTERVAL if mode == 'bar' else _LINES_INTERVAL
+    )
     self._start_sums = {k: float(v) for k, v in (start_sums or {}).items()}
     self._sums = dict(self._start_sums)
     self._start_count = self._sums.get('count', 0.0)
@@ -148,9 +155,11 @@ class Progress:
       self._draw_bar(now)
       self.stream.write('\n')
     else:
-      self._write_line(f'{self.desc} done {self.completed}/{self.total}: '
-                       f'{self._metrics_text()} | {self._images_text(now)} '
-                       f'| {_duration(now - self._start)}'.lstrip())
+      self._write_line(
+          f'{self.desc} done {self.completed}/{self.total}: '
+          f'{self._metrics_text()} | {self._images_text(now)} '
+          f'| {_duration(now - self._start)}'.lstrip()
+      )
     self.stream.flush()
 
   def __enter__(self) -> Progress:
@@ -165,7 +174,7 @@ class Progress:
       return
     metrics, batches = self._latest
     self._latest = None
-    rows = np.asarray(jax.device_get(metrics))[self.batches_done:batches]
+    rows = np.asarray(jax.device_get(metrics))[self.batches_done : batches]
     self._sums = sum_rows(rows, self._start_sums)
     self.completed = batches
 
@@ -180,17 +189,21 @@ class Progress:
     elif self.completed >= self._next_line and self.completed < self.total:
       self._next_line = self._next_milestone(self.completed)
       percent = 100 * self.completed / max(self.total, 1)
-      self._write_line(f'{self.desc} {self.completed}/{self.total} ({percent:.0f}%): '
-                       f'{self._metrics_text()} | {self._images_text(now)} '
-                       f'| {self._time_text(now)}'.lstrip())
+      self._write_line(
+          f'{self.desc} {self.completed}/{self.total} ({percent:.0f}%): '
+          f'{self._metrics_text()} | {self._images_text(now)} '
+          f'| {self._time_text(now)}'.lstrip()
+      )
       self.stream.flush()
 
   def _metrics_text(self) -> str:
     count = self._sums.get('count', 0.0)
     if not count:
       return 'loss - accuracy -'
-    return (f"loss {self._sums.get('loss', 0.0) / count:.4f} "
-            f"accuracy {self._sums.get('correct', 0.0) / count:.4f}")
+    return (
+        f"loss {self._sums.get('loss', 0.0) / count:.4f} "
+        f"accuracy {self._sums.get('correct', 0.0) / count:.4f}"
+    )
 
   def _images_text(self, now: float) -> str:
     images = self._sums.get('count', 0.0) - self._start_count
@@ -209,8 +222,9 @@ class Progress:
   def _draw_bar(self, now: float) -> None:
     width = shutil.get_terminal_size((100, 24)).columns - 1
     counts = f'{self.completed}/{self.total}'
-    tail = (f'{counts} {self._metrics_text()} | {self._images_text(now)} '
-            f'| {self._time_text(now)}')
+    tail = (
+        f'{counts} {self._metrics_text()} | {self._images_text(now)} ' f'| {self._time_text(now)}'
+    )
     head = f'{self.desc} ' if self.desc else ''
     bar_width = max(10, min(30, width - len(head) - len(tail) - 3))
     filled = bar_width * min(self.completed, self.total) // max(self.total, 1)

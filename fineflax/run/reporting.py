@@ -120,12 +120,17 @@ class MetricsLog:
 
 def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
   """A one-line summary of an epoch record for the log."""
-  val = ('' if record['val_loss'] is None else
-         f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} | ")
-  return (f"[{record['phase']}] epoch {record['phase_epoch']}/{epochs_in_phase} "
-          f"(run epoch {record['epoch']}, step {record['step']}): "
-          f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} | {val}"
-          f"{record['images_per_sec']:.0f} img/s")
+  val = (
+      ''
+      if record['val_loss'] is None
+      else f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} | "
+  )
+  return (
+      f"[{record['phase']}] epoch {record['phase_epoch']}/{epochs_in_phase} "
+      f"(run epoch {record['epoch']}, step {record['step']}): "
+      f"loss {record['loss']:.4f} accuracy {record['accuracy']:.4f} | {val}"
+      f"{record['images_per_sec']:.0f} img/s"
+  )
 
 
 def measured_parameters(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
@@ -142,29 +147,39 @@ def run_summary(folder: RunDir, results: dict[str, Any]) -> str:
   """The lines a run ends with: where it stopped, its final and best validation figures
   and test figures, each with its step and checkpoint, and the commands that reuse it
   (evaluate offering the splits the run has)."""
-  lines = [f"run finished at step {results['step']} (epoch {results['epoch']}); "
-           f'results in {folder.results_json}']
+  lines = [
+      f"run finished at step {results['step']} (epoch {results['epoch']}); "
+      f'results in {folder.results_json}'
+  ]
   final = results['final']
   validated = 'val_loss' in final
   if validated:
-    lines.append(f"  final parameters, step {final['step']}: val_loss {final['val_loss']:.4f} "
-                 f"val_accuracy {final['val_accuracy']:.4f} ({folder.latest})")
+    lines.append(
+        f"  final parameters, step {final['step']}: val_loss {final['val_loss']:.4f} "
+        f"val_accuracy {final['val_accuracy']:.4f} ({folder.latest})"
+    )
   best = results.get('best')
   if best:
-    lines.append(f"  best checkpoint, step {best['step']}: {best['monitor']} "
-                 f"{best['value']:.4f} ({folder.root / best['dir']})")
+    lines.append(
+        f"  best checkpoint, step {best['step']}: {best['monitor']} "
+        f"{best['value']:.4f} ({folder.root / best['dir']})"
+    )
   for label, record in measured_parameters(results):
     if 'test_accuracy' in record:
-      lines.append(f"  test split, {label} (step {record['step']}): accuracy "
-                   f"{record['test_accuracy']:.4f}, loss {record['test_loss']:.4f} "
-                   f"({record['test_examples']} examples)")
+      lines.append(
+          f"  test split, {label} (step {record['step']}): accuracy "
+          f"{record['test_accuracy']:.4f}, loss {record['test_loss']:.4f} "
+          f"({record['test_examples']} examples)"
+      )
   tested = 'test_accuracy' in results['final']
   roles = ['train'] + ['val'] * validated + ['test'] * tested
   # Without a test split `--split` is needed: evaluate's default split is the test split.
   split = f'[--split {"|".join(roles)}]' if tested else f'--split {"|".join(roles)}'
-  lines += [f'  evaluate: python -m fineflax.evaluate --workdir {folder.root} {split} '
-            '[--checkpoint best|latest|STEP]',
-            f'  predict:  python -m fineflax.predict --workdir {folder.root} IMAGE...']
+  lines += [
+      f'  evaluate: python -m fineflax.evaluate --workdir {folder.root} {split} '
+      '[--checkpoint best|latest|STEP]',
+      f'  predict:  python -m fineflax.predict --workdir {folder.root} IMAGE...',
+  ]
   return '\n'.join(lines)
 
 

@@ -76,8 +76,10 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     raise ConfigError(f'{workdir}: no such run directory')
   path = RunDir(workdir).config_json
   if not path.is_file():
-    raise ConfigError(f'{workdir} is not a fineflax run: it has no {path.name} '
-                      '(python -m fineflax.train writes one when a run starts)')
+    raise ConfigError(
+        f'{workdir} is not a fineflax run: it has no {path.name} '
+        '(python -m fineflax.train writes one when a run starts)'
+    )
   try:
     values = json.loads(path.read_text())
   except json.JSONDecodeError as e:
@@ -94,15 +96,19 @@ def read_dataset_info(workdir: str | os.PathLike) -> data.DatasetInfo:
   """
   path = RunDir(workdir).dataset_json
   if not path.is_file():
-    raise ConfigError(f'{workdir} is not a fineflax run: it has no {path.name} '
-                      '(python -m fineflax.train writes one when a run starts)')
+    raise ConfigError(
+        f'{workdir} is not a fineflax run: it has no {path.name} '
+        '(python -m fineflax.train writes one when a run starts)'
+    )
   values = json.loads(path.read_text())
-  return data.DatasetInfo(image_shape=tuple(values['image_shape']),
-                          class_names=tuple(values['class_names']))
+  return data.DatasetInfo(
+      image_shape=tuple(values['image_shape']), class_names=tuple(values['class_names'])
+  )
 
 
-def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
-                    ) -> tuple[epath.Path, str]:
+def find_checkpoint(
+    workdir: str | os.PathLike, checkpoint: str | int = 'best'
+) -> tuple[epath.Path, str]:
   """The step folder of `checkpoint` in the run, and its label.
 
   Args:
@@ -127,12 +133,15 @@ def find_checkpoint(workdir: str | os.PathLike, checkpoint: str | int = 'best'
     for kind in ('latest', 'best'):
       if checkpoint in steps[kind]:
         return folders[kind] / str(checkpoint), f'step{checkpoint}'
-    raise ConfigError(f'{run_dir.checkpoints} has no step {checkpoint} (no folder '
-                      f'latest/{checkpoint} or best/{checkpoint}); its steps: '
-                      + ', '.join(f'{kind}/ {found}' for kind, found in steps.items() if found))
+    raise ConfigError(
+        f'{run_dir.checkpoints} has no step {checkpoint} (no folder '
+        f'latest/{checkpoint} or best/{checkpoint}); its steps: '
+        + ', '.join(f'{kind}/ {found}' for kind, found in steps.items() if found)
+    )
   if checkpoint == 'best' and not steps['best']:
-    logger.warning('%s has no best checkpoint (no validation split?); using the latest one',
-                   workdir)
+    logger.warning(
+        '%s has no best checkpoint (no validation split?); using the latest one', workdir
+    )
     checkpoint = 'latest'
   return folders[checkpoint] / str(steps[checkpoint][-1]), checkpoint
 
@@ -151,12 +160,14 @@ def _not_a_step(step_dir: epath.Path) -> str:
   if not step_dir.parent.is_dir():
     return f'{step_dir}: no such checkpoint folder ({step_dir.parent} does not exist)'
   steps = checkpoints.complete_steps(step_dir.parent)
-  return (f'{step_dir}: no such checkpoint folder; the steps in {step_dir.parent}: '
-          + (', '.join(map(str, steps)) if steps else 'none'))
+  return f'{step_dir}: no such checkpoint folder; the steps in {step_dir.parent}: ' + (
+      ', '.join(map(str, steps)) if steps else 'none'
+  )
 
 
-def read_variables(step_dir: str | os.PathLike, expected: dict[str, Any]
-                   ) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_variables(
+    step_dir: str | os.PathLike, expected: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
   """The params and batch_stats of a checkpoint step folder, and its meta record.
 
   Args:
@@ -187,8 +198,9 @@ def init_from_folder(path: str | os.PathLike) -> epath.Path:
   """The folder of a parameter tree to start from (`config.init_from`): a run's best
   checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint;
   a local path or gs://."""
-  path = storage.as_path(os.path.expanduser(path) if storage.is_local(path) else path,
-                         'config.init_from')
+  path = storage.as_path(
+      os.path.expanduser(path) if storage.is_local(path) else path, 'config.init_from'
+  )
   for folder in (RunDir(path).best, RunDir(path).latest):
     steps = checkpoints.complete_steps(folder)
     if steps:
@@ -218,6 +230,14 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> Rest
   model = models.from_config(config, info.class_names)
   variables, meta = read_variables(step_dir, models.abstract_variables(model, info.image_shape))
   logger.info('restored %s (step %s, %s)', step_dir, step_dir.name, label)
-  return RestoredRun(model=model, variables=variables, config=config,
-                     class_names=info.class_names, image_shape=info.image_shape,
-                     step=int(step_dir.name), checkpoint_dir=step_dir, label=label, meta=meta)
+  return RestoredRun(
+      model=model,
+      variables=variables,
+      config=config,
+      class_names=info.class_names,
+      image_shape=info.image_shape,
+      step=int(step_dir.name),
+      checkpoint_dir=step_dir,
+      label=label,
+      meta=meta,
+  )

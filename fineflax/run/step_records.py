@@ -36,14 +36,20 @@ class _Window:
 class StepRecorder:
   """Collects a phase's step metrics into records of `every` steps each."""
 
-  def __init__(self, every: int, phase: str, learning_rate: Callable[[int], float],
-               first_step: int, write: Callable[[Record], None]):
+  def __init__(
+      self,
+      every: int,
+      phase: str,
+      learning_rate: Callable[[int], float],
+      first_step: int,
+      write: Callable[[Record], None],
+  ):
     """Args:
-      every: steps a record covers; records are made at the steps that are multiples.
-      phase: the phase's name, in every record.
-      learning_rate: the phase's rate of its batch number (from 0).
-      first_step: the run's step before the phase's first batch.
-      write: takes each finished record (metrics.jsonl, TensorBoard).
+    every: steps a record covers; records are made at the steps that are multiples.
+    phase: the phase's name, in every record.
+    learning_rate: the phase's rate of its batch number (from 0).
+    first_step: the run's step before the phase's first batch.
+    write: takes each finished record (metrics.jsonl, TensorBoard).
     """
     self.every = every
     self.phase = phase
@@ -72,8 +78,9 @@ class StepRecorder:
     now = time.perf_counter()
     # Dispatch times: the host runs at most a few steps ahead of the devices, so over N
     # steps they measure the devices' pace.
-    self._pending.append(_Window(step, self._open_first, self._elapsed + now - self._since,
-                                 self._carried))
+    self._pending.append(
+        _Window(step, self._open_first, self._elapsed + now - self._since, self._carried)
+    )
     self._open_first, self._carried = step, None
     self._elapsed, self._since = 0.0, now
 
@@ -93,7 +100,7 @@ class StepRecorder:
     last = self._row0 + len(rows)
     self._flush(rows, last)
     if self._open_first is not None and self._open_first < last:
-      self._carried = sum_rows(rows[self._open_first - self._row0:], self._carried)
+      self._carried = sum_rows(rows[self._open_first - self._row0 :], self._carried)
     self._elapsed += time.perf_counter() - self._since
 
   def close(self, metrics: Any = None, batches: int = 0) -> None:
@@ -110,10 +117,17 @@ class StepRecorder:
     while self._pending and self._pending[0].end <= through:
       window = self._pending.popleft()
       begin = max(window.first - self._row0, 0)
-      sums = sum_rows(rows[begin:window.end - self._row0], window.carried)
+      sums = sum_rows(rows[begin : window.end - self._row0], window.carried)
       count = max(sums['count'], 1.0)
-      self._write({'kind': 'step', 'phase': self.phase, 'step': window.end,
-                   'steps': window.end - window.first,
-                   'loss': sums['loss'] / count, 'accuracy': sums['correct'] / count,
-                   'learning_rate': self._learning_rate(window.end - self._first_step - 1),
-                   'images_per_sec': sums['count'] / max(window.seconds, 1e-9)})
+      self._write(
+          {
+              'kind': 'step',
+              'phase': self.phase,
+              'step': window.end,
+              'steps': window.end - window.first,
+              'loss': sums['loss'] / count,
+              'accuracy': sums['correct'] / count,
+              'learning_rate': self._learning_rate(window.end - self._first_step - 1),
+              'images_per_sec': sums['count'] / max(window.seconds, 1e-9),
+          }
+      )

@@ -37,8 +37,7 @@ FILE_VERSION = 'brain.Event:2'
 def tfrecord(data: bytes) -> bytes:
   """`data` framed as one TFRecord."""
   length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', masked_crc(length)) + data +
-          struct.pack('<I', masked_crc(data)))
+  return length + struct.pack('<I', masked_crc(length)) + data + struct.pack('<I', masked_crc(data))
 
 
 def _varint(value: int) -> bytes:
@@ -64,12 +63,15 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
 
 
 def _summary_value(tag: str, value: float) -> bytes:
-  return (_length_delimited(1, tag.encode('utf-8')) +
-          _key(2, 5) + struct.pack('<f', value))
+  return _length_delimited(1, tag.encode('utf-8')) + _key(2, 5) + struct.pack('<f', value)
 
 
-def encode_event(wall_time: float, step: int = 0, file_version: str | None = None,
-                 scalars: Mapping[str, float] | None = None) -> bytes:
+def encode_event(
+    wall_time: float,
+    step: int = 0,
+    file_version: str | None = None,
+    scalars: Mapping[str, float] | None = None,
+) -> bytes:
   """A serialized `Event` with either a file version or a summary of scalars."""
   out = _key(1, 1) + struct.pack('<d', wall_time)
   if step:  # proto3 leaves default values out
@@ -77,8 +79,9 @@ def encode_event(wall_time: float, step: int = 0, file_version: str | None = Non
   if file_version is not None:
     out += _length_delimited(3, file_version.encode('utf-8'))
   if scalars:
-    summary = b''.join(_length_delimited(1, _summary_value(tag, value))
-                       for tag, value in scalars.items())
+    summary = b''.join(
+        _length_delimited(1, _summary_value(tag, value)) for tag, value in scalars.items()
+    )
     out += _length_delimited(5, summary)
   return out
 
@@ -148,8 +151,11 @@ class SummaryWriter:
     if self._file is None:
       return
     prefix = prefix.rstrip('/')
-    tagged = {f'{prefix}/{key}' if prefix else key: float(value)
-              for key, value in values.items() if value is not None}
+    tagged = {
+        f'{prefix}/{key}' if prefix else key: float(value)
+        for key, value in values.items()
+        if value is not None
+    }
     if tagged:
       self._file.write(tfrecord(encode_event(time.time(), int(step), scalars=tagged)))
 

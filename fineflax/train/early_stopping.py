@@ -42,11 +42,15 @@ class EarlyStopping:
     """Takes an epoch's record; returns whether it is the phase's best so far."""
     value = record.get(self.monitor)
     if value is None:
-      raise ValueError(f'early stopping monitors {self.monitor!r}, which this run does not '
-                       'report (no validation split?)')
-    better = (self.best is None or
-              (value < self.best - self.min_delta if self.mode == 'min'
-               else value > self.best + self.min_delta))
+      raise ValueError(
+          f'early stopping monitors {self.monitor!r}, which this run does not '
+          'report (no validation split?)'
+      )
+    better = self.best is None or (
+        value < self.best - self.min_delta
+        if self.mode == 'min'
+        else value > self.best + self.min_delta
+    )
     if better:
       self.best, self.best_epoch, self.wait = value, phase_epoch, 0
     else:

@@ -48,8 +48,9 @@ def ineligible_reason(labels: freeze.Labels, augment: data.Augment) -> str | Non
   return None
 
 
-def check_forced(mode: str, plans: list[freeze.Labels], augments: list[data.Augment],
-                 phase_names: list[str]) -> None:
+def check_forced(
+    mode: str, plans: list[freeze.Labels], augments: list[data.Augment], phase_names: list[str]
+) -> None:
   """A forced mode ('memory', 'disk') must apply to some phase: otherwise the config
   asks for something that cannot happen, and says so before anything runs."""
   if mode not in ('memory', 'disk'):
@@ -57,8 +58,9 @@ def check_forced(mode: str, plans: list[freeze.Labels], augments: list[data.Augm
   reasons = [ineligible_reason(labels, aug) for labels, aug in zip(plans, augments)]
   if all(reasons):
     detail = '; '.join(f'{name}: {r}' for name, r in zip(phase_names, reasons))
-    raise ConfigError(f'config.features.cache={mode!r} but no phase can use cached features '
-                      f'({detail})')
+    raise ConfigError(
+        f'config.features.cache={mode!r} but no phase can use cached features ' f'({detail})'
+    )
 
 
 def feature_width(model: models.Classifier, image_shape: tuple[int, int, int]) -> int:
@@ -69,9 +71,15 @@ def feature_width(model: models.Classifier, image_shape: tuple[int, int, int]) -
   return math.prod(out.shape[1:])
 
 
-def extract(features_step: Callable[..., jax.Array], variables: dict[str, Any],
-            split: data.AnySplit, batch_size: int, mesh: Mesh,
-            resident: dict[str, jax.Array] | None, out: np.ndarray) -> np.ndarray:
+def extract(
+    features_step: Callable[..., jax.Array],
+    variables: dict[str, Any],
+    split: data.AnySplit,
+    batch_size: int,
+    mesh: Mesh,
+    resident: dict[str, jax.Array] | None,
+    out: np.ndarray,
+) -> np.ndarray:
   """Writes the features of the readable examples of `split`, in order, into the first
   rows of `out`; returns their labels (one per row written).
 
@@ -83,24 +91,33 @@ def extract(features_step: Callable[..., jax.Array], variables: dict[str, Any],
   rows = 0
   batches = list(data.eval_batches(split, batch_size))
   for batch in feed.device_batches(split, batches, mesh, resident):
-    values = np.asarray(jax.device_get(features_step(variables, batch, resident or {})),
-                        np.float32)
+    values = np.asarray(jax.device_get(features_step(variables, batch, resident or {})), np.float32)
     weight = np.asarray(jax.device_get(batch['weight']))
-    label = (np.asarray(jax.device_get(batch['label'])) if 'label' in batch
-             else split.labels[np.asarray(jax.device_get(batch['index']))])
+    label = (
+        np.asarray(jax.device_get(batch['label']))
+        if 'label' in batch
+        else split.labels[np.asarray(jax.device_get(batch['index']))]
+    )
     real = weight > 0
     count = int(real.sum())
-    out[rows:rows + count] = values.reshape(len(weight), -1)[real]
-    labels[rows:rows + count] = label[real]
+    out[rows : rows + count] = values.reshape(len(weight), -1)[real]
+    labels[rows : rows + count] = label[real]
     rows += count
   return labels[:rows]
 
 
-def cache_splits(mode: str, memory_mb: int, workdir: str | os.PathLike,
-                 features_step: Callable[..., jax.Array], variables: dict[str, Any],
-                 splits: Mapping[str, data.AnySplit | None], width: int, batch_size: int,
-                 mesh: Mesh, resident: Mapping[str, Any]
-                 ) -> tuple[dict[str, data.Split | None], bool]:
+def cache_splits(
+    mode: str,
+    memory_mb: int,
+    workdir: str | os.PathLike,
+    features_step: Callable[..., jax.Array],
+    variables: dict[str, Any],
+    splits: Mapping[str, data.AnySplit | None],
+    width: int,
+    batch_size: int,
+    mesh: Mesh,
+    resident: Mapping[str, Any],
+) -> tuple[dict[str, data.Split | None], bool]:
   """The feature splits of `splits` (in memory or streamed), and whether they are held in
   memory.
 
@@ -123,12 +140,18 @@ def cache_splits(mode: str, memory_mb: int, workdir: str | os.PathLike,
       folder.mkdir(parents=True, exist_ok=True)
       # A file per role, rewritten by every cached phase: a phase's features depend on
       # the backbone parameters it starts from.
-      array = np.lib.format.open_memmap(os.fspath(folder / f'{role}.npy'), mode='w+',
-                                        dtype=np.float32, shape=(len(split), width))
+      array = np.lib.format.open_memmap(
+          os.fspath(folder / f'{role}.npy'), mode='w+', dtype=np.float32, shape=(len(split), width)
+      )
     labels = extract(features_step, variables, split, batch_size, mesh, resident[role], array)
     if not in_memory:
       array.flush()
-    out[role] = data.Split(array[:len(labels)], labels, skipped=split.skipped)
-  logger.info('cached features: %d examples x %d floats (%.1f MB), %s', rows, width, size_mb,
-              'in memory' if in_memory else f'memory-mapped from {RunDir(workdir).features}')
+    out[role] = data.Split(array[: len(labels)], labels, skipped=split.skipped)
+  logger.info(
+      'cached features: %d examples x %d floats (%.1f MB), %s',
+      rows,
+      width,
+      size_mb,
+      'in memory' if in_memory else f'memory-mapped from {RunDir(workdir).features}',
+  )
   return out, in_memory

@@ -49,12 +49,14 @@ def check_syntax(spec: str) -> None:
     return
   if spec.startswith('regex:'):
     try:
-      re.compile(spec[len('regex:'):])
+      re.compile(spec[len('regex:') :])
     except re.error as e:
       raise FreezeSpecError(f'freeze spec {spec!r}: bad regular expression: {e}') from None
     return
-  raise FreezeSpecError(f"freeze spec {spec!r}: expected 'none', 'backbone', 'layers[A:B]', "
-                        "'stages[A:B]' or 'regex:PATTERN'")
+  raise FreezeSpecError(
+      f"freeze spec {spec!r}: expected 'none', 'backbone', 'layers[A:B]', "
+      "'stages[A:B]' or 'regex:PATTERN'"
+  )
 
 
 def _syntax_error(spec: str) -> str | None:
@@ -68,22 +70,27 @@ def _syntax_error(spec: str) -> str | None:
 registry.register_check('phases.freeze', _syntax_error)
 
 
-def _slice_bounds(spec: str, bounds: Sequence[str], n: int, what: str,
-                  first: str, last: str) -> slice:
+def _slice_bounds(
+    spec: str, bounds: Sequence[str], n: int, what: str, first: str, last: str
+) -> slice:
   """The slice of a 'layers[A:B]' or 'stages[A:B]' spec over `n` items, checked."""
   values = [int(b) if b else None for b in bounds]
   for b in values:
     if b is not None and not -n <= b <= n:
-      hint = ("; 'stages[:-1]' (every stage but the last) fits any backbone"
-              if what == 'layers' else '')
-      raise FreezeSpecError(f'freeze spec {spec!r}: index {b} is beyond the backbone, which '
-                            f'has {n} {what} ({what}[0] = {first!r}, {what}[{n - 1}] = '
-                            f'{last!r}){hint}')
+      hint = (
+          "; 'stages[:-1]' (every stage but the last) fits any backbone" if what == 'layers' else ''
+      )
+      raise FreezeSpecError(
+          f'freeze spec {spec!r}: index {b} is beyond the backbone, which '
+          f'has {n} {what} ({what}[0] = {first!r}, {what}[{n - 1}] = '
+          f'{last!r}){hint}'
+      )
   return slice(*values)
 
 
-def spec_predicate(spec: str, backbone_layers: Sequence[Layer],
-                   stages: Stages | None = None) -> Callable[[str], bool]:
+def spec_predicate(
+    spec: str, backbone_layers: Sequence[Layer], stages: Stages | None = None
+) -> Callable[[str], bool]:
   """A function of a parameter path ('backbone/conv1_conv/kernel') that says whether
   `spec` selects it. `stages`: each backbone layer's stage (`Classifier.layer_stages`),
   needed by 'stages[A:B]'."""
@@ -95,25 +102,26 @@ def spec_predicate(spec: str, backbone_layers: Sequence[Layer],
   match = _SLICE.match(spec)
   if match and match.group(1) == 'layers':
     n = len(backbone_layers)
-    cut = _slice_bounds(spec, match.groups()[1:], n, 'layers', backbone_layers[0].name,
-                        backbone_layers[-1].name)
+    cut = _slice_bounds(
+        spec, match.groups()[1:], n, 'layers', backbone_layers[0].name, backbone_layers[-1].name
+    )
     names = {layer.name for layer in backbone_layers[cut]}
   elif match:
     order = sorted({index_name for index_name in (stages or {}).values()})
     if not order:
       raise FreezeSpecError(f'freeze spec {spec!r}: the backbone has no stages')
-    cut = _slice_bounds(spec, match.groups()[1:], len(order), 'stages', order[0][1],
-                        order[-1][1])
+    cut = _slice_bounds(spec, match.groups()[1:], len(order), 'stages', order[0][1], order[-1][1])
     chosen = set(order[cut])
     names = {layer for layer, stage in stages.items() if stage in chosen}
   else:
-    pattern = re.compile(spec[len('regex:'):])
+    pattern = re.compile(spec[len('regex:') :])
     return lambda path: pattern.search(path) is not None
   return lambda path: path.split('/')[0] == 'backbone' and path.split('/')[1] in names
 
 
-def freeze_labels(params: Params, spec: str, backbone_layers: Sequence[Layer],
-                  stages: Stages | None = None) -> Labels:
+def freeze_labels(
+    params: Params, spec: str, backbone_layers: Sequence[Layer], stages: Stages | None = None
+) -> Labels:
   """The label tree of `spec` over `params` (TRAINABLE or FROZEN at every leaf).
 
   Raises:
@@ -122,11 +130,14 @@ def freeze_labels(params: Params, spec: str, backbone_layers: Sequence[Layer],
   """
   is_frozen = spec_predicate(spec, backbone_layers, stages)
   labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: FROZEN if is_frozen(path_str(path)) else TRAINABLE, params)
+      lambda path, _: FROZEN if is_frozen(path_str(path)) else TRAINABLE, params
+  )
   values = jax.tree.leaves(labels)
   if spec != 'none' and FROZEN not in values:
-    raise FreezeSpecError(f'freeze spec {spec!r} matches no parameter, so nothing would be '
-                          "frozen; use 'none' to train everything")
+    raise FreezeSpecError(
+        f'freeze spec {spec!r} matches no parameter, so nothing would be '
+        "frozen; use 'none' to train everything"
+    )
   if TRAINABLE not in values:
     raise FreezeSpecError(f'freeze spec {spec!r} freezes every parameter: nothing would train')
   return labels

@@ -44,8 +44,7 @@ def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState)
   if reason:
     # Said at INFO only where the head alone trains: there the reason is news.
     level = logging.DEBUG if reason == features.TRAINS_BACKBONE else logging.INFO
-    logger.log(level, '[%s] trains on the images (no cached features: %s)', plan.name,
-               reason)
+    logger.log(level, '[%s] trains on the images (no cached features: %s)', plan.name, reason)
     return run.images
   start = time.perf_counter()
   width = features.feature_width(run.model, run.dataset.info.image_shape)
@@ -53,20 +52,39 @@ def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState)
   # The test split is evaluated once, at the end of the run, on the images.
   roles = {role: run.images.splits[role] for role in ('train', 'val')}
   splits, in_memory = features.cache_splits(
-      mode, cfg.features.memory_mb, run.folder, extract, state.variables, roles,
-      width, run.eval_batch_size, run.mesh, run.images.resident)
-  logger.info('[%s] trains the head on cached features (%.1f s to compute them)',
-              plan.name, time.perf_counter() - start)
-  resident = feed.place_splits(splits, run.mesh, cfg.data.device_resident and in_memory,
-                               cfg.data.device_resident_max_mb)
-  eval_step = step_lib.make_eval_step(run.model, run.mesh, on_features=True,
-                                      label_smoothing=cfg.loss.label_smoothing)
+      mode,
+      cfg.features.memory_mb,
+      run.folder,
+      extract,
+      state.variables,
+      roles,
+      width,
+      run.eval_batch_size,
+      run.mesh,
+      run.images.resident,
+  )
+  logger.info(
+      '[%s] trains the head on cached features (%.1f s to compute them)',
+      plan.name,
+      time.perf_counter() - start,
+  )
+  resident = feed.place_splits(
+      splits, run.mesh, cfg.data.device_resident and in_memory, cfg.data.device_resident_max_mb
+  )
+  eval_step = step_lib.make_eval_step(
+      run.model, run.mesh, on_features=True, label_smoothing=cfg.loss.label_smoothing
+  )
   return Inputs(splits, resident, eval_step, on_features=True)
 
 
-def _epoch_inputs(run: TrainingRun, on: Inputs, rng: np.random.Generator,
-                  position: Position, row0_step: int, first_only: bool = False
-                  ) -> tuple[Iterable[dict[str, Any]], dict[str, Any]]:
+def _epoch_inputs(
+    run: TrainingRun,
+    on: Inputs,
+    rng: np.random.Generator,
+    position: Position,
+    row0_step: int,
+    first_only: bool = False,
+) -> tuple[Iterable[dict[str, Any]], dict[str, Any]]:
   """The per-step batches of the epoch from `position.batch` on (`first_only`: the first
   one), and the `data` of its steps. A split on the devices gets the epoch's plan there at
   once (`data`), and its steps get no batch at all; other splits' batches are gathered or
@@ -77,19 +95,32 @@ def _epoch_inputs(run: TrainingRun, on: Inputs, rng: np.random.Generator,
   if resident is not None:
     plan = data.epoch_plan(split, cfg.batch_size, rng)
     placed = parallel.shard_plan(plan, run.mesh)
-    inputs = {**resident, 'plan_index': placed['index'], 'plan_weight': placed['weight'],
-              'start': start}
+    inputs = {
+        **resident,
+        'plan_index': placed['index'],
+        'plan_weight': placed['weight'],
+        'start': start,
+    }
     return itertools.repeat({}, len(plan['index']) - position.batch), inputs
-  batches = itertools.islice(data.train_batches(split, cfg.batch_size, rng), position.batch,
-                             position.batch + 1 if first_only else None)
+  batches = itertools.islice(
+      data.train_batches(split, cfg.batch_size, rng),
+      position.batch,
+      position.batch + 1 if first_only else None,
+  )
   return feed.device_batches(split, batches, run.mesh, None), {'start': start}
 
 
-def train_epoch(run: TrainingRun, on: Inputs, train_step: step_lib.CompiledTrainStep,
-                state: state_lib.TrainState, rng: np.random.Generator, position: Position,
-                phase_name: str, epochs_in_phase: int,
-                steps: step_records.StepRecorder | None = None
-                ) -> tuple[state_lib.TrainState, dict[str, float], bool]:
+def train_epoch(
+    run: TrainingRun,
+    on: Inputs,
+    train_step: step_lib.CompiledTrainStep,
+    state: state_lib.TrainState,
+    rng: np.random.Generator,
+    position: Position,
+    phase_name: str,
+    epochs_in_phase: int,
+    steps: step_records.StepRecorder | None = None,
+) -> tuple[state_lib.TrainState, dict[str, float], bool]:
   """One pass over the train split in the order `rng` draws, from `position.batch` on.
 
   The loop does little per step (the host's time per step is what a fast accelerator
@@ -104,9 +135,12 @@ def train_epoch(run: TrainingRun, on: Inputs, train_step: step_lib.CompiledTrain
   start = time.perf_counter()
   total = data.num_batches(on.splits['train'], cfg.batch_size)
   shown = progress.Progress(
-      total, cfg.report.progress if jax.process_index() == 0 else 'off',
+      total,
+      cfg.report.progress if jax.process_index() == 0 else 'off',
       f'[{phase_name}] epoch {position.phase_epochs_done + 1}/{epochs_in_phase}',
-      batches_done=position.batch, start_sums=position.sums)
+      batches_done=position.batch,
+      start_sums=position.sums,
+  )
   # The step counted on the host: reading state.step would wait for every step.
   first = step = int(state.step)
   row0_step = first - position.batch  # row r of the metrics is step row0_step + r + 1
@@ -143,32 +177,44 @@ def train_epoch(run: TrainingRun, on: Inputs, train_step: step_lib.CompiledTrain
     elif stop or (every and step % every == 0 and not at_end):
       rows = np.asarray(jax.device_get(metrics))
       state = train_step.join(carry, fixed)
-      position.sums = progress.sum_rows(rows[first - row0_step:position.batch], start_sums)
+      position.sums = progress.sum_rows(rows[first - row0_step : position.batch], start_sums)
       _check_finite(run, state, position.sums, rows, row0_step, first, phase_name)
       run.checkpoints.save(state, position.meta(step, phase_name))
       if stop:
         shown.close(rows, position.batch)
         if steps is not None:
           steps.close(rows, position.batch)  # the resumed run does not redo these steps
-        raise Preempted(f'SIGTERM: saved step {step} (phase {phase_name!r}, '
-                        f'{position.batch} batches into an epoch); the same command resumes')
+        raise Preempted(
+            f'SIGTERM: saved step {step} (phase {phase_name!r}, '
+            f'{position.batch} batches into an epoch); the same command resumes'
+        )
   rows = np.asarray(jax.device_get(metrics))
   shown.close(rows, position.batch)
   state = train_step.join(carry, fixed)
-  totals = progress.sum_rows(rows[first - row0_step:], start_sums)
+  totals = progress.sum_rows(rows[first - row0_step :], start_sums)
   _check_finite(run, state, totals, rows, row0_step, first, phase_name)
   if steps is not None:
     steps.end_epoch(rows)
   count = max(totals['count'], 1.0)
-  metrics_out = {'loss': totals['loss'] / count, 'accuracy': totals['correct'] / count,
-                 'count': int(round(totals['count'])),
-                 'seconds': time.perf_counter() - start}
+  metrics_out = {
+      'loss': totals['loss'] / count,
+      'accuracy': totals['correct'] / count,
+      'count': int(round(totals['count'])),
+      'seconds': time.perf_counter() - start,
+  }
   position.batch, position.sums = 0, {}
   return state, metrics_out, stop_at_end
 
 
-def _check_finite(run: TrainingRun, state: state_lib.TrainState, totals: dict[str, float],
-                  rows: np.ndarray, row0_step: int, first: int, phase_name: str) -> None:
+def _check_finite(
+    run: TrainingRun,
+    state: state_lib.TrainState,
+    totals: dict[str, float],
+    rows: np.ndarray,
+    row0_step: int,
+    first: int,
+    phase_name: str,
+) -> None:
   """Raises TrainingDivergedError, naming the first bad step, when the loss summed over
   the epoch so far, or any parameter, is not finite. Checked where the metrics reach the
   host anyway (before a save, at the epoch's end), so a diverged state is never saved or
@@ -181,47 +227,63 @@ def _check_finite(run: TrainingRun, state: state_lib.TrainState, totals: dict[st
   if finite_loss:
     what = f'the parameters hold NaN or inf after step {step}'
   else:
-    losses = rows[first - row0_step:step - row0_step, 0]
+    losses = rows[first - row0_step : step - row0_step, 0]
     bad = int(np.argmax(~np.isfinite(losses)))
     what = f'the training loss is {losses[bad]} at step {first + bad + 1}'
   good = run.checkpoints.latest.latest_meta()
-  kept = (f"the last checkpoint, step {good['step']}, is kept in "
-          f'{run.folder.latest}' if good else 'no checkpoint was saved yet')
+  kept = (
+      f"the last checkpoint, step {good['step']}, is kept in " f'{run.folder.latest}'
+      if good
+      else 'no checkpoint was saved yet'
+  )
   raise TrainingDivergedError(
       f'[{phase_name}] {what}; the run stopped without saving that state ({kept}). Lower '
       'the learning rate, clip gradients (phases[i].clip_norm) or check the data, then run '
-      'the same command again.')
+      'the same command again.'
+  )
 
 
-def start_state(run: TrainingRun, plan: PhasePlan, previous: state_lib.TrainState | None,
-                variables: dict[str, Any], resume: dict[str, Any] | None
-                ) -> state_lib.TrainState:
+def start_state(
+    run: TrainingRun,
+    plan: PhasePlan,
+    previous: state_lib.TrainState | None,
+    variables: dict[str, Any],
+    resume: dict[str, Any] | None,
+) -> state_lib.TrainState:
   """The phase's starting state: a new optimizer over the parameters so far (what Keras'
   re-`compile` does), or, for the phase a run resumes in, its checkpoint."""
   start = variables if previous is None else previous.variables
   step = 0 if previous is None else int(previous.step)
-  state = parallel.replicate(state_lib.create_train_state(start, plan.optimizer, step),
-                             run.mesh)
+  state = parallel.replicate(state_lib.create_train_state(start, plan.optimizer, step), run.mesh)
   if resume and plan.index == resume['phase_index']:
     state = run.checkpoints.latest.restore(resume['step'], state)
     if run.checkpoints.catch_up_best(state, resume, run.metrics_log.read()):
-      logger.info('best %s so far: %.4f (checkpoints/best, caught up on resume)',
-                  run.checkpoints.monitor, run.checkpoints.best_value)
+      logger.info(
+          'best %s so far: %.4f (checkpoints/best, caught up on resume)',
+          run.checkpoints.monitor,
+          run.checkpoints.best_value,
+      )
   return state
 
 
-def _compile_train_step(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
-                        on: Inputs) -> step_lib.CompiledTrainStep:
+def _compile_train_step(
+    run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState, on: Inputs
+) -> step_lib.CompiledTrainStep:
   """The phase's train step, compiled ahead of the first batch for the inputs its epochs
   pass (epoch timings exclude compilation)."""
   cfg = run.config
   train_step = step_lib.make_train_step(
-      run.model, plan.optimizer, run.mesh, bn_train=plan.bn_train, seed=cfg.seed,
+      run.model,
+      plan.optimizer,
+      run.mesh,
+      bn_train=plan.bn_train,
+      seed=cfg.seed,
       label_smoothing=cfg.loss.label_smoothing,
       augment=data.Augment() if on.on_features else plan.augment,
-      class_weights=run.class_weights, on_features=on.on_features)
-  batches, inputs = _epoch_inputs(run, on, np.random.default_rng(0), Position(), 0,
-                                  first_only=True)
+      class_weights=run.class_weights,
+      on_features=on.on_features,
+  )
+  batches, inputs = _epoch_inputs(run, on, np.random.default_rng(0), Position(), 0, first_only=True)
   total = data.num_batches(on.splits['train'], cfg.batch_size)
   metrics = parallel.replicate(np.zeros((total, len(progress.METRICS)), np.float32), run.mesh)
   start = time.perf_counter()
@@ -230,9 +292,13 @@ def _compile_train_step(run: TrainingRun, plan: PhasePlan, state: state_lib.Trai
   return compiled
 
 
-def _step_recorder(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
-                   position: Position, steps_per_epoch: int
-                   ) -> step_records.StepRecorder | None:
+def _step_recorder(
+    run: TrainingRun,
+    plan: PhasePlan,
+    state: state_lib.TrainState,
+    position: Position,
+    steps_per_epoch: int,
+) -> step_records.StepRecorder | None:
   """The phase's per-step records (`config.report.every_steps`), if asked for."""
   every = run.config.report.every_steps
   if not every:
@@ -242,22 +308,29 @@ def _step_recorder(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainStat
   def write(record: dict[str, Any]) -> None:
     run.metrics_log.write(record)
     if run.tensorboard is not None:
-      run.tensorboard.scalars({k: record[k] for k in ('loss', 'accuracy', 'learning_rate',
-                                             'images_per_sec')}, record['step'], 'step/')
+      run.tensorboard.scalars(
+          {k: record[k] for k in ('loss', 'accuracy', 'learning_rate', 'images_per_sec')},
+          record['step'],
+          'step/',
+      )
 
-  return step_records.StepRecorder(every, plan.name, plan.optimizer.learning_rate, first,
-                                   write)
+  return step_records.StepRecorder(every, plan.name, plan.optimizer.learning_rate, first, write)
 
 
 def _log_summary(run: TrainingRun, plan: PhasePlan) -> None:
   spec = plan.config.freeze
   table = summary.format_summary(
       summary.summarize(run.model, run.dataset.info.image_shape, spec),
-      f'{run.config.model.backbone} + head, phase {plan.name!r} (freeze {spec!r})')
+      f'{run.config.model.backbone} + head, phase {plan.name!r} (freeze {spec!r})',
+  )
   logger.info('\n%s', table)
   if plan.groups_text:
-    logger.info('[%s] learning-rate groups (x learning_rate %g): %s', plan.name,
-                plan.config.learning_rate, plan.groups_text)
+    logger.info(
+        '[%s] learning-rate groups (x learning_rate %g): %s',
+        plan.name,
+        plan.config.learning_rate,
+        plan.groups_text,
+    )
 
 
 def _report(run: TrainingRun, record: dict[str, Any]) -> None:
@@ -265,17 +338,21 @@ def _report(run: TrainingRun, record: dict[str, Any]) -> None:
   run.metrics_log.write(record)
   if run.tensorboard is not None:
     for prefix, keys in (('train/', ('loss', 'accuracy')), ('val/', ('val_loss', 'val_accuracy'))):
-      run.tensorboard.scalars({k.removeprefix('val_'): record[k] for k in keys},
-                              record['step'], prefix)
-    run.tensorboard.scalars({'learning_rate': record['learning_rate'],
-                             'images_per_sec': record['images_per_sec']}, record['step'])
+      run.tensorboard.scalars(
+          {k.removeprefix('val_'): record[k] for k in keys}, record['step'], prefix
+      )
+    run.tensorboard.scalars(
+        {'learning_rate': record['learning_rate'], 'images_per_sec': record['images_per_sec']},
+        record['step'],
+    )
     run.tensorboard.flush()
   if run.config.report.plot and jax.process_index() == 0:
     plots.write_history(run.folder.history_png, run.metrics_log.read())
 
 
-def train_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
-                position: Position) -> state_lib.TrainState:
+def train_phase(
+    run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState, position: Position
+) -> state_lib.TrainState:
   """The phase's remaining epochs, with evaluation, records, checkpoints, early stopping.
 
   With `early_stopping.restore_best` the phase ends on its best epoch's parameters (kept
@@ -303,19 +380,27 @@ def train_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
     epoch = position.phase_epochs_done
     # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
     rng = np.random.default_rng([cfg.seed, index, epoch])
-    state, train, stop = train_epoch(run, on, train_step, state, rng, position, phase.name,
-                                     phase.epochs, steps)
+    state, train, stop = train_epoch(
+        run, on, train_step, state, rng, position, phase.name, phase.epochs, steps
+    )
     val = run.evaluate(state.variables, 'val', on) if on.splits['val'] is not None else {}
     run.record_unreadable()
     position.epoch += 1
     position.phase_epochs_done += 1
-    record = {'phase': phase.name, 'phase_index': index, 'phase_epoch': epoch + 1,
-              'epoch': position.epoch, 'step': int(state.step),
-              'loss': train['loss'], 'accuracy': train['accuracy'],
-              'val_loss': val.get('loss'), 'val_accuracy': val.get('accuracy'),
-              # The rate of the epoch's last update, as Keras' history reports it.
-              'learning_rate': plan.optimizer.learning_rate((epoch + 1) * steps_per_epoch - 1),
-              'images_per_sec': train['count'] / train['seconds']}
+    record = {
+        'phase': phase.name,
+        'phase_index': index,
+        'phase_epoch': epoch + 1,
+        'epoch': position.epoch,
+        'step': int(state.step),
+        'loss': train['loss'],
+        'accuracy': train['accuracy'],
+        'val_loss': val.get('loss'),
+        'val_accuracy': val.get('accuracy'),
+        # The rate of the epoch's last update, as Keras' history reports it.
+        'learning_rate': plan.optimizer.learning_rate((epoch + 1) * steps_per_epoch - 1),
+        'images_per_sec': train['count'] / train['seconds'],
+    }
     if phase.early_stopping.patience or phase_best:
       if watcher.update(record, epoch + 1) and phase_best:
         phase_best.save(state, {'step': record['step'], 'phase_index': index})
@@ -326,16 +411,25 @@ def train_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
     _report(run, record)
     logger.info(reporting.epoch_line(record, phase.epochs))
     if run.checkpoints.save(state, position.meta(record['step'], phase.name), record):
-      logger.info('best %s so far: %.4f (checkpoints/best)', run.checkpoints.monitor,
-                  record[run.checkpoints.monitor])
+      logger.info(
+          'best %s so far: %.4f (checkpoints/best)',
+          run.checkpoints.monitor,
+          record[run.checkpoints.monitor],
+      )
     if stop:
-      raise Preempted(f'SIGTERM: saved step {record["step"]} (phase {phase.name!r}, the end '
-                      f'of epoch {epoch + 1}); the same command resumes')
+      raise Preempted(
+          f'SIGTERM: saved step {record["step"]} (phase {phase.name!r}, the end '
+          f'of epoch {epoch + 1}); the same command resumes'
+      )
   if steps is not None:
     steps.close()
   if watcher.should_stop:
-    logger.info('[%s] early stopping: no %s improvement in %d epochs', phase.name,
-                watcher.monitor, watcher.patience)
+    logger.info(
+        '[%s] early stopping: no %s improvement in %d epochs',
+        phase.name,
+        watcher.monitor,
+        watcher.patience,
+    )
   if phase_best:
     best = phase_best.latest_meta()
     if best and best['phase_index'] == index:
@@ -343,7 +437,12 @@ def train_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState,
       # go on, so later saves still come after the ones already made.
       saved = phase_best.restore(best['step'], state)
       state = state.replace(params=saved.params, batch_stats=saved.batch_stats)
-      logger.info('[%s] restored the parameters of its best epoch (%d, %s %.4f)', phase.name,
-                  watcher.best_epoch, watcher.monitor, watcher.best)
+      logger.info(
+          '[%s] restored the parameters of its best epoch (%d, %s %.4f)',
+          phase.name,
+          watcher.best_epoch,
+          watcher.monitor,
+          watcher.best,
+      )
     phase_best.close()
   return state

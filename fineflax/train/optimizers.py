@@ -88,16 +88,26 @@ def lr_group_error(item: Any) -> str | None:
       freeze.check_syntax(spec)
     except freeze.FreezeSpecError as e:
       return str(e).replace('freeze spec', 'spec') + " (or 'head')"
-  if (not isinstance(multiplier, (int, float)) or isinstance(multiplier, bool)
-      or not math.isfinite(multiplier) or multiplier < 0):
-    return (f'multiplier {multiplier!r} must be a number >= 0 (0 freezes, as the freeze '
-            'spec does)')
+  if (
+      not isinstance(multiplier, (int, float))
+      or isinstance(multiplier, bool)
+      or not math.isfinite(multiplier)
+      or multiplier < 0
+  ):
+    return (
+        f'multiplier {multiplier!r} must be a number >= 0 (0 freezes, as the freeze ' 'spec does)'
+    )
   return None
 
 
-def param_groups(params: Params, spec: str, backbone_layers: Sequence[Layer],
-                 lr_groups: Sequence[Sequence[Any]] = (), layer_decay: float | None = None,
-                 stages: freeze.Stages | None = None) -> ParamGroups:
+def param_groups(
+    params: Params,
+    spec: str,
+    backbone_layers: Sequence[Layer],
+    lr_groups: Sequence[Sequence[Any]] = (),
+    layer_decay: float | None = None,
+    stages: freeze.Stages | None = None,
+) -> ParamGroups:
   """The groups of a phase: the freeze spec, then `lr_groups` x `layer_decay`.
 
   A leaf's multiplier is the multiplier of the first `lr_groups` pair whose spec matches
@@ -121,7 +131,8 @@ def param_groups(params: Params, spec: str, backbone_layers: Sequence[Layer],
       matchers.append(freeze.spec_predicate(pair_spec, backbone_layers, stages))
     except freeze.FreezeSpecError as e:
       raise freeze.FreezeSpecError(
-          f'lr_groups[{j}]: {str(e).replace("freeze spec", "spec")}') from None
+          f'lr_groups[{j}]: {str(e).replace("freeze spec", "spec")}'
+      ) from None
   used = [False] * len(matchers)
   n_stages = 1 + max((index for index, _ in (stages or {}).values()), default=0)
 
@@ -139,27 +150,39 @@ def param_groups(params: Params, spec: str, backbone_layers: Sequence[Layer],
   mults = jax.tree_util.tree_map_with_path(lambda path, _: multiplier(path_str(path)), params)
   for j, hit in enumerate(used):
     if not hit:
-      raise freeze.FreezeSpecError(f'lr_groups[{j}]: spec {lr_groups[j][0]!r} matches no '
-                                   'parameter that an earlier pair left')
-  groups = jax.tree.map(lambda f, m: FROZEN if f == FROZEN or m == 0 else group_label(m),
-                        frozen, mults)
+      raise freeze.FreezeSpecError(
+          f'lr_groups[{j}]: spec {lr_groups[j][0]!r} matches no '
+          'parameter that an earlier pair left'
+      )
+  groups = jax.tree.map(
+      lambda f, m: FROZEN if f == FROZEN or m == 0 else group_label(m), frozen, mults
+  )
   if all(g == FROZEN for g in jax.tree.leaves(groups)):
-    raise freeze.FreezeSpecError('lr_groups: with the freeze spec, multipliers of 0 freeze '
-                                 'every parameter: nothing would train')
-  values = {group_label(m): m for f, m in zip(jax.tree.leaves(frozen), jax.tree.leaves(mults))
-            if f == TRAINABLE and m != 0}
+    raise freeze.FreezeSpecError(
+        'lr_groups: with the freeze spec, multipliers of 0 freeze '
+        'every parameter: nothing would train'
+    )
+  values = {
+      group_label(m): m
+      for f, m in zip(jax.tree.leaves(frozen), jax.tree.leaves(mults))
+      if f == TRAINABLE and m != 0
+  }
   labels = jax.tree.map(lambda g: FROZEN if g == FROZEN else TRAINABLE, groups)
   return ParamGroups(labels, groups, dict(sorted(values.items(), key=lambda kv: -kv[1])))
 
 
-def phase_groups(model: models.Classifier, params: Params, phase: Phase,
-                 index: int) -> ParamGroups:
+def phase_groups(model: models.Classifier, params: Params, phase: Phase, index: int) -> ParamGroups:
   """The groups of `config.phases[index]` over the model's `params` (shapes will do);
   a spec that does not fit the model is a ConfigError naming the phase."""
   try:
-    return param_groups(params, phase['freeze'], model.backbone.layers,
-                        phase.get('lr_groups') or (), phase.get('layer_decay'),
-                        model.layer_stages())
+    return param_groups(
+        params,
+        phase['freeze'],
+        model.backbone.layers,
+        phase.get('lr_groups') or (),
+        phase.get('layer_decay'),
+        model.layer_stages(),
+    )
   except freeze.FreezeSpecError as e:
     # Errors of lr_groups start with their key ('lr_groups[1]: ...'), the spec's do not.
     key = 'freeze: ' if str(e).startswith('freeze spec') else ''
@@ -188,18 +211,19 @@ def describe_groups(groups: ParamGroups, params: Params) -> str:
 
 def trainable_view(params: Params, labels: Labels) -> Params:
   """`params` with every frozen leaf replaced by `optax.MaskedNode()` (no leaf at all)."""
-  return jax.tree.map(lambda label, p: p if label == TRAINABLE else optax.MaskedNode(),
-                      labels, params)
+  return jax.tree.map(
+      lambda label, p: p if label == TRAINABLE else optax.MaskedNode(), labels, params
+  )
 
 
 def merge(labels: Labels, trainable: Params, params: Params) -> Params:
   """Puts the leaves of a trainable view back into the full tree `params`."""
-  return jax.tree.map(lambda label, t, p: t if label == TRAINABLE else p,
-                      labels, trainable, params)
+  return jax.tree.map(lambda label, t, p: t if label == TRAINABLE else p, labels, trainable, params)
 
 
-def partition(txs: Mapping[str, optax.GradientTransformation],
-              labels: Labels) -> optax.GradientTransformation:
+def partition(
+    txs: Mapping[str, optax.GradientTransformation], labels: Labels
+) -> optax.GradientTransformation:
   """`optax.multi_transform` of one transformation per label, FROZEN doing nothing.
 
   Used on trainable views, whose frozen leaves hold only MaskedNodes: the FROZEN entry
@@ -238,8 +262,9 @@ class Optimizer:
     """The frozen view of `params`: the complement of `trainable`."""
     if self.groups is None:
       return jax.tree.map(lambda _: optax.MaskedNode(), params)
-    return jax.tree.map(lambda label, p: p if label == FROZEN else optax.MaskedNode(),
-                        self.groups.labels, params)
+    return jax.tree.map(
+        lambda label, p: p if label == FROZEN else optax.MaskedNode(), self.groups.labels, params
+    )
 
   def merge(self, trainable: Params, params: Params) -> Params:
     """The whole tree: the trainable view's leaves, the others from `params` (the whole
@@ -251,8 +276,12 @@ class Optimizer:
     return self.tx.init(self.trainable(params))
 
 
-def build_optimizer(phase: Phase, steps_per_epoch: int, groups: ParamGroups | None = None,
-                    batchnorm_layers: frozenset[str] = frozenset()) -> Optimizer:
+def build_optimizer(
+    phase: Phase,
+    steps_per_epoch: int,
+    groups: ParamGroups | None = None,
+    batchnorm_layers: frozenset[str] = frozenset(),
+) -> Optimizer:
   """The optimizer of one phase (the module docstring's chain).
 
   Args:
@@ -278,9 +307,13 @@ def build_optimizer(phase: Phase, steps_per_epoch: int, groups: ParamGroups | No
     # as timm's layer_decay does (its param groups' lr_scale sets each group's lr, and
     # torch's AdamW / SGD decay by that lr). big_vision's lr_mults leave decay unscaled
     # (its add_decayed_weights comes after the lr_mults, with separate wd_mults).
-    tx = partition({label: update_rules.update_rule(phase, schedules.scaled(schedule, m),
-                                                    decays_path)
-                    for label, m in groups.multipliers.items()}, groups.groups)
+    tx = partition(
+        {
+            label: update_rules.update_rule(phase, schedules.scaled(schedule, m), decays_path)
+            for label, m in groups.multipliers.items()
+        },
+        groups.groups,
+    )
   if phase['clip_norm'] is not None:
     # Over every trainable leaf, whatever its group.
     tx = optax.chain(optax.clip_by_global_norm(float(phase['clip_norm'])), tx)
@@ -296,15 +329,20 @@ def build_optimizer(phase: Phase, steps_per_epoch: int, groups: ParamGroups | No
   return Optimizer(tx=tx, learning_rate=learning_rate, groups=groups)
 
 
-def make_optimizer(model: models.Classifier, params: Params, phase: Phase,
-                   steps_per_epoch: int, index: int = 0) -> Optimizer:
+def make_optimizer(
+    model: models.Classifier, params: Params, phase: Phase, steps_per_epoch: int, index: int = 0
+) -> Optimizer:
   """The optimizer of `config.phases[index]` (`phase`) for `model`, whose parameters
   (shapes will do) are `params`."""
-  batchnorm = frozenset(f'{group}/{layer.name}'
-                        for group, layers in model.layer_groups().items()
-                        for layer in layers if layer.kind == 'BatchNormalization')
-  return build_optimizer(phase, steps_per_epoch, phase_groups(model, params, phase, index),
-                         batchnorm)
+  batchnorm = frozenset(
+      f'{group}/{layer.name}'
+      for group, layers in model.layer_groups().items()
+      for layer in layers
+      if layer.kind == 'BatchNormalization'
+  )
+  return build_optimizer(
+      phase, steps_per_epoch, phase_groups(model, params, phase, index), batchnorm
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -326,25 +364,34 @@ def check_phase(phase: Phase, prefix: str = '') -> None:
   Raises:
     ConfigError: naming the offending key relative to the phase (after `prefix`).
   """
+
   def fail(message: str) -> None:
     raise ConfigError(prefix + message)
 
   name, momentum, epochs = phase['optimizer'], phase['momentum'], phase['epochs']
   if phase['nesterov'] and not (name == 'sgd' and momentum > 0):
-    fail(f"nesterov=True needs optimizer 'sgd' with momentum > 0 (got optimizer={name!r}, "
-         f'momentum={momentum})')
+    fail(
+        f"nesterov=True needs optimizer 'sgd' with momentum > 0 (got optimizer={name!r}, "
+        f'momentum={momentum})'
+    )
   if momentum and name in ('adam', 'adamw'):
-    fail(f'momentum={momentum} has no effect with optimizer {name!r} (its beta_1 is 0.9); '
-         "use optimizer 'sgd' or 'rmsprop', or momentum=0")
+    fail(
+        f'momentum={momentum} has no effect with optimizer {name!r} (its beta_1 is 0.9); '
+        "use optimizer 'sgd' or 'rmsprop', or momentum=0"
+    )
   if phase['decay_batchnorm'] and update_rules.weight_decay(phase) == 0:
-    fail(f'decay_batchnorm=True needs weight_decay > 0 (got weight_decay='
-         f"{phase['weight_decay']} with optimizer {name!r})")
+    fail(
+        f'decay_batchnorm=True needs weight_decay > 0 (got weight_decay='
+        f"{phase['weight_decay']} with optimizer {name!r})"
+    )
   kind, warmup = phase['schedule'], phase['warmup_epochs']
   if warmup and kind != 'warmup_cosine':
     fail(f"warmup_epochs={warmup} needs schedule 'warmup_cosine' (got {kind!r})")
   if kind == 'warmup_cosine' and warmup and warmup >= epochs:
-    fail(f"schedule 'warmup_cosine' needs warmup_epochs < epochs (got warmup_epochs={warmup}, "
-         f'epochs={epochs})')
+    fail(
+        f"schedule 'warmup_cosine' needs warmup_epochs < epochs (got warmup_epochs={warmup}, "
+        f'epochs={epochs})'
+    )
   decay_epochs = tuple(phase['decay_epochs'])
   if decay_epochs and kind != 'step':
     fail(f"decay_epochs={decay_epochs} needs schedule 'step' (got {kind!r})")
@@ -352,8 +399,10 @@ def check_phase(phase: Phase, prefix: str = '') -> None:
     if not decay_epochs:
       fail("schedule 'step' needs decay_epochs, the epochs at which the rate drops")
     if not all(_is_int(e) and 0 < e < epochs for e in decay_epochs):
-      fail(f'decay_epochs={decay_epochs}: each must be an int epoch within the phase, in '
-           f'[1, {epochs - 1}] (epochs={epochs})')
+      fail(
+          f'decay_epochs={decay_epochs}: each must be an int epoch within the phase, in '
+          f'[1, {epochs - 1}] (epochs={epochs})'
+      )
     if len(set(decay_epochs)) != len(decay_epochs):
       fail(f'decay_epochs={decay_epochs}: an epoch appears twice')
 

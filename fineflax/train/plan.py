@@ -52,18 +52,28 @@ class PhasePlan:
     return self.optimizer.labels
 
 
-def plan_phases(config: ml_collections.ConfigDict, model: models.Classifier,
-                image_shape: tuple[int, int, int], augment: data.Augment,
-                steps_per_epoch: int) -> list[PhasePlan]:
+def plan_phases(
+    config: ml_collections.ConfigDict,
+    model: models.Classifier,
+    image_shape: tuple[int, int, int],
+    augment: data.Augment,
+    steps_per_epoch: int,
+) -> list[PhasePlan]:
   """The plan of every phase of a validated `config`."""
   params = models.abstract_variables(model, image_shape)['params']
   plans = []
   for index, phase in enumerate(config.phases):
     optimizer = optimizers.make_optimizer(model, params, phase, steps_per_epoch, index)
     groups = optimizer.groups
-    bn_train = (freeze.bn_train_layers(groups.labels, model.layer_groups())
-                if phase.batchnorm == 'train' else frozenset())
+    bn_train = (
+        freeze.bn_train_layers(groups.labels, model.layer_groups())
+        if phase.batchnorm == 'train'
+        else frozenset()
+    )
     text = optimizers.describe_groups(groups, params) if groups.discriminative else ''
-    plans.append(PhasePlan(index, phase, optimizer,
-                           augment if phase.augment else data.Augment(), bn_train, text))
+    plans.append(
+        PhasePlan(
+            index, phase, optimizer, augment if phase.augment else data.Augment(), bn_train, text
+        )
+    )
   return plans

@@ -46,9 +46,10 @@ def build_schedule(phase: Phase, steps_per_epoch: int) -> optax.Schedule:
   if kind == 'step':
     # Never at update 0: a decay epoch >= 1 that starts inside the first update (fewer
     # batches an epoch than `accumulate`) takes effect from the second.
-    boundaries = {max(1, update_at_epoch(phase, steps_per_epoch, int(e))):
-                  float(phase['decay_factor'])
-                  for e in phase['decay_epochs']}
+    boundaries = {
+        max(1, update_at_epoch(phase, steps_per_epoch, int(e))): float(phase['decay_factor'])
+        for e in phase['decay_epochs']
+    }
     return optax.piecewise_constant_schedule(lr, boundaries)
   raise ValueError(f'schedule={kind!r}: expected one of {SCHEDULES}')
 

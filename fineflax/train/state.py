@@ -37,13 +37,19 @@ def _glorot_limit(shape: tuple[int, ...]) -> float:
 
 # Keras' initialisers by parameter name: glorot_uniform kernels, zero biases, BN at identity.
 _INIT = {
-    'kernel': 'glorot', 'depthwise_kernel': 'glorot', 'pointwise_kernel': 'glorot',
-    'bias': 'zeros', 'scale': 'ones', 'mean': 'zeros', 'var': 'ones',
+    'kernel': 'glorot',
+    'depthwise_kernel': 'glorot',
+    'pointwise_kernel': 'glorot',
+    'bias': 'zeros',
+    'scale': 'ones',
+    'mean': 'zeros',
+    'var': 'ones',
 }
 
 
-def init_variables(model: nn.Module, image_shape: tuple[int, int, int],
-                   seed: int) -> dict[str, Any]:
+def init_variables(
+    model: nn.Module, image_shape: tuple[int, int, int], seed: int
+) -> dict[str, Any]:
   """Randomly initialised `params` and `batch_stats` for uint8 images of `image_shape`.
 
   The tree comes from a shape-only trace of `model.init`; the values are drawn on the host
@@ -66,8 +72,9 @@ def init_variables(model: nn.Module, image_shape: tuple[int, int, int],
   return jax.tree_util.tree_map_with_path(init, abstract)
 
 
-def create_train_state(variables: dict[str, Any], optimizer: optimizers.Optimizer,
-                       step: int = 0) -> TrainState:
+def create_train_state(
+    variables: dict[str, Any], optimizer: optimizers.Optimizer, step: int = 0
+) -> TrainState:
   """A state whose optimizer state covers the optimizer's trainable leaves only.
 
   Starting a new phase is `create_train_state(state.variables, new_optimizer, state.step)`:
@@ -75,8 +82,12 @@ def create_train_state(variables: dict[str, Any], optimizer: optimizers.Optimize
   re-`compile` after changing `trainable` does).
   """
   params = variables['params']
-  return TrainState(step=jnp.asarray(step, jnp.int32), params=params,
-                    batch_stats=variables['batch_stats'], opt_state=optimizer.init(params))
+  return TrainState(
+      step=jnp.asarray(step, jnp.int32),
+      params=params,
+      batch_stats=variables['batch_stats'],
+      opt_state=optimizer.init(params),
+  )
 
 
 @jax.jit

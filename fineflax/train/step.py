@@ -33,8 +33,9 @@ from fineflax.train.state import TrainState
 Metrics = dict[str, jax.Array]  # sums over the examples of a step: loss, correct, count
 
 
-def per_example_loss(logits: jax.Array, labels: jax.Array,
-                     label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+def per_example_loss(
+    logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+) -> tuple[jax.Array, jax.Array]:
   """Loss and correctness per example.
 
   One logit column means a binary classifier (sigmoid cross-entropy on logits, accuracy
@@ -56,8 +57,14 @@ def per_example_loss(logits: jax.Array, labels: jax.Array,
 
 
 def _sums(loss: jax.Array, correct: jax.Array, weight: jax.Array) -> Metrics:
-  return jax.lax.psum({'loss': jnp.sum(loss * weight), 'correct': jnp.sum(correct * weight),
-                       'count': jnp.sum(weight)}, AXIS)
+  return jax.lax.psum(
+      {
+          'loss': jnp.sum(loss * weight),
+          'correct': jnp.sum(correct * weight),
+          'count': jnp.sum(weight),
+      },
+      AXIS,
+  )
 
 
 def _inputs(batch: dict[str, jax.Array], data: dict[str, jax.Array]):
@@ -122,8 +129,11 @@ class TrainStep:
 
   def split(self, state: TrainState) -> tuple[list[Any], list[Any], Structure]:
     """The leaves of `state`'s carry and fixed part, and their structures."""
-    carry = {'step': state.step, 'params': self.optimizer.trainable(state.params),
-             'opt_state': state.opt_state}
+    carry = {
+        'step': state.step,
+        'params': self.optimizer.trainable(state.params),
+        'opt_state': state.opt_state,
+    }
     fixed = {'params': self.optimizer.frozen(state.params)}
     (carry if self.bn_train else fixed)['batch_stats'] = state.batch_stats
     carry_leaves, carry_def = jax.tree.flatten(carry)
@@ -134,23 +144,32 @@ class TrainStep:
     """The train state of a carry and its fixed part."""
     carry, fixed = (d.unflatten(leaves) for d, leaves in zip(structure, (carry, fixed)))
     stats = carry['batch_stats'] if self.bn_train else fixed['batch_stats']
-    return TrainState(step=carry['step'], opt_state=carry['opt_state'], batch_stats=stats,
-                      params=self.optimizer.merge(carry['params'], fixed['params']))
+    return TrainState(
+        step=carry['step'],
+        opt_state=carry['opt_state'],
+        batch_stats=stats,
+        params=self.optimizer.merge(carry['params'], fixed['params']),
+    )
 
-  def __call__(self, state: TrainState, batch: dict[str, jax.Array],
-               data: dict[str, jax.Array] | None = None) -> tuple[TrainState, Metrics]:
+  def __call__(
+      self, state: TrainState, batch: dict[str, jax.Array], data: dict[str, jax.Array] | None = None
+  ) -> tuple[TrainState, Metrics]:
     """One step on `state` (donated) and `batch` (`data`: a device-resident split, if the
     batch holds indices); returns the new state and the step's metric sums."""
     carry, fixed, structure = self.split(state)
-    metrics = jax.device_put(jnp.zeros((1, len(METRICS)), jnp.float32),
-                             state.step.sharding)
+    metrics = jax.device_put(jnp.zeros((1, len(METRICS)), jnp.float32), state.step.sharding)
     # A copy: the step count itself is donated with the carry.
     data = dict(data or {}, start=jnp.copy(state.step))
     carry, metrics = self.jitted(carry, fixed, batch, data, metrics, structure)
     return self.join(carry, fixed, structure), dict(zip(METRICS, metrics[0]))
 
-  def compile(self, state: TrainState, batch: dict[str, jax.Array],
-              data: dict[str, jax.Array], metrics: jax.Array) -> CompiledTrainStep:
+  def compile(
+      self,
+      state: TrainState,
+      batch: dict[str, jax.Array],
+      data: dict[str, jax.Array],
+      metrics: jax.Array,
+  ) -> CompiledTrainStep:
     """The step compiled for `state`'s structure and these inputs' shapes."""
     carry, fixed, structure = self.split(state)
     compiled = self.jitted.lower(carry, fixed, batch, data, metrics, structure).compile()
@@ -178,11 +197,18 @@ class CompiledTrainStep:
     return self.step.join(carry, fixed, self.structure)
 
 
-def make_train_step(model: nn.Module, optimizer: Optimizer, mesh: Mesh, *,
-                    bn_train: frozenset[str] = frozenset(), seed: int = 0,
-                    label_smoothing: float = 0.0, augment: Augment = Augment(),
-                    class_weights: Sequence[float] | None = None, on_features: bool = False
-                    ) -> TrainStep:
+def make_train_step(
+    model: nn.Module,
+    optimizer: Optimizer,
+    mesh: Mesh,
+    *,
+    bn_train: frozenset[str] = frozenset(),
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    augment: Augment = Augment(),
+    class_weights: Sequence[float] | None = None,
+    on_features: bool = False,
+) -> TrainStep:
   """The phase's train step over the mesh (`TrainStep`).
 
   Args:
@@ -211,9 +237,13 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, mesh: Mesh, *,
       return jnp.ones(targets.shape, jnp.float32)
     return jnp.asarray(class_weights, jnp.float32)[targets.astype(jnp.int32)]
 
-  def step(carry: dict[str, Any], fixed: dict[str, Any], batch: dict[str, jax.Array],
-           data: dict[str, jax.Array], metrics: jax.Array
-           ) -> tuple[dict[str, Any], jax.Array]:
+  def step(
+      carry: dict[str, Any],
+      fixed: dict[str, Any],
+      batch: dict[str, jax.Array],
+      data: dict[str, jax.Array],
+      metrics: jax.Array,
+  ) -> tuple[dict[str, Any], jax.Array]:
     row = carry['step'] - data['start']
     images, targets, weight = _train_inputs(batch, data, row)
     trainable = carry['params']
@@ -224,36 +254,52 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, mesh: Mesh, *,
     local_batch = images.shape[0]
     ids = _global_ids(local_batch)
     augment_key = jax.random.fold_in(base, 0)
-    prepare = lambda x, rows: x if on_features else augmentation.prepare(
-        x, _example_keys(augment_key, rows), augment, model.image_size, train=True)
+    prepare = (
+        lambda x, rows: x
+        if on_features
+        else augmentation.prepare(
+            x, _example_keys(augment_key, rows), augment, model.image_size, train=True
+        )
+    )
     raw, images = images, prepare(images, ids)
     if augment.mixup > 0:
       # Partners come from the whole global batch: their stored images and labels are
       # gathered from every device and prepared here with their own keys.
-      partner, lam = augmentation.mixup_draws(jax.random.fold_in(base, 1), augment.mixup,
-                                              local_batch * mesh.devices.size, ids)
+      partner, lam = augmentation.mixup_draws(
+          jax.random.fold_in(base, 1), augment.mixup, local_batch * mesh.devices.size, ids
+      )
       everyone = jax.lax.all_gather(raw, AXIS, tiled=True)
       images = augmentation.mix(images, prepare(everyone[partner], partner), lam)
       partner_targets = jax.lax.all_gather(targets, AXIS, tiled=True)[partner]
     dropout_keys = _example_keys(jax.random.fold_in(base, 2), ids)
 
     def loss_fn(trainable_params):
-      variables = {'params': optimizer.merge(trainable_params, fixed['params']),
-                   'batch_stats': stats}
+      variables = {
+          'params': optimizer.merge(trainable_params, fixed['params']),
+          'batch_stats': stats,
+      }
       if bn_train:
-        logits, updated = model.apply(variables, images, train=True, bn_train=bn_train,
-                                      example_keys=dropout_keys, mutable=['batch_stats'],
-                                      method=method)
+        logits, updated = model.apply(
+            variables,
+            images,
+            train=True,
+            bn_train=bn_train,
+            example_keys=dropout_keys,
+            mutable=['batch_stats'],
+            method=method,
+        )
         new_stats = updated['batch_stats']
       else:
-        logits = model.apply(variables, images, train=True, example_keys=dropout_keys,
-                             method=method)
+        logits = model.apply(
+            variables, images, train=True, example_keys=dropout_keys, method=method
+        )
         new_stats = stats
       loss, correct = per_example_loss(logits, targets, label_smoothing)
       loss = loss * weigh(targets)
       if augment.mixup > 0:
-        loss = lam * loss + (1 - lam) * per_example_loss(
-            logits, partner_targets, label_smoothing)[0] * weigh(partner_targets)
+        loss = lam * loss + (1 - lam) * per_example_loss(logits, partner_targets, label_smoothing)[
+            0
+        ] * weigh(partner_targets)
       return jnp.sum(loss * weight) / total, (new_stats, loss, correct)
 
     grads, (new_stats, loss, correct) = jax.grad(loss_fn, has_aux=True)(trainable)
@@ -262,11 +308,13 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, mesh: Mesh, *,
     # A batch of padding only (weights summing to 0: uneven shares, skipped files) takes
     # no step: its gradients are 0/0, and even a zero gradient would move Adam's moments.
     unchanged_if_empty = lambda new, old: jax.tree.map(
-        lambda n, o: jnp.where(has_examples, n, o), new, old)
-    new_carry = {'step': carry['step'] + 1,
-                 'params': unchanged_if_empty(optax.apply_updates(trainable, updates),
-                                              trainable),
-                 'opt_state': unchanged_if_empty(opt_state, carry['opt_state'])}
+        lambda n, o: jnp.where(has_examples, n, o), new, old
+    )
+    new_carry = {
+        'step': carry['step'] + 1,
+        'params': unchanged_if_empty(optax.apply_updates(trainable, updates), trainable),
+        'opt_state': unchanged_if_empty(opt_state, carry['opt_state']),
+    }
     if bn_train:
       new_carry['batch_stats'] = unchanged_if_empty(new_stats, stats)
     sums = _sums(loss, correct, weight)
@@ -278,18 +326,27 @@ def make_train_step(model: nn.Module, optimizer: Optimizer, mesh: Mesh, *,
     # The plan's rows are sharded on the batch axis, the rest of `data` replicated; the
     # specs follow the keys the call brings, so one function serves every input form.
     data_specs = {k: P(None, AXIS) if k.startswith('plan_') else P() for k in data}
-    mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(AXIS), data_specs, P()),
-                           out_specs=(P(), P()), check_vma=False)
+    mapped = jax.shard_map(
+        step,
+        mesh=mesh,
+        in_specs=(P(), P(), P(AXIS), data_specs, P()),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
     carry, metrics = mapped(carry, fixed, batch, data, metrics)
     return jax.tree.leaves(carry), metrics
 
-  return TrainStep(optimizer, frozenset(bn_train),
-                   jax.jit(run, donate_argnums=0, static_argnums=5))
+  return TrainStep(optimizer, frozenset(bn_train), jax.jit(run, donate_argnums=0, static_argnums=5))
 
 
-def make_eval_step(model: nn.Module, mesh: Mesh, *, label_smoothing: float = 0.0,
-                   augment: Augment = Augment(), on_features: bool = False
-                   ) -> Callable[..., Metrics]:
+def make_eval_step(
+    model: nn.Module,
+    mesh: Mesh,
+    *,
+    label_smoothing: float = 0.0,
+    augment: Augment = Augment(),
+    on_features: bool = False,
+) -> Callable[..., Metrics]:
   """A jitted `(variables, batch, data) -> metric sums`; weight-0 rows count nothing.
 
   It takes `state.variables` rather than the state, so one compilation serves every phase.
@@ -297,8 +354,9 @@ def make_eval_step(model: nn.Module, mesh: Mesh, *, label_smoothing: float = 0.0
   the batches hold cached features (see make_train_step).
   """
 
-  def step(variables: dict[str, Any], batch: dict[str, jax.Array],
-           data: dict[str, jax.Array]) -> Metrics:
+  def step(
+      variables: dict[str, Any], batch: dict[str, jax.Array], data: dict[str, jax.Array]
+  ) -> Metrics:
     images, targets = _inputs(batch, data)
     if on_features:
       logits = model.apply(variables, images, train=False, method='classify')
@@ -308,24 +366,28 @@ def make_eval_step(model: nn.Module, mesh: Mesh, *, label_smoothing: float = 0.0
     loss, correct = per_example_loss(logits, targets, label_smoothing)
     return _sums(loss, correct, batch['weight'])
 
-  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(),
-                         check_vma=False)
+  mapped = jax.shard_map(
+      step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(), check_vma=False
+  )
   return jax.jit(mapped)
 
 
-def make_features_step(model: nn.Module, mesh: Mesh, *, augment: Augment = Augment()
-                       ) -> Callable[..., jax.Array]:
+def make_features_step(
+    model: nn.Module, mesh: Mesh, *, augment: Augment = Augment()
+) -> Callable[..., jax.Array]:
   """A jitted `(variables, batch, data) -> features` (`Classifier.features`), sharded over
   the batch like the batch itself: what cached-feature mode stores."""
 
-  def step(variables: dict[str, Any], batch: dict[str, jax.Array],
-           data: dict[str, jax.Array]) -> jax.Array:
+  def step(
+      variables: dict[str, Any], batch: dict[str, jax.Array], data: dict[str, jax.Array]
+  ) -> jax.Array:
     images, _ = _inputs(batch, data)
     images = augmentation.prepare(images, None, augment, model.image_size, train=False)
     return model.apply(variables, images, method='features')
 
-  mapped = jax.shard_map(step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS),
-                         check_vma=False)
+  mapped = jax.shard_map(
+      step, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=P(AXIS), check_vma=False
+  )
   return jax.jit(mapped)
 
 
@@ -342,13 +404,21 @@ def summarize(sums: list[Metrics | dict[str, float]]) -> dict[str, float]:
     return {'loss': float('nan'), 'accuracy': float('nan'), 'count': 0}
   total_ = total(sums)
   count = max(total_['count'], 1.0)
-  return {'loss': total_['loss'] / count, 'accuracy': total_['correct'] / count,
-          'count': int(round(total_['count']))}
+  return {
+      'loss': total_['loss'] / count,
+      'accuracy': total_['correct'] / count,
+      'count': int(round(total_['count'])),
+  }
 
 
-def evaluate(eval_step: Callable[..., Metrics], variables: dict[str, Any],
-             split: Split, batch_size: int, mesh: Mesh,
-             resident: dict[str, jax.Array] | None = None) -> dict[str, float]:
+def evaluate(
+    eval_step: Callable[..., Metrics],
+    variables: dict[str, Any],
+    split: Split,
+    batch_size: int,
+    mesh: Mesh,
+    resident: dict[str, jax.Array] | None = None,
+) -> dict[str, float]:
   """Loss, accuracy and example count of `variables` on `split`.
 
   The last batch is padded with weight-0 rows, so no example is dropped or counted twice,

@@ -52,8 +52,12 @@ def _multiplier(layer_groups: Any, multipliers: dict[str, float]) -> str:
   return '-' if not values else f'{values.pop():g}' if len(values) == 1 else 'mixed'
 
 
-def summarize(model: Classifier, image_shape: tuple[int, int, int],
-              freeze_spec: str, groups: optimizers.ParamGroups | None = None) -> Summary:
+def summarize(
+    model: Classifier,
+    image_shape: tuple[int, int, int],
+    freeze_spec: str,
+    groups: optimizers.ParamGroups | None = None,
+) -> Summary:
   """The summary of `model` on images of `image_shape` with `freeze_spec` applied, or
   with a phase's `groups` (`optimizers.phase_groups`), which add a learning-rate column.
 
@@ -62,11 +66,14 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
   images = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
   variables = abstract_variables(model, image_shape)
   _, captured = jax.eval_shape(
-      lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, images)
+      lambda v, x: model.apply(v, x, mutable=['intermediates']), variables, images
+  )
   params, stats = variables['params'], variables['batch_stats']
-  labels = (groups.labels if groups is not None
-            else freeze.freeze_labels(params, freeze_spec, model.backbone.layers,
-                                      model.layer_stages()))
+  labels = (
+      groups.labels
+      if groups is not None
+      else freeze.freeze_labels(params, freeze_spec, model.backbone.layers, model.layer_stages())
+  )
   shown = groups is not None and groups.discriminative
   rows, trainable = [], 0
   for group, layers in model.layer_groups().items():
@@ -74,17 +81,26 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
     for layer, output in zip(layers, outputs, strict=True):
       layer_params = params[group].get(layer.name, {})
       layer_labels = labels[group].get(layer.name, {})
-      n_trainable = sum(_size(p) for p, label in zip(jax.tree.leaves(layer_params),
-                                                      jax.tree.leaves(layer_labels))
-                        if label == freeze.TRAINABLE)
+      n_trainable = sum(
+          _size(p)
+          for p, label in zip(jax.tree.leaves(layer_params), jax.tree.leaves(layer_labels))
+          if label == freeze.TRAINABLE
+      )
       n_params = _size(layer_params)
       n_all = n_params + _size(stats.get(group, {}).get(layer.name, {}))
-      flag = ('-' if n_params == 0 else 'Y' if n_trainable == n_params
-              else 'N' if n_trainable == 0 else 'partly')
-      mult = (_multiplier(groups.groups[group].get(layer.name, {}), groups.multipliers)
-              if shown else '')
-      rows.append(Row(layer.name, layer.kind, (None,) + tuple(output.shape[1:]), n_all, flag,
-                      mult))
+      flag = (
+          '-'
+          if n_params == 0
+          else 'Y'
+          if n_trainable == n_params
+          else 'N'
+          if n_trainable == 0
+          else 'partly'
+      )
+      mult = (
+          _multiplier(groups.groups[group].get(layer.name, {}), groups.multipliers) if shown else ''
+      )
+      rows.append(Row(layer.name, layer.kind, (None,) + tuple(output.shape[1:]), n_all, flag, mult))
       trainable += n_trainable
   described = optimizers.describe_groups(groups, params) if shown else ''
   return Summary(tuple(rows), trainable, _size(params) + _size(stats) - trainable, described)
@@ -93,21 +109,28 @@ def summarize(model: Classifier, image_shape: tuple[int, int, int],
 def format_summary(summary: Summary, title: str) -> str:
   """The table and the three Keras total lines."""
   header = ('Layer (type)', 'Output Shape', 'Param #', 'Trainable')
-  cells = [(f'{r.name} ({r.kind})', str(r.output_shape), f'{r.params:,}', r.trainable)
-           for r in summary.rows]
+  cells = [
+      (f'{r.name} ({r.kind})', str(r.output_shape), f'{r.params:,}', r.trainable)
+      for r in summary.rows
+  ]
   if summary.groups:  # discriminative learning rates: each layer's multiplier
     header += ('LR x',)
     cells = [c + (r.multiplier,) for c, r in zip(cells, summary.rows)]
   widths = [max(len(c[i]) for c in cells + [header]) for i in range(len(header))]
 
   def line(c):
-    return '  '.join([c[0].ljust(widths[0]), c[1].ljust(widths[1]), c[2].rjust(widths[2])]
-                     + [x.center(w) for x, w in zip(c[3:], widths[3:])])
+    return '  '.join(
+        [c[0].ljust(widths[0]), c[1].ljust(widths[1]), c[2].rjust(widths[2])]
+        + [x.center(w) for x, w in zip(c[3:], widths[3:])]
+    )
 
   rule = '-' * len(line(header))
   out = [f'Model: "{title}"', rule, line(header), rule] + [line(c) for c in cells] + [rule]
-  out += [f'Total params: {summary.total:,}', f'Trainable params: {summary.trainable:,}',
-          f'Non-trainable params: {summary.non_trainable:,}']
+  out += [
+      f'Total params: {summary.total:,}',
+      f'Trainable params: {summary.trainable:,}',
+      f'Non-trainable params: {summary.non_trainable:,}',
+  ]
   if summary.groups:
     out.append(f'Learning-rate groups (x learning_rate): {summary.groups}')
   return '\n'.join(out)
@@ -127,8 +150,9 @@ def summarize_config(config: ml_collections.ConfigDict, phase: int = 0) -> tuple
   return summarize(model, shape, p.freeze, groups), title
 
 
-def _model_inputs(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...],
-                                                               tuple[int, int, int]]:
+def _model_inputs(
+    config: ml_collections.ConfigDict,
+) -> tuple[tuple[str, ...], tuple[int, int, int]]:
   """Class names and the input image shape the model is built for: from the config when
   it sets both the class count and the image size (no dataset needed: the photo folder
   or tfds dataset may not be on this machine yet), else from the dataset."""
@@ -136,8 +160,9 @@ def _model_inputs(config: ml_collections.ConfigDict) -> tuple[tuple[str, ...],
   size = model.image_size
   if model.include_top and size is None:
     size = models.BACKBONES[model.backbone].input_size  # the top's ImageNet input
-  count = model.num_classes if model.num_classes is not None else (
-      1000 if model.include_top else None)
+  count = (
+      model.num_classes if model.num_classes is not None else (1000 if model.include_top else None)
+  )
   if count is not None and size is not None:
     names = tuple(f'class{i}' for i in range(2 if count == 1 else count))  # 1: binary
     return names, (size, size, 3)

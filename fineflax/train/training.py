@@ -35,8 +35,12 @@ logger = logging.getLogger('fineflax.train')
 Splits = dict[str, data.AnySplit | None]  # role ('train', 'val', 'test') -> split
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+) -> dict[str, Any]:
   """Runs (or resumes) every phase of `config` in `workdir`; returns results.json's record.
 
   Args:
@@ -53,7 +57,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     position = Position.from_meta(resume) if resume else Position()
     state = None
     try:
-      for plan in run.plans[position.phase_index:]:
+      for plan in run.plans[position.phase_index :]:
         if plan.index != position.phase_index:  # a new phase
           position = Position(phase_index=plan.index, epoch=position.epoch)
         state = loop.start_state(run, plan, state, variables, resume)
@@ -64,9 +68,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
   return report_results(run, state, position, best)
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
-          devices: Sequence[jax.Device] | None, stop: StopRequest
-          ) -> tuple[TrainingRun, dict[str, Any] | None, dict[str, Any]]:
+def setup(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    devices: Sequence[jax.Device] | None,
+    stop: StopRequest,
+) -> tuple[TrainingRun, dict[str, Any] | None, dict[str, Any]]:
   """Validates and builds everything; returns the run, the checkpoint meta it resumes
   from (None for a new run) and the initial variables. Nothing is written before every
   check has passed and the initial parameters are loaded."""
@@ -79,8 +86,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   mesh = make_mesh(config, devices)
   augment = data.augment_from_config(config.data)
   plans = plan_phases(config, model, dataset, splits, augment)
-  class_weights = data.class_weights(config.loss.class_weight, splits['train'],
-                                     len(dataset.info.class_names))
+  class_weights = data.class_weights(
+      config.loss.class_weight, splits['train'], len(dataset.info.class_names)
+  )
   check_before_writing(config, folder, fresh, splits)
   variables = initial_variables(config, model, dataset.info.image_shape, weight_file, fresh)
   run_checkpoints, resume = open_checkpoints(config, folder)
@@ -90,14 +98,33 @@ def setup(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
   metrics_log.truncate_after(resume['step'] if resume else -1)
   images = place_images(config, model, mesh, splits, augment)
   if jax.process_index() == 0 and not folder.samples_png.exists():
-    preview.write_samples(folder.samples_png, splits['train'], dataset.info.class_names,
-                          augment, model.image_size, config.seed)
+    preview.write_samples(
+        folder.samples_png,
+        splits['train'],
+        dataset.info.class_names,
+        augment,
+        model.image_size,
+        config.seed,
+    )
   run = TrainingRun(
-      config=config, folder=folder, dataset=dataset, images=images, model=model, mesh=mesh,
-      plans=plans, augment=augment, checkpoints=run_checkpoints, metrics_log=metrics_log,
-      stop=stop, class_weights=class_weights,
-      tensorboard=(tensorboard.SummaryWriter(folder.tensorboard)
-                   if config.report.tensorboard and jax.process_index() == 0 else None))
+      config=config,
+      folder=folder,
+      dataset=dataset,
+      images=images,
+      model=model,
+      mesh=mesh,
+      plans=plans,
+      augment=augment,
+      checkpoints=run_checkpoints,
+      metrics_log=metrics_log,
+      stop=stop,
+      class_weights=class_weights,
+      tensorboard=(
+          tensorboard.SummaryWriter(folder.tensorboard)
+          if config.report.tensorboard and jax.process_index() == 0
+          else None
+      ),
+  )
   return run, resume, variables
 
 
@@ -123,55 +150,81 @@ def load_data(config: ml_collections.ConfigDict) -> tuple[data.Dataset, Splits]:
   for role in ('train', 'val', 'test'):
     name = config.data[f'{role}_split']
     if name is not None and name not in dataset.splits and name not in dataset.absent:
-      raise ConfigError(f'config.data.{role}_split={name!r}: the dataset has the splits '
-                        f'{sorted(dataset.splits)}')
+      raise ConfigError(
+          f'config.data.{role}_split={name!r}: the dataset has the splits '
+          f'{sorted(dataset.splits)}'
+      )
     splits[role] = dataset.splits.get(name) if name is not None else None
   return dataset, splits
 
 
-def make_mesh(config: ml_collections.ConfigDict,
-              devices: Sequence[jax.Device] | None) -> jax.sharding.Mesh:
+def make_mesh(
+    config: ml_collections.ConfigDict, devices: Sequence[jax.Device] | None
+) -> jax.sharding.Mesh:
   """The device mesh, checked to divide the batch sizes."""
   mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(config.batch_size, mesh)
-  parallel.check_batch_size(config.eval_batch_size or config.batch_size, mesh,
-                            'config.eval_batch_size')
+  parallel.check_batch_size(
+      config.eval_batch_size or config.batch_size, mesh, 'config.eval_batch_size'
+  )
   return mesh
 
 
-def plan_phases(config: ml_collections.ConfigDict, model: models.Classifier,
-                dataset: data.Dataset, splits: Splits,
-                augment: data.Augment) -> list[plan_lib.PhasePlan]:
+def plan_phases(
+    config: ml_collections.ConfigDict,
+    model: models.Classifier,
+    dataset: data.Dataset,
+    splits: Splits,
+    augment: data.Augment,
+) -> list[plan_lib.PhasePlan]:
   """Every phase's plan (freeze labels, optimizer), from shapes only; a forced
   cached-feature mode no phase can use is refused here."""
-  plans = plan_lib.plan_phases(config, model, dataset.info.image_shape, augment,
-                               data.num_batches(splits['train'], config.batch_size))
-  features.check_forced(config.features.cache, [p.labels for p in plans],
-                        [p.augment for p in plans], [p.name for p in plans])
+  plans = plan_lib.plan_phases(
+      config,
+      model,
+      dataset.info.image_shape,
+      augment,
+      data.num_batches(splits['train'], config.batch_size),
+  )
+  features.check_forced(
+      config.features.cache,
+      [p.labels for p in plans],
+      [p.augment for p in plans],
+      [p.name for p in plans],
+  )
   return plans
 
 
-def check_before_writing(config: ml_collections.ConfigDict, folder: RunDir, fresh: bool,
-                         splits: Splits) -> None:
+def check_before_writing(
+    config: ml_collections.ConfigDict, folder: RunDir, fresh: bool, splits: Splits
+) -> None:
   """What would make the run fail after it started writing, refused before: a best/
   checkpoint without a latest/ one, or early stopping on a validation metric without a
   validation split."""
   if fresh and checkpoints.has_checkpoint(folder.best):
-    raise ConfigError(f'{folder.best} holds a checkpoint but {folder.latest} has none to '
-                      'resume from (was it deleted?); a new run would mix its best/ with the '
-                      'old one: move the folder away or use another workdir')
+    raise ConfigError(
+        f'{folder.best} holds a checkpoint but {folder.latest} has none to '
+        'resume from (was it deleted?); a new run would mix its best/ with the '
+        'old one: move the folder away or use another workdir'
+    )
   if splits['val'] is not None:
     return
   for i, p in enumerate(config.phases):
     watched = p.early_stopping.patience or p.early_stopping.restore_best
     if watched and p.early_stopping.monitor.startswith('val_'):
-      raise ConfigError(f'config.phases[{i}].early_stopping.monitor='
-                        f'{p.early_stopping.monitor!r} but config.data.val_split is None')
+      raise ConfigError(
+          f'config.phases[{i}].early_stopping.monitor='
+          f'{p.early_stopping.monitor!r} but config.data.val_split is None'
+      )
 
 
-def initial_variables(config: ml_collections.ConfigDict, model: models.Classifier,
-                      image_shape: tuple[int, int, int], weight_file: Any,
-                      fresh: bool) -> dict[str, Any]:
+def initial_variables(
+    config: ml_collections.ConfigDict,
+    model: models.Classifier,
+    image_shape: tuple[int, int, int],
+    weight_file: Any,
+    fresh: bool,
+) -> dict[str, Any]:
   """The run's first parameters: initialised, then the pretrained weight file or the run
   `config.init_from` names (a new run only: a run that resumes restores its own)."""
   variables = state_lib.init_variables(model, image_shape, config.seed)
@@ -180,14 +233,16 @@ def initial_variables(config: ml_collections.ConfigDict, model: models.Classifie
     logger.info(report.text())
   if fresh and config.init_from:
     source = restore.init_from_folder(config.init_from)
-    variables, report = weights.load_variables(weights.read_variable_tree(source), model,
-                                               variables, f'init_from {source}')
+    variables, report = weights.load_variables(
+        weights.read_variable_tree(source), model, variables, f'init_from {source}'
+    )
     logger.info(report.text())
   return variables
 
 
-def open_checkpoints(config: ml_collections.ConfigDict, folder: RunDir
-                     ) -> tuple[checkpoints.RunCheckpoints, dict[str, Any] | None]:
+def open_checkpoints(
+    config: ml_collections.ConfigDict, folder: RunDir
+) -> tuple[checkpoints.RunCheckpoints, dict[str, Any] | None]:
   """The run's checkpoint folders, and the meta of the checkpoint it resumes from (None:
   a new run); refuses a checkpoint of a phase the config does not have."""
   folder.root.mkdir(parents=True, exist_ok=True)
@@ -196,41 +251,65 @@ def open_checkpoints(config: ml_collections.ConfigDict, folder: RunDir
   resume = opened.latest.latest_meta()
   if resume is not None and resume['phase_index'] >= len(config.phases):
     opened.close()
-    raise ConfigError(f'{folder.root} holds a run at phase {resume["phase_index"]} '
-                      f'({resume["phase"]!r}) but the config has {len(config.phases)} phases')
+    raise ConfigError(
+        f'{folder.root} holds a run at phase {resume["phase_index"]} '
+        f'({resume["phase"]!r}) but the config has {len(config.phases)} phases'
+    )
   if resume is not None:
-    logger.info('resuming from step %d: phase %r, %d epoch(s) and %d batch(es) of it done',
-                resume['step'], resume['phase'], resume['phase_epochs_done'],
-                resume.get('batch', 0))
+    logger.info(
+        'resuming from step %d: phase %r, %d epoch(s) and %d batch(es) of it done',
+        resume['step'],
+        resume['phase'],
+        resume['phase_epochs_done'],
+        resume.get('batch', 0),
+    )
   return opened, resume
 
 
-def write_run_files(config: ml_collections.ConfigDict, folder: RunDir, dataset: data.Dataset,
-                    splits: Splits, resume: dict[str, Any] | None) -> None:
+def write_run_files(
+    config: ml_collections.ConfigDict,
+    folder: RunDir,
+    dataset: data.Dataset,
+    splits: Splits,
+    resume: dict[str, Any] | None,
+) -> None:
   """config.json and dataset.json; a run resumed with another config than its
   config.json's is refused (or, with `config.allow_config_change`, warned of)."""
   saved = folder.config_json
-  changes = (config_lib.changes_on_resume(json.loads(saved.read_text()), config)
-             if resume is not None and saved.exists() else [])
+  changes = (
+      config_lib.changes_on_resume(json.loads(saved.read_text()), config)
+      if resume is not None and saved.exists()
+      else []
+  )
   if changes and config.allow_config_change:
-    logger.warning('resuming with a changed config (config.allow_config_change): %s',
-                   '; '.join(changes))
+    logger.warning(
+        'resuming with a changed config (config.allow_config_change): %s', '; '.join(changes)
+    )
   elif changes:
     more = f'; and {len(changes) - 5} more' if len(changes) > 5 else ''
-    raise ConfigError(f'{folder.root} holds a run of another config; resuming it with this '
-                      f'one would mix the two ({"; ".join(changes[:5])}{more}). Use another '
-                      'workdir, or set config.allow_config_change=True')
+    raise ConfigError(
+        f'{folder.root} holds a run of another config; resuming it with this '
+        f'one would mix the two ({"; ".join(changes[:5])}{more}). Use another '
+        'workdir, or set config.allow_config_change=True'
+    )
   reporting.write_json(saved, config_lib.to_dict(config))
   reporting.write_json(folder.dataset_json, dataset_record(dataset, config, splits))
 
 
-def place_images(config: ml_collections.ConfigDict, model: models.Classifier, mesh: Any,
-                 splits: Splits, augment: data.Augment) -> Inputs:
+def place_images(
+    config: ml_collections.ConfigDict,
+    model: models.Classifier,
+    mesh: Any,
+    splits: Splits,
+    augment: data.Augment,
+) -> Inputs:
   """The image splits, placed on the devices when they fit, and their evaluation step."""
-  resident = feed.place_splits(splits, mesh, config.data.device_resident,
-                               config.data.device_resident_max_mb)
-  eval_step = step_lib.make_eval_step(model, mesh, label_smoothing=config.loss.label_smoothing,
-                                      augment=augment)
+  resident = feed.place_splits(
+      splits, mesh, config.data.device_resident, config.data.device_resident_max_mb
+  )
+  eval_step = step_lib.make_eval_step(
+      model, mesh, label_smoothing=config.loss.label_smoothing, augment=augment
+  )
   return Inputs(splits, resident, eval_step)
 
 
@@ -240,13 +319,19 @@ def _metrics(run: TrainingRun, variables: dict[str, Any]) -> dict[str, Any]:
   for role in ('val', 'test'):
     if run.images.splits[role] is not None:
       found = run.evaluate(variables, role)
-      out.update({f'{role}_loss': found['loss'], f'{role}_accuracy': found['accuracy'],
-                  f'{role}_examples': found['count']})
+      out.update(
+          {
+              f'{role}_loss': found['loss'],
+              f'{role}_accuracy': found['accuracy'],
+              f'{role}_examples': found['count'],
+          }
+      )
   return out
 
 
-def report_results(run: TrainingRun, state: state_lib.TrainState, position: Position,
-                   best: dict[str, Any] | None) -> dict[str, Any]:
+def report_results(
+    run: TrainingRun, state: state_lib.TrainState, position: Position, best: dict[str, Any] | None
+) -> dict[str, Any]:
   """The end of a run: the validation and test splits evaluated with the final parameters
   and, when it is another step, with the best checkpoint (each labelled); results.json;
   a summary in the log.
@@ -260,19 +345,23 @@ def report_results(run: TrainingRun, state: state_lib.TrainState, position: Posi
   step = int(state.step)
   final = {'checkpoint': 'final parameters', 'step': step, **_metrics(run, state.variables)}
   measured = {k: v for k, v in final.items() if k.startswith(('val_', 'test_'))}
-  results: dict[str, Any] = {'step': step, 'epoch': position.epoch, **measured,
-                             'final': final}
+  results: dict[str, Any] = {'step': step, 'epoch': position.epoch, **measured, 'final': final}
   if best is not None:
     # The folder relative to the run folder: results.json moves with it.
-    record = {'checkpoint': 'best', 'step': best['step'],
-              'dir': str((folder.best / str(best['step'])).relative_to(folder.root)),
-              'monitor': best['monitor'], 'value': best['value']}
+    record = {
+        'checkpoint': 'best',
+        'step': best['step'],
+        'dir': str((folder.best / str(best['step'])).relative_to(folder.root)),
+        'monitor': best['monitor'],
+        'value': best['value'],
+    }
     if best['step'] == step:
       record.update(measured)
     else:
       variables, _ = restore.read_variables(
           folder.best / str(best['step']),
-          models.abstract_variables(run.model, run.dataset.info.image_shape))
+          models.abstract_variables(run.model, run.dataset.info.image_shape),
+      )
       # From the host: arrays on this process's device cannot be sent to other hosts'.
       record.update(_metrics(run, parallel.replicate(jax.device_get(variables), run.mesh)))
     results['best'] = record

@@ -64,15 +64,26 @@ class Position:
     return cls(**{k: v for k, v in meta.items() if k in names})
 
 
-def dataset_record(dataset: data.Dataset, config: ml_collections.ConfigDict,
-                   splits: dict[str, data.AnySplit | None]) -> dict[str, Any]:
+def dataset_record(
+    dataset: data.Dataset,
+    config: ml_collections.ConfigDict,
+    splits: dict[str, data.AnySplit | None],
+) -> dict[str, Any]:
   """What DIR/dataset.json holds: class names, the stored image shape, and per role the
   split's name, examples and unreadable files skipped."""
-  return {'class_names': list(dataset.info.class_names),
-          'image_shape': list(dataset.info.image_shape),
-          'splits': {role: {'name': config.data[f'{role}_split'], 'examples': split.size,
-                            'skipped_files': split.skipped}
-                     for role, split in splits.items() if split is not None}}
+  return {
+      'class_names': list(dataset.info.class_names),
+      'image_shape': list(dataset.info.image_shape),
+      'splits': {
+          role: {
+              'name': config.data[f'{role}_split'],
+              'examples': split.size,
+              'skipped_files': split.skipped,
+          }
+          for role, split in splits.items()
+          if split is not None
+      },
+  }
 
 
 @dataclasses.dataclass
@@ -115,12 +126,14 @@ class TrainingRun:
   def eval_batch_size(self) -> int:
     return self.config.eval_batch_size or self.config.batch_size
 
-  def evaluate(self, variables: dict[str, Any], role: str,
-               on: Inputs | None = None) -> dict[str, float]:
+  def evaluate(
+      self, variables: dict[str, Any], role: str, on: Inputs | None = None
+  ) -> dict[str, float]:
     """Loss, accuracy and count of `variables` on a split (of the images, or of `on`)."""
     on = on or self.images
-    return evaluate(on.eval_step, variables, on.splits[role], self.eval_batch_size,
-                    self.mesh, on.resident[role])
+    return evaluate(
+        on.eval_step, variables, on.splits[role], self.eval_batch_size, self.mesh, on.resident[role]
+    )
 
   def record_unreadable(self) -> None:
     """Brings dataset.json up to date with the unreadable files streaming has found.
@@ -130,9 +143,11 @@ class TrainingRun:
     the epoch still has their batches. Said when the count grows. Every process calls it
     at the same point (the files found are gathered).
     """
-    found = {role: len(_gathered(split.unreadable))
-             for role, split in self.images.splits.items()
-             if isinstance(split, data.StreamSplit)}
+    found = {
+        role: len(_gathered(split.unreadable))
+        for role, split in self.images.splits.items()
+        if isinstance(split, data.StreamSplit)
+    }
     if all(n == self.unreadable_recorded.get(role, 0) for role, n in found.items()):
       return
     record = dataset_record(self.dataset, self.config, self.images.splits)
@@ -144,7 +159,12 @@ class TrainingRun:
             'split %r (%s): %d file(s) found unreadable while streaming (named above): their '
             'rows train and count nothing, so %d of its %d listed examples count (the '
             'in-memory pipeline would leave them out before training); dataset.json updated',
-            self.config.data[f'{role}_split'], role, count, size - count, size)
+            self.config.data[f'{role}_split'],
+            role,
+            count,
+            size - count,
+            size,
+        )
     self.unreadable_recorded.update(found)
     reporting.write_json(self.folder.dataset_json, record)
 
@@ -164,6 +184,6 @@ def _gathered(indices: set[int]) -> set[int]:
   mine = np.asarray(sorted(indices), np.int64)
   longest = int(np.max(multihost_utils.process_allgather(np.asarray([len(mine)]))))
   padded = np.full(longest, -1, np.int64)
-  padded[:len(mine)] = mine
+  padded[: len(mine)] = mine
   everyone = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
   return {int(i) for i in everyone if i >= 0}

@@ -50,8 +50,9 @@ def base_rule(phase: Phase, schedule: optax.Schedule) -> optax.GradientTransform
   if name == 'rmsprop':
     # Keras 3: lr * g / sqrt(velocity + epsilon), epsilon inside the square root, then
     # momentum on that increment (optax.rmsprop's order too).
-    return optax.rmsprop(schedule, decay=KERAS_RMSPROP_RHO, eps=KERAS_EPSILON,
-                         eps_in_sqrt=True, momentum=momentum)
+    return optax.rmsprop(
+        schedule, decay=KERAS_RMSPROP_RHO, eps=KERAS_EPSILON, eps_in_sqrt=True, momentum=momentum
+    )
   raise ValueError(f'optimizer={name!r}: expected one of {OPTIMIZERS}')
 
 
@@ -67,8 +68,9 @@ def base_rule(phase: Phase, schedule: optax.Schedule) -> optax.GradientTransform
 # is a large part of the update, so `optax.adam(lr, eps=1e-7)` follows another trajectory.
 
 
-def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
-                        eps: float = 1e-7) -> optax.GradientTransformation:
+def scale_by_keras_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
   """Keras' Adam direction, `m * sqrt(1 - b2^t) / (1 - b1^t) / (sqrt(v) + eps)`.
 
   Times -learning_rate it is Keras' update to float32 rounding. The state is optax's
@@ -78,13 +80,15 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
   """
 
   def init(params: optax.Params) -> optax.ScaleByAdamState:
-    return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32),
-                                  mu=optax.tree.zeros_like(params),
-                                  nu=optax.tree.zeros_like(params))
+    return optax.ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=optax.tree.zeros_like(params),
+        nu=optax.tree.zeros_like(params),
+    )
 
-  def update(updates: optax.Updates, state: optax.ScaleByAdamState,
-             params: optax.Params | None = None
-             ) -> tuple[optax.Updates, optax.ScaleByAdamState]:
+  def update(
+      updates: optax.Updates, state: optax.ScaleByAdamState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, optax.ScaleByAdamState]:
     del params
     mu = optax.tree.update_moment(updates, state.mu, b1, 1)
     nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
@@ -94,24 +98,24 @@ def scale_by_keras_adam(b1: float = 0.9, b2: float = 0.999,
     # and its eps_root goes inside the square root. The correction is a float32 scalar as
     # in Keras (a power of b2 in bfloat16 would round to 1), cast to each leaf's dtype.
     t = count.astype(jnp.float32)
-    correction = (jnp.sqrt(1 - jnp.power(jnp.float32(b2), t))
-                  / (1 - jnp.power(jnp.float32(b1), t)))
+    correction = jnp.sqrt(1 - jnp.power(jnp.float32(b2), t)) / (1 - jnp.power(jnp.float32(b1), t))
     directions = jax.tree.map(
-        lambda m, v: m * correction.astype(m.dtype) / (jnp.sqrt(v) + eps), mu, nu)
+        lambda m, v: m * correction.astype(m.dtype) / (jnp.sqrt(v) + eps), mu, nu
+    )
     return directions, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init, update)
 
 
-def keras_adam(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
-               eps: float = 1e-7) -> optax.GradientTransformation:
+def keras_adam(
+    learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-7
+) -> optax.GradientTransformation:
   """Keras' Adam at `learning_rate` (a float or an optax schedule of the update count).
 
   In place of `optax.adam(learning_rate, eps=eps)`, with the same state tree
   (ScaleByAdamState, then the schedule's ScaleByScheduleState).
   """
-  return optax.chain(scale_by_keras_adam(b1, b2, eps),
-                     optax.scale_by_learning_rate(learning_rate))
+  return optax.chain(scale_by_keras_adam(b1, b2, eps), optax.scale_by_learning_rate(learning_rate))
 
 
 def decays(path: str, batchnorm_layers: frozenset[str], decay_batchnorm: bool) -> bool:
@@ -126,8 +130,9 @@ def decays(path: str, batchnorm_layers: frozenset[str], decay_batchnorm: bool) -
   return not (name in BATCHNORM_PARAMS and layer in batchnorm_layers)
 
 
-def decoupled_weight_decay(schedule: optax.Schedule, rate: float,
-                           decays_path: Callable[[str], bool]) -> optax.GradientTransformation:
+def decoupled_weight_decay(
+    schedule: optax.Schedule, rate: float, decays_path: Callable[[str], bool]
+) -> optax.GradientTransformation:
   """Adds `-schedule(t) * rate * p` to the update of every `p` whose path `decays_path`.
 
   It follows the update rule in the chain rather than feeding it, so that momentum and
@@ -160,8 +165,9 @@ def decoupled_weight_decay(schedule: optax.Schedule, rate: float,
   return optax.GradientTransformation(init, update)
 
 
-def update_rule(phase: Phase, schedule: optax.Schedule,
-                decays_path: Callable[[str], bool]) -> optax.GradientTransformation:
+def update_rule(
+    phase: Phase, schedule: optax.Schedule, decays_path: Callable[[str], bool]
+) -> optax.GradientTransformation:
   """The phase's update rule at `schedule`, followed by its decoupled weight decay."""
   rule = base_rule(phase, schedule)
   rate = weight_decay(phase)

@@ -1,6 +1,6 @@
 """Pretrained weights: named sources, the offline-first cache, and loading into a model.
 
-    variables, report = load_pretrained(config.model, model, variables)
+variables, report = load_pretrained(config.model, model, variables)
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from fineflax.models import Classifier
 from fineflax.weights.assign import LoadReport, assign
 from fineflax.weights.download import ChecksumError, WeightsUnavailableError, cache_dir, fetch
 from fineflax.weights.files import (
-  SUFFIXES,
-  WeightFileError,
-  read_variable_tree,
-  read_weight_file,
-  variable_tree_layers,
+    SUFFIXES,
+    WeightFileError,
+    read_variable_tree,
+    read_weight_file,
+    variable_tree_layers,
 )
 from fineflax.weights.sources import SOURCES, Source, WeightFile, named_source, names_for
 
@@ -38,7 +38,8 @@ def check_spec(weights: str | None, backbone: str) -> None:
     raise ConfigError(
         f'config.model.weights={weights!r}: no such weights for backbone {backbone!r}; '
         + (f'known: {known}' if known else 'it has no named weights')
-        + f', or the path of a {"/".join(SUFFIXES)} file')
+        + f', or the path of a {"/".join(SUFFIXES)} file'
+    )
 
 
 def resolve(weights: str, backbone: str, include_top: bool) -> Path:
@@ -52,8 +53,9 @@ def resolve(weights: str, backbone: str, include_top: bool) -> Path:
   return fetch(named_source(weights, backbone).file(include_top))
 
 
-def load_pretrained(model_config: Any, model: Classifier, variables: dict[str, Any],
-                    path: Path | None = None) -> tuple[dict[str, Any], LoadReport]:
+def load_pretrained(
+    model_config: Any, model: Classifier, variables: dict[str, Any], path: Path | None = None
+) -> tuple[dict[str, Any], LoadReport]:
   """`variables` with `config.model.weights` loaded into them, and what was done.
 
   Args:
@@ -64,12 +66,20 @@ def load_pretrained(model_config: Any, model: Classifier, variables: dict[str, A
     path = resolve(model_config.weights, model_config.backbone, include_top)
   groups = model.layer_groups()
   layers, unused, by_order = read_weight_file(path, groups)
-  return assign(variables, groups, layers, by_order=by_order, source=str(path),
-                head_is_top=include_top, unused_keys=unused)
+  return assign(
+      variables,
+      groups,
+      layers,
+      by_order=by_order,
+      source=str(path),
+      head_is_top=include_top,
+      unused_keys=unused,
+  )
 
 
-def load_variables(tree: dict[str, Any], model: Classifier, variables: dict[str, Any],
-                   source: str) -> tuple[dict[str, Any], LoadReport]:
+def load_variables(
+    tree: dict[str, Any], model: Classifier, variables: dict[str, Any], source: str
+) -> tuple[dict[str, Any], LoadReport]:
   """`variables` with the layers of a tree of fineflax variables (`read_variable_tree`:
   another run's, for `config.init_from`) in place, and what was done.
 
@@ -78,15 +88,32 @@ def load_variables(tree: dict[str, Any], model: Classifier, variables: dict[str,
   """
   groups = model.layer_groups()
   layers, unused = variable_tree_layers(tree, groups, source)
-  return assign(variables, groups, layers, by_order=False, source=source, head_is_top=True,
-                unused_keys=unused)
-
+  return assign(
+      variables, groups, layers, by_order=False, source=source, head_is_top=True, unused_keys=unused
+  )
 
 
 registry.register_config_check(
-    'weights', lambda config: check_spec(config.model.get('weights'), config.model.backbone))
+    'weights', lambda config: check_spec(config.model.get('weights'), config.model.backbone)
+)
 
-__all__ = ['ChecksumError', 'LoadReport', 'SOURCES', 'Source', 'WeightFile', 'WeightFileError',
-           'WeightsUnavailableError', 'assign', 'cache_dir', 'check_spec', 'fetch',
-           'load_pretrained', 'load_variables', 'named_source', 'names_for',
-           'read_variable_tree', 'read_weight_file', 'resolve']
+__all__ = [
+    'ChecksumError',
+    'LoadReport',
+    'SOURCES',
+    'Source',
+    'WeightFile',
+    'WeightFileError',
+    'WeightsUnavailableError',
+    'assign',
+    'cache_dir',
+    'check_spec',
+    'fetch',
+    'load_pretrained',
+    'load_variables',
+    'named_source',
+    'names_for',
+    'read_variable_tree',
+    'read_weight_file',
+    'resolve',
+]

@@ -31,8 +31,9 @@ class LoadReport:
 
   def text(self) -> str:
     """A few lines for the log."""
-    lines = [f'weights {self.source}: loaded {len(self.loaded)} layers '
-             f'({self.num_loaded:,} values)']
+    lines = [
+        f'weights {self.source}: loaded {len(self.loaded)} layers ' f'({self.num_loaded:,} values)'
+    ]
     if self.initialised:
       lines.append(f'  initialised (not in the file): {", ".join(self.initialised)}')
     if self.skipped:
@@ -45,8 +46,9 @@ def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dic
   a = list(arrays)
   if layer.kind == 'BatchNormalization':
     if len(a) != 4:
-      raise WeightFileError(f'{layer.name}: expected gamma, beta, mean and variance, got '
-                            f'{len(a)} arrays')
+      raise WeightFileError(
+          f'{layer.name}: expected gamma, beta, mean and variance, got ' f'{len(a)} arrays'
+      )
     return {'params': {'scale': a[0], 'bias': a[1]}, 'batch_stats': {'mean': a[2], 'var': a[3]}}
   if layer.kind == 'SeparableConv2D':
     # Keras' depthwise kernel is (k, k, C, 1); a grouped convolution wants (k, k, 1, C).
@@ -62,18 +64,27 @@ def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dic
 _NEW_HEAD = 'the model has a new head (config.model.include_top is False)'
 
 
-def _pairs_by_order(weighted: Mapping[str, list[Layer]], file_layers: FileLayers,
-                    source: str, head_is_top: bool, report: LoadReport) -> list:
+def _pairs_by_order(
+    weighted: Mapping[str, list[Layer]],
+    file_layers: FileLayers,
+    source: str,
+    head_is_top: bool,
+    report: LoadReport,
+) -> list:
   backbone = weighted['backbone']
   if len(file_layers) < len(backbone):
-    raise WeightFileError(f'{source} has {len(file_layers)} layers with weights but the '
-                          f'backbone has {len(backbone)}: it is not a file of this backbone')
+    raise WeightFileError(
+        f'{source} has {len(file_layers)} layers with weights but the '
+        f'backbone has {len(backbone)}: it is not a file of this backbone'
+    )
   pairs = [('backbone', layer, item) for layer, item in zip(backbone, file_layers)]
-  rest = file_layers[len(backbone):]
+  rest = file_layers[len(backbone) :]
   if rest and len(rest) != len(weighted['head']) and head_is_top:
-    raise WeightFileError(f'{source} has {len(rest)} layers with weights after the backbone '
-                          f'but Keras\' top has {len(weighted["head"])}: it is not a file of '
-                          'this backbone')
+    raise WeightFileError(
+        f'{source} has {len(rest)} layers with weights after the backbone '
+        f'but Keras\' top has {len(weighted["head"])}: it is not a file of '
+        'this backbone'
+    )
   if head_is_top:
     # By order, like the backbone: the tops of older Keras files have other names
     # (keras_applications' ResNets call theirs `probs`).
@@ -83,30 +94,50 @@ def _pairs_by_order(weighted: Mapping[str, list[Layer]], file_layers: FileLayers
   return pairs
 
 
-def _pairs_by_name(weighted: Mapping[str, list[Layer]], file_layers: FileLayers,
-                   source: str, head_is_top: bool, report: LoadReport) -> list:
+def _pairs_by_name(
+    weighted: Mapping[str, list[Layer]],
+    file_layers: FileLayers,
+    source: str,
+    head_is_top: bool,
+    report: LoadReport,
+) -> list:
   by_name = dict(file_layers)
   missing = [layer.name for layer in weighted['backbone'] if layer.name not in by_name]
   if missing:
-    raise WeightFileError(f'{source} lacks {len(missing)} backbone layers, e.g. {missing[:3]}: '
-                          'it is not a file of this backbone')
-  pairs = [('backbone', layer, (layer.name, by_name.pop(layer.name)))
-           for layer in weighted['backbone']]
+    raise WeightFileError(
+        f'{source} lacks {len(missing)} backbone layers, e.g. {missing[:3]}: '
+        'it is not a file of this backbone'
+    )
+  pairs = [
+      ('backbone', layer, (layer.name, by_name.pop(layer.name))) for layer in weighted['backbone']
+  ]
   if head_is_top:
-    pairs += [('head', layer, (layer.name, by_name.pop(layer.name)))
-              for layer in weighted['head'] if layer.name in by_name]
+    pairs += [
+        ('head', layer, (layer.name, by_name.pop(layer.name)))
+        for layer in weighted['head']
+        if layer.name in by_name
+    ]
   top = {'predictions'}
   extra = [name for name in by_name if name not in top]
   if extra:
-    raise WeightFileError(f'{source} has {len(extra)} layers this backbone lacks, e.g. '
-                          f'{extra[:3]}: it is a file of another backbone')
+    raise WeightFileError(
+        f'{source} has {len(extra)} layers this backbone lacks, e.g. '
+        f'{extra[:3]}: it is a file of another backbone'
+    )
   report.skipped += [f'{name}: {_NEW_HEAD}' for name in by_name]
   return pairs
 
 
-def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]],
-           file_layers: FileLayers, *, by_order: bool, source: str, head_is_top: bool,
-           unused_keys: Sequence[str] = ()) -> tuple[dict[str, Any], LoadReport]:
+def assign(
+    variables: dict[str, Any],
+    layer_groups: Mapping[str, Sequence[Layer]],
+    file_layers: FileLayers,
+    *,
+    by_order: bool,
+    source: str,
+    head_is_top: bool,
+    unused_keys: Sequence[str] = (),
+) -> tuple[dict[str, Any], LoadReport]:
   """Returns `variables` with the file's values in place, and the report.
 
   Args:
@@ -118,8 +149,10 @@ def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]
   """
   report = LoadReport(source)
   report.skipped += [f'{key}: not a parameter of this model' for key in unused_keys]
-  weighted = {g: [layer for layer in layers if layer.kind in WEIGHTED_KINDS]
-              for g, layers in layer_groups.items()}
+  weighted = {
+      g: [layer for layer in layers if layer.kind in WEIGHTED_KINDS]
+      for g, layers in layer_groups.items()
+  }
   pair_fn = _pairs_by_order if by_order else _pairs_by_name
   pairs = pair_fn(weighted, file_layers, source, head_is_top, report)
   out = {c: {g: dict(tree) for g, tree in groups.items()} for c, groups in variables.items()}
@@ -135,17 +168,23 @@ def assign(variables: dict[str, Any], layer_groups: Mapping[str, Sequence[Layer]
     for collection, leaves in new.items():
       current = variables[collection][group][layer.name]
       out[collection][group][layer.name] = {
-          k: np.asarray(v, dtype=current[k].dtype) for k, v in leaves.items()}
+          k: np.asarray(v, dtype=current[k].dtype) for k, v in leaves.items()
+      }
       report.num_loaded += sum(int(np.size(v)) for v in leaves.values())
     loaded.add((group, layer.name))
     report.loaded.append(f'{group}/{layer.name}')
-  report.initialised = [f'{g}/{layer.name}' for g, layers in weighted.items()
-                        for layer in layers if (g, layer.name) not in loaded]
+  report.initialised = [
+      f'{g}/{layer.name}'
+      for g, layers in weighted.items()
+      for layer in layers
+      if (g, layer.name) not in loaded
+  ]
   return out, report
 
 
-def _shape_problem(variables: dict[str, Any], group: str, name: str,
-                   new: dict[str, dict[str, Any]]) -> str | None:
+def _shape_problem(
+    variables: dict[str, Any], group: str, name: str, new: dict[str, dict[str, Any]]
+) -> str | None:
   for collection, leaves in new.items():
     expected = variables.get(collection, {}).get(group, {}).get(name)
     if expected is None or set(expected) != set(leaves):
@@ -153,6 +192,8 @@ def _shape_problem(variables: dict[str, Any], group: str, name: str,
       return f'{group}/{name}: the file has {sorted(leaves)} for {collection}, the model {have}'
     for key, value in leaves.items():
       if tuple(np.shape(value)) != tuple(expected[key].shape):
-        return (f'{collection} {group}/{name}/{key}: the file has shape '
-                f'{tuple(np.shape(value))}, the model expects {tuple(expected[key].shape)}')
+        return (
+            f'{collection} {group}/{name}/{key}: the file has shape '
+            f'{tuple(np.shape(value))}, the model expects {tuple(expected[key].shape)}'
+        )
   return None

@@ -65,13 +65,14 @@ def _hashes(path: Path, file: WeightFile) -> tuple[str | None, str | None]:
 
 def matches(file: WeightFile, md5: str | None, sha256: str | None) -> bool:
   """Whether the hashes agree with every checksum `file` records."""
-  return ((file.md5 is None or file.md5 == md5) and
-          (file.sha256 is None or file.sha256 == sha256) and
-          (file.sha256_prefix is None or (sha256 or '').startswith(file.sha256_prefix)))
+  return (
+      (file.md5 is None or file.md5 == md5)
+      and (file.sha256 is None or file.sha256 == sha256)
+      and (file.sha256_prefix is None or (sha256 or '').startswith(file.sha256_prefix))
+  )
 
 
-def verify(path: Path, file: WeightFile, name: Path | None = None, url: str | None = None
-           ) -> None:
+def verify(path: Path, file: WeightFile, name: Path | None = None, url: str | None = None) -> None:
   """Raises ChecksumError unless `path` holds `file`'s content.
 
   Args:
@@ -81,9 +82,11 @@ def verify(path: Path, file: WeightFile, name: Path | None = None, url: str | No
   md5, sha256 = _hashes(path, file)
   if not matches(file, md5, sha256):
     got = ', '.join(f'{k} {v}' for k, v in [('md5', md5), ('sha256', sha256)] if v)
-    raise ChecksumError(f'{name or path}: checksum mismatch ({got}; expected '
-                        f'{file.checksums()}); the file is refused. Put a good copy of '
-                        f'{url or file.url} there')
+    raise ChecksumError(
+        f'{name or path}: checksum mismatch ({got}; expected '
+        f'{file.checksums()}); the file is refused. Put a good copy of '
+        f'{url or file.url} there'
+    )
 
 
 def _progress(done: int, total: int | None, start: float, name: str) -> None:
@@ -125,8 +128,7 @@ def _fetch_here(file: WeightFile) -> Path:
   tmp = None
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{file.filename}.',
-                                    suffix='.part')
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f'.{file.filename}.', suffix='.part')
     tmp = Path(tmp_name)
     with os.fdopen(fd, 'wb') as out:
       _download(url, out, file.filename)
@@ -135,10 +137,13 @@ def _fetch_here(file: WeightFile) -> Path:
   except _NetworkError as e:
     raise WeightsUnavailableError(
         f'cannot download {url} ({e}). Offline, put the file at {path} (expected '
-        f'{file.checksums()}), or pass its path as config.model.weights') from None
+        f'{file.checksums()}), or pass its path as config.model.weights'
+    ) from None
   except OSError as e:
-    raise WeightFileError(f'cannot write {path} ({e}); set FINEFLAX_CACHE to a writable '
-                          'directory with room for the file') from None
+    raise WeightFileError(
+        f'cannot write {path} ({e}); set FINEFLAX_CACHE to a writable '
+        'directory with room for the file'
+    ) from None
   finally:
     if tmp is not None:
       tmp.unlink(missing_ok=True)

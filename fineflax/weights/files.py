@@ -37,6 +37,7 @@ def _text(x) -> str:
 def read_keras_h5(path: str | os.PathLike) -> FileLayers:
   """The layers with weights of a Keras legacy HDF5 weights file, in file order."""
   import h5py  # pylint: disable=g-import-not-at-top
+
   try:
     f = h5py.File(path, 'r')
   except OSError as e:
@@ -46,7 +47,8 @@ def read_keras_h5(path: str | os.PathLike) -> FileLayers:
     if 'layer_names' not in group.attrs:
       raise WeightFileError(
           f"{path}: not a Keras legacy weights file (no 'layer_names' attribute); fineflax "
-          'reads the HDF5 layout of keras.applications files')
+          'reads the HDF5 layout of keras.applications files'
+      )
     out = []
     for name in (_text(n) for n in group.attrs['layer_names']):
       layer = group[name]
@@ -61,6 +63,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = Path(path)
   if path.suffix == '.safetensors':
     from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+
     try:
       tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError
@@ -69,9 +72,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise WeightFileError(f'{path}: reading .pth / .pt files needs PyTorch (pip install torch); '
-                          'a .safetensors copy of the file needs only the safetensors '
-                          'package') from None
+    raise WeightFileError(
+        f'{path}: reading .pth / .pt files needs PyTorch (pip install torch); '
+        'a .safetensors copy of the file needs only the safetensors '
+        'package'
+    ) from None
   try:
     state = torch.load(path, map_location='cpu', weights_only=True)
   except Exception as e:  # torch raises pickle and zip errors alike
@@ -86,8 +91,9 @@ _TORCH_BLOCK = re.compile(r'^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.
 _BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var')
 
 
-def torch_resnet_layers(state: dict[str, np.ndarray],
-                        source: str | os.PathLike = 'state dict') -> tuple[FileLayers, list[str]]:
+def torch_resnet_layers(
+    state: dict[str, np.ndarray], source: str | os.PathLike = 'state dict'
+) -> tuple[FileLayers, list[str]]:
   """torchvision / timm ResNet names -> fineflax's Keras layer names and weight order.
 
   Returns the layers (convolution kernels OIHW -> HWIO, `fc` -> `predictions`) and the
@@ -115,8 +121,7 @@ def torch_resnet_layers(state: dict[str, np.ndarray],
       return None
     stage, block, part = int(m.group(1)), int(m.group(2)), m.group(3)
     name = f'conv{stage + 1}_block{block + 1}'
-    suffix = {'downsample.0': '0_conv', 'downsample.1': '0_bn'}.get(
-        part, f'{part[-1]}_{part[:-1]}')
+    suffix = {'downsample.0': '0_conv', 'downsample.1': '0_bn'}.get(part, f'{part[-1]}_{part[:-1]}')
     return f'{name}_{suffix}'
 
   out: FileLayers = []
@@ -145,6 +150,7 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
   """
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   path = storage.absolute(path, 'checkpoint folder')  # a local path or gs://
   # The item's handler, not a Checkpointer: that one also looks for the step's metadata
   # file in this item folder and logs a warning that it is not there.
@@ -154,11 +160,15 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
     tree = getattr(tree, 'tree', tree)
     wanted = {k: tree[k] for k in ('params', 'batch_stats') if tree.get(k)}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          wanted)
-    restored = handler.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
+    restored = handler.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True,
+        ),
+    )
   except Exception as e:  # Orbax raises a variety of errors for a foreign directory
     raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
   finally:
@@ -166,8 +176,9 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
   return {k: restored.get(k, {}) for k in ('params', 'batch_stats')}
 
 
-def variable_tree_layers(tree: Mapping[str, Any], layer_groups: Mapping[str, Sequence[Layer]],
-                         source: str) -> tuple[FileLayers, list[str]]:
+def variable_tree_layers(
+    tree: Mapping[str, Any], layer_groups: Mapping[str, Sequence[Layer]], source: str
+) -> tuple[FileLayers, list[str]]:
   """The layers of a tree of fineflax variables ({'params': {group: {layer: ...}},
   'batch_stats': ...}) in Keras weight order, and the head layers the model has no place
   for.
@@ -177,8 +188,7 @@ def variable_tree_layers(tree: Mapping[str, Any], layer_groups: Mapping[str, Seq
   """
   path = source
   params, stats = tree.get('params', {}), tree.get('batch_stats', {})
-  kinds = {(g, layer.name): layer.kind for g, layers in layer_groups.items()
-           for layer in layers}
+  kinds = {(g, layer.name): layer.kind for g, layers in layer_groups.items() for layer in layers}
   out, unused = [], []
   for group, layers in params.items():
     for name, p in layers.items():
@@ -204,8 +214,9 @@ def variable_tree_layers(tree: Mapping[str, Any], layer_groups: Mapping[str, Seq
   return out, unused
 
 
-def read_weight_file(path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
-                     ) -> tuple[FileLayers, list[str], bool]:
+def read_weight_file(
+    path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
+) -> tuple[FileLayers, list[str], bool]:
   """(layers, keys that were not used, whether layers must be matched by order).
 
   Keras files are matched by order, as Keras itself loads them (the names of Keras'
@@ -224,8 +235,11 @@ def read_weight_file(path: str | os.PathLike, layer_groups: Mapping[str, Sequenc
     state = read_state_dict(path)
     layers, unused = torch_resnet_layers(state, path)
     if not layers:
-      raise WeightFileError(f'{path}: no torchvision / timm ResNet parameters in it '
-                            f'(keys such as {list(state)[:3]})')
+      raise WeightFileError(
+          f'{path}: no torchvision / timm ResNet parameters in it '
+          f'(keys such as {list(state)[:3]})'
+      )
     return layers, unused, False
-  raise WeightFileError(f'{path}: unknown weight file type {path.suffix!r}; expected one of '
-                        f'{list(SUFFIXES)}')
+  raise WeightFileError(
+      f'{path}: unknown weight file type {path.suffix!r}; expected one of ' f'{list(SUFFIXES)}'
+  )

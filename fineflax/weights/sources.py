@@ -33,8 +33,15 @@ class WeightFile:
 
   def checksums(self) -> str:
     """The expected checksums, for messages."""
-    parts = [f'{k} {v}' for k, v in [('md5', self.md5), ('sha256', self.sha256),
-                                        ('sha256 prefix', self.sha256_prefix)] if v]
+    parts = [
+        f'{k} {v}'
+        for k, v in [
+            ('md5', self.md5),
+            ('sha256', self.sha256),
+            ('sha256 prefix', self.sha256_prefix),
+        ]
+        if v
+    ]
     return ', '.join(parts)
 
 
@@ -61,43 +68,92 @@ class Source:
 _KERAS = 'https://storage.googleapis.com/tensorflow/keras-applications'
 
 
-def _keras(backbone: str, folder: str, md5_full: str, md5_notop: str, top1: str,
-           licence: str) -> Source:
+def _keras(
+    backbone: str, folder: str, md5_full: str, md5_notop: str, top1: str, licence: str
+) -> Source:
   stem = f'{_KERAS}/{folder}/{backbone}_weights_tf_dim_ordering_tf_kernels'
   # keras.applications' module of each family is named like its folder of the bucket.
-  return Source('keras:imagenet', backbone, WeightFile(f'{stem}.h5', md5=md5_full),
-                WeightFile(f'{stem}_notop.h5', md5=md5_notop), top1, licence,
-                f"Keras' md5s, in keras.applications' `keras/src/applications/{folder}.py`")
+  return Source(
+      'keras:imagenet',
+      backbone,
+      WeightFile(f'{stem}.h5', md5=md5_full),
+      WeightFile(f'{stem}_notop.h5', md5=md5_notop),
+      top1,
+      licence,
+      f"Keras' md5s, in keras.applications' `keras/src/applications/{folder}.py`",
+  )
 
 
 def _torchvision(name: str, filename: str, top1: str) -> Source:
-  return Source(f'torchvision:{name}', 'resnet50_torchvision',
-                WeightFile(f'https://download.pytorch.org/models/{filename}',
-                           sha256_prefix=filename.split('-')[1].split('.')[0]),
-                None, top1, 'BSD-3-Clause (torchvision); ImageNet terms of use apply',
-                'the 8-hex sha256 prefix in the file name, all that torchvision publishes '
-                '(torch hub checks it)')
+  return Source(
+      f'torchvision:{name}',
+      'resnet50_torchvision',
+      WeightFile(
+          f'https://download.pytorch.org/models/{filename}',
+          sha256_prefix=filename.split('-')[1].split('.')[0],
+      ),
+      None,
+      top1,
+      'BSD-3-Clause (torchvision); ImageNet terms of use apply',
+      'the 8-hex sha256 prefix in the file name, all that torchvision publishes '
+      '(torch hub checks it)',
+  )
 
 
 SOURCES: tuple[Source, ...] = (
     # md5s as keras.applications checks them; top-1 as keras.io lists it.
-    _keras('resnet50', 'resnet', '2cb95161c43110f7111970584f804107',
-           '4d473c1dd8becc155b73f8504c6f6626', '74.9%', 'MIT (ported from Kaiming He et al.)'),
-    _keras('resnet101', 'resnet', 'f1aeb4b969a6efcfb50fad2f0c20cfc5',
-           '88cf7a10940856eca736dc7b7e228a21', '76.4%', 'MIT (ported from Kaiming He et al.)'),
-    _keras('resnet152', 'resnet', '100835be76be38e30d865e96f2aaae62',
-           'ee4c566cf9a93f14d82f913c2dc6dd0c', '76.6%', 'MIT (ported from Kaiming He et al.)'),
-    _keras('vgg16', 'vgg16', '64373286793e3c8b2b4e3219cbf3544b',
-           '6d6bbae143d832006294945121d1f1fc', '71.3%', 'CC BY 4.0 (Oxford VGG)'),
-    _keras('xception', 'xception', '0a58e3b7378bc2990ea3b43d5981f1f6',
-           'b0042744bf5b25fce3cb969f33bebb97', '79.0%', 'MIT (Keras)'),
+    _keras(
+        'resnet50',
+        'resnet',
+        '2cb95161c43110f7111970584f804107',
+        '4d473c1dd8becc155b73f8504c6f6626',
+        '74.9%',
+        'MIT (ported from Kaiming He et al.)',
+    ),
+    _keras(
+        'resnet101',
+        'resnet',
+        'f1aeb4b969a6efcfb50fad2f0c20cfc5',
+        '88cf7a10940856eca736dc7b7e228a21',
+        '76.4%',
+        'MIT (ported from Kaiming He et al.)',
+    ),
+    _keras(
+        'resnet152',
+        'resnet',
+        '100835be76be38e30d865e96f2aaae62',
+        'ee4c566cf9a93f14d82f913c2dc6dd0c',
+        '76.6%',
+        'MIT (ported from Kaiming He et al.)',
+    ),
+    _keras(
+        'vgg16',
+        'vgg16',
+        '64373286793e3c8b2b4e3219cbf3544b',
+        '6d6bbae143d832006294945121d1f1fc',
+        '71.3%',
+        'CC BY 4.0 (Oxford VGG)',
+    ),
+    _keras(
+        'xception',
+        'xception',
+        '0a58e3b7378bc2990ea3b43d5981f1f6',
+        'b0042744bf5b25fce3cb969f33bebb97',
+        '79.0%',
+        'MIT (Keras)',
+    ),
     _torchvision('IMAGENET1K_V1', 'resnet50-0676ba61.pth', '76.13%'),
     _torchvision('IMAGENET1K_V2', 'resnet50-11ad3fa6.pth', '80.86%'),
 )
 
-DEFAULTS = {'resnet50': 'keras:imagenet', 'resnet101': 'keras:imagenet',
-            'resnet152': 'keras:imagenet', 'vgg16': 'keras:imagenet',
-            'xception': 'keras:imagenet', 'resnet50_torchvision': 'torchvision:IMAGENET1K_V2'}
+DEFAULTS = {
+    'resnet50': 'keras:imagenet',
+    'resnet101': 'keras:imagenet',
+    'resnet152': 'keras:imagenet',
+    'vgg16': 'keras:imagenet',
+    'xception': 'keras:imagenet',
+    'resnet50_torchvision': 'torchvision:IMAGENET1K_V2',
+}
 
 
 def named_source(name: str, backbone: str) -> Source | None:
@@ -118,13 +174,19 @@ def names_for(backbone: str) -> list[str]:
 def markdown_table() -> str:
   """The named weights as a Markdown table (docs/models_and_weights.md embeds it; a test
   compares)."""
-  rows = ['| weights | backbone | file(s) | checksum | checksum source | '
-          'ImageNet top-1 (publisher) | licence |', '|---|---|---|---|---|---|---|']
+  rows = [
+      '| weights | backbone | file(s) | checksum | checksum source | '
+      'ImageNet top-1 (publisher) | licence |',
+      '|---|---|---|---|---|---|---|',
+  ]
   for src in SOURCES:
     default = ' (default)' if DEFAULTS.get(src.backbone) == src.name else ''
     files = [src.full] + ([src.notop] if src.notop else [])
-    rows.append(f'| `{src.name}`{default} | `{src.backbone}` | '
-                + ' and '.join(f'[`{f.filename}`]({f.url})' for f in files) + ' | '
-                + '; '.join(f.checksums() for f in files)
-                + f' | {src.checksum_source} | {src.top1} | {src.licence} |')
+    rows.append(
+        f'| `{src.name}`{default} | `{src.backbone}` | '
+        + ' and '.join(f'[`{f.filename}`]({f.url})' for f in files)
+        + ' | '
+        + '; '.join(f.checksums() for f in files)
+        + f' | {src.checksum_source} | {src.top1} | {src.licence} |'
+    )
   return '\n'.join(rows)
