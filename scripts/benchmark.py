@@ -13,7 +13,8 @@ Step mode times the step `fineflax.train` runs (`step.make_train_step` with the 
 plan's `optax.multi_transform` optimizer; `step.make_features_step` for `forward`) on a
 synthetic batch already on the devices, BatchNorm frozen, in the compute dtype ('auto':
 bfloat16 on GPU/TPU). Modes: forward (feature extraction), head (backbone frozen), conv5
-(Keras `layers[:143]` of ResNet50 frozen: everything before the first conv5 layer), full.
+(Keras `layers[:143]` of ResNet50 frozen: everything before the first conv5 layer; VGG16:
+before block5; ConvNeXt: before its last stage), full.
 Compilation is timed apart; the figure is the median of `--windows` windows of `--steps`
 steps after a warm-up window. `--loop` runs `fineflax.train.train_and_evaluate` instead,
 on uint8 images of `--data` through the real input pipeline (resized on the device to

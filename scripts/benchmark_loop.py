@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import tempfile
 import time
 from typing import Any, Iterator
@@ -27,8 +28,9 @@ from fineflax.run.reporting import MetricsLog
 from fineflax.train import loop, step as step_lib
 
 MODES = ('forward', 'head', 'conv5', 'full')
-# The first layer that trains in 'conv5' mode, per backbone family (Keras names).
-_CONV5_PREFIXES = ('conv5_', 'block5_')
+# The first layer that trains in 'conv5' mode, per backbone family (Keras names): ResNet's
+# conv5, VGG16's block5, ConvNeXt's last stage (its last downsampling block on).
+_CONV5_FIRST = re.compile(r'^(conv5_|block5_|convnext_\w+_downsampling_block_2$)')
 
 
 def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
@@ -38,9 +40,9 @@ def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
   if mode == 'full':
     return 'none'
   for i, layer in enumerate(backbone_layers):
-    if layer.name.startswith(_CONV5_PREFIXES):
+    if _CONV5_FIRST.match(layer.name):
       return f'layers[:{i}]'
-  raise ValueError('mode conv5: the backbone has no conv5/block5 layer')
+  raise ValueError('mode conv5: the backbone has no conv5/block5 layer or last ConvNeXt stage')
 
 
 def _loop_config(

@@ -212,3 +212,14 @@ def test_config_json_round_trip():
   assert config_lib.to_dict(back) == config_lib.to_dict(resolved)
   assert back.phases[0].early_stopping.patience == 3
   assert list(back.model.head.hidden) == [32, 16]
+
+
+def test_a_run_saved_before_a_key_existed_resumes_with_the_key_at_its_default():
+  """config.json of an earlier version lacks keys added since (model.drop_path): at their
+  defaults they are no change; set otherwise they are one."""
+  cfg = config_lib.validate(config_lib.default_config())
+  saved = config_lib.to_dict(cfg)
+  del saved['model']['drop_path']
+  assert config_lib.changes_on_resume(saved, cfg) == []
+  cfg.model.drop_path = 0.1
+  assert config_lib.changes_on_resume(saved, cfg) == ['model.drop_path: 0.0 -> 0.1']

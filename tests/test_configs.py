@@ -116,7 +116,8 @@ def test_vgg16_features_workflow_smoke_run(cats_vs_dogs_small, tmp_path, caplog)
 
 
 @pytest.mark.parametrize(
-    'name', ['cifar10', 'cats_vs_dogs', 'cifar10_32px', 'cifar10_discriminative']
+    'name',
+    ['cifar10', 'cats_vs_dogs', 'cifar10_32px', 'cifar10_discriminative', 'cifar10_convnext'],
 )
 def test_tfds_workflow_smoke_run(name, tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

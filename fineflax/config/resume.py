@@ -7,6 +7,7 @@ from typing import Any
 
 import ml_collections
 
+from fineflax.config.schema import default_config
 from fineflax.config.validation import to_dict
 
 # What may change when a run is resumed: how long phases last, what is reported, how
@@ -34,8 +35,11 @@ def _flatten(values: Any, prefix: str = '') -> dict[str, Any]:
 
 def changes_on_resume(saved: dict[str, Any], config: ml_collections.ConfigDict) -> list[str]:
   """The keys in which `config` differs from a run's saved config.json that a resume must
-  not change silently, as 'key: saved -> now' (phases appended at the end are fine)."""
+  not change silently, as 'key: saved -> now' (phases appended at the end are fine; a key
+  the saved config predates counts as saved at its default)."""
   old, new = _flatten(saved), _flatten(to_dict(config))
+  defaults = {k: v for k, v in _flatten(to_dict(default_config())).items() if '[' not in k}
+  old = {**{k: v for k, v in defaults.items() if k not in old}, **old}
   appended = len(config.phases) > len(saved.get('phases', ()))
   out = []
   for key in sorted(set(old) | set(new)):

@@ -87,8 +87,17 @@ SCHEMA: dict[str, Any] = {
             'auto',
             STR,
             "Input normalisation: 'caffe', 'tf' ([-1, 1]),"
-            " 'torch' (mean/std); 'auto': the backbone's.",
+            " 'torch' (mean/std), 'raw' ([0, 255]: Keras' ConvNeXt normalises inside); "
+            "'auto': the backbone's.",
             check=value_check('model.preprocessing'),
+        ),
+        'drop_path': Field(
+            0.0,
+            FLOAT,
+            'Stochastic depth (ConvNeXt): the drop rate of the last residual block, '
+            "rising linearly from 0 at the first (Keras' drop_path_rate); drawn per "
+            'example, in the blocks that train; 0: none.',
+            check=fraction,
         ),
         'head': {
             'pooling': Field(

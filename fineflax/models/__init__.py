@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
-from fineflax.models import heads, preprocessing, resnet, vgg, xception
+from fineflax.models import convnext, heads, preprocessing, resnet, vgg, xception
 from fineflax.models.classifier import Classifier, abstract_variables
 from fineflax.models.graph import KerasGraph, Layer
 from fineflax.models.heads import head_layers
@@ -29,6 +30,11 @@ class BackboneSpec:
   # output: (name, prefix of the name of the stage's first layer); see
   # `Classifier.layer_stages`.
   stages: tuple[tuple[str, str], ...] = ()
+  # How many of the last backbone layers Keras' top replaces (ConvNeXt: the per-pixel
+  # `layer_normalization` of Keras' top-less model): an `include_top` model lacks them.
+  top_replaces: int = 0
+  # Whether `build` takes `drop_path` (config.model.drop_path: stochastic depth).
+  drop_path: bool = False
 
 
 # As the architectures' papers describe them: ResNet's stem (conv1, pool1) and conv2_x ..
@@ -97,6 +103,33 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
 }
 
+# keras.applications' ConvNeXt variants, and torchvision's (it has no xlarge); top-less
+# parameter counts.
+_CONVNEXT_PARAMS = {
+    'tiny': '27.8M',
+    'small': '49.5M',
+    'base': '87.6M',
+    'large': '196.2M',
+    'xlarge': '348.1M',
+}
+for _variant, _params in _CONVNEXT_PARAMS.items():
+  for _layout, _suffix, _norm, _who in [
+      ('keras', '', 'raw', 'Keras'),
+      ('torchvision', '_torchvision', 'torch', 'torchvision'),
+  ]:
+    if _layout == 'torchvision' and _variant == 'xlarge':
+      continue
+    BACKBONES[f'convnext_{_variant}{_suffix}'] = BackboneSpec(
+        functools.partial(convnext.ConvNeXt, _variant, _layout),
+        functools.partial(convnext.convnext_top, _variant),
+        _norm,
+        224,
+        f'{_who} ConvNeXt-{_variant.capitalize()}, {_params} params',
+        stages=convnext.stages(_variant),
+        top_replaces=1,
+        drop_path=True,
+    )
+
 DTYPES = ('auto', 'float32', 'bfloat16')  # config.dtype (`compute_dtype`)
 
 registry.register_choices('model.backbone', lambda: BACKBONES)
@@ -104,6 +137,19 @@ registry.register_choices('dtype', DTYPES)
 registry.register_choices('model.preprocessing', ('auto', *preprocessing.PREPROCESSORS))
 registry.register_choices('model.head.pooling', heads.POOLING)
 registry.register_choices('model.head.activation', heads.ACTIVATIONS)
+
+
+def _check_drop_path(config: Any) -> None:
+  rate = config.model.get('drop_path', 0.0)
+  if rate and not BACKBONES[config.model.backbone].drop_path:
+    with_it = sorted(name for name, spec in BACKBONES.items() if spec.drop_path)
+    raise ConfigError(
+        f'config.model.drop_path={rate!r}: backbone {config.model.backbone!r} has no '
+        f'stochastic depth (backbones with it: {", ".join(with_it)}); set 0.0'
+    )
+
+
+registry.register_config_check('drop_path', _check_drop_path)
 
 
 def build_model(
@@ -127,8 +173,12 @@ def build_model(
   normalisation = model_config.preprocessing
   if normalisation == 'auto':
     normalisation = spec.preprocessing
+  kwargs = {'drop_path': model_config.get('drop_path', 0.0)} if spec.drop_path else {}
+  backbone = spec.build(dtype=dtype, bn_axis_name=bn_axis_name, **kwargs)
+  if model_config.get('include_top', False) and spec.top_replaces:
+    backbone = backbone.clone(layers=backbone.layers[: -spec.top_replaces])
   return Classifier(
-      backbone=spec.build(dtype=dtype, bn_axis_name=bn_axis_name),
+      backbone=backbone,
       head=head,
       image_size=model_config.image_size,
       preprocessing=normalisation,

@@ -44,6 +44,7 @@ class Classifier(nn.Module):
       train: bool = False,
       bn_train: frozenset[str] = frozenset(),
       example_keys: jax.Array | None = None,
+      stochastic_depth: frozenset[str] = frozenset(),
   ) -> jax.Array:
     """Logits for a batch of [0, 255] RGB images.
 
@@ -55,10 +56,16 @@ class Classifier(nn.Module):
         moving statistics.
       example_keys: one key per image, for dropout masks that do not depend on the
         device count (`KerasGraph`).
+      stochastic_depth: paths ('backbone/convnext_tiny_stage_3_block_2_stochastic_depth')
+        of the StochasticDepth layers that drop residual branches when `train`.
     """
     x = preprocessing.preprocess(preprocessing.resize(images, self.image_size), self.preprocessing)
     x = self.backbone(
-        x, train=train, bn_train=_under(bn_train, 'backbone'), example_keys=example_keys
+        x,
+        train=train,
+        bn_train=_under(bn_train, 'backbone'),
+        example_keys=example_keys,
+        stochastic_depth=_under(stochastic_depth, 'backbone'),
     )
     return self.head(x, train=train, bn_train=_under(bn_train, 'head'), example_keys=example_keys)
 
@@ -76,8 +83,11 @@ class Classifier(nn.Module):
       train: bool = False,
       bn_train: frozenset[str] = frozenset(),
       example_keys: jax.Array | None = None,
+      stochastic_depth: frozenset[str] = frozenset(),
   ) -> jax.Array:
-    """Logits from `features(images)`: the rest of the head."""
+    """Logits from `features(images)`: the rest of the head (`stochastic_depth`: unused,
+    as the backbone's layers have run, so that both methods take the same arguments)."""
+    del stochastic_depth
     return self.head(
         features,
         train=train,

@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fineflax.models import layer_kinds
+
 # Keras defaults, so that `model.init` starts where Keras' `weights=None` does (runs draw
 # the same distributions on the host: `fineflax.train.state.init_variables`).
 KERNEL_INIT = nn.initializers.glorot_uniform()
@@ -36,9 +38,19 @@ class Layer:
   # (ZeroPadding2D, and torchvision's symmetric convolution padding).
   padding: Any = 'valid'
   use_bias: bool = True
-  rate: float = 0.0  # Dropout
-  activation: str | None = None  # fused activation of Conv2D / Dense ('relu')
+  groups: int = 1  # Conv2D: Keras' `groups` (ConvNeXt's depthwise convolution: its channels)
+  rate: float = 0.0  # Dropout, StochasticDepth
+  activation: str | None = None  # Activation, fused into Conv2D / Dense ('relu', 'gelu')
   dtype: Any = None  # overrides the network's compute dtype (e.g. a float32 classifier)
+  epsilon: float | None = None  # LayerNormalization; None: Keras' default 1e-3
+  # Normalization: Keras' fixed `mean` and `variance` per channel (constants, not weights).
+  mean: tuple[float, ...] = ()
+  variance: tuple[float, ...] = ()
+  # A layer whose output is added to this one's: Keras' `inputs + layer(x)` at the end of
+  # a residual block, an operation of Keras' graph rather than a layer, so that it has no
+  # place of its own in the layer list. This layer's output is the sum.
+  residual: str | None = None
+  sublayers: tuple[Layer, ...] = ()  # Sequential: its layers (params under their names)
 
 
 def chain(layers: Sequence[Layer]) -> tuple[Layer, ...]:
@@ -76,6 +88,7 @@ class KerasGraph(nn.Module):
       start: int = 0,
       stop: int | None = None,
       example_keys: jax.Array | None = None,
+      stochastic_depth: frozenset[str] = frozenset(),
   ) -> jax.Array:
     """Applies the graph, or the chain of layers `layers[start:stop]`.
 
@@ -90,13 +103,18 @@ class KerasGraph(nn.Module):
       example_keys: one random key per row of `x` (from its index in the global batch):
         dropout masks are drawn per example from them, so they do not depend on how many
         devices share the batch. Without them dropout draws from the 'dropout' rng.
+      stochastic_depth: names of the StochasticDepth layers that drop residual branches
+        when `train` (those of trainable blocks: `freeze.stochastic_depth_layers`); the
+        others pass the branch through, as in inference.
     Returns:
       The output of the last layer run.
     """
     values: dict[str, jax.Array] = {}
     for layer in self.layers[start:stop]:
       inputs = [values.get(name, x) for name in layer.inputs] or [x]
-      y = self._apply_layer(layer, inputs, train, bn_train, example_keys)
+      y = self._apply_layer(layer, inputs, train, bn_train, example_keys, stochastic_depth)
+      if layer.residual is not None:
+        y = values.get(layer.residual, x) + y
       # Every layer's output in order (collected only when 'intermediates' is mutable).
       self.sow('intermediates', 'layer_outputs', y)
       values[layer.name] = y
@@ -109,6 +127,7 @@ class KerasGraph(nn.Module):
       train: bool,
       bn_train: frozenset[str],
       example_keys: jax.Array | None,
+      stochastic_depth: frozenset[str] = frozenset(),
   ) -> jax.Array:
     x = inputs[0]
     dtype = layer.dtype or self.dtype
@@ -124,6 +143,7 @@ class KerasGraph(nn.Module):
           (layer.kernel, layer.kernel),
           strides=(layer.stride, layer.stride),
           padding=_conv_padding(layer.padding),
+          feature_group_count=layer.groups,
           use_bias=layer.use_bias,
           dtype=dtype,
           kernel_init=KERNEL_INIT,
@@ -152,6 +172,25 @@ class KerasGraph(nn.Module):
       )(x)
     if kind == 'Activation':
       return _activate(x, layer.activation or 'relu')
+    if kind == 'Normalization':
+      return layer_kinds.normalization(x, layer.mean, layer.variance)
+    if kind == 'LayerNormalization':
+      return layer_kinds.layer_norm(x, layer.epsilon, dtype, layer.name)
+    if kind == 'LayerScale':
+      return layer_kinds.LayerScale(dtype=dtype, name=layer.name)(x)
+    if kind == 'StochasticDepth':
+      if train and layer.rate > 0 and layer.name in stochastic_depth:
+        index = self.layers.index(layer)
+        return layer_kinds.stochastic_depth(self, x, layer.rate, example_keys, index)
+      return x
+    if kind == 'Sequential':
+      return KerasGraph(
+          layers=layer.sublayers,
+          dtype=dtype,
+          bn_epsilon=self.bn_epsilon,
+          bn_axis_name=self.bn_axis_name,
+          name=layer.name,
+      )(x, train=train, example_keys=example_keys)
     if kind == 'MaxPooling2D':
       window = (layer.kernel, layer.kernel)
       # 'same' pads with -inf, as Keras / TensorFlow pooling does.
@@ -241,4 +280,8 @@ def _activate(x: jax.Array, activation: str | None) -> jax.Array:
     return x
   if activation == 'relu':
     return nn.relu(x)
+  if activation == 'gelu':  # Keras' and torch's GELU: the exact erf form
+    return nn.gelu(x, approximate=False)
+  if activation == 'linear':
+    return x
   raise ValueError(f'unsupported activation {activation!r}')

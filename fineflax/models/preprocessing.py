@@ -27,7 +27,13 @@ def torch(x: jax.Array) -> jax.Array:
   return (x / 255.0 - jnp.asarray(TORCH_MEAN, x.dtype)) / jnp.asarray(TORCH_STD, x.dtype)
 
 
-PREPROCESSORS = {'caffe': caffe, 'tf': tf, 'torch': torch}
+def raw(x: jax.Array) -> jax.Array:
+  """Keras ConvNeXt: [0, 255] as they are; the network normalises them itself (its
+  Normalization layer)."""
+  return x
+
+
+PREPROCESSORS = {'caffe': caffe, 'tf': tf, 'torch': torch, 'raw': raw}
 
 
 def preprocess(images: jax.Array, mode: str) -> jax.Array:

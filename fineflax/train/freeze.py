@@ -156,3 +156,24 @@ def bn_train_layers(labels: Labels, layer_groups: Mapping[str, Sequence[Layer]])
       if layer.kind == 'BatchNormalization' and labels[group][layer.name]['scale'] == TRAINABLE:
         out.add(f'{group}/{layer.name}')
   return frozenset(out)
+
+
+def stochastic_depth_layers(
+    labels: Labels | None, layer_groups: Mapping[str, Sequence[Layer]]
+) -> frozenset[str]:
+  """Paths of the StochasticDepth layers that drop residual branches in training: those
+  whose branch trains (the layer scale they read has a trainable parameter; `labels` None:
+  everything trains).
+
+  A frozen block runs as in inference, as BatchNormalization in frozen layers does: its
+  output stays what cached features hold, and a branch nothing can adapt to is not dropped.
+  """
+  out = set()
+  for group, layers in layer_groups.items():
+    for layer in layers:
+      if layer.kind != 'StochasticDepth':
+        continue
+      source = labels[group].get(layer.inputs[0], {}) if labels is not None else {'': TRAINABLE}
+      if TRAINABLE in jax.tree.leaves(source):
+        out.add(f'{group}/{layer.name}')
+  return frozenset(out)

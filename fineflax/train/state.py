@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fineflax.models import abstract_variables
+from fineflax.models.layer_kinds import LAYER_SCALE_INIT
 from fineflax.train import optimizers
 
 
@@ -35,7 +36,8 @@ def _glorot_limit(shape: tuple[int, ...]) -> float:
   return math.sqrt(6.0 / (fan_in + fan_out))
 
 
-# Keras' initialisers by parameter name: glorot_uniform kernels, zero biases, BN at identity.
+# Keras' initialisers by parameter name: glorot_uniform kernels, zero biases, BN and
+# LayerNormalization at identity, ConvNeXt's layer scales at their constant.
 _INIT = {
     'kernel': 'glorot',
     'depthwise_kernel': 'glorot',
@@ -44,6 +46,7 @@ _INIT = {
     'scale': 'ones',
     'mean': 'zeros',
     'var': 'ones',
+    'gamma': 'layer_scale',
 }
 
 
@@ -67,6 +70,8 @@ def init_variables(
     if rule == 'glorot':
       limit = _glorot_limit(leaf.shape)
       return rng.uniform(-limit, limit, leaf.shape).astype(leaf.dtype)
+    if rule == 'layer_scale':
+      return np.full(leaf.shape, LAYER_SCALE_INIT, leaf.dtype)
     return (np.zeros if rule == 'zeros' else np.ones)(leaf.shape, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(init, abstract)

@@ -27,6 +27,7 @@ from fineflax.data.augment import Augment
 from fineflax.data.dataset import Split, eval_batches
 from fineflax.distributed.parallel import AXIS
 from fineflax.run.progress import METRICS
+from fineflax.train import freeze
 from fineflax.train.optimizers import Optimizer
 from fineflax.train.state import TrainState
 
@@ -218,7 +219,8 @@ def make_train_step(
       differentiated and updated.
     mesh: the device mesh (axis `batch`).
     bn_train: BatchNormalization layers that run in training mode (empty: all frozen, and
-      `batch_stats` pass through untouched).
+      `batch_stats` pass through untouched). Stochastic depth (config.model.drop_path)
+      drops the branches of the blocks that train (`freeze.stochastic_depth_layers`).
     seed: augmentation, mixup and dropout are functions of (seed, step, global example
       index): the same on any number of devices.
     augment: the augmentations, applied on the device before the model.
@@ -232,6 +234,7 @@ def make_train_step(
   if on_features and (augment.geometric or augment.crop is not None or augment.mixup > 0):
     raise ValueError('cached features cannot be augmented')
   method = 'classify' if on_features else None
+  drop_paths = freeze.stochastic_depth_layers(optimizer.labels, model.layer_groups())
 
   def weigh(targets: jax.Array) -> jax.Array:
     if class_weights is None:
@@ -286,13 +289,19 @@ def make_train_step(
             train=True,
             bn_train=bn_train,
             example_keys=dropout_keys,
+            stochastic_depth=drop_paths,
             mutable=['batch_stats'],
             method=method,
         )
         new_stats = updated['batch_stats']
       else:
         logits = model.apply(
-            variables, images, train=True, example_keys=dropout_keys, method=method
+            variables,
+            images,
+            train=True,
+            example_keys=dropout_keys,
+            stochastic_depth=drop_paths,
+            method=method,
         )
         new_stats = stats
       loss, correct = per_example_loss(logits, targets, label_smoothing)

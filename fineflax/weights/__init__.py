@@ -10,8 +10,8 @@ from typing import Any
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
-from fineflax.models import Classifier
-from fineflax.weights.assign import LoadReport, assign
+from fineflax.models import BACKBONES, Classifier
+from fineflax.weights.assign import LoadReport, assign, has_weights
 from fineflax.weights.download import ChecksumError, WeightsUnavailableError, cache_dir, fetch
 from fineflax.weights.files import (
     SUFFIXES,
@@ -66,6 +66,7 @@ def load_pretrained(
     path = resolve(model_config.weights, model_config.backbone, include_top)
   groups = model.layer_groups()
   layers, unused, by_order = read_weight_file(path, groups)
+  top = BACKBONES[model_config.backbone].top(1)
   return assign(
       variables,
       groups,
@@ -74,6 +75,7 @@ def load_pretrained(
       source=str(path),
       head_is_top=include_top,
       unused_keys=unused,
+      top_names=[layer.name for layer in top if has_weights(layer)],
   )
 
 

@@ -9,14 +9,40 @@ for (the top, when the model has a new head) are skipped. Every load says which.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
 from fineflax.models.graph import Layer
-from fineflax.weights.files import FileLayers, WeightFileError
+from fineflax.weights.files import FileLayers, WeightFileError, keras_arrays
 
-WEIGHTED_KINDS = ('Conv2D', 'SeparableConv2D', 'BatchNormalization', 'Dense')
+WEIGHTED_KINDS = (
+    'Conv2D',
+    'SeparableConv2D',
+    'BatchNormalization',
+    'LayerNormalization',
+    'LayerScale',
+    'Dense',
+)
+
+
+def has_weights(layer: Layer) -> bool:
+  """Whether Keras saves weights for `layer` (a Sequential: when one of its layers has)."""
+  if layer.kind == 'Sequential':
+    return any(has_weights(sub) for sub in layer.sublayers)
+  return layer.kind in WEIGHTED_KINDS
+
+
+def weight_count(layer: Layer) -> int:
+  """How many arrays Keras saves for `layer`."""
+  if layer.kind == 'Sequential':
+    return sum(weight_count(sub) for sub in layer.sublayers)
+  counts = {'BatchNormalization': 4, 'LayerNormalization': 2, 'LayerScale': 1, 'Dense': 2}
+  if layer.kind in counts:
+    return counts[layer.kind]
+  if layer.kind in WEIGHTED_KINDS:  # convolutions: kernel(s), then the bias if any
+    return (2 if layer.kind == 'SeparableConv2D' else 1) + int(layer.use_bias)
+  return 0
 
 
 @dataclasses.dataclass
@@ -42,19 +68,38 @@ class LoadReport:
 
 
 def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dict[str, Any]]:
-  """Keras' weights of one layer -> {'params': {...}, 'batch_stats': {...}} of fineflax."""
+  """Keras' weights of one layer -> {'params': {...}, 'batch_stats': {...}} of fineflax (a
+  Sequential's nested under its layers' names)."""
   a = list(arrays)
+  if layer.kind == 'Sequential':
+    if len(a) != weight_count(layer):
+      raise WeightFileError(
+          f'{layer.name}: expected {weight_count(layer)} arrays for its layers '
+          f'{[sub.name for sub in layer.sublayers]}, got {len(a)}'
+      )
+    out: dict[str, dict[str, Any]] = {}
+    for sub in (sub for sub in layer.sublayers if has_weights(sub)):
+      n = weight_count(sub)
+      for collection, leaves in layer_variables(sub, a[:n]).items():
+        out.setdefault(collection, {})[sub.name] = leaves
+      a = a[n:]
+    return out
   if layer.kind == 'BatchNormalization':
     if len(a) != 4:
       raise WeightFileError(
           f'{layer.name}: expected gamma, beta, mean and variance, got ' f'{len(a)} arrays'
       )
     return {'params': {'scale': a[0], 'bias': a[1]}, 'batch_stats': {'mean': a[2], 'var': a[3]}}
+  if layer.kind in ('LayerNormalization', 'LayerScale'):
+    names = ('scale', 'bias') if layer.kind == 'LayerNormalization' else ('gamma',)
+    if len(a) != len(names):
+      raise WeightFileError(f'{layer.name}: expected {len(names)} arrays, got {len(a)}')
+    return {'params': dict(zip(names, a))}
   if layer.kind == 'SeparableConv2D':
     # Keras' depthwise kernel is (k, k, C, 1); a grouped convolution wants (k, k, 1, C).
     params = {'depthwise_kernel': a[0].transpose(0, 1, 3, 2), 'pointwise_kernel': a[1]}
     rest = a[2:]
-  else:
+  else:  # Conv2D (grouped too: Keras' and Flax's kernels are both (k, k, C / groups, F))
     params, rest = {'kernel': a[0]}, a[1:]
   if rest:
     params['bias'] = rest[0]
@@ -100,6 +145,7 @@ def _pairs_by_name(
     source: str,
     head_is_top: bool,
     report: LoadReport,
+    top_names: Collection[str] = ('predictions',),
 ) -> list:
   by_name = dict(file_layers)
   missing = [layer.name for layer in weighted['backbone'] if layer.name not in by_name]
@@ -117,8 +163,7 @@ def _pairs_by_name(
         for layer in weighted['head']
         if layer.name in by_name
     ]
-  top = {'predictions'}
-  extra = [name for name in by_name if name not in top]
+  extra = [name for name in by_name if name not in top_names]
   if extra:
     raise WeightFileError(
         f'{source} has {len(extra)} layers this backbone lacks, e.g. '
@@ -137,12 +182,15 @@ def assign(
     source: str,
     head_is_top: bool,
     unused_keys: Sequence[str] = (),
+    top_names: Collection[str] = ('predictions',),
 ) -> tuple[dict[str, Any], LoadReport]:
   """Returns `variables` with the file's values in place, and the report.
 
   Args:
     head_is_top: the model's head is Keras' ImageNet top (`include_top`); a file's top
       is loaded into it, and skipped otherwise.
+    top_names: the layers of Keras' top with weights: a file matched by name may hold them
+      beyond the backbone (skipped under a new head); any other extra layer is an error.
   Raises:
     WeightFileError: the file does not hold this backbone (or holds a larger one), or a
       backbone parameter's shape differs (named in the message).
@@ -150,16 +198,18 @@ def assign(
   report = LoadReport(source)
   report.skipped += [f'{key}: not a parameter of this model' for key in unused_keys]
   weighted = {
-      g: [layer for layer in layers if layer.kind in WEIGHTED_KINDS]
-      for g, layers in layer_groups.items()
+      g: [layer for layer in layers if has_weights(layer)] for g, layers in layer_groups.items()
   }
-  pair_fn = _pairs_by_order if by_order else _pairs_by_name
-  pairs = pair_fn(weighted, file_layers, source, head_is_top, report)
+  if by_order:
+    pairs = _pairs_by_order(weighted, file_layers, source, head_is_top, report)
+  else:
+    pairs = _pairs_by_name(weighted, file_layers, source, head_is_top, report, top_names)
   out = {c: {g: dict(tree) for g, tree in groups.items()} for c, groups in variables.items()}
   loaded = set()
   for group, layer, (file_name, arrays) in pairs:
-    new = layer_variables(layer, arrays)
-    problem = _shape_problem(variables, group, layer.name, new)
+    problem = _count_problem(variables, group, layer, arrays)
+    new = {} if problem else layer_variables(layer, arrays)
+    problem = problem or _shape_problem(variables, group, layer.name, new)
     if problem and group == 'backbone':
       raise WeightFileError(f'{source}: {problem} (file layer {file_name!r})')
     if problem:
@@ -167,10 +217,8 @@ def assign(
       continue
     for collection, leaves in new.items():
       current = variables[collection][group][layer.name]
-      out[collection][group][layer.name] = {
-          k: np.asarray(v, dtype=current[k].dtype) for k, v in leaves.items()
-      }
-      report.num_loaded += sum(int(np.size(v)) for v in leaves.values())
+      out[collection][group][layer.name] = _as_dtypes(leaves, current)
+      report.num_loaded += sum(int(np.size(v)) for v in _flat(leaves).values())
     loaded.add((group, layer.name))
     report.loaded.append(f'{group}/{layer.name}')
   report.initialised = [
@@ -182,18 +230,54 @@ def assign(
   return out, report
 
 
+def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+  """{'a/b': leaf} of a nested dict (a Sequential's layers nest their parameters)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flat(value, f'{prefix}{key}/'))
+    else:
+      out[f'{prefix}{key}'] = value
+  return out
+
+
+def _as_dtypes(leaves: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+  """`leaves` as numpy arrays of the dtypes of the model's `current` leaves, same nesting."""
+  return {
+      k: _as_dtypes(v, current[k]) if isinstance(v, Mapping) else np.asarray(v, current[k].dtype)
+      for k, v in leaves.items()
+  }
+
+
+def _count_problem(
+    variables: dict[str, Any], group: str, layer: Layer, arrays: Sequence[np.ndarray]
+) -> str | None:
+  """What is wrong when the file's layer has another number of arrays than `layer` takes."""
+  if len(arrays) == weight_count(layer):
+    return None
+  own = lambda collection: variables.get(collection, {}).get(group, {}).get(layer.name, {})
+  expected = [tuple(a.shape) for a in keras_arrays(layer, own('params'), own('batch_stats'))]
+  return (
+      f'{group}/{layer.name}: the file has {len(arrays)} arrays of shapes '
+      f'{[tuple(np.shape(a)) for a in arrays]}, the model expects {len(expected)} of shapes '
+      f'{expected}'
+  )
+
+
 def _shape_problem(
     variables: dict[str, Any], group: str, name: str, new: dict[str, dict[str, Any]]
 ) -> str | None:
   for collection, leaves in new.items():
     expected = variables.get(collection, {}).get(group, {}).get(name)
-    if expected is None or set(expected) != set(leaves):
-      have = sorted(expected or {})
-      return f'{group}/{name}: the file has {sorted(leaves)} for {collection}, the model {have}'
-    for key, value in leaves.items():
-      if tuple(np.shape(value)) != tuple(expected[key].shape):
+    want, have = _flat(expected or {}), _flat(leaves)
+    if expected is None or set(want) != set(have):
+      return (
+          f'{group}/{name}: the file has {sorted(have)} for {collection}, the model {sorted(want)}'
+      )
+    for key, value in have.items():
+      if tuple(np.shape(value)) != tuple(want[key].shape):
         return (
             f'{collection} {group}/{name}/{key}: the file has shape '
-            f'{tuple(np.shape(value))}, the model expects {tuple(expected[key].shape)}'
+            f'{tuple(np.shape(value))}, the model expects {tuple(want[key].shape)}'
         )
   return None

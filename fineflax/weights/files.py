@@ -3,10 +3,12 @@ weight order), e.g. ('conv1_bn', [gamma, beta, moving_mean, moving_variance]).
 
 fineflax: an Orbax checkpoint directory of the variables tree (scripts/convert_weights.py).
 Keras: the legacy weights-only HDF5 layout of `keras.applications` files (`layer_names`
-and `weight_names` attributes), with or without the top. torch: `.pth` / `.pt` state
-dicts (needs PyTorch) and `.safetensors` files (needs only `safetensors`) of the
-torchvision / timm ResNet50, whose names (`layer3.5.conv2.weight`) are mapped here onto
-the Keras layer names fineflax uses.
+and `weight_names` attributes), with or without the top, and Keras 3's own `.weights.h5`
+(`model.save_weights`: each layer's variables under a `vars` group named after it).
+torch: `.pth` / `.pt` state dicts (needs PyTorch) and `.safetensors` files (needs only
+`safetensors`) of the torchvision / timm ResNet50 and torchvision's ConvNeXt, whose names
+(`layer3.5.conv2.weight`, `features.5.8.block.3.weight`) are mapped here onto the Keras
+layer names fineflax uses.
 """
 
 from __future__ import annotations
@@ -56,6 +58,49 @@ def read_keras_h5(path: str | os.PathLike) -> FileLayers:
       if weight_names:
         out.append((name, [np.asarray(layer[w]) for w in weight_names]))
     return out
+
+
+def is_keras3_weights(path: str | os.PathLike) -> bool:
+  """Whether an HDF5 file is in Keras 3's `.weights.h5` layout (a `layers` group, no
+  legacy `layer_names`)."""
+  import h5py  # pylint: disable=g-import-not-at-top
+
+  try:
+    with h5py.File(path, 'r') as f:
+      return 'layers' in f and 'layer_names' not in f.attrs and 'model_weights' not in f
+  except OSError:
+    return False  # read_keras_h5 says what is wrong with it
+
+
+def read_keras3_weights(
+    path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
+) -> FileLayers:
+  """The layers with weights of a Keras 3 `.weights.h5` file, by the layer names Keras
+  records on each `vars` group, wherever the layer sits (a base model nested in another
+  model too). A Sequential layer of the model takes its layers' arrays, in its order."""
+  import h5py  # pylint: disable=g-import-not-at-top
+
+  found: dict[str, list[np.ndarray]] = {}
+
+  def visit(name: str, obj: Any) -> None:
+    if isinstance(obj, h5py.Group) and name.rsplit('/', 1)[-1] == 'vars' and len(obj):
+      if 'name' not in obj.attrs:
+        raise WeightFileError(
+            f'{path}: {name} has no layer name (written by a Keras 3 older than the one '
+            'that records them); save the weights with a newer Keras, or as .h5 through '
+            "Keras' legacy writer"
+        )
+      found[_text(obj.attrs['name'])] = [np.asarray(obj[str(i)]) for i in range(len(obj))]
+
+  with h5py.File(path, 'r') as f:
+    f.visititems(visit)
+  for layers in layer_groups.values():
+    for layer in layers:
+      if layer.kind == 'Sequential' and layer.name not in found:
+        parts = [found.pop(sub.name) for sub in layer.sublayers if sub.name in found]
+        if parts:
+          found[layer.name] = [a for part in parts for a in part]
+  return list(found.items())
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -141,6 +186,77 @@ def torch_resnet_layers(
   return out, unused
 
 
+_TORCH_CONVNEXT_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.(block\.[0235]|layer_scale)')
+# CNBlock.block's modules: depthwise conv, (permute), LayerNorm, Linear, (GELU), Linear.
+_CONVNEXT_BLOCK_PARTS = {
+    'block.0': 'depthwise_conv',
+    'block.2': 'layernorm',
+    'block.3': 'pointwise_conv_1',
+    'block.5': 'pointwise_conv_2',
+    'layer_scale': 'layer_scale',
+}
+
+
+def is_torch_convnext(state: Mapping[str, np.ndarray]) -> bool:
+  """Whether a state dict holds a torchvision ConvNeXt (`features.1.0.layer_scale`)."""
+  return any(_TORCH_CONVNEXT_BLOCK.match(key) for key in state)
+
+
+def torch_convnext_layers(
+    state: dict[str, np.ndarray],
+    backbone: Sequence[Layer],
+    source: str | os.PathLike = 'state dict',
+) -> tuple[FileLayers, list[str]]:
+  """torchvision ConvNeXt names -> the Keras layer names of the model's `backbone`.
+
+  Names take the model's prefix (`convnext_tiny`), so that a file of another variant fails
+  as a file of another backbone. `features.0` is the stem, `features.1/3/5/7` the stages,
+  `features.2/4/6` the downsampling blocks; `classifier.0`, the LayerNorm after the
+  pooling, becomes the backbone's last `layer_normalization` when the model has one (a new
+  head) and Keras' `..._head_layernorm` otherwise, `classifier.2` `..._head_dense`.
+  Convolution kernels OIHW -> HWIO, Linear weights transposed, layer scales (C, 1, 1) ->
+  (C,). Returns the layers and the state-dict keys nothing was made of.
+  """
+  names = {layer.name for layer in backbone}
+  stem = next((n for n in names if n.endswith('_stem')), 'convnext_stem')
+  p = stem[: -len('_stem')]
+  used: set[str] = set()
+
+  def take(key: str) -> np.ndarray:
+    if key not in state:
+      raise WeightFileError(f'{source}: {key} is missing')
+    used.add(key)
+    return state[key]
+
+  conv = lambda m: [take(f'{m}.weight').transpose(2, 3, 1, 0), take(f'{m}.bias')]
+  norm = lambda m: [take(f'{m}.weight'), take(f'{m}.bias')]
+  dense = lambda m: [take(f'{m}.weight').T, take(f'{m}.bias')]
+  out: FileLayers = []
+  if 'features.0.0.weight' in state:
+    out.append((f'{p}_stem', conv('features.0.0') + norm('features.0.1')))
+  for key in state:
+    m = _TORCH_CONVNEXT_BLOCK.match(key)
+    if m is None or key in used:
+      continue
+    feature, block, part = int(m.group(1)), int(m.group(2)), m.group(3)
+    module = f'features.{feature}.{block}.{part}'
+    name = f'{p}_stage_{(feature - 1) // 2}_block_{block}_{_CONVNEXT_BLOCK_PARTS[part]}'
+    if part == 'layer_scale':
+      out.append((name, [take(module).reshape(-1)]))
+    else:
+      out.append((name, {'block.0': conv, 'block.2': norm}.get(part, dense)(module)))
+  for i, feature in enumerate((2, 4, 6)):
+    if f'features.{feature}.1.weight' in state:
+      module = f'features.{feature}'
+      out.append((f'{p}_downsampling_block_{i}', norm(f'{module}.0') + conv(f'{module}.1')))
+  if 'classifier.0.weight' in state:
+    last = 'layer_normalization' if 'layer_normalization' in names else f'{p}_head_layernorm'
+    out.append((last, norm('classifier.0')))
+  if 'classifier.2.weight' in state:
+    out.append((f'{p}_head_dense', dense('classifier.2')))
+  return out, [k for k in state if k not in used]
+
+
 def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
   """{'params', 'batch_stats'} of an Orbax PyTree folder of fineflax variables: a
   checkpoint's `<step>/state`, or what `scripts/convert_weights.py` writes. The arrays come
@@ -186,32 +302,47 @@ def variable_tree_layers(
   Backbone layers the model lacks come back with no arrays, so that loading them fails as
   a file of another backbone.
   """
-  path = source
   params, stats = tree.get('params', {}), tree.get('batch_stats', {})
-  kinds = {(g, layer.name): layer.kind for g, layers in layer_groups.items() for layer in layers}
+  known = {(g, layer.name): layer for g, layers in layer_groups.items() for layer in layers}
   out, unused = [], []
   for group, layers in params.items():
     for name, p in layers.items():
-      kind = kinds.get((group, name))
-      if kind is None:
+      layer = known.get((group, name))
+      if layer is None:
         if group == 'backbone':
           out.append((name, []))
         else:
           unused.append(f'{group}/{name}')
         continue
       try:
-        if kind == 'BatchNormalization':
-          s = stats[group][name]
-          arrays = [p['scale'], p['bias'], s['mean'], s['var']]
-        elif kind == 'SeparableConv2D':
-          arrays = [p['depthwise_kernel'].transpose(0, 1, 3, 2), p['pointwise_kernel']]
-        else:
-          arrays = [p['kernel']]
+        arrays = keras_arrays(layer, p, stats.get(group, {}).get(name, {}))
       except KeyError as e:
-        raise WeightFileError(f'{path}: {group}/{name} lacks {e}') from None
-      arrays += [p['bias']] if 'bias' in p and kind != 'BatchNormalization' else []
+        raise WeightFileError(f'{source}: {group}/{name} lacks {e}') from None
       out.append((name, [np.asarray(a) for a in arrays]))
   return out, unused
+
+
+def keras_arrays(layer: Layer, p: Mapping[str, Any], s: Mapping[str, Any]) -> list[Any]:
+  """A layer's fineflax variables (params `p`, statistics `s`) in Keras' weight order."""
+  kind = layer.kind
+  if kind == 'Sequential':
+    return [
+        a
+        for sub in layer.sublayers
+        if sub.name in p
+        for a in keras_arrays(sub, p[sub.name], s.get(sub.name, {}))
+    ]
+  if kind == 'BatchNormalization':
+    return [p['scale'], p['bias'], s['mean'], s['var']]
+  if kind == 'LayerNormalization':
+    return [p['scale'], p['bias']]
+  if kind == 'LayerScale':
+    return [p['gamma']]
+  if kind == 'SeparableConv2D':
+    arrays = [p['depthwise_kernel'].transpose(0, 1, 3, 2), p['pointwise_kernel']]
+  else:
+    arrays = [p['kernel']]
+  return arrays + ([p['bias']] if 'bias' in p else [])
 
 
 def read_weight_file(
@@ -219,9 +350,9 @@ def read_weight_file(
 ) -> tuple[FileLayers, list[str], bool]:
   """(layers, keys that were not used, whether layers must be matched by order).
 
-  Keras files are matched by order, as Keras itself loads them (the names of Keras'
-  automatically named layers depend on the session that saved the file); torch files and
-  fineflax checkpoints by name.
+  Keras' legacy files are matched by order, as Keras itself loads them (the names of
+  Keras' automatically named layers depend on the session that saved the file); Keras 3
+  `.weights.h5` files, torch files and fineflax checkpoints by name.
   """
   path = Path(path)
   if path.is_dir():
@@ -229,14 +360,19 @@ def read_weight_file(
     return layers, unused, False
   if not path.is_file():
     raise WeightFileError(f'weight file {path} does not exist')
+  if path.suffix == '.h5' and is_keras3_weights(path):
+    return read_keras3_weights(path, layer_groups), [], False
   if path.suffix == '.h5':
     return read_keras_h5(path), [], True
   if path.suffix in SUFFIXES:
     state = read_state_dict(path)
-    layers, unused = torch_resnet_layers(state, path)
+    if is_torch_convnext(state):
+      layers, unused = torch_convnext_layers(state, layer_groups.get('backbone', ()), path)
+    else:
+      layers, unused = torch_resnet_layers(state, path)
     if not layers:
       raise WeightFileError(
-          f'{path}: no torchvision / timm ResNet parameters in it '
+          f'{path}: no torchvision / timm ResNet or torchvision ConvNeXt parameters in it '
           f'(keys such as {list(state)[:3]})'
       )
     return layers, unused, False

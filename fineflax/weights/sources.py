@@ -84,10 +84,26 @@ def _keras(
   )
 
 
-def _torchvision(name: str, filename: str, top1: str) -> Source:
+def _keras_convnext(variant: str, sha256_full: str, sha256_notop: str, top1: str) -> Source:
+  # keras.applications' ConvNeXt files are named after the model and checked by sha256.
+  stem = f'{_KERAS}/convnext/convnext_{variant}'
+  return Source(
+      'keras:imagenet',
+      f'convnext_{variant}',
+      WeightFile(f'{stem}.h5', sha256=sha256_full),
+      WeightFile(f'{stem}_notop.h5', sha256=sha256_notop),
+      top1,
+      'MIT (ported from facebookresearch/ConvNeXt)',
+      "Keras' sha256s, in keras.applications' `keras/src/applications/convnext.py`",
+  )
+
+
+def _torchvision(
+    name: str, filename: str, top1: str, backbone: str = 'resnet50_torchvision'
+) -> Source:
   return Source(
       f'torchvision:{name}',
-      'resnet50_torchvision',
+      backbone,
       WeightFile(
           f'https://download.pytorch.org/models/{filename}',
           sha256_prefix=filename.split('-')[1].split('.')[0],
@@ -144,6 +160,51 @@ SOURCES: tuple[Source, ...] = (
     ),
     _torchvision('IMAGENET1K_V1', 'resnet50-0676ba61.pth', '76.13%'),
     _torchvision('IMAGENET1K_V2', 'resnet50-11ad3fa6.pth', '80.86%'),
+    # sha256s as keras.applications checks them; top-1 as keras.io lists it (base, large and
+    # xlarge were pre-trained on ImageNet-21k, then fine-tuned on ImageNet-1k).
+    _keras_convnext(
+        'tiny',
+        '8ae6e78ce2933352b1ef4008e6dd2f17bc40771563877d156bc6426c7cf503ff',
+        'd547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1',
+        '81.3%',
+    ),
+    _keras_convnext(
+        'small',
+        'ce1277d8f1ee5a0ef0e171469089c18f5233860ceaf9b168049cb9263fd7483c',
+        '6fc8009faa2f00c1c1dfce59feea9b0745eb260a7dd11bee65c8e20843da6eab',
+        '82.3%',
+    ),
+    _keras_convnext(
+        'base',
+        '52cbb006d3dadd03f6e095a8ca1aca47aecdd75acb4bc74bce1f5c695d0086e6',
+        '40a20c5548a5e9202f69735ecc06c990e6b7c9d2de39f0361e27baeb24cb7c45',
+        '85.3%',
+    ),
+    _keras_convnext(
+        'large',
+        '070c5ed9ed289581e477741d3b34beffa920db8cf590899d6d2c67fba2a198a6',
+        '96f02b6f0753d4f543261bc9d09bed650f24dd6bc02ddde3066135b63d23a1cd',
+        '86.3%',
+    ),
+    _keras_convnext(
+        'xlarge',
+        'c1f5ccab661354fc3a79a10fa99af82f0fbf10ec65cb894a3ae0815f17a889ee',
+        'de3f8a54174130e0cecdc71583354753d557fcf1f4487331558e2a16ba0cfe05',
+        '86.7%',
+    ),
+    # torchvision's ConvNeXt_*_Weights.IMAGENET1K_V1 (its only weights, and the default).
+    _torchvision(
+        'IMAGENET1K_V1', 'convnext_tiny-983f1562.pth', '82.52%', 'convnext_tiny_torchvision'
+    ),
+    _torchvision(
+        'IMAGENET1K_V1', 'convnext_small-0c510722.pth', '83.62%', 'convnext_small_torchvision'
+    ),
+    _torchvision(
+        'IMAGENET1K_V1', 'convnext_base-6075fbad.pth', '84.06%', 'convnext_base_torchvision'
+    ),
+    _torchvision(
+        'IMAGENET1K_V1', 'convnext_large-ea097f82.pth', '84.41%', 'convnext_large_torchvision'
+    ),
 )
 
 DEFAULTS = {
@@ -153,6 +214,11 @@ DEFAULTS = {
     'vgg16': 'keras:imagenet',
     'xception': 'keras:imagenet',
     'resnet50_torchvision': 'torchvision:IMAGENET1K_V2',
+    **{f'convnext_{v}': 'keras:imagenet' for v in ('tiny', 'small', 'base', 'large', 'xlarge')},
+    **{
+        f'convnext_{v}_torchvision': 'torchvision:IMAGENET1K_V1'
+        for v in ('tiny', 'small', 'base', 'large')
+    },
 }
 
 
