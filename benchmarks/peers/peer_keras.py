@@ -1,7 +1,10 @@
 """Peer baseline: Keras 3 (the API of the workflows in docs/seeds.md) on the JAX backend, on a GPU.
 
-ResNet50(weights=None, include_top=False, pooling='avg') + Dense(10); base called
-with training=False (BN frozen). Modes: head / conv5 (layers[:143] frozen) / full.
+    python benchmarks/peers/peer_keras.py [BATCH] [SIDE] [resnet50|convnext_tiny]
+
+ResNet50 (or ConvNeXtTiny)(weights=None, include_top=False, pooling='avg') + Dense(10);
+base called with training=False (BN frozen). Modes: head / conv5 (ResNet50: layers[:143]
+frozen; ConvNeXt: the layers before its last downsampling block) / full.
 """
 import json, os, sys, time
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -10,17 +13,21 @@ import keras
 
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 RES = int(sys.argv[2]) if len(sys.argv) > 2 else 224
+MODEL = sys.argv[3] if len(sys.argv) > 3 else "resnet50"
 STEPS = 30
+APPLICATIONS = {"resnet50": keras.applications.ResNet50, "convnext_tiny": keras.applications.ConvNeXtTiny}
 keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
 
 def build(mode):
-    base = keras.applications.ResNet50(weights=None, include_top=False, pooling="avg",
-                                       input_shape=(RES, RES, 3))
+    base = APPLICATIONS[MODEL](weights=None, include_top=False, pooling="avg",
+                               input_shape=(RES, RES, 3))
     if mode == "head":
         base.trainable = False
     elif mode == "conv5":
-        for layer in base.layers[:143]:
+        names = [layer.name for layer in base.layers]
+        cut = 143 if MODEL == "resnet50" else names.index(f"{MODEL}_downsampling_block_2")
+        for layer in base.layers[:cut]:
             layer.trainable = False
     inputs = keras.Input((RES, RES, 3))
     x = base(inputs, training=False)
@@ -45,7 +52,7 @@ def run(mode):
     float(np.asarray(loss))
     dt = (time.time() - t0) / STEPS
     tr = sum(int(np.prod(w.shape)) for w in m.trainable_weights)
-    print(json.dumps(dict(peer="keras-jax", mode=mode, batch=B, res=RES, trainable=tr,
+    print(json.dumps(dict(peer="keras-jax", model=MODEL, mode=mode, batch=B, res=RES, trainable=tr,
                           img_s=round(B / dt, 1), step_ms=round(dt * 1e3, 2), warmup_s=round(warm, 1))), flush=True)
 
 
@@ -59,7 +66,7 @@ def run_forward():
         out = m.predict_on_batch(x)
     np.asarray(out)
     dt = (time.time() - t0) / STEPS
-    print(json.dumps(dict(peer="keras-jax", mode="forward", batch=B, res=RES,
+    print(json.dumps(dict(peer="keras-jax", model=MODEL, mode="forward", batch=B, res=RES,
                           img_s=round(B / dt, 1), step_ms=round(dt * 1e3, 2))), flush=True)
 
 

@@ -1,28 +1,38 @@
-"""Peer baseline: PyTorch/torchvision ResNet50 fine-tuning step throughput (run on a GPU).
+"""Peer baseline: PyTorch/torchvision fine-tuning step throughput (run on a GPU).
+
+    python benchmarks/peers/peer_torch.py [BATCH] [SIDE] [resnet50|convnext_tiny]
 
 Modes mirror the Keras workflows of docs/seeds.md:
   head  - whole backbone frozen, only the new Dense head trains
-  conv5 - conv1..conv4 frozen (Keras ResNet50 layers[:143]), conv5 + head train
+  conv5 - ResNet50: conv1..conv4 frozen (Keras layers[:143]), conv5 + head train;
+          ConvNeXt: everything before the last stage (its downsampling, features.6) frozen
   full  - everything trains
-BatchNorm always runs in inference mode (frozen statistics), as in those workflows.
-Prints one JSON line per (mode, compiled) with images/s.
+The model runs in inference mode (BatchNorm statistics frozen, as in those workflows; no
+stochastic depth). Prints one JSON line per (mode, compiled) with images/s.
 """
 import json, sys, time
 import torch, torchvision
 
 B = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 RES = int(sys.argv[2]) if len(sys.argv) > 2 else 224
+MODEL = sys.argv[3] if len(sys.argv) > 3 else "resnet50"
 STEPS = 30
+# The new head's parameters, and those of the last stage (conv5 mode), by name prefix.
+HEAD = {"resnet50": ("fc.",), "convnext_tiny": ("classifier.2.",)}[MODEL]
+LAST_STAGE = {"resnet50": ("layer4.",), "convnext_tiny": ("features.6.", "features.7.", "classifier.")}[MODEL]
 
 
 def build(mode):
-    m = torchvision.models.resnet50(weights=None)
-    m.fc = torch.nn.Linear(2048, 10)
+    m = getattr(torchvision.models, MODEL)(weights=None)
+    if MODEL == "resnet50":
+        m.fc = torch.nn.Linear(2048, 10)
+    else:
+        m.classifier[2] = torch.nn.Linear(m.classifier[2].in_features, 10)
     for name, p in m.named_parameters():
         if mode == "head":
-            p.requires_grad = name.startswith("fc.")
+            p.requires_grad = name.startswith(HEAD)
         elif mode == "conv5":
-            p.requires_grad = name.startswith(("layer4.", "fc."))
+            p.requires_grad = name.startswith(LAST_STAGE + HEAD)
         else:
             p.requires_grad = True
     m = m.cuda().to(memory_format=torch.channels_last)
@@ -56,7 +66,7 @@ def run(mode, compiled):
         f(x, y)
     torch.cuda.synchronize()
     dt = (time.time() - t0) / STEPS
-    print(json.dumps(dict(peer="torch", mode=mode, compiled=compiled, batch=B, res=RES,
+    print(json.dumps(dict(peer="torch", model=MODEL, mode=mode, compiled=compiled, batch=B, res=RES,
                           img_s=round(B / dt, 1), step_ms=round(dt * 1e3, 2), warmup_s=round(warm, 1))), flush=True)
 
 
@@ -72,7 +82,7 @@ def run_forward():
             m(x)
         torch.cuda.synchronize()
     dt = (time.time() - t0) / STEPS
-    print(json.dumps(dict(peer="torch", mode="forward", compiled=False, batch=B, res=RES,
+    print(json.dumps(dict(peer="torch", model=MODEL, mode="forward", compiled=False, batch=B, res=RES,
                           img_s=round(B / dt, 1), step_ms=round(dt * 1e3, 2))), flush=True)
 
 
