@@ -29,8 +29,9 @@ from fineflax.train import loop, step as step_lib
 
 MODES = ('forward', 'head', 'conv5', 'full')
 # The first layer that trains in 'conv5' mode, per backbone family (Keras names): ResNet's
-# conv5, VGG16's block5, ConvNeXt's last stage (its last downsampling block on).
-_CONV5_FIRST = re.compile(r'^(conv5_|block5_|convnext_\w+_downsampling_block_2$)')
+# conv5, VGG16's block5, ConvNeXt's last stage (its last downsampling block on),
+# EfficientNet's and V2's block6a on (their last resolution, 1/32, as ResNet's conv5).
+_CONV5_FIRST = re.compile(r'^(conv5_|block5_|convnext_\w+_downsampling_block_2$|block6a_)')
 
 
 def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
@@ -39,10 +40,18 @@ def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
     return 'backbone'
   if mode == 'full':
     return 'none'
-  for i, layer in enumerate(backbone_layers):
-    if _CONV5_FIRST.match(layer.name):
+  names = [layer.name for layer in backbone_layers]
+  # A ViT has no stages of resolution: its last quarter of encoder blocks trains.
+  blocks = sum(name.endswith('_ln_1') and name.startswith('encoder_layer_') for name in names)
+  if blocks:
+    return f"layers[:{names.index(f'encoder_layer_{blocks - blocks // 4}_ln_1')}]"
+  for i, name in enumerate(names):
+    if _CONV5_FIRST.match(name):
       return f'layers[:{i}]'
-  raise ValueError('mode conv5: the backbone has no conv5/block5 layer or last ConvNeXt stage')
+  raise ValueError(
+      'mode conv5: the backbone has no conv5/block5 layer, last ConvNeXt stage, EfficientNet '
+      'block6a or ViT encoder blocks'
+  )
 
 
 def _loop_config(

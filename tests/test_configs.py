@@ -117,7 +117,15 @@ def test_vgg16_features_workflow_smoke_run(cats_vs_dogs_small, tmp_path, caplog)
 
 @pytest.mark.parametrize(
     'name',
-    ['cifar10', 'cats_vs_dogs', 'cifar10_32px', 'cifar10_discriminative', 'cifar10_convnext'],
+    [
+        'cifar10',
+        'cats_vs_dogs',
+        'cifar10_32px',
+        'cifar10_discriminative',
+        'cifar10_convnext',
+        'cifar10_vit',
+        'cifar10_efficientnetv2',
+    ],
 )
 def test_tfds_workflow_smoke_run(name, tmp_path):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -94,9 +94,18 @@ SCHEMA: dict[str, Any] = {
         'drop_path': Field(
             0.0,
             FLOAT,
-            'Stochastic depth (ConvNeXt): the drop rate of the last residual block, '
-            "rising linearly from 0 at the first (Keras' drop_path_rate); drawn per "
-            'example, in the blocks that train; 0: none.',
+            'Stochastic depth. ConvNeXt and ViT: the drop rate of the last residual block, '
+            "rising linearly from 0 at the first (Keras' drop_path_rate). EfficientNet "
+            "and V2: Keras' drop_connect_rate, block b of n dropping at rate * b / n "
+            "(Keras' default 0.2; 0 here, as for ConvNeXt). Drawn per example, in the "
+            'blocks that train; 0: none.',
+            check=fraction,
+        ),
+        'dropout': Field(
+            0.0,
+            FLOAT,
+            "The backbone's own dropout (ViT: torchvision's `dropout`, after the position "
+            'embedding, the attention and in the MLP); drawn per example; 0: none.',
             check=fraction,
         ),
         'head': {

@@ -11,7 +11,17 @@ import jax.numpy as jnp
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
-from fineflax.models import convnext, heads, preprocessing, resnet, vgg, xception
+from fineflax.models import (
+    convnext,
+    efficientnet,
+    efficientnet_v2,
+    heads,
+    preprocessing,
+    resnet,
+    vgg,
+    vit,
+    xception,
+)
 from fineflax.models.classifier import Classifier, abstract_variables
 from fineflax.models.graph import KerasGraph, Layer
 from fineflax.models.heads import head_layers
@@ -35,6 +45,11 @@ class BackboneSpec:
   top_replaces: int = 0
   # Whether `build` takes `drop_path` (config.model.drop_path: stochastic depth).
   drop_path: bool = False
+  # Whether `build` takes `weights` (config.model.weights): Keras 3's EfficientNet has one
+  # more input layer with its own ImageNet weights than with the same file as a path.
+  takes_weights: bool = False
+  # Whether `build` takes `dropout` (config.model.dropout: the ViT's dropout rate).
+  dropout: bool = False
 
 
 # As the architectures' papers describe them: ResNet's stem (conv1, pool1) and conv2_x ..
@@ -130,6 +145,63 @@ for _variant, _params in _CONVNEXT_PARAMS.items():
         drop_path=True,
     )
 
+# keras.applications' EfficientNet and EfficientNetV2 variants; top-less parameter counts
+# (Keras' count_params, the Normalization's statistics included).
+_EFFICIENTNET_PARAMS = {
+    'b0': '4.05M',
+    'b1': '6.58M',
+    'b2': '7.77M',
+    'b3': '10.8M',
+    'b4': '17.7M',
+    'b5': '28.5M',
+    'b6': '41.0M',
+    'b7': '64.1M',
+}
+for _variant, _params in _EFFICIENTNET_PARAMS.items():
+  BACKBONES[f'efficientnet_{_variant}'] = BackboneSpec(
+      functools.partial(efficientnet.EfficientNet, _variant),
+      functools.partial(efficientnet.efficientnet_top, _variant),
+      'raw',
+      efficientnet.VARIANTS[_variant][2],
+      f'Keras EfficientNet{_variant.upper()}, {_params} params',
+      stages=efficientnet.stages(),
+      drop_path=True,
+      takes_weights=True,
+  )
+_EFFICIENTNET_V2_PARAMS = {
+    'b0': '5.92M',
+    'b1': '6.93M',
+    'b2': '8.77M',
+    'b3': '12.9M',
+    's': '20.3M',
+    'm': '53.2M',
+    'l': '117.7M',
+}
+for _variant, _params in _EFFICIENTNET_V2_PARAMS.items():
+  BACKBONES[f'efficientnetv2_{_variant}'] = BackboneSpec(
+      functools.partial(efficientnet_v2.EfficientNetV2, _variant),
+      functools.partial(efficientnet_v2.efficientnet_v2_top, _variant),
+      'raw',
+      efficientnet_v2.VARIANTS[_variant][2],
+      f'Keras EfficientNetV2{_variant.upper()}, {_params} params',
+      stages=efficientnet_v2.v2_stages(_variant),
+      drop_path=True,
+  )
+
+# torchvision's ViT variants; parameter counts with torchvision's 1000-class head.
+_VIT_PARAMS = {'b_16': '86.6M', 'b_32': '88.2M', 'l_16': '304.3M', 'l_32': '306.5M'}
+for _variant, _params in _VIT_PARAMS.items():
+  BACKBONES[f'vit_{_variant}_torchvision'] = BackboneSpec(
+      functools.partial(vit.ViT, _variant),
+      vit.vit_top,
+      'torch',
+      224,
+      f'torchvision ViT-{_variant.upper().replace("_", "/")}, {_params} params',
+      stages=vit.stages(_variant),
+      drop_path=True,
+      dropout=True,
+  )
+
 DTYPES = ('auto', 'float32', 'bfloat16')  # config.dtype (`compute_dtype`)
 
 registry.register_choices('model.backbone', lambda: BACKBONES)
@@ -150,6 +222,20 @@ def _check_drop_path(config: Any) -> None:
 
 
 registry.register_config_check('drop_path', _check_drop_path)
+
+
+def _check_dropout(config: Any) -> None:
+  rate = config.model.get('dropout', 0.0)
+  if rate and not BACKBONES[config.model.backbone].dropout:
+    with_it = sorted(name for name, spec in BACKBONES.items() if spec.dropout)
+    raise ConfigError(
+        f'config.model.dropout={rate!r}: backbone {config.model.backbone!r} has no '
+        f'dropout of its own (backbones with it: {", ".join(with_it)}; a head has '
+        'config.model.head.dropout); set 0.0'
+    )
+
+
+registry.register_config_check('dropout', _check_dropout)
 
 
 def build_model(
@@ -174,6 +260,10 @@ def build_model(
   if normalisation == 'auto':
     normalisation = spec.preprocessing
   kwargs = {'drop_path': model_config.get('drop_path', 0.0)} if spec.drop_path else {}
+  if spec.takes_weights:
+    kwargs['weights'] = model_config.get('weights')
+  if spec.dropout:
+    kwargs['dropout'] = model_config.get('dropout', 0.0)
   backbone = spec.build(dtype=dtype, bn_axis_name=bn_axis_name, **kwargs)
   if model_config.get('include_top', False) and spec.top_replaces:
     backbone = backbone.clone(layers=backbone.layers[: -spec.top_replaces])

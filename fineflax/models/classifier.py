@@ -56,8 +56,9 @@ class Classifier(nn.Module):
         moving statistics.
       example_keys: one key per image, for dropout masks that do not depend on the
         device count (`KerasGraph`).
-      stochastic_depth: paths ('backbone/convnext_tiny_stage_3_block_2_stochastic_depth')
-        of the StochasticDepth layers that drop residual branches when `train`.
+      stochastic_depth: paths ('backbone/convnext_tiny_stage_3_block_2_stochastic_depth',
+        'backbone/block6d_drop') of the StochasticDepth and EfficientNet's per-example
+        Dropout layers that drop residual branches when `train`.
     """
     x = preprocessing.preprocess(preprocessing.resize(images, self.image_size), self.preprocessing)
     x = self.backbone(

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fineflax.models import layer_kinds
+from fineflax.models import attention, layer_kinds
 
 # Keras defaults, so that `model.init` starts where Keras' `weights=None` does (runs draw
 # the same distributions on the host: `fineflax.train.state.init_variables`).
@@ -35,17 +35,32 @@ class Layer:
   kernel: int = 0
   stride: int = 1
   # 'valid' / 'same' for convolutions and pooling; an int: that many zeros on each side
-  # (ZeroPadding2D, and torchvision's symmetric convolution padding).
+  # (ZeroPadding2D, and torchvision's symmetric convolution padding); 'correct' (a
+  # ZeroPadding2D of EfficientNet): Keras' `imagenet_utils.correct_pad` for `kernel`.
   padding: Any = 'valid'
   use_bias: bool = True
   groups: int = 1  # Conv2D: Keras' `groups` (ConvNeXt's depthwise convolution: its channels)
   rate: float = 0.0  # Dropout, StochasticDepth
-  activation: str | None = None  # Activation, fused into Conv2D / Dense ('relu', 'gelu')
+  # Dropout with Keras' `noise_shape=(None, 1, 1, 1)` (EfficientNet's drop-connect): each
+  # example's whole input is dropped, stochastic depth in training when it is listed in
+  # `stochastic_depth` (as StochasticDepth is), else the identity.
+  per_example: bool = False
+  # Activation, fused into Conv2D / Dense ('relu', 'gelu', 'swish', 'sigmoid')
+  activation: str | None = None
   dtype: Any = None  # overrides the network's compute dtype (e.g. a float32 classifier)
   epsilon: float | None = None  # LayerNormalization; None: Keras' default 1e-3
   # Normalization: Keras' fixed `mean` and `variance` per channel (constants, not weights).
   mean: tuple[float, ...] = ()
   variance: tuple[float, ...] = ()
+  # Normalization without constants (EfficientNet's, an adaptable layer): its mean,
+  # variance and count are weights of the file, kept in 'batch_stats' and never trained.
+  stored_statistics: bool = False
+  # Rescaling: x * scale + offset (one scale, or one per channel).
+  scale: tuple[float, ...] = ()
+  offset: float = 0.0
+  target_shape: tuple[int, ...] = ()  # Reshape: the shape of each example
+  heads: int = 0  # MultiHeadAttention: the number of heads
+  momentum: float | None = None  # BatchNormalization; None: Keras' default 0.99
   # A layer whose output is added to this one's: Keras' `inputs + layer(x)` at the end of
   # a residual block, an operation of Keras' graph rather than a layer, so that it has no
   # place of its own in the layer list. This layer's output is the sum.
@@ -103,9 +118,10 @@ class KerasGraph(nn.Module):
       example_keys: one random key per row of `x` (from its index in the global batch):
         dropout masks are drawn per example from them, so they do not depend on how many
         devices share the batch. Without them dropout draws from the 'dropout' rng.
-      stochastic_depth: names of the StochasticDepth layers that drop residual branches
-        when `train` (those of trainable blocks: `freeze.stochastic_depth_layers`); the
-        others pass the branch through, as in inference.
+      stochastic_depth: names of the StochasticDepth layers (and EfficientNet's
+        per-example Dropout layers) that drop residual branches when `train` (those of
+        trainable blocks: `freeze.stochastic_depth_layers`); the others pass the branch
+        through, as in inference.
     Returns:
       The output of the last layer run.
     """
@@ -135,8 +151,11 @@ class KerasGraph(nn.Module):
     if kind == 'InputLayer':
       return x.astype(dtype)
     if kind == 'ZeroPadding2D':
-      p = layer.padding
-      return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+      if layer.padding == 'correct':
+        rows, cols = (correct_pad(n, layer.kernel) for n in x.shape[1:3])
+      else:
+        rows = cols = (layer.padding, layer.padding)
+      return jnp.pad(x, ((0, 0), rows, cols, (0, 0)))
     if kind == 'Conv2D':
       y = nn.Conv(
           layer.filters,
@@ -144,6 +163,19 @@ class KerasGraph(nn.Module):
           strides=(layer.stride, layer.stride),
           padding=_conv_padding(layer.padding),
           feature_group_count=layer.groups,
+          use_bias=layer.use_bias,
+          dtype=dtype,
+          kernel_init=KERNEL_INIT,
+          name=layer.name,
+      )(x)
+      return _activate(y, layer.activation)
+    if kind == 'DepthwiseConv2D':  # depth multiplier 1: a convolution of one group a channel
+      y = nn.Conv(
+          x.shape[-1],
+          (layer.kernel, layer.kernel),
+          strides=(layer.stride, layer.stride),
+          padding=_conv_padding(layer.padding),
+          feature_group_count=x.shape[-1],
           use_bias=layer.use_bias,
           dtype=dtype,
           kernel_init=KERNEL_INIT,
@@ -164,7 +196,7 @@ class KerasGraph(nn.Module):
       training = layer.name in bn_train
       return nn.BatchNorm(
           use_running_average=not training,
-          momentum=BN_MOMENTUM,
+          momentum=BN_MOMENTUM if layer.momentum is None else layer.momentum,
           epsilon=self.bn_epsilon,
           dtype=dtype,
           axis_name=self.bn_axis_name if training else None,
@@ -172,8 +204,19 @@ class KerasGraph(nn.Module):
       )(x)
     if kind == 'Activation':
       return _activate(x, layer.activation or 'relu')
+    if kind == 'Normalization' and layer.stored_statistics:
+      return layer_kinds.StoredNormalization(name=layer.name)(x)
     if kind == 'Normalization':
       return layer_kinds.normalization(x, layer.mean, layer.variance)
+    if kind == 'Rescaling':
+      return layer_kinds.rescaling(x, layer.scale, layer.offset)
+    if kind == 'Reshape':
+      return x.reshape((x.shape[0],) + tuple(layer.target_shape))
+    if kind == 'Multiply':
+      out = inputs[0]
+      for other in inputs[1:]:
+        out = out * other
+      return out
     if kind == 'LayerNormalization':
       return layer_kinds.layer_norm(x, layer.epsilon, dtype, layer.name)
     if kind == 'LayerScale':
@@ -197,6 +240,8 @@ class KerasGraph(nn.Module):
       return nn.max_pool(
           x, window, strides=(layer.stride, layer.stride), padding=layer.padding.upper()
       )
+    if kind in attention.KINDS:
+      return attention.apply(layer, x, dtype)
     if kind == 'Add':
       return sum(inputs[1:], inputs[0])
     if kind == 'GlobalAveragePooling2D':
@@ -205,6 +250,11 @@ class KerasGraph(nn.Module):
       return jnp.max(x, axis=(1, 2))
     if kind == 'Flatten':
       return x.reshape(x.shape[0], -1)
+    if kind == 'Dropout' and layer.per_example:
+      if train and layer.rate > 0 and layer.name in stochastic_depth:
+        index = self.layers.index(layer)
+        return layer_kinds.stochastic_depth(self, x, layer.rate, example_keys, index)
+      return x
     if kind == 'Dropout':
       if train and layer.rate > 0 and example_keys is not None:
         return _example_dropout(x, example_keys, layer.rate, self.layers.index(layer))
@@ -269,6 +319,12 @@ class SeparableConv(nn.Module):
     return y
 
 
+def correct_pad(size: int, kernel: int) -> tuple[int, int]:
+  """Keras' `imagenet_utils.correct_pad` on one side of a known size: the zeros before
+  and after that make a stride-2 'valid' convolution TensorFlow's 'same' one."""
+  return (kernel // 2 - (1 - size % 2), kernel // 2)
+
+
 def _conv_padding(padding: Any) -> Any:
   if isinstance(padding, int):
     return [(padding, padding), (padding, padding)]
@@ -284,4 +340,8 @@ def _activate(x: jax.Array, activation: str | None) -> jax.Array:
     return nn.gelu(x, approximate=False)
   if activation == 'linear':
     return x
+  if activation == 'swish':  # Keras' swish: x * sigmoid(x)
+    return nn.swish(x)
+  if activation == 'sigmoid':
+    return nn.sigmoid(x)
   raise ValueError(f'unsupported activation {activation!r}')

@@ -1,7 +1,9 @@
-"""The Keras layer kinds of ConvNeXt that the classic convnets lack, each as Keras computes it.
+"""The Keras layer kinds of ConvNeXt and EfficientNet that the classic convnets lack, each
+as Keras computes it.
 
-`Normalization` (fixed mean and variance), `LayerNormalization`, `LayerScale` and
-`StochasticDepth` (keras.applications' own ConvNeXt layers); `KerasGraph`
+`Normalization` (fixed mean and variance, or EfficientNet's stored ones), `Rescaling`,
+`LayerNormalization`, `LayerScale` and `StochasticDepth` (keras.applications' own ConvNeXt
+layers; EfficientNet's drop-connect Dropout draws the same way); `KerasGraph`
 (fineflax.models.graph) dispatches to them. The residual add that follows a ConvNeXt block
 is an operation in Keras' functional graph, not a layer; the graph applies it
 (`Layer.residual`).
@@ -36,6 +38,33 @@ def normalization(x: jax.Array, mean: Sequence[float], variance: Sequence[float]
   mean_ = jnp.asarray(mean, jnp.float32)
   std = jnp.maximum(jnp.sqrt(jnp.asarray(variance, jnp.float32)), KERAS_EPSILON)
   return ((x.astype(jnp.float32) - mean_) / std).astype(x.dtype)
+
+
+class StoredNormalization(nn.Module):
+  """Keras `Normalization()` built without a mean and variance (EfficientNet's input layer):
+  the same formula as `normalization`, on its weights `mean`, `variance` and `count`.
+
+  Keras saves them in weight files and counts them as non-trainable parameters; they live
+  in 'batch_stats' (as `mean`, `var`, `count`), where no optimizer reaches them and
+  `summary` counts them as Keras does. Nothing here updates them (Keras' `adapt` is not a
+  training step).
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = (x.shape[-1],)
+    mean = self.variable('batch_stats', 'mean', jnp.zeros, channels, jnp.float32).value
+    var = self.variable('batch_stats', 'var', jnp.ones, channels, jnp.float32).value
+    self.variable('batch_stats', 'count', jnp.zeros, (), jnp.float32)
+    std = jnp.maximum(jnp.sqrt(var), KERAS_EPSILON)
+    return ((x.astype(jnp.float32) - mean) / std).astype(x.dtype)
+
+
+def rescaling(x: jax.Array, scale: Sequence[float], offset: float) -> jax.Array:
+  """Keras `Rescaling(scale, offset)`: x * scale + offset, with float32 constants (one scale,
+  or one per channel)."""
+  scale_ = jnp.asarray(scale if len(scale) > 1 else scale[0], jnp.float32)
+  return (x.astype(jnp.float32) * scale_ + jnp.float32(offset)).astype(x.dtype)
 
 
 def layer_norm(x: jax.Array, epsilon: float | None, dtype: Any, name: str) -> jax.Array:

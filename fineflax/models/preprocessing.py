@@ -28,8 +28,8 @@ def torch(x: jax.Array) -> jax.Array:
 
 
 def raw(x: jax.Array) -> jax.Array:
-  """Keras ConvNeXt: [0, 255] as they are; the network normalises them itself (its
-  Normalization layer)."""
+  """Keras ConvNeXt, EfficientNet and EfficientNetV2: [0, 255] as they are; the network
+  rescales and normalises them itself (its Rescaling and Normalization layers)."""
   return x
 
 

@@ -161,19 +161,29 @@ def bn_train_layers(labels: Labels, layer_groups: Mapping[str, Sequence[Layer]])
 def stochastic_depth_layers(
     labels: Labels | None, layer_groups: Mapping[str, Sequence[Layer]]
 ) -> frozenset[str]:
-  """Paths of the StochasticDepth layers that drop residual branches in training: those
-  whose branch trains (the layer scale they read has a trainable parameter; `labels` None:
-  everything trains).
+  """Paths of the StochasticDepth layers, and of EfficientNet's per-example Dropout
+  layers, that drop residual branches in training: those whose branch trains (the last
+  layer with parameters they read, ConvNeXt's layer scale, EfficientNet's `project_bn`, a
+  ViT's attention or MLP output, has a trainable parameter; `labels` None: everything
+  trains).
 
   A frozen block runs as in inference, as BatchNormalization in frozen layers does: its
   output stays what cached features hold, and a branch nothing can adapt to is not dropped.
   """
   out = set()
   for group, layers in layer_groups.items():
+    by_name = {layer.name: layer for layer in layers}
     for layer in layers:
-      if layer.kind != 'StochasticDepth':
+      if layer.kind != 'StochasticDepth' and not layer.per_example:
         continue
-      source = labels[group].get(layer.inputs[0], {}) if labels is not None else {'': TRAINABLE}
-      if TRAINABLE in jax.tree.leaves(source):
+      # The branch's last layer with parameters (a ViT's branch ends in a Dropout).
+      source = by_name.get(layer.inputs[0])
+      while source is not None and labels is not None and source.name not in labels[group]:
+        source = by_name.get(source.inputs[0]) if source.inputs else None
+      if labels is None:
+        trains = True
+      else:
+        trains = source is not None and TRAINABLE in jax.tree.leaves(labels[group][source.name])
+      if trains:
         out.add(f'{group}/{layer.name}')
   return frozenset(out)

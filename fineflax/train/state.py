@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fineflax.models import abstract_variables
+from fineflax.models.attention import POSITION_EMBEDDING_STD
 from fineflax.models.layer_kinds import LAYER_SCALE_INIT
 from fineflax.train import optimizers
 
@@ -36,8 +37,9 @@ def _glorot_limit(shape: tuple[int, ...]) -> float:
   return math.sqrt(6.0 / (fan_in + fan_out))
 
 
-# Keras' initialisers by parameter name: glorot_uniform kernels, zero biases, BN and
-# LayerNormalization at identity, ConvNeXt's layer scales at their constant.
+# Keras' initialisers by parameter name: glorot_uniform kernels, zero biases, BN,
+# LayerNormalization and EfficientNet's Normalization at identity (its `count` 0),
+# ConvNeXt's layer scales at their constant.
 _INIT = {
     'kernel': 'glorot',
     'depthwise_kernel': 'glorot',
@@ -46,7 +48,16 @@ _INIT = {
     'scale': 'ones',
     'mean': 'zeros',
     'var': 'ones',
+    'count': 'zeros',
     'gamma': 'layer_scale',
+    # The Vision Transformer's (fineflax.models.attention), as torchvision initialises
+    # them: glorot projections, zero biases and class token, N(0, 0.02) positions.
+    'in_kernel': 'glorot',
+    'out_kernel': 'glorot',
+    'in_bias': 'zeros',
+    'out_bias': 'zeros',
+    'token': 'zeros',
+    'embedding': 'position',
 }
 
 
@@ -72,6 +83,8 @@ def init_variables(
       return rng.uniform(-limit, limit, leaf.shape).astype(leaf.dtype)
     if rule == 'layer_scale':
       return np.full(leaf.shape, LAYER_SCALE_INIT, leaf.dtype)
+    if rule == 'position':
+      return rng.normal(0.0, POSITION_EMBEDDING_STD, leaf.shape).astype(leaf.dtype)
     return (np.zeros if rule == 'zeros' else np.ones)(leaf.shape, leaf.dtype)
 
   return jax.tree_util.tree_map_with_path(init, abstract)

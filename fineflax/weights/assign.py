@@ -9,20 +9,26 @@ for (the top, when the model has a new head) are skipped. Every load says which.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 
 from fineflax.models.graph import Layer
-from fineflax.weights.files import FileLayers, WeightFileError, keras_arrays
+from fineflax.weights import vit_files
+from fineflax.weights.files import PARAMETER_NAMES, FileLayers, WeightFileError, keras_arrays
 
 WEIGHTED_KINDS = (
     'Conv2D',
     'SeparableConv2D',
+    'DepthwiseConv2D',
     'BatchNormalization',
     'LayerNormalization',
     'LayerScale',
     'Dense',
+    'ClassToken',
+    'PositionEmbedding',
+    'MultiHeadAttention',
 )
 
 
@@ -30,6 +36,8 @@ def has_weights(layer: Layer) -> bool:
   """Whether Keras saves weights for `layer` (a Sequential: when one of its layers has)."""
   if layer.kind == 'Sequential':
     return any(has_weights(sub) for sub in layer.sublayers)
+  if layer.kind == 'Normalization':  # EfficientNet's: mean, variance and count
+    return layer.stored_statistics
   return layer.kind in WEIGHTED_KINDS
 
 
@@ -37,7 +45,9 @@ def weight_count(layer: Layer) -> int:
   """How many arrays Keras saves for `layer`."""
   if layer.kind == 'Sequential':
     return sum(weight_count(sub) for sub in layer.sublayers)
-  counts = {'BatchNormalization': 4, 'LayerNormalization': 2, 'LayerScale': 1, 'Dense': 2}
+  counts = {'BatchNormalization': 4, 'Dense': 2} | {k: len(v) for k, v in PARAMETER_NAMES.items()}
+  if layer.kind == 'Normalization':
+    return 3 if layer.stored_statistics else 0
   if layer.kind in counts:
     return counts[layer.kind]
   if layer.kind in WEIGHTED_KINDS:  # convolutions: kernel(s), then the bias if any
@@ -53,6 +63,7 @@ class LoadReport:
   loaded: list[str] = dataclasses.field(default_factory=list)
   initialised: list[str] = dataclasses.field(default_factory=list)
   skipped: list[str] = dataclasses.field(default_factory=list)  # 'name: why'
+  adapted: list[str] = dataclasses.field(default_factory=list)  # 'name: how' (loaded, changed)
   num_loaded: int = 0  # parameters and statistics, counted as Keras counts them
 
   def text(self) -> str:
@@ -64,6 +75,8 @@ class LoadReport:
       lines.append(f'  initialised (not in the file): {", ".join(self.initialised)}')
     if self.skipped:
       lines.append(f'  skipped (in the file, not loaded): {"; ".join(self.skipped)}')
+    if self.adapted:
+      lines.append(f'  adapted to this model: {"; ".join(self.adapted)}')
     return '\n'.join(lines)
 
 
@@ -90,8 +103,12 @@ def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dic
           f'{layer.name}: expected gamma, beta, mean and variance, got ' f'{len(a)} arrays'
       )
     return {'params': {'scale': a[0], 'bias': a[1]}, 'batch_stats': {'mean': a[2], 'var': a[3]}}
-  if layer.kind in ('LayerNormalization', 'LayerScale'):
-    names = ('scale', 'bias') if layer.kind == 'LayerNormalization' else ('gamma',)
+  if layer.kind == 'Normalization':
+    if len(a) != 3:
+      raise WeightFileError(f'{layer.name}: expected mean, variance and count, got {len(a)} arrays')
+    return {'batch_stats': {'mean': a[0], 'var': a[1], 'count': a[2]}}
+  if layer.kind in PARAMETER_NAMES:
+    names = PARAMETER_NAMES[layer.kind]
     if len(a) != len(names):
       raise WeightFileError(f'{layer.name}: expected {len(names)} arrays, got {len(a)}')
     return {'params': dict(zip(names, a))}
@@ -99,6 +116,8 @@ def layer_variables(layer: Layer, arrays: Sequence[np.ndarray]) -> dict[str, dic
     # Keras' depthwise kernel is (k, k, C, 1); a grouped convolution wants (k, k, 1, C).
     params = {'depthwise_kernel': a[0].transpose(0, 1, 3, 2), 'pointwise_kernel': a[1]}
     rest = a[2:]
+  elif layer.kind == 'DepthwiseConv2D':
+    params, rest = {'kernel': a[0].transpose(0, 1, 3, 2)}, a[1:]
   else:  # Conv2D (grouped too: Keras' and Flax's kernels are both (k, k, C / groups, F))
     params, rest = {'kernel': a[0]}, a[1:]
   if rest:
@@ -209,6 +228,8 @@ def assign(
   for group, layer, (file_name, arrays) in pairs:
     problem = _count_problem(variables, group, layer, arrays)
     new = {} if problem else layer_variables(layer, arrays)
+    if layer.kind == 'PositionEmbedding' and not problem:
+      new = _resized_position_embedding(variables, group, layer.name, new, report)
     problem = problem or _shape_problem(variables, group, layer.name, new)
     if problem and group == 'backbone':
       raise WeightFileError(f'{source}: {problem} (file layer {file_name!r})')
@@ -262,6 +283,28 @@ def _count_problem(
       f'{[tuple(np.shape(a)) for a in arrays]}, the model expects {len(expected)} of shapes '
       f'{expected}'
   )
+
+
+def _resized_position_embedding(
+    variables: dict[str, Any],
+    group: str,
+    name: str,
+    new: dict[str, dict[str, Any]],
+    report: LoadReport,
+) -> dict[str, dict[str, Any]]:
+  """A ViT's position embedding for the model's grid of patches when the file's is
+  another (weights of 224 px fine-tuned at 384, or CIFAR at 64): resized as torchvision
+  resizes it, and said in the report."""
+  have = new['params']['embedding']
+  want = variables['params'][group][name]['embedding'].shape
+  if have.shape == tuple(want) or have.shape[::2] != tuple(want)[::2]:
+    return new  # the same, or another width: _shape_problem names it
+  old, size = math.isqrt(have.shape[1] - 1), math.isqrt(want[1] - 1)
+  report.adapted.append(
+      f'{group}/{name}: resized from a {old}x{old} to a {size}x{size} grid of patches '
+      "(bicubic, corners aligned: torchvision's interpolate_embeddings)"
+  )
+  return {'params': {'embedding': vit_files.resize_position_embedding(have, want[1])}}
 
 
 def _shape_problem(

@@ -23,6 +23,7 @@ import numpy as np
 from fineflax import storage
 from fineflax.errors import DataError
 from fineflax.models.graph import Layer
+from fineflax.weights import vit_files
 
 FileLayers = list[tuple[str, list[np.ndarray]]]
 SUFFIXES = ('.h5', '.pth', '.pt', '.safetensors')
@@ -305,8 +306,10 @@ def variable_tree_layers(
   params, stats = tree.get('params', {}), tree.get('batch_stats', {})
   known = {(g, layer.name): layer for g, layers in layer_groups.items() for layer in layers}
   out, unused = [], []
-  for group, layers in params.items():
-    for name, p in layers.items():
+  # Layers with parameters, then those with statistics only (EfficientNet's Normalization).
+  for group in dict.fromkeys([*params, *stats]):
+    for name in dict.fromkeys([*params.get(group, {}), *stats.get(group, {})]):
+      p = params.get(group, {}).get(name, {})
       layer = known.get((group, name))
       if layer is None:
         if group == 'backbone':
@@ -322,6 +325,17 @@ def variable_tree_layers(
   return out, unused
 
 
+# The parameters of the kinds whose arrays are stored as the model holds them, in the
+# file's order (the Vision Transformer's kinds: fineflax.weights.vit_files' order).
+PARAMETER_NAMES = {
+    'LayerNormalization': ('scale', 'bias'),
+    'LayerScale': ('gamma',),
+    'ClassToken': ('token',),
+    'PositionEmbedding': ('embedding',),
+    'MultiHeadAttention': ('in_kernel', 'in_bias', 'out_kernel', 'out_bias'),
+}
+
+
 def keras_arrays(layer: Layer, p: Mapping[str, Any], s: Mapping[str, Any]) -> list[Any]:
   """A layer's fineflax variables (params `p`, statistics `s`) in Keras' weight order."""
   kind = layer.kind
@@ -334,12 +348,14 @@ def keras_arrays(layer: Layer, p: Mapping[str, Any], s: Mapping[str, Any]) -> li
     ]
   if kind == 'BatchNormalization':
     return [p['scale'], p['bias'], s['mean'], s['var']]
-  if kind == 'LayerNormalization':
-    return [p['scale'], p['bias']]
-  if kind == 'LayerScale':
-    return [p['gamma']]
+  if kind in PARAMETER_NAMES:
+    return [p[name] for name in PARAMETER_NAMES[kind]]
+  if kind == 'Normalization':  # EfficientNet's stored statistics
+    return [s['mean'], s['var'], s['count']]
   if kind == 'SeparableConv2D':
     arrays = [p['depthwise_kernel'].transpose(0, 1, 3, 2), p['pointwise_kernel']]
+  elif kind == 'DepthwiseConv2D':
+    arrays = [p['kernel'].transpose(0, 1, 3, 2)]
   else:
     arrays = [p['kernel']]
   return arrays + ([p['bias']] if 'bias' in p else [])
@@ -368,11 +384,16 @@ def read_weight_file(
     state = read_state_dict(path)
     if is_torch_convnext(state):
       layers, unused = torch_convnext_layers(state, layer_groups.get('backbone', ()), path)
+    elif vit_files.is_torch_vit(state):
+      try:
+        layers, unused = vit_files.torch_vit_layers(state)
+      except KeyError as e:
+        raise WeightFileError(f'{path}: {e.args[0]} is missing') from None
     else:
       layers, unused = torch_resnet_layers(state, path)
     if not layers:
       raise WeightFileError(
-          f'{path}: no torchvision / timm ResNet or torchvision ConvNeXt parameters in it '
+          f'{path}: no torchvision / timm ResNet or torchvision ConvNeXt / ViT parameters in it '
           f'(keys such as {list(state)[:3]})'
       )
     return layers, unused, False

@@ -98,8 +98,36 @@ def _keras_convnext(variant: str, sha256_full: str, sha256_notop: str, top1: str
   )
 
 
+def _keras_efficientnet(backbone: str, md5_full: str, md5_notop: str, top1: str) -> Source:
+  # keras.applications' EfficientNet files are named after the Keras model
+  # (`efficientnetb0`, `efficientnetv2-b0`), V1's in another bucket than the other families.
+  v2 = backbone.startswith('efficientnetv2')
+  folder = 'efficientnet_v2' if v2 else 'efficientnet'
+  name = backbone.replace('_', '-') if v2 else backbone.replace('_', '')
+  base = f'{_KERAS}/efficientnet_v2' if v2 else 'https://storage.googleapis.com/keras-applications'
+  return Source(
+      'keras:imagenet',
+      backbone,
+      WeightFile(f'{base}/{name}.h5', md5=md5_full),
+      WeightFile(f'{base}/{name}_notop.h5', md5=md5_notop),
+      top1,
+      'Apache-2.0 (ported from tensorflow/tpu)',
+      f"Keras' md5s, in keras.applications' `keras/src/applications/{folder}.py`",
+  )
+
+
+_TORCHVISION_LICENCE = 'BSD-3-Clause (torchvision); ImageNet terms of use apply'
+# The SWAG weights (Singh et al. 2022, pre-trained on Instagram hashtags), as torchvision's
+# documentation gives their terms.
+_SWAG_LICENCE = 'CC BY-NC 4.0 (facebookresearch/SWAG): non-commercial use only'
+
+
 def _torchvision(
-    name: str, filename: str, top1: str, backbone: str = 'resnet50_torchvision'
+    name: str,
+    filename: str,
+    top1: str,
+    backbone: str = 'resnet50_torchvision',
+    licence: str = _TORCHVISION_LICENCE,
 ) -> Source:
   return Source(
       f'torchvision:{name}',
@@ -110,7 +138,7 @@ def _torchvision(
       ),
       None,
       top1,
-      'BSD-3-Clause (torchvision); ImageNet terms of use apply',
+      licence,
       'the 8-hex sha256 prefix in the file name, all that torchvision publishes '
       '(torch hub checks it)',
   )
@@ -205,7 +233,137 @@ SOURCES: tuple[Source, ...] = (
     _torchvision(
         'IMAGENET1K_V1', 'convnext_large-ea097f82.pth', '84.41%', 'convnext_large_torchvision'
     ),
+    # torchvision's ViT_*_Weights: IMAGENET1K_V1 (224 px, the default) and the SWAG ones
+    # (E2E: fine-tuned at 384 / 512 px, their position embeddings resized at load;
+    # LINEAR: a linear head on the frozen SWAG trunk, 224 px).
+    _torchvision('IMAGENET1K_V1', 'vit_b_16-c867db91.pth', '81.07%', 'vit_b_16_torchvision'),
+    _torchvision(
+        'IMAGENET1K_SWAG_E2E_V1',
+        'vit_b_16_swag-9ac1b537.pth',
+        '85.30%',
+        'vit_b_16_torchvision',
+        _SWAG_LICENCE,
+    ),
+    _torchvision(
+        'IMAGENET1K_SWAG_LINEAR_V1',
+        'vit_b_16_lc_swag-4e70ced5.pth',
+        '81.89%',
+        'vit_b_16_torchvision',
+        _SWAG_LICENCE,
+    ),
+    _torchvision('IMAGENET1K_V1', 'vit_b_32-d86f8d99.pth', '75.91%', 'vit_b_32_torchvision'),
+    _torchvision('IMAGENET1K_V1', 'vit_l_16-852ce7e3.pth', '79.66%', 'vit_l_16_torchvision'),
+    _torchvision(
+        'IMAGENET1K_SWAG_E2E_V1',
+        'vit_l_16_swag-4f3808c9.pth',
+        '88.06%',
+        'vit_l_16_torchvision',
+        _SWAG_LICENCE,
+    ),
+    _torchvision(
+        'IMAGENET1K_SWAG_LINEAR_V1',
+        'vit_l_16_lc_swag-4d563306.pth',
+        '85.15%',
+        'vit_l_16_torchvision',
+        _SWAG_LICENCE,
+    ),
+    _torchvision('IMAGENET1K_V1', 'vit_l_32-c7638314.pth', '76.97%', 'vit_l_32_torchvision'),
 )
+
+# md5s as keras.applications checks them; top-1 as keras.io lists it.
+_EFFICIENTNET = (
+    (
+        'efficientnet_b0',
+        '902e53a9f72be733fc0bcb005b3ebbac',
+        '50bc09e76180e00e4465e1a485ddc09d',
+        '77.1%',
+    ),
+    (
+        'efficientnet_b1',
+        '1d254153d4ab51201f1646940f018540',
+        '74c4e6b3e1f6a1eea24c589628592432',
+        '79.1%',
+    ),
+    (
+        'efficientnet_b2',
+        'b15cce36ff4dcbd00b6dd88e7857a6ad',
+        '111f8e2ac8aa800a7a99e3239f7bfb39',
+        '80.1%',
+    ),
+    (
+        'efficientnet_b3',
+        'ffd1fdc53d0ce67064dc6a9c7960ede0',
+        'af6d107764bb5b1abb91932881670226',
+        '81.6%',
+    ),
+    (
+        'efficientnet_b4',
+        '18c95ad55216b8f92d7e70b3a046e2fc',
+        'ebc24e6d6c33eaebbd558eafbeedf1ba',
+        '82.9%',
+    ),
+    (
+        'efficientnet_b5',
+        'ace28f2a6363774853a83a0b21b9421a',
+        '38879255a25d3c92d5e44e04ae6cec6f',
+        '83.6%',
+    ),
+    (
+        'efficientnet_b6',
+        '165f6e37dce68623721b423839de8be5',
+        '9ecce42647a20130c1f39a5d4cb75743',
+        '84.0%',
+    ),
+    (
+        'efficientnet_b7',
+        '8c03f828fec3ef71311cd463b6759d99',
+        'cbcfe4450ddf6f3ad90b1b398090fe4a',
+        '84.3%',
+    ),
+    (
+        'efficientnetv2_b0',
+        '21ecbf6da12460d5c40bb2f29ceb2188',
+        '893217f2bb855e2983157299931e43ff',
+        '78.7%',
+    ),
+    (
+        'efficientnetv2_b1',
+        '069f0534ff22adf035c89e2d9547a9dc',
+        '0e80663031ca32d657f9caa404b6ec37',
+        '79.8%',
+    ),
+    (
+        'efficientnetv2_b2',
+        '424e49f28180edbde1e94797771950a7',
+        '1dfe2e7a5d45b6632553a8961ea609eb',
+        '80.5%',
+    ),
+    (
+        'efficientnetv2_b3',
+        '1f1fc43bd98a6e4fd8fdfd551e02c7a0',
+        'f6abf7b5849ac99a89b50dd3fd532856',
+        '82.0%',
+    ),
+    (
+        'efficientnetv2_s',
+        'e1d88a8495beba45748fedd0cecbe016',
+        'af0682fb74e8c54910f2d4393339c070',
+        '83.9%',
+    ),
+    (
+        'efficientnetv2_m',
+        'a3bf6aa3276309f4fc6a34aa114c95cd',
+        '1b8dc055df72dde80d614482840fe342',
+        '85.3%',
+    ),
+    (
+        'efficientnetv2_l',
+        '27e6d408b53c7ebc868fefa357689935',
+        'b0b66b5c863aef5b46e8608fe1711615',
+        '85.7%',
+    ),
+)
+SOURCES += tuple(_keras_efficientnet(*row) for row in _EFFICIENTNET)
 
 DEFAULTS = {
     'resnet50': 'keras:imagenet',
@@ -218,6 +376,11 @@ DEFAULTS = {
     **{
         f'convnext_{v}_torchvision': 'torchvision:IMAGENET1K_V1'
         for v in ('tiny', 'small', 'base', 'large')
+    },
+    **{backbone: 'keras:imagenet' for backbone, *_ in _EFFICIENTNET},
+    **{
+        f'vit_{v}_torchvision': 'torchvision:IMAGENET1K_V1'
+        for v in ('b_16', 'b_32', 'l_16', 'l_32')
     },
 }
 
