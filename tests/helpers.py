@@ -127,3 +127,34 @@ def two_train_states() -> tuple[state_lib.TrainState, state_lib.TrainState]:
       variables, phase_optimizer(model, variables['params']), jax.devices()[:2], step=1
   )
   return first, first.replace(params=jax.tree.map(lambda x: x * 2 + 1, first.params))
+
+
+def assert_zero_shot_matches_keras(
+    backbone: str, weights: Path, keras_top: Any, side: int, folder: Path
+) -> None:
+  """`zero_shot.predict_files` with a Keras-layout backbone's `include_top` weights names
+  the top 3 ImageNet classes and probabilities that `keras_top` (the Keras model with its
+  top, at `side`, normalising inside) gives the same images, one of another size."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from fineflax.data.images import read_image  # pylint: disable=g-import-not-at-top
+  from fineflax.inference import zero_shot  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(5)
+  paths = []
+  for i, size in enumerate([(80, 50), (side, side)]):
+    paths.append(str(folder / f'img{i}.png'))
+    Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(paths[-1])
+  cfg = config_lib.default_config()
+  cfg.model.update(backbone=backbone, weights=str(weights), include_top=True, image_size=side)
+  got = zero_shot.predict_files(cfg, paths, k=3)
+  images = np.stack([read_image(p, side) for p in paths]).astype(np.float32)
+  logits = np.asarray(keras_top(images))
+  probs = np.exp(logits - logits.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  classes = zero_shot.imagenet_classes()
+  for row, best in zip(probs, got, strict=True):
+    top = np.argsort(-row)[:3]
+    assert [name for name, _ in best] == [f'{classes[i][1]} ({classes[i][0]})' for i in top]
+    np.testing.assert_allclose([p for _, p in best], row[top], rtol=1e-4)

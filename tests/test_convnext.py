@@ -17,9 +17,7 @@ import numpy as np
 import pytest
 
 from fineflax import config as config_lib, models, pytree, weights
-from fineflax.data.images import read_image
 from fineflax.distributed import parallel
-from fineflax.inference import zero_shot
 from fineflax.models import convnext, graph, heads, layer_kinds
 from fineflax.run import restore
 from fineflax.train import freeze, state as state_lib, step as step_lib, summary
@@ -361,31 +359,11 @@ def test_weights_of_another_variant_are_refused_naming_the_first_mismatched_laye
 
 
 def test_zero_shot_predict_matches_keras(keras_refs, tmp_path):
-  from PIL import Image  # pylint: disable=g-import-not-at-top
-
   side = SIDES[-1]
-  rng = np.random.default_rng(5)
-  paths = []
-  for i, size in enumerate([(80, 50), (side, side)]):
-    paths.append(str(tmp_path / f'img{i}.png'))
-    Image.fromarray(rng.integers(0, 256, size + (3,), dtype=np.uint8)).save(paths[-1])
-  cfg = config_lib.default_config()
-  cfg.model.update(
-      backbone='convnext_tiny',
-      weights=str(keras_refs['files'][True, 'h5']),
-      include_top=True,
-      image_size=side,
+  refs = keras_refs
+  helpers.assert_zero_shot_matches_keras(
+      'convnext_tiny', refs['files'][True, 'h5'], refs['tops'][side], side, tmp_path
   )
-  got = zero_shot.predict_files(cfg, paths, k=3)
-  images = np.stack([read_image(p, side) for p in paths]).astype(np.float32)
-  logits = np.asarray(keras_refs['tops'][side](images))  # Keras normalises inside
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  classes = zero_shot.imagenet_classes()
-  for row, best in zip(probs, got):
-    top = np.argsort(-row)[:3]
-    assert [name for name, _ in best] == [f'{classes[i][1]} ({classes[i][0]})' for i in top]
-    np.testing.assert_allclose([p for _, p in best], row[top], rtol=1e-4)
 
 
 def test_converted_checkpoint_and_init_from_load_the_same(keras_refs, tmp_path):
