@@ -158,3 +158,25 @@ def assert_zero_shot_matches_keras(
     top = np.argsort(-row)[:3]
     assert [name for name, _ in best] == [f'{classes[i][1]} ({classes[i][0]})' for i in top]
     np.testing.assert_allclose([p for _, p in best], row[top], rtol=1e-4)
+
+
+def assert_offline_error_then_impostor_refused(
+    backbone: str, filename: str, checksum: str, cache: Path, monkeypatch: Any
+) -> None:
+  """`weights.resolve('imagenet', backbone)` with nothing cached and no server fails in one
+  line naming the cache path of `filename` and its `checksum` ('sha256 ...', 'md5 ...');
+  a file of that name in the cache that fails the checksum is refused, not downloaded."""
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  from fineflax import weights  # pylint: disable=g-import-not-at-top
+
+  monkeypatch.setenv('FINEFLAX_CACHE', str(cache))
+  monkeypatch.setenv('FINEFLAX_WEIGHTS_MIRROR', f'http://127.0.0.1:{free_port()}')
+  with pytest.raises(weights.WeightsUnavailableError) as error:
+    weights.resolve('imagenet', backbone, include_top=False)
+  message = str(error.value)
+  path = cache / 'weights' / filename
+  assert '\n' not in message and str(path) in message and checksum in message
+  path.write_bytes(b'an impostor')
+  with pytest.raises(weights.ChecksumError, match=f'{checksum.split()[1][:16]}.*is refused'):
+    weights.resolve('imagenet', backbone, include_top=False)

@@ -326,17 +326,13 @@ def test_keras_sources_are_those_of_the_installed_keras():
 
 
 def test_a_missing_file_is_one_line_offline_and_a_cached_impostor_is_refused(tmp_path, monkeypatch):
-  monkeypatch.setenv('FINEFLAX_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setenv('FINEFLAX_WEIGHTS_MIRROR', f'http://127.0.0.1:{helpers.free_port()}')
-  with pytest.raises(weights.WeightsUnavailableError) as error:
-    weights.resolve('imagenet', 'convnext_tiny', include_top=False)
-  message = str(error.value)
-  path = tmp_path / 'cache' / 'weights' / 'convnext_tiny_notop.h5'
-  assert '\n' not in message and str(path) in message
-  assert 'sha256 d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1' in message
-  path.write_bytes(b'an impostor')  # found in the cache: checked, never downloaded
-  with pytest.raises(weights.ChecksumError, match='d547c096cabd0332.*is refused'):
-    weights.resolve('imagenet', 'convnext_tiny', include_top=False)
+  helpers.assert_offline_error_then_impostor_refused(
+      'convnext_tiny',
+      'convnext_tiny_notop.h5',
+      'sha256 d547c096cabd03329d7be5562c5e14798aa39ed24b474157cef5e85ab9e49ef1',
+      tmp_path / 'cache',
+      monkeypatch,
+  )
 
 
 def test_weights_of_another_variant_are_refused_naming_the_first_mismatched_layer(keras, tmp_path):

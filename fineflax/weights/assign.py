@@ -12,9 +12,11 @@ import dataclasses
 import math
 from typing import Any, Collection, Mapping, Sequence
 
+import jax
 import numpy as np
 
 from fineflax.models.graph import Layer
+from fineflax.pytree import path_str
 from fineflax.weights import vit_files
 from fineflax.weights.files import PARAMETER_NAMES, FileLayers, WeightFileError, keras_arrays
 
@@ -251,15 +253,9 @@ def assign(
   return out, report
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
   """{'a/b': leaf} of a nested dict (a Sequential's layers nest their parameters)."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping):
-      out.update(_flat(value, f'{prefix}{key}/'))
-    else:
-      out[f'{prefix}{key}'] = value
-  return out
+  return {path_str(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(dict(tree))[0]}
 
 
 def _as_dtypes(leaves: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
