@@ -404,7 +404,11 @@ def test_init_from_another_run_with_a_new_head(tmp_path, caplog):
     run, _, variables = train.setup(cfg, tmp_path / 'new', devices, stop)
     run.close()
   assert 'initialised (not in the file): head/dense, head/dense_1' in caplog.text
-  assert 'dense: params head/dense/kernel: the file has shape (512, 10)' in caplog.text
+  for leaf, have, want in (('kernel', (512, 10), (512, 32)), ('bias', (10,), (32,))):
+    assert (
+        f'params head/dense/{leaf}: the file has shape {have}, the model expects {want}'
+        in caplog.text
+    )
   [best] = (RunDir(tmp_path / 'source').best).iterdir()  # init_from takes the best step
   saved = ocp.StandardCheckpointer().restore(best / 'state')
   for collection in ('params', 'batch_stats'):

@@ -313,10 +313,12 @@ def _shape_problem(
       return (
           f'{group}/{name}: the file has {sorted(have)} for {collection}, the model {sorted(want)}'
       )
-    for key, value in have.items():
-      if tuple(np.shape(value)) != tuple(want[key].shape):
-        return (
-            f'{collection} {group}/{name}/{key}: the file has shape '
-            f'{tuple(np.shape(value))}, the model expects {tuple(want[key].shape)}'
-        )
+    wrong = [
+        f'{collection} {group}/{name}/{key}: the file has shape '
+        f'{tuple(np.shape(value))}, the model expects {tuple(want[key].shape)}'
+        for key, value in have.items()
+        if tuple(np.shape(value)) != tuple(want[key].shape)
+    ]
+    if wrong:
+      return '; '.join(wrong)
   return None
