@@ -55,7 +55,7 @@ from jax.sharding import Mesh
 from fineflax import config as config_lib, models
 from fineflax.distributed import parallel, runtime
 from fineflax.errors import FineflaxError
-from fineflax.train import freeze, optimizers, state as state_lib, step as step_lib
+from fineflax.train import ema as ema_lib, freeze, optimizers, state as state_lib, step as step_lib
 
 # This script's folder, for its cost and loop modules: on the path when the script runs,
 # not when a test loads it by its path (tests/scripts_loader.py).
@@ -66,6 +66,7 @@ from benchmark_cost import (  # pylint: disable=g-import-not-at-top,wrong-import
     cost_table,
     flops,
     max_batch,
+    mode_label,
     step_bytes,
 )
 from benchmark_loop import (  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -92,6 +93,7 @@ class BuiltStep:
   compute: Any  # the compute dtype
   trainable_leaves: int  # 0 for forward
   static: tuple[Any, ...] = ()  # arguments the compiled step is specialised on
+  ema_decay: float | None = None  # the train step keeps a moving average of the weights
 
   @property
   def trains(self) -> bool:
@@ -119,9 +121,10 @@ def build_step(
     dtype: str,
     num_classes: int = 10,
     devices: Sequence[jax.Device] | None = None,
+    ema_decay: float | None = None,
 ) -> BuiltStep:
   """The step of one mode, as `fineflax.train` builds it, on a random uint8 batch, over
-  `devices` (default: all)."""
+  `devices` (default: all); `ema_decay`: keeping a moving average of the weights."""
   cfg = config_lib.default_config()
   cfg.model.backbone = backbone
   compute = models.compute_dtype(dtype)
@@ -151,7 +154,11 @@ def build_step(
   )
   state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
   trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(optimizer.labels))
-  train_step = step_lib.make_train_step(model, optimizer, mesh)
+  average = None if ema_decay is None else ema_lib.Ema(ema_decay)
+  if average is not None:
+    begun = ema_lib.begin(average, optimizer.trainable(state.params), None, state.step, None)
+    state = state.replace(ema=begun)
+  train_step = step_lib.make_train_step(model, optimizer, mesh, ema=average)
   carry, fixed, structure = train_step.split(state)
   start = parallel.replicate(np.zeros((), np.int32), mesh)
   metrics = parallel.replicate(np.zeros((1, 3), np.float32), mesh)
@@ -162,6 +169,7 @@ def build_step(
       compute,
       trainable,
       (structure,),
+      ema_decay,
   )
 
 
@@ -179,6 +187,7 @@ def _header(
       'devices': built.mesh.devices.size,
       'platform': device.platform,
       'device_kind': device.device_kind,
+      'ema': built.ema_decay,
   }
 
 
@@ -202,9 +211,10 @@ def bench_step(
     windows: int,
     steps: int,
     num_classes: int = 10,
+    ema_decay: float | None = None,
 ) -> dict[str, Any]:
   """Times the train (or features) step of one mode; returns the JSON record."""
-  built = build_step(backbone, mode, batch, image, dtype, num_classes)
+  built = build_step(backbone, mode, batch, image, dtype, num_classes, ema_decay=ema_decay)
   start = time.perf_counter()
   compiled = built.compile()
   compile_s = time.perf_counter() - start
@@ -239,12 +249,14 @@ def cost_records(
     max_batch_gib: float | None = None,
     num_classes: int = 10,
     devices: Sequence[jax.Device] | None = None,
+    ema_decay: float | None = None,
 ) -> Iterator[dict[str, Any]]:
   """Compiles each mode's step at `batch` (and forward's, the reference) without running
   it; yields one 'cost' record per mode, with `max_batch` when `max_batch_gib` is given."""
   forward_flops = None
   for mode in ['forward'] + [m for m in modes if m != 'forward']:
-    built = build_step(backbone, mode, batch, image, dtype, num_classes, devices)
+    decay = None if mode == 'forward' else ema_decay
+    built = build_step(backbone, mode, batch, image, dtype, num_classes, devices, decay)
     start = time.perf_counter()
     compiled = built.compile()
     compile_s = time.perf_counter() - start
@@ -291,7 +303,7 @@ def table(records: list[dict[str, Any]]) -> str:
   ]
   for r in records:
     rows.append(
-        f"| {r['what']} | {r['backbone']} | {r['mode']} | {r['batch']} | "
+        f"| {r['what']} | {r['backbone']} | {mode_label(r)} | {r['batch']} | "
         f"{r['image']} | {r['dtype']} | {r['devices']} {r['device_kind']} | "
         f"{r.get('compile_s', '')} | {r['img_per_s']:,.0f} |"
     )
@@ -329,6 +341,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   parser.add_argument('--windows', type=int, default=5, help='timed windows (median)')
   parser.add_argument('--steps', type=int, default=20, help='steps per window')
   parser.add_argument('--loop', action='store_true', help='time the whole training loop')
+  parser.add_argument(
+      '--ema',
+      type=float,
+      default=None,
+      metavar='DECAY',
+      help='step and --cost: the train step keeps a moving average of the weights',
+  )
   parser.add_argument(
       '--host',
       action='store_true',
@@ -377,7 +396,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   if unknown:
     parser.error(f'unknown modes {unknown}; expected some of {list(MODES)}')
   if cost:
-    runs = cost_records(args.backbone, modes, args.batch, args.image, args.dtype, args.max_batch)
+    runs = cost_records(
+        args.backbone,
+        modes,
+        args.batch,
+        args.image,
+        args.dtype,
+        args.max_batch,
+        ema_decay=args.ema,
+    )
   elif args.loop:
     runs = (
         bench_loop(
@@ -402,7 +429,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   else:
     runs = (
         bench_step(
-            args.backbone, mode, args.batch, args.image, args.dtype, args.windows, args.steps
+            args.backbone,
+            mode,
+            args.batch,
+            args.image,
+            args.dtype,
+            args.windows,
+            args.steps,
+            ema_decay=args.ema,
         )
         for mode in modes
     )

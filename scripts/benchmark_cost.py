@@ -90,6 +90,11 @@ def _next_guess(
   return int(min(max(b, lo + quantum), hi - quantum))
 
 
+def mode_label(record: dict[str, Any]) -> str:
+  """The mode of a record, '+ EMA' where its step keeps a moving average."""
+  return record['mode'] + (' + EMA' if record.get('ema') else '')
+
+
 def cost_table(records: list[dict[str, Any]]) -> str:
   """The cost records as a Markdown table (with the max batch when measured)."""
   budget = records[0].get('max_batch_gib')
@@ -101,7 +106,7 @@ def cost_table(records: list[dict[str, Any]]) -> str:
   ]
   for r in records:
     rows.append(
-        f"| {r['backbone']} | {r['mode']} | {r['batch']} | {r['image']} | "
+        f"| {r['backbone']} | {mode_label(r)} | {r['batch']} | {r['image']} | "
         f"{r['dtype']} | {r['devices']} {r['device_kind']} | "
         f"{r['gflop_per_image']:.4f} | {r['x_forward']:.3f} | {r['temp_mb']:,.1f} | "
         f"{r['argument_mb']:,.1f} | {r['output_mb']:,.1f} | {r['alias_mb']:,.1f} | "

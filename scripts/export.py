@@ -25,9 +25,9 @@ import jax
 import numpy as np
 
 from fineflax import config as config_lib
-from fineflax.errors import ConfigError
+from fineflax.errors import ConfigError, FineflaxError
 from fineflax.pytree import path_str
-from fineflax.run.restore import RestoredRun, load_run
+from fineflax.run.restore import WEIGHTS, RestoredRun, load_run
 
 FORMATS = ('.npz', '.safetensors')
 NPZ_METADATA_KEY = '__metadata__'
@@ -90,17 +90,22 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 
 def export(
-    workdir: str | os.PathLike, checkpoint: str, out: str | os.PathLike, overwrite: bool = False
+    workdir: str | os.PathLike,
+    checkpoint: str,
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    weights: str = 'raw',
 ) -> tuple[RestoredRun, dict[str, np.ndarray]]:
   """Writes the params and batch_stats of a run's checkpoint to `out` (.npz or
-  .safetensors); returns the run and the arrays written.
+  .safetensors); `weights` 'ema': the parameters' moving average (config.ema). Returns the
+  run and the arrays written.
 
   Raises:
     ConfigError: a bad output path, or what `load_run` raises (no such run or checkpoint).
   """
   out = Path(out)
   check_output(out, overwrite)
-  run = load_run(workdir, checkpoint)
+  run = load_run(workdir, checkpoint, weights)
   arrays = flatten(run.variables)
   # Written beside, then renamed: an interrupted export leaves no half-written file.
   partial = out.with_name(f'.{out.name}.partial')
@@ -121,12 +126,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       default='best',
       help="'best' (default; else the latest), 'latest' or a step number.",
   )
+  parser.add_argument(
+      '--weights',
+      default='raw',
+      choices=WEIGHTS,
+      help="The checkpoint's parameters ('raw', default) or their moving average ('ema').",
+  )
   parser.add_argument('--out', required=True, help='FILE.npz or FILE.safetensors to write.')
   parser.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
   args = parser.parse_args(argv)
   try:
-    run, arrays = export(args.workdir, args.checkpoint, args.out, args.overwrite)
-  except (ConfigError, OSError) as e:
+    run, arrays = export(args.workdir, args.checkpoint, args.out, args.overwrite, args.weights)
+  except (FineflaxError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   values = sum(a.size for a in arrays.values())

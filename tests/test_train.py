@@ -45,10 +45,19 @@ def _records(workdir):
   return [{k: v for k, v in r.items() if k != 'images_per_sec'} for r in MetricsLog(workdir).read()]
 
 
+def _averaged():
+  """The two-phase run keeping a moving average of its weights across the phases (scratch
+  averages BatchNorm statistics too): a resumed run must restore it to the bit."""
+  cfg = helpers.two_phase_config()
+  cfg.ema.decay = 0.9
+  return cfg
+
+
 def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monkeypatch):
   devices = jax.devices()[:2]
-  full = train.train_and_evaluate(helpers.two_phase_config(), tmp_path / 'full', devices=devices)
+  full = train.train_and_evaluate(_averaged(), tmp_path / 'full', devices=devices)
   expected = _records(tmp_path / 'full')
+  assert all(r['val_accuracy_ema'] is not None for r in expected) and 'ema' in full
   assert [(r['phase'], r['phase_epoch'], r['epoch'], r['step']) for r in expected] == [
       ('scratch', 1, 1, 3),
       ('scratch', 2, 2, 6),
@@ -61,16 +70,16 @@ def test_resume_mid_phase_and_between_phases_equals_uninterrupted(tmp_path, monk
     with monkeypatch.context() as patch:
       _interrupt_after(patch, *stop)
       with pytest.raises(Interrupt):
-        train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
+        train.train_and_evaluate(_averaged(), workdir, devices=devices)
   with monkeypatch.context() as patch:  # a SIGTERM noted at an epoch's last step
     patch.setattr(preemption.StopRequest, 'at', lambda self, step: step == 9)
     with pytest.raises(
         preemption.Preempted, match=r"saved step 9 \(phase 'conv5', the end of epoch 1\)"
     ):
-      train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
+      train.train_and_evaluate(_averaged(), workdir, devices=devices)
   # A record written after the last checkpoint must not survive the resume.
   MetricsLog(workdir).write({'step': 99, 'phase': 'stale'})
-  resumed = train.train_and_evaluate(helpers.two_phase_config(), workdir, devices=devices)
+  resumed = train.train_and_evaluate(_averaged(), workdir, devices=devices)
 
   assert _records(workdir) == expected
   assert resumed == full

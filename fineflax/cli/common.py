@@ -17,7 +17,7 @@ from ml_collections import config_flags
 from fineflax import config as config_lib, distributed
 from fineflax.distributed import runtime
 from fineflax.errors import ConfigError, FineflaxError
-from fineflax.run import reporting
+from fineflax.run import reporting, restore
 
 logger = logging.getLogger('fineflax.cli')
 
@@ -61,6 +61,16 @@ def define_distributed_flags(uses_devices: bool = True) -> Callable[[], None]:
     runtime.start(uses_devices)
 
   return join
+
+
+def define_weights_flag() -> flags.FlagHolder:
+  """--weights: which weights of a checkpoint a program uses."""
+  return flags.DEFINE_enum(
+      'weights',
+      'raw',
+      list(restore.WEIGHTS),
+      "The checkpoint's parameters ('raw') or their moving average ('ema', config.ema).",
+  )
 
 
 def program_name() -> str:

@@ -3,11 +3,15 @@ prints the report as a table (loss, accuracy, per class, confusion matrix) and w
 under DIR/eval/.
 
   python -m fineflax.evaluate --workdir DIR [--split train|val|test|NAME]
-                              [--checkpoint best|latest|STEP] [--batch_size N]
+                              [--checkpoint best|latest|wise_ft|soup|STEP]
+                              [--weights raw|ema] [--batch_size N]
   fineflax-evaluate ...     the same program
 
   --split                   a role (train, val, test: default test) or a split name
-  --checkpoint              best (default; else latest), latest, or a step number
+  --checkpoint              best (default; else latest), latest, wise_ft (python -m
+                            fineflax.interpolate's), soup (a soup's folder) or a step number
+  --weights                 raw (default): the checkpoint's parameters; ema: their moving
+                            average (a run with config.ema)
   --coordinator HOST:PORT --num_processes N --process_id I
                             one process of a multi-host job (docs/multihost.md)
 """
@@ -61,9 +65,11 @@ def format_report(report: dict[str, Any], max_matrix_classes: int = 20) -> str:
   return '\n'.join(lines)
 
 
-def evaluate(workdir: str, split: str, checkpoint: str, batch_size: int | None) -> None:
+def evaluate(
+    workdir: str, split: str, checkpoint: str, batch_size: int | None, weights: str = 'raw'
+) -> None:
   """Evaluates the run in `workdir` and prints the report."""
-  report = evaluate_run(workdir, split, checkpoint, batch_size)
+  report = evaluate_run(workdir, split, checkpoint, batch_size, weights=weights)
   if jax.process_index() == 0:
     print(format_report(report))
 
@@ -72,7 +78,10 @@ def main() -> None:
   """The program (also the `fineflax-evaluate` command)."""
   workdir = flags.DEFINE_string('workdir', None, 'Directory of a run (python -m fineflax.train).')
   split = flags.DEFINE_string('split', 'test', 'A role (train, val, test) or a split name.')
-  checkpoint = flags.DEFINE_string('checkpoint', 'best', "'best', 'latest' or a step.")
+  checkpoint = flags.DEFINE_string(
+      'checkpoint', 'best', "'best', 'latest', 'wise_ft', 'soup' or a step."
+  )
+  weights = common.define_weights_flag()
   batch_size = flags.DEFINE_integer(
       'batch_size', None, 'Global batch size; default: the ' "run's eval batch size."
   )
@@ -83,7 +92,7 @@ def main() -> None:
     if len(argv) > 1:
       raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     join()
-    evaluate(workdir.value, split.value, checkpoint.value, batch_size.value)
+    evaluate(workdir.value, split.value, checkpoint.value, batch_size.value, weights.value)
 
   common.run_absl(absl_main, __doc__)
 

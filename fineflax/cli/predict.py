@@ -1,11 +1,14 @@
 """Prints each image's top-k classes, by a trained run or zero-shot ImageNet
 (`fineflax.inference`).
 
-  python -m fineflax.predict --workdir DIR [--checkpoint best|latest|STEP] IMAGE_OR_FOLDER...
+  python -m fineflax.predict --workdir DIR [--checkpoint best|latest|wise_ft|soup|STEP]
+                            [--weights raw|ema]
+                            IMAGE_OR_FOLDER...
   python -m fineflax.predict --config configs/imagenet.py IMAGE_OR_FOLDER...  (zero-shot)
   fineflax-predict ...      the same program
 
   --workdir DIR             a trained run (python -m fineflax.train)
+  --weights raw|ema         its checkpoint's parameters (default) or their moving average
   --config CONFIG[:smoke]   instead, a config's model with its pretrained weights
   --config.KEY=VALUE        overrides one key of --config (every key:
                             docs/config_reference.md)
@@ -43,10 +46,11 @@ def predict(
     workdir: str | None = None,
     checkpoint: str = 'best',
     output: str | None = None,
+    weights: str = 'raw',
 ) -> None:
   """Prints the top-k classes of each image (a folder: its images), of a run (`workdir`)
-  or a `config`, and writes every file, with its classes or its error, to `output` (.csv
-  or .json) if given.
+  or a `config` (`weights`: the run's 'raw' parameters or their 'ema'), and writes every
+  file, with its classes or its error, to `output` (.csv or .json) if given.
 
   Raises:
     ConfigError: neither or both of `config` and `workdir`; `output` of another suffix.
@@ -65,7 +69,7 @@ def predict(
       raise ConfigError(f'--output {e}') from None
   paths = image_files.image_paths(paths)
   if workdir is not None:
-    results = run_files.predict_run_paths(workdir, paths, k, checkpoint)
+    results = run_files.predict_run_paths(workdir, paths, k, checkpoint, weights=weights)
   else:
     results = zero_shot.predict_config_paths(config, paths, k)
   failed = results.failed
@@ -92,8 +96,9 @@ def main() -> None:
   top = flags.DEFINE_integer('top_k', 5, 'How many classes to print per image.')
   workdir = flags.DEFINE_string('workdir', None, 'A trained run (instead of --config).')
   checkpoint = flags.DEFINE_string(
-      'checkpoint', 'best', "With --workdir: 'best', 'latest' or a step."
+      'checkpoint', 'best', "With --workdir: 'best', 'latest', 'wise_ft', 'soup' or a step."
   )
+  weights = common.define_weights_flag()
   output = flags.DEFINE_string(
       'output',
       None,
@@ -103,7 +108,7 @@ def main() -> None:
   )
   common.run_program(
       lambda config, argv: predict(
-          config, argv, top.value, workdir.value, checkpoint.value, output.value
+          config, argv, top.value, workdir.value, checkpoint.value, output.value, weights.value
       ),
       __doc__,
       required=(),

@@ -63,8 +63,9 @@ def hidden_widths(v: Any) -> str | None:
 
 
 INT, FLOAT, STR, BOOL, SEQ = (int,), (float, int), (str,), (bool,), (tuple, list)
-# The metrics a checkpoint or early stopping may watch.
-METRICS = ('loss', 'accuracy', 'val_loss', 'val_accuracy')
+# The metrics a checkpoint or early stopping may watch (`_ema`: of the weights' moving
+# average, config.ema).
+METRICS = ('loss', 'accuracy', 'val_loss', 'val_accuracy', 'val_loss_ema', 'val_accuracy_ema')
 
 
 def build(schema: dict[str, Any]) -> ml_collections.ConfigDict:

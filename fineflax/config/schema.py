@@ -13,6 +13,7 @@ from typing import Any
 
 import ml_collections
 
+from fineflax.config.averaging_schema import AVERAGING_SCHEMA
 from fineflax.config.fields import (
     BOOL,
     FLOAT,
@@ -344,6 +345,7 @@ SCHEMA: dict[str, Any] = {
             check=choices(('auto', 'min', 'max')),
         ),
     },
+    **AVERAGING_SCHEMA,
     'allow_config_change': Field(
         False,
         BOOL,
@@ -358,6 +360,13 @@ SCHEMA: dict[str, Any] = {
         'checkpoint step folder or a converted checkpoint; layers of '
         'another shape (a new head) are initialised and reported.',
         optional=True,
+    ),
+    'init_from_weights': Field(
+        'raw',
+        STR,
+        "Which weights of an init_from run: 'raw' (its parameters) or 'ema' (their moving "
+        'average, config.ema, held in the same checkpoint).',
+        check=choices(('raw', 'ema')),
     ),
 }
 

@@ -89,10 +89,11 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 
 def resolve_mode(monitor: str, mode: str) -> str:
-  """'min' or 'max' for a monitored metric ('auto': max for accuracies, as Keras')."""
+  """'min' or 'max' for a monitored metric ('auto': max for accuracies, as Keras', those
+  of the moving average too)."""
   if mode != 'auto':
     return mode
-  return 'max' if monitor.endswith('accuracy') else 'min'
+  return 'max' if monitor.removesuffix('_ema').endswith('accuracy') else 'min'
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

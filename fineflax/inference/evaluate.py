@@ -218,6 +218,7 @@ def evaluate_run(
     batch_size: int | None = None,
     *,
     devices: Sequence[jax.Device] | None = None,
+    weights: str = 'raw',
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of the run in `workdir` on one split and writes the report.
 
@@ -227,6 +228,7 @@ def evaluate_run(
     checkpoint: 'best' (else latest), 'latest' or a step number.
     batch_size: global batch size (default: the run's eval batch size).
     devices: devices to evaluate on (default: every device of every process).
+    weights: 'raw', or 'ema' for the checkpoint's moving average (config.ema).
   Returns:
     `classification_metrics` plus where it comes from (workdir, split, split_name,
     checkpoint, step, checkpoint_dir, class_names) and the files written (files).
@@ -235,7 +237,7 @@ def evaluate_run(
     DataError: the split has no example.
   """
   workdir = RunDir(workdir).root
-  run = restore.load_run(workdir, checkpoint)
+  run = restore.load_run(workdir, checkpoint, weights)
   # Only the split asked for is decoded when it is one the config names.
   keys = [
       k for k in data.SPLIT_KEYS if split == k.removesuffix('_split') or split == run.config.data[k]

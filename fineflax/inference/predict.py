@@ -37,9 +37,11 @@ def _run_top_k(
     images: np.ndarray,
     k: int,
     devices: Sequence[jax.Device] | None,
+    weights: str = 'raw',
 ) -> tuple[restore.RestoredRun, list[Ranked]]:
-  """The checkpoint opened, and the top-k classes of `images` (at the stored shape)."""
-  run = restore.load_run(workdir, checkpoint)
+  """The checkpoint opened (`weights`: 'raw' or 'ema'), and the top-k classes of `images`
+  (at the stored shape)."""
+  run = restore.load_run(workdir, checkpoint, weights)
   mesh = parallel.make_mesh(devices)
   count = mesh.devices.size
   # One batch of the images when they fit in the run's eval batch; padding rows are dropped.
@@ -67,8 +69,10 @@ def predict_run_files(
     checkpoint: str | int = 'best',
     *,
     devices: Sequence[jax.Device] | None = None,
+    weights: str = 'raw',
 ) -> list[Ranked]:
-  """The top-k classes of each image file under a checkpoint of the run in `workdir`.
+  """The top-k classes of each image file under a checkpoint of the run in `workdir`
+  (`weights`: its parameters, 'raw', or their moving average, 'ema').
 
   The images are resized to the shape the run's dataset stores, then prepared on the
   device as the run's evaluation prepares them (resize, centre crop), on `devices`
@@ -80,7 +84,7 @@ def predict_run_files(
   config = restore.read_config(workdir)
   info = restore.read_dataset_info(workdir)
   images = np.stack([read_resized(p, info.image_shape, config.data.augment.crop) for p in paths])
-  return _run_top_k(workdir, checkpoint, images, k, devices)[1]
+  return _run_top_k(workdir, checkpoint, images, k, devices, weights)[1]
 
 
 def predict_run_paths(
@@ -90,6 +94,7 @@ def predict_run_paths(
     checkpoint: str | int = 'best',
     *,
     devices: Sequence[jax.Device] | None = None,
+    weights: str = 'raw',
 ) -> Predictions:
   """As `predict_run_files`, but a file that cannot be read gets its error in the result
   and the others are still predicted (the checkpoint is not opened when none is)."""
@@ -102,7 +107,7 @@ def predict_run_paths(
   )
 
   def predict_readable(batch: np.ndarray) -> tuple[list[Ranked], dict[str, Any]]:
-    run, ranked = _run_top_k(workdir, checkpoint, batch, k, devices)
+    run, ranked = _run_top_k(workdir, checkpoint, batch, k, devices, weights)
     return ranked, {'checkpoint': run.label, 'step': run.step}
 
   return predictions_of(paths, images, errors, predict_readable, workdir=str(workdir))

@@ -30,6 +30,7 @@ import re
 from typing import Any, NoReturn
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -106,6 +107,26 @@ def os_errno(error: BaseException | None) -> int | None:
 def complete_steps(directory: str | os.PathLike) -> list[int]:
   """The steps of `directory` that Orbax finished writing, in order."""
   return sorted(ocp.path.step.checkpoint_steps(storage.as_path(directory)))
+
+
+def save_variables(
+    directory: str | os.PathLike, variables: dict[str, Any], meta: dict[str, Any], keep: int
+) -> bool:
+  """Saves `variables` ({'params', 'batch_stats'}) as step `meta['step']` of `directory`,
+  a folder of weights a run keeps beside its train states (phase ends, WiSE-FT, a soup),
+  which load_run and init_from read like the others; the `keep` newest steps stay. A step
+  the folder already holds is left as it is (a resumed run saving it again). Returns
+  whether it saved."""
+  step = int(meta['step'])
+  if step in complete_steps(directory):
+    return False
+  folder = Checkpoints(directory, keep)
+  try:
+    tree = {'step': np.asarray(step, np.int32), **variables}
+    folder.save(tree, dict(meta, step=step))
+  finally:
+    folder.close()
+  return True
 
 
 def has_checkpoint(directory: str | os.PathLike) -> bool:

@@ -9,6 +9,10 @@ DIR/tb/                          TensorBoard event files
 DIR/checkpoints/latest/<step>/   the last saves, for resuming
 DIR/checkpoints/best/<step>/     the best save by config.checkpoint.monitor
 DIR/checkpoints/phase_best/<step>/  the best epoch of a restore_best phase
+DIR/checkpoints/phase_end/<step>/   the parameters each phase but the last ended with
+DIR/checkpoints/wise_ft/<step>/  the WiSE-FT interpolation chosen on the validation split
+DIR/checkpoints/soup/<step>/     a soup's averaged weights (a folder fineflax.soup wrote)
+DIR/wise_ft.png                  validation accuracy against the interpolation's alpha
 DIR/features/<role>.npy          cached features memory-mapped from disk (for a gs://
                                  DIR, in a local folder: see storage.local_cache_folder)
 DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
@@ -82,6 +86,22 @@ class RunDir:
   @property
   def phase_best(self) -> epath.Path:
     return self.checkpoints / 'phase_best'
+
+  @property
+  def phase_end(self) -> epath.Path:
+    return self.checkpoints / 'phase_end'
+
+  @property
+  def wise_ft(self) -> epath.Path:
+    return self.checkpoints / 'wise_ft'
+
+  @property
+  def soup(self) -> epath.Path:
+    return self.checkpoints / 'soup'
+
+  @property
+  def wise_ft_png(self) -> epath.Path:
+    return self.root / 'wise_ft.png'
 
   @property
   def features(self) -> epath.Path:

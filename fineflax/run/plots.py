@@ -165,3 +165,22 @@ def write_confusion(
   if title:
     ax.set_title(title)
   _save_atomic(fig, path)
+
+
+def write_interpolation(
+    path: str | os.PathLike, alphas: Sequence[float], accuracies: Sequence[float], chosen: float
+) -> None:
+  """Validation accuracy against WiSE-FT's alpha (0: where the interpolation starts, 1:
+  where it ends), the chosen alpha marked."""
+  if jax.process_index() != 0:
+    return
+  fig = _figure(figsize=(5, 3.5))
+  ax = fig.add_subplot()
+  ax.plot(alphas, accuracies, marker='o')
+  ax.axvline(chosen, color='tab:red', linestyle='--', label=f'chosen alpha {chosen:g}')
+  ax.set_xlabel('alpha (0: start, 1: end of fine-tuning)')
+  ax.set_ylabel('validation accuracy')
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  _save_atomic(fig, path)

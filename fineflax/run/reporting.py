@@ -125,6 +125,8 @@ def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
       if record['val_loss'] is None
       else f"val_loss {record['val_loss']:.4f} val_accuracy {record['val_accuracy']:.4f} | "
   )
+  if record.get('val_accuracy_ema') is not None:
+    val = f"{val[:-2]}(EMA: {record['val_loss_ema']:.4f} {record['val_accuracy_ema']:.4f}) | "
   return (
       f"[{record['phase']}] epoch {record['phase_epoch']}/{epochs_in_phase} "
       f"(run epoch {record['epoch']}, step {record['step']}): "
@@ -134,12 +136,15 @@ def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:
 
 
 def measured_parameters(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-  """('final parameters', results.json's final record), and ('best checkpoint', its best
-  record) when that is another step: the parameters a run's figures were measured with."""
+  """('final parameters', results.json's final record), ('best checkpoint', its best
+  record) when that is another step, and ('EMA weights', its ema record) when the run kept
+  a moving average: the parameters a run's figures were measured with."""
   out = [('final parameters', results['final'])]
   best = results.get('best')
   if best and best['step'] != results['final']['step']:
     out.append(('best checkpoint', best))
+  if results.get('ema'):
+    out.append(('EMA weights', results['ema']))
   return out
 
 
@@ -157,6 +162,12 @@ def run_summary(folder: RunDir, results: dict[str, Any]) -> str:
     lines.append(
         f"  final parameters, step {final['step']}: val_loss {final['val_loss']:.4f} "
         f"val_accuracy {final['val_accuracy']:.4f} ({folder.latest})"
+    )
+  ema = results.get('ema')
+  if validated and ema:
+    lines.append(
+        f"  EMA weights, step {ema['step']}: val_loss {ema['val_loss']:.4f} "
+        f"val_accuracy {ema['val_accuracy']:.4f} (--weights ema)"
     )
   best = results.get('best')
   if best:
@@ -177,7 +188,7 @@ def run_summary(folder: RunDir, results: dict[str, Any]) -> str:
   split = f'[--split {"|".join(roles)}]' if tested else f'--split {"|".join(roles)}'
   lines += [
       f'  evaluate: python -m fineflax.evaluate --workdir {folder.root} {split} '
-      '[--checkpoint best|latest|STEP]',
+      '[--checkpoint best|latest|STEP]' + (' [--weights ema]' if ema else ''),
       f'  predict:  python -m fineflax.predict --workdir {folder.root} IMAGE...',
   ]
   return '\n'.join(lines)

@@ -4,6 +4,7 @@ parameters, for evaluation and prediction.
     run = load_run('runs/demo')              # checkpoints/best, else checkpoints/latest
     run = load_run('runs/demo', 'latest')
     run = load_run('runs/demo', 12)          # step 12 of latest/ (or best/)
+    run = load_run('runs/demo', weights='ema')  # the moving average (config.ema)
 
 Only `params` and `batch_stats` are read: the optimizer state's tree depends on the phase
 the checkpoint was saved in, and nothing here needs it. The arrays come back as float32
@@ -34,7 +35,14 @@ from fineflax.run import RunDir, checkpoints
 
 logger = logging.getLogger('fineflax.run.restore')
 
-KINDS = ('best', 'latest')
+KINDS = ('best', 'latest', 'wise_ft', 'soup')  # the checkpoints a run folder may have
+WEIGHTS = ('raw', 'ema')  # a checkpoint's parameters, or their moving average (config.ema)
+
+
+def check_weights_kind(kind: str) -> None:
+  """ConfigError unless `kind` is one of WEIGHTS."""
+  if kind not in WEIGHTS:
+    raise ConfigError(f'weights {kind!r}: expected one of {", ".join(WEIGHTS)}')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,8 +58,9 @@ class RestoredRun:
     step: the checkpoint's train step.
     checkpoint_dir: the checkpoint's step folder.
     label: 'best', 'latest' or 'step<N>': which checkpoint was asked for (a 'best' that
-      fell back to latest/ says 'latest').
+      fell back to latest/ says 'latest'), with '-ema' for its moving average.
     meta: the checkpoint's meta record (phase, epoch, ...).
+    weights: 'raw' (the parameters) or 'ema' (their moving average, config.ema).
   """
 
   model: nn.Module
@@ -63,6 +72,7 @@ class RestoredRun:
   checkpoint_dir: epath.Path
   label: str
   meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+  weights: str = 'raw'
 
 
 def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -114,18 +124,21 @@ def find_checkpoint(
   Args:
     workdir: the run directory.
     checkpoint: 'best' (falls back to 'latest', with a warning, when the run kept no best
-      checkpoint, e.g. one without a validation split), 'latest', or a step number (in
-      latest/, else best/), as int or digits.
+      checkpoint, e.g. one without a validation split; a soup's folder has only 'soup'),
+      'latest', 'wise_ft' (fineflax.interpolate's), 'soup' (fineflax.soup's) or a step
+      number (in latest/, else best/), as int or digits.
   Raises:
     ConfigError: the run has no checkpoint, or not the step asked for.
   """
   workdir = RunDir(workdir).root
   run_dir = RunDir(workdir)
-  folders = {'best': run_dir.best, 'latest': run_dir.latest}
+  folders = {kind: getattr(run_dir, kind) for kind in KINDS}
   if isinstance(checkpoint, str) and checkpoint.isdigit():
     checkpoint = int(checkpoint)
   if isinstance(checkpoint, str) and checkpoint not in KINDS:
-    raise ConfigError(f"checkpoint {checkpoint!r}: expected 'best', 'latest' or a step number")
+    raise ConfigError(
+        f"checkpoint {checkpoint!r}: expected {', '.join(map(repr, KINDS))} or a step number"
+    )
   steps = {kind: checkpoints.complete_steps(f) for kind, f in folders.items()}
   if not any(steps.values()):
     raise ConfigError(f'{run_dir.checkpoints}: no checkpoint (the run saved none yet)')
@@ -138,11 +151,20 @@ def find_checkpoint(
         f'latest/{checkpoint} or best/{checkpoint}); its steps: '
         + ', '.join(f'{kind}/ {found}' for kind, found in steps.items() if found)
     )
-  if checkpoint == 'best' and not steps['best']:
+  if checkpoint == 'best' and not steps['best'] and not steps['latest'] and steps['soup']:
+    checkpoint = 'soup'  # a soup's folder: its one set of weights
+  elif checkpoint == 'best' and not steps['best']:
     logger.warning(
         '%s has no best checkpoint (no validation split?); using the latest one', workdir
     )
     checkpoint = 'latest'
+  if not steps[checkpoint]:
+    made_by = {'wise_ft': 'python -m fineflax.interpolate', 'soup': 'python -m fineflax.soup'}
+    hint = f' ({made_by[checkpoint]} makes one)' if checkpoint in made_by else ''
+    raise ConfigError(
+        f'{folders[checkpoint]}: no checkpoint{hint}; the run has '
+        + ', '.join(f'{kind}/' for kind, found in steps.items() if found)
+    )
   return folders[checkpoint] / str(steps[checkpoint][-1]), checkpoint
 
 
@@ -166,13 +188,14 @@ def _not_a_step(step_dir: epath.Path) -> str:
 
 
 def read_variables(
-    step_dir: str | os.PathLike, expected: dict[str, Any]
+    step_dir: str | os.PathLike, expected: dict[str, Any], weights_kind: str = 'raw'
 ) -> tuple[dict[str, Any], dict[str, Any]]:
   """The params and batch_stats of a checkpoint step folder, and its meta record.
 
   Args:
     step_dir: a `checkpoints/{best,latest}/<step>` folder.
     expected: the abstract {'params', 'batch_stats'} the checkpoint must hold.
+    weights_kind: 'raw', or 'ema' for the moving average's parameters in their place.
   Raises:
     ConfigError: no such step folder (naming the steps beside it), or one without `state`.
     CheckpointMismatchError: the checkpoint holds other leaves or shapes (naming them).
@@ -189,7 +212,8 @@ def read_variables(
   # The optimizer state and step are left out on both sides: only these two are compared.
   wanted = {k: v for k, v in expected.items() if v}
   _check_fits({k: saved.get(k, {}) for k in wanted}, wanted, str(step_dir))
-  variables = weights.read_variable_tree(step_dir / 'state')
+  check_weights_kind(weights_kind)
+  variables = weights.read_variable_tree(step_dir / 'state', ema=weights_kind == 'ema')
   meta = step_dir / 'meta' / 'metadata'
   return variables, json.loads(meta.read_text()) if meta.is_file() else {}
 
@@ -213,12 +237,16 @@ def init_from_folder(path: str | os.PathLike) -> epath.Path:
   return path
 
 
-def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> RestoredRun:
+def load_run(
+    workdir: str | os.PathLike, checkpoint: str | int = 'best', weights: str = 'raw'
+) -> RestoredRun:
   """The model of the run in `workdir` with a checkpoint's params and batch_stats.
 
   Args:
     workdir: a directory `python -m fineflax.train` wrote.
     checkpoint: 'best', 'latest' or a step number (see `find_checkpoint`).
+    weights: 'raw' (the parameters) or 'ema' (the moving average the checkpoint
+      holds, with config.ema).
   Raises:
     ConfigError: no such directory, not a run, no such checkpoint; its subclass
       CheckpointMismatchError when the checkpoint does not fit the model of the config.
@@ -228,8 +256,10 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> Rest
   step_dir, label = find_checkpoint(workdir, checkpoint)
   info = read_dataset_info(workdir)
   model = models.from_config(config, info.class_names)
-  variables, meta = read_variables(step_dir, models.abstract_variables(model, info.image_shape))
-  logger.info('restored %s (step %s, %s)', step_dir, step_dir.name, label)
+  variables, meta = read_variables(
+      step_dir, models.abstract_variables(model, info.image_shape), weights
+  )
+  logger.info('restored %s (step %s, %s, %s weights)', step_dir, step_dir.name, label, weights)
   return RestoredRun(
       model=model,
       variables=variables,
@@ -238,6 +268,7 @@ def load_run(workdir: str | os.PathLike, checkpoint: str | int = 'best') -> Rest
       image_shape=info.image_shape,
       step=int(step_dir.name),
       checkpoint_dir=step_dir,
-      label=label,
+      label=label + ('-ema' if weights == 'ema' else ''),
       meta=meta,
+      weights=weights,
   )

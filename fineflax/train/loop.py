@@ -24,7 +24,7 @@ from fineflax.distributed import parallel
 from fineflax.distributed.preemption import Preempted
 from fineflax.errors import TrainingDivergedError
 from fineflax.run import checkpoints, plots, progress, reporting, step_records
-from fineflax.train import features, state as state_lib, step as step_lib, summary
+from fineflax.train import ema as ema_lib, features, state as state_lib, step as step_lib, summary
 from fineflax.train.early_stopping import EarlyStopping
 from fineflax.train.plan import PhasePlan
 from fineflax.train.training_run import Inputs, Position, TrainingRun
@@ -255,6 +255,16 @@ def start_state(
   start = variables if previous is None else previous.variables
   step = 0 if previous is None else int(previous.step)
   state = parallel.replicate(state_lib.create_train_state(start, plan.optimizer, step), run.mesh)
+  if run.ema is not None:
+    state = state.replace(
+        ema=ema_lib.begin(
+            run.ema,
+            plan.optimizer.trainable(state.params),
+            ema_lib.trained_stats(state.batch_stats, plan.bn_train) if plan.bn_train else None,
+            state.step,
+            None if previous is None else previous.ema,
+        )
+    )
   if resume and plan.index == resume['phase_index']:
     state = run.checkpoints.latest.restore(resume['step'], state)
     if run.checkpoints.catch_up_best(state, resume, run.metrics_log.read()):
@@ -282,6 +292,7 @@ def _compile_train_step(
       augment=data.Augment() if on.on_features else plan.augment,
       class_weights=run.class_weights,
       on_features=on.on_features,
+      ema=run.ema,
   )
   batches, inputs = _epoch_inputs(run, on, np.random.default_rng(0), Position(), 0, first_only=True)
   total = data.num_batches(on.splits['train'], cfg.batch_size)
@@ -337,10 +348,17 @@ def _report(run: TrainingRun, record: dict[str, Any]) -> None:
   """The epoch's record everywhere it goes: metrics.jsonl, TensorBoard, history.png."""
   run.metrics_log.write(record)
   if run.tensorboard is not None:
-    for prefix, keys in (('train/', ('loss', 'accuracy')), ('val/', ('val_loss', 'val_accuracy'))):
-      run.tensorboard.scalars(
-          {k.removeprefix('val_'): record[k] for k in keys}, record['step'], prefix
-      )
+    for prefix, keys, suffix in (
+        ('train/', ('loss', 'accuracy'), ''),
+        ('val/', ('val_loss', 'val_accuracy'), ''),
+        ('val_ema/', ('val_loss_ema', 'val_accuracy_ema'), ema_lib.SUFFIX),
+    ):
+      if keys[0] in record:
+        run.tensorboard.scalars(
+            {k.removeprefix('val_').removesuffix(suffix): record[k] for k in keys},
+            record['step'],
+            prefix,
+        )
     run.tensorboard.scalars(
         {'learning_rate': record['learning_rate'], 'images_per_sec': record['images_per_sec']},
         record['step'],
@@ -384,6 +402,11 @@ def train_phase(
         run, on, train_step, state, rng, position, phase.name, phase.epochs, steps
     )
     val = run.evaluate(state.variables, 'val', on) if on.splits['val'] is not None else {}
+    val_ema = (
+        run.evaluate(state.ema_variables, 'val', on)
+        if on.splits['val'] is not None and state.ema is not None
+        else {}
+    )
     run.record_unreadable()
     position.epoch += 1
     position.phase_epochs_done += 1
@@ -397,6 +420,11 @@ def train_phase(
         'accuracy': train['accuracy'],
         'val_loss': val.get('loss'),
         'val_accuracy': val.get('accuracy'),
+        **(
+            {'val_loss_ema': val_ema['loss'], 'val_accuracy_ema': val_ema['accuracy']}
+            if val_ema
+            else {}
+        ),
         # The rate of the epoch's last update, as Keras' history reports it.
         'learning_rate': plan.optimizer.learning_rate((epoch + 1) * steps_per_epoch - 1),
         'images_per_sec': train['count'] / train['seconds'],
@@ -445,4 +473,8 @@ def train_phase(
           watcher.best,
       )
     phase_best.close()
+  if index < len(run.plans) - 1:
+    # Where the next phase starts: one end of a WiSE-FT interpolation (fineflax.interpolate).
+    meta = {'step': int(state.step), 'phase': phase.name, 'phase_index': index}
+    checkpoints.save_variables(run.folder.phase_end, state.variables, meta, len(run.plans))
   return state

@@ -14,21 +14,33 @@ import numpy as np
 from fineflax.models import abstract_variables
 from fineflax.models.attention import POSITION_EMBEDDING_STD
 from fineflax.models.layer_kinds import LAYER_SCALE_INIT
+from fineflax.pytree import overlay
 from fineflax.train import optimizers
 
 
 class TrainState(flax.struct.PyTreeNode):
-  """Everything a step changes. `opt_state` covers the trainable leaves only."""
+  """Everything a step changes. `opt_state` covers the trainable leaves only, and so does
+  `ema` (None: no moving average; fineflax.train.ema)."""
 
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
+  ema: Any = None
 
   @property
   def variables(self) -> dict[str, Any]:
     """The Flax variables for `model.apply`."""
     return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  @property
+  def ema_variables(self) -> dict[str, Any]:
+    """The Flax variables with the moving average's leaves in place of the parameters'."""
+    stats = self.ema.get('batch_stats')
+    return {
+        'params': overlay(self.params, self.ema['params']),
+        'batch_stats': self.batch_stats if stats is None else overlay(self.batch_stats, stats),
+    }
 
 
 def _glorot_limit(shape: tuple[int, ...]) -> float:

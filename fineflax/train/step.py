@@ -27,7 +27,8 @@ from fineflax.data.augment import Augment
 from fineflax.data.dataset import Split, eval_batches
 from fineflax.distributed.parallel import AXIS
 from fineflax.run.progress import METRICS
-from fineflax.train import freeze
+from fineflax.train import ema as ema_lib, freeze
+from fineflax.train.ema import Ema
 from fineflax.train.optimizers import Optimizer
 from fineflax.train.state import TrainState
 
@@ -105,13 +106,13 @@ class TrainStep:
   """A phase's train step, and the split of the train state it runs on.
 
   A step changes only the *carry*: the step count, the trainable parameters (the
-  optimizer's view), the optimizer state and, with training-mode BatchNorm, the
-  statistics. The carry is donated and returned; the frozen parameters (and frozen
-  statistics) go in as `fixed`, neither donated nor returned. Both cross each call as flat
-  lists of arrays, their tree structures a static argument: what a call hands over is what
-  the step changes and nothing it would have to walk (every array and tree node crossing a
-  call costs host time on each step; ResNet50's head mode changes 9 of its 327 state
-  arrays).
+  optimizer's view), the optimizer state, the moving average if any and, with
+  training-mode BatchNorm, the statistics. The carry is donated and returned; the frozen
+  parameters (and frozen statistics) go in as `fixed`, neither donated nor returned. Both
+  cross each call as flat lists of arrays, their tree structures a static argument: what a
+  call hands over is what the step changes and nothing it would have to walk (every array
+  and tree node crossing a call costs host time on each step; ResNet50's head mode changes
+  9 of its 327 state arrays).
 
   `jitted(carry, fixed, batch, data, metrics, structure) -> (carry, metrics)`:
     carry, fixed: the leaves of `split(state)`; structure: their tree structures;
@@ -128,6 +129,7 @@ class TrainStep:
   optimizer: Optimizer
   bn_train: frozenset[str]
   jitted: Callable[..., tuple[list[jax.Array], jax.Array]]
+  ema: Ema | None = None
 
   def split(self, state: TrainState) -> tuple[list[Any], list[Any], Structure]:
     """The leaves of `state`'s carry and fixed part, and their structures."""
@@ -138,6 +140,8 @@ class TrainStep:
     }
     fixed = {'params': self.optimizer.frozen(state.params)}
     (carry if self.bn_train else fixed)['batch_stats'] = state.batch_stats
+    if self.ema is not None:
+      carry['ema'] = state.ema
     carry_leaves, carry_def = jax.tree.flatten(carry)
     fixed_leaves, fixed_def = jax.tree.flatten(fixed)
     return carry_leaves, fixed_leaves, (carry_def, fixed_def)
@@ -151,6 +155,7 @@ class TrainStep:
         opt_state=carry['opt_state'],
         batch_stats=stats,
         params=self.optimizer.merge(carry['params'], fixed['params']),
+        ema=carry.get('ema'),
     )
 
   def __call__(
@@ -210,6 +215,7 @@ def make_train_step(
     augment: Augment = Augment(),
     class_weights: Sequence[float] | None = None,
     on_features: bool = False,
+    ema: Ema | None = None,
 ) -> TrainStep:
   """The phase's train step over the mesh (`TrainStep`).
 
@@ -229,6 +235,7 @@ def make_train_step(
       weighted loss, as Keras reports it; accuracy and evaluation are unweighted.
     on_features: the batches hold cached features (`Classifier.features`), and the step
       runs only the rest of the head (`Classifier.classify`); no augmentation.
+    ema: the moving average the step updates after the optimizer (the state's `ema`).
   """
 
   if on_features and (augment.geometric or augment.crop is not None or augment.mixup > 0):
@@ -327,6 +334,13 @@ def make_train_step(
     }
     if bn_train:
       new_carry['batch_stats'] = unchanged_if_empty(new_stats, stats)
+    if ema is not None:
+      average = carry['ema']
+      current = {'params': new_carry['params']}
+      if 'batch_stats' in average:
+        current['batch_stats'] = ema_lib.trained_stats(new_carry['batch_stats'], bn_train)
+      moved = ema.update(average, current, carry['step'])
+      new_carry['ema'] = unchanged_if_empty(moved, average)
     sums = _sums(loss, correct, weight)
     values = jnp.stack([sums[name] for name in METRICS]).astype(metrics.dtype)
     return new_carry, jax.lax.dynamic_update_index_in_dim(metrics, values, row, 0)
@@ -346,7 +360,8 @@ def make_train_step(
     carry, metrics = mapped(carry, fixed, batch, data, metrics)
     return jax.tree.leaves(carry), metrics
 
-  return TrainStep(optimizer, frozenset(bn_train), jax.jit(run, donate_argnums=0, static_argnums=5))
+  jitted = jax.jit(run, donate_argnums=0, static_argnums=5)
+  return TrainStep(optimizer, frozenset(bn_train), jitted, ema)
 
 
 def make_eval_step(

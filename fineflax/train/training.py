@@ -27,7 +27,14 @@ from fineflax.distributed import parallel
 from fineflax.distributed.preemption import StopRequest, sigterm_flag
 from fineflax.errors import ConfigError
 from fineflax.run import RunDir, checkpoints, reporting, restore, tensorboard
-from fineflax.train import features, loop, plan as plan_lib, state as state_lib, step as step_lib
+from fineflax.train import (
+    features,
+    loop,
+    plan as plan_lib,
+    state as state_lib,
+    step as step_lib,
+    wise_ft,
+)
 from fineflax.train.training_run import Inputs, Position, TrainingRun, dataset_record
 
 logger = logging.getLogger('fineflax.train')
@@ -65,7 +72,26 @@ def train_and_evaluate(
       best = run.checkpoints.best.latest_meta()
     finally:
       run.close()
-  return report_results(run, state, position, best)
+  results = report_results(run, state, position, best)
+  if config.wise_ft.enabled:
+    results['wise_ft'] = interpolate(run)
+  return results
+
+
+def interpolate(run: TrainingRun) -> dict[str, Any]:
+  """WiSE-FT at the end of a run (config.wise_ft): its record in results.json."""
+
+  def evaluate(variables: dict[str, Any], role: str) -> dict[str, float]:
+    # From the host: arrays on this process's device cannot be sent to other hosts'.
+    return run.evaluate(parallel.replicate(jax.device_get(variables), run.mesh), role)
+
+  return wise_ft.run_wise_ft(
+      run.folder,
+      run.config,
+      models.abstract_variables(run.model, run.dataset.info.image_shape),
+      evaluate,
+      run.images.splits['test'] is not None,
+  )
 
 
 def setup(
@@ -233,8 +259,12 @@ def initial_variables(
     logger.info(report.text())
   if fresh and config.init_from:
     source = restore.init_from_folder(config.init_from)
+    ema = config.init_from_weights == 'ema'
     variables, report = weights.load_variables(
-        weights.read_variable_tree(source), model, variables, f'init_from {source}'
+        weights.read_variable_tree(source, ema=ema),
+        model,
+        variables,
+        f'init_from {source}' + (' (its EMA weights)' if ema else ''),
     )
     logger.info(report.text())
   return variables
@@ -339,7 +369,8 @@ def report_results(
   results.json: {'step', 'epoch', 'val_*' and 'test_*' (loss, accuracy, examples) of the
   final parameters, for the splits the run has}, and 'final' and 'best' records
   ({'checkpoint', 'step', 'dir' (relative to the run folder), the same metrics...})
-  naming what each figure measured.
+  naming what each figure measured; with config.ema an 'ema' record of the moving
+  average at the final step.
   """
   folder = run.folder
   step = int(state.step)
@@ -365,6 +396,12 @@ def report_results(
       # From the host: arrays on this process's device cannot be sent to other hosts'.
       record.update(_metrics(run, parallel.replicate(jax.device_get(variables), run.mesh)))
     results['best'] = record
+  if state.ema is not None:
+    results['ema'] = {
+        'checkpoint': 'EMA of the final parameters',
+        'step': step,
+        **_metrics(run, state.ema_variables),
+    }
   reporting.write_json(folder.results_json, results)
   if jax.process_index() == 0:
     logger.info(reporting.run_summary(folder, results))

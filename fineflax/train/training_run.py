@@ -19,6 +19,7 @@ from fineflax.distributed.preemption import StopRequest
 from fineflax.run import RunDir, reporting
 from fineflax.run.checkpoints import RunCheckpoints
 from fineflax.run.tensorboard import SummaryWriter
+from fineflax.train.ema import Ema
 from fineflax.train.plan import PhasePlan
 from fineflax.train.step import evaluate
 
@@ -121,6 +122,11 @@ class TrainingRun:
   tensorboard: SummaryWriter | None = None
   # Role -> the unreadable files of a streamed split that dataset.json records.
   unreadable_recorded: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  @property
+  def ema(self) -> Ema | None:
+    """The moving average the run keeps (config.ema), if any."""
+    return Ema.from_config(self.config)
 
   @property
   def eval_batch_size(self) -> int:

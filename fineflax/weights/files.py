@@ -23,6 +23,7 @@ import numpy as np
 from fineflax import storage
 from fineflax.errors import DataError
 from fineflax.models.graph import Layer
+from fineflax.pytree import overlay
 from fineflax.weights import vit_files
 
 FileLayers = list[tuple[str, list[np.ndarray]]]
@@ -258,12 +259,15 @@ def torch_convnext_layers(
   return out, [k for k in state if k not in used]
 
 
-def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
+def read_variable_tree(path: str | os.PathLike, ema: bool = False) -> dict[str, Any]:
   """{'params', 'batch_stats'} of an Orbax PyTree folder of fineflax variables: a
   checkpoint's `<step>/state`, or what `scripts/convert_weights.py` writes. The arrays come
   to this process's first device whatever mesh they were saved from; an optimizer state
   and step saved beside them are not read. The one reader of saved variables: `load_run`,
   `init_from` and `config.model.weights` all read through it.
+
+  `ema`: the parameters with the leaves of the checkpoint's moving average in their place
+  (a run with config.ema); WeightFileError where it holds none.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -276,6 +280,13 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
     tree = handler.metadata(path)
     tree = getattr(tree, 'tree', tree)
     wanted = {k: tree[k] for k in ('params', 'batch_stats') if tree.get(k)}
+    if ema and not (tree.get('ema') or {}).get('params'):
+      raise WeightFileError(
+          f'{path}: this checkpoint holds no moving average of the weights (the run had '
+          'no config.ema.decay); use its raw weights'
+      )
+    if ema:
+      wanted['ema'] = {k: v for k, v in tree['ema'].items() if k in ('params', 'batch_stats')}
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
     restored = handler.restore(
@@ -286,11 +297,16 @@ def read_variable_tree(path: str | os.PathLike) -> dict[str, Any]:
             partial_restore=True,
         ),
     )
+  except WeightFileError:
+    raise
   except Exception as e:  # Orbax raises a variety of errors for a foreign directory
     raise WeightFileError(f'{path}: not a readable Orbax checkpoint ({e})') from None
   finally:
     handler.close()
-  return {k: restored.get(k, {}) for k in ('params', 'batch_stats')}
+  out = {k: restored.get(k, {}) for k in ('params', 'batch_stats')}
+  for k, average in (restored.get('ema') or {}).items():
+    out[k] = overlay(out[k], average)
+  return out
 
 
 def variable_tree_layers(
