@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
 from fineflax import config as config_lib, pytree, train
+from fineflax.data import digits
 from fineflax.errors import ConfigError
 from fineflax.inference.evaluate import evaluate_run
 from fineflax.inference.predict import predict_run_files
@@ -21,7 +23,7 @@ from fineflax.inference.soup import soup_runs
 from fineflax.run import RunDir, checkpoints, restore
 from fineflax.run.reporting import MetricsLog
 from fineflax.train import averaging
-from tests import helpers
+from tests import helpers, scripts_loader
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # trains two runs
@@ -220,3 +222,22 @@ def test_a_wise_ft_the_config_cannot_make_is_refused_before_training():
       match=r"start='conv5': expected the name of a phase before the last, one of \['scratch'\]",
   ):
     config_lib.validate(cfg)
+
+
+def test_the_shifted_digits_are_the_demo_splits_few_shot_with_a_shifted_test_split(tmp_path):
+  make = scripts_loader.load('make_shifted_digits')
+  counts = make.write(tmp_path / 'a', per_class=3, degrees=30, noise=40)
+  assert counts == {'train': 30, 'validation': 269, 'test': 270}
+  make.write(tmp_path / 'b', per_class=3, degrees=30, noise=40)
+  demo = digits.load('digits', ml_collections.ConfigDict({'max_examples': None}))
+  for split, shifted in (('validation', False), ('test', True)):
+    written = sorted((tmp_path / 'a' / split).glob('*/*.png'))
+    assert len(written) == len(demo.splits[split].labels)
+    index = int(written[0].stem)
+    image = np.asarray(Image.open(written[0]))
+    assert int(written[0].parent.name) == demo.splits[split].labels[index]
+    assert np.array_equal(image, demo.splits[split].images[index]) != shifted
+    # the same seed, the same files
+    assert np.array_equal(
+        image, np.asarray(Image.open(tmp_path / 'b' / written[0].relative_to(tmp_path / 'a')))
+    )
