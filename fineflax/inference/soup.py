@@ -81,18 +81,8 @@ def _check_out(out: RunDir, overwrite: bool) -> None:
 
 
 def _metrics(splits: RunSplits, variables: dict[str, Any]) -> dict[str, Any]:
-  out = {}
-  for role in ('val', 'test'):
-    if splits.has(role):
-      found = splits.evaluate(variables, role)
-      out.update(
-          {
-              f'{role}_loss': found['loss'],
-              f'{role}_accuracy': found['accuracy'],
-              f'{role}_examples': found['count'],
-          }
-      )
-  return out
+  roles = [role for role in ('val', 'test') if splits.has(role)]
+  return reporting.split_metrics(splits.evaluate, variables, roles)
 
 
 def soup_runs(

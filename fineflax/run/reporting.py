@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 from absl import logging as absl_logging
@@ -116,6 +116,25 @@ class MetricsLog:
     if self._uploads is None:
       self._uploads = concurrent.futures.ThreadPoolExecutor(1, 'metrics-upload')
     self._pending = self._uploads.submit(storage.write_atomic, self.path, self._text)
+
+
+def split_metrics(
+    evaluate: Callable[[Any, str], dict[str, float]], variables: Any, roles: Sequence[str]
+) -> dict[str, Any]:
+  """`{role}_loss`, `{role}_accuracy` and `{role}_examples` of `variables` on each split
+  of `roles`, as results.json records them (`evaluate(variables, role)`: loss, accuracy,
+  count)."""
+  out = {}
+  for role in roles:
+    found = evaluate(variables, role)
+    out.update(
+        {
+            f'{role}_loss': found['loss'],
+            f'{role}_accuracy': found['accuracy'],
+            f'{role}_examples': found['count'],
+        }
+    )
+  return out
 
 
 def epoch_line(record: dict[str, Any], epochs_in_phase: int) -> str:

@@ -345,18 +345,8 @@ def place_images(
 
 def _metrics(run: TrainingRun, variables: dict[str, Any]) -> dict[str, Any]:
   """Loss, accuracy and examples of `variables` on the validation and test splits."""
-  out = {}
-  for role in ('val', 'test'):
-    if run.images.splits[role] is not None:
-      found = run.evaluate(variables, role)
-      out.update(
-          {
-              f'{role}_loss': found['loss'],
-              f'{role}_accuracy': found['accuracy'],
-              f'{role}_examples': found['count'],
-          }
-      )
-  return out
+  roles = [role for role in ('val', 'test') if run.images.splits[role] is not None]
+  return reporting.split_metrics(run.evaluate, variables, roles)
 
 
 def report_results(

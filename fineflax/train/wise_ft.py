@@ -94,11 +94,7 @@ def run_wise_ft(
       start={'phase': start or config.phases[0].name, 'step': int(start_dir.name)},
       end={'checkpoint': end, 'step': int(end_dir.name)},
   )
-  if has_test:
-    test = evaluate(chosen.variables, 'test')
-    record.update(
-        test_loss=test['loss'], test_accuracy=test['accuracy'], test_examples=test['count']
-    )
+  record.update(reporting.split_metrics(evaluate, chosen.variables, ['test'] * has_test))
   # A new search replaces the one before: the folder holds the chosen weights only.
   checkpoints.remove_steps_after(folder.wise_ft, -1)
   if jax.process_count() > 1:
