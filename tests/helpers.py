@@ -164,8 +164,9 @@ def assert_offline_error_then_impostor_refused(
     backbone: str, filename: str, checksum: str, cache: Path, monkeypatch: Any
 ) -> None:
   """`weights.resolve('imagenet', backbone)` with nothing cached and no server fails in one
-  line naming the cache path of `filename` and its `checksum` ('sha256 ...', 'md5 ...');
-  a file of that name in the cache that fails the checksum is refused, not downloaded."""
+    line naming the cache path of `filename` and its `checksum` ('sha256 ...', 'md5 ...',
+  'sha256 prefix ...');
+    a file of that name in the cache that fails the checksum is refused, not downloaded."""
   import pytest  # pylint: disable=g-import-not-at-top
 
   from fineflax import weights  # pylint: disable=g-import-not-at-top
@@ -178,5 +179,199 @@ def assert_offline_error_then_impostor_refused(
   path = cache / 'weights' / filename
   assert '\n' not in message and str(path) in message and checksum in message
   path.write_bytes(b'an impostor')
-  with pytest.raises(weights.ChecksumError, match=f'{checksum.split()[1][:16]}.*is refused'):
+  with pytest.raises(weights.ChecksumError, match=f'{checksum.split()[-1][:16]}.*is refused'):
     weights.resolve('imagenet', backbone, include_top=False)
+
+
+def relative_difference(got: Any, expected: Any) -> float:
+  """max |got - expected| / max |expected|: the parity figure of the reference tests."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  got, expected = np.asarray(got), np.asarray(expected)
+  assert got.shape == expected.shape
+  return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def load_weights(
+    model: models.Classifier,
+    backbone: str,
+    weights_spec: Any,
+    include_top: bool,
+    variables: dict[str, Any],
+) -> tuple[dict[str, Any], Any]:
+  """`variables` of `model` (`backbone`, with or without Keras' top) with `weights_spec`
+  (a path or a name) loaded, and the load's report."""
+  from fineflax import weights  # pylint: disable=g-import-not-at-top
+
+  cfg = config_lib.default_config()
+  cfg.model.update(backbone=backbone, weights=str(weights_spec), include_top=include_top)
+  return weights.load_pretrained(cfg.model, model, variables)
+
+
+def assert_same_backbone(
+    expected: dict[str, Any], got: dict[str, Any], collections: Sequence[str] = ('params',)
+) -> None:
+  """The backbone's leaves of `collections` ('params', 'batch_stats') are equal, bit for
+  bit, in two variable trees."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  for collection in collections:
+    for a, b in zip(
+        jax.tree.leaves(expected[collection]['backbone']),
+        jax.tree.leaves(got[collection]['backbone']),
+        strict=True,
+    ):
+      np.testing.assert_array_equal(a, b)
+
+
+def assert_converted_and_init_from_load_the_same(
+    model: models.Classifier,
+    backbone: str,
+    path: Path,
+    folder: Path,
+    side: int,
+    collections: Sequence[str] = ('params',),
+) -> tuple[dict[str, Any], Any]:
+  """`scripts/convert_weights.py`'s checkpoint of the weight file `path`, loaded as
+  `config.model.weights` and through `init_from`, gives `model`'s backbone (top-less, a
+  new head) what `path` itself gives; returns the variables `path` gives and the report
+  of the checkpoint's load."""
+  from fineflax import weights  # pylint: disable=g-import-not-at-top
+  from fineflax.run import restore  # pylint: disable=g-import-not-at-top
+  from tests import scripts_loader  # pylint: disable=g-import-not-at-top
+
+  scripts_loader.load('convert_weights').convert(backbone, str(path), str(folder / 'ckpt'))
+  fresh = state_lib.init_variables(model, (side, side, 3), seed=0)
+  direct, _ = load_weights(model, backbone, path, False, fresh)
+  converted, report = load_weights(model, backbone, folder / 'ckpt', False, fresh)
+  assert report.initialised == ['head/dense']
+  source = restore.init_from_folder(folder / 'ckpt')
+  fresh = state_lib.init_variables(model, (side, side, 3), seed=1)
+  started, _ = weights.load_variables(weights.read_variable_tree(source), model, fresh, 'init')
+  for other in (converted, started):
+    assert_same_backbone(direct, other, collections)
+  return direct, report
+
+
+def assert_torchvision_sources(backbone: str, published: dict[str, Any]) -> dict[str, Any]:
+  """`backbone`'s `torchvision:` sources are the members of its weight enum as
+  `published` (tests/torchvision_reference.py's `enum_entries`) gives them: the default,
+  each one's URL and the sha256 prefix torch hub checks (torchvision publishes no other
+  checksum: none in the metadata), top-1; returns {member: its published entry}."""
+  from fineflax import weights  # pylint: disable=g-import-not-at-top
+
+  assert weights.sources.DEFAULTS[backbone] == f"torchvision:{published['default']}"
+  ours = {s.name: s for s in weights.SOURCES if s.backbone == backbone}
+  assert sorted(ours) == sorted(f'torchvision:{name}' for name in published['weights'])
+  for name, tv in published['weights'].items():
+    source = ours[f'torchvision:{name}']
+    assert (source.full.url, source.full.sha256_prefix) == (tv['url'], tv['prefix'])
+    assert source.notop is None and source.full.md5 is None and source.full.sha256 is None
+    assert source.top1 == f"{tv['acc1']:.2f}%"
+    assert not [k for k in tv['meta'] if 'sha' in k.lower() or 'hash' in k.lower()]
+  return published['weights']
+
+
+def torch_reference(tmp_path_factory: Any, module: str) -> Path:
+  """The folder that `python -m tests.<module> FOLDER` (a torchvision reference: in a
+  process of its own, as torchvision after TensorFlow crashes) fills, run once."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  folder = tmp_path_factory.mktemp(module)
+  subprocess.run(
+      [sys.executable, '-m', f'tests.{module}', str(folder)], cwd=ROOT, check=True, timeout=300
+  )
+  return folder
+
+
+def decay_multipliers(model: models.Classifier, image_shape: tuple[int, int, int]) -> Any:
+  """name -> the set of learning-rate multipliers of backbone layer `name`'s parameters
+  with `layer_decay` 0.5 (a stage k from the output: 0.5 ** k)."""
+  params = models.abstract_variables(model, image_shape)['params']
+  groups = phase_optimizer(model, params, layer_decay=0.5).groups
+  return lambda name: {
+      groups.multipliers[g] for g in jax.tree.leaves(groups.groups['backbone'][name])
+  }
+
+
+def labelled_batch(side: int, n: int = 16, classes: int = 4) -> dict[str, Any]:
+  """`n` random uint8 images of `side` x `side`, random labels of `classes`, weights 1."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  return {
+      'image': rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
+      'label': rng.integers(0, classes, n).astype(np.int32),
+      'weight': np.ones(n, np.float32),
+  }
+
+
+def step_on_one_and_all_devices(
+    model: models.Classifier,
+    optimizer: optimizers.Optimizer,
+    variables: dict[str, Any],
+    batch: dict[str, Any],
+) -> tuple[state_lib.TrainState, float]:
+  """One train step from `variables` on one device and on all (eight): the same loss and
+  parameters, up to the order of reductions; the one-device state (on the host) and
+  loss."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from fineflax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh(devices)
+    train_step = step_lib.make_train_step(model, optimizer, mesh, seed=0)
+    state = replicated_state(variables, optimizer, devices)
+    state, metrics = train_step(state, parallel.shard_batch(batch, mesh), {})
+    results.append((jax.device_get(state), float(metrics['loss'])))
+  (one, loss1), (all_, loss_all) = results
+  np.testing.assert_allclose(loss1, loss_all, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(all_.params), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  return one, loss1
+
+
+def inference_loss(model: models.Classifier, variables: dict[str, Any], batch: Any) -> float:
+  """The batch's summed loss in inference mode (nothing dropped)."""
+  from fineflax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+
+  logits = model.apply(variables, batch['image'])
+  return float(step_lib.per_example_loss(logits, batch['label'])[0].sum())
+
+
+def frozen_layers(model: models.Classifier, spec: str, params: Any = None) -> set[str]:
+  """The backbone layers that freeze spec `spec` freezes (a parameter of theirs); `params`:
+  the model's (shapes will do), else those of 32 x 32 images."""
+  from fineflax.train import freeze  # pylint: disable=g-import-not-at-top
+
+  if params is None:
+    params = models.abstract_variables(model, (32, 32, 3))['params']
+  labels = freeze.freeze_labels(params, spec, model.backbone.layers, model.layer_stages())
+  return {
+      name
+      for name, leaves in labels['backbone'].items()
+      if freeze.FROZEN in jax.tree.leaves(leaves)
+  }
+
+
+_REFERENCE_MODELS: dict[tuple[str, bool], tuple[models.Classifier, Any]] = {}
+
+
+def reference_model(backbone: str, include_top: bool) -> tuple[models.Classifier, Any]:
+  """`backbone` with Keras' top (1000 classes) or a new head of 3, and its jitted apply:
+  the logits, or (top-less) every backbone layer's output, in order. Built once a session
+  (one compile per input side)."""
+  if (backbone, include_top) not in _REFERENCE_MODELS:
+    cfg = config_lib.default_config()
+    cfg.model.update(backbone=backbone, include_top=include_top)
+    model = models.build_model(cfg.model, 1000 if include_top else 3)
+    if include_top:
+      fn = jax.jit(model.apply)
+    else:
+      intermediates = lambda v, x: model.apply(v, x, mutable=['intermediates'])[1]
+      fn = jax.jit(lambda v, x: intermediates(v, x)['intermediates']['backbone']['layer_outputs'])
+    _REFERENCE_MODELS[backbone, include_top] = (model, fn)
+  return _REFERENCE_MODELS[backbone, include_top]

@@ -7,8 +7,6 @@ Only convnext_tiny is built and run, at small sides; each reference model is bui
 """
 
 import json
-import subprocess
-import sys
 
 import h5py
 import jax
@@ -17,10 +15,8 @@ import numpy as np
 import pytest
 
 from fineflax import config as config_lib, models, pytree, weights
-from fineflax.distributed import parallel
 from fineflax.models import convnext, graph, heads, layer_kinds
-from fineflax.run import restore
-from fineflax.train import freeze, state as state_lib, step as step_lib, summary
+from fineflax.train import freeze, state as state_lib, summary
 from tests import helpers, scripts_loader
 
 pytestmark = pytest.mark.slow  # builds Keras, tf_keras and torchvision models, trains
@@ -78,32 +74,11 @@ def keras_refs(keras, tmp_path_factory):
 @pytest.fixture(scope='module')
 def torch_refs(tmp_path_factory):
   """torchvision's files and outputs (tests/torchvision_convnext_reference.py)."""
-  folder = tmp_path_factory.mktemp('torch_convnext')
-  subprocess.run(
-      [sys.executable, '-m', 'tests.torchvision_convnext_reference', str(folder)],
-      cwd=helpers.ROOT,
-      check=True,
-      timeout=300,
-  )
-  return folder
+  return helpers.torch_reference(tmp_path_factory, 'torchvision_convnext_reference')
 
 
-_APPLY = {}  # (backbone, include_top) -> (model, jitted function): one compile per side
 _INIT = {}  # (backbone, include_top) -> random variables (the same at any side)
-
-
-def _model(backbone, include_top):
-  if (backbone, include_top) not in _APPLY:
-    cfg = config_lib.default_config()
-    cfg.model.update(backbone=backbone, include_top=include_top)
-    model = models.build_model(cfg.model, 1000 if include_top else 3)
-    if include_top:
-      fn = jax.jit(model.apply)
-    else:  # the backbone's outputs: its last layer and the one before
-      intermediates = lambda v, x: model.apply(v, x, mutable=['intermediates'])[1]
-      fn = jax.jit(lambda v, x: intermediates(v, x)['intermediates']['backbone']['layer_outputs'])
-    _APPLY[backbone, include_top] = (model, fn)
-  return _APPLY[backbone, include_top]
+_model = helpers.reference_model  # the logits, or every backbone layer's output
 
 
 def _load(backbone, path, include_top, side=SIDES[0]):
@@ -114,11 +89,6 @@ def _load(backbone, path, include_top, side=SIDES[0]):
     _INIT[backbone, include_top] = state_lib.init_variables(model, (side, side, 3), seed=0)
   variables, report = weights.load_pretrained(cfg.model, model, _INIT[backbone, include_top])
   return variables, report, fn
-
-
-def _relative(got, expected):
-  assert got.shape == expected.shape
-  return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
 def _images(side, seed=3):
@@ -224,7 +194,7 @@ def _keras_parity(keras_refs, fmt, include_top):
       got = np.asarray(fn(variables, images)[-1])
     assert report.num_loaded == reference.count_params()
     assert report.skipped == [] and report.initialised == ([] if include_top else ['head/dense'])
-    figures.append(_relative(got, expected))
+    figures.append(helpers.relative_difference(got, expected))
   return figures
 
 
@@ -255,7 +225,7 @@ def test_tf_keras_parity(tmp_path):
     assert report.num_loaded == reference.count_params()
     images = _images(side)
     expected = np.asarray(reference(images.astype(np.float32), training=False))
-    figures.append(_relative(np.asarray(fn(variables, images)[-1]), expected))
+    figures.append(helpers.relative_difference(np.asarray(fn(variables, images)[-1]), expected))
   print(f'tf_keras .h5: max relative difference {figures}')
   assert max(figures) <= TOLERANCE
 
@@ -283,7 +253,7 @@ def test_torchvision_parity_pth_and_safetensors(torch_refs):
           got, expected = fn(variables, images), np.load(torch_refs / f'logits{side}.npy')
         else:
           got, expected = fn(variables, images)[-2], np.load(torch_refs / f'features{side}.npy')
-        figures[suffix, include_top, side] = _relative(np.asarray(got), expected)
+        figures[suffix, include_top, side] = helpers.relative_difference(np.asarray(got), expected)
   print(f'torchvision: max relative difference {figures}')
   assert max(figures.values()) <= TOLERANCE
 
@@ -295,15 +265,7 @@ def test_torchvision_sources_are_those_of_the_installed_torchvision(torch_refs):
   published = json.loads((torch_refs / 'weights.json').read_text())
   for variant, entry in published.items():
     backbone = f'convnext_{variant}_torchvision'
-    assert weights.sources.DEFAULTS[backbone] == f"torchvision:{entry['default']}"
-    ours = {s.name: s for s in weights.SOURCES if s.backbone == backbone}
-    assert sorted(ours) == sorted(f'torchvision:{n}' for n in entry['weights'])
-    for name, tv in entry['weights'].items():
-      source = ours[f'torchvision:{name}']
-      assert (source.full.url, source.full.sha256_prefix) == (tv['url'], tv['prefix'])
-      assert source.notop is None and source.full.md5 is None and source.full.sha256 is None
-      assert source.top1 == f"{tv['acc1']:.2f}%"
-      assert not [k for k in tv['meta'] if 'sha' in k.lower() or 'hash' in k.lower()]
+    for tv in helpers.assert_torchvision_sources(backbone, entry).values():
       model, _ = _model(backbone, True)
       variables = models.abstract_variables(model, (32, 32, 3))
       assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(variables)) == tv['num_params']
@@ -363,33 +325,11 @@ def test_zero_shot_predict_matches_keras(keras_refs, tmp_path):
 
 
 def test_converted_checkpoint_and_init_from_load_the_same(keras_refs, tmp_path):
-  convert_weights = scripts_loader.load('convert_weights')
-  path = keras_refs['files'][False, 'h5']
-  convert_weights.convert('convnext_tiny', str(path), str(tmp_path / 'ckpt'))
-  direct, _, _ = _load('convnext_tiny', path, False)
-  converted, report, _ = _load('convnext_tiny', tmp_path / 'ckpt', False)
-  assert report.initialised == ['head/dense']
   model, _ = _model('convnext_tiny', False)
-  fresh = state_lib.init_variables(model, (SIDES[0], SIDES[0], 3), seed=1)
-  source = restore.init_from_folder(tmp_path / 'ckpt')
-  started, _ = weights.load_variables(weights.read_variable_tree(source), model, fresh, 'init')
-  for other in (converted, started):
-    for a, b in zip(
-        jax.tree.leaves(direct['params']['backbone']),
-        jax.tree.leaves(other['params']['backbone']),
-        strict=True,
-    ):
-      np.testing.assert_array_equal(a, b)
-
-
-def _frozen_layers(model, spec):
-  params = models.abstract_variables(model, (32, 32, 3))['params']
-  labels = freeze.freeze_labels(params, spec, model.backbone.layers, model.layer_stages())
-  return {
-      name
-      for name, leaves in labels['backbone'].items()
-      if freeze.FROZEN in jax.tree.leaves(leaves)
-  }
+  path = keras_refs['files'][False, 'h5']
+  helpers.assert_converted_and_init_from_load_the_same(
+      model, 'convnext_tiny', path, tmp_path, SIDES[0]
+  )
 
 
 @pytest.mark.parametrize('cut', [3, 60, 118])
@@ -418,7 +358,7 @@ def test_freezing_layers_counts_what_keras_counts(keras, keras_refs, cut):
   model = model.clone(head=graph.KerasGraph(heads.head_layers(10)))
   got = summary.summarize(model, (32, 32, 3), f'layers[:{cut}]')
   assert (got.trainable, got.non_trainable) == expected
-  assert _frozen_layers(model, f'layers[:{cut}]') == frozen
+  assert helpers.frozen_layers(model, f'layers[:{cut}]') == frozen
 
 
 def test_stages_are_the_stem_and_four_stages_each_opened_by_its_downsampling():
@@ -440,13 +380,11 @@ def test_stages_are_the_stem_and_four_stages_each_opened_by_its_downsampling():
   names = [layer.name for layer in model.backbone.layers]
   cut = names.index('convnext_tiny_downsampling_block_2')
   weighted = {layer.name for layer in model.backbone.layers[:cut] if layer.kind != 'Activation'}
-  assert _frozen_layers(model, 'stages[:-1]') == weighted - {'input_layer', names[1]}
-  assert _frozen_layers(model, 'stages[:-1]') == _frozen_layers(model, f'layers[:{cut}]')
-  groups = helpers.phase_optimizer(
-      model, models.abstract_variables(model, (32, 32, 3))['params'], layer_decay=0.5
-  ).groups
-  mults = groups.multipliers
-  multiplier = lambda name: {mults[g] for g in jax.tree.leaves(groups.groups['backbone'][name])}
+  assert helpers.frozen_layers(model, 'stages[:-1]') == weighted - {'input_layer', names[1]}
+  assert helpers.frozen_layers(model, 'stages[:-1]') == helpers.frozen_layers(
+      model, f'layers[:{cut}]'
+  )
+  multiplier = helpers.decay_multipliers(model, (32, 32, 3))
   assert multiplier('convnext_tiny_stem') == {0.5**5}
   assert multiplier('convnext_tiny_downsampling_block_0') == {0.5**3}
   assert multiplier('layer_normalization') == {0.5}
@@ -511,12 +449,7 @@ def test_drop_path_acts_in_the_blocks_that_train_the_same_on_one_and_eight_devic
   on 1 and on 8 devices gives the same loss and parameters; it acts (the step's loss is
   not the inference loss) and only in blocks that train (`stages[:2]` frozen: the stem
   and stage1, whose block has rate 0 anyway)."""
-  rng = np.random.default_rng(0)
-  batch = {
-      'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-      'label': rng.integers(0, 4, 16).astype(np.int32),
-      'weight': np.ones(16, np.float32),
-  }
+  batch = helpers.labelled_batch(32)
   model = _mini(0.5)
   variables = state_lib.init_variables(model, (32, 32, 3), seed=0)
   # Layer scales of 1, not 1e-6: a dropped branch must make a difference.
@@ -530,19 +463,8 @@ def test_drop_path_acts_in_the_blocks_that_train_the_same_on_one_and_eight_devic
   assert freeze.stochastic_depth_layers(opt.labels, model.layer_groups()) == {
       f'backbone/convnext_tiny_stage_{s}_block_0_stochastic_depth' for s in (1, 2, 3)
   }
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = parallel.make_mesh(devices)
-    train_step = step_lib.make_train_step(model, opt, mesh, seed=0)
-    state = helpers.replicated_state(variables, opt, devices)
-    state, metrics = train_step(state, parallel.shard_batch(batch, mesh), {})
-    results.append((jax.device_get(state.params), float(metrics['loss'])))
-  (one, loss1), (eight, loss8) = results
-  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  logits = model.apply(variables, batch['image'])  # inference: no branch dropped
-  inference = float(step_lib.per_example_loss(logits, batch['label'])[0].sum())
+  one, loss1 = helpers.step_on_one_and_all_devices(model, opt, variables, batch)
+  inference = helpers.inference_loss(model, variables, batch)  # inference: no branch dropped
   assert abs(inference - loss1) > 1e-3 * abs(loss1)
 
 

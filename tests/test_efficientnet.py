@@ -19,10 +19,8 @@ import numpy as np
 import pytest
 
 from fineflax import config as config_lib, models, pytree, weights
-from fineflax.distributed import parallel
 from fineflax.models import efficientnet, efficientnet_v2, graph, heads
-from fineflax.run import restore
-from fineflax.train import freeze, state as state_lib, step as step_lib, summary
+from fineflax.train import freeze, state as state_lib, summary
 from tests import helpers, scripts_loader
 
 pytestmark = pytest.mark.slow  # builds Keras and tf_keras models, trains
@@ -141,11 +139,6 @@ def _load(backbone, path, include_top, side=SIDES[0], weights_spec=None):
     _INIT[backbone, include_top] = state_lib.init_variables(model, (side, side, 3), seed=0)
   variables, report = weights.load_pretrained(cfg.model, model, _INIT[backbone, include_top])
   return variables, report, fn
-
-
-def _relative(got, expected):
-  assert got.shape == expected.shape
-  return float(np.abs(got - expected).max() / np.abs(expected).max())
 
 
 def _images(side, seed=3):
@@ -342,7 +335,7 @@ def _keras_parity(refs, backbone, fmt, include_top):
     got = np.asarray(fn(variables, images))
     assert report.num_loaded == reference.count_params()
     assert report.skipped == [] and report.initialised == ([] if include_top else ['head/dense'])
-    figures.append(_relative(got, expected))
+    figures.append(helpers.relative_difference(got, expected))
   return figures
 
 
@@ -375,7 +368,7 @@ def test_tf_keras_parity(backbone, tmp_path):
     assert report.num_loaded == reference.count_params()
     images = _images(side)
     expected = np.asarray(reference(images.astype(np.float32), training=False))
-    figures.append(_relative(np.asarray(fn(variables, images)), expected))
+    figures.append(helpers.relative_difference(np.asarray(fn(variables, images)), expected))
   print(f'{backbone} tf_keras .h5: max relative difference {figures}')
   assert max(figures) <= TOLERANCE
 
@@ -429,10 +422,10 @@ def test_keras_imagenet_weights_add_keras_3s_rescaling_and_a_path_does_not(
   assert report.num_loaded == reference.count_params()
   images = _images(side)
   expected = np.asarray(reference(images.astype(np.float32)))
-  figure = _relative(np.asarray(fn(variables, images)), expected)
+  figure = helpers.relative_difference(np.asarray(fn(variables, images)), expected)
   # The layer matters: the stem's output of the same file without it (Keras' from a path).
   stem = lambda m: keras.Model(m.inputs, m.get_layer('stem_conv').output)(images.astype(np.float32))
-  unscaled = _relative(
+  unscaled = helpers.relative_difference(
       np.asarray(stem(keras_refs['efficientnet_b0']['notop'])), np.asarray(stem(reference))
   )
   print(f'keras:imagenet: max relative difference {figure} (without rescaling_1: {unscaled})')
@@ -503,38 +496,16 @@ def test_zero_shot_predict_matches_keras(keras_refs, tmp_path):
 
 def test_converted_checkpoint_and_init_from_load_the_same(keras_refs, tmp_path):
   """The Normalization's statistics (in 'batch_stats' only) travel too."""
-  convert_weights = scripts_loader.load('convert_weights')
-  path = keras_refs['efficientnet_b0']['files'][False, 'h5']
-  convert_weights.convert('efficientnet_b0', str(path), str(tmp_path / 'ckpt'))
-  direct, _, _ = _load('efficientnet_b0', path, False)
-  converted, report, _ = _load('efficientnet_b0', tmp_path / 'ckpt', False)
-  assert report.initialised == ['head/dense'] and 'backbone/normalization' in report.loaded
   model, _ = _model('efficientnet_b0', False)
-  fresh = state_lib.init_variables(model, (SIDES[0], SIDES[0], 3), seed=1)
-  source = restore.init_from_folder(tmp_path / 'ckpt')
-  started, _ = weights.load_variables(weights.read_variable_tree(source), model, fresh, 'init')
+  path = keras_refs['efficientnet_b0']['files'][False, 'h5']
+  direct, report = helpers.assert_converted_and_init_from_load_the_same(
+      model, 'efficientnet_b0', path, tmp_path, SIDES[0], ('params', 'batch_stats')
+  )
+  assert 'backbone/normalization' in report.loaded
   np.testing.assert_array_equal(
       direct['batch_stats']['backbone']['normalization']['var'],
       np.asarray(keras_refs['efficientnet_b0']['notop'].get_layer('normalization').weights[1]),
   )
-  for other in (converted, started):
-    for collection in ('params', 'batch_stats'):
-      for a, b in zip(
-          jax.tree.leaves(direct[collection]['backbone']),
-          jax.tree.leaves(other[collection]['backbone']),
-          strict=True,
-      ):
-        np.testing.assert_array_equal(a, b)
-
-
-def _frozen_layers(model, spec):
-  params = models.abstract_variables(model, (32, 32, 3))['params']
-  labels = freeze.freeze_labels(params, spec, model.backbone.layers, model.layer_stages())
-  return {
-      name
-      for name, leaves in labels['backbone'].items()
-      if freeze.FROZEN in jax.tree.leaves(leaves)
-  }
 
 
 @pytest.mark.parametrize(
@@ -567,7 +538,7 @@ def test_freezing_layers_counts_what_keras_counts(keras, keras_refs, backbone, c
   model = model.clone(head=graph.KerasGraph(heads.head_layers(10)))
   got = summary.summarize(model, (32, 32, 3), f'layers[:{cut}]')
   assert (got.trainable, got.non_trainable) == expected
-  assert _frozen_layers(model, f'layers[:{cut}]') == frozen
+  assert helpers.frozen_layers(model, f'layers[:{cut}]') == frozen
 
 
 def test_stages_are_the_stem_the_block_groups_and_the_top():
@@ -582,14 +553,12 @@ def test_stages_are_the_stem_the_block_groups_and_the_top():
   assert stages['top_conv'] == stages['top_activation'] == (8, 'top')
   names = [layer.name for layer in model.backbone.layers]
   cut = names.index('top_conv')
-  assert _frozen_layers(model, 'stages[:-1]') == _frozen_layers(model, f'layers[:{cut}]')
+  assert helpers.frozen_layers(model, 'stages[:-1]') == helpers.frozen_layers(
+      model, f'layers[:{cut}]'
+  )
   assert [s for s, _ in models.BACKBONES['efficientnetv2_m'].stages][-2:] == ['block7', 'top']
   assert [s for s, _ in models.BACKBONES['efficientnetv2_s'].stages][-2:] == ['block6', 'top']
-  groups = helpers.phase_optimizer(
-      model, models.abstract_variables(model, (32, 32, 3))['params'], layer_decay=0.5
-  ).groups
-  mults = groups.multipliers
-  multiplier = lambda name: {mults[g] for g in jax.tree.leaves(groups.groups['backbone'][name])}
+  multiplier = helpers.decay_multipliers(model, (32, 32, 3))
   assert multiplier('stem_conv') == {0.5**9}
   assert multiplier('block7a_project_bn') == {0.5**2}
   assert multiplier('top_bn') == {0.5}
@@ -639,12 +608,7 @@ def test_drop_connect_acts_in_the_blocks_that_train_the_same_on_one_and_eight_de
   batch: one step on 1 and on 8 devices gives the same loss and parameters; they act (the
   step's loss is not the inference loss) and only in blocks that train (`stages[:3]`
   frozen: the stem, block1 and block2)."""
-  rng = np.random.default_rng(0)
-  batch = {
-      'image': rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
-      'label': rng.integers(0, 4, 16).astype(np.int32),
-      'weight': np.ones(16, np.float32),
-  }
+  batch = helpers.labelled_batch(32)
   model = _mini(1.0)  # block2b: rate 2/16, block3b: 4/16
   variables = state_lib.init_variables(model, (32, 32, 3), seed=0)
   # Depthwise kernels of unit gain (Glorot's, over 9 x channels outputs, fade the signal
@@ -668,19 +632,8 @@ def test_drop_connect_acts_in_the_blocks_that_train_the_same_on_one_and_eight_de
       'backbone/block2b_drop',
       'backbone/block3b_drop',
   }
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = parallel.make_mesh(devices)
-    train_step = step_lib.make_train_step(model, opt, mesh, seed=0)
-    state = helpers.replicated_state(variables, opt, devices)
-    state, metrics = train_step(state, parallel.shard_batch(batch, mesh), {})
-    results.append((jax.device_get(state.params), float(metrics['loss'])))
-  (one, loss1), (eight, loss8) = results
-  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  logits = model.apply(variables, batch['image'])  # inference: no branch dropped
-  inference = float(step_lib.per_example_loss(logits, batch['label'])[0].sum())
+  one, loss1 = helpers.step_on_one_and_all_devices(model, opt, variables, batch)
+  inference = helpers.inference_loss(model, variables, batch)  # inference: no branch dropped
   assert abs(inference - loss1) > 1e-5 * abs(loss1)  # float noise: 1e-7
 
 

@@ -8,8 +8,6 @@ patches); the reference process (tests/torchvision_vit_reference.py) runs once.
 """
 
 import json
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +15,8 @@ import numpy as np
 import pytest
 
 from fineflax import config as config_lib, models, pytree, weights
-from fineflax.distributed import parallel
 from fineflax.models import graph, heads, vit
-from fineflax.train import freeze, state as state_lib, step as step_lib, summary
+from fineflax.train import freeze, state as state_lib, summary
 from fineflax.weights import vit_files
 from fineflax.weights.assign import layer_variables
 from tests import helpers, scripts_loader
@@ -35,14 +32,7 @@ VARIANTS = ('b_16', 'b_32', 'l_16', 'l_32')
 @pytest.fixture(scope='module')
 def torch_refs(tmp_path_factory):
   """torchvision's files and outputs (tests/torchvision_vit_reference.py)."""
-  folder = tmp_path_factory.mktemp('torch_vit')
-  subprocess.run(
-      [sys.executable, '-m', 'tests.torchvision_vit_reference', str(folder)],
-      cwd=helpers.ROOT,
-      check=True,
-      timeout=300,
-  )
-  return folder
+  return helpers.torch_reference(tmp_path_factory, 'torchvision_vit_reference')
 
 
 _APPLY = {}  # (backbone, include_top) -> (model, jitted function): one compile per side
@@ -60,16 +50,8 @@ def _model(backbone='vit_b_32_torchvision', include_top=False):
 
 def _load(path, include_top, side, backbone='vit_b_32_torchvision'):
   model, fn = _model(backbone, include_top)
-  cfg = config_lib.default_config()
-  cfg.model.update(backbone=backbone, weights=str(path), include_top=include_top)
   variables = state_lib.init_variables(model, (side, side, 3), seed=0)
-  variables, report = weights.load_pretrained(cfg.model, model, variables)
-  return variables, report, fn
-
-
-def _relative(got, expected):
-  assert got.shape == expected.shape
-  return float(np.abs(got - expected).max() / np.abs(expected).max())
+  return *helpers.load_weights(model, backbone, path, include_top, variables), fn
 
 
 def test_torchvision_parity_pth_and_safetensors_at_the_files_grid_and_a_resized_one(torch_refs):
@@ -98,7 +80,7 @@ def test_torchvision_parity_pth_and_safetensors_at_the_files_grid_and_a_resized_
           expected = np.load(torch_refs / f'logits{side}.npy')
         else:
           expected = np.load(torch_refs / f'features{side}.npy')  # pooled: the class token
-        figures[suffix, include_top, side] = _relative(got, expected)
+        figures[suffix, include_top, side] = helpers.relative_difference(got, expected)
   print(f'torchvision: max relative difference {figures}')
   assert max(figures.values()) <= TOLERANCE
 
@@ -160,18 +142,11 @@ def test_torchvision_sources_are_those_of_the_installed_torchvision(torch_refs):
   published = json.loads((torch_refs / 'weights.json').read_text())
   for variant, entry in published.items():
     backbone = f'vit_{variant}_torchvision'
-    assert weights.sources.DEFAULTS[backbone] == f"torchvision:{entry['default']}"
-    ours = {s.name: s for s in weights.SOURCES if s.backbone == backbone}
-    assert sorted(ours) == sorted(f'torchvision:{name}' for name in entry['weights'])
-    for name, w in entry['weights'].items():
-      source = ours[f'torchvision:{name}']
-      assert source.full.url == w['url'] and source.full.sha256_prefix == w['prefix']
-      assert source.top1 == f"{w['acc1']:.2f}%"
-      assert not [k for k in w['meta'] if 'sha' in k.lower() or 'hash' in k.lower()]
+    members = helpers.assert_torchvision_sources(backbone, entry)
     model, _ = _model(backbone, True)
     params = models.abstract_variables(model, (224, 224, 3))['params']
     count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(params))
-    assert count == next(iter(entry['weights'].values()))['num_params'], backbone
+    assert count == next(iter(members.values()))['num_params'], backbone
 
 
 def test_weights_of_another_variant_are_refused_naming_the_first_mismatched_layer(torch_refs):
@@ -205,11 +180,7 @@ def test_freezing_by_layers_and_stages_counts_what_torch_counts(torch_refs):
   assert stages == ['patch_embedding'] + [f'block{i}' for i in range(1, 13)] + ['final_norm']
   got = summary.summarize(model, (side, side, 3), 'stages[:-1]')
   assert got.non_trainable == embedding + 12 * block
-  groups = helpers.phase_optimizer(
-      model, models.abstract_variables(model, (side, side, 3))['params'], layer_decay=0.5
-  ).groups
-  mults = groups.multipliers
-  multiplier = lambda name: {mults[g] for g in jax.tree.leaves(groups.groups['backbone'][name])}
+  multiplier = helpers.decay_multipliers(model, (side, side, 3))
   assert multiplier('conv_proj') == multiplier('encoder_pos_embedding') == {0.5**14}
   assert multiplier('encoder_layer_11_mlp_3') == {0.5**2}
   assert multiplier('encoder_ln') == {0.5}
@@ -247,28 +218,12 @@ def _mini(drop_path, dropout):
 
 
 def test_drop_path_and_dropout_act_per_example_the_same_on_one_and_eight_devices():
-  rng = np.random.default_rng(0)
-  batch = {
-      'image': rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
-      'label': rng.integers(0, 4, 16).astype(np.int32),
-      'weight': np.ones(16, np.float32),
-  }
+  batch = helpers.labelled_batch(64)
   model = _mini(0.5, 0.1)
   variables = state_lib.init_variables(model, (64, 64, 3), seed=0)
   opt = helpers.phase_optimizer(model, variables['params'], 'none', optimizer='sgd')
-  results = []
-  for devices in (jax.devices()[:1], jax.devices()):
-    mesh = parallel.make_mesh(devices)
-    train_step = step_lib.make_train_step(model, opt, mesh, seed=0)
-    state = helpers.replicated_state(variables, opt, devices)
-    state, metrics = train_step(state, parallel.shard_batch(batch, mesh), {})
-    results.append((jax.device_get(state.params), float(metrics['loss'])))
-  (one, loss1), (eight, loss8) = results
-  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
-  for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  logits = model.apply(variables, batch['image'])  # inference: nothing dropped
-  inference = float(step_lib.per_example_loss(logits, batch['label'])[0].sum())
+  one, loss1 = helpers.step_on_one_and_all_devices(model, opt, variables, batch)
+  inference = helpers.inference_loss(model, variables, batch)  # inference: nothing dropped
   assert abs(inference - loss1) > 1e-3 * abs(loss1)
 
 

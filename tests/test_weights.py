@@ -364,13 +364,7 @@ def test_converted_checkpoint_loads_the_same(keras_file, tmp_path):
   _, direct, _ = _load(_model_config('xception', path), 71)
   _, converted, report = _load(_model_config('xception', tmp_path / 'ckpt'), 71)
   assert report.initialised == ['head/dense']
-  for collection in ('params', 'batch_stats'):
-    for a, b in zip(
-        jax.tree.leaves(direct[collection]['backbone']),
-        jax.tree.leaves(converted[collection]['backbone']),
-        strict=True,
-    ):
-      np.testing.assert_array_equal(a, b)
+  helpers.assert_same_backbone(direct, converted, ('params', 'batch_stats'))
 
 
 def test_training_from_a_keras_file_keeps_the_frozen_part_as_in_the_file(keras_file, tmp_path):

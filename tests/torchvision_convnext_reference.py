@@ -15,33 +15,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.hub
 import torchvision
-from safetensors.torch import save_file
 from torchvision.models import convnext
+
+from tests.torchvision_reference import enum_entries, write_files
 
 SIDES = (32, 64)
 VARIANTS = ('tiny', 'small', 'base', 'large')
 
 
 def _weights() -> dict:
-  out = {}
-  for variant in VARIANTS:
-    enum = getattr(convnext, f'ConvNeXt_{variant.capitalize()}_Weights')
-    out[variant] = {
-        'default': enum.DEFAULT.name,
-        'weights': {
-            w.name: {
-                'url': w.url,
-                'acc1': w.meta['_metrics']['ImageNet-1K']['acc@1'],
-                'prefix': torch.hub.HASH_REGEX.search(w.url.rsplit('/', 1)[1]).group(1),
-                'num_params': w.meta['num_params'],
-                'meta': sorted(w.meta),
-            }
-            for w in enum
-        },
-    }
-  return out
+  return {
+      variant: enum_entries(getattr(convnext, f'ConvNeXt_{variant.capitalize()}_Weights'))
+      for variant in VARIANTS
+  }
 
 
 def main(out: Path) -> None:
@@ -53,17 +40,7 @@ def main(out: Path) -> None:
         p.uniform_(0.5, 1.5)  # layer scales start at 1e-6: the blocks would not show
       elif p.ndim == 1:
         p.normal_(0, 0.1)
-  torch.save(model.state_dict(), out / 'convnext_tiny.pth')
-  save_file(model.state_dict(), str(out / 'convnext_tiny.safetensors'))
-  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-  rng = np.random.default_rng(2)
-  for side in SIDES:
-    images = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
-    x = torch.tensor(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
-    with torch.no_grad():
-      np.save(out / f'logits{side}.npy', model(x).numpy())
-      np.save(out / f'features{side}.npy', model.features(x).numpy().transpose(0, 2, 3, 1))
-    np.save(out / f'images{side}.npy', images)
+  write_files(model, out, 'convnext_tiny', SIDES, np.random.default_rng(2))
   (out / 'weights.json').write_text(json.dumps(_weights()))
 
 

@@ -18,34 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.hub
 import torchvision
 from safetensors.torch import save_file
 from torchvision.models import vision_transformer as vt
+
+from tests.torchvision_reference import enum_entries, normalised
 
 SIDES = (96, 160)  # ViT-B/32: grids of 3x3 (the file's) and 5x5 patches (resized)
 VARIANTS = ('b_16', 'b_32', 'l_16', 'l_32')
 
 
 def _weights() -> dict:
-  out = {}
-  for variant in VARIANTS:
-    enum = getattr(vt, f'ViT_{variant.upper()}_Weights')
-    out[variant] = {
-        'default': enum.DEFAULT.name,
-        'weights': {
-            w.name: {
-                'url': w.url,
-                'acc1': w.meta['_metrics']['ImageNet-1K']['acc@1'],
-                'prefix': torch.hub.HASH_REGEX.search(w.url.rsplit('/', 1)[1]).group(1),
-                'num_params': w.meta['num_params'],
-                'min_size': list(w.meta['min_size']),
-                'meta': sorted(w.meta),
-            }
-            for w in enum
-        },
-    }
-  return out
+  return {
+      variant: enum_entries(
+          getattr(vt, f'ViT_{variant.upper()}_Weights'),
+          min_size=lambda w: list(w.meta['min_size']),
+      )
+      for variant in VARIANTS
+  }
 
 
 def _shapes() -> dict:
@@ -74,13 +64,12 @@ def main(out: Path) -> None:
   state = model.state_dict()
   torch.save(state, out / 'vit_b_32.pth')
   save_file(state, str(out / 'vit_b_32.safetensors'))
-  mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   rng = np.random.default_rng(2)
   for side in SIDES:
     sized = torchvision.models.vit_b_32(weights=None, image_size=side).eval()
     sized.load_state_dict(vt.interpolate_embeddings(side, 32, state))
     images = rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)
-    x = torch.tensor(((images / 255.0 - mean) / std).transpose(0, 3, 1, 2), dtype=torch.float32)
+    x = normalised(images)
     with torch.no_grad():
       np.save(out / f'logits{side}.npy', sized(x).numpy())
       tokens = sized._process_input(x)  # pylint: disable=protected-access

@@ -177,15 +177,38 @@ _EFFICIENTNET_V2_PARAMS = {
     'm': '53.2M',
     'l': '117.7M',
 }
-for _variant, _params in _EFFICIENTNET_V2_PARAMS.items():
-  BACKBONES[f'efficientnetv2_{_variant}'] = BackboneSpec(
-      functools.partial(efficientnet_v2.EfficientNetV2, _variant),
-      functools.partial(efficientnet_v2.efficientnet_v2_top, _variant),
-      'raw',
-      efficientnet_v2.VARIANTS[_variant][2],
-      f'Keras EfficientNetV2{_variant.upper()}, {_params} params',
-      stages=efficientnet_v2.v2_stages(_variant),
+# torchvision's EfficientNetV2 S, M and L: parameter counts without the classifier
+# (torchvision's count, BatchNorm statistics not in it), and the normalisation its weights
+# were trained with (L's, ported from google/automl: to [-1, 1]).
+_EFFICIENTNET_V2_TORCHVISION = {
+    's': ('20.2M', 'torch'),
+    'm': ('52.9M', 'torch'),
+    'l': ('117.2M', 'tf'),
+}
+
+
+def _efficientnet_v2(variant: str, layout: str, norm: str, description: str) -> BackboneSpec:
+  return BackboneSpec(
+      functools.partial(efficientnet_v2.EfficientNetV2, variant, layout),
+      functools.partial(efficientnet_v2.efficientnet_v2_top, variant, layout=layout),
+      norm,
+      efficientnet_v2.VARIANTS[variant][2],
+      description,
+      stages=efficientnet_v2.v2_stages(variant),
       drop_path=True,
+  )
+
+
+for _variant, _params in _EFFICIENTNET_V2_PARAMS.items():
+  BACKBONES[f'efficientnetv2_{_variant}'] = _efficientnet_v2(
+      _variant, 'keras', 'raw', f'Keras EfficientNetV2{_variant.upper()}, {_params} params'
+  )
+for _variant, (_params, _norm) in _EFFICIENTNET_V2_TORCHVISION.items():
+  BACKBONES[f'efficientnet_v2_{_variant}_torchvision'] = _efficientnet_v2(
+      _variant,
+      'torchvision',
+      _norm,
+      f'torchvision EfficientNetV2-{_variant.upper()}, {_params} params',
   )
 
 # torchvision's ViT variants; parameter counts with torchvision's 1000-class head.

@@ -12,8 +12,9 @@ lists no layer for a block's residual add; its last layer here adds it
 (`Layer.residual`).
 
 'torchvision': the same list, with torchvision's weights mapped onto it
-(fineflax.weights.files.torch_convnext_layers); the Normalization layer is the identity,
-since torchvision's images are normalised outside the network ('torch' preprocessing).
+(fineflax.weights.torch_files.torch_convnext_layers); the Normalization layer is the
+identity, since torchvision's images are normalised outside the network ('torch'
+preprocessing).
 """
 
 from __future__ import annotations

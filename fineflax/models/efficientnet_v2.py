@@ -10,7 +10,15 @@ and EfficientNetV2's momentum 0.9; convolutions pad 'same' (TensorFlow's, as Fla
 
 Drop-connect layers (`blockNx_drop`) as in EfficientNet (fineflax.models.efficientnet):
 in the list whatever the rate, at `drop_path * b / blocks` for the b-th block, where
-`blocks` is the sum of the unscaled repeats, as Keras computes it.
+`blocks` is the sum of the unscaled repeats, as Keras computes it (and torchvision:
+`stochastic_depth_prob * stage_block_id / total_stage_blocks`, per row).
+
+Layout 'torchvision' (S, M and L): the same list with torchvision's weights mapped onto
+it (fineflax.weights.torch_files.torch_efficientnet_v2_layers). torchvision's blocks,
+squeeze-excite widths, BatchNormalization epsilon (1e-3) and stochastic-depth rates are
+Keras'; its convolutions pad symmetrically, (kernel - 1) // 2 a side, where TensorFlow's
+'same' pads a stride-2 convolution of an even side only after. The `rescaling` layer is
+the identity: torchvision's images are normalised outside the network.
 """
 
 from __future__ import annotations
@@ -73,6 +81,9 @@ VARIANTS = {
 }
 TOP_DROPOUT = 0.2
 BN_MOMENTUM = 0.9
+# torchvision's classifier dropout (`efficientnet_v2_s` .. `_l`); Keras' is TOP_DROPOUT.
+TORCHVISION_DROPOUT = {'s': 0.2, 'm': 0.3, 'l': 0.4}
+LAYOUTS = ('keras', 'torchvision')
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # B0 .. B3's Normalization, on [0, 1] pixels
 IMAGENET_VARIANCE = (0.229**2, 0.224**2, 0.225**2)
 
@@ -88,22 +99,42 @@ def _bn(name: str, suffix: str, act: str | None = None) -> list[Layer]:
   return swish_bn(name, suffix, act, BN_MOMENTUM)
 
 
-def _conv(name: str, filters: int, kernel: int, stride: int = 1) -> Layer:
+def _conv(name: str, filters: int, kernel: int, stride: int = 1, layout: str = 'keras') -> Layer:
   return Layer(
-      name, 'Conv2D', filters=filters, kernel=kernel, stride=stride, padding='same', use_bias=False
+      name,
+      'Conv2D',
+      filters=filters,
+      kernel=kernel,
+      stride=stride,
+      padding=_padding(kernel, layout),
+      use_bias=False,
   )
 
 
+def _padding(kernel: int, layout: str) -> str | int:
+  """Keras' 'same', or torchvision's (kernel - 1) // 2 zeros on each side."""
+  return 'same' if layout == 'keras' else (kernel - 1) // 2
+
+
 def _block(
-    name: str, x: str, args: tuple, fin: int, fout: int, stride: int, rate: float, has_drop: bool
+    name: str,
+    x: str,
+    args: tuple,
+    fin: int,
+    fout: int,
+    stride: int,
+    rate: float,
+    has_drop: bool,
+    layout: str,
 ) -> list[Layer]:
-  """Keras' `MBConvBlock` (conv type 0) or `FusedMBConvBlock` (1)."""
+  """Keras' `MBConvBlock` (conv type 0) or `FusedMBConvBlock` (1); torchvision's `MBConv`
+  and `FusedMBConv` have the same layers."""
   kernel, _, _, _, expand, se_ratio, _, fused = args
   filters = fin * expand
   layers = []
   if expand != 1:
     size, step = (kernel, stride) if fused else (1, 1)
-    layers += [_conv(f'{name}expand_conv', filters, size, step)]
+    layers += [_conv(f'{name}expand_conv', filters, size, step, layout)]
     layers += _bn(name, 'expand_bn', 'expand_activation')
   if not fused:
     layers.append(
@@ -112,7 +143,7 @@ def _block(
             'DepthwiseConv2D',
             kernel=kernel,
             stride=stride,
-            padding='same',
+            padding=_padding(kernel, layout),
             use_bias=False,
         )
     )
@@ -122,18 +153,21 @@ def _block(
         name, layers[-1].name if layers else x, filters, max(1, int(fin * se_ratio))
     )
   if fused and expand == 1:  # the projection is the block's only convolution
-    layers += [_conv(f'{name}project_conv', fout, kernel, stride)]
+    layers += [_conv(f'{name}project_conv', fout, kernel, stride, layout)]
     layers += _bn(name, 'project_bn', 'project_activation')
   else:
-    layers += [_conv(f'{name}project_conv', fout, 1)] + _bn(name, 'project_bn')
+    layers += [_conv(f'{name}project_conv', fout, 1, 1, layout)] + _bn(name, 'project_bn')
   if stride == 1 and fin == fout:
     layers += residual(name, x, layers[-1].name, rate, has_drop)
   return layers
 
 
-def input_layers(variant: str) -> list[Layer]:
-  """`input_layer` and Keras' preprocessing layers (`include_preprocessing=True`)."""
+def input_layers(variant: str, layout: str = 'keras') -> list[Layer]:
+  """`input_layer` and Keras' preprocessing layers (`include_preprocessing=True`; the
+  identity in torchvision's layout)."""
   layers = [Layer('input_layer', 'InputLayer')]
+  if layout == 'torchvision':
+    return layers + [Layer('rescaling', 'Rescaling', scale=(1.0,))]
   if variant.startswith('b'):
     return layers + [
         Layer('rescaling', 'Rescaling', scale=(1.0 / 255,)),
@@ -143,13 +177,17 @@ def input_layers(variant: str) -> list[Layer]:
 
 
 @functools.cache
-def efficientnet_v2_layers(variant: str, drop_path: float = 0.0) -> tuple[Layer, ...]:
+def efficientnet_v2_layers(
+    variant: str, drop_path: float = 0.0, layout: str = 'keras'
+) -> tuple[Layer, ...]:
   """The Keras layer list of EfficientNetV2 `variant` ('b0' .. 'b3', 's', 'm', 'l')
-  without its top."""
+  without its top, in `layout` ('keras', or 'torchvision' for S, M and L)."""
+  if layout not in LAYOUTS or (layout == 'torchvision' and variant not in TORCHVISION_DROPOUT):
+    raise ValueError(f'EfficientNetV2 {variant!r} has no {layout!r} layout')
   width, depth, _ = VARIANTS[variant]
   blocks_args = BLOCKS[variant]
-  layers = input_layers(variant)
-  layers += [_conv('stem_conv', round_filters(blocks_args[0][2], width), 3, 2)]
+  layers = input_layers(variant, layout)
+  layers += [_conv('stem_conv', round_filters(blocks_args[0][2], width), 3, 2, layout)]
   layers += _bn('stem_', 'bn', 'activation')
   blocks = float(sum(args[1] for args in blocks_args))
   b = 0
@@ -162,19 +200,21 @@ def efficientnet_v2_layers(variant: str, drop_path: float = 0.0) -> tuple[Layer,
       name = f'block{i + 1}{chr(j + 97)}_'
       # Keras' default model (drop_connect_rate 0.2) has a drop layer in every residual
       # block but the network's first, whose rate is 0.
-      layers += _block(
-          name, layers[-1].name, args, fin, fout, stride, drop_path * b / blocks, b > 0
-      )
+      rate = drop_path * b / blocks
+      layers += _block(name, layers[-1].name, args, fin, fout, stride, rate, b > 0, layout)
       b += 1
-  layers += [_conv('top_conv', round_filters(1280, width), 1)]
+  layers += [_conv('top_conv', round_filters(1280, width), 1, 1, layout)]
   layers += _bn('top_', 'bn', 'activation')
   return chain(layers)
 
 
-def efficientnet_v2_top(variant: str, num_classes: int = 1000) -> tuple[Layer, ...]:
-  """Keras' top of EfficientNetV2 (`avg_pool`, `top_dropout` 0.2, `predictions`)."""
-  del variant  # the same in every variant
-  return keras_top(TOP_DROPOUT, num_classes)
+def efficientnet_v2_top(
+    variant: str, num_classes: int = 1000, layout: str = 'keras'
+) -> tuple[Layer, ...]:
+  """Keras' top of EfficientNetV2 (`avg_pool`, `top_dropout`, `predictions`): Keras'
+  dropout 0.2 in every variant, torchvision's `classifier` 0.2 / 0.3 / 0.4 in S / M / L."""
+  rate = TOP_DROPOUT if layout == 'keras' else TORCHVISION_DROPOUT[variant]
+  return keras_top(rate, num_classes)
 
 
 def v2_stages(variant: str) -> tuple[tuple[str, str], ...]:
@@ -182,6 +222,8 @@ def v2_stages(variant: str) -> tuple[tuple[str, str], ...]:
   return stages(len(BLOCKS[variant]))
 
 
-def EfficientNetV2(variant: str, drop_path: float = 0.0, **kwargs: Any) -> KerasGraph:
-  """An EfficientNetV2 backbone (no top); kwargs go to KerasGraph."""
-  return KerasGraph(layers=efficientnet_v2_layers(variant, float(drop_path)), **kwargs)
+def EfficientNetV2(
+    variant: str, layout: str = 'keras', drop_path: float = 0.0, **kwargs: Any
+) -> KerasGraph:
+  """An EfficientNetV2 backbone (no top) in `layout`; kwargs go to KerasGraph."""
+  return KerasGraph(layers=efficientnet_v2_layers(variant, float(drop_path), layout), **kwargs)

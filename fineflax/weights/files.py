@@ -6,15 +6,14 @@ Keras: the legacy weights-only HDF5 layout of `keras.applications` files (`layer
 and `weight_names` attributes), with or without the top, and Keras 3's own `.weights.h5`
 (`model.save_weights`: each layer's variables under a `vars` group named after it).
 torch: `.pth` / `.pt` state dicts (needs PyTorch) and `.safetensors` files (needs only
-`safetensors`) of the torchvision / timm ResNet50 and torchvision's ConvNeXt, whose names
-(`layer3.5.conv2.weight`, `features.5.8.block.3.weight`) are mapped here onto the Keras
-layer names fineflax uses.
+`safetensors`) of the torchvision / timm ResNet50 and torchvision's ConvNeXt,
+EfficientNetV2 and ViT, whose names are mapped onto fineflax's layer names by
+fineflax.weights.torch_files and vit_files.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,9 +23,9 @@ from fineflax import storage
 from fineflax.errors import DataError
 from fineflax.models.graph import Layer
 from fineflax.pytree import overlay
-from fineflax.weights import vit_files
+from fineflax.weights import torch_files, vit_files
+from fineflax.weights.torch_files import FileLayers
 
-FileLayers = list[tuple[str, list[np.ndarray]]]
 SUFFIXES = ('.h5', '.pth', '.pt', '.safetensors')
 
 
@@ -132,131 +131,6 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if isinstance(state, dict) and isinstance(state.get(key), dict):
       state = state[key]
   return {k: v.detach().float().numpy() for k, v in state.items() if hasattr(v, 'detach')}
-
-
-_TORCH_BLOCK = re.compile(r'^layer(\d+)\.(\d+)\.(conv\d|bn\d|downsample\.[01])\.')
-_BN_KEYS = ('weight', 'bias', 'running_mean', 'running_var')
-
-
-def torch_resnet_layers(
-    state: dict[str, np.ndarray], source: str | os.PathLike = 'state dict'
-) -> tuple[FileLayers, list[str]]:
-  """torchvision / timm ResNet names -> fineflax's Keras layer names and weight order.
-
-  Returns the layers (convolution kernels OIHW -> HWIO, `fc` -> `predictions`) and the
-  state-dict keys nothing was made of (besides BN's `num_batches_tracked`).
-  """
-  used: set[str] = set()
-
-  def take(prefix: str, keys: Sequence[str]) -> list[np.ndarray]:
-    names = [f'{prefix}.{k}' for k in keys]
-    missing = [n for n in names if n not in state]
-    if missing:
-      raise WeightFileError(f'{source}: {missing[0]} is missing')
-    used.update(names)
-    return [state[n] for n in names]
-
-  def torch_to_keras(module: str) -> str | None:
-    if module == 'conv1':
-      return 'conv1_conv'
-    if module == 'bn1':
-      return 'conv1_bn'
-    if module == 'fc':
-      return 'predictions'
-    m = _TORCH_BLOCK.match(module + '.')
-    if not m:
-      return None
-    stage, block, part = int(m.group(1)), int(m.group(2)), m.group(3)
-    name = f'conv{stage + 1}_block{block + 1}'
-    suffix = {'downsample.0': '0_conv', 'downsample.1': '0_bn'}.get(part, f'{part[-1]}_{part[:-1]}')
-    return f'{name}_{suffix}'
-
-  out: FileLayers = []
-  for module in dict.fromkeys(key.rsplit('.', 1)[0] for key in state):
-    name = torch_to_keras(module)
-    if name is None:
-      continue
-    if name.endswith('_bn'):
-      out.append((name, take(module, _BN_KEYS)))
-    elif name == 'predictions':
-      kernel, bias = take(module, ('weight', 'bias'))
-      out.append((name, [kernel.T, bias]))
-    else:
-      (kernel,) = take(module, ('weight',))
-      out.append((name, [kernel.transpose(2, 3, 1, 0)]))
-  unused = [k for k in state if k not in used and not k.endswith('num_batches_tracked')]
-  return out, unused
-
-
-_TORCH_CONVNEXT_BLOCK = re.compile(r'^features\.(\d+)\.(\d+)\.(block\.[0235]|layer_scale)')
-# CNBlock.block's modules: depthwise conv, (permute), LayerNorm, Linear, (GELU), Linear.
-_CONVNEXT_BLOCK_PARTS = {
-    'block.0': 'depthwise_conv',
-    'block.2': 'layernorm',
-    'block.3': 'pointwise_conv_1',
-    'block.5': 'pointwise_conv_2',
-    'layer_scale': 'layer_scale',
-}
-
-
-def is_torch_convnext(state: Mapping[str, np.ndarray]) -> bool:
-  """Whether a state dict holds a torchvision ConvNeXt (`features.1.0.layer_scale`)."""
-  return any(_TORCH_CONVNEXT_BLOCK.match(key) for key in state)
-
-
-def torch_convnext_layers(
-    state: dict[str, np.ndarray],
-    backbone: Sequence[Layer],
-    source: str | os.PathLike = 'state dict',
-) -> tuple[FileLayers, list[str]]:
-  """torchvision ConvNeXt names -> the Keras layer names of the model's `backbone`.
-
-  Names take the model's prefix (`convnext_tiny`), so that a file of another variant fails
-  as a file of another backbone. `features.0` is the stem, `features.1/3/5/7` the stages,
-  `features.2/4/6` the downsampling blocks; `classifier.0`, the LayerNorm after the
-  pooling, becomes the backbone's last `layer_normalization` when the model has one (a new
-  head) and Keras' `..._head_layernorm` otherwise, `classifier.2` `..._head_dense`.
-  Convolution kernels OIHW -> HWIO, Linear weights transposed, layer scales (C, 1, 1) ->
-  (C,). Returns the layers and the state-dict keys nothing was made of.
-  """
-  names = {layer.name for layer in backbone}
-  stem = next((n for n in names if n.endswith('_stem')), 'convnext_stem')
-  p = stem[: -len('_stem')]
-  used: set[str] = set()
-
-  def take(key: str) -> np.ndarray:
-    if key not in state:
-      raise WeightFileError(f'{source}: {key} is missing')
-    used.add(key)
-    return state[key]
-
-  conv = lambda m: [take(f'{m}.weight').transpose(2, 3, 1, 0), take(f'{m}.bias')]
-  norm = lambda m: [take(f'{m}.weight'), take(f'{m}.bias')]
-  dense = lambda m: [take(f'{m}.weight').T, take(f'{m}.bias')]
-  out: FileLayers = []
-  if 'features.0.0.weight' in state:
-    out.append((f'{p}_stem', conv('features.0.0') + norm('features.0.1')))
-  for key in state:
-    m = _TORCH_CONVNEXT_BLOCK.match(key)
-    if m is None or key in used:
-      continue
-    feature, block, part = int(m.group(1)), int(m.group(2)), m.group(3)
-    module = f'features.{feature}.{block}.{part}'
-    name = f'{p}_stage_{(feature - 1) // 2}_block_{block}_{_CONVNEXT_BLOCK_PARTS[part]}'
-    if part == 'layer_scale':
-      out.append((name, [take(module).reshape(-1)]))
-    else:
-      out.append((name, {'block.0': conv, 'block.2': norm}.get(part, dense)(module)))
-  for i, feature in enumerate((2, 4, 6)):
-    if f'features.{feature}.1.weight' in state:
-      module = f'features.{feature}'
-      out.append((f'{p}_downsampling_block_{i}', norm(f'{module}.0') + conv(f'{module}.1')))
-  if 'classifier.0.weight' in state:
-    last = 'layer_normalization' if 'layer_normalization' in names else f'{p}_head_layernorm'
-    out.append((last, norm('classifier.0')))
-  if 'classifier.2.weight' in state:
-    out.append((f'{p}_head_dense', dense('classifier.2')))
-  return out, [k for k in state if k not in used]
 
 
 def read_variable_tree(path: str | os.PathLike, ema: bool = False) -> dict[str, Any]:
@@ -377,6 +251,19 @@ def keras_arrays(layer: Layer, p: Mapping[str, Any], s: Mapping[str, Any]) -> li
   return arrays + ([p['bias']] if 'bias' in p else [])
 
 
+def _torch_layers(
+    state: dict[str, np.ndarray], backbone: Sequence[Layer]
+) -> tuple[FileLayers, list[str]]:
+  """The layers of a torch state dict, by the family its names show."""
+  if torch_files.is_torch_efficientnet(state):
+    return torch_files.torch_efficientnet_v2_layers(state)
+  if torch_files.is_torch_convnext(state):
+    return torch_files.torch_convnext_layers(state, backbone)
+  if vit_files.is_torch_vit(state):
+    return vit_files.torch_vit_layers(state)
+  return torch_files.torch_resnet_layers(state)
+
+
 def read_weight_file(
     path: str | os.PathLike, layer_groups: Mapping[str, Sequence[Layer]]
 ) -> tuple[FileLayers, list[str], bool]:
@@ -398,19 +285,14 @@ def read_weight_file(
     return read_keras_h5(path), [], True
   if path.suffix in SUFFIXES:
     state = read_state_dict(path)
-    if is_torch_convnext(state):
-      layers, unused = torch_convnext_layers(state, layer_groups.get('backbone', ()), path)
-    elif vit_files.is_torch_vit(state):
-      try:
-        layers, unused = vit_files.torch_vit_layers(state)
-      except KeyError as e:
-        raise WeightFileError(f'{path}: {e.args[0]} is missing') from None
-    else:
-      layers, unused = torch_resnet_layers(state, path)
+    try:
+      layers, unused = _torch_layers(state, layer_groups.get('backbone', ()))
+    except KeyError as e:
+      raise WeightFileError(f'{path}: {e.args[0]} is missing') from None
     if not layers:
       raise WeightFileError(
-          f'{path}: no torchvision / timm ResNet or torchvision ConvNeXt / ViT parameters in it '
-          f'(keys such as {list(state)[:3]})'
+          f'{path}: no torchvision / timm ResNet or torchvision ConvNeXt / EfficientNetV2 / ViT '
+          f'parameters in it (keys such as {list(state)[:3]})'
       )
     return layers, unused, False
   raise WeightFileError(

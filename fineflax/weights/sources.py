@@ -11,6 +11,8 @@ import dataclasses
 from pathlib import PurePosixPath
 from urllib.parse import urlparse
 
+from fineflax.weights import torchvision_sources
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightFile:
@@ -116,19 +118,7 @@ def _keras_efficientnet(backbone: str, md5_full: str, md5_notop: str, top1: str)
   )
 
 
-_TORCHVISION_LICENCE = 'BSD-3-Clause (torchvision); ImageNet terms of use apply'
-# The SWAG weights (Singh et al. 2022, pre-trained on Instagram hashtags), as torchvision's
-# documentation gives their terms.
-_SWAG_LICENCE = 'CC BY-NC 4.0 (facebookresearch/SWAG): non-commercial use only'
-
-
-def _torchvision(
-    name: str,
-    filename: str,
-    top1: str,
-    backbone: str = 'resnet50_torchvision',
-    licence: str = _TORCHVISION_LICENCE,
-) -> Source:
+def _torchvision(name: str, filename: str, top1: str, licence: str, backbone: str) -> Source:
   return Source(
       f'torchvision:{name}',
       backbone,
@@ -141,6 +131,16 @@ def _torchvision(
       licence,
       'the 8-hex sha256 prefix in the file name, all that torchvision publishes '
       '(torch hub checks it)',
+  )
+
+
+def _torchvision_sources(family: str) -> tuple[Source, ...]:
+  """torchvision's weights of the backbones whose names start with `family`."""
+  return tuple(
+      _torchvision(*row, backbone)
+      for backbone, rows in torchvision_sources.WEIGHTS.items()
+      if backbone.startswith(family)
+      for row in rows
   )
 
 
@@ -186,8 +186,7 @@ SOURCES: tuple[Source, ...] = (
         '79.0%',
         'MIT (Keras)',
     ),
-    _torchvision('IMAGENET1K_V1', 'resnet50-0676ba61.pth', '76.13%'),
-    _torchvision('IMAGENET1K_V2', 'resnet50-11ad3fa6.pth', '80.86%'),
+    *_torchvision_sources('resnet50'),
     # sha256s as keras.applications checks them; top-1 as keras.io lists it (base, large and
     # xlarge were pre-trained on ImageNet-21k, then fine-tuned on ImageNet-1k).
     _keras_convnext(
@@ -220,54 +219,8 @@ SOURCES: tuple[Source, ...] = (
         'de3f8a54174130e0cecdc71583354753d557fcf1f4487331558e2a16ba0cfe05',
         '86.7%',
     ),
-    # torchvision's ConvNeXt_*_Weights.IMAGENET1K_V1 (its only weights, and the default).
-    _torchvision(
-        'IMAGENET1K_V1', 'convnext_tiny-983f1562.pth', '82.52%', 'convnext_tiny_torchvision'
-    ),
-    _torchvision(
-        'IMAGENET1K_V1', 'convnext_small-0c510722.pth', '83.62%', 'convnext_small_torchvision'
-    ),
-    _torchvision(
-        'IMAGENET1K_V1', 'convnext_base-6075fbad.pth', '84.06%', 'convnext_base_torchvision'
-    ),
-    _torchvision(
-        'IMAGENET1K_V1', 'convnext_large-ea097f82.pth', '84.41%', 'convnext_large_torchvision'
-    ),
-    # torchvision's ViT_*_Weights: IMAGENET1K_V1 (224 px, the default) and the SWAG ones
-    # (E2E: fine-tuned at 384 / 512 px, their position embeddings resized at load;
-    # LINEAR: a linear head on the frozen SWAG trunk, 224 px).
-    _torchvision('IMAGENET1K_V1', 'vit_b_16-c867db91.pth', '81.07%', 'vit_b_16_torchvision'),
-    _torchvision(
-        'IMAGENET1K_SWAG_E2E_V1',
-        'vit_b_16_swag-9ac1b537.pth',
-        '85.30%',
-        'vit_b_16_torchvision',
-        _SWAG_LICENCE,
-    ),
-    _torchvision(
-        'IMAGENET1K_SWAG_LINEAR_V1',
-        'vit_b_16_lc_swag-4e70ced5.pth',
-        '81.89%',
-        'vit_b_16_torchvision',
-        _SWAG_LICENCE,
-    ),
-    _torchvision('IMAGENET1K_V1', 'vit_b_32-d86f8d99.pth', '75.91%', 'vit_b_32_torchvision'),
-    _torchvision('IMAGENET1K_V1', 'vit_l_16-852ce7e3.pth', '79.66%', 'vit_l_16_torchvision'),
-    _torchvision(
-        'IMAGENET1K_SWAG_E2E_V1',
-        'vit_l_16_swag-4f3808c9.pth',
-        '88.06%',
-        'vit_l_16_torchvision',
-        _SWAG_LICENCE,
-    ),
-    _torchvision(
-        'IMAGENET1K_SWAG_LINEAR_V1',
-        'vit_l_16_lc_swag-4d563306.pth',
-        '85.15%',
-        'vit_l_16_torchvision',
-        _SWAG_LICENCE,
-    ),
-    _torchvision('IMAGENET1K_V1', 'vit_l_32-c7638314.pth', '76.97%', 'vit_l_32_torchvision'),
+    *_torchvision_sources('convnext'),
+    *_torchvision_sources('vit'),
 )
 
 # md5s as keras.applications checks them; top-1 as keras.io lists it.
@@ -364,6 +317,7 @@ _EFFICIENTNET = (
     ),
 )
 SOURCES += tuple(_keras_efficientnet(*row) for row in _EFFICIENTNET)
+SOURCES += _torchvision_sources('efficientnet_v2')
 
 DEFAULTS = {
     'resnet50': 'keras:imagenet',
@@ -371,17 +325,9 @@ DEFAULTS = {
     'resnet152': 'keras:imagenet',
     'vgg16': 'keras:imagenet',
     'xception': 'keras:imagenet',
-    'resnet50_torchvision': 'torchvision:IMAGENET1K_V2',
     **{f'convnext_{v}': 'keras:imagenet' for v in ('tiny', 'small', 'base', 'large', 'xlarge')},
-    **{
-        f'convnext_{v}_torchvision': 'torchvision:IMAGENET1K_V1'
-        for v in ('tiny', 'small', 'base', 'large')
-    },
     **{backbone: 'keras:imagenet' for backbone, *_ in _EFFICIENTNET},
-    **{
-        f'vit_{v}_torchvision': 'torchvision:IMAGENET1K_V1'
-        for v in ('b_16', 'b_32', 'l_16', 'l_32')
-    },
+    **torchvision_sources.DEFAULTS,
 }
 
 

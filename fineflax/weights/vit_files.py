@@ -15,7 +15,8 @@ from typing import Mapping
 
 import numpy as np
 
-FileLayers = list[tuple[str, list[np.ndarray]]]
+from fineflax.weights.torch_files import FileLayers, StateDict
+
 _BLOCK = re.compile(r'^encoder\.layers\.encoder_layer_(\d+)\.')
 # torch's bicubic kernel parameter (`upsample_bicubic2d`), not Keys' -0.5 that
 # jax.image.resize uses: torchvision resizes ViT position embeddings with it.
@@ -35,42 +36,32 @@ def torch_vit_layers(
   Raises:
     KeyError: a key the layers need is missing (its name).
   """
-  used: set[str] = set()
-
-  def take(key: str) -> np.ndarray:
-    used.add(key)
-    return np.asarray(state[key])
-
-  dense = lambda m: [take(f'{m}.weight').T, take(f'{m}.bias')]
-  norm = lambda m: [take(f'{m}.weight'), take(f'{m}.bias')]
+  s = StateDict(state)
   out: FileLayers = [
-      ('conv_proj', [take('conv_proj.weight').transpose(2, 3, 1, 0), take('conv_proj.bias')]),
-      ('class_token', [take('class_token')]),
-      ('encoder_pos_embedding', [take('encoder.pos_embedding')]),
+      ('conv_proj', s.conv('conv_proj', bias=True)),
+      ('class_token', [s.take('class_token')]),
+      ('encoder_pos_embedding', [s.take('encoder.pos_embedding')]),
   ]
   blocks = sorted({int(m.group(1)) for key in state if (m := _BLOCK.match(key))})
   for i in blocks:
     m = f'encoder.layers.encoder_layer_{i}'
     name = f'encoder_layer_{i}'
+    attention = f'{m}.self_attention'
     out += [
-        (f'{name}_ln_1', norm(f'{m}.ln_1')),
+        (f'{name}_ln_1', s.norm(f'{m}.ln_1')),
         (
             f'{name}_self_attention',
-            [
-                take(f'{m}.self_attention.in_proj_weight').T,
-                take(f'{m}.self_attention.in_proj_bias'),
-                take(f'{m}.self_attention.out_proj.weight').T,
-                take(f'{m}.self_attention.out_proj.bias'),
-            ],
+            [s.take(f'{attention}.in_proj_weight').T, s.take(f'{attention}.in_proj_bias')]
+            + s.dense(f'{attention}.out_proj'),
         ),
-        (f'{name}_ln_2', norm(f'{m}.ln_2')),
-        (f'{name}_mlp_0', dense(f'{m}.mlp.0')),
-        (f'{name}_mlp_3', dense(f'{m}.mlp.3')),
+        (f'{name}_ln_2', s.norm(f'{m}.ln_2')),
+        (f'{name}_mlp_0', s.dense(f'{m}.mlp.0')),
+        (f'{name}_mlp_3', s.dense(f'{m}.mlp.3')),
     ]
-  out.append(('encoder_ln', norm('encoder.ln')))
+  out.append(('encoder_ln', s.norm('encoder.ln')))
   if 'heads.head.weight' in state:
-    out.append(('heads_head', dense('heads.head')))
-  return out, [key for key in state if key not in used]
+    out.append(('heads_head', s.dense('heads.head')))
+  return out, s.unused()
 
 
 def _cubic_weights(t: np.ndarray) -> np.ndarray:
