@@ -1,6 +1,6 @@
 #!/bin/bash
 # One run that measures fineflax beside its peers on the same GPU. From the repository root:
-#   bash benchmarks/peers/gpu_run.sh [224|32] [resnet50|convnext_tiny]
+#   bash benchmarks/peers/gpu_run.sh [224|32] [resnet50|convnext_tiny|efficientnetv2_s|vit_b_16_torchvision]
 # It needs fineflax's GPU install (pip install -e '.[cuda12]' -c constraints.txt), torch and
 # torchvision with CUDA, and keras 3 (+ namex, optree). On a machine without network, first
 # download the missing wheels elsewhere into .whl/ (ignored by git); they are installed into

@@ -1,10 +1,12 @@
 """Peer baseline: Keras 3 (the API of the workflows in docs/seeds.md) on the JAX backend, on a GPU.
 
-    python benchmarks/peers/peer_keras.py [BATCH] [SIDE] [resnet50|convnext_tiny]
+    python benchmarks/peers/peer_keras.py [BATCH] [SIDE] [resnet50|convnext_tiny|efficientnetv2_s]
 
-ResNet50 (or ConvNeXtTiny)(weights=None, include_top=False, pooling='avg') + Dense(10);
-base called with training=False (BN frozen). Modes: head / conv5 (ResNet50: layers[:143]
-frozen; ConvNeXt: the layers before its last downsampling block) / full.
+ResNet50 (or ConvNeXtTiny, EfficientNetV2S)(weights=None, include_top=False, pooling='avg')
++ Dense(10); base called with training=False (BN frozen). Modes: head / conv5 (ResNet50:
+layers[:143] frozen; ConvNeXt: the layers before its last downsampling block;
+EfficientNetV2: those before block6a) / full. Keras has no ViT: for vit_b_16_torchvision
+it prints one line saying so.
 """
 import json, os, sys, time
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -15,7 +17,10 @@ B = int(sys.argv[1]) if len(sys.argv) > 1 else 256
 RES = int(sys.argv[2]) if len(sys.argv) > 2 else 224
 MODEL = sys.argv[3] if len(sys.argv) > 3 else "resnet50"
 STEPS = 30
-APPLICATIONS = {"resnet50": keras.applications.ResNet50, "convnext_tiny": keras.applications.ConvNeXtTiny}
+APPLICATIONS = {"resnet50": keras.applications.ResNet50, "convnext_tiny": keras.applications.ConvNeXtTiny,
+                "efficientnetv2_s": keras.applications.EfficientNetV2S}
+# The first layer conv5 mode trains (ResNet50's is layers[143]).
+FIRST_TRAINED = {"convnext_tiny": "convnext_tiny_downsampling_block_2", "efficientnetv2_s": "block6a_expand_conv"}
 keras.mixed_precision.set_global_policy("mixed_bfloat16")
 
 
@@ -26,7 +31,7 @@ def build(mode):
         base.trainable = False
     elif mode == "conv5":
         names = [layer.name for layer in base.layers]
-        cut = 143 if MODEL == "resnet50" else names.index(f"{MODEL}_downsampling_block_2")
+        cut = 143 if MODEL == "resnet50" else names.index(FIRST_TRAINED[MODEL])
         for layer in base.layers[:cut]:
             layer.trainable = False
     inputs = keras.Input((RES, RES, 3))
@@ -71,6 +76,9 @@ def run_forward():
 
 
 if __name__ == "__main__":
+    if MODEL not in APPLICATIONS:
+        print(json.dumps(dict(peer="keras-jax", model=MODEL, skipped="keras.applications has no such model")))
+        sys.exit(0)
     run_forward()
     for mode in ("head", "conv5", "full"):
         run(mode)

@@ -1,11 +1,16 @@
 """Peer baseline: PyTorch/torchvision fine-tuning step throughput (run on a GPU).
 
-    python benchmarks/peers/peer_torch.py [BATCH] [SIDE] [resnet50|convnext_tiny]
+    python benchmarks/peers/peer_torch.py [BATCH] [SIDE] [MODEL]
+
+MODEL is fineflax's backbone name: resnet50, convnext_tiny, efficientnetv2_s (torchvision's
+efficientnet_v2_s: the same network) or vit_b_16_torchvision (vit_b_16).
 
 Modes mirror the Keras workflows of docs/seeds.md:
   head  - whole backbone frozen, only the new Dense head trains
   conv5 - ResNet50: conv1..conv4 frozen (Keras layers[:143]), conv5 + head train;
-          ConvNeXt: everything before the last stage (its downsampling, features.6) frozen
+          ConvNeXt: everything before the last stage (its downsampling, features.6) frozen;
+          EfficientNetV2: block6 on (features.6, the top conv) trains, as fineflax's conv5;
+          ViT-B/16: the last quarter (encoder layers 9-11, the final norm) trains
   full  - everything trains
 The model runs in inference mode (BatchNorm statistics frozen, as in those workflows; no
 stochastic depth). Prints one JSON line per (mode, compiled) with images/s.
@@ -18,16 +23,24 @@ RES = int(sys.argv[2]) if len(sys.argv) > 2 else 224
 MODEL = sys.argv[3] if len(sys.argv) > 3 else "resnet50"
 STEPS = 30
 # The new head's parameters, and those of the last stage (conv5 mode), by name prefix.
-HEAD = {"resnet50": ("fc.",), "convnext_tiny": ("classifier.2.",)}[MODEL]
-LAST_STAGE = {"resnet50": ("layer4.",), "convnext_tiny": ("features.6.", "features.7.", "classifier.")}[MODEL]
+TORCHVISION = {"efficientnetv2_s": "efficientnet_v2_s", "vit_b_16_torchvision": "vit_b_16"}
+HEAD = {"resnet50": ("fc.",), "convnext_tiny": ("classifier.2.",),
+        "efficientnetv2_s": ("classifier.1.",), "vit_b_16_torchvision": ("heads.head.",)}[MODEL]
+LAST_STAGE = {"resnet50": ("layer4.",), "convnext_tiny": ("features.6.", "features.7.", "classifier."),
+              "efficientnetv2_s": ("features.6.", "features.7."),
+              "vit_b_16_torchvision": tuple(f"encoder.layers.encoder_layer_{i}." for i in (9, 10, 11))
+              + ("encoder.ln.",)}[MODEL]
 
 
 def build(mode):
-    m = getattr(torchvision.models, MODEL)(weights=None)
+    m = getattr(torchvision.models, TORCHVISION.get(MODEL, MODEL))(weights=None)
     if MODEL == "resnet50":
         m.fc = torch.nn.Linear(2048, 10)
+    elif MODEL == "vit_b_16_torchvision":
+        m.heads.head = torch.nn.Linear(m.heads.head.in_features, 10)
     else:
-        m.classifier[2] = torch.nn.Linear(m.classifier[2].in_features, 10)
+        last = len(m.classifier) - 1  # ConvNeXt: classifier.2; EfficientNetV2: classifier.1
+        m.classifier[last] = torch.nn.Linear(m.classifier[last].in_features, 10)
     for name, p in m.named_parameters():
         if mode == "head":
             p.requires_grad = name.startswith(HEAD)
