@@ -2,20 +2,24 @@
 devices; what a run records and saves; the programs that open it. (Resuming to the same
 average after a SIGTERM: tests/test_train.py's resume test keeps one.)"""
 
+import json
+
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from fineflax import config as config_lib, models, pytree, train, weights
 from fineflax.distributed import parallel
 from fineflax.distributed.preemption import sigterm_flag
 from fineflax.errors import ConfigError
 from fineflax.inference.evaluate import evaluate_run
+from fineflax.inference.predict import predict_run_paths
 from fineflax.run import RunDir, restore
 from fineflax.run.reporting import MetricsLog
 from fineflax.train import ema as ema_lib, freeze, state as state_lib, step as step_lib
-from tests import helpers
+from tests import helpers, scripts_loader
 
 pytestmark = pytest.mark.slow  # compiles train steps and trains a run
 
@@ -198,3 +202,26 @@ def test_weights_without_an_average_are_refused_in_one_line(tmp_path):
     weights.read_variable_tree(tmp_path / 'state', ema=True)
   with pytest.raises(ConfigError, match=r"weights 'mean': expected one of raw, ema"):
     restore.read_variables(tmp_path, {}, 'mean')
+
+
+def test_export_and_predict_take_the_average_on_request(run, tmp_path):
+  workdir, _ = run
+  export = scripts_loader.load('export')
+  assert (
+      export.main(
+          ['--workdir', str(workdir), '--weights', 'ema', '--out', str(tmp_path / 'ema.npz')]
+      )
+      == 0
+  )
+  average = restore.load_run(workdir, weights='ema')
+  with np.load(tmp_path / 'ema.npz') as saved:
+    assert json.loads(saved['__metadata__'].item())['checkpoint'] == 'best-ema'
+    for key, value in _leaves(average.variables['params']).items():
+      np.testing.assert_array_equal(saved[f'params/{key}'], value, err_msg=key)
+  image = tmp_path / 'digit.png'
+  Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(image)
+  one = jax.devices()[:1]
+  averaged = predict_run_paths(workdir, [str(image)], k=10, weights='ema', devices=one)
+  raw = predict_run_paths(workdir, [str(image)], k=10, devices=one)
+  assert averaged.source() == f'{workdir}: checkpoint best-ema (step {average.step})'
+  assert averaged.top != raw.top  # other weights, other probabilities

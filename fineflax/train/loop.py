@@ -23,8 +23,8 @@ from fineflax.data import feed
 from fineflax.distributed import parallel
 from fineflax.distributed.preemption import Preempted
 from fineflax.errors import TrainingDivergedError
-from fineflax.run import checkpoints, plots, progress, reporting, step_records
-from fineflax.train import ema as ema_lib, features, state as state_lib, step as step_lib, summary
+from fineflax.run import checkpoints, progress, reporting, step_records
+from fineflax.train import ema as ema_lib, features, records, state as state_lib, step as step_lib
 from fineflax.train.early_stopping import EarlyStopping
 from fineflax.train.plan import PhasePlan
 from fineflax.train.training_run import Inputs, Position, TrainingRun
@@ -303,71 +303,6 @@ def _compile_train_step(
   return compiled
 
 
-def _step_recorder(
-    run: TrainingRun,
-    plan: PhasePlan,
-    state: state_lib.TrainState,
-    position: Position,
-    steps_per_epoch: int,
-) -> step_records.StepRecorder | None:
-  """The phase's per-step records (`config.report.every_steps`), if asked for."""
-  every = run.config.report.every_steps
-  if not every:
-    return None
-  first = int(state.step) - position.phase_epochs_done * steps_per_epoch - position.batch
-
-  def write(record: dict[str, Any]) -> None:
-    run.metrics_log.write(record)
-    if run.tensorboard is not None:
-      run.tensorboard.scalars(
-          {k: record[k] for k in ('loss', 'accuracy', 'learning_rate', 'images_per_sec')},
-          record['step'],
-          'step/',
-      )
-
-  return step_records.StepRecorder(every, plan.name, plan.optimizer.learning_rate, first, write)
-
-
-def _log_summary(run: TrainingRun, plan: PhasePlan) -> None:
-  spec = plan.config.freeze
-  table = summary.format_summary(
-      summary.summarize(run.model, run.dataset.info.image_shape, spec),
-      f'{run.config.model.backbone} + head, phase {plan.name!r} (freeze {spec!r})',
-  )
-  logger.info('\n%s', table)
-  if plan.groups_text:
-    logger.info(
-        '[%s] learning-rate groups (x learning_rate %g): %s',
-        plan.name,
-        plan.config.learning_rate,
-        plan.groups_text,
-    )
-
-
-def _report(run: TrainingRun, record: dict[str, Any]) -> None:
-  """The epoch's record everywhere it goes: metrics.jsonl, TensorBoard, history.png."""
-  run.metrics_log.write(record)
-  if run.tensorboard is not None:
-    for prefix, keys, suffix in (
-        ('train/', ('loss', 'accuracy'), ''),
-        ('val/', ('val_loss', 'val_accuracy'), ''),
-        ('val_ema/', ('val_loss_ema', 'val_accuracy_ema'), ema_lib.SUFFIX),
-    ):
-      if keys[0] in record:
-        run.tensorboard.scalars(
-            {k.removeprefix('val_').removesuffix(suffix): record[k] for k in keys},
-            record['step'],
-            prefix,
-        )
-    run.tensorboard.scalars(
-        {'learning_rate': record['learning_rate'], 'images_per_sec': record['images_per_sec']},
-        record['step'],
-    )
-    run.tensorboard.flush()
-  if run.config.report.plot and jax.process_index() == 0:
-    plots.write_history(run.folder.history_png, run.metrics_log.read())
-
-
 def train_phase(
     run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState, position: Position
 ) -> state_lib.TrainState:
@@ -390,11 +325,11 @@ def train_phase(
   train_step = steps = None
   while position.phase_epochs_done < phase.epochs and not watcher.should_stop:
     if train_step is None:  # not before: a phase resumed at its end trains nothing
-      _log_summary(run, plan)
+      records.log_summary(run, plan)
       on = phase_inputs(run, plan, state)
       steps_per_epoch = data.num_batches(on.splits['train'], cfg.batch_size)
       train_step = _compile_train_step(run, plan, state, on)
-      steps = _step_recorder(run, plan, state, position, steps_per_epoch)
+      steps = records.step_recorder(run, plan, state, position, steps_per_epoch)
     epoch = position.phase_epochs_done
     # The data order is a function of (seed, phase, epoch): a resumed run sees the same.
     rng = np.random.default_rng([cfg.seed, index, epoch])
@@ -436,7 +371,7 @@ def train_phase(
       position.early_stopping = watcher.state()
     # The record first: one whose checkpoint never completed is dropped on resume,
     # while a checkpoint without its record would leave a hole in metrics.jsonl.
-    _report(run, record)
+    records.report(run, record)
     logger.info(reporting.epoch_line(record, phase.epochs))
     if run.checkpoints.save(state, position.meta(record['step'], phase.name), record):
       logger.info(
