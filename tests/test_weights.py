@@ -142,6 +142,25 @@ def test_a_folder_named_like_a_source_is_not_a_path(tmp_path, monkeypatch):
   assert not weights.is_path('imagenet') and weights.is_path('./imagenet')
 
 
+@pytest.mark.parametrize(
+    'backbone, torchvision',
+    [
+        ('resnet50', 'resnet50_torchvision'),
+        ('convnext_tiny', 'convnext_tiny_torchvision'),
+        ('efficientnetv2_s', 'efficientnet_v2_s_torchvision'),
+    ],
+)
+def test_a_torch_file_for_a_keras_layout_backbone_is_refused(tmp_path, backbone, torchvision):
+  path = tmp_path / 'w.pth'
+  path.write_bytes(b'')
+  with pytest.raises(
+      weights.WeightFileError,
+      match=rf"torch file loads into a backbone of torchvision's layout .*not '{backbone}'",
+  ):
+    weights.resolve(str(path), backbone, False)
+  assert weights.resolve(str(path), torchvision, False) == path
+
+
 def test_file_of_another_backbone_is_refused(keras_file):
   resnet, _ = keras_file('resnet50', False)
   vgg, _ = keras_file('vgg16', False)

@@ -29,6 +29,9 @@ def is_path(weights: str) -> bool:
   return weights.endswith(SUFFIXES) or '/' in weights
 
 
+TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
+
+
 def check_spec(weights: str | None, backbone: str) -> None:
   """Raises ConfigError unless `weights` is None, a file path, or a source of `backbone`."""
   if weights is None or is_path(weights):
@@ -48,6 +51,13 @@ def resolve(weights: str, backbone: str, include_top: bool) -> Path:
     path = Path(weights).expanduser()
     if not path.exists():
       raise WeightFileError(f'config.model.weights={weights!r}: no such file or directory')
+    if path.suffix in TORCH_SUFFIXES and not backbone.endswith('_torchvision'):
+      # Keras' layout shares torchvision's layer names for several families but not its
+      # padding or strides: the file would load, and the network would compute otherwise.
+      raise WeightFileError(
+          f'config.model.weights={weights!r}: a torch file loads into a backbone of '
+          f"torchvision's layout (a name ending in _torchvision), not {backbone!r}"
+      )
     return path
   check_spec(weights, backbone)
   return fetch(named_source(weights, backbone).file(include_top))
