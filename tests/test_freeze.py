@@ -230,3 +230,38 @@ def test_summary_of_the_imagenet_config_equals_seed004_keras_top():
   rows = {r.name: r for r in got.rows}
   assert rows['predictions'].output_shape == (None, 1000)
   assert rows['conv5_block3_out'].output_shape == (None, 7, 7, 2048)
+
+
+@pytest.mark.slow  # builds two Keras applications
+@pytest.mark.parametrize(
+    'backbone, keras_name', [('resnet50', 'ResNet50'), ('convnext_tiny', 'ConvNeXtTiny')]
+)
+def test_parameter_efficient_specs_train_what_keras_counts(keras, backbone, keras_name):
+  """'norm' trains the scale and offset of every normalisation layer (Keras: gamma and beta
+  of BatchNormalization / LayerNormalization), 'bias' every additive bias (Keras: every
+  `bias` and `beta`), '+head' adds the new Dense head; the summary says so."""
+  base = getattr(keras.applications, keras_name)(
+      include_top=False, weights=None, input_shape=(32, 32, 3)
+  )
+  norms = (keras.layers.BatchNormalization, keras.layers.LayerNormalization)
+  size = lambda w: int(np.prod(w.shape))
+  norm = sum(
+      size(w) for layer in base.layers if isinstance(layer, norms) for w in layer.trainable_weights
+  )
+  bias = sum(size(w) for w in base.trainable_weights if w.path.split('/')[-1] in ('bias', 'beta'))
+  total = sum(size(w) for w in base.weights)
+  head = 768 * 10 + 10 if backbone == 'convnext_tiny' else 2048 * 10 + 10
+  model = _model(backbone)
+  # The head's bias is a bias too.
+  for spec, trained in (('norm', norm), ('bias', bias + 10), ('norm+head', norm + head)):
+    got = summary.summarize(model, (32, 32, 3), spec)
+    assert (got.trainable, got.non_trainable) == (trained, total + head - trained), spec
+  assert bias > 0 and norm > 0
+
+
+def test_a_parameter_efficient_spec_is_not_part_of_another():
+  with pytest.raises(freeze.FreezeSpecError, match="'bias' says what trains"):
+    freeze.spec_predicate('bias', _model().backbone.layers)
+  for bad in ('norm+norm', 'norm+backbone', 'head+'):
+    with pytest.raises(freeze.FreezeSpecError, match="or what trains: 'bias', 'norm', 'head'"):
+      freeze.check_syntax(bad)

@@ -32,8 +32,8 @@ PHASE_SCHEMA: dict[str, Any] = {
         "What is frozen: 'none', 'backbone', 'layers[A:B]' "
         "(Keras layer slice), 'stages[A:B]' (slice of the backbone's stages, as "
         "layer_decay counts them: 'stages[:-1]' leaves the last stage and the "
-        "head trainable, whatever the backbone) or 'regex:PATTERN' (parameter "
-        'paths).',
+        "head trainable, whatever the backbone), 'regex:PATTERN' (parameter "
+        "paths), or what trains: 'norm', 'bias', 'head' joined by '+' ('norm+head').",
         check=value_check('phases.freeze'),
     ),
     'lr_groups': Field(

@@ -12,6 +12,15 @@ A spec says what is frozen:
   'regex:PATTERN'  every parameter whose path ('backbone/conv1_conv/kernel',
                    'head/dense/bias') `re.search`-matches PATTERN
 
+or, for the parameter-efficient modes, what trains (all the rest is frozen), joined by '+':
+
+  'bias'           BitFit: every additive bias (convolutions', dense layers' and the
+                   normalisation layers' offsets)
+  'norm'           the scale and offset of every normalisation layer (BatchNorm statistics
+                   stay frozen, as `batchnorm='frozen'` keeps them)
+  'head'           the new head
+  e.g. 'norm+head', 'bias+head'
+
 What the labels do to the optimizer (frozen leaves get no gradient, no state and no
 update) is `fineflax.train.optimizers`' job.
 """
@@ -41,11 +50,24 @@ class FreezeSpecError(ConfigError):
   """A freeze spec that is malformed or does not fit the model."""
 
 
+TRAINS_ONLY = ('bias', 'norm', 'head')  # the parts a parameter-efficient spec trains
+_BIASES = ('bias', 'in_bias', 'out_bias')  # the additive biases' leaf names
+_KERNELS = ('kernel', 'depthwise_kernel', 'pointwise_kernel', 'in_kernel', 'out_kernel')
+
+
+def trains_only(spec: str) -> tuple[str, ...] | None:
+  """The parts of a parameter-efficient spec ('norm+head' -> ('norm', 'head')), or None."""
+  parts = tuple(spec.split('+')) if isinstance(spec, str) else ()
+  if parts and all(p in TRAINS_ONLY for p in parts) and len(set(parts)) == len(parts):
+    return parts
+  return None
+
+
 def check_syntax(spec: str) -> None:
   """Raises FreezeSpecError when `spec` is not one of the accepted forms."""
   if not isinstance(spec, str):
     raise FreezeSpecError(f'freeze spec must be a string, got {spec!r}')
-  if spec in ('none', 'backbone') or _SLICE.match(spec):
+  if spec in ('none', 'backbone') or _SLICE.match(spec) or trains_only(spec):
     return
   if spec.startswith('regex:'):
     try:
@@ -55,7 +77,7 @@ def check_syntax(spec: str) -> None:
     return
   raise FreezeSpecError(
       f"freeze spec {spec!r}: expected 'none', 'backbone', 'layers[A:B]', "
-      "'stages[A:B]' or 'regex:PATTERN'"
+      "'stages[A:B]', 'regex:PATTERN', or what trains: 'bias', 'norm', 'head' joined by '+'"
   )
 
 
@@ -95,6 +117,10 @@ def spec_predicate(
   `spec` selects it. `stages`: each backbone layer's stage (`Classifier.layer_stages`),
   needed by 'stages[A:B]'."""
   check_syntax(spec)
+  if trains_only(spec):
+    raise FreezeSpecError(
+        f'{spec!r} says what trains: a freeze spec of its own, not a part of another spec'
+    )
   if spec == 'none':
     return lambda path: False
   if spec == 'backbone':
@@ -119,6 +145,27 @@ def spec_predicate(
   return lambda path: path.split('/')[0] == 'backbone' and path.split('/')[1] in names
 
 
+def _frozen_but(params: Params, parts: Sequence[str]) -> Callable[[str], bool]:
+  """Whether a path is frozen under a parameter-efficient spec of `parts`. A
+  normalisation layer is one with a scale and no kernel (BatchNorm, LayerNorm)."""
+  trained = set()
+  for group, layers in params.items():
+    for name, layer in layers.items():
+      # A layer's leaves by their path in it (a Sequential's layers nest theirs).
+      leaves = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(layer)[0]]
+      names = {leaf.split('/')[-1] for leaf in leaves}
+      is_norm = 'scale' in names and not names & set(_KERNELS)
+      for leaf in leaves:
+        last = leaf.split('/')[-1]
+        if (
+            ('head' in parts and group == 'head')
+            or ('bias' in parts and last in _BIASES)
+            or ('norm' in parts and is_norm and last in ('scale', 'bias'))
+        ):
+          trained.add(f'{group}/{name}/{leaf}')
+  return lambda path: path not in trained
+
+
 def freeze_labels(
     params: Params, spec: str, backbone_layers: Sequence[Layer], stages: Stages | None = None
 ) -> Labels:
@@ -128,7 +175,8 @@ def freeze_labels(
     FreezeSpecError: the spec is malformed, indexes beyond the backbone, freezes nothing
       (unless it is 'none') or freezes everything.
   """
-  is_frozen = spec_predicate(spec, backbone_layers, stages)
+  parts = trains_only(spec)
+  is_frozen = _frozen_but(params, parts) if parts else spec_predicate(spec, backbone_layers, stages)
   labels = jax.tree_util.tree_map_with_path(
       lambda path, _: FROZEN if is_frozen(path_str(path)) else TRAINABLE, params
   )
