@@ -4,11 +4,9 @@ temporary $FINEFLAX_CACHE for every test and the programs they start: no test wr
 the user's cache."""
 
 import importlib
-import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 # Both must be set before jax (or keras) is imported anywhere.
 os.environ['XLA_FLAGS'] = (
@@ -22,27 +20,6 @@ import pytest  # noqa: E402
 
 jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='fineflax-xla-'))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
-
-# The seconds each test file took in a full run (tests/schedule.py writes them). The suite
-# runs whole files on two workers (--dist loadfile), handed out in collection order: the
-# longest first, the workers finish close together (xdist's own order, most tests first,
-# left one worker running a long multi-process file alone at the end).
-FILE_SECONDS = Path(__file__).with_name('file_seconds.json')
-
-
-def pytest_configure(config):
-  if hasattr(config.option, 'loadscopereorder'):
-    config.option.loadscopereorder = False  # keep the order below
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  if not FILE_SECONDS.is_file():
-    return
-  seconds = json.loads(FILE_SECONDS.read_text())
-  unknown = sorted(seconds.values())[len(seconds) // 2] if seconds else 0.0
-  # Stable: the tests of a file keep their order.
-  items.sort(key=lambda item: -seconds.get(Path(str(item.fspath)).name, unknown))
 
 
 @pytest.fixture(scope='session')

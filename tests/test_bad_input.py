@@ -212,7 +212,8 @@ ONE_LINE_ERRORS = [
         "error: config.phases[0].freeze: None is not allowed (What is frozen: 'none', "
         "'backbone', 'layers[A:B]' (Keras layer slice), 'stages[A:B]' (slice of the backbone's "
         "stages, as layer_decay counts them: 'stages[:-1]' leaves the last stage and the head "
-        "trainable, whatever the backbone) or 'regex:PATTERN' (parameter paths).)",
+        "trainable, whatever the backbone), 'regex:PATTERN' (parameter paths), or what trains: "
+        "'norm', 'bias', 'head' joined by '+' ('norm+head').)",
     ),
 ]
 
