@@ -2,13 +2,12 @@
 
 The average is part of the train state (`TrainState.ema`: {'params': a trainable view,
 'start': the step it began at, and 'batch_stats' of the BatchNorm layers that run in
-training mode, if any}),
-updated inside the compiled step after each optimizer update, saved in every checkpoint
-and restored with it. It covers what the phase changes: a frozen leaf would be the same
-in both, so only one copy is kept. Training-mode BatchNorm statistics are averaged too,
-as timm's and torchvision's model EMA average a model's buffers. Evaluation of the
-average takes the variables with its leaves put in their place
-(`TrainState.ema_variables`).
+training mode, if any}), updated inside the compiled step after each optimizer update,
+saved in every checkpoint and restored with it. It covers what the phase changes: a
+frozen leaf would be the same in both, so only one copy is kept. Training-mode BatchNorm
+statistics are averaged too, as timm's and torchvision's model EMA average a model's
+buffers. Evaluation of the average takes the variables with its leaves put in their
+place (`TrainState.ema_variables`).
 
 optax.ema averages updates, not parameters, and big_vision and the flax examples keep
 none, so the update is written here: with a warm-up it is TensorFlow's
@@ -56,13 +55,13 @@ class Ema:
     return jnp.minimum(jnp.float32(self.decay), (1 + t) / (10 + t))
 
   def update(
-      self, average: dict[str, Any], carry: dict[str, Any], step: jax.Array
+      self, average: dict[str, Any], current: dict[str, Any], step: jax.Array
   ) -> dict[str, Any]:
-    """The average after the update of `step` (the step count before it) gave `carry`
-    (the trainable view of 'params', and 'batch_stats' where the average has them)."""
+    """The average after the update of `step` (the step count before it) gave `current`
+    (the trainable view of 'params', and `trained_stats` where the average has them)."""
     d = self.rate(step - average['start'])
     moved = {
-        k: jax.tree.map(lambda a, p: d * a + (1 - d) * p, average[k], carry[k])
+        k: jax.tree.map(lambda a, p: d * a + (1 - d) * p, average[k], current[k])
         for k in ('params', 'batch_stats')
         if k in average
     }
