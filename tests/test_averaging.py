@@ -133,6 +133,11 @@ def test_a_uniform_soup_is_the_mean_of_the_runs_and_opens_as_a_run(runs, tmp_pat
   [ranked] = predict_run_files(tmp_path / 'soup', [str(image)], k=3, devices=jax.devices()[:1])
   assert len(ranked) == 3
   assert restore.load_run(tmp_path / 'soup').label == 'soup'
+  # config.init_from starts from it as from a trained run's best checkpoint.
+  assert (
+      restore.init_from_folder(str(tmp_path / 'soup'))
+      == _only_step(RunDir(tmp_path / 'soup').soup) / 'state'
+  )
 
 
 def test_the_greedy_soup_program_writes_the_mean_of_what_it_kept(runs, tmp_path):

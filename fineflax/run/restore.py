@@ -220,12 +220,12 @@ def read_variables(
 
 def init_from_folder(path: str | os.PathLike) -> epath.Path:
   """The folder of a parameter tree to start from (`config.init_from`): a run's best
-  checkpoint (else its latest), a checkpoint step folder, or a converted checkpoint;
-  a local path or gs://."""
+  checkpoint (else its latest; a soup's folder: the soup), a checkpoint step folder, or a
+  converted checkpoint; a local path or gs://."""
   path = storage.as_path(
       os.path.expanduser(path) if storage.is_local(path) else path, 'config.init_from'
   )
-  for folder in (RunDir(path).best, RunDir(path).latest):
+  for folder in (RunDir(path).best, RunDir(path).latest, RunDir(path).soup):
     steps = checkpoints.complete_steps(folder)
     if steps:
       path = folder / str(steps[-1])
