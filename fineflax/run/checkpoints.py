@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 from fineflax import storage
 from fineflax.errors import ConfigError, FineflaxError
@@ -284,13 +285,16 @@ def _remove_step(path: epath.Path) -> None:
 
 
 def remove_steps_after(directory: str | os.PathLike, step: int) -> None:
-  """Deletes the step folders of `directory` after `step` (process 0; all when -1)."""
+  """Deletes the step folders of `directory` after `step` (process 0; all when -1); every
+  process of a job calls it, and all return once they are gone (a save that follows must
+  not find them)."""
   directory = storage.as_path(directory)
-  if jax.process_index() != 0:
-    return
-  for later in complete_steps(directory):
-    if later > step:
-      _remove_step(directory / str(later))
+  if jax.process_index() == 0:
+    for later in complete_steps(directory):
+      if later > step:
+        _remove_step(directory / str(later))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'{directory.name} steps removed')
 
 
 class RunCheckpoints:

@@ -16,7 +16,6 @@ from typing import Any, Iterable
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
 from fineflax import data
 from fineflax.data import feed
@@ -319,8 +318,6 @@ def train_phase(
     # Saves of epochs this run will redo (or of an earlier phase) would shadow new ones.
     after = -1 if position.phase_epochs_done == 0 and position.batch == 0 else int(state.step)
     checkpoints.remove_steps_after(folder, after)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices('phase_best cleared')
     phase_best = checkpoints.Checkpoints(folder, 1)
   train_step = steps = None
   while position.phase_epochs_done < phase.epochs and not watcher.should_stop:

@@ -13,9 +13,7 @@ import json
 import logging
 from typing import Any, Sequence
 
-import jax
 import ml_collections
-from jax.experimental import multihost_utils
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
@@ -97,8 +95,6 @@ def run_wise_ft(
   record.update(reporting.split_metrics(evaluate, chosen.variables, ['test'] * has_test))
   # A new search replaces the one before: the folder holds the chosen weights only.
   checkpoints.remove_steps_after(folder.wise_ft, -1)
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices('wise_ft cleared')
   meta = {'step': int(end_dir.name), 'alpha': chosen.alpha, 'start': record['start']}
   checkpoints.save_variables(folder.wise_ft, chosen.variables, dict(meta, end=record['end']), 1)
   record['dir'] = str((folder.wise_ft / str(meta['step'])).relative_to(folder.root))
