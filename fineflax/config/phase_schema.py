@@ -56,6 +56,27 @@ PHASE_SCHEMA: dict[str, Any] = {
         optional=True,
         check=lambda v: None if 0 < v <= 1 else 'must be in (0, 1]',
     ),
+    'fit': Field(
+        None,
+        STR,
+        "Fit the head exactly instead of training it: 'logistic' (L2 logistic "
+        "regression, L-BFGS) or 'ridge' (least squares to +-1 one-hot targets, closed "
+        "form) on the frozen backbone's features; one pass, the backbone untouched, "
+        'the optimizer keys unused (fineflax.train.linear_probe). None: train.',
+        optional=True,
+        check=value_check('phases.fit'),
+    ),
+    'fit_l2': Field(
+        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        SEQ,
+        "fit's L2 strengths: the one with the best validation accuracy is kept "
+        '(one value: no choice, and no validation split needed).',
+        check=lambda v: (
+            None
+            if v and all(isinstance(x, (int, float)) and x > 0 for x in v)
+            else 'must be a non-empty sequence of positive numbers'
+        ),
+    ),
     'optimizer': Field(
         'adam',
         STR,

@@ -46,6 +46,19 @@ def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState)
     logger.log(level, '[%s] trains on the images (no cached features: %s)', plan.name, reason)
     return run.images
   start = time.perf_counter()
+  on = cached_inputs(run, state.variables, mode)
+  logger.info(
+      '[%s] trains the head on cached features (%.1f s to compute them)',
+      plan.name,
+      time.perf_counter() - start,
+  )
+  return on
+
+
+def cached_inputs(run: TrainingRun, variables: dict[str, Any], mode: str) -> Inputs:
+  """The train and validation splits' features under `variables` (`mode`: 'memory',
+  'disk' or 'auto', as config.features.cache), with their evaluation step."""
+  cfg = run.config
   width = features.feature_width(run.model, run.dataset.info.image_shape)
   extract = step_lib.make_features_step(run.model, run.mesh, augment=run.augment)
   # The test split is evaluated once, at the end of the run, on the images.
@@ -55,17 +68,12 @@ def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState)
       cfg.features.memory_mb,
       run.folder,
       extract,
-      state.variables,
+      variables,
       roles,
       width,
       run.eval_batch_size,
       run.mesh,
       run.images.resident,
-  )
-  logger.info(
-      '[%s] trains the head on cached features (%.1f s to compute them)',
-      plan.name,
-      time.perf_counter() - start,
   )
   resident = feed.place_splits(
       splits, run.mesh, cfg.data.device_resident and in_memory, cfg.data.device_resident_max_mb
@@ -405,8 +413,12 @@ def train_phase(
           watcher.best,
       )
     phase_best.close()
-  if index < len(run.plans) - 1:
-    # Where the next phase starts: one end of a WiSE-FT interpolation (fineflax.interpolate).
-    meta = {'step': int(state.step), 'phase': phase.name, 'phase_index': index}
-    checkpoints.save_variables(run.folder.phase_end, state.variables, meta, len(run.plans))
   return state
+
+
+def end_phase(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState) -> None:
+  """Keeps the weights a phase ends with, but the last phase's, in checkpoints/phase_end/:
+  where the next phase starts, one end of a WiSE-FT interpolation (fineflax.interpolate)."""
+  if plan.index < len(run.plans) - 1:
+    meta = {'step': int(state.step), 'phase': plan.name, 'phase_index': plan.index}
+    checkpoints.save_variables(run.folder.phase_end, state.variables, meta, len(run.plans))

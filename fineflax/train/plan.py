@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import ml_collections
 
 from fineflax import data, models
 from fineflax.config import registry
+from fineflax.config.smoke import with_values
+from fineflax.errors import ConfigError
 from fineflax.train import freeze, optimizers
 
 # config.phases[i].batchnorm: 'train' runs the BN layers of trainable scale/offset in
@@ -63,6 +66,13 @@ def plan_phases(
   params = models.abstract_variables(model, image_shape)['params']
   plans = []
   for index, phase in enumerate(config.phases):
+    if phase.fit:
+      if jax.process_count() > 1:
+        raise ConfigError(
+            f'config.phases[{index}].fit={phase.fit!r}: fit phases run in one process'
+        )
+      # What a fit does: the backbone frozen, the head fitted (fineflax.train.fit_phase).
+      phase = with_values(phase, freeze='backbone')
     optimizer = optimizers.make_optimizer(model, params, phase, steps_per_epoch, index)
     groups = optimizer.groups
     bn_train = (

@@ -75,8 +75,10 @@ def report(run: TrainingRun, record: dict[str, Any]) -> None:
             record['step'],
             prefix,
         )
+    # A fit phase (fineflax.train.fit_phase) has no learning rate.
+    rates = {k: record[k] for k in ('learning_rate', 'images_per_sec') if record[k] is not None}
     run.tensorboard.scalars(
-        {'learning_rate': record['learning_rate'], 'images_per_sec': record['images_per_sec']},
+        rates,
         record['step'],
     )
     run.tensorboard.flush()

@@ -29,6 +29,7 @@ from fineflax.errors import ConfigError
 from fineflax.run import RunDir, checkpoints, reporting, restore, tensorboard
 from fineflax.train import (
     features,
+    fit_phase,
     loop,
     plan as plan_lib,
     state as state_lib,
@@ -68,7 +69,11 @@ def train_and_evaluate(
         if plan.index != position.phase_index:  # a new phase
           position = Position(phase_index=plan.index, epoch=position.epoch)
         state = loop.start_state(run, plan, state, variables, resume)
-        state = loop.train_phase(run, plan, state, position)
+        if plan.config.fit:
+          state = fit_phase.fit_head(run, plan, state, position)
+        else:
+          state = loop.train_phase(run, plan, state, position)
+        loop.end_phase(run, plan, state)
       best = run.checkpoints.best.latest_meta()
     finally:
       run.close()
