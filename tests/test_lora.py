@@ -179,6 +179,7 @@ def test_weights_load_the_base_and_keep_the_factors(models_and_variables):
   other = state_lib.init_variables(base, SHAPE, seed=7)  # a plain run's variables
   loaded, report = weights.load_variables(other, adapted, trained, 'plain run')
   assert report.loaded and not report.initialised
+  assert jax.tree.structure(loaded) == jax.tree.structure(trained)
   for p, x in jax.tree_util.tree_flatten_with_path(loaded)[0]:
     path = path_str(p)
     source = trained if path.endswith(('/lora_a', '/lora_b')) else other
@@ -196,6 +197,8 @@ def _lora_run_config():
   )
   cfg.model.lora.rank = RANK
   cfg.model.lora.alpha = ALPHA
+  cfg.report.tensorboard = cfg.report.plot = False
+  cfg.data.test_split = None
   return cfg
 
 
