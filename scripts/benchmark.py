@@ -272,9 +272,7 @@ def cost_records(
   forward_flops = None
   for mode in ['forward'] + [m for m in modes if m != 'forward']:
     decay = None if mode == 'forward' else ema_decay
-    built = build_step(
-        backbone, mode, batch, image, dtype, num_classes, devices, decay, lora_rank
-    )
+    built = build_step(backbone, mode, batch, image, dtype, num_classes, devices, decay, lora_rank)
     start = time.perf_counter()
     compiled = built.compile()
     compile_s = time.perf_counter() - start

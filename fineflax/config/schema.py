@@ -151,7 +151,7 @@ SCHEMA: dict[str, Any] = {
             'target': Field(
                 '^backbone/',
                 STR,
-                'Regex (re.search) over kernel paths (\'backbone/conv1_conv/kernel\') of the '
+                "Regex (re.search) over kernel paths ('backbone/conv1_conv/kernel') of the "
                 'layers that get adapters: Conv2D of one group and Dense; the default: every '
                 "one of the backbone (a ViT: its MLPs' Dense layers).",
                 check=value_check('model.lora.target'),
