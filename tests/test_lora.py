@@ -11,7 +11,7 @@ from fineflax.errors import ConfigError
 from fineflax.pytree import path_str
 from fineflax.run import RunDir, checkpoints, restore
 from fineflax.train import freeze, state as state_lib, summary
-from tests import helpers
+from tests import helpers, scripts_loader
 
 RANK, ALPHA = 2, 6.0  # scale 3: a wrong scale anywhere shows
 SHAPE = (16, 16, 3)
@@ -263,3 +263,27 @@ def test_a_lora_run_trains_only_factors_and_head_resumes_bitwise_and_merges(tmp_
       rtol=1e-5,
       atol=1e-5,
   )
+
+
+def test_benchmark_cost_counts_lora_and_norm_trainables_and_adam_state():
+  """scripts/benchmark.py's modes lora and norm, built as its --cost compiles them: the
+  trainable count and Adam's state (two float32 values a trainable parameter, and its
+  step count)."""
+  benchmark = scripts_loader.load('benchmark')
+  base = models.build_model(_model_config(rank=0), 10)
+  params = models.abstract_variables(base, SHAPE)['params']
+  head = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params['head']))
+  rank = 3
+  factors = sum(rank * (int(np.prod(s[:-1])) + s[-1]) for s in _backbone_kernels(base).values())
+  bn = sum(
+      int(np.prod(p.shape))
+      for layer in base.backbone.layers
+      if layer.kind == 'BatchNormalization'
+      for p in jax.tree.leaves(params['backbone'][layer.name])
+  )
+  for mode, expected in (('lora', factors + head), ('norm', bn + head)):
+    built = benchmark.build_step(
+        'resnet_tiny', mode, 8, 16, 'float32', devices=jax.devices()[:1], lora_rank=rank
+    )
+    assert built.trainable_params == expected, mode
+    assert 8 * expected <= built.opt_state_bytes <= 8 * expected + 64, mode
