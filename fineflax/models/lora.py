@@ -27,7 +27,6 @@ backbone's call, so the layer list and the modules that run it know nothing of t
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any, Callable, Iterator
 
@@ -188,11 +187,3 @@ def merge(params: Any, scale: float) -> dict[str, Any]:
     return {k: walk(v) for k, v in tree.items()}
 
   return walk(params)
-
-
-def adapter_count(params: Any) -> int:
-  """How many values the factors hold: r * (in * kh * kw + out) per adapted layer."""
-  return sum(
-      math.prod(np.shape(layer[A])) + math.prod(np.shape(layer[B]))
-      for _, layer in _adapted_layers(params)
-  )
