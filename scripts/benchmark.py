@@ -14,7 +14,10 @@ plan's `optax.multi_transform` optimizer; `step.make_features_step` for `forward
 synthetic batch already on the devices, BatchNorm frozen, in the compute dtype ('auto':
 bfloat16 on GPU/TPU). Modes: forward (feature extraction), head (backbone frozen), conv5
 (Keras `layers[:143]` of ResNet50 frozen: everything before the first conv5 layer; VGG16:
-before block5; ConvNeXt: before its last stage), full.
+before block5; ConvNeXt: before its last stage), full; and, when named in --modes, the
+parameter-efficient norm (BatchNorm's scale and offset, and the head: 'norm+head') and
+lora (LoRA adapters of rank --lora-rank on the backbone's convolutions and dense layers,
+and the head).
 Compilation is timed apart; the figure is the median of `--windows` windows of `--steps`
 steps after a warm-up window. `--loop` runs `fineflax.train.train_and_evaluate` instead,
 on uint8 images of `--data` through the real input pipeline (resized on the device to
@@ -26,7 +29,8 @@ that loop with a train step that does no work, and reports the host's time per s
 plenty on a CPU) and runs nothing: per mode, XLA's cost analysis (GFLOP per image of one
 device's program over its share of the batch; `x_forward`, the mode's FLOPs over the
 forward step's, which is always compiled as the reference) and memory analysis (argument,
-output, temporary, aliased MB per device). Per-image FLOPs hardly depend on the batch,
+output, temporary, aliased MB per device), with the mode's trainable parameters and the
+bytes of its optimizer state. Per-image FLOPs hardly depend on the batch,
 except that the optimizer's per-step update (~24 FLOPs a trainable parameter) is
 shared by fewer images in a small per-device batch. `--max-batch GIB` (alone or with
 `--cost`) adds, per mode, the largest global batch whose compiled step (arguments +
@@ -71,6 +75,7 @@ from benchmark_cost import (  # pylint: disable=g-import-not-at-top,wrong-import
 )
 from benchmark_loop import (  # pylint: disable=g-import-not-at-top,wrong-import-position
     MODES,
+    PEFT_MODES,
     bench_host,
     bench_loop,
     freeze_spec,
@@ -94,6 +99,8 @@ class BuiltStep:
   trainable_leaves: int  # 0 for forward
   static: tuple[Any, ...] = ()  # arguments the compiled step is specialised on
   ema_decay: float | None = None  # the train step keeps a moving average of the weights
+  trainable_params: int = 0  # values of the trainable leaves
+  opt_state_bytes: int = 0  # the optimizer state's (one device's copy)
 
   @property
   def trains(self) -> bool:
@@ -122,11 +129,15 @@ def build_step(
     num_classes: int = 10,
     devices: Sequence[jax.Device] | None = None,
     ema_decay: float | None = None,
+    lora_rank: int = 8,
 ) -> BuiltStep:
   """The step of one mode, as `fineflax.train` builds it, on a random uint8 batch, over
-  `devices` (default: all); `ema_decay`: keeping a moving average of the weights."""
+  `devices` (default: all); `ema_decay`: keeping a moving average of the weights;
+  `lora_rank`: the adapters' rank in mode 'lora'."""
   cfg = config_lib.default_config()
   cfg.model.backbone = backbone
+  if mode == 'lora':
+    cfg.model.lora.rank = lora_rank
   compute = models.compute_dtype(dtype)
   model = models.build_model(cfg.model, num_classes, dtype=compute)
   variables = state_lib.init_variables(model, (image, image, 3), seed=0)
@@ -154,6 +165,8 @@ def build_step(
   )
   state = parallel.replicate(state_lib.create_train_state(variables, optimizer), mesh)
   trainable = sum(label == freeze.TRAINABLE for label in jax.tree.leaves(optimizer.labels))
+  trainable_params = sum(x.size for x in jax.tree.leaves(optimizer.trainable(variables['params'])))
+  opt_bytes = sum(x.nbytes for x in jax.tree.leaves(state.opt_state))
   average = None if ema_decay is None else ema_lib.Ema(ema_decay)
   if average is not None:
     begun = ema_lib.begin(average, optimizer.trainable(state.params), None, state.step, None)
@@ -170,6 +183,8 @@ def build_step(
       trainable,
       (structure,),
       ema_decay,
+      trainable_params,
+      opt_bytes,
   )
 
 
@@ -250,13 +265,14 @@ def cost_records(
     num_classes: int = 10,
     devices: Sequence[jax.Device] | None = None,
     ema_decay: float | None = None,
+    lora_rank: int = 8,
 ) -> Iterator[dict[str, Any]]:
   """Compiles each mode's step at `batch` (and forward's, the reference) without running
   it; yields one 'cost' record per mode, with `max_batch` when `max_batch_gib` is given."""
   forward_flops = None
   for mode in ['forward'] + [m for m in modes if m != 'forward']:
     decay = None if mode == 'forward' else ema_decay
-    built = build_step(backbone, mode, batch, image, dtype, num_classes, devices, decay)
+    built = build_step(backbone, mode, batch, image, dtype, num_classes, devices, decay, lora_rank)
     start = time.perf_counter()
     compiled = built.compile()
     compile_s = time.perf_counter() - start
@@ -276,6 +292,9 @@ def cost_records(
         'alias_mb': round(m.alias_size_in_bytes / MB, 2),
         'step_mb': round(step_bytes(compiled) / MB, 2),
         'trainable_leaves': built.trainable_leaves,
+        'trainable_params': built.trainable_params,
+        'opt_state_mb': round(built.opt_state_bytes / MB, 2),
+        'lora_rank': lora_rank if mode == 'lora' else None,
     }
     if max_batch_gib is not None and mode in modes:
       known = {batch: step_bytes(compiled)}
@@ -353,6 +372,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
       action='store_true',
       help="the training loop's host time per step (a step that does no " 'work)',
   )
+  parser.add_argument(
+      '--lora-rank', type=int, default=8, help="mode lora: the adapters' rank (default 8)"
+  )
   parser.add_argument('--data', default='synthetic:50000:32', help='--loop: data source')
   parser.add_argument('--epochs', type=int, default=2, help='--loop: epochs (last reported)')
   parser.add_argument(
@@ -392,9 +414,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.error('--max-batch takes a positive number of GiB')
   default = ','.join(MODES[1:] if args.loop or args.host else MODES)
   modes = [m for m in (args.modes or default).split(',') if m]
-  unknown = sorted(set(modes) - set(MODES))
+  unknown = sorted(set(modes) - set(MODES + PEFT_MODES))
   if unknown:
-    parser.error(f'unknown modes {unknown}; expected some of {list(MODES)}')
+    parser.error(f'unknown modes {unknown}; expected some of {list(MODES + PEFT_MODES)}')
+  if args.lora_rank <= 0:
+    parser.error('--lora-rank takes a positive rank')
   if cost:
     runs = cost_records(
         args.backbone,
@@ -404,6 +428,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         args.dtype,
         args.max_batch,
         ema_decay=args.ema,
+        lora_rank=args.lora_rank,
     )
   elif args.loop:
     runs = (

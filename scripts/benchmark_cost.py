@@ -91,8 +91,11 @@ def _next_guess(
 
 
 def mode_label(record: dict[str, Any]) -> str:
-  """The mode of a record, '+ EMA' where its step keeps a moving average."""
-  return record['mode'] + (' + EMA' if record.get('ema') else '')
+  """The mode of a record ('lora r=8' with its rank), '+ EMA' where its step keeps a
+  moving average."""
+  rank = record.get('lora_rank')
+  label = record['mode'] + (f' r={rank}' if rank else '')
+  return label + (' + EMA' if record.get('ema') else '')
 
 
 def cost_table(records: list[dict[str, Any]]) -> str:
@@ -101,14 +104,17 @@ def cost_table(records: list[dict[str, Any]]) -> str:
   extra = f' max batch ({budget:g} GiB) |' if budget is not None else ''
   rows = [
       '| backbone | mode | batch | image | dtype | devices | GFLOP/image | x forward | '
-      'temp MB | argument MB | output MB | alias MB | compile s |' + extra,
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|' + ('---|' if extra else ''),
+      'trainable params | optimizer state MB | temp MB | argument MB | output MB | '
+      'alias MB | compile s |' + extra,
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|' + ('---|' if extra else ''),
   ]
   for r in records:
     rows.append(
         f"| {r['backbone']} | {mode_label(r)} | {r['batch']} | {r['image']} | "
         f"{r['dtype']} | {r['devices']} {r['device_kind']} | "
-        f"{r['gflop_per_image']:.4f} | {r['x_forward']:.3f} | {r['temp_mb']:,.1f} | "
+        f"{r['gflop_per_image']:.4f} | {r['x_forward']:.3f} | "
+        f"{r.get('trainable_params', 0):,} | {r.get('opt_state_mb', 0):,.2f} | "
+        f"{r['temp_mb']:,.1f} | "
         f"{r['argument_mb']:,.1f} | {r['output_mb']:,.1f} | {r['alias_mb']:,.1f} | "
         f"{r['compile_s']} |" + (f" {r['max_batch']:,} |" if extra else '')
     )

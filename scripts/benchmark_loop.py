@@ -28,6 +28,10 @@ from fineflax.run.reporting import MetricsLog
 from fineflax.train import loop, step as step_lib
 
 MODES = ('forward', 'head', 'conv5', 'full')
+# The parameter-efficient modes, run when named in --modes: BatchNorm's scale and offset
+# and the head ('norm+head'); LoRA adapters of rank --lora-rank on every convolution and
+# dense layer of the backbone, and the head.
+PEFT_MODES = ('norm', 'lora')
 # The first layer that trains in 'conv5' mode, per backbone family (Keras names): ResNet's
 # conv5, VGG16's block5, ConvNeXt's last stage (its last downsampling block on),
 # EfficientNet's and V2's block6a on (their last resolution, 1/32, as ResNet's conv5).
@@ -38,8 +42,10 @@ def freeze_spec(mode: str, backbone_layers: tuple[Any, ...]) -> str:
   """The freeze spec of a benchmark mode ('forward' trains nothing: 'backbone' for shape)."""
   if mode in ('forward', 'head'):
     return 'backbone'
-  if mode == 'full':
+  if mode in ('full', 'lora'):  # lora: 'none' on the adapted model trains adapters + head
     return 'none'
+  if mode == 'norm':
+    return 'norm+head'
   names = [layer.name for layer in backbone_layers]
   # A ViT has no stages of resolution: its last quarter of encoder blocks trains.
   blocks = sum(name.endswith('_ln_1') and name.startswith('encoder_layer_') for name in names)

@@ -38,6 +38,10 @@ def _set(path, value):
   return mutate
 
 
+def _lora_target(target):
+  return _set(('model', 'lora', 'target'), target)
+
+
 def _phase(**values):
   return lambda cfg: setattr(cfg, 'phases', (config_lib.phase(**values),))
 
@@ -74,6 +78,20 @@ def _phase(**values):
             'class_weight has 2 weights but the dataset ' 'has 10 classes',
         ),
         (_set(('init_from',), '/no/such/run'), "config.init_from='/no/such/run': no such run"),
+        (_set(('model', 'lora', 'rank'), -1), 'config.model.lora.rank=-1: must be >= 0'),
+        (_set(('model', 'lora', 'alpha'), 0.0), 'config.model.lora.alpha=0.0: must be > 0'),
+        (
+            _set(('model', 'lora', 'target'), 'conv[1'),
+            "config.model.lora.target='conv[1': bad regular expression",
+        ),
+        (
+            lambda cfg: (_set(('model', 'lora', 'rank'), 2)(cfg), _lora_target('^head/')(cfg)),
+            "config.model.lora.target='^head/' matches no kernel of a convolution or dense",
+        ),
+        (
+            _phase(freeze='lora+head'),
+            "freeze spec 'lora+head': 'lora' trains LoRA adapters, but the model has none",
+        ),
     ],
 )
 def test_refused_before_anything_is_written(tmp_path, mutate, message):

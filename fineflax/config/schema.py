@@ -129,6 +129,34 @@ SCHEMA: dict[str, Any] = {
             ),
             'batchnorm': Field(False, BOOL, 'BatchNormalization before the classifier.'),
         },
+        'lora': {
+            'rank': Field(
+                0,
+                INT,
+                'LoRA adapters: the rank r of W + (alpha / r) * A @ B on each targeted '
+                'convolution and dense kernel of the backbone; their factors and the head '
+                'train, the base weights stay frozen (docs/running.md); 0 or None: no '
+                'adapters.',
+                optional=True,
+                check=at_least(0),
+            ),
+            'alpha': Field(
+                None,
+                FLOAT,
+                'LoRA scale numerator: the adapters are scaled by alpha / rank (as peft); '
+                'None: alpha = rank.',
+                optional=True,
+                check=positive,
+            ),
+            'target': Field(
+                '^backbone/',
+                STR,
+                "Regex (re.search) over kernel paths ('backbone/conv1_conv/kernel') of the "
+                'layers that get adapters: Conv2D of one group and Dense; the default: every '
+                "one of the backbone (a ViT: its MLPs' Dense layers).",
+                check=value_check('model.lora.target'),
+            ),
+        },
     },
     'data': {
         'source': Field(

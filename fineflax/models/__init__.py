@@ -16,6 +16,7 @@ from fineflax.models import (
     efficientnet,
     efficientnet_v2,
     heads,
+    lora,
     preprocessing,
     resnet,
     vgg,
@@ -296,6 +297,7 @@ def build_model(
       image_size=model_config.image_size,
       preprocessing=normalisation,
       stages=spec.stages,
+      lora=lora.spec_from_config(model_config.get('lora')),
   )
 
 

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fineflax.models import preprocessing
+from fineflax.models import lora as lora_lib, preprocessing
 from fineflax.models.graph import KerasGraph, Layer
 
 # Parameter-free layers that turn the backbone's maps into one vector per image.
@@ -28,6 +28,7 @@ class Classifier(nn.Module):
     preprocessing: a key of `preprocessing.PREPROCESSORS`.
     stages: the backbone's stages, input to output, as (name, prefix of the name of the
       stage's first layer) (`layer_stages`).
+    lora: LoRA adapters on the backbone's layers (`fineflax.models.lora`); None: none.
   """
 
   backbone: KerasGraph
@@ -35,6 +36,7 @@ class Classifier(nn.Module):
   image_size: int | None = None
   preprocessing: str = 'caffe'
   stages: tuple[tuple[str, str], ...] = ()
+  lora: lora_lib.LoraSpec | None = None
 
   @nn.compact
   def __call__(
@@ -61,7 +63,7 @@ class Classifier(nn.Module):
         Dropout layers that drop residual branches when `train`.
     """
     x = preprocessing.preprocess(preprocessing.resize(images, self.image_size), self.preprocessing)
-    x = self.backbone(
+    x = self._backbone(
         x,
         train=train,
         bn_train=_under(bn_train, 'backbone'),
@@ -74,8 +76,19 @@ class Classifier(nn.Module):
     """What cached-feature mode stores: the frozen part of the network, run in inference
     mode up to and including the head's parameter-free pooling (or Flatten) layer."""
     x = preprocessing.preprocess(preprocessing.resize(images, self.image_size), self.preprocessing)
-    x = self.backbone(x)
+    x = self._backbone(x)
     return self.head(x, stop=self.feature_layers)
+
+  def _backbone(self, x: jax.Array, **kwargs: Any) -> jax.Array:
+    """The backbone, with its adapters when `lora` is set."""
+    if self.lora is None:
+      return self.backbone(x, **kwargs)
+    adapted: list[str] = []
+    with nn.intercept_methods(lora_lib.interceptor(self.lora, adapted)):
+      y = self.backbone(x, **kwargs)
+    if self.is_initializing():
+      lora_lib.check_adapted(self.lora, adapted)
+    return y
 
   def classify(
       self,

@@ -6,6 +6,10 @@ parameters, for evaluation and prediction.
     run = load_run('runs/demo', 12)          # step 12 of latest/ (or best/)
     run = load_run('runs/demo', weights='ema')  # the moving average (config.ema)
 
+A run trained with LoRA adapters (config.model.lora) comes back merged: each adapted
+kernel is W + (alpha / r) * A @ B and `model` is built without adapters, so every reader
+(evaluate, predict, export) runs the plain model at no extra cost.
+
 Only `params` and `batch_stats` are read: the optimizer state's tree depends on the phase
 the checkpoint was saved in, and nothing here needs it. The arrays come back as float32
 arrays on this process's first device, whatever mesh the run was trained on, so a run
@@ -31,6 +35,7 @@ from etils import epath
 
 from fineflax import config as config_lib, data, models, storage, weights
 from fineflax.errors import ConfigError
+from fineflax.models import lora
 from fineflax.run import RunDir, checkpoints
 
 logger = logging.getLogger('fineflax.run.restore')
@@ -50,8 +55,8 @@ class RestoredRun:
   """A run's model with the variables of one of its checkpoints.
 
   Attributes:
-    model: the classifier the run's config builds.
-    variables: {'params', 'batch_stats'} of the checkpoint.
+    model: the classifier the run's config builds (without LoRA adapters: `merged`).
+    variables: {'params', 'batch_stats'} of the checkpoint (adapters merged).
     config: the run's resolved config (DIR/config.json).
     class_names: the dataset's class names (index = label).
     image_shape: the shape the dataset's images are stored at (H, W, 3).
@@ -259,6 +264,7 @@ def load_run(
   variables, meta = read_variables(
       step_dir, models.abstract_variables(model, info.image_shape), weights
   )
+  model, variables = merged(model, variables)
   logger.info('restored %s (step %s, %s, %s weights)', step_dir, step_dir.name, label, weights)
   return RestoredRun(
       model=model,
@@ -272,3 +278,14 @@ def load_run(
       meta=meta,
       weights=weights,
   )
+
+
+def merged(model: nn.Module, variables: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+  """The model without its LoRA adapters, and `variables` with each adapter folded into
+  its kernel (W + (alpha / r) * A @ B): the same logits, as plain variables. A model
+  without adapters comes back as it is."""
+  spec = getattr(model, 'lora', None)
+  if spec is None:
+    return model, variables
+  params = lora.merge(variables['params'], spec.scale)
+  return model.clone(lora=None), {**variables, 'params': params}

@@ -19,7 +19,15 @@ or, for the parameter-efficient modes, what trains (all the rest is frozen), joi
   'norm'           the scale and offset of every normalisation layer (BatchNorm statistics
                    stay frozen, as `batchnorm='frozen'` keeps them)
   'head'           the new head
-  e.g. 'norm+head', 'bias+head'
+  'lora'           the LoRA adapters' factors (config.model.lora)
+  e.g. 'norm+head', 'bias+head', 'lora+norm+head'
+
+With LoRA adapters (parameters named 'lora_a' / 'lora_b' beside a layer's kernel), the
+backbone's base weights never train but under 'bias' or 'norm': a spec of what trains
+trains the parts it names ('lora+head' is classic LoRA); any other spec freezes what it
+selects, adapters included ('backbone': the head alone; 'layers[:143]': the adapters of
+those layers too), and every base weight of the backbone besides, so that 'none' trains
+the adapters and the head.
 
 What the labels do to the optimizer (frozen leaves get no gradient, no state and no
 update) is `fineflax.train.optimizers`' job.
@@ -34,6 +42,7 @@ import jax
 
 from fineflax.config import registry
 from fineflax.errors import ConfigError
+from fineflax.models import lora
 from fineflax.models.graph import Layer
 from fineflax.pytree import path_str
 
@@ -50,7 +59,7 @@ class FreezeSpecError(ConfigError):
   """A freeze spec that is malformed or does not fit the model."""
 
 
-TRAINS_ONLY = ('bias', 'norm', 'head')  # the parts a parameter-efficient spec trains
+TRAINS_ONLY = ('bias', 'norm', 'head', 'lora')  # the parts a parameter-efficient spec trains
 _BIASES = ('bias', 'in_bias', 'out_bias')  # the additive biases' leaf names
 _KERNELS = ('kernel', 'depthwise_kernel', 'pointwise_kernel', 'in_kernel', 'out_kernel')
 
@@ -77,7 +86,8 @@ def check_syntax(spec: str) -> None:
     return
   raise FreezeSpecError(
       f"freeze spec {spec!r}: expected 'none', 'backbone', 'layers[A:B]', "
-      "'stages[A:B]', 'regex:PATTERN', or what trains: 'bias', 'norm', 'head' joined by '+'"
+      "'stages[A:B]', 'regex:PATTERN', or what trains: 'bias', 'norm', 'head', 'lora' "
+      "joined by '+'"
   )
 
 
@@ -161,6 +171,7 @@ def _frozen_but(params: Params, parts: Sequence[str]) -> Callable[[str], bool]:
             ('head' in parts and group == 'head')
             or ('bias' in parts and last in _BIASES)
             or ('norm' in parts and is_norm and last in ('scale', 'bias'))
+            or ('lora' in parts and last in (lora.A, lora.B))
         ):
           trained.add(f'{group}/{name}/{leaf}')
   return lambda path: path not in trained
@@ -176,7 +187,18 @@ def freeze_labels(
       (unless it is 'none') or freezes everything.
   """
   parts = trains_only(spec)
+  adapters = lora.has_adapters(params)
+  if parts and 'lora' in parts and not adapters:
+    raise FreezeSpecError(
+        f"freeze spec {spec!r}: 'lora' trains LoRA adapters, but the model has none "
+        '(config.model.lora.rank is 0)'
+    )
   is_frozen = _frozen_but(params, parts) if parts else spec_predicate(spec, backbone_layers, stages)
+  if adapters and not parts:
+    selected = is_frozen
+    is_frozen = lambda path: selected(path) or (
+        path.startswith('backbone/') and not lora.is_factor(path)
+    )
   labels = jax.tree_util.tree_map_with_path(
       lambda path, _: FROZEN if is_frozen(path_str(path)) else TRAINABLE, params
   )

@@ -70,6 +70,10 @@ _INIT = {
     'out_bias': 'zeros',
     'token': 'zeros',
     'embedding': 'position',
+    # LoRA factors (fineflax.models.lora), as peft initialises them: A kaiming-uniform,
+    # B zeros, so that the adapted model starts as the base model.
+    'lora_a': 'lora',
+    'lora_b': 'zeros',
 }
 
 
@@ -84,6 +88,9 @@ def init_variables(
   """
   abstract = abstract_variables(model, image_shape)
   rng = np.random.default_rng(seed)
+  # The factors draw from a stream of their own: the base weights of a seed are the same
+  # with adapters or without.
+  lora_rng = np.random.default_rng([seed, 1])
 
   def init(path, leaf):
     name = str(getattr(path[-1], 'key', path[-1]))
@@ -95,6 +102,9 @@ def init_variables(
       return rng.uniform(-limit, limit, leaf.shape).astype(leaf.dtype)
     if rule == 'layer_scale':
       return np.full(leaf.shape, LAYER_SCALE_INIT, leaf.dtype)
+    if rule == 'lora':
+      limit = 1.0 / math.sqrt(math.prod(leaf.shape[:-1]))
+      return lora_rng.uniform(-limit, limit, leaf.shape).astype(leaf.dtype)
     if rule == 'position':
       return rng.normal(0.0, POSITION_EMBEDDING_STD, leaf.shape).astype(leaf.dtype)
     return (np.zeros if rule == 'zeros' else np.ones)(leaf.shape, leaf.dtype)

@@ -15,6 +15,7 @@ from typing import Any, Collection, Mapping, Sequence
 import jax
 import numpy as np
 
+from fineflax.models import lora
 from fineflax.models.graph import Layer
 from fineflax.pytree import path_str
 from fineflax.weights import vit_files
@@ -240,7 +241,7 @@ def assign(
       continue
     for collection, leaves in new.items():
       current = variables[collection][group][layer.name]
-      out[collection][group][layer.name] = _as_dtypes(leaves, current)
+      out[collection][group][layer.name] = _with_factors(_as_dtypes(leaves, current), current)
       report.num_loaded += sum(int(np.size(v)) for v in _flat(leaves).values())
     loaded.add((group, layer.name))
     report.loaded.append(f'{group}/{layer.name}')
@@ -264,6 +265,17 @@ def _as_dtypes(leaves: Mapping[str, Any], current: Mapping[str, Any]) -> dict[st
       k: _as_dtypes(v, current[k]) if isinstance(v, Mapping) else np.asarray(v, current[k].dtype)
       for k, v in leaves.items()
   }
+
+
+def _with_factors(new: dict[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+  """`new` with the LoRA factors of `current` kept: weight files hold none."""
+  out = dict(new)
+  for k, v in current.items():
+    if k in (lora.A, lora.B):
+      out[k] = v
+    elif isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+      out[k] = _with_factors(out[k], v)
+  return out
 
 
 def _count_problem(
@@ -309,6 +321,7 @@ def _shape_problem(
   for collection, leaves in new.items():
     expected = variables.get(collection, {}).get(group, {}).get(name)
     want, have = _flat(expected or {}), _flat(leaves)
+    want = {k: v for k, v in want.items() if not lora.is_factor(k)}
     if expected is None or set(want) != set(have):
       return (
           f'{group}/{name}: the file has {sorted(have)} for {collection}, the model {sorted(want)}'
