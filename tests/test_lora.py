@@ -263,6 +263,10 @@ def test_a_lora_run_trains_only_factors_and_head_resumes_bitwise_and_merges(tmp_
       rtol=1e-5,
       atol=1e-5,
   )
+  # config.init_from of the run starts from those merged weights too.
+  best = restore.load_run(tmp_path / 'whole')
+  started = restore.init_from_variables(restore.init_from_folder(tmp_path / 'whole'))
+  jax.tree.map(np.testing.assert_array_equal, started, best.variables)
 
 
 def test_benchmark_cost_counts_lora_and_norm_trainables_and_adam_state():

@@ -33,7 +33,8 @@ PHASE_SCHEMA: dict[str, Any] = {
         "(Keras layer slice), 'stages[A:B]' (slice of the backbone's stages, as "
         "layer_decay counts them: 'stages[:-1]' leaves the last stage and the "
         "head trainable, whatever the backbone), 'regex:PATTERN' (parameter "
-        "paths), or what trains: 'norm', 'bias', 'head' joined by '+' ('norm+head').",
+        "paths), or what trains: 'norm', 'bias', 'head', 'lora' (the adapters of "
+        "config.model.lora) joined by '+' ('norm+head').",
         check=value_check('phases.freeze'),
     ),
     'lr_groups': Field(

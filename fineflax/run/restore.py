@@ -242,6 +242,24 @@ def init_from_folder(path: str | os.PathLike) -> epath.Path:
   return path
 
 
+def init_from_variables(path: epath.Path, ema: bool = False) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of an `init_from_folder` folder, LoRA adapters merged: a
+  run with adapters hands on the weights its merged model uses (the scale from the run's
+  config.json); ConfigError where factors come without a run to read the scale from."""
+  variables = weights.read_variable_tree(path, ema=ema)
+  if not lora.has_adapters(variables['params']):
+    return variables
+  # <run>/checkpoints/<kind>/<step>/state
+  root = next((p for p in path.parents if (p / 'config.json').is_file()), None)
+  spec = None if root is None else lora.spec_from_config(read_config(root).model.get('lora'))
+  if spec is None:
+    raise ConfigError(
+        f'config.init_from={str(path)!r} holds LoRA factors but no run config.json above it '
+        'gives their scale: point config.init_from at the run folder'
+    )
+  return {**variables, 'params': lora.merge(variables['params'], spec.scale)}
+
+
 def load_run(
     workdir: str | os.PathLike, checkpoint: str | int = 'best', weights: str = 'raw'
 ) -> RestoredRun:

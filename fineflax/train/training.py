@@ -266,7 +266,7 @@ def initial_variables(
     source = restore.init_from_folder(config.init_from)
     ema = config.init_from_weights == 'ema'
     variables, report = weights.load_variables(
-        weights.read_variable_tree(source, ema=ema),
+        restore.init_from_variables(source, ema=ema),
         model,
         variables,
         f'init_from {source}' + (' (its EMA weights)' if ema else ''),
