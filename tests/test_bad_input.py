@@ -231,7 +231,8 @@ ONE_LINE_ERRORS = [
         "'backbone', 'layers[A:B]' (Keras layer slice), 'stages[A:B]' (slice of the backbone's "
         "stages, as layer_decay counts them: 'stages[:-1]' leaves the last stage and the head "
         "trainable, whatever the backbone), 'regex:PATTERN' (parameter paths), or what trains: "
-        "'norm', 'bias', 'head', 'lora' (the adapters of config.model.lora) joined by '+' ('norm+head').)",
+        "'norm', 'bias', 'head', 'lora' (the adapters of config.model.lora) joined by '+' "
+        "('norm+head').)",
     ),
 ]
 
