@@ -37,8 +37,11 @@ def _shifted(
   return np.clip(np.round(noisy), 0, 255).astype(np.uint8)
 
 
-def write(out: Path, per_class: int, degrees: float, noise: float) -> dict[str, int]:
-  """Writes the folder; returns the number of images of each split."""
+def write(
+    out: Path, per_class: int, degrees: float, noise: float, kept: range = range(10)
+) -> dict[str, int]:
+  """Writes the folder of the digits in `kept` (`per_class` 0: every training image);
+  returns the number of images of each split."""
   dataset = digits.load('digits', ml_collections.ConfigDict({'max_examples': None}))
   rng = np.random.default_rng(SEED)
   counts = {}
@@ -46,7 +49,7 @@ def write(out: Path, per_class: int, degrees: float, noise: float) -> dict[str, 
     images, labels = dataset.splits[split].images, dataset.splits[split].labels
     seen = np.zeros(10, int)
     for i, (image, label) in enumerate(zip(images, labels)):
-      if split == 'train' and seen[label] >= per_class:
+      if label not in kept or (split == 'train' and per_class and seen[label] >= per_class):
         continue
       seen[label] += 1
       if split == 'test':
@@ -61,13 +64,17 @@ def write(out: Path, per_class: int, degrees: float, noise: float) -> dict[str, 
 def main(argv: Sequence[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('out', type=Path, help='the folder to write (must not exist)')
-  parser.add_argument('--per-class', type=int, default=20, help='training images per digit')
+  parser.add_argument(
+      '--per-class', type=int, default=20, help='training images per digit (0: all)'
+  )
+  parser.add_argument('--digits', default='0-9', help='the digits kept, FIRST-LAST')
   parser.add_argument('--degrees', type=float, default=30.0, help='test rotation range')
   parser.add_argument('--noise', type=float, default=40.0, help='test noise std (of 255)')
   args = parser.parse_args(argv)
   if args.out.exists():
     parser.error(f'{args.out} exists')
-  print(write(args.out, args.per_class, args.degrees, args.noise))
+  first, last = (int(d) for d in args.digits.split('-'))
+  print(write(args.out, args.per_class, args.degrees, args.noise, range(first, last + 1)))
 
 
 if __name__ == '__main__':
