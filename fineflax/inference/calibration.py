@@ -225,14 +225,15 @@ def save_temperature(workdir: Any, run: restore.RestoredRun, entry: dict[str, An
   return str(path)
 
 
-def saved_temperature(workdir: Any, run: restore.RestoredRun) -> tuple[float | None, str]:
+def saved_temperature(workdir: Any, run: restore.RestoredRun) -> tuple[float | None, str | None]:
   """The temperature `evaluate --calibrate` saved for this checkpoint, and a line saying
-  what was found: None when there is none, or when the one under its label was fitted on
-  another step (the label 'best' or 'latest' moved on since) and so does not apply."""
+  where it comes from; (None, None) when none was saved under its label, (None, why) when
+  the one there was fitted on another step (the label 'best' or 'latest' moved on since)
+  and so does not apply."""
   entry = _read(workdir).get(run.label)
   path = RunDir(workdir).calibration_json
   if entry is None:
-    return None, f'no temperature for checkpoint {run.label} in {path}'
+    return None, None
   if entry.get('step') != run.step:
     return None, (
         f'{path}: the temperature of checkpoint {run.label} was fitted at step '
