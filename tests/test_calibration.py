@@ -69,7 +69,8 @@ def _logits(seed, n=400, classes=6, scale=4.0):
 def test_metrics_equal_numpy_and_scikit_learn():
   from sklearn import metrics  # pylint: disable=g-import-not-at-top
 
-  logits, labels = _logits(0)
+  # Confidences spread over the bins (not all in the top one), so that their number shows.
+  logits, labels = _logits(0, scale=1.5)
   labels[labels == 5] = 4  # a class without examples: its recall is undefined, not 0
   report = evaluate.classification_metrics(logits, labels, [str(c) for c in range(6)])
   probs = _softmax(logits)
@@ -87,7 +88,8 @@ def test_metrics_equal_numpy_and_scikit_learn():
   np.testing.assert_allclose([r['recall'] for r in rows[:5]], recall, atol=1e-12)
   np.testing.assert_allclose([r['precision'] for r in rows[:5]], precision, atol=1e-12)
   assert rows[5]['recall'] is None
-  assert sum(report['reliability']['count']) == len(labels)
+  counts = report['reliability']['count']
+  assert len(counts) == 15 and sum(counts) == len(labels) and max(counts) < len(labels) / 3
 
 
 def test_binary_ece_uses_the_predicted_class_s_probability():
