@@ -150,20 +150,6 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
   return float(1 / beta)
 
 
-def calibration_report(
-    logits: np.ndarray, labels: np.ndarray, temperature: float
-) -> dict[str, Any]:
-  """ECE and NLL of one split before and after dividing its logits by `temperature`."""
-  return {
-      'temperature': temperature,
-      'before': {'ece': expected_calibration_error(logits, labels), 'nll': nll(logits, labels)},
-      'after': {
-          'ece': expected_calibration_error(np.asarray(logits, np.float64) / temperature, labels),
-          'nll': nll(logits, labels, temperature),
-      },
-  }
-
-
 def calibrate(
     workdir: Any,
     run: restore.RestoredRun,
