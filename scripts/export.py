@@ -7,9 +7,12 @@
 STEP is a step folder's name in the run's checkpoints/latest/ or best/. Keys are the
 '/'-joined paths of the variables tree ('params/backbone/conv1_conv/kernel',
 'batch_stats/backbone/conv1_bn/mean'); the arrays are the checkpoint's, float32, bit for
-bit. The metadata (`metadata` below: class names, step, the run's config, ...) goes into a
-.npz as one more array, `__metadata__`, a JSON string; into a .safetensors file's metadata
+bit. The metadata (`metadata` below: class names, step, the run's config, the temperature
+`python -m fineflax.evaluate --calibrate` saved for the checkpoint, ...) goes into a .npz
+as one more array, `__metadata__`, a JSON string; into a .safetensors file's metadata
 as strings, each value JSON-encoded. docs/checkpoints.md ("Export") shows how to read both.
+A calibrated reader divides the logits by `temperature` (null: none was saved for this
+checkpoint and step) before the softmax (or the sigmoid of a one-logit head).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 
 from fineflax import config as config_lib
 from fineflax.errors import ConfigError, FineflaxError
+from fineflax.inference import calibration
 from fineflax.pytree import path_str
 from fineflax.run.restore import WEIGHTS, RestoredRun, load_run
 
@@ -42,8 +46,9 @@ def flatten(variables: dict[str, Any]) -> dict[str, np.ndarray]:
   }
 
 
-def metadata(run: RestoredRun) -> dict[str, Any]:
-  """What an export says about where its arrays come from (JSON-able values)."""
+def metadata(run: RestoredRun, temperature: float | None = None) -> dict[str, Any]:
+  """What an export says about where its arrays come from and how to use them (JSON-able
+  values); `temperature`: what the logits are to be divided by (None: nothing)."""
   return {
       'format': FORMAT_NAME,
       'step': run.step,
@@ -53,6 +58,7 @@ def metadata(run: RestoredRun) -> dict[str, Any]:
       'image_shape': list(run.image_shape),
       'meta': run.meta,
       'config': config_lib.to_dict(run.config),
+      'temperature': temperature,
   }
 
 
@@ -95,10 +101,11 @@ def export(
     out: str | os.PathLike,
     overwrite: bool = False,
     weights: str = 'raw',
-) -> tuple[RestoredRun, dict[str, np.ndarray]]:
+) -> tuple[RestoredRun, dict[str, np.ndarray], float | None]:
   """Writes the params and batch_stats of a run's checkpoint to `out` (.npz or
-  .safetensors); `weights` 'ema': the parameters' moving average (config.ema). Returns the
-  run and the arrays written.
+  .safetensors); `weights` 'ema': the parameters' moving average (config.ema). The
+  temperature `evaluate --calibrate` saved for the checkpoint (at its step) goes into the
+  metadata. Returns the run, the arrays written and that temperature (None: none).
 
   Raises:
     ConfigError: a bad output path, or what `load_run` raises (no such run or checkpoint).
@@ -107,14 +114,17 @@ def export(
   check_output(out, overwrite)
   run = load_run(workdir, checkpoint, weights)
   arrays = flatten(run.variables)
+  temperature, note = calibration.saved_temperature(workdir, run)
+  if temperature is None and note is not None:
+    print(f'warning: {note}', file=sys.stderr)
   # Written beside, then renamed: an interrupted export leaves no half-written file.
   partial = out.with_name(f'.{out.name}.partial')
   try:
-    WRITERS[out.suffix.lower()](partial, arrays, metadata(run))
+    WRITERS[out.suffix.lower()](partial, arrays, metadata(run, temperature))
     os.replace(partial, out)
   finally:
     partial.unlink(missing_ok=True)
-  return run, arrays
+  return run, arrays, temperature
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -136,7 +146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--overwrite', action='store_true', help='Replace an existing --out.')
   args = parser.parse_args(argv)
   try:
-    run, arrays = export(args.workdir, args.checkpoint, args.out, args.overwrite, args.weights)
+    run, arrays, temperature = export(
+        args.workdir, args.checkpoint, args.out, args.overwrite, args.weights
+    )
   except (FineflaxError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
@@ -144,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   print(
       f'wrote {args.out}: {len(arrays)} arrays ({values:,} values) of {run.checkpoint_dir} '
       f'(step {run.step}, {run.label})'
+      + ('' if temperature is None else f'; temperature {temperature:.4f} in its metadata')
   )
   return 0
 

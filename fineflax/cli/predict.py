@@ -2,20 +2,26 @@
 (`fineflax.inference`).
 
   python -m fineflax.predict --workdir DIR [--checkpoint best|latest|wise_ft|soup|STEP]
-                            [--weights raw|ema]
-                            IMAGE_OR_FOLDER...
+                            [--weights raw|ema] [--tta none|flip|5crop|10crop]
+                            [--nocalibrated] IMAGE_OR_FOLDER...
   python -m fineflax.predict --config configs/imagenet.py IMAGE_OR_FOLDER...  (zero-shot)
   fineflax-predict ...      the same program
 
   --workdir DIR             a trained run (python -m fineflax.train)
   --weights raw|ema         its checkpoint's parameters (default) or their moving average
+  --tta flip|5crop|10crop   with --workdir: logits averaged over views of each image, as
+                            evaluate --tta averages them
+  --nocalibrated            with --workdir: the raw probabilities, not those of the
+                            temperature evaluate --calibrate saved for the checkpoint
   --config CONFIG[:smoke]   instead, a config's model with its pretrained weights
   --config.KEY=VALUE        overrides one key of --config (every key:
                             docs/config_reference.md)
   --top_k K                 how many classes to print per image
   --output F.csv|F.json     also writes one row per file, in the order given, with its error
 
-The first line on stdout names what predicted: `runs/demo: checkpoint best (step 12)`, or
+The first line on stdout names what predicted: `runs/demo: checkpoint best (step 12)`
+(with `, temperature 1.2345 (evaluate --calibrate)` when the logits were divided by the
+temperature saved for that checkpoint and step, and `, tta flip`), or
 `zero-shot: resnet50 with weights imagenet`; then one line per image, `PATH: class p, ...`.
 A folder stands for the image files directly in it (.jpg, .jpeg, .png, .bmp, .gif, as
 the folder data source reads; sorted; not its sub-folders). A file that cannot be read
@@ -36,7 +42,13 @@ from absl import flags
 
 from fineflax.cli import common
 from fineflax.errors import ConfigError, DataError
-from fineflax.inference import image_files, predict as run_files, predictions, zero_shot
+from fineflax.inference import (
+    image_files,
+    predict as run_files,
+    predictions,
+    tta as tta_lib,
+    zero_shot,
+)
 
 
 def predict(
@@ -47,13 +59,17 @@ def predict(
     checkpoint: str = 'best',
     output: str | None = None,
     weights: str = 'raw',
+    tta: str = 'none',
+    calibrated: bool = True,
 ) -> None:
   """Prints the top-k classes of each image (a folder: its images), of a run (`workdir`)
-  or a `config` (`weights`: the run's 'raw' parameters or their 'ema'), and writes every
-  file, with its classes or its error, to `output` (.csv or .json) if given.
+  or a `config` (`weights`: the run's 'raw' parameters or their 'ema'; `tta`: logits
+  averaged over views; `calibrated`: divided by the run's saved temperature), and writes
+  every file, with its classes or its error, to `output` (.csv or .json) if given.
 
   Raises:
-    ConfigError: neither or both of `config` and `workdir`; `output` of another suffix.
+    ConfigError: neither or both of `config` and `workdir`; `output` of another suffix;
+      an unknown `tta`, or one with `config`.
     DataError: a file could not be read (after the others were printed and every file
       written).
   """
@@ -62,6 +78,9 @@ def predict(
         'give exactly one of --config (a model with pretrained weights) and '
         '--workdir (a trained run)'
     )
+  tta_lib.check_mode(tta)
+  if tta != 'none' and workdir is None:
+    raise ConfigError(f'--tta {tta}: test-time augmentation needs --workdir (a trained run)')
   if output is not None:
     try:  # before any work: a typo in the name should not cost a model load
       predictions.check_output_path(output)
@@ -69,7 +88,9 @@ def predict(
       raise ConfigError(f'--output {e}') from None
   paths = image_files.image_paths(paths)
   if workdir is not None:
-    results = run_files.predict_run_paths(workdir, paths, k, checkpoint, weights=weights)
+    results = run_files.predict_run_paths(
+        workdir, paths, k, checkpoint, weights=weights, tta=tta, calibrated=calibrated
+    )
   else:
     results = zero_shot.predict_config_paths(config, paths, k)
   failed = results.failed
@@ -106,9 +127,26 @@ def main() -> None:
       'top-k classes and probabilities, or its error) to this .csv '
       'or .json file.',
   )
+  tta = flags.DEFINE_string(
+      'tta', 'none', f"With --workdir: {', '.join(tta_lib.MODES)} (logits averaged over views)."
+  )
+  calibrated = flags.DEFINE_bool(
+      'calibrated',
+      True,
+      'With --workdir: divide the logits by the temperature evaluate --calibrate saved for '
+      'the checkpoint, if any (--nocalibrated: do not).',
+  )
   common.run_program(
       lambda config, argv: predict(
-          config, argv, top.value, workdir.value, checkpoint.value, output.value, weights.value
+          config,
+          argv,
+          top.value,
+          workdir.value,
+          checkpoint.value,
+          output.value,
+          weights.value,
+          tta.value,
+          calibrated.value,
       ),
       __doc__,
       required=(),

@@ -1,13 +1,18 @@
 """Evaluation over a whole split: every example counted exactly once.
 
 `evaluate` gives a training run its loss and accuracy. `evaluate_run` opens a finished run
-and reports more on one split: top-5 accuracy, per-class accuracy, the confusion matrix:
+and reports more on one split: top-5 accuracy, NLL, expected calibration error, balanced
+accuracy, per-class recall and precision, the confusion matrix; optionally with
+test-time augmentation (`fineflax.inference.tta`) and a temperature fitted on the
+validation split (`fineflax.inference.calibration`):
 
     python -m fineflax.evaluate --workdir runs/demo [--split test] [--checkpoint best]
+                                [--tta flip] [--calibrate]
 
 prints a table and writes `DIR/eval/<split>-<checkpoint>.json`, the confusion matrix as
-`DIR/eval/<split>-<checkpoint>-confusion.png`, and each example's logits, probabilities
-and predicted class as `DIR/eval/<split>-<checkpoint>-predictions.npz`.
+`DIR/eval/<split>-<checkpoint>-confusion.png`, the reliability diagram as
+`-reliability.png`, and each example's logits, probabilities and predicted class as
+`-predictions.npz` (with TTA, `<checkpoint>-<tta>` in the names).
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec as P
 
 from fineflax import data
-from fineflax.data import augment as augmentation, feed
+from fineflax.data import feed
 from fineflax.data.augment import Augment
 from fineflax.distributed import parallel
 from fineflax.errors import ConfigError, DataError
+from fineflax.inference import calibration, tta as tta_lib
 from fineflax.run import RunDir, reporting, restore
 from fineflax.train import step
 
@@ -38,19 +44,23 @@ TOP_K = 5
 
 
 def make_logits_step(
-    model: Any, mesh: Mesh, *, augment: Augment = Augment()
+    model: Any, mesh: Mesh, *, augment: Augment = Augment(), tta: str = 'none'
 ) -> Callable[..., dict[str, jax.Array]]:
   """A jitted `(variables, batch) -> {'logits', 'label', 'weight'}` over the mesh.
 
   The images are prepared as `step.make_eval_step` prepares them (no augmentation; a
-  random crop becomes the centre crop). The outputs stay sharded on the batch axis, row
-  for row with the batch, labels and weights passed through so that the rows can be
-  matched without knowing how the processes split the batch.
+  random crop becomes the centre crop); `tta` (`tta.MODES`) averages the logits over views
+  of each image cut from the batch on the device. The outputs stay sharded on the batch
+  axis, row for row with the batch, labels and weights passed through so that the rows
+  can be matched without knowing how the processes split the batch.
   """
+  tta_lib.check_mode(tta)
 
   def logits_step(variables: dict[str, Any], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    images = augmentation.prepare(batch['image'], None, augment, model.image_size, train=False)
-    logits = model.apply(variables, images, train=False).astype(jnp.float32)
+    source, views = tta_lib.source_images(batch['image'], augment, tta, model.image_size)
+    logits = tta_lib.averaged_logits(
+        lambda images: model.apply(variables, images, train=False), source, views
+    )
     return {'logits': logits, 'label': batch['label'], 'weight': batch['weight']}
 
   mapped = jax.shard_map(
@@ -109,10 +119,14 @@ def predicted_classes(logits: np.ndarray) -> np.ndarray:
 def classification_metrics(
     logits: np.ndarray, labels: np.ndarray, class_names: Sequence[str], label_smoothing: float = 0.0
 ) -> dict[str, Any]:
-  """Loss, accuracy, top-5 accuracy (more than 5 outputs), per-class accuracy and counts,
-  and the confusion matrix (rows: true class, columns: predicted) of one split.
+  """Loss, accuracy, top-5 accuracy (more than 5 outputs), NLL, expected calibration
+  error (`calibration.reliability`: 15 bins, its bins too), balanced accuracy (the mean
+  recall of the classes with examples), per class its examples, correct predictions,
+  recall (= its accuracy) and precision, and the confusion matrix (rows: true class,
+  columns: predicted) of one split.
 
-  Loss and accuracy are `step.per_example_loss`'s, as in training and `evaluate`.
+  Loss and accuracy are `step.per_example_loss`'s, as in training and `evaluate`; NLL is
+  the loss without label smoothing, in float64.
   """
   n, count = len(class_names), len(labels)
   loss, correct = (
@@ -126,10 +140,17 @@ def classification_metrics(
   np.add.at(confusion, (labels[inside], predicted[inside]), 1)
   examples = np.bincount(labels, minlength=n)
   hits = np.bincount(labels, weights=correct, minlength=n)
+  predictions = confusion.sum(axis=0)
+  recall = [float(hits[i] / examples[i]) if examples[i] else None for i in range(n)]
+  present = [r for r in recall if r is not None]
+  reliability = calibration.reliability(logits, labels)
   report: dict[str, Any] = {
       'examples': count,
       'loss': float(loss.sum() / max(count, 1)),
       'accuracy': float(correct.sum() / max(count, 1)),
+      'nll': calibration.nll(logits, labels),
+      'ece': reliability['ece'],
+      'balanced_accuracy': float(np.mean(present)) if present else float('nan'),
   }
   if logits.shape[-1] > TOP_K:
     true_logit = logits[np.arange(count), labels]
@@ -140,11 +161,14 @@ def classification_metrics(
           'class': name,
           'examples': int(examples[i]),
           'correct': int(round(hits[i])),
-          'accuracy': float(hits[i] / examples[i]) if examples[i] else None,
+          'accuracy': recall[i],
+          'recall': recall[i],
+          'precision': float(confusion[i, i] / predictions[i]) if predictions[i] else None,
       }
       for i, name in enumerate(class_names)
   ]
   report['confusion_matrix'] = confusion.tolist()
+  report['reliability'] = {k: v for k, v in reliability.items() if k != 'ece'}
   if not inside.all():
     report['predicted_outside_classes'] = int(np.sum(~inside))
   return report
@@ -219,6 +243,8 @@ def evaluate_run(
     *,
     devices: Sequence[jax.Device] | None = None,
     weights: str = 'raw',
+    tta: str = 'none',
+    calibrate: bool = False,
 ) -> dict[str, Any]:
   """Evaluates a checkpoint of the run in `workdir` on one split and writes the report.
 
@@ -229,34 +255,56 @@ def evaluate_run(
     batch_size: global batch size (default: the run's eval batch size).
     devices: devices to evaluate on (default: every device of every process).
     weights: 'raw', or 'ema' for the checkpoint's moving average (config.ema).
+    tta: test-time augmentation, one of `tta.MODES`: logits averaged over views.
+    calibrate: fit a temperature on the validation split's logits (with the same `tta`),
+      save it in DIR/calibration.json under the checkpoint's label, and report the
+      split's ECE and NLL before and after it.
   Returns:
     `classification_metrics` plus where it comes from (workdir, split, split_name,
-    checkpoint, step, checkpoint_dir, class_names) and the files written (files).
+    checkpoint, step, checkpoint_dir, class_names, tta), with `calibrate` the
+    calibration (temperature, what it was fitted on, before and after), and the files
+    written (files).
   Raises:
-    ConfigError: no such run, checkpoint or split, or a dataset whose classes changed.
-    DataError: the split has no example.
+    ConfigError: no such run, checkpoint or split, a dataset whose classes changed, an
+      unknown `tta`, `calibrate` for a run without a validation split.
+    DataError: the split (or, with `calibrate`, the validation split) has no example.
   """
+  tta_lib.check_mode(tta)
   workdir = RunDir(workdir).root
   run = restore.load_run(workdir, checkpoint, weights)
-  # Only the split asked for is decoded when it is one the config names.
+  if calibrate and run.config.data.val_split is None:
+    raise ConfigError(_NO_VAL + '(config.data.val_split is None)')
+  # Only the split asked for (and for --calibrate the validation split) is decoded when
+  # it is one the config names.
   keys = [
       k for k in data.SPLIT_KEYS if split == k.removesuffix('_split') or split == run.config.data[k]
-  ]
-  dataset = data.load_dataset(run.config.data, keys[:1] or data.SPLIT_KEYS)
+  ][:1] or list(data.SPLIT_KEYS)
+  if calibrate and 'val_split' not in keys:
+    keys.append('val_split')
+  dataset = data.load_dataset(run.config.data, keys)
   if tuple(dataset.info.class_names) != tuple(run.class_names):
     raise ConfigError(
         f'{workdir}: the run was trained on the classes {list(run.class_names)} '
         f'but its dataset now has {list(dataset.info.class_names)}'
     )
   name = resolve_split(split, run.config.data, list(dataset.splits), dataset.absent)
-  if dataset.splits[name].size == 0:
-    raise DataError(
-        f'{workdir}: split {name!r} of config.data.source='
-        f'{run.config.data.source!r} has no example to evaluate'
+  val_name = run.config.data.val_split
+  if calibrate and (val_name in dataset.absent or val_name not in dataset.splits):
+    raise ConfigError(
+        _NO_VAL + f'(config.data.val_split={val_name!r}: config.data.source='
+        f'{run.config.data.source!r} has no such split)'
     )
+  for needed in [name] + [val_name] * calibrate:
+    if dataset.splits[needed].size == 0:
+      raise DataError(
+          f'{workdir}: split {needed!r} of config.data.source='
+          f'{run.config.data.source!r} has no example to evaluate'
+      )
   mesh = parallel.make_mesh(devices)
   size = eval_batch_size(batch_size, run.config, mesh.devices.size)
-  logits_step = make_logits_step(run.model, mesh, augment=data.augment_from_config(run.config.data))
+  logits_step = make_logits_step(
+      run.model, mesh, augment=data.augment_from_config(run.config.data), tta=tta
+  )
   # Placed from host copies: the restored arrays sit on this process's first device, and
   # JAX does not move such an array onto the devices of other processes.
   variables = parallel.replicate(jax.device_get(run.variables), mesh)
@@ -269,35 +317,70 @@ def evaluate_run(
       'step': run.step,
       'checkpoint_dir': str(run.checkpoint_dir),
       'class_names': list(run.class_names),
+      'tta': tta,
   }
   report.update(
       classification_metrics(logits, labels, run.class_names, run.config.loss.label_smoothing)
   )
-  stem = RunDir(workdir).eval_stem(split, run.label)
+  stem = RunDir(workdir).eval_stem(split, run.label if tta == 'none' else f'{run.label}-{tta}')
   report['files'] = {
       'json': str(stem) + '.json',
       'confusion_png': str(stem) + '-confusion.png',
+      'reliability_png': str(stem) + '-reliability.png',
       'predictions': str(stem) + '-predictions.npz',
   }
+  if calibrate:
+    val = (logits, labels) if val_name == name else None
+    if val is None:
+      val = split_logits(logits_step, variables, dataset.splits[val_name], size, mesh)
+    report['calibration'] = calibration.calibrate(workdir, run, val, val_name, tta, logits, labels)
+    report['files']['calibration'] = str(RunDir(workdir).calibration_json)
   if jax.process_index() == 0:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    # Rows in the order the batches came (on one process: the split's order).
-    with epath.Path(report['files']['predictions']).open('wb') as f:  # local or gs://
-      np.savez(
-          f,
-          logits=logits,
-          labels=labels,
-          probabilities=np.asarray(probabilities(jnp.asarray(logits))),
-          predicted=predicted_classes(logits),
-      )
-    from fineflax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
-
-    plots.write_confusion(
-        report['files']['confusion_png'],
-        np.asarray(report['confusion_matrix']),
-        list(run.class_names),
-        title=f'{split} split, checkpoint {run.label} (step {run.step}): '
-        f"accuracy {report['accuracy']:.4f}",
-    )
+    _write_files(report, logits, labels, run)
   reporting.write_json(report['files']['json'], report)
   return report
+
+
+_NO_VAL = '--calibrate: the run has no validation split to fit the temperature on '
+
+
+def _write_files(
+    report: dict[str, Any], logits: np.ndarray, labels: np.ndarray, run: restore.RestoredRun
+) -> None:
+  """The predictions .npz and the confusion and reliability PNGs of `report` (process 0)."""
+  files = report['files']
+  epath.Path(files['json']).parent.mkdir(parents=True, exist_ok=True)
+  arrays = {
+      'logits': logits,
+      'labels': labels,
+      'probabilities': np.asarray(probabilities(jnp.asarray(logits))),
+      'predicted': predicted_classes(logits),
+  }
+  calibrated = report.get('calibration')
+  if calibrated:
+    scaled = jnp.asarray(logits / np.float32(calibrated['temperature']))
+    arrays['calibrated_probabilities'] = np.asarray(probabilities(scaled))
+  # Rows in the order the batches came (on one process: the split's order).
+  with epath.Path(files['predictions']).open('wb') as f:  # local or gs://
+    np.savez(f, **arrays)
+  from fineflax.run import plots  # pylint: disable=g-import-not-at-top  (matplotlib is slow)
+
+  where = f"{report['split']} split, checkpoint {run.label} (step {run.step})"
+  if report['tta'] != 'none':
+    where += f", tta {report['tta']}"
+  plots.write_confusion(
+      files['confusion_png'],
+      np.asarray(report['confusion_matrix']),
+      list(run.class_names),
+      title=f"{where}: accuracy {report['accuracy']:.4f}",
+  )
+  panels = [('uncalibrated', report['ece'], report['reliability'])]
+  if calibrated:
+    panels.append(
+        (
+            f"temperature {calibrated['temperature']:.3f}",
+            calibrated['after']['ece'],
+            calibrated['reliability_after'],
+        )
+    )
+  plots.write_reliability(files['reliability_png'], panels, title=where)

@@ -38,6 +38,8 @@ class Predictions:
       None when no file could be read (no checkpoint was opened then).
     weights, backbone: zero-shot: `config.model.weights` (None: random weights) and the
       model.
+    temperature: what the logits were divided by (`evaluate --calibrate`'s); None: none.
+    tta: the test-time augmentation (`fineflax.inference.tta.MODES`).
   """
 
   paths: tuple[str, ...]
@@ -48,6 +50,8 @@ class Predictions:
   step: int | None = None
   weights: str | None = None
   backbone: str | None = None
+  temperature: float | None = None
+  tta: str = 'none'
 
   @property
   def failed(self) -> list[str]:
@@ -58,8 +62,12 @@ class Predictions:
     """One line naming the checkpoint (or zero-shot weights) that predicted."""
     if self.workdir is not None:
       if self.checkpoint == f'step{self.step}':
-        return f'{self.workdir}: checkpoint step {self.step}'
-      return f'{self.workdir}: checkpoint {self.checkpoint} (step {self.step})'
+        line = f'{self.workdir}: checkpoint step {self.step}'
+      else:
+        line = f'{self.workdir}: checkpoint {self.checkpoint} (step {self.step})'
+      if self.temperature is not None:
+        line += f', temperature {self.temperature:.4f} (evaluate --calibrate)'
+      return line + ('' if self.tta == 'none' else f', tta {self.tta}')
     if self.weights is None:
       return f'zero-shot: {self.backbone} with random weights (config.model.weights is None)'
     return f'zero-shot: {self.backbone} with weights {self.weights}'

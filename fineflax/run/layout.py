@@ -15,7 +15,9 @@ DIR/checkpoints/soup/<step>/     a soup's averaged weights (a folder fineflax.so
 DIR/wise_ft.png                  validation accuracy against the interpolation's alpha
 DIR/features/<role>.npy          cached features memory-mapped from disk (for a gs://
                                  DIR, in a local folder: see storage.local_cache_folder)
-DIR/eval/<split>-<checkpoint>.json, -confusion.png, -predictions.npz   evaluate's report
+DIR/eval/<split>-<checkpoint>.json, -confusion.png, -reliability.png, -predictions.npz
+                                 evaluate's report
+DIR/calibration.json             temperatures evaluate --calibrate fitted, per checkpoint
 """
 
 from __future__ import annotations
@@ -107,6 +109,11 @@ class RunDir:
   def features(self) -> epath.Path:
     """Memory-mapped arrays need a local disk: for a gs:// run, a local folder."""
     return storage.local_cache_folder(self.root / 'features', 'features')
+
+  @property
+  def calibration_json(self) -> epath.Path:
+    """The temperatures `evaluate --calibrate` fitted, per checkpoint label."""
+    return self.root / 'calibration.json'
 
   def eval_stem(self, split: str, checkpoint_label: str) -> epath.Path:
     """Where evaluate's report of a split and checkpoint goes, less the suffix."""

@@ -1,4 +1,4 @@
-"""Training-curve and confusion-matrix images (PNG).
+"""Training-curve, confusion-matrix and reliability-diagram images (PNG).
 
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas
 directly, never through pyplot: pyplot keeps global state (the current figure, the
@@ -183,4 +183,61 @@ def write_interpolation(
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
+  _save_atomic(fig, path)
+
+
+def write_reliability(
+    path: str | os.PathLike,
+    panels: Sequence[tuple[str, float, dict[str, Any]]],
+    title: str = '',
+) -> None:
+  """Reliability diagrams (Guo et al. 2017), one panel per (name, ECE, bins): each
+  confidence bin's accuracy as a bar beside the diagonal a calibrated model follows, the
+  gap to the bin's mean confidence shaded, the bin's share of examples below.
+
+  Args:
+    path: the PNG to write.
+    panels: (name, expected calibration error, `calibration.reliability`'s bins: 'bins',
+      'count', 'accuracy', 'confidence' with None for an empty bin).
+    title: drawn above the panels.
+  """
+  if jax.process_index() != 0:
+    return
+  fig = _figure(figsize=(4.2 * len(panels), 5.2), layout='constrained')
+  axes = fig.subplots(2, len(panels), squeeze=False, height_ratios=(3, 1), sharex=True)
+  for column, (name, ece, bins) in enumerate(panels):
+    top, bottom = axes[0, column], axes[1, column]
+    n = bins['bins']
+    width = 1.0 / n
+    lefts = np.arange(n) * width
+    filled = [a is not None for a in bins['accuracy']]
+    accuracy = np.array([a if a is not None else 0.0 for a in bins['accuracy']])
+    confidence = np.array([c if c is not None else 0.0 for c in bins['confidence']])
+    top.bar(lefts, accuracy, width, align='edge', edgecolor='black', label='accuracy')
+    # The gap between what the bin claims and what it gets, where it has examples.
+    gap_low = np.minimum(accuracy, confidence)
+    top.bar(
+        lefts[filled],
+        np.abs(confidence - accuracy)[filled],
+        width,
+        bottom=gap_low[filled],
+        align='edge',
+        color='tab:red',
+        alpha=0.3,
+        edgecolor='tab:red',
+        hatch='//',
+        label='gap to confidence',
+    )
+    top.plot([0, 1], [0, 1], linestyle='--', color='grey', label='calibrated')
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel('accuracy')
+    top.set_title(f'{name}: ECE {ece:.4f}', fontsize=10)
+    top.legend(loc='upper left', fontsize=8)
+    counts = np.asarray(bins['count'], np.float64)
+    bottom.bar(lefts, counts / max(counts.sum(), 1), width, align='edge', color='grey')
+    bottom.set_xlabel('confidence (top-1)')
+    bottom.set_ylabel('share')
+  if title:
+    fig.suptitle(title, fontsize=10)
   _save_atomic(fig, path)
