@@ -68,7 +68,7 @@ PHASE_SCHEMA: dict[str, Any] = {
         check=value_check('phases.fit'),
     ),
     'fit_l2': Field(
-        (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+        (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
         SEQ,
         "fit's L2 strengths: the one with the best validation accuracy is kept "
         '(one value: no choice, and no validation split needed).',
