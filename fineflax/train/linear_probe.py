@@ -38,6 +38,7 @@ FITS = ('logistic', 'ridge')  # config.phases[i].fit
 HIGHEST = jax.lax.Precision.HIGHEST  # no TF32 or bfloat16 passes: the fit is compared to 1e-3
 LOGISTIC_TOLERANCE = 1e-7  # L-BFGS stops when the gradient's norm is below this
 LOGISTIC_MAX_ITERATIONS = 2000
+LOGISTIC_STALLED = 20  # iterations in a row without a lower objective that end a fit
 MAX_GRAM = 16384  # the largest Gram matrix side ridge decomposes (16384^2 floats: 1 GiB)
 
 
@@ -92,21 +93,27 @@ def _fit_logistic(
   value_and_grad = optax.value_and_grad_from_state(objective)
 
   def step(carry):
-    params, state = carry
+    params, state, stalled = carry
+    before = otu.tree_get(state, 'value')
     value, grad = value_and_grad(params, state=state)
     updates, state = solver.update(grad, state, params, value=value, grad=grad, value_fn=objective)
-    return optax.apply_updates(params, updates), state
+    stalled = jnp.where(otu.tree_get(state, 'value') < before, 0, stalled + 1)
+    return optax.apply_updates(params, updates), state, stalled
 
   def going(carry):
-    _, state = carry
+    _, state, stalled = carry
     count = otu.tree_get(state, 'count')
     grad = otu.tree_get(state, 'grad')
-    # The first iteration has no gradient yet (count 0).
+    # The first iteration has no gradient yet (count 0). After STALLED iterations in a row
+    # that do not lower the objective, float32's rounding floor is reached: more would only
+    # repeat failing line searches.
     return (count == 0) | (
-        (count < LOGISTIC_MAX_ITERATIONS) & (otu.tree_norm(grad) >= LOGISTIC_TOLERANCE)
+        (count < LOGISTIC_MAX_ITERATIONS)
+        & (otu.tree_norm(grad) >= LOGISTIC_TOLERANCE)
+        & (stalled < LOGISTIC_STALLED)
     )
 
-  params, state = jax.lax.while_loop(going, step, (init, solver.init(init)))
+  params, state, _ = jax.lax.while_loop(going, step, (init, solver.init(init), jnp.int32(0)))
   return params, otu.tree_get(state, 'count'), otu.tree_norm(otu.tree_get(state, 'grad'))
 
 
@@ -130,10 +137,10 @@ def fit_logistic(
   params, count, grad_norm = jax.device_get(
       _fit_logistic(x, labels, weights, jnp.float32(l2), init)
   )
-  if grad_norm >= LOGISTIC_TOLERANCE:
+  if count >= LOGISTIC_MAX_ITERATIONS and grad_norm >= LOGISTIC_TOLERANCE:
     logger.warning(
-        'logistic fit, l2 %g: %d L-BFGS iterations left the gradient norm at %.2g (tolerance '
-        '%g); its figures are of the parameters reached',
+        'logistic fit, l2 %g: %d L-BFGS iterations (the most it runs) left the gradient norm '
+        'at %.2g (tolerance %g); its figures are of the parameters reached',
         l2,
         count,
         grad_norm,
