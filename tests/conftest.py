@@ -1,7 +1,8 @@
-"""Test setup: 8 virtual CPU devices for the data-parallel tests, Keras on JAX, an
-on-disk compilation cache so that steps compiled by several tests compile once, and a
-temporary $FINEFLAX_CACHE for every test and the programs they start: no test writes into
-the user's cache."""
+"""Test setup: 8 virtual CPU devices for the data-parallel tests, Keras on JAX, one on-disk
+compilation cache for the session (both xdist workers and every program the tests start;
+every compilation kept) so that steps compiled by several tests and programs compile
+once, and a temporary $FINEFLAX_CACHE for every test and the programs they start: no test
+writes into the user's caches."""
 
 import importlib
 import os
@@ -14,12 +15,17 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 os.environ['KERAS_BACKEND'] = 'jax'
 os.environ['FINEFLAX_CACHE'] = tempfile.mkdtemp(prefix='fineflax-cache-')
+# The xdist workers start with the controller's environment, which loaded this file
+# first: they and every program the tests start share its folder. Programs whose test
+# sets its own (a user's JAX_COMPILATION_CACHE_DIR) or unsets it keep theirs.
+os.environ.setdefault('FINEFLAX_TEST_XLA_CACHE', tempfile.mkdtemp(prefix='fineflax-xla-'))
+os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['FINEFLAX_TEST_XLA_CACHE']
+# JAX keeps only compilations of 1 s or more by default; the many shorter ones (eval,
+# metrics, the small models' steps) were compiled again by every run and program.
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='fineflax-xla-'))
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 @pytest.fixture(scope='session')
