@@ -22,7 +22,7 @@ from fineflax.config import registry
 from fineflax.distributed import parallel
 from fineflax.errors import ConfigError
 from fineflax.run import reporting
-from fineflax.train import ema as ema_lib, linear_probe, loop, records, state as state_lib
+from fineflax.train import ema as ema_lib, inputs, linear_probe, records, state as state_lib
 from fineflax.train.plan import PhasePlan
 from fineflax.train.training_run import Position, TrainingRun
 
@@ -49,7 +49,7 @@ def fit_head(
   records.log_summary(run, plan)
   start = time.perf_counter()
   mode = 'disk' if run.config.features.cache == 'disk' else 'memory'
-  on = loop.cached_inputs(run, state.variables, mode)
+  on = inputs.cached_inputs(run, state.variables, mode)
   extracted = time.perf_counter() - start
   train, val = on.splits['train'], on.splits['val']
   fit = linear_probe.choose_l2(

@@ -3,7 +3,7 @@
 `fineflax.train.training` sets a run up (`TrainingRun`) and calls `start_state` and
 `train_phase` for each phase. A phase trains on the images, or, when it trains only the
 head on images that are not augmented, on features cached once at its start
-(`fineflax.train.features`).
+(`fineflax.train.inputs`).
 """
 
 from __future__ import annotations
@@ -23,65 +23,13 @@ from fineflax.distributed import parallel
 from fineflax.distributed.preemption import Preempted
 from fineflax.errors import TrainingDivergedError
 from fineflax.run import checkpoints, progress, reporting, step_records
-from fineflax.train import ema as ema_lib, features, records, state as state_lib, step as step_lib
+from fineflax.train import ema as ema_lib, inputs, records, state as state_lib, step as step_lib
 from fineflax.train.early_stopping import EarlyStopping
 from fineflax.train.plan import PhasePlan
 from fineflax.train.training_run import Inputs, Position, TrainingRun
 
 logger = logging.getLogger('fineflax.train')
 IN_FLIGHT = 4  # train steps dispatched ahead of the last one finished
-
-
-def phase_inputs(run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState) -> Inputs:
-  """The images, or the features of the phase's starting parameters when it can use them
-  (in memory or streamed)."""
-  cfg = run.config
-  mode = cfg.features.cache
-  if mode == 'off':
-    return run.images
-  reason = features.ineligible_reason(plan.labels, plan.augment)
-  if reason:
-    # Said at INFO only where the head alone trains: there the reason is news.
-    level = logging.DEBUG if reason == features.TRAINS_BACKBONE else logging.INFO
-    logger.log(level, '[%s] trains on the images (no cached features: %s)', plan.name, reason)
-    return run.images
-  start = time.perf_counter()
-  on = cached_inputs(run, state.variables, mode)
-  logger.info(
-      '[%s] trains the head on cached features (%.1f s to compute them)',
-      plan.name,
-      time.perf_counter() - start,
-  )
-  return on
-
-
-def cached_inputs(run: TrainingRun, variables: dict[str, Any], mode: str) -> Inputs:
-  """The train and validation splits' features under `variables` (`mode`: 'memory',
-  'disk' or 'auto', as config.features.cache), with their evaluation step."""
-  cfg = run.config
-  width = features.feature_width(run.model, run.dataset.info.image_shape)
-  extract = step_lib.make_features_step(run.model, run.mesh, augment=run.augment)
-  # The test split is evaluated once, at the end of the run, on the images.
-  roles = {role: run.images.splits[role] for role in ('train', 'val')}
-  splits, in_memory = features.cache_splits(
-      mode,
-      cfg.features.memory_mb,
-      run.folder,
-      extract,
-      variables,
-      roles,
-      width,
-      run.eval_batch_size,
-      run.mesh,
-      run.images.resident,
-  )
-  resident = feed.place_splits(
-      splits, run.mesh, cfg.data.device_resident and in_memory, cfg.data.device_resident_max_mb
-  )
-  eval_step = step_lib.make_eval_step(
-      run.model, run.mesh, on_features=True, label_smoothing=cfg.loss.label_smoothing
-  )
-  return Inputs(splits, resident, eval_step, on_features=True)
 
 
 def _epoch_inputs(
@@ -331,7 +279,7 @@ def train_phase(
   while position.phase_epochs_done < phase.epochs and not watcher.should_stop:
     if train_step is None:  # not before: a phase resumed at its end trains nothing
       records.log_summary(run, plan)
-      on = phase_inputs(run, plan, state)
+      on = inputs.phase_inputs(run, plan, state)
       steps_per_epoch = data.num_batches(on.splits['train'], cfg.batch_size)
       train_step = _compile_train_step(run, plan, state, on)
       steps = records.step_recorder(run, plan, state, position, steps_per_epoch)
