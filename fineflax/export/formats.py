@@ -1,0 +1,149 @@
+"""The export formats: each writes a run's serving function and runs it back in its own
+runtime, which is how `export.export` checks it (and how the tests load it).
+
+    stablehlo    jax.export, serialized (one file), batch a symbolic dimension 'b'
+    saved_model  a TensorFlow SavedModel (folder) of jax2tf's native serialization, with
+                 a 'serving_default' signature: images (uint8) -> probabilities
+    litert       a .tflite flat buffer converted from that SavedModel's function;
+                 `quantize='dynamic'`: int8 weights (its accuracy change is reported)
+    npz, safetensors   the checkpoint's arrays (`fineflax.export.arrays`)
+
+The metadata (class names, image shape, temperature, the run's config) goes beside a
+one-file export as OUT.json, and into a SavedModel as assets.extra/fineflax.json.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fineflax.errors import ConfigError
+from fineflax.export.serving import Serving
+
+EXTRA = "pip install 'fineflax[export]'"
+METADATA_FILE = 'fineflax.json'  # in a SavedModel's assets.extra/
+
+
+def sidecar(out: Path) -> Path:
+  """Where a one-file export's metadata goes: OUT.json beside it."""
+  return out.with_name(out.name + '.json')
+
+
+def _tensorflow() -> Any:
+  try:
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ConfigError(f'this format needs TensorFlow ({e}): {EXTRA}') from None
+  return tf
+
+
+# --- stablehlo -----------------------------------------------------------------------------
+
+
+def write_stablehlo(serving: Serving, out: Path, quantize: str | None = None) -> None:
+  """jax.export of the serving function for the CPU, batch symbolic, serialized."""
+  del quantize
+  (batch,) = jax.export.symbolic_shape('b')
+  spec = jax.ShapeDtypeStruct((batch, *serving.image_shape), jnp.uint8)
+  exported = jax.export.export(jax.jit(serving.fn), platforms=['cpu'])(spec)
+  out.write_bytes(exported.serialize())
+
+
+def run_stablehlo(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+  """The serialized program at `path`, deserialized and run by JAX."""
+  exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+  return lambda images: np.asarray(exported.call(images))
+
+
+# --- saved_model ---------------------------------------------------------------------------
+
+
+def _tf_function(serving: Serving) -> Any:
+  tf = _tensorflow()
+  from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
+
+  height, width, channels = serving.image_shape
+  converted = jax2tf.convert(
+      serving.fn, polymorphic_shapes=[f'(b, {height}, {width}, {channels})'], with_gradient=False
+  )
+  return tf.function(
+      lambda images: {'probabilities': converted(images)},
+      autograph=False,
+      input_signature=[tf.TensorSpec([None, height, width, channels], tf.uint8, name='images')],
+  )
+
+
+def write_saved_model(serving: Serving, out: Path, quantize: str | None = None) -> None:
+  """A SavedModel folder: signature 'serving_default' (images uint8 -> probabilities),
+  `class_names` a string constant of the module, the metadata in assets.extra/."""
+  del quantize
+  tf = _tensorflow()
+  module = tf.Module()
+  module.serve = _tf_function(serving)
+  module.class_names = tf.Variable(list(serving.class_names), trainable=False, dtype=tf.string)
+  tf.saved_model.save(
+      module, str(out), signatures={'serving_default': module.serve.get_concrete_function()}
+  )
+  (out / 'assets.extra').mkdir(exist_ok=True)
+  (out / 'assets.extra' / METADATA_FILE).write_text(json.dumps(serving.metadata))
+
+
+def run_saved_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+  """The SavedModel's serving signature, run by TensorFlow."""
+  tf = _tensorflow()
+  signature = tf.saved_model.load(str(path)).signatures['serving_default']
+  return lambda images: signature(images=tf.constant(images))['probabilities'].numpy()
+
+
+# --- litert --------------------------------------------------------------------------------
+
+
+def write_litert(serving: Serving, out: Path, quantize: str | None = None) -> None:
+  """A .tflite flat buffer of the serving function (float32, or int8 weights)."""
+  tf = _tensorflow()
+  module = tf.Module()
+  module.serve = _tf_function(serving)
+  converter = tf.lite.TFLiteConverter.from_concrete_functions(
+      [module.serve.get_concrete_function()], module
+  )
+  if quantize == 'dynamic':
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+  out.write_bytes(converter.convert())
+
+
+def run_litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+  """The .tflite file run by the LiteRT interpreter (ai_edge_litert where installed,
+  else TensorFlow's tf.lite), resized to each batch."""
+  try:
+    from ai_edge_litert.interpreter import Interpreter  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    Interpreter = _tensorflow().lite.Interpreter  # pylint: disable=invalid-name
+  interpreter = Interpreter(model_path=str(path))
+
+  def call(images: np.ndarray) -> np.ndarray:
+    (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
+    interpreter.resize_tensor_input(inp['index'], images.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp['index'], np.ascontiguousarray(images))
+    interpreter.invoke()
+    return interpreter.get_tensor(outp['index']).copy()
+
+  return call
+
+
+WRITERS = {
+    'stablehlo': write_stablehlo,
+    'saved_model': write_saved_model,
+    'litert': write_litert,
+}
+RUNNERS = {
+    'stablehlo': run_stablehlo,
+    'saved_model': run_saved_model,
+    'litert': run_litert,
+}
