@@ -4,7 +4,7 @@ runtime, which is how `export.export` checks it (and how the tests load it).
     stablehlo    jax.export, serialized (one file), batch a symbolic dimension 'b'
     saved_model  a TensorFlow SavedModel (folder) of jax2tf's native serialization, with
                  a 'serving_default' signature: images (uint8) -> probabilities
-    litert       a .tflite flat buffer converted from that SavedModel's function;
+    litert       a .tflite flat buffer converted from that function at batch 1;
                  `quantize='dynamic'`: int8 weights (its accuracy change is reported)
     npz, safetensors   the checkpoint's arrays (`fineflax.export.arrays`)
 
@@ -26,7 +26,8 @@ from fineflax.errors import ConfigError
 from fineflax.export.serving import Serving
 
 EXTRA = "pip install 'fineflax[export]'"
-METADATA_FILE = 'fineflax.json'  # in a SavedModel's assets.extra/
+METADATA_FILE = 'fineflax.json'
+LITERT_BATCH = 1  # in a SavedModel's assets.extra/
 
 
 def sidecar(out: Path) -> Path:
@@ -64,18 +65,19 @@ def run_stablehlo(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 # --- saved_model ---------------------------------------------------------------------------
 
 
-def _tf_function(serving: Serving) -> Any:
+def _tf_function(serving: Serving, batch: int | None = None) -> Any:
+  """The serving function as a tf.function of jax2tf (native serialization); `batch`
+  None: any batch size."""
   tf = _tensorflow()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
   height, width, channels = serving.image_shape
-  converted = jax2tf.convert(
-      serving.fn, polymorphic_shapes=[f'(b, {height}, {width}, {channels})'], with_gradient=False
-  )
+  shape = f'({batch or "b"}, {height}, {width}, {channels})'
+  converted = jax2tf.convert(serving.fn, polymorphic_shapes=[shape], with_gradient=False)
   return tf.function(
       lambda images: {'probabilities': converted(images)},
       autograph=False,
-      input_signature=[tf.TensorSpec([None, height, width, channels], tf.uint8, name='images')],
+      input_signature=[tf.TensorSpec([batch, height, width, channels], tf.uint8, name='images')],
   )
 
 
@@ -105,10 +107,12 @@ def run_saved_model(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def write_litert(serving: Serving, out: Path, quantize: str | None = None) -> None:
-  """A .tflite flat buffer of the serving function (float32, or int8 weights)."""
+  """A .tflite flat buffer of the serving function (float32, or int8 weights), batch
+  LITERT_BATCH: the converter cannot lower the preprocessing's gather (the centre crop and
+  resize) with a dynamic batch, and LiteRT's interpreters run one image at a time."""
   tf = _tensorflow()
   module = tf.Module()
-  module.serve = _tf_function(serving)
+  module.serve = _tf_function(serving, LITERT_BATCH)
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [module.serve.get_concrete_function()], module
   )
@@ -125,16 +129,15 @@ def run_litert(path: Path) -> Callable[[np.ndarray], np.ndarray]:
   except ImportError:
     Interpreter = _tensorflow().lite.Interpreter  # pylint: disable=invalid-name
   interpreter = Interpreter(model_path=str(path))
+  interpreter.allocate_tensors()
+  (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
 
-  def call(images: np.ndarray) -> np.ndarray:
-    (inp,), (outp,) = interpreter.get_input_details(), interpreter.get_output_details()
-    interpreter.resize_tensor_input(inp['index'], images.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp['index'], np.ascontiguousarray(images))
+  def one(image: np.ndarray) -> np.ndarray:
+    interpreter.set_tensor(inp['index'], np.ascontiguousarray(image[None]))
     interpreter.invoke()
-    return interpreter.get_tensor(outp['index']).copy()
+    return interpreter.get_tensor(outp['index'])[0].copy()
 
-  return call
+  return lambda images: np.stack([one(image) for image in images])
 
 
 WRITERS = {
