@@ -64,7 +64,7 @@ def check_request(fmt: str, out: Path, overwrite: bool, quantize: str | None) ->
     raise ConfigError(f'--out {out}: no such directory {out.parent}')
 
 
-def check_images(run: RestoredRun, workdir: Any, n: int = CHECK_BATCH) -> tuple[np.ndarray, Any]:
+def check_images(run: RestoredRun, n: int = CHECK_BATCH) -> tuple[np.ndarray, Any]:
   """`n` validation images of the run and their labels, or (when its data cannot be
   read) random uint8 images and None."""
   key = 'val_split' if run.config.data.val_split is not None else 'test_split'
@@ -108,19 +108,20 @@ def export(
   temperature, note = calibration.saved_temperature(workdir, run)
   if temperature is None and note is not None:
     print(f'warning: {note}', file=sys.stderr)
-  serving = serving_lib.serving(run, temperature, fold=fold)
-  meta = dict(serving.metadata, exported_format=fmt, quantize=quantize)
   # Written beside, then renamed: an interrupted export leaves no half-written output.
   partial = out.with_name(f'.{out.name}.partial')
   _remove(partial)
   try:
-    if fmt in arrays_lib.WRITERS:
+    if fmt in arrays_lib.WRITERS:  # the checkpoint's arrays as they are: nothing to run
+      meta = serving_lib.metadata(run, temperature)
       arrays_lib.WRITERS[fmt](partial, arrays_lib.flatten(run.variables), meta)
       report = Report(out, fmt, run, temperature, 0, None)
     else:
+      serving = serving_lib.serving(run, temperature, fold=fold)
+      meta = dict(serving.metadata, exported_format=fmt, quantize=quantize)
       serving = dataclasses.replace(serving, metadata=meta)
       formats.WRITERS[fmt](serving, partial, quantize)
-      report = _checked(run, workdir, fmt, partial, temperature, serving, quantize, images, out)
+      report = _checked(run, fmt, partial, temperature, serving, quantize, images, out)
     if out.exists():
       _remove(out)
     os.replace(partial, out)
@@ -132,10 +133,21 @@ def export(
   return dataclasses.replace(report, size_bytes=size)
 
 
-def _checked(run, workdir, fmt, path, temperature, serving, quantize, images, out) -> Report:
+def _checked(
+    run: RestoredRun,
+    fmt: str,
+    path: Path,
+    temperature: float | None,
+    serving: serving_lib.Serving,
+    quantize: str | None,
+    images: np.ndarray | None,
+    out: Path,
+) -> Report:
+  """The export at `path` run by its runtime on the check batch and compared with
+  fineflax's forward pass; ConfigError above TOLERANCE (a float32 export)."""
   labels = None
   if images is None:
-    images, labels = check_images(run, workdir)
+    images, labels = check_images(run)
   expected = serving_lib.reference(run, images, temperature)
   got = np.asarray(formats.RUNNERS[fmt](path)(images))
   if got.shape != expected.shape:
