@@ -27,7 +27,7 @@ from fineflax.inference import calibration
 from fineflax.run.restore import RestoredRun, load_run
 
 TOLERANCE = 1e-5  # max |p_export - p_fineflax| of a float32 export
-FORMATS = ('stablehlo', 'saved_model', 'litert', 'npz', 'safetensors')
+FORMATS = ('stablehlo', 'saved_model', 'litert', 'onnx', 'npz', 'safetensors')
 QUANTIZE = ('dynamic',)  # litert only
 CHECK_BATCH = 8
 
@@ -117,7 +117,7 @@ def export(
       arrays_lib.WRITERS[fmt](partial, arrays_lib.flatten(run.variables), meta)
       report = Report(out, fmt, run, temperature, 0, None)
     else:
-      serving = serving_lib.serving(run, temperature, fold=fold)
+      serving = serving_lib.make_serving(run, temperature, fold=fold)
       meta = dict(serving.metadata, exported_format=fmt, quantize=quantize)
       serving = dataclasses.replace(serving, metadata=meta)
       formats.WRITERS[fmt](serving, partial, quantize)

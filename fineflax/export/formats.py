@@ -6,6 +6,7 @@ runtime, which is how `export.export` checks it (and how the tests load it).
                  a 'serving_default' signature: images (uint8) -> probabilities
     litert       a .tflite flat buffer converted from that function at batch 1;
                  `quantize='dynamic'`: int8 weights (its accuracy change is reported)
+    onnx         an ONNX graph written from the layer list (`onnx_graph`), batch symbolic
     npz, safetensors   the checkpoint's arrays (`fineflax.export.arrays`)
 
 The metadata (class names, image shape, temperature, the run's config) goes beside a
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fineflax.errors import ConfigError
+from fineflax.export import onnx_graph
 from fineflax.export.serving import Serving
 
 EXTRA = "pip install 'fineflax[export]'"
@@ -38,7 +40,7 @@ def sidecar(out: Path) -> Path:
 def _tensorflow() -> Any:
   try:
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top,unused-import
+    from jax.experimental import jax2tf  # noqa: F401  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ConfigError(f'this format needs TensorFlow ({e}): {EXTRA}') from None
   return tf
@@ -144,9 +146,11 @@ WRITERS = {
     'stablehlo': write_stablehlo,
     'saved_model': write_saved_model,
     'litert': write_litert,
+    'onnx': onnx_graph.write_onnx,
 }
 RUNNERS = {
     'stablehlo': run_stablehlo,
     'saved_model': run_saved_model,
     'litert': run_litert,
+    'onnx': onnx_graph.run_onnx,
 }

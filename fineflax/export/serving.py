@@ -40,6 +40,8 @@ class Serving:
     temperature: what the logits are divided by (None: nothing was saved).
     folded: how many BatchNormalization layers were folded.
     metadata: JSON-able facts written beside (or into) each export.
+    model, variables: the (folded, float32) classifier `fn` runs, and its variables.
+    augment: the run's augmentations (`prepare` uses its evaluation crop).
   """
 
   fn: Callable[[jax.Array], jax.Array]
@@ -48,6 +50,9 @@ class Serving:
   temperature: float | None
   folded: int
   metadata: dict[str, Any]
+  model: Any = None
+  variables: Any = None
+  augment: Any = None
 
 
 def float32_model(model: Any) -> Any:
@@ -72,7 +77,7 @@ def metadata(run: RestoredRun, temperature: float | None = None) -> dict[str, An
   }
 
 
-def serving(run: RestoredRun, temperature: float | None = None, fold: bool = True) -> Serving:
+def make_serving(run: RestoredRun, temperature: float | None = None, fold: bool = True) -> Serving:
   """The serving function of `run` (`fold` False: BatchNormalization left as it is)."""
   model = float32_model(run.model)
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), run.variables)
@@ -94,7 +99,17 @@ def serving(run: RestoredRun, temperature: float | None = None, fold: bool = Tru
       output='probabilities',
       batchnorm_folded=folded,
   )
-  return Serving(fn, tuple(run.image_shape), tuple(run.class_names), temperature, folded, meta)
+  return Serving(
+      fn,
+      tuple(run.image_shape),
+      tuple(run.class_names),
+      temperature,
+      folded,
+      meta,
+      model,
+      variables,
+      augment,
+  )
 
 
 def reference(run: RestoredRun, images: np.ndarray, temperature: float | None) -> np.ndarray:
