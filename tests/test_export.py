@@ -136,9 +136,12 @@ def test_serving_applies_the_temperature_and_is_float32(run, images):
 
 
 def test_a_bfloat16_run_exports_in_float32(run, images):
-  model = _model('resnet_tiny', run.model.image_size, len(run.class_names), jnp.bfloat16)
-  model = model.clone(head=run.model.head.clone(dtype=jnp.bfloat16))
+  model = run.model.clone(
+      backbone=run.model.backbone.clone(dtype=jnp.bfloat16),
+      head=run.model.head.clone(dtype=jnp.bfloat16),
+  )
   bf16 = dataclasses.replace(run, model=model)
+  assert np.abs(fineflax.predict_fn(bf16)(images) - fineflax.predict_fn(run)(images)).max() > TOL
   got = np.asarray(jax.jit(serving_lib.make_serving(bf16).fn)(images))
   assert got.dtype == np.float32
   np.testing.assert_allclose(got, fineflax.predict_fn(run)(images), atol=TOL, rtol=0)
@@ -158,6 +161,10 @@ def _load_and_run(fmt, path, images):
 
     session = onnxruntime.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     return session.run(['probabilities'], {'images': images})[0]
+  if fmt == 'keras':
+    import keras  # pylint: disable=g-import-not-at-top
+
+    return np.asarray(keras.models.load_model(path)(images, training=False))
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   if fmt == 'saved_model':
@@ -174,12 +181,13 @@ def _load_and_run(fmt, path, images):
   return np.stack(rows)
 
 
-@pytest.mark.parametrize('fmt', ['stablehlo', 'saved_model', 'litert', 'onnx'])
+@pytest.mark.parametrize('fmt', ['stablehlo', 'saved_model', 'litert', 'onnx', 'keras'])
 def test_each_format_in_its_runtime(demo_run, run, images, tmp_path, fmt, capsys):
   out = tmp_path / f'demo.{fmt}'
+  folded = '17 BatchNormalization' if fmt != 'keras' else ''
   assert cli_export.main(['--workdir', str(demo_run), '--format', fmt, '--out', str(out)]) == 0
   printed = capsys.readouterr().out
-  assert 'check: max |probability - fineflax| = ' in printed and '17 BatchNormalization' in printed
+  assert 'check: max |probability - fineflax| = ' in printed and folded in printed
   got = _load_and_run(fmt, out, images)
   np.testing.assert_allclose(got, fineflax.predict_fn(run)(images), atol=TOL, rtol=0)
   meta_path = (
@@ -188,7 +196,11 @@ def test_each_format_in_its_runtime(demo_run, run, images, tmp_path, fmt, capsys
   meta = json.loads(meta_path.read_text())
   assert meta['class_names'] == list(run.class_names) and meta['exported_format'] == fmt
   assert meta['input'] == {'dtype': 'uint8', 'shape': [None, *run.image_shape]}
-  if fmt in ('stablehlo', 'onnx'):  # a dynamic batch: another batch size runs the same program
+  if fmt in (
+      'stablehlo',
+      'onnx',
+      'keras',
+  ):  # a dynamic batch: another batch size runs the same program
     np.testing.assert_allclose(_load_and_run(fmt, out, images[:2]), got[:2], atol=1e-6, rtol=0)
 
 
@@ -199,7 +211,7 @@ def test_quantized_litert_reports_its_change(demo_run, tmp_path):
   assert report.max_abs_diff < 0.05  # int8 weights: close, not exact
 
 
-@pytest.mark.parametrize('fmt', ['stablehlo', 'saved_model', 'onnx'])
+@pytest.mark.parametrize('fmt', ['stablehlo', 'saved_model', 'onnx', 'keras'])
 def test_resnet50_formats(resnet50_run, tmp_path, fmt):
   serve = serving_lib.make_serving(resnet50_run)
   assert serve.folded == 53
@@ -248,7 +260,7 @@ def test_bad_input(demo_run, tmp_path, capsys, monkeypatch):
     return err
 
   out = str(tmp_path / 'x')
-  assert 'stablehlo, saved_model, litert, onnx, npz, safetensors' in error(
+  assert 'stablehlo, saved_model, litert, onnx, keras, npz, safetensors' in error(
       '--format', 'pt', '--out', out
   )
   assert 'only --format litert' in error(

@@ -27,7 +27,7 @@ from fineflax.inference import calibration
 from fineflax.run.restore import RestoredRun, load_run
 
 TOLERANCE = 1e-5  # max |p_export - p_fineflax| of a float32 export
-FORMATS = ('stablehlo', 'saved_model', 'litert', 'onnx', 'npz', 'safetensors')
+FORMATS = ('stablehlo', 'saved_model', 'litert', 'onnx', 'keras', 'npz', 'safetensors')
 QUANTIZE = ('dynamic',)  # litert only
 CHECK_BATCH = 8
 
@@ -58,6 +58,8 @@ def check_request(fmt: str, out: Path, overwrite: bool, quantize: str | None) ->
         f'--quantize {quantize!r}: only --format litert is quantized, with '
         f'{" or ".join(QUANTIZE)}'
     )
+  if fmt == 'keras' and out.suffix != '.keras':
+    raise ConfigError(f'--out {out}: a Keras file must end in .keras')
   if out.exists() and not overwrite:
     raise ConfigError(f'--out {out}: exists; pass --overwrite to replace it')
   if not out.parent.is_dir():
@@ -109,7 +111,7 @@ def export(
   if temperature is None and note is not None:
     print(f'warning: {note}', file=sys.stderr)
   # Written beside, then renamed: an interrupted export leaves no half-written output.
-  partial = out.with_name(f'.{out.name}.partial')
+  partial = out.with_name(f'.partial-{out.name}')  # keeps the suffix Keras checks
   _remove(partial)
   try:
     if fmt in arrays_lib.WRITERS:  # the checkpoint's arrays as they are: nothing to run
@@ -153,7 +155,8 @@ def _checked(
   if got.shape != expected.shape:
     raise ConfigError(f'{out}: the {fmt} export gives shape {got.shape}, not {expected.shape}')
   diff = float(np.abs(got - expected).max())
-  report = Report(out, fmt, run, temperature, serving.folded, diff)
+  folded = 0 if fmt == 'keras' else serving.folded  # the Keras model keeps its BN
+  report = Report(out, fmt, run, temperature, folded, diff)
   if quantize is not None:
     agree = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
     change = None

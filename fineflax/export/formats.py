@@ -7,6 +7,7 @@ runtime, which is how `export.export` checks it (and how the tests load it).
     litert       a .tflite flat buffer converted from that function at batch 1;
                  `quantize='dynamic'`: int8 weights (its accuracy change is reported)
     onnx         an ONNX graph written from the layer list (`onnx_graph`), batch symbolic
+    keras        a Keras 3 .keras file of the same network, BN kept (`keras_model`)
     npz, safetensors   the checkpoint's arrays (`fineflax.export.arrays`)
 
 The metadata (class names, image shape, temperature, the run's config) goes beside a
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fineflax.errors import ConfigError
-from fineflax.export import onnx_graph
+from fineflax.export import keras_model, onnx_graph
 from fineflax.export.serving import Serving
 
 EXTRA = "pip install 'fineflax[export]'"
@@ -147,10 +148,12 @@ WRITERS = {
     'saved_model': write_saved_model,
     'litert': write_litert,
     'onnx': onnx_graph.write_onnx,
+    'keras': keras_model.write_keras,
 }
 RUNNERS = {
     'stablehlo': run_stablehlo,
     'saved_model': run_saved_model,
     'litert': run_litert,
     'onnx': onnx_graph.run_onnx,
+    'keras': keras_model.run_keras,
 }

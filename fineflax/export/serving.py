@@ -42,6 +42,8 @@ class Serving:
     metadata: JSON-able facts written beside (or into) each export.
     model, variables: the (folded, float32) classifier `fn` runs, and its variables.
     augment: the run's augmentations (`prepare` uses its evaluation crop).
+    raw_model, raw_variables: the float32 classifier and variables before the fold (the
+      keras format keeps BatchNormalization).
   """
 
   fn: Callable[[jax.Array], jax.Array]
@@ -53,6 +55,8 @@ class Serving:
   model: Any = None
   variables: Any = None
   augment: Any = None
+  raw_model: Any = None
+  raw_variables: Any = None
 
 
 def float32_model(model: Any) -> Any:
@@ -81,7 +85,7 @@ def make_serving(run: RestoredRun, temperature: float | None = None, fold: bool 
   """The serving function of `run` (`fold` False: BatchNormalization left as it is)."""
   model = float32_model(run.model)
   variables = jax.tree.map(lambda a: np.asarray(a, np.float32), run.variables)
-  folded = 0
+  folded, raw_model, raw = 0, model, variables
   if fold:
     folded = folding.folded_layers(model, variables)
     model, variables = folding.fold_batchnorm(model, variables)
@@ -109,6 +113,8 @@ def make_serving(run: RestoredRun, temperature: float | None = None, fold: bool 
       model,
       variables,
       augment,
+      raw_model,
+      raw,
   )
 
 
