@@ -3,8 +3,11 @@ runtime (JAX for StableHLO, TensorFlow for the SavedModel, the LiteRT interprete
 the probabilities of fineflax's `predict_fn` to 1e-5, on the demo run's resnet_tiny and
 on ResNet50 with random weights."""
 
+import contextlib
 import dataclasses
+import io
 import json
+import re
 import subprocess
 import sys
 
@@ -181,27 +184,65 @@ def _load_and_run(fmt, path, images):
   return np.stack(rows)
 
 
-@pytest.mark.parametrize('fmt', ['stablehlo', 'saved_model', 'litert', 'onnx', 'keras'])
-def test_each_format_in_its_runtime(demo_run, run, images, tmp_path, fmt, capsys):
-  out = tmp_path / f'demo.{fmt}'
-  folded = '17 BatchNormalization' if fmt != 'keras' else ''
-  assert cli_export.main(['--workdir', str(demo_run), '--format', fmt, '--out', str(out)]) == 0
-  printed = capsys.readouterr().out
-  assert 'check: max |probability - fineflax| = ' in printed and folded in printed
+FORMATS = ('stablehlo', 'saved_model', 'litert', 'onnx', 'keras')
+OUT_NAMES = {
+    'stablehlo': 'demo.stablehlo',
+    'saved_model': 'demo_savedmodel',
+    'litert': 'demo.tflite',
+    'onnx': 'demo.onnx',
+    'keras': 'demo.keras',
+}  # as docs/checkpoints.md names them
+
+
+@pytest.fixture(scope='module')
+def exports(demo_run, tmp_path_factory):
+  """The demo run exported once in each serving format by the program's main, with what
+  it printed."""
+  folder = tmp_path_factory.mktemp('exports')
+  printed = {}
+  for fmt in FORMATS:
+    out = folder / OUT_NAMES[fmt]
+    args = ['--workdir', str(demo_run), '--format', fmt, '--out', str(out)]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+      assert cli_export.main(args) == 0
+    printed[fmt] = stdout.getvalue()
+  return folder, printed
+
+
+@pytest.mark.parametrize('fmt', FORMATS)
+def test_each_format_in_its_runtime(exports, run, images, fmt):
+  folder, printed = exports
+  out = folder / OUT_NAMES[fmt]
+  assert 'check: max |probability - fineflax| = ' in printed[fmt]
+  assert ('17 BatchNormalization' in printed[fmt]) == (fmt != 'keras')
   got = _load_and_run(fmt, out, images)
   np.testing.assert_allclose(got, fineflax.predict_fn(run)(images), atol=TOL, rtol=0)
-  meta_path = (
-      out / 'assets.extra' / formats.METADATA_FILE if fmt == 'saved_model' else formats.sidecar(out)
-  )
+  if fmt == 'saved_model':
+    meta_path = out / 'assets.extra' / formats.METADATA_FILE
+  else:
+    meta_path = formats.sidecar(out)
   meta = json.loads(meta_path.read_text())
   assert meta['class_names'] == list(run.class_names) and meta['exported_format'] == fmt
   assert meta['input'] == {'dtype': 'uint8', 'shape': [None, *run.image_shape]}
-  if fmt in (
-      'stablehlo',
-      'onnx',
-      'keras',
-  ):  # a dynamic batch: another batch size runs the same program
+  if fmt != 'litert':  # a dynamic batch: another batch size runs the same program
     np.testing.assert_allclose(_load_and_run(fmt, out, images[:2]), got[:2], atol=1e-6, rtol=0)
+
+
+def test_the_docs_loading_code(exports, run, monkeypatch):
+  """docs/checkpoints.md ("Export for serving"): each block, as written, on the exports."""
+  folder, _ = exports
+  text = (helpers.ROOT / 'docs' / 'checkpoints.md').read_text()
+  text = text[text.index('## Export for serving') :]
+  text = text[: text.index('\n## ', 1) if '\n## ' in text[1:] else None]
+  setup, *blocks = re.findall(r'^```python\n(.*?)^```', text, re.M | re.S)
+  assert len(blocks) == len(FORMATS)
+  monkeypatch.chdir(folder)
+  scope = {}
+  exec(compile(setup, 'docs/checkpoints.md', 'exec'), scope)  # pylint: disable=exec-used
+  want = fineflax.predict_fn(run)(scope['images'])
+  for block in blocks:
+    exec(compile(block, 'docs/checkpoints.md', 'exec'), scope)  # pylint: disable=exec-used
+    np.testing.assert_allclose(scope.pop('probs'), want, atol=TOL, rtol=0, err_msg=block)
 
 
 def test_quantized_litert_reports_its_change(demo_run, tmp_path):
