@@ -319,3 +319,27 @@ def test_bad_input(demo_run, tmp_path, capsys, monkeypatch):
   monkeypatch.setitem(formats.RUNNERS, 'stablehlo', lambda p: (lambda x: real(p)(x) + 2e-5))
   assert 'tolerance 1e-05' in error('--format', 'stablehlo', '--out', out)
   assert sorted(p.name for p in tmp_path.iterdir()) == ['old']
+
+
+@pytest.mark.parametrize('fmt', ['onnx', 'keras', 'stablehlo'])
+def test_a_binary_head_gives_both_columns(run, tmp_path, fmt):
+  """A one-logit head: [1 - p, p] of its sigmoid, in the writers that build it themselves
+  (onnx, keras) and through JAX (stablehlo), with a temperature."""
+  cfg = config_lib.from_dict(config_lib.to_dict(run.config))
+  cfg.model.num_classes = 1
+  model = models.build_model(cfg.model, 1)
+  variables = model.init(jax.random.key(4), jnp.zeros((1, *run.image_shape), jnp.uint8))
+  binary = dataclasses.replace(
+      run, model=model, variables=_random_batchnorm(variables), class_names=('no', 'yes')
+  )
+  serve = serving_lib.make_serving(binary, temperature=1.5)
+  out = tmp_path / f'binary.{fmt}'
+  formats.WRITERS[fmt](serve, out)
+  x = np.random.default_rng(5).integers(0, 256, (4, *run.image_shape), dtype=np.uint8)
+  got = _load_and_run(fmt, out, x)
+  assert got.shape == (4, 2)
+  np.testing.assert_allclose(got, serving_lib.reference(binary, x, 1.5), atol=TOL, rtol=0)
+  # The reference, sharpened in NumPy: sigmoid(logit / T) from predict_fn's [1 - p, p].
+  p = fineflax.predict_fn(binary)(x)[:, 1].astype(np.float64)
+  logit = np.log(p) - np.log1p(-p)
+  np.testing.assert_allclose(got[:, 1], 1 / (1 + np.exp(-logit / 1.5)), atol=TOL, rtol=0)
