@@ -29,8 +29,9 @@ from fineflax.export import keras_model, onnx_graph
 from fineflax.export.serving import Serving
 
 EXTRA = "pip install 'fineflax[export]'"
-METADATA_FILE = 'fineflax.json'
-LITERT_BATCH = 1  # in a SavedModel's assets.extra/
+METADATA_FILE = 'fineflax.json'  # in a SavedModel's assets.extra/
+LITERT_BATCH = 1
+_PLATFORMS = {'gpu': 'cuda', 'tpu': 'tpu'}  # jax.default_backend() -> jax.export's name
 
 
 def sidecar(out: Path) -> Path:
@@ -47,15 +48,21 @@ def _tensorflow() -> Any:
   return tf
 
 
+def platforms() -> list[str]:
+  """What exports are lowered for: the CPU, and this machine's accelerator if it has one
+  (an exported module runs only on the platforms it was lowered for)."""
+  return ['cpu'] + [p for p in [_PLATFORMS.get(jax.default_backend())] if p]
+
+
 # --- stablehlo -----------------------------------------------------------------------------
 
 
 def write_stablehlo(serving: Serving, out: Path, quantize: str | None = None) -> None:
-  """jax.export of the serving function for the CPU, batch symbolic, serialized."""
+  """jax.export of the serving function, batch symbolic, serialized (`platforms`)."""
   del quantize
   (batch,) = jax.export.symbolic_shape('b')
   spec = jax.ShapeDtypeStruct((batch, *serving.image_shape), jnp.uint8)
-  exported = jax.export.export(jax.jit(serving.fn), platforms=['cpu'])(spec)
+  exported = jax.export.export(jax.jit(serving.fn), platforms=platforms())(spec)
   out.write_bytes(exported.serialize())
 
 
@@ -68,7 +75,9 @@ def run_stablehlo(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 # --- saved_model ---------------------------------------------------------------------------
 
 
-def _tf_function(serving: Serving, batch: int | None = None) -> Any:
+def _tf_function(
+    serving: Serving, batch: int | None = None, lowered_for: list[str] | None = None
+) -> Any:
   """The serving function as a tf.function of jax2tf (native serialization); `batch`
   None: any batch size."""
   tf = _tensorflow()
@@ -76,7 +85,12 @@ def _tf_function(serving: Serving, batch: int | None = None) -> Any:
 
   height, width, channels = serving.image_shape
   shape = f'({batch or "b"}, {height}, {width}, {channels})'
-  converted = jax2tf.convert(serving.fn, polymorphic_shapes=[shape], with_gradient=False)
+  converted = jax2tf.convert(
+      serving.fn,
+      polymorphic_shapes=[shape],
+      with_gradient=False,
+      native_serialization_platforms=lowered_for or platforms(),
+  )
   return tf.function(
       lambda images: {'probabilities': converted(images)},
       autograph=False,
@@ -115,7 +129,7 @@ def write_litert(serving: Serving, out: Path, quantize: str | None = None) -> No
   resize) with a dynamic batch, and LiteRT's interpreters run one image at a time."""
   tf = _tensorflow()
   module = tf.Module()
-  module.serve = _tf_function(serving, LITERT_BATCH)
+  module.serve = _tf_function(serving, LITERT_BATCH, ['cpu'])  # LiteRT runs its own ops
   converter = tf.lite.TFLiteConverter.from_concrete_functions(
       [module.serve.get_concrete_function()], module
   )
