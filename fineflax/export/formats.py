@@ -76,21 +76,26 @@ def run_stablehlo(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def _tf_function(
-    serving: Serving, batch: int | None = None, lowered_for: list[str] | None = None
+    serving: Serving,
+    batch: int | None = None,
+    lowered_for: list[str] | None = None,
+    variables: Any = None,
 ) -> Any:
   """The serving function as a tf.function of jax2tf (native serialization); `batch`
-  None: any batch size."""
+  None: any batch size. `variables` (tf.Variables shaped as `serving.variables`): passed
+  to the module as arguments, so that a SavedModel keeps them once, in its variables/,
+  rather than as constants of the module; None: the constants."""
   tf = _tensorflow()
   from jax.experimental import jax2tf  # pylint: disable=g-import-not-at-top
 
   height, width, channels = serving.image_shape
   shape = f'({batch or "b"}, {height}, {width}, {channels})'
-  converted = jax2tf.convert(
-      serving.fn,
-      polymorphic_shapes=[shape],
-      with_gradient=False,
-      native_serialization_platforms=lowered_for or platforms(),
-  )
+  options = dict(with_gradient=False, native_serialization_platforms=lowered_for or platforms())
+  if variables is None:
+    converted = jax2tf.convert(serving.fn, polymorphic_shapes=[shape], **options)
+  else:
+    applied = jax2tf.convert(serving.apply, polymorphic_shapes=[None, shape], **options)
+    converted = lambda images: applied(variables, images)
   return tf.function(
       lambda images: {'probabilities': converted(images)},
       autograph=False,
@@ -100,11 +105,13 @@ def _tf_function(
 
 def write_saved_model(serving: Serving, out: Path, quantize: str | None = None) -> None:
   """A SavedModel folder: signature 'serving_default' (images uint8 -> probabilities),
-  `class_names` a string constant of the module, the metadata in assets.extra/."""
+  the weights as its variables, `class_names` a string variable of the module, the
+  metadata in assets.extra/."""
   del quantize
   tf = _tensorflow()
   module = tf.Module()
-  module.serve = _tf_function(serving)
+  module.weights = jax.tree.map(lambda a: tf.Variable(a, trainable=False), serving.variables)
+  module.serve = _tf_function(serving, variables=module.weights)
   module.class_names = tf.Variable(list(serving.class_names), trainable=False, dtype=tf.string)
   tf.saved_model.save(
       module, str(out), signatures={'serving_default': module.serve.get_concrete_function()}

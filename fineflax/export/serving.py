@@ -13,6 +13,7 @@ function of the images.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -44,6 +45,7 @@ class Serving:
     augment: the run's augmentations (`prepare` uses its evaluation crop).
     raw_model, raw_variables: the float32 classifier and variables before the fold (the
       keras format keeps BatchNormalization).
+    apply: `fn` with the variables an argument: apply(variables, images).
   """
 
   fn: Callable[[jax.Array], jax.Array]
@@ -57,6 +59,7 @@ class Serving:
   augment: Any = None
   raw_model: Any = None
   raw_variables: Any = None
+  apply: Callable[[Any, jax.Array], jax.Array] | None = None
 
 
 def float32_model(model: Any) -> Any:
@@ -92,10 +95,12 @@ def make_serving(run: RestoredRun, temperature: float | None = None, fold: bool 
   augment = data.augment_from_config(run.config.data)
   scale = 1.0 if temperature is None else 1.0 / temperature
 
-  def fn(images: jax.Array) -> jax.Array:
+  def apply(variables: dict[str, Any], images: jax.Array) -> jax.Array:
     x = augmentation.prepare(images, None, augment, model.image_size, train=False)
     logits = model.apply(variables, x, train=False).astype(jnp.float32)
     return probabilities(logits * scale if temperature is not None else logits)
+
+  fn = functools.partial(apply, variables)
 
   meta = metadata(run, temperature)
   meta.update(
@@ -115,6 +120,7 @@ def make_serving(run: RestoredRun, temperature: float | None = None, fold: bool 
       augment,
       raw_model,
       raw,
+      apply,
   )
 
 
