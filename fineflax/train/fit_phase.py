@@ -61,7 +61,7 @@ def fit_head(
       run.class_weights,
   )
   seconds = time.perf_counter() - start
-  state = with_head(run, plan, state, fit)
+  state = with_head(run, state, fit)
   loss, accuracy = linear_probe.score(fit, train.images, train.labels, run.class_weights)
   val_metrics = run.evaluate(state.variables, 'val', on) if val is not None else {}
   position.epoch += 1
@@ -119,7 +119,7 @@ def fit_line(record: dict[str, Any]) -> str:
 
 
 def with_head(
-    run: TrainingRun, plan: PhasePlan, state: state_lib.TrainState, fit: linear_probe.LinearFit
+    run: TrainingRun, state: state_lib.TrainState, fit: linear_probe.LinearFit
 ) -> state_lib.TrainState:
   """`state` with the head's Dense layer set to `fit`, one step on."""
   name = head_dense(run)
