@@ -24,6 +24,14 @@ os.environ['JAX_COMPILATION_CACHE_DIR'] = os.environ['FINEFLAX_TEST_XLA_CACHE']
 # metrics, the small models' steps) were compiled again by every run and program.
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
+# Loaded after TensorFlow (the export tests run SavedModels and LiteRT in this process),
+# triton, which torch imports for the torchvision references, crashes the process on
+# import (a segmentation fault: both carry LLVM); loaded first, both work.
+try:
+  import triton  # noqa: E402, F401
+except ImportError:  # torch without triton
+  pass
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
