@@ -26,14 +26,19 @@ def program_env(
     **extra: str,
 ) -> dict[str, str]:
   """The environment of a program a test starts: this process's, with the repository on
-  PYTHONPATH and without conftest's eight virtual devices (XLA_FLAGS=''), or on `devices`
-  CPU devices (JAX_PLATFORMS=cpu: the device count applies to the host platform only);
+  PYTHONPATH and without conftest's eight virtual devices (XLA_FLAGS holds conftest's
+  compiler level only), or on `devices` CPU devices (JAX_PLATFORMS=cpu: the device count
+  applies to the host platform only);
   `cache` as $FINEFLAX_CACHE (else conftest's); the variables named in `unset` left out,
   then `extra` set."""
   env = {k: v for k, v in os.environ.items() if k not in unset}
-  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS='')
+  flags = os.environ.get('FINEFLAX_TEST_XLA_FLAGS', '')  # conftest's compiler level
+  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
   if devices is not None:
-    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    env.update(
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
+    )
   if cache is not None:
     env['FINEFLAX_CACHE'] = str(cache)
   env.update(extra)

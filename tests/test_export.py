@@ -252,7 +252,10 @@ def test_quantized_litert_reports_its_change(demo_run, tmp_path):
   assert report.max_abs_diff < 0.05  # int8 weights: close, not exact
 
 
-@pytest.mark.parametrize('fmt', ['stablehlo', 'saved_model', 'onnx', 'keras'])
+# The writers that rebuild the layers themselves meet ResNet50's identity blocks here
+# (resnet_tiny has one block a stage, each with a projection shortcut); stablehlo and
+# saved_model trace the model's own JAX function, whatever its layers.
+@pytest.mark.parametrize('fmt', ['onnx', 'keras'])
 def test_resnet50_formats(resnet50_run, tmp_path, fmt):
   serve = serving_lib.make_serving(resnet50_run)
   assert serve.folded == 53

@@ -1,6 +1,6 @@
 """Multi-host runs: `python -m fineflax.train` as two processes on 127.0.0.1 (2 CPU devices
-each, gloo collectives) trains as one process on 4 devices does, resumes after both are
-killed, and fails, rather than hangs, when one of them dies."""
+each, gloo collectives), writing to a gs:// run folder, trains as one process on 4 devices
+does, resumes after both are killed, and fails, rather than hangs, when one of them dies."""
 
 import itertools
 import os
@@ -16,10 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from fineflax import distributed
+from fineflax import distributed, storage
 from fineflax.run import RunDir, checkpoints, restore
 from fineflax.run.reporting import MetricsLog
-from tests import helpers
+from tests import helpers, storage_emulator
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # starts two-process training jobs
@@ -240,23 +240,24 @@ def _start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Pop
 
 
 class Job:
-  """The processes of one run, their output in files beside the workdir."""
+  """The processes of one run, their output in files named `log` with the launch and
+  process numbers added."""
 
   _launches = itertools.count()
 
-  def __init__(self, workdir: Path, commands: list[list[str]], env: dict[str, str]):
+  def __init__(self, log: Path, commands: list[list[str]], env: dict[str, str]):
     launch = next(self._launches)
-    self.logs = [
-        workdir.with_name(f'{workdir.name}.{launch}.{i}.log') for i in range(len(commands))
-    ]
+    self.logs = [log.with_name(f'{log.name}.{launch}.{i}.log') for i in range(len(commands))]
     self.procs = [_start(c, env, log) for c, log in zip(commands, self.logs)]
 
   @classmethod
-  def two_processes(cls, workdir: Path, cache: Path, *overrides: str) -> 'Job':
+  def two_processes(
+      cls, workdir: Path | str, log: Path, env: dict[str, str], *overrides: str
+  ) -> 'Job':
     """`python -m fineflax.train` as processes 0 and 1 of a job on 127.0.0.1."""
     port = helpers.free_port()
     return cls(
-        workdir,
+        log,
         [
             [
                 'fineflax.train',
@@ -271,7 +272,7 @@ class Job:
             ]
             for i in range(2)
         ],
-        _env(cache, 2),
+        env,
     )
 
   def output(self, i: int) -> str:
@@ -296,7 +297,7 @@ class Job:
         p.wait()
 
 
-def _final_variables(workdir: Path) -> dict:
+def _final_variables(workdir: Path | str) -> dict:
   run = restore.load_run(workdir, 'latest')
   assert run.step == 4, run.step  # 2 phases x 1 epoch x 2 steps
   return run.variables
@@ -350,10 +351,11 @@ def _end_of_first(job: Job, killed: float) -> dict:
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
   """Every run of the module, overlapping (most of a run's time is spent waiting on the
-  other process):
+  other process), while a Cloud Storage emulator (tests/storage_emulator.py) runs:
 
   one: the config on one process of 4 devices, fed the global batches of two processes;
-  two: two processes, uninterrupted;
+  two: two processes, uninterrupted, on a gs:// run folder: both write their shards of
+    every Orbax save to Cloud Storage, process 0 the reports;
   killed: two processes, process 1 killed after the first checkpoint ('death': how
     process 0 ended), then the same two commands again (the job 'resumed'). Started once
     'two' has compiled its first step into the shared XLA cache, to load it from there.
@@ -362,18 +364,27 @@ def runs(tmp_path_factory):
   """
   root = tmp_path_factory.mktemp('multihost')
   cache = root / 'cache'
+  with storage_emulator.running(root / 'emulator.log') as gcs, storage_emulator.environment(gcs):
+    yield _run_jobs(root, cache, dict(_env(cache, 2), **gcs))
+
+
+def _run_jobs(root: Path, cache: Path, env: dict[str, str]) -> dict:
+  """The runs of `runs`, with their outcomes; `env`: the two-process jobs' environment."""
+  two = f'gs://{storage_emulator.BUCKET}/multihost/two'
   jobs = {
       'one': Job(
           root / 'one',
           [['tests.multihost_reference', CONFIG, str(root / 'one'), str(helpers.free_port())]],
           _env(cache, 4),
       ),
-      'two': Job.two_processes(root / 'two', cache),
+      'two': Job.two_processes(two, root / 'two', env),
   }
   try:
     _wait_until(jobs['two'], lambda: 'compiled the train step' in jobs['two'].output(0), 'compiled')
-    jobs['killed'] = Job.two_processes(root / 'killed', cache)
-    jobs['preempted'] = Job.two_processes(root / 'preempted', cache, *PREEMPTED_OVERRIDES)
+    jobs['killed'] = Job.two_processes(root / 'killed', root / 'killed', env)
+    jobs['preempted'] = Job.two_processes(
+        root / 'preempted', root / 'preempted', env, *PREEMPTED_OVERRIDES
+    )
     _first_checkpoint(jobs['killed'], root / 'killed')
     killed = _kill_second(jobs['killed'])
     _wait_until(
@@ -383,9 +394,11 @@ def runs(tmp_path_factory):
     )
     jobs['preempted'].procs[1].send_signal(signal.SIGTERM)
     death = _end_of_first(jobs['killed'], killed)
-    jobs['resumed'] = Job.two_processes(root / 'killed', cache)
+    jobs['resumed'] = Job.two_processes(root / 'killed', root / 'killed', env)
     preempted = jobs['preempted'].wait()
-    jobs['preempted_resumed'] = Job.two_processes(root / 'preempted', cache, *PREEMPTED_OVERRIDES)
+    jobs['preempted_resumed'] = Job.two_processes(
+        root / 'preempted', root / 'preempted', env, *PREEMPTED_OVERRIDES
+    )
     codes = {name: job.wait() for name, job in jobs.items() if name not in ('killed', 'preempted')}
   finally:
     for job in jobs.values():
@@ -396,7 +409,8 @@ def runs(tmp_path_factory):
       jobs=jobs,
       death=death,
       preempted_codes=preempted,
-      **{name: root / name for name in ('one', 'two', 'killed', 'preempted')},
+      two=two,
+      **{name: root / name for name in ('one', 'killed', 'preempted')},
   )
 
 
@@ -411,8 +425,8 @@ def test_two_processes_train_as_one_process_on_their_devices(runs):
   assert job.output(0).count('test_accuracy: ') == 2  # stdout still reaches the log
   records = MetricsLog(runs['two']).read()
   assert [(r['phase'], r['step']) for r in records] == [('scratch', 2), ('finetune', 4)]
-  assert (runs['two'] / 'results.json').is_file()
-
+  assert storage.as_path(runs['two']).joinpath('results.json').is_file()
+  # Read back from gs://, where each process wrote its own shards.
   _assert_same_variables(_final_variables(runs['two']), _final_variables(runs['one']))
 
 
@@ -449,37 +463,3 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_the_run_resumes(
   records = MetricsLog(runs['preempted']).read()
   assert [r['step'] for r in records] == [2 * i for i in range(1, 14)]
   assert restore.load_run(runs['preempted'], 'latest').step == 26
-
-
-def test_two_processes_on_a_gs_run_folder_end_as_on_a_local_one(runs, tmp_path):
-  """Both processes write their shards of every Orbax save to Cloud Storage (the emulator
-  of tests/storage_emulator.py); process 0 the reports."""
-  from tests import storage_emulator  # pylint: disable=g-import-not-at-top
-
-  workdir = f'gs://{storage_emulator.BUCKET}/multihost'
-  with storage_emulator.running(tmp_path / 'emulator.log') as env:
-    port = helpers.free_port()
-    job = Job(
-        tmp_path / 'gs',
-        [
-            [
-                'fineflax.train',
-                '--config',
-                CONFIG,
-                '--workdir',
-                workdir,
-                f'--coordinator=127.0.0.1:{port}',
-                '--num_processes=2',
-                f'--process_id={i}',
-            ]
-            for i in range(2)
-        ],
-        dict(_env(runs['two'].parent / 'cache', 2), **env),
-    )
-    assert job.wait() == [0, 0], job.tails()
-    with storage_emulator.environment(env):
-      drop = lambda records: [
-          {k: v for k, v in r.items() if k != 'images_per_sec'} for r in records
-      ]
-      assert drop(MetricsLog(workdir).read()) == drop(MetricsLog(runs['two']).read())
-      _assert_same_variables(_final_variables(workdir), _final_variables(runs['two']))

@@ -1,14 +1,14 @@
 """Memory of the two input paths: a streamed run's peak does not grow with the
 dataset, and the in-memory path holds a split once while reading it, not twice.
 
-Measured on the 2-core CPU machine (peak RSS in MB, VmHWM, each run a fresh process;
-N = 1000 JPEGs decoded at load_size 224 are 143.6 MB, 4N 574.2 MB):
-  stream: N 510, 4N 514 (+4);
-  memory: N 1019, 4N 1896 (+877: the split is held on the host and, placed whole, on the
+Measured on the 2-core CPU machine (peak RSS in MB, VmHWM, each run a fresh process, XLA
+at the suite's level 0; N = 500 JPEGs decoded at load_size 320 are 146.5 MB, 4N 585.9 MB):
+  stream: N 816, 4N 816 (+0);
+  memory: N 1044, 4N 1944 (+900: the split is held on the host and, placed whole, on the
     device).
-tracemalloc's peak while folder.load reads 200 images (28.7 MB decoded): 29.6 MB (1.03 x)
-into one array; 57.6 MB (2.01 x) when the images were listed, then stacked.
-The file takes about 50 s (a run that streams, its compiled step loaded: 5-7 s).
+tracemalloc's peak while folder.load reads 200 images (58.6 MB decoded): 60.3 MB (1.03 x)
+into one array; twice the split (seen at 224 px: 2.01 x) when the images were listed, then
+stacked. The file takes about 80 s alone.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow  # five training runs, each in a process of its own
 
-N = 1000  # JPEGs of the small folder; the large one has 4N
-LOAD_SIZE = 224  # decoded: 224 * 224 * 3 = 147 KB an image, whatever the file's size
+N = 500  # JPEGs of the small folder; the large one has 4N
+LOAD_SIZE = 320  # decoded: 320 * 320 * 3 = 307 KB an image, whatever the file's size
 # Small batches: every step in flight holds its batch (fineflax.train.loop.IN_FLIGHT of
 # them; before that bound, dispatch ran dozens of steps ahead on the CPU and the queue
 # alone reached some 300 MB at 64 images of 224 px), so 16 (2.4 MB) keeps that term small
