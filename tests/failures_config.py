@@ -67,7 +67,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.augment.flip = 'horizontal'
   config.checkpoint.every_steps = 1
   config.checkpoint.keep = 3
-  config.report.plot = False
   hold = os.environ.get('FINEFLAX_TEST_HOLD')
   if hold:
     point, step = hold.split(':')

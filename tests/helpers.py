@@ -3,10 +3,11 @@ free ports, small configs and models, a phase's optimizer and train state."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import ml_collections
@@ -25,24 +26,31 @@ def program_env(
     unset: Sequence[str] = (),
     **extra: str,
 ) -> dict[str, str]:
-  """The environment of a program a test starts: this process's, with the repository on
-  PYTHONPATH and without conftest's eight virtual devices (XLA_FLAGS holds conftest's
-  compiler level only), or on `devices` CPU devices (JAX_PLATFORMS=cpu: the device count
-  applies to the host platform only);
-  `cache` as $FINEFLAX_CACHE (else conftest's); the variables named in `unset` left out,
-  then `extra` set."""
+  """The environment of a program a test starts: this process's (conftest's compiler
+  switch included), with the repository on PYTHONPATH and without conftest's eight
+  virtual devices, or on `devices` CPU devices (JAX_PLATFORMS=cpu: the device count
+  applies to the host platform only); `cache` as $FINEFLAX_CACHE (else conftest's); the
+  variables named in `unset` left out, then `extra` set."""
   env = {k: v for k, v in os.environ.items() if k not in unset}
-  flags = os.environ.get('FINEFLAX_TEST_XLA_FLAGS', '')  # conftest's compiler level
-  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS=flags)
+  env.update(PYTHONPATH=str(ROOT), XLA_FLAGS='')
   if devices is not None:
-    env.update(
-        JAX_PLATFORMS='cpu',
-        XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
-    )
+    env.update(JAX_PLATFORMS='cpu', XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
   if cache is not None:
     env['FINEFLAX_CACHE'] = str(cache)
   env.update(extra)
   return env
+
+
+@contextlib.contextmanager
+def optimized_compilation() -> Iterator[None]:
+  """XLA's default optimisation for what this process compiles inside: for the tests
+  bound by execution rather than compilation (conftest.py turns it off for the rest)."""
+  previous = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', previous)
 
 
 def free_port() -> int:
@@ -57,13 +65,16 @@ def tiny_config(
     *phases: ml_collections.ConfigDict, batch_size: int = 8, **data_keys: Any
 ) -> ml_collections.ConfigDict:
   """A run of seconds on a CPU: resnet_tiny at 16 px with 'tf' preprocessing, no weights,
-  global batch `batch_size`, the config.data keys in `data_keys` (the digits unless a
-  source is given) and `phases` (one default phase unless given)."""
+  no history plot (matplotlib redraws it in about 0.3 s an epoch, as long as such an
+  epoch; the tests of the plot turn it on), global batch `batch_size`, the config.data
+  keys in `data_keys` (the digits unless a source is given) and `phases` (one default
+  phase unless given)."""
   cfg = config_lib.default_config()
   cfg.batch_size = batch_size
   cfg.model.backbone = 'resnet_tiny'
   cfg.model.image_size = 16
   cfg.model.preprocessing = 'tf'
+  cfg.report.plot = False
   for key, value in data_keys.items():
     cfg.data[key] = value
   if phases:

@@ -153,7 +153,7 @@ def test_a_workdir_of_another_config_is_not_resumed_into(tmp_path):
   longer = _one_epoch(helpers.two_phase_config())
   longer.phases[0].epochs = 2
   longer.phases = longer.phases + (config_lib.phase(name='more', freeze='backbone'),)
-  longer.report.plot = False
+  longer.report.plot = True
   results = train.train_and_evaluate(longer, workdir, devices=DEVICES)
   assert results['epoch'] == 3
   assert json.loads((workdir / 'config.json').read_text())['phases'][0]['epochs'] == 2

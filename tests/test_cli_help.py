@@ -43,6 +43,11 @@ def test_both_ways_of_starting_a_program_print_the_same_help(name):
     assert '__main__' not in text and '/fineflax/' not in text, (program, text)
     shown[program] = text.replace(program + ':', 'PROGRAM:', 1)
   assert len(set(shown.values())) == 1
-  assert '--coordinator' in shown[f'fineflax-{name}']
+  text = shown[f'fineflax-{name}']
+  assert 'Try --helpfull' in text
+  for flag in ('--coordinator', '--num_processes', '--process_id'):  # the multi-host flags
+    assert flag in text, flag
   if name != 'evaluate':
-    assert '--config.KEY=VALUE' in usage and '--config:' in shown[f'fineflax-{name}']
+    assert '--config.KEY=VALUE' in usage and ':smoke' in usage and '--config:' in text
+  if name == 'train':
+    assert '--workdir' in text

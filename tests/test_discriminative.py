@@ -121,10 +121,11 @@ def test_sgd_step_moves_each_group_by_lr_times_multiplier_times_gradient():
     )
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch['label']).mean()
 
-  grads = _flat(jax.grad(loss)(variables['params']))
+  gradient = jax.grad(loss)(variables['params'])
+  grads = _flat(gradient)
   # The optimizer alone: the update is -(lr x m) x g, to the bit.
   view = opt.trainable(variables['params'])
-  grad_view = opt.trainable(jax.grad(loss)(variables['params']))
+  grad_view = opt.trainable(gradient)
   updates, _ = tx.update(grad_view, tx.init(view), view)
   for path, u in _flat(updates).items():
     expected = np.float32(-lr * _expected_multiplier(path)) * grads[path]

@@ -22,6 +22,7 @@ from fineflax.cli import export as cli_export
 from fineflax.data import augment as augmentation
 from fineflax.export import exporter, folding, formats, serving as serving_lib
 from fineflax.run import restore
+from fineflax.train import state as state_lib
 from tests import helpers
 
 pytestmark = pytest.mark.slow  # converts models, starts a program
@@ -66,7 +67,7 @@ def images(run):
 def resnet50_run(run):
   """The demo run with ResNet50 (random weights, random BN statistics) at 64 px."""
   model = _model('resnet50', 64, num_classes=len(run.class_names))
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.uint8))
+  variables = state_lib.init_variables(model, (64, 64, 3), seed=0)
   return dataclasses.replace(run, model=model, variables=_random_batchnorm(variables))
 
 
@@ -76,8 +77,7 @@ def resnet50_run(run):
 @pytest.mark.parametrize('backbone,size,count', [('resnet_tiny', 32, 17), ('resnet50', 64, 53)])
 def test_fold_batchnorm_keeps_the_outputs(backbone, size, count):
   model = _model(backbone, size)
-  variables = model.init(jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.uint8))
-  variables = _random_batchnorm(variables)
+  variables = _random_batchnorm(state_lib.init_variables(model, (size, size, 3), seed=0))
   x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
   folded_model, folded = folding.fold_batchnorm(model, variables)
   assert folding.folded_layers(model, variables) == count
@@ -331,7 +331,7 @@ def test_a_binary_head_gives_both_columns(run, tmp_path, fmt):
   cfg = config_lib.from_dict(config_lib.to_dict(run.config))
   cfg.model.num_classes = 1
   model = models.build_model(cfg.model, 1)
-  variables = model.init(jax.random.key(4), jnp.zeros((1, *run.image_shape), jnp.uint8))
+  variables = state_lib.init_variables(model, tuple(run.image_shape), seed=4)
   binary = dataclasses.replace(
       run, model=model, variables=_random_batchnorm(variables), class_names=('no', 'yes')
   )

@@ -197,7 +197,7 @@ def _lora_run_config():
   )
   cfg.model.lora.rank = RANK
   cfg.model.lora.alpha = ALPHA
-  cfg.report.tensorboard = cfg.report.plot = False
+  cfg.report.tensorboard = False
   cfg.data.test_split = None
   return cfg
 

@@ -213,18 +213,6 @@ def test_another_backbone_is_told_and_takes_the_stages_spec():
   assert {row[0] for row in rows if row[-1] == 'N'} >= {'conv1_conv', 'conv4_block1_3_conv'}
 
 
-def test_help_lists_the_config_flags_and_the_multi_host_flags():
-  for program in ('fineflax.train', 'fineflax.evaluate', 'fineflax.summary', 'fineflax.predict'):
-    shown = _run(program, '--help')  # absl ends --help with exit status 1
-    text = shown.stdout
-    assert 'Try --helpfull' in text, shown.stderr[-2000:]
-    for flag in ('--coordinator', '--num_processes', '--process_id'):
-      assert flag in text, (program, flag)
-    if program != 'fineflax.evaluate':
-      assert '--config' in text and '--config.KEY=VALUE' in text and ':smoke' in text, program
-  assert '--workdir' in _run('fineflax.train', '--help').stdout
-
-
 def test_a_missing_weight_file_is_said_before_the_photos_are_decoded(tmp_path):
   photos = _photos(tmp_path / 'photos', {'train': 4, 'validation': 2})
   done = _run(

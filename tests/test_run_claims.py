@@ -41,7 +41,6 @@ def _config(examples, batch_size, epochs, val=False, **phase):
   )
   cfg.report.progress = 'off'
   cfg.report.tensorboard = False
-  cfg.report.plot = False
   return cfg
 
 

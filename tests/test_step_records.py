@@ -31,6 +31,7 @@ def _config(every_steps=None, epochs=2):
       test_split=None,
   )  # 4 steps an epoch
   cfg.report.every_steps = every_steps
+  cfg.report.plot = True  # the plot of epoch records among step records
   return cfg
 
 

@@ -101,6 +101,6 @@ def test_two_processes_train_on_the_global_batches_of_one(tmp_path):
   final = [restore.load_run(tmp_path / w, 'latest').variables for w in ('one', 'two')]
   for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1]), strict=True):
     # Measured: 2e-5 at most after 8 Adam steps (its normalisation amplifies the rounding
-    # of near-zero gradients), 6.4e-5 with XLA at the suite's level 0 (tests/conftest.py).
+    # of near-zero gradients), 6.4e-5 with XLA's backend at level 0 (tests/conftest.py).
     # Both processes reading the same rows (a mutant) changed the first epoch's loss by 36%.
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=2e-4)
