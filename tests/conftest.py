@@ -70,3 +70,26 @@ def demo_run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('demo_smoke')
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   return workdir
+
+
+# xdist hands whole files to its workers in the order collected: the longest files go
+# first (about 2-7 minutes each on the 2-core machine), so that neither worker is still in
+# one of them when the other has run out of files. The other files keep their order.
+LONGEST_FILES = (
+    'test_configs.py',
+    'test_train.py',
+    'test_multihost.py',
+    'test_streaming.py',
+    'test_export.py',
+    'test_efficientnet.py',
+    'test_gcs_run_folder.py',
+    'test_weights.py',
+    'test_convnext.py',
+    'test_benchmark.py',
+    'test_streaming_memory.py',
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable

@@ -29,8 +29,11 @@ pytestmark = pytest.mark.slow  # starts the programs against a Cloud Storage emu
 
 RUN = f'gs://{storage_emulator.BUCKET}/runs/cut'
 
+# The suite's SIGTERM to a one-process command (a local folder differs in its storage
+# only), with random rotations: a resume must replay every random draw.
 _CONFIG = run_configs.two_phase(
-    '  config.report.every_steps = 40', 'epochs=2, early_stopping=dict(restore_best=True)'
+    '  config.report.every_steps = 40\n  config.data.augment.rotation = 0.05',
+    'epochs=2, early_stopping=dict(restore_best=True)',
 )
 
 
