@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from fineflax import config as config_lib, train
+from fineflax.config import resume
 from fineflax.train import summary
 from tests.helpers import ROOT
 
@@ -37,28 +38,16 @@ def test_the_32px_smoke_run_is_the_cifar10_one_without_flips():
   only in its flips and early-stopping patience (one epoch: nothing to stop), so the
   smoke run of the one runs the other's workflow; a difference beyond these needs its
   own smoke run below."""
-  flat = lambda name: dict(_flat(config_lib.to_dict(_config(name, 'smoke'))))
+  # The flattening that compares a resumed run's config with its config.json.
+  flat = lambda name: resume._flatten(config_lib.to_dict(_config(name, 'smoke')))
   base, small = flat('cifar10'), flat('cifar10_32px')
   differ = {k for k in base.keys() | small.keys() if base.get(k) != small.get(k)}
   assert differ == {
       'data.augment.flip',
-      'phases.0.early_stopping.patience',
-      'phases.1.early_stopping.patience',
+      'phases[0].early_stopping.patience',
+      'phases[1].early_stopping.patience',
   }, differ
   assert small['data.augment.flip'] == 'none'
-
-
-def _flat(tree, prefix=''):
-  """(dotted key, value) pairs of nested dicts and sequences."""
-  items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-  for key, value in items:
-    nested = isinstance(value, dict) or (
-        isinstance(value, (list, tuple)) and value and all(isinstance(v, dict) for v in value)
-    )
-    if nested:  # the phases: a sequence of dicts
-      yield from _flat(value, f'{prefix}{key}.')
-    else:
-      yield f'{prefix}{key}', value
 
 
 @pytest.fixture
