@@ -6,6 +6,7 @@ and a damaged shard is named in one line."""
 import gc
 import json
 import logging
+import multiprocessing
 import pickle
 import re
 import shutil
@@ -145,7 +146,8 @@ def test_a_tfrecord_dataset_streams_as_asked_and_stays_in_memory_when_small(tiny
 def test_a_streamed_run_equals_the_in_memory_run_and_evaluates_every_example_once(tiny, tmp_path):
   """The same run streamed from the tfrecord files (a worker process reads them) and read
   into memory by tf.data: the same losses and parameters; the test slice (7 examples over
-  6 shards, its last batch padded) is evaluated once per example."""
+  6 shards, its last batch padded) is evaluated once per example. The run's decoding
+  process (started once, for every epoch and evaluation) has ended with it."""
   devices = jax.devices()[:2]
   for name, pipeline, workers in (('memory', 'memory', 0), ('stream', 'stream', 1)):
     train.train_and_evaluate(
@@ -153,6 +155,8 @@ def test_a_streamed_run_equals_the_in_memory_run_and_evaluates_every_example_onc
         tmp_path / name,
         devices=devices,
     )
+  gc.collect()
+  assert not [p for p in multiprocessing.active_children() if p.name.startswith('fineflax-')]
   streamed, in_memory = (MetricsLog(tmp_path / n).read() for n in ('stream', 'memory'))
   assert streamed and [r['loss'] for r in streamed] == [r['loss'] for r in in_memory]
   leaves = [
