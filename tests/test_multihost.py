@@ -327,8 +327,8 @@ def _wait_until(job: Job, done: Callable[[], bool], what: str) -> None:
 
 
 def _first_checkpoint(job: Job, workdir: Path | str) -> None:
-  """Waits until the run's first checkpoint (the end of its first phase) is complete (on
-  Cloud Storage, a step's folder exists from the save's start: Orbax's own test)."""
+  """Waits until the run's first checkpoint (the end of its first phase) is complete, as
+  Orbax tells it (on Cloud Storage a step's folder exists from the start of its save)."""
   latest = RunDir(workdir).latest
   _wait_until(job, lambda: 2 in checkpoints.complete_steps(latest), f'saved {latest}/2')
 
