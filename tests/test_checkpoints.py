@@ -1,6 +1,8 @@
 """Checkpoints restore exactly what was saved, and refuse a tree of another shape
 (Orbax alone would restore it partially, without a word)."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -68,7 +70,35 @@ def test_best_and_latest_are_kept_side_by_side(tmp_path, states):
   assert steps(RunDir(tmp_path).best) == [4]
   again = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
   assert again.best_value == 1.0 and not again.improved(1.1) and again.improved(0.9)
+  # best/ is a copy of latest/'s step 4, which latest/ has since deleted.
+  assert again.best.latest_meta() == {'step': 4, 'monitor': 'val_loss', 'value': 1.0}
+  _assert_same_state(again.best.restore(4, states['conv5']), states['conv5'])
   again.close()
+
+
+def _assert_same_state(restored, expected):
+  assert jax.tree.structure(restored) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(expected), strict=True):
+    assert np.asarray(a).tobytes() == np.asarray(b).tobytes()
+
+
+def test_best_catches_up_on_resume_with_latest_s_files(tmp_path, states):
+  """A run stopped between its two saves of an epoch: on resume best/ gets the step
+  latest/ holds, its arrays' files linked, not written again, and latest/ keeps its meta."""
+  ckpts = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
+  ckpts.latest.save(states['all'], {'step': 5})
+  ckpts.close()
+  again = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
+  assert not again.catch_up_best({'step': 5}, [{'step': 5, 'val_loss': None}])
+  records = [{'step': 4, 'val_loss': 0.5}, {'step': 5, 'val_loss': 2.0}]
+  assert again.catch_up_best({'step': 5}, records)
+  assert again.best.latest_meta() == {'step': 5, 'monitor': 'val_loss', 'value': 2.0}
+  assert again.latest.latest_meta() == {'step': 5}
+  _assert_same_state(again.best.restore(5, states['all']), states['all'])
+  again.close()
+  latest, best = Path(RunDir(tmp_path).latest / '5'), Path(RunDir(tmp_path).best / '5')
+  data = sorted(latest.rglob('d/*'))
+  assert data and all((best / f.relative_to(latest)).stat().st_ino == f.stat().st_ino for f in data)
 
 
 def test_a_half_written_step_is_ignored_with_a_warning(tmp_path, states, caplog):
@@ -79,6 +109,7 @@ def test_a_half_written_step_is_ignored_with_a_warning(tmp_path, states, caplog)
   with caplog.at_level('WARNING', logger='fineflax.checkpoints'):
     ckpts = checkpoints.Checkpoints(tmp_path)
   assert "ignoring ['5.orbax-checkpoint-tmp-123']" in caplog.text
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['3']  # deleted before any save
   assert ckpts.latest_meta() == {'step': 3}
   ckpts.close()
 

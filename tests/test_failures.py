@@ -168,21 +168,26 @@ def test_leftovers_of_killed_saves_and_removals_are_deleted_on_opening(tmp_path,
 
 def test_best_is_never_complete_before_latest(tmp_path, states, monkeypatch):
   """A kill between the two would leave best/ with a step that latest/ lacks (a new run
-  refuses such a workdir): latest/'s commit is held back, and still comes first."""
+  refuses such a workdir): latest/'s commit is held back, and still comes first; best/'s
+  step is a copy of latest/'s, complete in one rename."""
   first, _ = states
   cls = type(epath.Path('/'))
-  write_text = cls.write_text
+  write_text, rename = cls.write_text, cls.rename
   commits = []
 
   def slow_latest_write_text(self, *args, **kwargs):
     path = Path(os.fspath(self))
     if path.name == 'commit_success.txt' and path.parent.name == f'3{TMP}':  # the step's
-      if path.parent.parent.name == 'latest':
-        time.sleep(2)
-      commits.append(path.parent.parent.name)
+      time.sleep(2)
     return write_text(self, *args, **kwargs)
 
+  def recorded_rename(self, target):  # a local step is complete once renamed
+    if Path(os.fspath(self)).name.startswith(f'3{TMP}'):
+      commits.append(Path(os.fspath(self)).parent.name)
+    return rename(self, target)
+
   monkeypatch.setattr(cls, 'write_text', slow_latest_write_text)
+  monkeypatch.setattr(cls, 'rename', recorded_rename)
   ckpts = checkpoints.RunCheckpoints(tmp_path, keep=2, monitor='val_loss', mode='min')
   assert ckpts.save(first, {'step': 3}, {'val_loss': 1.0})
   ckpts.close()

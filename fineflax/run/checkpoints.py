@@ -5,7 +5,8 @@ Two retention policies side by side, in folders of their own (an Orbax manager w
 
   DIR/checkpoints/latest/<step>/  the last `keep` saves, for resuming; written after every
                                   epoch, every `every_steps` steps and on SIGTERM
-  DIR/checkpoints/best/<step>/    the best save by `monitor` (e.g. val_loss, min)
+  DIR/checkpoints/best/<step>/    the best save by `monitor` (e.g. val_loss, min): a copy
+                                  of latest/'s step folder (fineflax.run.step_copy)
 
 Each step folder holds `state` (the TrainState pytree) and `meta` (JSON: step, phase,
 epochs done, batches done in the current epoch, partial metric sums, early-stopping
@@ -13,8 +14,8 @@ state). Orbax marks a step complete its own way: on a local disk it writes
 `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/`; on Cloud Storage, where a
 rename is a copy, it writes `<step>/` in place and `commit_success.txt` last. Either way a
 killed save leaves a step Orbax does not count as complete: it is never picked up, and
-Orbax deletes it when the folder is next opened. Old steps are deleted only after a newer
-one is complete.
+it is deleted when the folder is next opened (`_clear_unfinished`). Old steps are
+deleted only after a newer one is complete.
 
 A save that fails (a full disk, say) raises CheckpointSaveError from `save`, `wait` or
 `close`, naming the folder, the step, the cause and the step that is still there intact.
@@ -38,15 +39,12 @@ from jax.experimental import multihost_utils
 from fineflax import storage
 from fineflax.errors import ConfigError, FineflaxError
 from fineflax.pytree import path_str
-from fineflax.run import RunDir
+from fineflax.run import RunDir, step_copy
+from fineflax.run.step_copy import COMMIT_MARK, TMP_MARK
 
 logger = logging.getLogger('fineflax.checkpoints')
 
 
-# Orbax's mark of an unfinished local folder (`7.orbax-checkpoint-tmp`, and the items').
-TMP_MARK = '.orbax-checkpoint-tmp'
-# The file whose presence makes a step on Cloud Storage complete, for Orbax.
-COMMIT_MARK = 'commit_success.txt'
 # How tensorstore, which writes the arrays, reports an OS error: a ValueError whose text
 # ends in e.g. "No space left on device [os_error_code='28']".
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
@@ -141,15 +139,17 @@ class Checkpoints:
 
   def __init__(self, directory: str | os.PathLike, keep: int = 3):
     self.directory = storage.absolute(directory, 'checkpoint folder')
+    self.keep = keep
     self._pending: int | None = None  # the step whose save may still be running
-    _warn_of_others(self.directory)
+    _clear_unfinished(self.directory)
     # latest/ and best/ (and phase_best/) may save the same step: across processes their
-    # barriers would share Orbax's keys unless each folder names its own. Orbax deletes
-    # what killed saves left (cleanup_tmp_directories) before this manager saves.
+    # barriers would share Orbax's keys unless each folder names its own. Orbax's own
+    # deletion of unfinished steps (cleanup_tmp_directories) runs in the background, where
+    # it could delete a step that save_copy is writing: _clear_unfinished did it.
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
         create=True,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=False,
         multiprocessing_options=ocp.options.MultiprocessingOptions(
             barrier_sync_key_prefix=self.directory.name
         ),
@@ -190,6 +190,36 @@ class Checkpoints:
           f'folder already holds step {self._manager.latest_step()}'
       )
     self._pending = step
+
+  def save_copy(self, source: epath.Path, meta: dict[str, Any]) -> None:
+    """Saves a copy of `source`, a complete step folder of another Checkpoints (what
+    `save` would write for the state saved there), as step `meta['step']` with `meta`;
+    the `keep` newest steps stay. Every process of a job calls it; process 0 copies.
+
+    Raises:
+      CheckpointSaveError: the copy failed; the error names the step.
+      RuntimeError: the folder already holds that step or a later one.
+    """
+    self.wait()
+    step = int(meta['step'])
+    try:
+      if jax.process_index() == 0:
+        held = complete_steps(self.directory)
+        if held and held[-1] >= step:
+          raise RuntimeError(
+              f'{self.directory}: step {step} was not saved; the folder already holds '
+              f'step {held[-1]}'
+          )
+        try:
+          step_copy.copy_step(source, self.directory / str(step), meta)
+        except Exception as e:  # pylint: disable=broad-exception-caught
+          self._failed(step, e)
+        for old in complete_steps(self.directory)[: -self.keep]:
+          _remove_step(self.directory / str(old))
+    finally:
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f'{self.directory.name} copied step {step}')
+      self._manager.reload()
 
   def restore(self, step: int, target: Any) -> Any:
     """The state saved at `step`, with the tree structure and shardings of `target`.
@@ -251,22 +281,28 @@ class Checkpoints:
     raise CheckpointSaveError(self.directory, step, error, kept[-1] if kept else None) from error
 
 
-def _warn_of_others(directory: epath.Path) -> None:
-  """Logs what in `directory` is not a complete step: saves that did not finish (Orbax
-  deletes them) and anything else (left alone)."""
-  if jax.process_index() != 0 or not directory.is_dir():
-    return
-  complete = {str(step) for step in complete_steps(directory)}
-  others = sorted(p.name for p in directory.iterdir() if p.name not in complete)
-  partial = [name for name in others if TMP_MARK in name or name.isdigit()]
-  if partial:
-    logger.warning(
-        '%s: ignoring %s, left by saves that did not finish; deleting them', directory, partial
-    )
-  if set(others) - set(partial):
-    logger.warning(
-        '%s: ignoring %s, which are not checkpoints', directory, sorted(set(others) - set(partial))
-    )
+def _clear_unfinished(directory: epath.Path) -> None:
+  """Deletes what saves and copies that did not finish left in `directory`, and logs
+  anything else that is not a complete step (left alone). Process 0 deletes; every
+  process of a job returns once it has."""
+  if jax.process_index() == 0 and directory.is_dir():
+    complete = {str(step) for step in complete_steps(directory)}
+    others = sorted(p.name for p in directory.iterdir() if p.name not in complete)
+    partial = [name for name in others if TMP_MARK in name or name.isdigit()]
+    if partial:
+      logger.warning(
+          '%s: ignoring %s, left by saves that did not finish; deleting them', directory, partial
+      )
+      for name in partial:
+        (directory / name).rmtree(missing_ok=True)
+    if set(others) - set(partial):
+      logger.warning(
+          '%s: ignoring %s, which are not checkpoints',
+          directory,
+          sorted(set(others) - set(partial)),
+      )
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f'{directory.name} unfinished steps cleared')
 
 
 def _remove_step(path: epath.Path) -> None:
@@ -328,23 +364,25 @@ class RunCheckpoints:
     # checkpoint without one in latest/ to resume from (refused, and rightly so for a
     # latest/ deleted by hand).
     self.latest.wait()
-    self._save_best(state, meta, value)
+    self._save_best(meta, value)
     return True
 
-  def catch_up_best(self, state: Any, meta: dict[str, Any], records: list[dict[str, Any]]) -> bool:
-    """On resume: saves the state resumed from to best/ when its epoch's record beats
-    best/ (a run stopped between the two saves of that epoch left best/ behind).
-    Returns whether best/ was written."""
+  def catch_up_best(self, meta: dict[str, Any], records: list[dict[str, Any]]) -> bool:
+    """On resume from latest/'s step `meta['step']`: copies it to best/ when its epoch's
+    record beats best/ (a run stopped between the two saves of that epoch left best/
+    behind). Returns whether best/ was written."""
     record = next((r for r in reversed(records) if r.get('step') == meta['step']), None)
     value = None if record is None else record.get(self.monitor)
     if not self.improved(value):
       return False
-    self._save_best(state, meta, value)
+    self._save_best(meta, value)
     return True
 
-  def _save_best(self, state: Any, meta: dict[str, Any], value: float) -> None:
+  def _save_best(self, meta: dict[str, Any], value: float) -> None:
+    """best/ gets a copy of latest/'s (complete) step `meta['step']`."""
     self.best_value = value
-    self.best.save(state, dict(meta, monitor=self.monitor, value=value))
+    source = self.latest.directory / str(meta['step'])
+    self.best.save_copy(source, dict(meta, monitor=self.monitor, value=value))
 
   def close(self) -> None:
     """Waits for pending saves and releases the managers."""

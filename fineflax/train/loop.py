@@ -222,7 +222,7 @@ def start_state(
     )
   if resume and plan.index == resume['phase_index']:
     state = run.checkpoints.latest.restore(resume['step'], state)
-    if run.checkpoints.catch_up_best(state, resume, run.metrics_log.read()):
+    if run.checkpoints.catch_up_best(resume, run.metrics_log.read()):
       logger.info(
           'best %s so far: %.4f (checkpoints/best, caught up on resume)',
           run.checkpoints.monitor,

@@ -1,0 +1,99 @@
+"""A complete Orbax step folder copied into another checkpoint folder, as a step Orbax
+counts as complete there, with a `meta` of its own.
+
+best/ holds the state latest/ has just saved: copying the saved files costs a fraction of
+serializing the state again (on a local disk the arrays' files are hard links: nothing is
+written). Orbax has no copy of a step between managers, hence this module; it follows
+Orbax's marks of completeness (see fineflax.run.checkpoints):
+
+  local disk:     the files go to `<step>.orbax-checkpoint-tmp-copy/`, renamed to `<step>/`
+                  once all are there;
+  Cloud Storage:  the files go to `<step>/` (objects copied by the service), the step's
+                  `commit_success.txt` last.
+
+A copy killed midway leaves a step that is not complete: never read, and deleted when
+the folder is next opened (as what a killed save leaves).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from typing import Any
+
+from etils import epath
+
+from fineflax import storage
+
+# Orbax's mark of an unfinished local folder (`7.orbax-checkpoint-tmp`, and the items').
+TMP_MARK = '.orbax-checkpoint-tmp'
+# The file whose presence makes a step on Cloud Storage complete, for Orbax.
+COMMIT_MARK = 'commit_success.txt'
+# The JSON item every step of a run's folders has (JsonCheckpointHandler's file).
+META_FILE = ('meta', 'metadata')
+# The folder name of OCDBT's data files: written once, named by their content and never
+# changed, so that a hard link to one is as good as a copy.
+_OCDBT_DATA = 'd'
+
+
+def copy_step(source: epath.Path, target: epath.Path, meta: dict[str, Any]) -> None:
+  """Writes the complete step folder `source` as the step folder `target` (whose name is
+  its step), with `meta` in place of the source's meta item.
+
+  Raises:
+    FileExistsError: `target` is a complete step already.
+    OSError: a file could not be copied (what was written is not a complete step).
+  """
+  if target.exists() and (storage.is_local(target) or (target / COMMIT_MARK).exists()):
+    raise FileExistsError(errno.EEXIST, 'the step is there already', os.fspath(target))
+  meta_text = json.dumps(meta)
+  if storage.is_local(target):
+    partial = target.with_name(f'{target.name}{TMP_MARK}-copy')
+    if partial.exists():  # left by a copy that was killed
+      partial.rmtree()
+    shutil.copytree(os.fspath(source), os.fspath(partial), copy_function=_link_or_copy)
+    _replace_meta(partial, meta_text)
+    partial.rename(target)  # atomic: the step is complete at once
+    return
+  if target.exists():  # an uncommitted copy, left by a copy that was killed
+    target.rmtree()
+  files = sorted(_files(source))
+  for relative in files:
+    if relative != (COMMIT_MARK,):
+      source.joinpath(*relative).copy(target.joinpath(*relative))
+  _replace_meta(target, meta_text)
+  source.joinpath(COMMIT_MARK).copy(target / COMMIT_MARK)
+
+
+def _replace_meta(step_dir: epath.Path, text: str) -> None:
+  """Puts `text` in the step's meta file as a new file: on a local disk the copied one may
+  be a link to the source's, which must keep its own meta."""
+  path = step_dir.joinpath(*META_FILE)
+  if storage.is_local(path):
+    path.unlink()
+  path.write_text(text)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+  """A hard link for OCDBT's data files where the file system allows one, else a copy
+  (metadata files, which Orbax may write again, are always copied)."""
+  if os.path.basename(os.path.dirname(source)) == _OCDBT_DATA:
+    try:
+      os.link(source, target)
+      return
+    except OSError:  # another file system, or one without hard links
+      pass
+  shutil.copy2(source, target)
+
+
+def _files(root: epath.Path, parts: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+  """The files under `root`, as tuples of path parts relative to it."""
+  found = []
+  for child in root.joinpath(*parts).iterdir():
+    if child.is_dir():
+      found.extend(_files(root, (*parts, child.name)))
+    else:
+      found.append((*parts, child.name))
+  return found
