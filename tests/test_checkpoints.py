@@ -1,11 +1,14 @@
 """Checkpoints restore exactly what was saved, and refuse a tree of another shape
 (Orbax alone would restore it partially, without a word)."""
 
+import errno
+import os
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from etils import epath
 
 from fineflax.run import RunDir, checkpoints
 from fineflax.train import state as state_lib
@@ -111,6 +114,24 @@ def test_a_half_written_step_is_ignored_with_a_warning(tmp_path, states, caplog)
   assert "ignoring ['5.orbax-checkpoint-tmp-123']" in caplog.text
   assert sorted(p.name for p in tmp_path.iterdir()) == ['3']  # deleted before any save
   assert ckpts.latest_meta() == {'step': 3}
+  ckpts.close()
+
+
+def test_an_unfinished_step_still_being_written_is_left_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+  """A save that failed in part may still write its other files when the folder is opened
+  again (a full disk): its folder cannot be deleted yet, which is no error."""
+  (tmp_path / '5.orbax-checkpoint-tmp-123').mkdir()
+
+  def busy(self, *args, **kwargs):
+    raise OSError(errno.ENOTEMPTY, os.strerror(errno.ENOTEMPTY), 'd')
+
+  monkeypatch.setattr(type(epath.Path('/')), 'rmtree', busy)
+  with caplog.at_level('WARNING', logger='fineflax.checkpoints'):
+    ckpts = checkpoints.Checkpoints(tmp_path)
+  assert 'could not delete 5.orbax-checkpoint-tmp-123 yet' in caplog.text
+  assert ckpts.latest_meta() is None
   ckpts.close()
 
 

@@ -294,7 +294,10 @@ def _clear_unfinished(directory: epath.Path) -> None:
           '%s: ignoring %s, left by saves that did not finish; deleting them', directory, partial
       )
       for name in partial:
-        (directory / name).rmtree(missing_ok=True)
+        try:
+          (directory / name).rmtree(missing_ok=True)
+        except OSError as e:  # still written to by a save that failed in part
+          logger.warning('%s: could not delete %s yet (%s)', directory, name, e)
     if set(others) - set(partial):
       logger.warning(
           '%s: ignoring %s, which are not checkpoints',

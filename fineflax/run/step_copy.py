@@ -54,26 +54,16 @@ def copy_step(source: epath.Path, target: epath.Path, meta: dict[str, Any]) -> N
     if partial.exists():  # left by a copy that was killed
       partial.rmtree()
     shutil.copytree(os.fspath(source), os.fspath(partial), copy_function=_link_or_copy)
-    _replace_meta(partial, meta_text)
+    partial.joinpath(*META_FILE).write_text(meta_text)  # over a copy, not a link
     partial.rename(target)  # atomic: the step is complete at once
     return
   if target.exists():  # an uncommitted copy, left by a copy that was killed
     target.rmtree()
-  files = sorted(_files(source))
-  for relative in files:
-    if relative != (COMMIT_MARK,):
+  for relative in sorted(_files(source)):
+    if relative not in ((COMMIT_MARK,), META_FILE):
       source.joinpath(*relative).copy(target.joinpath(*relative))
-  _replace_meta(target, meta_text)
+  target.joinpath(*META_FILE).write_text(meta_text)
   source.joinpath(COMMIT_MARK).copy(target / COMMIT_MARK)
-
-
-def _replace_meta(step_dir: epath.Path, text: str) -> None:
-  """Puts `text` in the step's meta file as a new file: on a local disk the copied one may
-  be a link to the source's, which must keep its own meta."""
-  path = step_dir.joinpath(*META_FILE)
-  if storage.is_local(path):
-    path.unlink()
-  path.write_text(text)
 
 
 def _link_or_copy(source: str, target: str) -> None:
