@@ -17,7 +17,6 @@ the folder is next opened (as what a killed save leaves).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -42,23 +41,19 @@ def copy_step(source: epath.Path, target: epath.Path, meta: dict[str, Any]) -> N
   """Writes the complete step folder `source` as the step folder `target` (whose name is
   its step), with `meta` in place of the source's meta item.
 
+  The caller checks that the folder holds no such step; what a killed copy left is gone
+  once the folder has been opened (fineflax.run.checkpoints).
+
   Raises:
-    FileExistsError: `target` is a complete step already.
     OSError: a file could not be copied (what was written is not a complete step).
   """
-  if target.exists() and (storage.is_local(target) or (target / COMMIT_MARK).exists()):
-    raise FileExistsError(errno.EEXIST, 'the step is there already', os.fspath(target))
   meta_text = json.dumps(meta)
   if storage.is_local(target):
     partial = target.with_name(f'{target.name}{TMP_MARK}-copy')
-    if partial.exists():  # left by a copy that was killed
-      partial.rmtree()
     shutil.copytree(os.fspath(source), os.fspath(partial), copy_function=_link_or_copy)
     partial.joinpath(*META_FILE).write_text(meta_text)  # over a copy, not a link
     partial.rename(target)  # atomic: the step is complete at once
     return
-  if target.exists():  # an uncommitted copy, left by a copy that was killed
-    target.rmtree()
   for relative in sorted(_files(source)):
     if relative not in ((COMMIT_MARK,), META_FILE):
       source.joinpath(*relative).copy(target.joinpath(*relative))
@@ -79,7 +74,8 @@ def _link_or_copy(source: str, target: str) -> None:
 
 
 def _files(root: epath.Path, parts: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-  """The files under `root`, as tuples of path parts relative to it."""
+  """The files under `root`, as tuples of path parts relative to it (epath's `walk`
+  names gs:// folders without their scheme)."""
   found = []
   for child in root.joinpath(*parts).iterdir():
     if child.is_dir():
